@@ -1,0 +1,126 @@
+"""Llama-family decoder: Llama, Mistral (no sliding window), Qwen2 (q/k/v bias), SmolLM.
+
+RMSNorm, rotary embeddings (`rope_theta`), grouped-query attention, SwiGLU MLP, tied or untied
+LM head. Parameter names are the Hugging Face checkpoint keys, so `parallel.weights.load_into`
+needs no rename table. Linear, embedding and head layers come from `parallel.layers`: at tensor-
+parallel size 1 they are plain layers; at size N each holds its shard (see DESIGN.md's table).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model.config import ModelConfig
+from model.kv_cache import Batch, KVCache, attend
+from parallel.layers import (ColumnParallelLinear, ParallelLMHead, RowParallelLinear,
+                             VocabParallelEmbedding, head_split)
+from parallel.state import get_tp
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(dim), requires_grad=False)
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+
+def rope_tables(cfg: ModelConfig, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin of shape (max_position, head_dim) in the rotate-half layout of `transformers`."""
+    d = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64, device=device).float() / d))
+    angles = torch.outer(torch.arange(cfg.max_position, device=device).float(), inv_freq)  # (P, d/2)
+    angles = torch.cat([angles, angles], dim=-1)  # (P, d)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: (B, H, T, D); cos, sin: (B, 1, T, D)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        d, h, kv = cfg.head_dim, cfg.num_heads, cfg.num_kv_heads
+        self.layer, self.head_dim = layer, d
+        self.num_heads = h // get_tp().size  # this rank's heads (config keeps the totals)
+        self.num_kv_heads = max(1, kv // get_tp().size)
+        bias = cfg.attention_bias
+        self.q_proj = ColumnParallelLinear(cfg.hidden_size, h * d, bias, ranges=head_split(h, d, what="attention heads"))
+        self.k_proj = ColumnParallelLinear(cfg.hidden_size, kv * d, bias, ranges=head_split(kv, d, what="key/value heads"))
+        self.v_proj = ColumnParallelLinear(cfg.hidden_size, kv * d, bias, ranges=head_split(kv, d, what="key/value heads"))
+        self.o_proj = RowParallelLinear(h * d, cfg.hidden_size, bias=False)
+
+    def forward(self, x, cos, sin, batch: Batch, cache: KVCache | None) -> torch.Tensor:
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        return self.o_proj(attend(q, k, v, batch, cache, self.layer))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_proj = ColumnParallelLinear(cfg.hidden_size, cfg.intermediate_size)
+        self.up_proj = ColumnParallelLinear(cfg.hidden_size, cfg.intermediate_size)
+        self.down_proj = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.self_attn = Attention(cfg, layer)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, batch: Batch, cache: KVCache | None) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, batch, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Body(nn.Module):
+    """`model.*` in the checkpoint: embeddings, blocks, final norm."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+
+
+class LlamaForCausalLM(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.model = Body(cfg)
+        self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size)
+        self.tied_keys = {"lm_head.weight": "model.embed_tokens.weight"} if cfg.tie_word_embeddings else {}
+
+    def init_buffers(self, device: torch.device | str) -> None:
+        """Tables that are computed, not loaded. Call after the weights are in place."""
+        self.cos, self.sin = rope_tables(self.config, device)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, cache: KVCache | None = None,
+                slots: torch.Tensor | None = None, logits_index: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids, positions: (B, T). Returns logits (B, T, V), or (B, V) at `logits_index` (B,)."""
+        batch = Batch.make(positions, cache, slots)
+        cos, sin = self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)  # (B, 1, T, D)
+        x = self.model.embed_tokens(input_ids)  # (B, T, hidden)
+        for block in self.model.layers:
+            x = block(x, cos, sin, batch, cache)
+        if logits_index is not None:
+            x = x[torch.arange(x.shape[0], device=x.device), logits_index]  # (B, hidden)
+        return self.lm_head(self.model.norm(x))

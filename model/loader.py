@@ -1,0 +1,64 @@
+"""Build a model from a local Hugging Face-format directory (config.json + safetensors).
+
+The network is built on the meta device, then each rank reads only its slice of every tensor
+(`parallel.weights`). Pickle checkpoints (`*.bin`, `*.pt`) are refused: loading them can run code.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from model.config import ModelConfig
+from model.gpt2 import GPT2LMHeadModel
+from model.llama import LlamaForCausalLM
+from parallel.weights import SafetensorsReader, load_into
+
+FAMILIES = {"llama": LlamaForCausalLM, "gpt2": GPT2LMHeadModel}
+
+
+def read_config(directory: Path) -> ModelConfig:
+    path = directory / "config.json"
+    if not path.exists():
+        raise FileNotFoundError(f"no config.json in {directory}")
+    return ModelConfig.from_hf(json.loads(path.read_text()))
+
+
+def check_weights(directory: Path) -> None:
+    if any(directory.glob("*.safetensors")):
+        return
+    pickles = sorted(p.name for p in directory.glob("*.bin")) + sorted(p.name for p in directory.glob("*.pt"))
+    if pickles:
+        raise ValueError(f"{directory} holds only pickle checkpoints ({', '.join(pickles[:3])}); they are refused "
+                         "because loading pickle can run code. Convert them to safetensors first.")
+    raise FileNotFoundError(f"no *.safetensors weights in {directory}")
+
+
+def load_model(directory: str | Path, dtype: torch.dtype = torch.float32,
+               device: torch.device | str = "cpu") -> nn.Module:
+    """Load this rank's shard of the model in `directory` (at tensor-parallel size 1, all of it)."""
+    directory = Path(directory)
+    cfg = read_config(directory)
+    check_weights(directory)
+    with torch.device("meta"):
+        model = FAMILIES[cfg.arch](cfg)
+    reader = SafetensorsReader(directory)
+    try:
+        load_into(model, reader, dtype, device, skip=set(model.tied_keys), key_of=_key_mapper(cfg, reader.keys()))
+    finally:
+        reader.close()
+    for tied, source in model.tied_keys.items():
+        owner, _, leaf = tied.rpartition(".")
+        setattr(model.get_submodule(owner), leaf, model.get_parameter(source))
+    model.init_buffers(device)
+    return model.eval()
+
+
+def _key_mapper(cfg: ModelConfig, keys: set[str]):
+    """GPT-2 checkpoints saved from `GPT2Model` lack the `transformer.` prefix."""
+    if cfg.arch == "gpt2" and "transformer.wte.weight" not in keys and "wte.weight" in keys:
+        return lambda name: name.removeprefix("transformer.")
+    return lambda name: name

@@ -1,0 +1,157 @@
+"""Tensor-parallel layers (Megatron pattern).
+
+Each layer knows its shard shape when it is built, reads only its own slice of a checkpoint
+tensor (`shard`), and runs its own collective inside `forward`. At world size 1 they are the plain
+layers: every collective returns early.
+
+`shard(name, t)` receives a safetensors slice (or any object indexable like one) of the *full*
+checkpoint tensor named by this layer's parameter and returns this rank's piece. `conv1d=True`
+means the checkpoint stores the weight as (in, out), GPT-2's Conv1D layout: we slice the other
+dimension and transpose, so every layer computes `x @ weight.T` with weight (out, in).
+
+Vocabulary padding (vocab V, tp ranks, per = ceil(V / tp)):
+
+    rank 0: rows [0, per)        rank 1: rows [per, 2*per)  ...  last rank: [.., V) + zero rows
+    padded rows are never looked up (embedding) and are sliced off after the gather (head).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from parallel.comm import gather_from_tensor_parallel_region, reduce_from_tensor_parallel_region
+from parallel.state import get_tp
+
+Ranges = list[tuple[int, int]]
+
+
+def even_split(total: int, what: str) -> Ranges:
+    """This rank's contiguous 1/tp share of `total` rows or columns."""
+    tp = get_tp()
+    if total % tp.size:
+        raise ValueError(f"{what} ({total}) is not divisible by tensor-parallel size {tp.size}")
+    per = total // tp.size
+    return [(tp.rank * per, (tp.rank + 1) * per)]
+
+
+def head_split(total_heads: int, head_dim: int, offset: int = 0, what: str = "heads") -> Ranges:
+    """Rows of this rank's heads. When tp > total_heads each rank keeps one replicated head
+    (GQA key/value heads); that needs tp % total_heads == 0."""
+    tp = get_tp()
+    if tp.size <= total_heads:
+        if total_heads % tp.size:
+            raise ValueError(f"{what} ({total_heads}) not divisible by tensor-parallel size {tp.size}")
+        per = total_heads // tp.size
+        first = tp.rank * per
+    else:
+        if tp.size % total_heads:
+            raise ValueError(f"tensor-parallel size {tp.size} is not a multiple of {what} ({total_heads})")
+        per, first = 1, tp.rank // (tp.size // total_heads)
+    return [(offset + first * head_dim, offset + (first + per) * head_dim)]
+
+
+def _take(t, ranges: Ranges, dim: int) -> torch.Tensor:
+    parts = [t[a:b] if dim == 0 else t[:, a:b] for a, b in ranges]
+    return torch.cat(parts, dim=dim) if len(parts) > 1 else parts[0]
+
+
+def _empty(*shape: int) -> nn.Parameter:
+    return nn.Parameter(torch.empty(*shape), requires_grad=False)
+
+
+class ColumnParallelLinear(nn.Module):
+    """Weight split on output rows; the output stays split (no collective after it)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False,
+                 conv1d: bool = False, ranges: Ranges | None = None):
+        super().__init__()
+        self.ranges = ranges if ranges is not None else even_split(out_features, "output features")
+        self.conv1d = conv1d
+        local_out = sum(b - a for a, b in self.ranges)
+        self.weight = _empty(local_out, in_features)
+        self.bias = _empty(local_out) if bias else None
+
+    def shard(self, name: str, t) -> torch.Tensor:
+        if name == "bias":
+            return _take(t, self.ranges, 0)
+        if self.conv1d:
+            return _take(t, self.ranges, 1).t().contiguous()
+        return _take(t, self.ranges, 0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+def qkv_parallel_linear(hidden: int, head_dim: int, num_heads: int, num_kv_heads: int,
+                        bias: bool, conv1d: bool) -> ColumnParallelLinear:
+    """A fused [q | k | v] projection (GPT-2 `c_attn`), each of q, k, v split by heads on its own.
+    Cutting the fused tensor in one contiguous piece would hand rank 0 all of q and none of v."""
+    q, kv = num_heads * head_dim, num_kv_heads * head_dim
+    ranges = (head_split(num_heads, head_dim, 0, "attention heads")
+              + head_split(num_kv_heads, head_dim, q, "key/value heads")
+              + head_split(num_kv_heads, head_dim, q + kv, "key/value heads"))
+    return ColumnParallelLinear(hidden, q + 2 * kv, bias, conv1d, ranges)
+
+
+class RowParallelLinear(nn.Module):
+    """Weight split on input columns; partial outputs are all-reduced, then the bias added once."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, conv1d: bool = False):
+        super().__init__()
+        self.ranges = even_split(in_features, "input features")
+        self.conv1d = conv1d
+        self.weight = _empty(out_features, self.ranges[0][1] - self.ranges[0][0])
+        self.bias = _empty(out_features) if bias else None
+
+    def shard(self, name: str, t) -> torch.Tensor:
+        if name == "bias":
+            return t[:]
+        if self.conv1d:
+            return _take(t, self.ranges, 0).t().contiguous()
+        return _take(t, self.ranges, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = reduce_from_tensor_parallel_region(F.linear(x, self.weight))
+        return y + self.bias if self.bias is not None else y
+
+
+class _VocabParallel(nn.Module):
+    """Shared sharding of the vocabulary rows for the embedding and the LM head."""
+
+    def __init__(self, vocab_size: int, hidden: int):
+        super().__init__()
+        tp = get_tp()
+        self.vocab_size = vocab_size
+        self.per_rank = math.ceil(vocab_size / tp.size)
+        self.start = tp.rank * self.per_rank
+        self.end = min(self.start + self.per_rank, vocab_size)
+        self.weight = _empty(self.per_rank, hidden)
+
+    def shard(self, name: str, t) -> torch.Tensor:
+        rows = t[self.start : self.end] if self.end > self.start else None
+        out = torch.zeros(self.per_rank, self.weight.shape[1], dtype=rows.dtype if rows is not None else torch.float32)
+        if rows is not None:
+            out[: rows.shape[0]] = rows
+        return out
+
+
+class VocabParallelEmbedding(_VocabParallel):
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if get_tp().size == 1:
+            return F.embedding(ids, self.weight)
+        outside = (ids < self.start) | (ids >= self.start + self.per_rank)
+        local = (ids - self.start).masked_fill(outside, 0)
+        x = F.embedding(local, self.weight).masked_fill(outside.unsqueeze(-1), 0.0)
+        return reduce_from_tensor_parallel_region(x)
+
+
+class ParallelLMHead(_VocabParallel):
+    """Logits over the vocabulary; each rank computes its rows, then they are gathered."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = gather_from_tensor_parallel_region(F.linear(x, self.weight))
+        return logits[..., : self.vocab_size]

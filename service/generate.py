@@ -1,0 +1,73 @@
+"""Text in, text out: a loaded model with its tokenizer, engine and detokenizers.
+
+This is where ids meet text. `TextGenerator.load` resolves a model name or path, loads this rank's
+weights and wraps them in the engine; `generate` runs prompts (token ids) and returns finished text,
+optionally streaming each final piece through `on_text`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from model.loader import load_model
+from model.registry import resolve
+from model.tokenizer import Tokenizer
+from service.detok import Detokenizer
+from service.engine import Engine
+from service.sampling import SamplingParams
+
+
+@dataclass
+class TextResult:
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str
+
+
+class TextGenerator:
+    def __init__(self, name: str, directory: Path, engine: Engine, tokenizer: Tokenizer, load_s: float):
+        self.name, self.directory, self.engine, self.tokenizer, self.load_s = name, directory, engine, tokenizer, load_s
+
+    @classmethod
+    def load(cls, name_or_path: str, device: str = "cpu", dtype: torch.dtype = torch.float32,
+             **engine_args) -> TextGenerator:
+        start = time.perf_counter()
+        directory = resolve(name_or_path)
+        tokenizer = Tokenizer(directory)
+        model = load_model(directory, dtype=dtype, device=device)
+        engine = Engine(model, tokenizer.stop_ids, device=device, **engine_args)
+        return cls(name_or_path, directory, engine, tokenizer, time.perf_counter() - start)
+
+    def generate(self, prompts: list[list[int]], params: list[SamplingParams],
+                 on_text: Callable[[int, str], None] | None = None) -> list[TextResult]:
+        detoks = [Detokenizer(self.tokenizer, p.stop) for p in params]
+        pieces: list[list[str]] = [[] for _ in prompts]
+
+        def on_token(i: int, token: int) -> bool:
+            piece = detoks[i].push(token)
+            if piece:
+                pieces[i].append(piece)
+                if on_text:
+                    on_text(i, piece)
+            return detoks[i].stopped
+
+        done = self.engine.generate(prompts, params, on_token)
+        results = []
+        for i, c in enumerate(done):
+            tail = detoks[i].finish()
+            if tail:
+                pieces[i].append(tail)
+                if on_text:
+                    on_text(i, tail)
+            results.append(TextResult("".join(pieces[i]), len(c.prompt_ids), len(c.token_ids), c.finish_reason))
+        return results
+
+    def complete(self, prompt: str | list[int], params: SamplingParams) -> TextResult:
+        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else prompt
+        return self.generate([ids], [params])[0]
