@@ -44,11 +44,19 @@ class ModelConfig:
         model_type = cfg.get("model_type", "")
         if model_type == "gpt2":
             hidden = cfg["n_embd"]
-            return cls(arch="gpt2", vocab_size=cfg["vocab_size"], hidden_size=hidden,
-                       num_layers=cfg["n_layer"], num_heads=cfg["n_head"], num_kv_heads=cfg["n_head"],
-                       intermediate_size=cfg.get("n_inner") or 4 * hidden,
-                       max_position=cfg["n_positions"], norm_eps=cfg.get("layer_norm_epsilon", 1e-5),
-                       attention_bias=True, tie_word_embeddings=cfg.get("tie_word_embeddings", True))
+            return cls(
+                arch="gpt2",
+                vocab_size=cfg["vocab_size"],
+                hidden_size=hidden,
+                num_layers=cfg["n_layer"],
+                num_heads=cfg["n_head"],
+                num_kv_heads=cfg["n_head"],
+                intermediate_size=cfg.get("n_inner") or 4 * hidden,
+                max_position=cfg["n_positions"],
+                norm_eps=cfg.get("layer_norm_epsilon", 1e-5),
+                attention_bias=True,
+                tie_word_embeddings=cfg.get("tie_word_embeddings", True),
+            )
         if model_type not in ("llama", "mistral", "qwen2"):
             raise ValueError(f"unsupported model_type {model_type!r}; supported: gpt2, llama, mistral, qwen2")
         scaling = cfg.get("rope_scaling")
@@ -58,16 +66,21 @@ class ModelConfig:
             raise ValueError("sliding-window attention is not supported")
         heads = cfg["num_attention_heads"]
         rope = cfg.get("rope_parameters") or {}
-        return cls(arch="llama", vocab_size=cfg["vocab_size"], hidden_size=cfg["hidden_size"],
-                   num_layers=cfg["num_hidden_layers"], num_heads=heads,
-                   num_kv_heads=cfg.get("num_key_value_heads") or heads,
-                   intermediate_size=cfg["intermediate_size"],
-                   max_position=cfg.get("max_position_embeddings", 2048),
-                   norm_eps=cfg.get("rms_norm_eps", 1e-6),
-                   rope_theta=cfg.get("rope_theta", rope.get("rope_theta", 10000.0)),
-                   attention_bias=cfg.get("attention_bias", model_type == "qwen2"),
-                   tie_word_embeddings=cfg.get("tie_word_embeddings", False),
-                   head_dim=cfg.get("head_dim") or 0)
+        return cls(
+            arch="llama",
+            vocab_size=cfg["vocab_size"],
+            hidden_size=cfg["hidden_size"],
+            num_layers=cfg["num_hidden_layers"],
+            num_heads=heads,
+            num_kv_heads=cfg.get("num_key_value_heads") or heads,
+            intermediate_size=cfg["intermediate_size"],
+            max_position=cfg.get("max_position_embeddings", 2048),
+            norm_eps=cfg.get("rms_norm_eps", 1e-6),
+            rope_theta=cfg.get("rope_theta", rope.get("rope_theta", 10000.0)),
+            attention_bias=cfg.get("attention_bias", model_type == "qwen2"),
+            tie_word_embeddings=cfg.get("tie_word_embeddings", False),
+            head_dim=cfg.get("head_dim") or 0,
+        )
 
     @classmethod
     def from_gguf(cls, meta: dict[str, Any]) -> ModelConfig:
@@ -76,30 +89,54 @@ class ModelConfig:
         if arch != "llama":
             raise ValueError(f"GGUF architecture {arch!r} is not supported (only llama)")
         heads = int(meta["llama.attention.head_count"])
-        return cls(arch="llama", vocab_size=int(meta.get("llama.vocab_size") or len(meta["tokenizer.ggml.tokens"])),
-                   hidden_size=int(meta["llama.embedding_length"]), num_layers=int(meta["llama.block_count"]),
-                   num_heads=heads, num_kv_heads=int(meta.get("llama.attention.head_count_kv", heads)),
-                   intermediate_size=int(meta["llama.feed_forward_length"]),
-                   max_position=int(meta["llama.context_length"]),
-                   norm_eps=float(meta["llama.attention.layer_norm_rms_epsilon"]),
-                   rope_theta=float(meta.get("llama.rope.freq_base", 10000.0)),
-                   tie_word_embeddings=meta.get("has_output", False) is False)
+        return cls(
+            arch="llama",
+            vocab_size=int(meta.get("llama.vocab_size") or len(meta["tokenizer.ggml.tokens"])),
+            hidden_size=int(meta["llama.embedding_length"]),
+            num_layers=int(meta["llama.block_count"]),
+            num_heads=heads,
+            num_kv_heads=int(meta.get("llama.attention.head_count_kv", heads)),
+            intermediate_size=int(meta["llama.feed_forward_length"]),
+            max_position=int(meta["llama.context_length"]),
+            norm_eps=float(meta["llama.attention.layer_norm_rms_epsilon"]),
+            rope_theta=float(meta.get("llama.rope.freq_base", 10000.0)),
+            tie_word_embeddings=meta.get("has_output", False) is False,
+        )
 
     def to_hf(self) -> dict[str, Any]:
         """The `config.json` that `transformers` reads back as the same model."""
         if self.arch == "gpt2":
-            return {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "vocab_size": self.vocab_size,
-                    "n_embd": self.hidden_size, "n_layer": self.num_layers, "n_head": self.num_heads,
-                    "n_inner": self.intermediate_size, "n_positions": self.max_position,
-                    "layer_norm_epsilon": self.norm_eps, "activation_function": "gelu_new",
-                    "tie_word_embeddings": self.tie_word_embeddings}
-        return {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": self.vocab_size,
-                "hidden_size": self.hidden_size, "num_hidden_layers": self.num_layers,
-                "num_attention_heads": self.num_heads, "num_key_value_heads": self.num_kv_heads,
-                "intermediate_size": self.intermediate_size, "max_position_embeddings": self.max_position,
-                "rms_norm_eps": self.norm_eps, "rope_theta": self.rope_theta, "head_dim": self.head_dim,
-                "attention_bias": self.attention_bias, "mlp_bias": False, "hidden_act": "silu",
-                "tie_word_embeddings": self.tie_word_embeddings}
+            return {
+                "model_type": "gpt2",
+                "architectures": ["GPT2LMHeadModel"],
+                "vocab_size": self.vocab_size,
+                "n_embd": self.hidden_size,
+                "n_layer": self.num_layers,
+                "n_head": self.num_heads,
+                "n_inner": self.intermediate_size,
+                "n_positions": self.max_position,
+                "layer_norm_epsilon": self.norm_eps,
+                "activation_function": "gelu_new",
+                "tie_word_embeddings": self.tie_word_embeddings,
+            }
+        return {
+            "model_type": "llama",
+            "architectures": ["LlamaForCausalLM"],
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_heads,
+            "num_key_value_heads": self.num_kv_heads,
+            "intermediate_size": self.intermediate_size,
+            "max_position_embeddings": self.max_position,
+            "rms_norm_eps": self.norm_eps,
+            "rope_theta": self.rope_theta,
+            "head_dim": self.head_dim,
+            "attention_bias": self.attention_bias,
+            "mlp_bias": False,
+            "hidden_act": "silu",
+            "tie_word_embeddings": self.tie_word_embeddings,
+        }
 
     def with_(self, **changes: Any) -> ModelConfig:
         return replace(self, **changes)
@@ -110,13 +147,43 @@ class ModelConfig:
 
 # Named shapes: the test model, the default model's shape, and a 1B Llama shape for benchmarks.
 PRESETS: dict[str, ModelConfig] = {
-    "tiny-random": ModelConfig(arch="llama", vocab_size=259, hidden_size=128, num_layers=4, num_heads=8,
-                               num_kv_heads=4, intermediate_size=256, max_position=2048, norm_eps=1e-5,
-                               rope_theta=10000.0, tie_word_embeddings=True),
-    "smollm2-135m": ModelConfig(arch="llama", vocab_size=49152, hidden_size=576, num_layers=30, num_heads=9,
-                                num_kv_heads=3, intermediate_size=1536, max_position=8192, norm_eps=1e-5,
-                                rope_theta=100000.0, tie_word_embeddings=True),
-    "llama-1b": ModelConfig(arch="llama", vocab_size=128256, hidden_size=2048, num_layers=16, num_heads=32,
-                            num_kv_heads=8, intermediate_size=8192, max_position=8192, norm_eps=1e-5,
-                            rope_theta=500000.0, tie_word_embeddings=True),
+    "tiny-random": ModelConfig(
+        arch="llama",
+        vocab_size=259,
+        hidden_size=128,
+        num_layers=4,
+        num_heads=8,
+        num_kv_heads=4,
+        intermediate_size=256,
+        max_position=2048,
+        norm_eps=1e-5,
+        rope_theta=10000.0,
+        tie_word_embeddings=True,
+    ),
+    "smollm2-135m": ModelConfig(
+        arch="llama",
+        vocab_size=49152,
+        hidden_size=576,
+        num_layers=30,
+        num_heads=9,
+        num_kv_heads=3,
+        intermediate_size=1536,
+        max_position=8192,
+        norm_eps=1e-5,
+        rope_theta=100000.0,
+        tie_word_embeddings=True,
+    ),
+    "llama-1b": ModelConfig(
+        arch="llama",
+        vocab_size=128256,
+        hidden_size=2048,
+        num_layers=16,
+        num_heads=32,
+        num_kv_heads=8,
+        intermediate_size=8192,
+        max_position=8192,
+        norm_eps=1e-5,
+        rope_theta=500000.0,
+        tie_word_embeddings=True,
+    ),
 }

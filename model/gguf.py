@@ -31,10 +31,15 @@ NAMES = {
     "output.weight": "lm_head.weight",
 }
 BLOCK = {
-    "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
-    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
     "attn_output": "self_attn.o_proj",
-    "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
 }
 
 
@@ -82,10 +87,16 @@ def convert(gguf_path: str | Path, out_dir: str | Path) -> Path:
     tmp.chmod(0o755)
     try:
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        special = {k: int(meta[f"tokenizer.ggml.{k}"]) for k in ("bos_token_id", "eos_token_id", "padding_token_id")
-                   if f"tokenizer.ggml.{k}" in meta}
-        hf = cfg.to_hf() | {"torch_dtype": "float32", "bos_token_id": special.get("bos_token_id"),
-                            "eos_token_id": special.get("eos_token_id")}
+        special = {
+            k: int(meta[f"tokenizer.ggml.{k}"])
+            for k in ("bos_token_id", "eos_token_id", "padding_token_id")
+            if f"tokenizer.ggml.{k}" in meta
+        }
+        hf = cfg.to_hf() | {
+            "torch_dtype": "float32",
+            "bos_token_id": special.get("bos_token_id"),
+            "eos_token_id": special.get("eos_token_id"),
+        }
         (tmp / "config.json").write_text(json.dumps(hf, indent=2))
         _write_tokenizer(gguf_path, tmp)
         if out_dir.exists():

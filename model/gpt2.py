@@ -13,8 +13,13 @@ from torch import nn
 
 from model.config import ModelConfig
 from model.kv_cache import Batch, KVCache, attend
-from parallel.layers import (ColumnParallelLinear, ParallelLMHead, RowParallelLinear,
-                             VocabParallelEmbedding, qkv_parallel_linear)
+from parallel.layers import (
+    ColumnParallelLinear,
+    ParallelLMHead,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+    qkv_parallel_linear,
+)
 from parallel.state import get_tp
 
 
@@ -29,14 +34,14 @@ class Attention(nn.Module):
         super().__init__()
         self.layer, self.head_dim = layer, cfg.head_dim
         self.num_heads = cfg.num_heads // get_tp().size  # this rank's heads
-        self.c_attn = qkv_parallel_linear(cfg.hidden_size, cfg.head_dim, cfg.num_heads, cfg.num_heads,
-                                          bias=True, conv1d=True)
+        self.c_attn = qkv_parallel_linear(
+            cfg.hidden_size, cfg.head_dim, cfg.num_heads, cfg.num_heads, bias=True, conv1d=True
+        )
         self.c_proj = RowParallelLinear(cfg.hidden_size, cfg.hidden_size, bias=True, conv1d=True)
 
     def forward(self, x: torch.Tensor, batch: Batch, cache: KVCache | None) -> torch.Tensor:
         b, t, _ = x.shape
-        qkv = self.c_attn(x).view(b, t, 3, self.num_heads, self.head_dim)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each (B, H, T, D)
+        q, k, v = self.c_attn(x).view(b, t, 3, self.num_heads, self.head_dim).unbind(2)  # each (B, T, H, D)
         return self.c_proj(attend(q, k, v, batch, cache, self.layer))
 
 
@@ -86,8 +91,14 @@ class GPT2LMHeadModel(nn.Module):
     def init_buffers(self, device: torch.device | str) -> None:
         pass  # positions are learned weights
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, cache: KVCache | None = None,
-                slots: torch.Tensor | None = None, logits_index: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        cache: KVCache | None = None,
+        slots: torch.Tensor | None = None,
+        logits_index: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """input_ids, positions: (B, T). Returns logits (B, T, V), or (B, V) at `logits_index` (B,)."""
         batch = Batch.make(positions, cache, slots)
         x = self.transformer.wte(input_ids) + self.transformer.wpe(positions)  # (B, T, hidden)

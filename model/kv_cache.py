@@ -16,8 +16,16 @@ import torch.nn.functional as F
 
 
 class KVCache:
-    def __init__(self, num_layers: int, num_slots: int, max_seq: int, num_kv_heads: int, head_dim: int,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+    def __init__(
+        self,
+        num_layers: int,
+        num_slots: int,
+        max_seq: int,
+        num_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ):
         shape = (num_slots, num_kv_heads, max_seq, head_dim)  # (slots, kv_heads, max_seq, head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
@@ -57,19 +65,23 @@ class Batch:
         return cls(positions, slots, mask, span, contiguous)
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: Batch,
-           cache: KVCache | None, layer: int) -> torch.Tensor:
-    """q: (B, H, T, D); k, v: (B, Hkv, T, D) for the new tokens. Returns (B, T, H*D)."""
-    if cache is not None:
+def attend(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: Batch, cache: KVCache | None, layer: int
+) -> torch.Tensor:
+    """q: (B, T, H, D); k, v: (B, T, Hkv, D) for the new tokens. Returns (B, T, H*D)."""
+    b, t, h, d = q.shape
+    if cache is None:
+        k, v = k.transpose(1, 2), v.transpose(1, 2)  # (B, Hkv, T, D)
+    else:
         kc, vc = cache.k[layer], cache.v[layer]
         rows = batch.slots[:, None]  # (B, 1)
-        kc[rows, :, batch.positions] = k.transpose(1, 2)  # (B, T, Hkv, D) into (slot, pos)
-        vc[rows, :, batch.positions] = v.transpose(1, 2)
+        kc[rows, :, batch.positions] = k  # (B, T, Hkv, D) into (slot, :, pos)
+        vc[rows, :, batch.positions] = v
         if batch.contiguous:
-            k, v = kc[: len(rows), :, : batch.span], vc[: len(rows), :, : batch.span]
+            k, v = kc[:b, :, : batch.span], vc[:b, :, : batch.span]  # (B, Hkv, S, D)
         else:
             k, v = kc[batch.slots, :, : batch.span], vc[batch.slots, :, : batch.span]
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=batch.mask,
-                                         enable_gqa=q.shape[1] != k.shape[1])  # (B, H, T, D)
-    b, h, t, d = out.shape
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2), k, v, attn_mask=batch.mask, enable_gqa=h != k.shape[1]
+    )  # (B, H, T, D)
     return out.transpose(1, 2).reshape(b, t, h * d)

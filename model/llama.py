@@ -2,8 +2,9 @@
 
 RMSNorm, rotary embeddings (`rope_theta`), grouped-query attention, SwiGLU MLP, tied or untied
 LM head. Parameter names are the Hugging Face checkpoint keys, so `parallel.weights.load_into`
-needs no rename table. Linear, embedding and head layers come from `parallel.layers`: at tensor-
-parallel size 1 they are plain layers; at size N each holds its shard (see DESIGN.md's table).
+needs no rename table; the two merged projections (`qkv_proj`, `gate_up_proj`) name the keys they
+stack. Linear, embedding and head layers come from `parallel.layers`: at tensor-parallel size 1
+they are plain layers; at size N each holds its shard (see DESIGN.md's table).
 """
 
 from __future__ import annotations
@@ -14,8 +15,13 @@ from torch import nn
 
 from model.config import ModelConfig
 from model.kv_cache import Batch, KVCache, attend
-from parallel.layers import (ColumnParallelLinear, ParallelLMHead, RowParallelLinear,
-                             VocabParallelEmbedding, head_split)
+from parallel.layers import (
+    ParallelLMHead,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+    merged_column_parallel_linear,
+    qkv_parallel_linear,
+)
 from parallel.state import get_tp
 
 
@@ -30,52 +36,52 @@ class RMSNorm(nn.Module):
 
 
 def rope_tables(cfg: ModelConfig, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin of shape (max_position, head_dim) in the rotate-half layout of `transformers`."""
+    """cos and signed sin, each (max_position, head_dim), for the rotate-half layout of `transformers`:
+    rope(x) = x * cos + roll(x, d/2) * sin_signed, where roll(x) = [x2, x1] and sin_signed = [-sin, sin]."""
     d = cfg.head_dim
     inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64, device=device).float() / d))
     angles = torch.outer(torch.arange(cfg.max_position, device=device).float(), inv_freq)  # (P, d/2)
-    angles = torch.cat([angles, angles], dim=-1)  # (P, d)
-    return angles.cos(), angles.sin()
+    return torch.cat([angles.cos(), angles.cos()], -1), torch.cat([-angles.sin(), angles.sin()], -1)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: (B, H, T, D); cos, sin: (B, 1, T, D)."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos + rotated * sin
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
+    """x: (B, T, heads, D); cos, sin_signed: (B, T, 1, D)."""
+    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, -1), sin_signed)
 
 
 class Attention(nn.Module):
+    """`qkv_proj` stacks the checkpoint's q_proj, k_proj and v_proj into one matmul."""
+
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
         d, h, kv = cfg.head_dim, cfg.num_heads, cfg.num_kv_heads
         self.layer, self.head_dim = layer, d
         self.num_heads = h // get_tp().size  # this rank's heads (config keeps the totals)
         self.num_kv_heads = max(1, kv // get_tp().size)
-        bias = cfg.attention_bias
-        self.q_proj = ColumnParallelLinear(cfg.hidden_size, h * d, bias, ranges=head_split(h, d, what="attention heads"))
-        self.k_proj = ColumnParallelLinear(cfg.hidden_size, kv * d, bias, ranges=head_split(kv, d, what="key/value heads"))
-        self.v_proj = ColumnParallelLinear(cfg.hidden_size, kv * d, bias, ranges=head_split(kv, d, what="key/value heads"))
+        self.qkv_proj = qkv_parallel_linear(cfg.hidden_size, d, h, kv, cfg.attention_bias, separate=True)
         self.o_proj = RowParallelLinear(h * d, cfg.hidden_size, bias=False)
 
     def forward(self, x, cos, sin, batch: Batch, cache: KVCache | None) -> torch.Tensor:
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-        k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
-        v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        return self.o_proj(attend(q, k, v, batch, cache, self.layer))
+        h, kv, d = self.num_heads, self.num_kv_heads, self.head_dim
+        qkv = self.qkv_proj(x).view(b, t, h + 2 * kv, d)  # (B, T, H + 2*Hkv, D)
+        qk = apply_rope(qkv[:, :, : h + kv], cos, sin)  # q and k heads rotated together
+        return self.o_proj(attend(qk[:, :, :h], qk[:, :, h:], qkv[:, :, h + kv :], batch, cache, self.layer))
 
 
 class MLP(nn.Module):
+    """`gate_up_proj` stacks the checkpoint's gate_proj and up_proj into one matmul."""
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.gate_proj = ColumnParallelLinear(cfg.hidden_size, cfg.intermediate_size)
-        self.up_proj = ColumnParallelLinear(cfg.hidden_size, cfg.intermediate_size)
+        self.gate_up_proj = merged_column_parallel_linear(
+            cfg.hidden_size, cfg.intermediate_size, ["gate_proj", "up_proj"]
+        )
         self.down_proj = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class Block(nn.Module):
@@ -113,11 +119,17 @@ class LlamaForCausalLM(nn.Module):
         """Tables that are computed, not loaded. Call after the weights are in place."""
         self.cos, self.sin = rope_tables(self.config, device)
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, cache: KVCache | None = None,
-                slots: torch.Tensor | None = None, logits_index: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        cache: KVCache | None = None,
+        slots: torch.Tensor | None = None,
+        logits_index: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """input_ids, positions: (B, T). Returns logits (B, T, V), or (B, V) at `logits_index` (B,)."""
         batch = Batch.make(positions, cache, slots)
-        cos, sin = self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)  # (B, 1, T, D)
+        cos, sin = self.cos[positions].unsqueeze(2), self.sin[positions].unsqueeze(2)  # (B, T, 1, D)
         x = self.model.embed_tokens(input_ids)  # (B, T, hidden)
         for block in self.model.layers:
             x = block(x, cos, sin, batch, cache)

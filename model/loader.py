@@ -32,13 +32,16 @@ def check_weights(directory: Path) -> None:
         return
     pickles = sorted(p.name for p in directory.glob("*.bin")) + sorted(p.name for p in directory.glob("*.pt"))
     if pickles:
-        raise ValueError(f"{directory} holds only pickle checkpoints ({', '.join(pickles[:3])}); they are refused "
-                         "because loading pickle can run code. Convert them to safetensors first.")
+        raise ValueError(
+            f"{directory} holds only pickle checkpoints ({', '.join(pickles[:3])}); they are refused "
+            "because loading pickle can run code. Convert them to safetensors first."
+        )
     raise FileNotFoundError(f"no *.safetensors weights in {directory}")
 
 
-def load_model(directory: str | Path, dtype: torch.dtype = torch.float32,
-               device: torch.device | str = "cpu") -> nn.Module:
+def load_model(
+    directory: str | Path, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"
+) -> nn.Module:
     """Load this rank's shard of the model in `directory` (at tensor-parallel size 1, all of it)."""
     directory = Path(directory)
     cfg = read_config(directory)

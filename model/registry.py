@@ -54,8 +54,10 @@ def resolve(name_or_path: str, log=lambda msg: print(msg, file=sys.stderr)) -> P
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         return path
-    raise ModelNotFound(f"model {name_or_path!r} not found: it is not a named model ({', '.join(NAMES)}) "
-                        f"and there is no directory at {path.resolve()}")
+    raise ModelNotFound(
+        f"model {name_or_path!r} not found: it is not a named model ({', '.join(NAMES)}) "
+        f"and there is no directory at {path.resolve()}"
+    )
 
 
 def fetch_smollm2_gguf(log) -> Path:

@@ -15,8 +15,10 @@ from model.config import PRESETS, ModelConfig
 
 SEED = 0
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
-          "'<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+CHATML = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
+    "'<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
 
 
 def random_weights(cfg: ModelConfig, seed: int = SEED) -> dict[str, torch.Tensor]:
@@ -30,13 +32,17 @@ def random_weights(cfg: ModelConfig, seed: int = SEED) -> dict[str, torch.Tensor
     w = {"model.embed_tokens.weight": normal(cfg.vocab_size, h), "model.norm.weight": torch.ones(h)}
     for n in range(cfg.num_layers):
         p = f"model.layers.{n}."
-        w |= {p + "input_layernorm.weight": torch.ones(h), p + "post_attention_layernorm.weight": torch.ones(h),
-              p + "self_attn.q_proj.weight": normal(cfg.num_heads * d, h),
-              p + "self_attn.k_proj.weight": normal(cfg.num_kv_heads * d, h),
-              p + "self_attn.v_proj.weight": normal(cfg.num_kv_heads * d, h),
-              p + "self_attn.o_proj.weight": normal(h, cfg.num_heads * d),
-              p + "mlp.gate_proj.weight": normal(i, h), p + "mlp.up_proj.weight": normal(i, h),
-              p + "mlp.down_proj.weight": normal(h, i)}
+        w |= {
+            p + "input_layernorm.weight": torch.ones(h),
+            p + "post_attention_layernorm.weight": torch.ones(h),
+            p + "self_attn.q_proj.weight": normal(cfg.num_heads * d, h),
+            p + "self_attn.k_proj.weight": normal(cfg.num_kv_heads * d, h),
+            p + "self_attn.v_proj.weight": normal(cfg.num_kv_heads * d, h),
+            p + "self_attn.o_proj.weight": normal(h, cfg.num_heads * d),
+            p + "mlp.gate_proj.weight": normal(i, h),
+            p + "mlp.up_proj.weight": normal(i, h),
+            p + "mlp.down_proj.weight": normal(h, i),
+        }
         if cfg.attention_bias:
             for name, rows in (("q", cfg.num_heads), ("k", cfg.num_kv_heads), ("v", cfg.num_kv_heads)):
                 w[p + f"self_attn.{name}_proj.bias"] = normal(rows * d)
@@ -58,8 +64,14 @@ def byte_tokenizer() -> Tokenizer:
 
 def write_tokenizer(directory: Path) -> None:
     byte_tokenizer().save(str(directory / "tokenizer.json"))
-    config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|im_end|>", "bos_token": "<|im_start|>",
-              "pad_token": "<|endoftext|>", "chat_template": CHATML, "model_max_length": PRESETS["tiny-random"].max_position}
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "eos_token": "<|im_end|>",
+        "bos_token": "<|im_start|>",
+        "pad_token": "<|endoftext|>",
+        "chat_template": CHATML,
+        "model_max_length": PRESETS["tiny-random"].max_position,
+    }
     (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
 
 

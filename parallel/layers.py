@@ -4,8 +4,9 @@ Each layer knows its shard shape when it is built, reads only its own slice of a
 tensor (`shard`), and runs its own collective inside `forward`. At world size 1 they are the plain
 layers: every collective returns early.
 
-`shard(name, t)` receives a safetensors slice (or any object indexable like one) of the *full*
-checkpoint tensor named by this layer's parameter and returns this rank's piece. `conv1d=True`
+`shard(name, get)` returns this rank's piece of parameter `name`; `get(part)` opens a safetensors slice
+(lazy, indexable) of the *full* checkpoint tensor: this layer's own key for part None, or the same
+parameter of a sibling layer (`get("k_proj")`) for merged layers. `conv1d=True`
 means the checkpoint stores the weight as (in, out), GPT-2's Conv1D layout: we slice the other
 dimension and transpose, so every layer computes `x @ weight.T` with weight (out, in).
 
@@ -64,37 +65,65 @@ def _empty(*shape: int) -> nn.Parameter:
 
 
 class ColumnParallelLinear(nn.Module):
-    """Weight split on output rows; the output stays split (no collective after it)."""
+    """Weight split on output rows; the output stays split (no collective after it).
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = False,
-                 conv1d: bool = False, ranges: Ranges | None = None):
+    `parts` lists where this rank's rows come from, in order: (checkpoint sibling name, row ranges);
+    name None is this layer's own key. A merged layer (`qkv_proj` from `q_proj`, `k_proj`, `v_proj`;
+    `gate_up_proj` from `gate_proj`, `up_proj`) is one matmul whose pieces each keep their own split.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int = 0,
+        bias: bool = False,
+        conv1d: bool = False,
+        parts: list[tuple[str | None, Ranges]] | None = None,
+    ):
         super().__init__()
-        self.ranges = ranges if ranges is not None else even_split(out_features, "output features")
+        self.parts = parts if parts is not None else [(None, even_split(out_features, "output features"))]
         self.conv1d = conv1d
-        local_out = sum(b - a for a, b in self.ranges)
+        local_out = sum(b - a for _, ranges in self.parts for a, b in ranges)
         self.weight = _empty(local_out, in_features)
         self.bias = _empty(local_out) if bias else None
 
-    def shard(self, name: str, t) -> torch.Tensor:
-        if name == "bias":
-            return _take(t, self.ranges, 0)
-        if self.conv1d:
-            return _take(t, self.ranges, 1).t().contiguous()
-        return _take(t, self.ranges, 0)
+    def shard(self, name: str, get) -> torch.Tensor:
+        dim = 1 if self.conv1d and name == "weight" else 0
+        out = torch.cat([_take(get(part), ranges, dim) for part, ranges in self.parts], dim=dim)
+        return out.t().contiguous() if dim == 1 else out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)
 
 
-def qkv_parallel_linear(hidden: int, head_dim: int, num_heads: int, num_kv_heads: int,
-                        bias: bool, conv1d: bool) -> ColumnParallelLinear:
-    """A fused [q | k | v] projection (GPT-2 `c_attn`), each of q, k, v split by heads on its own.
-    Cutting the fused tensor in one contiguous piece would hand rank 0 all of q and none of v."""
+def qkv_parallel_linear(
+    hidden: int,
+    head_dim: int,
+    num_heads: int,
+    num_kv_heads: int,
+    bias: bool,
+    separate: bool = False,
+    conv1d: bool = False,
+) -> ColumnParallelLinear:
+    """One [q | k | v] projection, each of q, k, v split by heads on its own (cutting a fused tensor in
+    one contiguous piece would hand rank 0 all of q and none of v). Reads a fused checkpoint tensor
+    (GPT-2 `c_attn`), or with `separate` the sibling q_proj, k_proj and v_proj, stacked."""
     q, kv = num_heads * head_dim, num_kv_heads * head_dim
-    ranges = (head_split(num_heads, head_dim, 0, "attention heads")
-              + head_split(num_kv_heads, head_dim, q, "key/value heads")
-              + head_split(num_kv_heads, head_dim, q + kv, "key/value heads"))
-    return ColumnParallelLinear(hidden, q + 2 * kv, bias, conv1d, ranges)
+    q_rows = head_split(num_heads, head_dim, what="attention heads")
+    if not separate:
+        k_rows = head_split(num_kv_heads, head_dim, q, "key/value heads")
+        v_rows = head_split(num_kv_heads, head_dim, q + kv, "key/value heads")
+        return ColumnParallelLinear(hidden, bias=bias, conv1d=conv1d, parts=[(None, q_rows + k_rows + v_rows)])
+    kv_rows = head_split(num_kv_heads, head_dim, what="key/value heads")
+    return ColumnParallelLinear(
+        hidden, bias=bias, conv1d=conv1d, parts=[("q_proj", q_rows), ("k_proj", kv_rows), ("v_proj", kv_rows)]
+    )
+
+
+def merged_column_parallel_linear(in_features: int, out_features: int, names: list[str]) -> ColumnParallelLinear:
+    """Several same-sized projections of one input (gate and up) as one matmul, each split evenly."""
+    rows = even_split(out_features, "output features")
+    return ColumnParallelLinear(in_features, parts=[(n, rows) for n in names])
 
 
 class RowParallelLinear(nn.Module):
@@ -107,7 +136,8 @@ class RowParallelLinear(nn.Module):
         self.weight = _empty(out_features, self.ranges[0][1] - self.ranges[0][0])
         self.bias = _empty(out_features) if bias else None
 
-    def shard(self, name: str, t) -> torch.Tensor:
+    def shard(self, name: str, get) -> torch.Tensor:
+        t = get(None)
         if name == "bias":
             return t[:]
         if self.conv1d:
@@ -131,8 +161,8 @@ class _VocabParallel(nn.Module):
         self.end = min(self.start + self.per_rank, vocab_size)
         self.weight = _empty(self.per_rank, hidden)
 
-    def shard(self, name: str, t) -> torch.Tensor:
-        rows = t[self.start : self.end] if self.end > self.start else None
+    def shard(self, name: str, get) -> torch.Tensor:
+        rows = get(None)[self.start : self.end] if self.end > self.start else None
         out = torch.zeros(self.per_rank, self.weight.shape[1], dtype=rows.dtype if rows is not None else torch.float32)
         if rows is not None:
             out[: rows.shape[0]] = rows

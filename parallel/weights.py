@@ -3,7 +3,8 @@
 `SafetensorsReader` opens a single `model.safetensors` or a sharded set listed in
 `model.safetensors.index.json` and hands out lazy slices (`get_slice`), so a rank reads only the
 rows or columns it keeps. `load_into` fills a module built on the meta device: each parallel
-layer cuts its own piece (`shard`), every other parameter is read whole (replicated).
+layer cuts its own piece (`shard`), every other parameter is read whole (replicated). Parameters are
+named after checkpoint keys; a merged layer names the sibling keys it stacks (see `parallel.layers`).
 """
 
 from __future__ import annotations
@@ -47,9 +48,14 @@ class SafetensorsReader:
         self._stack.close()
 
 
-def load_into(module: nn.Module, reader: SafetensorsReader, dtype: torch.dtype,
-              device: torch.device | str = "cpu", skip: set[str] = frozenset(),
-              key_of=lambda name: name) -> None:
+def load_into(
+    module: nn.Module,
+    reader: SafetensorsReader,
+    dtype: torch.dtype,
+    device: torch.device | str = "cpu",
+    skip: set[str] = frozenset(),
+    key_of=lambda name: name,
+) -> None:
     """Replace every parameter of `module` (named after checkpoint keys) by this rank's slice.
 
     NOTE: `module` is expected to live on the meta device; nothing full-size is ever built.
@@ -61,9 +67,14 @@ def load_into(module: nn.Module, reader: SafetensorsReader, dtype: torch.dtype,
             continue
         owner_name, _, leaf = name.rpartition(".")
         owner = module.get_submodule(owner_name)
-        t = reader.get_slice(key_of(name))
-        value = owner.shard(leaf, t) if hasattr(owner, "shard") else t[:]
+        parent = owner_name.rpartition(".")[0]
+
+        def get(part: str | None, name=name, parent=parent, leaf=leaf):
+            return reader.get_slice(key_of(name if part is None else f"{parent}.{part}.{leaf}"))
+
+        value = owner.shard(leaf, get) if hasattr(owner, "shard") else get(None)[:]
         if tuple(value.shape) != tuple(param.shape):
-            raise ValueError(f"{name}: checkpoint slice has shape {tuple(value.shape)}, "
-                             f"model expects {tuple(param.shape)}")
+            raise ValueError(
+                f"{name}: checkpoint slice has shape {tuple(value.shape)}, model expects {tuple(param.shape)}"
+            )
         setattr(owner, leaf, nn.Parameter(value.to(device=device, dtype=dtype), requires_grad=False))

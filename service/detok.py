@@ -40,7 +40,9 @@ class Detokenizer:
     def finish(self) -> str:
         """The rest of the text at the end of generation; a trailing incomplete character is dropped."""
         if not self.stopped and self.read < len(self.ids):
-            tail = self.tokenizer.decode(self.ids[self.prefix :])[len(self.tokenizer.decode(self.ids[self.prefix : self.read])) :]
+            tail = self.tokenizer.decode(self.ids[self.prefix :])[
+                len(self.tokenizer.decode(self.ids[self.prefix : self.read])) :
+            ]
             self.text += tail.rstrip(REPLACEMENT)
         return self._release(0)
 

@@ -50,8 +50,15 @@ class Completion:
 
 
 class Engine:
-    def __init__(self, model: nn.Module, stop_ids: frozenset[int] = frozenset(), max_batch: int = 8,
-                 context: int | None = None, prefill_chunk: int = 512, device: str | torch.device = "cpu"):
+    def __init__(
+        self,
+        model: nn.Module,
+        stop_ids: frozenset[int] = frozenset(),
+        max_batch: int = 8,
+        context: int | None = None,
+        prefill_chunk: int = 512,
+        device: str | torch.device = "cpu",
+    ):
         cfg = model.config
         self.model, self.stop_ids, self.max_batch = model, stop_ids, max_batch
         self.context = min(context or cfg.max_position, cfg.max_position)
@@ -64,8 +71,10 @@ class Engine:
         if prompt_len == 0:
             raise ValueError("prompt is empty")
         if prompt_len + max_tokens > self.context:
-            raise ContextOverflow(f"prompt has {prompt_len} tokens and max_tokens is {max_tokens}: "
-                                  f"{prompt_len + max_tokens} > the context of {self.context} tokens")
+            raise ContextOverflow(
+                f"prompt has {prompt_len} tokens and max_tokens is {max_tokens}: "
+                f"{prompt_len + max_tokens} > the context of {self.context} tokens"
+            )
 
     def _cache_for(self, slots: int, length: int) -> KVCache:
         """Reuse the cache when it is big enough; else allocate one rounded up to 256 positions."""
@@ -73,20 +82,31 @@ class Engine:
         if c is None or c.num_slots < slots or c.max_seq < length:
             cfg = self.model.config
             length = min(self.context, -(-length // 256) * 256)
-            c = self.cache = KVCache(cfg.num_layers, max(slots, c.num_slots if c else 0), length,
-                                     self.kv_heads, cfg.head_dim, self.dtype, self.device)
+            c = self.cache = KVCache(
+                cfg.num_layers,
+                max(slots, c.num_slots if c else 0),
+                length,
+                self.kv_heads,
+                cfg.head_dim,
+                self.dtype,
+                self.device,
+            )
         return c
 
     @torch.inference_mode()
-    def generate(self, prompts: list[list[int]], params: list[SamplingParams],
-                 on_token: OnToken | None = None) -> list[Completion]:
+    def generate(
+        self, prompts: list[list[int]], params: list[SamplingParams], on_token: OnToken | None = None
+    ) -> list[Completion]:
         if len(prompts) > self.max_batch:
             raise ValueError(f"{len(prompts)} prompts exceed the batch limit of {self.max_batch}")
         for p, sp in zip(prompts, params):
             self.check_fits(len(p), sp.max_tokens)
-        seqs = [Sequence(list(p), sp, slot=i,
-                         generator=torch.Generator().manual_seed(sp.seed) if sp.seed is not None else None)
-                for i, (p, sp) in enumerate(zip(prompts, params))]
+        seqs = [
+            Sequence(
+                list(p), sp, slot=i, generator=torch.Generator().manual_seed(sp.seed) if sp.seed is not None else None
+            )
+            for i, (p, sp) in enumerate(zip(prompts, params))
+        ]
         cache = self._cache_for(len(seqs), max(s.length + s.params.max_tokens for s in seqs))
         logits = self.prefill(seqs, cache)
         running = seqs
@@ -132,8 +152,13 @@ class Engine:
             positions = (start + torch.arange(width)).clamp(max=cache.max_seq - 1).expand(len(rows), width)
             lengths = torch.tensor([len(p) for p in parts])
             slots = torch.tensor([seqs[i].slot for i in rows])
-            logits = self.model(ids.to(self.device), positions.to(self.device), cache, slots.to(self.device),
-                                logits_index=(lengths - 1).to(self.device))
+            logits = self.model(
+                ids.to(self.device),
+                positions.to(self.device),
+                cache,
+                slots.to(self.device),
+                logits_index=(lengths - 1).to(self.device),
+            )
             for r, i in enumerate(rows):
                 if start + len(parts[r]) == len(seqs[i].prompt):
                     last[i] = logits[r]
@@ -144,8 +169,9 @@ class Engine:
         ids = torch.tensor([[s.output[-1]] for s in seqs], device=self.device)
         positions = torch.tensor([[s.length - 1] for s in seqs], device=self.device)
         slots = torch.tensor([s.slot for s in seqs], device=self.device)
-        return self.model(ids, positions, cache, slots, logits_index=torch.zeros(len(seqs), dtype=torch.long,
-                                                                                 device=self.device))
+        return self.model(
+            ids, positions, cache, slots, logits_index=torch.zeros(len(seqs), dtype=torch.long, device=self.device)
+        )
 
     @torch.inference_mode()
     def logprobs(self, ids: list[int]) -> list[float | None]:

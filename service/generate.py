@@ -35,8 +35,9 @@ class TextGenerator:
         self.name, self.directory, self.engine, self.tokenizer, self.load_s = name, directory, engine, tokenizer, load_s
 
     @classmethod
-    def load(cls, name_or_path: str, device: str = "cpu", dtype: torch.dtype = torch.float32,
-             **engine_args) -> TextGenerator:
+    def load(
+        cls, name_or_path: str, device: str = "cpu", dtype: torch.dtype = torch.float32, **engine_args
+    ) -> TextGenerator:
         start = time.perf_counter()
         directory = resolve(name_or_path)
         tokenizer = Tokenizer(directory)
@@ -44,8 +45,9 @@ class TextGenerator:
         engine = Engine(model, tokenizer.stop_ids, device=device, **engine_args)
         return cls(name_or_path, directory, engine, tokenizer, time.perf_counter() - start)
 
-    def generate(self, prompts: list[list[int]], params: list[SamplingParams],
-                 on_text: Callable[[int, str], None] | None = None) -> list[TextResult]:
+    def generate(
+        self, prompts: list[list[int]], params: list[SamplingParams], on_text: Callable[[int, str], None] | None = None
+    ) -> list[TextResult]:
         detoks = [Detokenizer(self.tokenizer, p.stop) for p in params]
         pieces: list[list[str]] = [[] for _ in prompts]
 

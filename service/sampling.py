@@ -46,8 +46,7 @@ def penalize_repeats(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -
     return logits
 
 
-def sample(logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor,
-           generator: torch.Generator | None) -> int:
+def sample(logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor, generator: torch.Generator | None) -> int:
     """One token from one row of logits (V,). `seen`: ids already in the context."""
     logits = logits.float()
     if params.repetition_penalty != 1.0:

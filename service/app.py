@@ -1,0 +1,102 @@
+"""The HTTP service: FastAPI over one loaded model.
+
+This first service runs one generation at a time (a lock around the engine); the production
+engine with continuous batching is its own piece of work. Every error has one shape,
+`{"error": {"message", "type", "param", "code"}}`, with the status that fits: 400 for input the
+model cannot take (too long for the context), 413 for an oversized body, 422 for a malformed
+request.
+"""
+
+from __future__ import annotations
+
+import threading
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+
+from service import tasks
+from service.engine import ContextOverflow
+from service.generate import TextGenerator
+from service.schemas import AnswerRequest, AnswerResponse, ErrorResponse, SummarizeRequest, SummarizeResponse, Usage
+
+MAX_BODY_BYTES = 2 * 1024 * 1024
+ERRORS = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    422: "invalid_request_error",
+    429: "rate_limit_error",
+    503: "unavailable",
+}
+
+
+def error(status: int, message: str, param: str | None = None, code: str | None = None) -> JSONResponse:
+    body = {"error": {"message": message, "type": ERRORS.get(status, "server_error"), "param": param, "code": code}}
+    return JSONResponse(body, status_code=status)
+
+
+def usage(prompt: int, completion: int) -> Usage:
+    return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+
+
+def build_app(gen: TextGenerator) -> FastAPI:
+    app = FastAPI(
+        title="nlg",
+        version="0.1.0",
+        description="Full-sentence answers and abstractive summaries from a tensor-parallel decoder.",
+        responses={400: {"model": ErrorResponse}, 413: {"model": ErrorResponse}, 422: {"model": ErrorResponse}},
+    )
+    lock = threading.Lock()  # one generation at a time
+
+    @app.middleware("http")
+    async def limit_body(request: Request, call_next):
+        size = request.headers.get("content-length")
+        if size is not None and size.isdigit() and int(size) > MAX_BODY_BYTES:
+            return error(413, f"request body of {size} bytes exceeds the limit of {MAX_BODY_BYTES} bytes")
+        return await call_next(request)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError):
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"] if p != "body")
+        return error(
+            422, f"{where}: {first['msg']}" if where else first["msg"], param=where or None, code=first.get("type")
+        )
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException):
+        return error(exc.status_code, str(exc.detail))
+
+    @app.exception_handler(ContextOverflow)
+    async def overflow(request: Request, exc: ContextOverflow):
+        return error(400, str(exc), code="context_length_exceeded")
+
+    @app.exception_handler(ValueError)
+    async def bad_value(request: Request, exc: ValueError):
+        return error(400, str(exc))
+
+    @app.get("/health")
+    def health() -> dict:
+        return {"status": "ok", "model": gen.name}
+
+    @app.post("/v1/answer", response_model=AnswerResponse)
+    def answer(req: AnswerRequest) -> AnswerResponse:
+        with lock:
+            a = tasks.answer(gen, req.question, req.passages, req.max_tokens, req.temperature, req.seed)
+        return AnswerResponse(
+            answer=a.answer,
+            passage_index=a.passage_index,
+            model=gen.name,
+            usage=usage(a.prompt_tokens, a.completion_tokens),
+        )
+
+    @app.post("/v1/summarize", response_model=SummarizeResponse)
+    def summarize(req: SummarizeRequest) -> SummarizeResponse:
+        with lock:
+            s = tasks.summarize(gen, req.document, req.length, req.max_words, req.temperature, req.seed)
+        return SummarizeResponse(summary=s.summary, model=gen.name, usage=usage(s.prompt_tokens, s.completion_tokens))
+
+    return app

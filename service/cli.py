@@ -1,0 +1,221 @@
+"""`nlg`: the command line. Every subcommand takes `--model NAME_OR_PATH`; those whose output is
+data take `--json`. Heavy imports happen inside the commands so `nlg --help` answers at once."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from model.registry import DEFAULT_MODEL, NAMES
+
+
+def _load(args):
+    from service.generate import TextGenerator
+
+    return TextGenerator.load(args.model, device=args.device)
+
+
+def _emit(args, data: dict, text: str) -> None:
+    print(json.dumps(data, ensure_ascii=False) if args.json else text)
+
+
+def cmd_answer(args) -> None:
+    from service.tasks import answer
+
+    a = answer(_load(args), args.question, args.passage or [], args.max_tokens)
+    where = f"\n(drawn from passage {a.passage_index})" if a.passage_index is not None else ""
+    _emit(
+        args,
+        {
+            "answer": a.answer,
+            "passage_index": a.passage_index,
+            "prompt_tokens": a.prompt_tokens,
+            "completion_tokens": a.completion_tokens,
+        },
+        a.answer + where,
+    )
+
+
+def cmd_summarize(args) -> None:
+    from service.tasks import summarize
+
+    if args.file == "-":
+        document = sys.stdin.read()
+    else:
+        path = Path(args.file)
+        if not path.is_file():
+            raise FileNotFoundError(f"no such file: {path}")
+        document = path.read_text(encoding="utf-8")
+    s = summarize(_load(args), document, args.length, args.max_words)
+    _emit(
+        args,
+        {"summary": s.summary, "prompt_tokens": s.prompt_tokens, "completion_tokens": s.completion_tokens},
+        s.summary,
+    )
+
+
+def cmd_generate(args) -> None:
+    from service.sampling import SamplingParams
+
+    gen = _load(args)
+    params = SamplingParams(
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        repetition_penalty=args.repetition_penalty,
+        seed=args.seed,
+        stop=tuple(args.stop or ()),
+        stop_token_ids=tuple(args.stop_token_id or ()),
+    )
+    ids = (
+        gen.tokenizer.chat([{"role": "user", "content": args.prompt}])
+        if args.chat
+        else gen.tokenizer.encode(args.prompt)
+    )
+    stream = None if args.json else (lambda i, piece: print(piece, end="", flush=True))
+    r = gen.generate([ids], [params], on_text=stream)[0]
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "text": r.text,
+                    "finish_reason": r.finish_reason,
+                    "prompt_tokens": r.prompt_tokens,
+                    "completion_tokens": r.completion_tokens,
+                },
+                ensure_ascii=False,
+            )
+        )
+    else:
+        print()
+
+
+def cmd_score(args) -> None:
+    gen = _load(args)
+    ids = gen.tokenizer.encode(args.text)
+    logprobs = gen.engine.logprobs(ids)
+    tokens = gen.tokenizer.tokens(ids)
+    if args.json:
+        print(json.dumps({"tokens": tokens, "token_ids": ids, "logprobs": logprobs}, ensure_ascii=False))
+        return
+    for tok, i, lp in zip(tokens, ids, logprobs):
+        print(f"{i:>8}  {'' if lp is None else f'{lp:9.4f}':>9}  {tok!r}")
+
+
+def cmd_models(args) -> None:
+    from model.registry import cache_dir
+
+    rows = []
+    for name, about in NAMES.items():
+        ready = any(cache_dir().glob(f"{name}*/config.json"))
+        rows.append({"name": name, "description": about, "cached": ready, "default": name == DEFAULT_MODEL})
+    if args.json:
+        print(json.dumps({"models": rows, "cache": str(cache_dir())}))
+        return
+    for r in rows:
+        flags = ", ".join(f for f, on in (("default", r["default"]), ("cached", r["cached"])) if on)
+        print(f"{r['name']:<24} {r['description']}{f'  [{flags}]' if flags else ''}")
+    print(f"\nor any local Hugging Face directory (safetensors). Cache: {cache_dir()}")
+
+
+def cmd_serve(args) -> None:
+    import uvicorn
+
+    from service.app import build_app
+
+    print(f"nlg: loading {args.model} ...", file=sys.stderr, flush=True)
+    gen = _load(args)
+    print(
+        f"nlg: serving {args.model} at http://{args.host}:{args.port}  (API docs: http://{args.host}:{args.port}/docs)",
+        file=sys.stderr,
+        flush=True,
+    )
+    uvicorn.run(build_app(gen), host=args.host, port=args.port, log_level="info")
+
+
+def cmd_bench(args) -> None:
+    from service.bench import print_report, run
+
+    report = run(args.model, tokens=args.tokens, with_hf=not args.no_hf)
+    print(json.dumps(report) if args.json else print_report(report))
+
+
+def parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        help=f"a model name ({', '.join(NAMES)}) or a local Hugging Face directory (default: {DEFAULT_MODEL})",
+    )
+    common.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    as_json = argparse.ArgumentParser(add_help=False)
+    as_json.add_argument("--json", action="store_true", help="print one JSON object")
+
+    p = argparse.ArgumentParser(
+        prog="nlg", description="Full-sentence answers and abstractive summaries from a decoder-only transformer."
+    )
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    a = sub.add_parser("answer", parents=[common, as_json], help="answer a question in one full sentence")
+    a.add_argument("question")
+    a.add_argument("--passage", action="append", metavar="TEXT", help="a context passage (repeatable)")
+    a.add_argument("--max-tokens", type=int, default=80)
+    a.set_defaults(run=cmd_answer)
+
+    s = sub.add_parser("summarize", parents=[common, as_json], help="summarize a document (file or stdin)")
+    s.add_argument("file", nargs="?", default="-", help="a UTF-8 text file, or - for stdin (default)")
+    s.add_argument("--length", choices=["short", "medium", "long"], default="medium")
+    s.add_argument("--max-words", type=int, help="at most this many words (overrides --length)")
+    s.set_defaults(run=cmd_summarize)
+
+    g = sub.add_parser("generate", parents=[common, as_json], help="continue a prompt (streams to stdout)")
+    g.add_argument("prompt")
+    g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    g.add_argument("--max-tokens", type=int, default=128)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--repetition-penalty", type=float, default=1.0)
+    g.add_argument("--seed", type=int)
+    g.add_argument("--stop", action="append", metavar="TEXT", help="stop string (repeatable; not returned)")
+    g.add_argument("--stop-token-id", action="append", type=int, metavar="ID", help="stop token id (repeatable)")
+    g.set_defaults(run=cmd_generate)
+
+    c = sub.add_parser("score", parents=[common, as_json], help="per-token log-probabilities of a text")
+    c.add_argument("text")
+    c.set_defaults(run=cmd_score)
+
+    m = sub.add_parser("models", parents=[as_json], help="list the named models")
+    m.set_defaults(run=cmd_models)
+
+    v = sub.add_parser("serve", parents=[common], help="run the HTTP service")
+    v.add_argument("--host", default="127.0.0.1")
+    v.add_argument("--port", type=int, default=8000)
+    v.set_defaults(run=cmd_serve)
+
+    b = sub.add_parser("bench", parents=[common, as_json], help="our engine vs transformers generate(), same run")
+    b.add_argument("--tokens", type=int, default=64, help="tokens generated per sequence (default 64)")
+    b.add_argument("--no-hf", action="store_true", help="skip the transformers baseline")
+    b.set_defaults(run=cmd_bench)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    from model.registry import ModelNotFound
+
+    try:
+        args.run(args)
+    except (ModelNotFound, FileNotFoundError, ValueError) as e:
+        print(f"nlg: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,61 @@
+"""Request and response models of the HTTP API, with their limits."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, Field, StringConstraints
+
+MAX_QUESTION_CHARS = 4_000
+MAX_PASSAGES = 32
+MAX_TEXT_CHARS = 200_000  # one passage or document; longer input gets 422 before any tokenizing
+MAX_TOKENS = 1_024
+
+Question = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=MAX_QUESTION_CHARS)]
+Text = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=MAX_TEXT_CHARS)]
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class AnswerRequest(BaseModel):
+    question: Question
+    passages: list[Text] = Field(default_factory=list, max_length=MAX_PASSAGES)
+    max_tokens: int = Field(80, ge=1, le=MAX_TOKENS)
+    temperature: float = Field(0.0, ge=0.0, le=2.0)
+    seed: int | None = None
+
+
+class AnswerResponse(BaseModel):
+    answer: str
+    passage_index: int | None = Field(description="0-based index of the passage the answer drew on, if any")
+    model: str
+    usage: Usage
+
+
+class SummarizeRequest(BaseModel):
+    document: Text
+    length: Literal["short", "medium", "long"] = "medium"
+    max_words: int | None = Field(None, ge=1, le=1_000)
+    temperature: float = Field(0.0, ge=0.0, le=2.0)
+    seed: int | None = None
+
+
+class SummarizeResponse(BaseModel):
+    summary: str
+    model: str
+    usage: Usage
+
+
+class ErrorBody(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
