@@ -1,0 +1,40 @@
+# Two commands: `make serve` (service on the default model) and `make test` (the test suite).
+# Both create .venv on first use. On a CPU machine torch comes from TORCH_SPEC (the CPU build);
+# with a CUDA torch already in .venv, run `make TORCH_SPEC= serve` to keep it.
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TORCH_SPEC ?= torch==2.13.0
+MODEL ?= smollm2-135m-instruct
+HOST ?= 127.0.0.1
+PORT ?= 8000
+PYTEST_ARGS ?=
+
+.PHONY: install serve test test-fast lint bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(if $(TORCH_SPEC),$(BIN)/pip install --quiet "$(TORCH_SPEC)")
+	$(BIN)/pip install --quiet -e ".[dev]"
+	touch $@
+
+serve: install
+	$(BIN)/nlg serve --model $(MODEL) --host $(HOST) --port $(PORT)
+
+test: install
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+test-fast: install  # skips the real-model tests
+	$(BIN)/pytest -m "not slow" $(PYTEST_ARGS)
+
+lint: install
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+bench: install
+	$(BIN)/nlg bench --model $(MODEL)
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

@@ -1,0 +1,48 @@
+"""Shared fixtures: tiny Hugging Face checkpoints made with `transformers` itself (the reference we
+compare against) and the project's `tiny-random` model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from service.generate import TextGenerator
+
+torch.manual_seed(0)
+
+
+def hf_tiny(kind: str):
+    """A small random `transformers` model of one family variant, in fp32 eval mode."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    if kind == "gpt2":
+        cfg = tf.GPT2Config(vocab_size=301, n_embd=64, n_layer=2, n_head=4, n_positions=256)
+        model = tf.GPT2LMHeadModel(cfg)
+    elif kind == "qwen2-bias":
+        cfg = tf.Qwen2Config(vocab_size=301, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                             tie_word_embeddings=True, rope_theta=50000.0)
+        model = tf.Qwen2ForCausalLM(cfg)
+    else:
+        cfg = tf.LlamaConfig(vocab_size=301, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                             num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=256,
+                             tie_word_embeddings=kind == "llama-gqa", rope_theta=10000.0)
+        model = tf.LlamaForCausalLM(cfg)
+    for p in model.parameters():  # default init leaves norms at 1 and biases at 0: make them matter
+        torch.nn.init.normal_(p, std=0.1)
+    return model.float().eval()
+
+
+@pytest.fixture(scope="session", params=["llama-gqa", "llama-untied", "qwen2-bias", "gpt2"])
+def hf_pair(request, tmp_path_factory):
+    """(transformers model, directory where it is saved as safetensors)."""
+    model = hf_tiny(request.param)
+    path = tmp_path_factory.mktemp(request.param)
+    model.save_pretrained(path, safe_serialization=True)
+    return model, path
+
+
+@pytest.fixture(scope="session")
+def tiny() -> TextGenerator:
+    return TextGenerator.load("tiny-random")

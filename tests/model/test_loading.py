@@ -1,0 +1,89 @@
+"""Loading: safetensors only (single and sharded), clear errors, named models, GGUF conversion."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch.testing import assert_close
+
+from model.config import PRESETS, ModelConfig
+from model.gguf import unpermute
+from model.loader import load_model
+from model.registry import ModelNotFound, resolve
+from model.tiny import random_weights
+from parallel.weights import SafetensorsReader
+
+
+def test_sharded_checkpoint_loads_like_single_file(hf_pair, tmp_path):
+    """`model.safetensors.index.json` sets are read through the index."""
+    hf, path = hf_pair
+    hf.save_pretrained(tmp_path, safe_serialization=True, max_shard_size="40KB")
+    assert (tmp_path / "model.safetensors.index.json").exists()
+    a, b = load_model(path), load_model(tmp_path)
+    for (name, p), (_, q) in zip(a.named_parameters(), b.named_parameters()):
+        assert_close(p, q, msg=name)
+
+
+def test_reader_slices_without_reading_whole_tensors(hf_pair):
+    _, path = hf_pair
+    reader = SafetensorsReader(path)
+    key = sorted(reader.keys())[0]
+    t = reader.get_slice(key)
+    assert t[:1].shape[0] == 1
+    with pytest.raises(KeyError, match="no tensor named"):
+        reader.get_slice("nope.weight")
+    reader.close()
+
+
+def test_pickle_only_checkpoint_is_refused(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(PRESETS["tiny-random"].to_hf()))
+    torch.save({"x": torch.zeros(1)}, tmp_path / "pytorch_model.bin")
+    with pytest.raises(ValueError, match="pickle"):
+        load_model(tmp_path)
+
+
+def test_missing_config_and_weights_are_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        load_model(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps(PRESETS["tiny-random"].to_hf()))
+    with pytest.raises(FileNotFoundError, match="safetensors"):
+        load_model(tmp_path)
+
+
+def test_unknown_model_names_what_was_looked_for():
+    with pytest.raises(ModelNotFound) as e:
+        resolve("no-such-model")
+    assert "tiny-random" in str(e.value) and "smollm2-135m-instruct" in str(e.value)
+    assert "no-such-model" in str(e.value)
+
+
+def test_tiny_random_is_deterministic_and_loads(tiny):
+    cfg = PRESETS["tiny-random"]
+    a, b = random_weights(cfg), random_weights(cfg)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert tiny.engine.model.config == cfg
+    assert cfg.num_kv_heads < cfg.num_heads  # GQA in the test model
+
+
+def test_config_round_trips_through_hf_json():
+    for cfg in PRESETS.values():
+        assert ModelConfig.from_hf(cfg.to_hf()) == cfg
+
+
+def test_config_refuses_unsupported_shapes():
+    with pytest.raises(ValueError, match="num_kv_heads"):
+        ModelConfig(arch="llama", vocab_size=10, hidden_size=64, num_layers=1, num_heads=8, num_kv_heads=3,
+                    intermediate_size=8, max_position=16)
+    with pytest.raises(ValueError, match="model_type"):
+        ModelConfig.from_hf({"model_type": "t5"})
+
+
+def test_gguf_unpermute_inverts_llama_cpp_permute():
+    """llama.cpp permutes q/k rows per head for its rotary layout; conversion must undo exactly that."""
+    heads, head_dim, cols = 3, 8, 5
+    w = np.arange(heads * head_dim * cols, dtype=np.float32).reshape(heads * head_dim, cols)
+    permuted = w.reshape(heads, 2, head_dim // 2, cols).swapaxes(1, 2).reshape(w.shape)  # llama.cpp's permute
+    assert np.array_equal(unpermute(permuted, heads), w)

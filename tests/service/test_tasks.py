@@ -1,0 +1,52 @@
+"""Answer and summarize: prompt handling, post-processing and input errors (tiny-random)."""
+
+from __future__ import annotations
+
+import pytest
+
+from service import tasks
+from service.engine import ContextOverflow
+
+
+def test_first_sentence_is_one_full_sentence():
+    assert tasks.first_sentence("Paris is the capital of France. It is large.") == "Paris is the capital of France."
+    assert tasks.first_sentence("  The answer is 42") == "The answer is 42."
+    assert tasks.first_sentence('He said "yes." Then left.') == 'He said "yes."'
+
+
+def test_whole_sentences_drops_a_cut_off_tail():
+    assert tasks.whole_sentences("One. Two is cut") == "One."
+    assert tasks.whole_sentences("Only a fragment") == "Only a fragment"
+
+
+def test_supporting_passage_picks_the_passage_with_the_new_words():
+    passages = ["The Eiffel Tower is in Paris.", "Jason Mraz and Tristan Prettyman got engaged in 2008."]
+    got = tasks.supporting_passage("Jason Mraz is engaged to Tristan Prettyman.", "Who is Jason Mraz engaged to?",
+                                   passages)
+    assert got == 1
+    assert tasks.supporting_passage("I do not know.", "Who?", passages) is None
+
+
+def test_answer_and_summary_are_deterministic(tiny):
+    a1 = tasks.answer(tiny, "What is the capital of France?", ["Paris is the capital of France."])
+    a2 = tasks.answer(tiny, "What is the capital of France?", ["Paris is the capital of France."])
+    assert a1 == a2 and a1.prompt_tokens > 0
+    s1 = tasks.summarize(tiny, "A long document. " * 20, length="short")
+    assert s1 == tasks.summarize(tiny, "A long document. " * 20, length="short")
+
+
+@pytest.mark.parametrize("call", [
+    lambda g: tasks.answer(g, "   "),
+    lambda g: tasks.answer(g, "Why?", ["ok", " "]),
+    lambda g: tasks.summarize(g, ""),
+    lambda g: tasks.summarize(g, "text", length="huge"),
+    lambda g: tasks.summarize(g, "text", max_words=0),
+])
+def test_bad_input_is_refused(tiny, call):
+    with pytest.raises(ValueError):
+        call(tiny)
+
+
+def test_too_long_input_names_the_numbers(tiny):
+    with pytest.raises(ContextOverflow, match=r"> the context of 2048 tokens"):
+        tasks.summarize(tiny, "word " * 1000)
