@@ -20,14 +20,30 @@ def hf_tiny(kind: str):
         cfg = tf.GPT2Config(vocab_size=301, n_embd=64, n_layer=2, n_head=4, n_positions=256)
         model = tf.GPT2LMHeadModel(cfg)
     elif kind == "qwen2-bias":
-        cfg = tf.Qwen2Config(vocab_size=301, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                             tie_word_embeddings=True, rope_theta=50000.0)
+        cfg = tf.Qwen2Config(
+            vocab_size=301,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=256,
+            tie_word_embeddings=True,
+            rope_theta=50000.0,
+        )
         model = tf.Qwen2ForCausalLM(cfg)
     else:
-        cfg = tf.LlamaConfig(vocab_size=301, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                             num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=256,
-                             tie_word_embeddings=kind == "llama-gqa", rope_theta=10000.0)
+        cfg = tf.LlamaConfig(
+            vocab_size=301,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=8,
+            num_key_value_heads=2,
+            max_position_embeddings=256,
+            tie_word_embeddings=kind == "llama-gqa",
+            rope_theta=10000.0,
+        )
         model = tf.LlamaForCausalLM(cfg)
     for p in model.parameters():  # default init leaves norms at 1 and biases at 0: make them matter
         torch.nn.init.normal_(p, std=0.1)

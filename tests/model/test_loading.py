@@ -75,8 +75,16 @@ def test_config_round_trips_through_hf_json():
 
 def test_config_refuses_unsupported_shapes():
     with pytest.raises(ValueError, match="num_kv_heads"):
-        ModelConfig(arch="llama", vocab_size=10, hidden_size=64, num_layers=1, num_heads=8, num_kv_heads=3,
-                    intermediate_size=8, max_position=16)
+        ModelConfig(
+            arch="llama",
+            vocab_size=10,
+            hidden_size=64,
+            num_layers=1,
+            num_heads=8,
+            num_kv_heads=3,
+            intermediate_size=8,
+            max_position=16,
+        )
     with pytest.raises(ValueError, match="model_type"):
         ModelConfig.from_hf({"model_type": "t5"})
 

@@ -36,6 +36,7 @@ def test_greedy_tokens_match_transformers(hf_pair):
     params = SamplingParams(max_tokens=32)
     ours = engine.generate(PROMPTS, [params] * len(PROMPTS))
     for p, c in zip(PROMPTS, ours):
-        want = hf.generate(torch.tensor([p]), max_new_tokens=32, min_new_tokens=32, do_sample=False,
-                           pad_token_id=0)[0, len(p) :].tolist()
+        want = hf.generate(torch.tensor([p]), max_new_tokens=32, min_new_tokens=32, do_sample=False, pad_token_id=0)[
+            0, len(p) :
+        ].tolist()
         assert c.token_ids == want

@@ -43,8 +43,9 @@ def test_tokenizer_matches_the_gguf_tokenizer(smol):
     text = "Hello, world! Ünïcödé and numbers 12345."
     assert smol.tokenizer.encode(text) == ref.encode(text, add_special_tokens=False)
     msgs = [{"role": "user", "content": "hi"}]
-    assert smol.tokenizer.chat(msgs) == ref.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True,
-                                                                return_dict=False)
+    assert smol.tokenizer.chat(msgs) == ref.apply_chat_template(
+        msgs, add_generation_prompt=True, tokenize=True, return_dict=False
+    )
 
 
 def answer_json(capsys, *args) -> dict:
@@ -59,7 +60,11 @@ def test_closed_book_answer_is_a_full_sentence(capsys, smol):
 
 
 def test_answer_from_a_passage_restates_the_subject(capsys, smol):
-    out = answer_json(capsys, "Who is Jason Mraz engaged to?", "--passage",
-                      "Jason Mraz and Tristan Prettyman got engaged on Christmas Eve 2008.")
+    out = answer_json(
+        capsys,
+        "Who is Jason Mraz engaged to?",
+        "--passage",
+        "Jason Mraz and Tristan Prettyman got engaged on Christmas Eve 2008.",
+    )
     assert "Tristan Prettyman" in out["answer"] and "Jason Mraz" in out["answer"]
     assert out["passage_index"] == 0

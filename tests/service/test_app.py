@@ -28,15 +28,25 @@ def test_health_and_docs(client):
 
 
 def test_answer_round_trip(client):
-    r = client.post("/v1/answer", json={"question": "Who is Jason Mraz engaged to?",
-                                        "passages": ["Jason Mraz and Tristan Prettyman got engaged."]})
+    r = client.post(
+        "/v1/answer",
+        json={
+            "question": "Who is Jason Mraz engaged to?",
+            "passages": ["Jason Mraz and Tristan Prettyman got engaged."],
+        },
+    )
     assert r.status_code == 200, r.text
     body = r.json()
     assert set(body) == {"answer", "passage_index", "model", "usage"}
     u = body["usage"]
     assert u["total_tokens"] == u["prompt_tokens"] + u["completion_tokens"] > 0
-    again = client.post("/v1/answer", json={"question": "Who is Jason Mraz engaged to?",
-                                            "passages": ["Jason Mraz and Tristan Prettyman got engaged."]})
+    again = client.post(
+        "/v1/answer",
+        json={
+            "question": "Who is Jason Mraz engaged to?",
+            "passages": ["Jason Mraz and Tristan Prettyman got engaged."],
+        },
+    )
     assert again.json() == body  # greedy by default
 
 
@@ -46,14 +56,17 @@ def test_summarize_round_trip(client):
     assert set(r.json()) == {"summary", "model", "usage"}
 
 
-@pytest.mark.parametrize("path, body, needle", [
-    ("/v1/answer", {"question": "   "}, "question"),
-    ("/v1/answer", {}, "question"),
-    ("/v1/answer", {"question": "q", "passages": [""]}, "passages"),
-    ("/v1/answer", {"question": "q", "max_tokens": 0}, "max_tokens"),
-    ("/v1/summarize", {"document": "d", "length": "huge"}, "length"),
-    ("/v1/summarize", {"document": "x" * 200_001}, "document"),
-])
+@pytest.mark.parametrize(
+    "path, body, needle",
+    [
+        ("/v1/answer", {"question": "   "}, "question"),
+        ("/v1/answer", {}, "question"),
+        ("/v1/answer", {"question": "q", "passages": [""]}, "passages"),
+        ("/v1/answer", {"question": "q", "max_tokens": 0}, "max_tokens"),
+        ("/v1/summarize", {"document": "d", "length": "huge"}, "length"),
+        ("/v1/summarize", {"document": "x" * 200_001}, "document"),
+    ],
+)
 def test_malformed_requests_get_422(client, path, body, needle):
     assert_error(client.post(path, json=body), 422, needle)
 

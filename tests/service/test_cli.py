@@ -20,8 +20,9 @@ def run_json(capsys, *args) -> dict:
 
 
 def test_answer_json(capsys):
-    out = run_json(capsys, "answer", "Who is Jason Mraz engaged to?", "--passage", "Some passage.",
-                   "--passage", "Another one.")
+    out = run_json(
+        capsys, "answer", "Who is Jason Mraz engaged to?", "--passage", "Some passage.", "--passage", "Another one."
+    )
     assert set(out) >= {"answer", "passage_index"}
     assert isinstance(out["answer"], str)
 
@@ -67,12 +68,15 @@ def test_models_lists_names(capsys):
     assert names == {"tiny-random", "smollm2-135m-instruct"}
 
 
-@pytest.mark.parametrize("args, message", [
-    (["answer", "x", "--model", "no-such-model"], "not a named model"),
-    (["summarize", "/no/such/file.txt", *TINY], "no such file"),
-    (["answer", "   ", *TINY], "question is empty"),
-    (["summarize", "-", "--max-words", "0", *TINY], "max_words"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["answer", "x", "--model", "no-such-model"], "not a named model"),
+        (["summarize", "/no/such/file.txt", *TINY], "no such file"),
+        (["answer", "   ", *TINY], "question is empty"),
+        (["summarize", "-", "--max-words", "0", *TINY], "max_words"),
+    ],
+)
 def test_errors_exit_2_with_one_clear_line(capsys, monkeypatch, args, message):
     monkeypatch.setattr(sys, "stdin", io.StringIO("some text"))
     assert main(args) == 2

@@ -43,8 +43,9 @@ def test_repetition_penalty_matches_transformers():
     assert torch.allclose(penalize_repeats(logits[0].clone(), seen, 1.3), want[0])
 
 
-@pytest.mark.parametrize("bad", [{"max_tokens": 0}, {"temperature": -1}, {"top_p": 0}, {"top_k": -2},
-                                 {"repetition_penalty": 0}])
+@pytest.mark.parametrize(
+    "bad", [{"max_tokens": 0}, {"temperature": -1}, {"top_p": 0}, {"top_k": -2}, {"repetition_penalty": 0}]
+)
 def test_invalid_params_are_refused(bad):
     with pytest.raises(ValueError):
         SamplingParams(**bad)

@@ -21,8 +21,9 @@ def test_whole_sentences_drops_a_cut_off_tail():
 
 def test_supporting_passage_picks_the_passage_with_the_new_words():
     passages = ["The Eiffel Tower is in Paris.", "Jason Mraz and Tristan Prettyman got engaged in 2008."]
-    got = tasks.supporting_passage("Jason Mraz is engaged to Tristan Prettyman.", "Who is Jason Mraz engaged to?",
-                                   passages)
+    got = tasks.supporting_passage(
+        "Jason Mraz is engaged to Tristan Prettyman.", "Who is Jason Mraz engaged to?", passages
+    )
     assert got == 1
     assert tasks.supporting_passage("I do not know.", "Who?", passages) is None
 
@@ -35,13 +36,16 @@ def test_answer_and_summary_are_deterministic(tiny):
     assert s1 == tasks.summarize(tiny, "A long document. " * 20, length="short")
 
 
-@pytest.mark.parametrize("call", [
-    lambda g: tasks.answer(g, "   "),
-    lambda g: tasks.answer(g, "Why?", ["ok", " "]),
-    lambda g: tasks.summarize(g, ""),
-    lambda g: tasks.summarize(g, "text", length="huge"),
-    lambda g: tasks.summarize(g, "text", max_words=0),
-])
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda g: tasks.answer(g, "   "),
+        lambda g: tasks.answer(g, "Why?", ["ok", " "]),
+        lambda g: tasks.summarize(g, ""),
+        lambda g: tasks.summarize(g, "text", length="huge"),
+        lambda g: tasks.summarize(g, "text", max_words=0),
+    ],
+)
 def test_bad_input_is_refused(tiny, call):
     with pytest.raises(ValueError):
         call(tiny)
