@@ -4,7 +4,7 @@ by the layers (`parallel.layers`), never written back here."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 ARCHS = ("llama", "gpt2")
@@ -137,12 +137,6 @@ class ModelConfig:
             "hidden_act": "silu",
             "tie_word_embeddings": self.tie_word_embeddings,
         }
-
-    def with_(self, **changes: Any) -> ModelConfig:
-        return replace(self, **changes)
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 # Named shapes: the test model, the default model's shape, and a 1B Llama shape for benchmarks.

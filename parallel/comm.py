@@ -3,8 +3,6 @@
 The names say where a tensor is replicated and where it is partial:
 - `reduce_from_tensor_parallel_region`: each rank holds a partial sum; all-reduce it.
 - `gather_from_tensor_parallel_region`: each rank holds a slice of the last dim; all-gather it.
-- `copy_to_tensor_parallel_region`: replicated input entering a split layer (identity in forward).
-- `scatter_to_tensor_parallel_region`: keep this rank's slice of the last dim.
 
 Inference only: no autograd functions. At world size 1 every helper returns its input.
 """
@@ -32,15 +30,3 @@ def gather_from_tensor_parallel_region(x: torch.Tensor) -> torch.Tensor:
     parts = [torch.empty_like(x) for _ in range(tp.size)]
     dist.all_gather(parts, x.contiguous(), group=tp.group)
     return torch.cat(parts, dim=-1)
-
-
-def copy_to_tensor_parallel_region(x: torch.Tensor) -> torch.Tensor:
-    return x
-
-
-def scatter_to_tensor_parallel_region(x: torch.Tensor) -> torch.Tensor:
-    tp = get_tp()
-    if tp.size == 1:
-        return x
-    width = x.shape[-1] // tp.size
-    return x[..., tp.rank * width : (tp.rank + 1) * width].contiguous()

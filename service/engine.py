@@ -19,7 +19,7 @@ from torch import nn
 
 from model.kv_cache import KVCache
 from parallel.state import get_tp
-from service.sampling import SamplingParams, sample
+from service.sampling import SamplingParams, repeated_ngram_tokens, sample
 
 OnToken = Callable[[int, int], bool]  # (sequence index, token id) -> True to stop that sequence
 
@@ -123,7 +123,8 @@ class Engine:
         out = []
         for s, row in zip(seqs, logits):
             seen = torch.tensor(s.prompt + s.output, device=row.device)
-            out.append(sample(row, s.params, seen, s.generator))
+            banned = repeated_ngram_tokens(s.output, s.params.no_repeat_ngram)
+            out.append(sample(row, s.params, seen, s.generator, banned))
         return out
 
     def _append(self, s: Sequence, token: int, on_token: OnToken | None) -> bool:

@@ -19,6 +19,7 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
+    no_repeat_ngram: int = 0  # >0: never repeat an n-gram of generated tokens (0: off)
     ignore_eos: bool = False  # keep going past end-of-turn tokens (benchmarks)
 
     def __post_init__(self):
@@ -32,10 +33,13 @@ class SamplingParams:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.repetition_penalty <= 0:
             raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if self.no_repeat_ngram < 0:
+            raise ValueError(f"no_repeat_ngram must be >= 0, got {self.no_repeat_ngram}")
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0 and self.repetition_penalty == 1.0
+        """Plain argmax: no processor changes the logits."""
+        return self.temperature == 0 and self.repetition_penalty == 1.0 and self.no_repeat_ngram == 0
 
 
 def penalize_repeats(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
@@ -46,9 +50,27 @@ def penalize_repeats(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -
     return logits
 
 
-def sample(logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor, generator: torch.Generator | None) -> int:
-    """One token from one row of logits (V,). `seen`: ids already in the context."""
+def repeated_ngram_tokens(output: list[int], n: int) -> list[int]:
+    """Tokens that would complete an n-gram already present in `output` (the generated tokens only:
+    copying phrases from the prompt, as a summary must, stays allowed)."""
+    if n == 0 or len(output) < n:
+        return []
+    prefix = output[len(output) - n + 1 :]
+    return [output[i + n - 1] for i in range(len(output) - n + 1) if output[i : i + n - 1] == prefix]
+
+
+def sample(
+    logits: torch.Tensor,
+    params: SamplingParams,
+    seen: torch.Tensor,
+    generator: torch.Generator | None,
+    banned: list[int] = (),
+) -> int:
+    """One token from one row of logits (V,). `seen`: ids already in the context; `banned`: ids that
+    must not come next."""
     logits = logits.float()
+    if banned:
+        logits = logits.index_fill(0, torch.tensor(banned, device=logits.device), float("-inf"))
     if params.repetition_penalty != 1.0:
         logits = penalize_repeats(logits.clone(), seen, params.repetition_penalty)
     if params.temperature == 0:

@@ -17,6 +17,11 @@ from service.sampling import SamplingParams
 ANSWER_SYSTEM = "You answer questions in one complete sentence that repeats the subject of the question."
 ANSWER_INSTRUCTION = "Answer in one complete sentence that restates the question."
 SUMMARY_SYSTEM = "You write accurate, concise abstractive summaries in your own words."
+# Greedy decoding of a small model loops ("The video is at CNN.com. The video is at CNN.com. ...");
+# blocking repeated 4-grams of generated tokens (as BART/PEGASUS summarizers do with 3) stopped that and
+# raised ROUGE-1 on 8 CNN/DM dev articles from 0.207 to 0.237. The price: an exact repeat of a 4-token
+# phrase in one summary is steered away from.
+SUMMARY_NO_REPEAT_NGRAM = 4
 LENGTHS = {"short": (1, 60), "medium": (3, 150), "long": (5, 260)}  # sentences, token budget
 
 _SENTENCE_END = re.compile(r"(?<=[.!?])[\"')\]]*\s")
@@ -128,7 +133,9 @@ def summarize(
         {"role": "system", "content": SUMMARY_SYSTEM},
         {"role": "user", "content": f"Summarize the following document {instruction}.\n\n{document}"},
     ]
-    params = SamplingParams(max_tokens=budget, temperature=temperature, seed=seed)
+    params = SamplingParams(
+        max_tokens=budget, temperature=temperature, seed=seed, no_repeat_ngram=SUMMARY_NO_REPEAT_NGRAM
+    )
     ids = gen.tokenizer.chat(messages)
     gen.engine.check_fits(len(ids), params.max_tokens)
     r = gen.generate([ids], [params])[0]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from service.sampling import SamplingParams, penalize_repeats, sample
+from service.sampling import SamplingParams, penalize_repeats, repeated_ngram_tokens, sample
 
 
 def test_seeded_sampling_is_reproducible(tiny):
@@ -49,3 +49,18 @@ def test_repetition_penalty_matches_transformers():
 def test_invalid_params_are_refused(bad):
     with pytest.raises(ValueError):
         SamplingParams(**bad)
+
+
+def test_repeated_ngram_tokens():
+    out = [1, 2, 3, 1, 2]
+    assert repeated_ngram_tokens(out, 3) == [3]  # "1 2" was followed by 3 before
+    assert sorted(repeated_ngram_tokens(out, 1)) == sorted(out)
+    assert repeated_ngram_tokens(out, 0) == [] and repeated_ngram_tokens([1], 3) == []
+
+
+def test_no_repeat_ngram_holds_in_generation(tiny):
+    """Guards the summarizer against loops like "The video is at CNN.com. The video is at CNN.com."."""
+    prompt = [tiny.tokenizer.encode("loop")]
+    out = tiny.engine.generate(prompt, [SamplingParams(max_tokens=60, no_repeat_ngram=3, ignore_eos=True)])[0]
+    grams = [tuple(out.token_ids[i : i + 3]) for i in range(len(out.token_ids) - 2)]
+    assert len(grams) == len(set(grams))
