@@ -64,3 +64,11 @@ def test_no_repeat_ngram_holds_in_generation(tiny):
     out = tiny.engine.generate(prompt, [SamplingParams(max_tokens=60, no_repeat_ngram=3, ignore_eos=True)])[0]
     grams = [tuple(out.token_ids[i : i + 3]) for i in range(len(out.token_ids) - 2)]
     assert len(grams) == len(set(grams))
+
+
+def test_stop_token_ids_end_generation_and_are_not_returned(tiny):
+    prompt = [tiny.tokenizer.encode("abc")]
+    free = tiny.engine.generate(prompt, [SamplingParams(max_tokens=20, ignore_eos=True)])[0].token_ids
+    stop = free[5]
+    out = tiny.engine.generate(prompt, [SamplingParams(max_tokens=20, ignore_eos=True, stop_token_ids=(stop,))])[0]
+    assert out.finish_reason == "stop" and out.token_ids == free[: free.index(stop)]

@@ -1,0 +1,29 @@
+"""`nlg bench` on tiny-random: the report has the fields other tools read, and our greedy tokens match
+transformers' on the same directory (so tiny-random is a valid Hugging Face checkpoint too)."""
+
+from __future__ import annotations
+
+import json
+
+from service.cli import main
+
+FIELDS = {
+    "single_stream_tok_s",
+    "hf_single_stream_tok_s",
+    "batch8_tok_s",
+    "hf_batch8_tok_s",
+    "floor_tok_s",
+    "ttft_s",
+    "load_s",
+    "peak_rss_mb",
+    "bandwidth_gbs",
+    "floor_fraction",
+}
+
+
+def test_bench_json_report(capsys):
+    assert main(["bench", "--model", "tiny-random", "--tokens", "8", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert FIELDS <= set(report)
+    assert report["greedy_tokens_match"] is True
+    assert all(report[k] > 0 for k in FIELDS)
