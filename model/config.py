@@ -138,6 +138,24 @@ class ModelConfig:
             "tie_word_embeddings": self.tie_word_embeddings,
         }
 
+    def tp_sizes(self) -> list[int]:
+        """Tensor-parallel sizes this model can be split into: heads divide evenly, KV heads divide or
+        are replicated (tp a multiple of them), and the MLP width divides."""
+        return [
+            tp
+            for tp in range(1, self.num_heads + 1)
+            if self.num_heads % tp == 0
+            and (self.num_kv_heads % tp == 0 or tp % self.num_kv_heads == 0)
+            and self.intermediate_size % tp == 0
+        ]
+
+    def check_tp(self, tp: int) -> None:
+        if tp not in self.tp_sizes():
+            raise ValueError(
+                f"tensor-parallel size {tp} does not fit this model ({self.num_heads} heads, {self.num_kv_heads} "
+                f"KV heads, MLP width {self.intermediate_size}); valid sizes: {', '.join(map(str, self.tp_sizes()))}"
+            )
+
 
 # Named shapes: the test model, the default model's shape, and a 1B Llama shape for benchmarks.
 PRESETS: dict[str, ModelConfig] = {

@@ -15,6 +15,7 @@ from torch import nn
 from model.config import ModelConfig
 from model.gpt2 import GPT2LMHeadModel
 from model.llama import LlamaForCausalLM
+from parallel.state import get_tp
 from parallel.weights import SafetensorsReader, load_into
 
 FAMILIES = {"llama": LlamaForCausalLM, "gpt2": GPT2LMHeadModel}
@@ -45,6 +46,7 @@ def load_model(
     """Load this rank's shard of the model in `directory` (at tensor-parallel size 1, all of it)."""
     directory = Path(directory)
     cfg = read_config(directory)
+    cfg.check_tp(get_tp().size)
     check_weights(directory)
     with torch.device("meta"):
         model = FAMILIES[cfg.arch](cfg)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -69,6 +70,7 @@ def cmd_generate(args) -> None:
         seed=args.seed,
         stop=tuple(args.stop or ()),
         stop_token_ids=tuple(args.stop_token_id or ()),
+        ignore_eos=args.ignore_eos,
     )
     ids = (
         gen.tokenizer.chat([{"role": "user", "content": args.prompt}])
@@ -150,7 +152,8 @@ def parser() -> argparse.ArgumentParser:
         default=DEFAULT_MODEL,
         help=f"a model name ({', '.join(NAMES)}) or a local Hugging Face directory (default: {DEFAULT_MODEL})",
     )
-    common.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    common.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu); with --tp, rank i uses cuda:i")
+    common.add_argument("--tp", type=int, default=1, metavar="N", help="split the model over N local ranks")
     as_json = argparse.ArgumentParser(add_help=False)
     as_json.add_argument("--json", action="store_true", help="print one JSON object")
 
@@ -182,6 +185,7 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int)
     g.add_argument("--stop", action="append", metavar="TEXT", help="stop string (repeatable; not returned)")
     g.add_argument("--stop-token-id", action="append", type=int, metavar="ID", help="stop token id (repeatable)")
+    g.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-turn tokens")
     g.set_defaults(run=cmd_generate)
 
     c = sub.add_parser("score", parents=[common, as_json], help="per-token log-probabilities of a text")
@@ -204,7 +208,17 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser().parse_args(argv)
+    if getattr(args, "tp", 1) > 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from service.launcher import run_tensor_parallel
+
+        return run_tensor_parallel(args, argv)
+    return run(args)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run one parsed command in this process; returns the exit status."""
     from model.registry import ModelNotFound
 
     try:

@@ -15,8 +15,10 @@ from pathlib import Path
 import torch
 
 from model.loader import load_model
+from model.ranks import Leader
 from model.registry import resolve
 from model.tokenizer import Tokenizer
+from parallel.state import get_tp
 from service.detok import Detokenizer
 from service.engine import Engine
 from service.sampling import SamplingParams
@@ -42,6 +44,8 @@ class TextGenerator:
         directory = resolve(name_or_path)
         tokenizer = Tokenizer(directory)
         model = load_model(directory, dtype=dtype, device=device)
+        if get_tp().size > 1:
+            model = Leader(model)  # rank 0: announce each forward to the other ranks
         engine = Engine(model, tokenizer.stop_ids, device=device, **engine_args)
         return cls(name_or_path, directory, engine, tokenizer, time.perf_counter() - start)
 

@@ -50,6 +50,11 @@ def hf_tiny(kind: str):
     return model.float().eval()
 
 
+@pytest.fixture(scope="session")
+def make_hf_tiny():
+    return hf_tiny
+
+
 @pytest.fixture(scope="session", params=["llama-gqa", "llama-untied", "qwen2-bias", "gpt2"])
 def hf_pair(request, tmp_path_factory):
     """(transformers model, directory where it is saved as safetensors)."""

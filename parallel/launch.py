@@ -1,0 +1,90 @@
+"""Starting tensor-parallel ranks and keeping them in step.
+
+- `launch(n, fn, *args)`: spawn n local ranks with torch's elastic launcher (what `torchrun
+  --standalone` uses). If any rank dies, the launcher stops the others and raises; nothing retries.
+- `init_from_env()`: join the group described by torchrun's variables (RANK, WORLD_SIZE, LOCAL_RANK,
+  MASTER_ADDR, MASTER_PORT): NCCL when CUDA is present, gloo on CPU, with a collective timeout in
+  seconds rather than NCCL's 30 minutes.
+- The control plane: rank 0 owns every model call. Before each one it `send_plan`s what to run; ranks
+  > 0 sit in `follow_plans`, run the same call, and return on a stop message. Plans travel over a
+  separate gloo group without a timeout: a worker may wait as long as rank 0 is idle, while the
+  compute collectives keep the short timeout. A dead peer breaks both at once.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from parallel.state import get_tp, set_tp
+
+DEFAULT_TIMEOUT_S = 60.0
+STOP = "stop"
+_plan_group: dist.ProcessGroup | None = None
+
+
+def launch(nproc: int, fn: Callable[..., Any], *args: Any) -> Any:
+    """Run `fn(*args)` on `nproc` local ranks; returns rank 0's return value. Raises
+    `torch.distributed.elastic.multiprocessing.errors.ChildFailedError` naming the rank that failed."""
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    config = LaunchConfig(
+        min_nodes=1,
+        max_nodes=1,
+        nproc_per_node=nproc,
+        run_id=uuid.uuid4().hex,
+        rdzv_backend="c10d",
+        rdzv_endpoint="127.0.0.1:0",
+        max_restarts=0,
+        monitor_interval=0.2,
+    )
+    return elastic_launch(config, fn)(*args)[0]
+
+
+def init_from_env(timeout_s: float | None = None) -> torch.device:
+    """Join the process group torchrun describes (no-op at WORLD_SIZE 1); returns this rank's device."""
+    global _plan_group
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda", local) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)  # before init_process_group: NCCL binds to the current device
+    if world == 1:
+        return device
+    timeout = timedelta(seconds=timeout_s or float(os.environ.get("NLG_TP_TIMEOUT", DEFAULT_TIMEOUT_S)))
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=timeout)
+    _plan_group = dist.new_group(backend="gloo", timeout=timedelta(days=365))
+    set_tp(dist.get_rank(), world, dist.group.WORLD)
+    return device
+
+
+def send_plan(plan: Any) -> None:
+    """Rank 0: tell every other rank what to run next (any picklable object)."""
+    if get_tp().size > 1:
+        dist.broadcast_object_list([plan], src=0, group=_plan_group)
+
+
+def follow_plans(run: Callable[[Any], None]) -> None:
+    """Ranks > 0: run each plan rank 0 sends, until the stop message."""
+    while True:
+        box = [None]
+        dist.broadcast_object_list(box, src=0, group=_plan_group)
+        if box[0] == STOP:
+            return
+        run(box[0])
+
+
+def shutdown() -> None:
+    """Rank 0 sends the stop message; every rank leaves the group."""
+    if get_tp().size == 1:
+        return
+    if get_tp().rank == 0:
+        send_plan(STOP)
+    dist.destroy_process_group()

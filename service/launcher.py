@@ -1,0 +1,77 @@
+"""Running an `nlg` command split over tensor-parallel ranks.
+
+`nlg ... --tp N` checks N against the model, then starts N local ranks with torch's elastic launcher;
+under `torchrun` this process already is one rank. On every rank the command line is parsed again:
+rank 0 runs the command (CLI output, HTTP server, scheduling, sampling) and ranks > 0 load their shard
+and follow rank 0's step plans. If any rank dies, the launcher stops the rest and we exit non-zero
+naming it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+
+def run_tensor_parallel(args: argparse.Namespace, argv: list[str]) -> int:
+    from parallel.launch import launch
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:  # started by torchrun: this process is one of the ranks
+        if args.tp not in (1, world):
+            return _fail(f"--tp {args.tp} but torchrun started {world} ranks")
+        return rank_main(argv)
+    try:
+        check(args.model, args.tp)
+    except (LookupError, FileNotFoundError, ValueError) as e:
+        return _fail(str(e))
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    try:
+        return launch(args.tp, rank_main, argv)
+    except ChildFailedError as e:
+        rank, failure = e.get_first_failure()
+        return _fail(f"tensor-parallel rank {rank} failed (exit code {failure.exitcode}); all ranks were stopped", 1)
+
+
+def check(model: str, tp: int) -> None:
+    """Refuse an impossible split before starting any rank (fetching the model first if needed)."""
+    from model.loader import read_config
+    from model.registry import resolve
+
+    read_config(resolve(model)).check_tp(tp)
+
+
+def rank_main(argv: list[str]) -> int:
+    """The entry point of every rank."""
+    from parallel.launch import init_from_env, shutdown
+    from parallel.state import get_tp
+    from service.cli import parser, run
+
+    args = parser().parse_args(argv)
+    device = init_from_env()
+    if args.device == "cpu":
+        device = torch.device("cpu")
+    try:
+        if get_tp().rank == 0:
+            return run(args)
+        follower(args.model, device)
+        return 0
+    finally:
+        shutdown()
+
+
+def follower(model: str, device: torch.device) -> None:
+    from model.loader import load_model
+    from model.ranks import follow
+    from model.registry import resolve
+
+    follow(load_model(resolve(model), device=device), device)
+
+
+def _fail(message: str, status: int = 2) -> int:
+    print(f"nlg: error: {message}", file=sys.stderr)
+    return status
