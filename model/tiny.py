@@ -22,14 +22,18 @@ CHATML = (
 
 
 def random_weights(cfg: ModelConfig, seed: int = SEED) -> dict[str, torch.Tensor]:
-    """Deterministic weights named like a Llama checkpoint (std 0.02, norms at 1)."""
+    """Deterministic weights named like a Llama checkpoint (std 0.02, norms at 1, printable ASCII rows
+    of the embedding scaled up)."""
     g = torch.Generator().manual_seed(seed)
     h, d, i = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size
 
     def normal(*shape):
         return torch.randn(*shape, generator=g) * 0.02
 
-    w = {"model.embed_tokens.weight": normal(cfg.vocab_size, h), "model.norm.weight": torch.ones(h)}
+    embed = normal(cfg.vocab_size, h)
+    printable = byte_tokenizer().encode("".join(map(chr, range(32, 127)))).ids
+    embed[printable] *= 4  # the tied head then favours printable ASCII: tests see real text, not stray bytes
+    w = {"model.embed_tokens.weight": embed, "model.norm.weight": torch.ones(h)}
     for n in range(cfg.num_layers):
         p = f"model.layers.{n}."
         w |= {

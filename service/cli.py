@@ -84,6 +84,7 @@ def cmd_generate(args) -> None:
             json.dumps(
                 {
                     "text": r.text,
+                    "token_ids": r.token_ids,
                     "finish_reason": r.finish_reason,
                     "prompt_tokens": r.prompt_tokens,
                     "completion_tokens": r.completion_tokens,

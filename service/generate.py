@@ -27,9 +27,13 @@ from service.sampling import SamplingParams
 @dataclass
 class TextResult:
     text: str
+    token_ids: list[int]
     prompt_tokens: int
-    completion_tokens: int
     finish_reason: str
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self.token_ids)
 
 
 class TextGenerator:
@@ -71,7 +75,7 @@ class TextGenerator:
                 pieces[i].append(tail)
                 if on_text:
                     on_text(i, tail)
-            results.append(TextResult("".join(pieces[i]), len(c.prompt_ids), len(c.token_ids), c.finish_reason))
+            results.append(TextResult("".join(pieces[i]), c.token_ids, len(c.prompt_ids), c.finish_reason))
         return results
 
     def complete(self, prompt: str | list[int], params: SamplingParams) -> TextResult:

@@ -68,3 +68,19 @@ def test_answer_from_a_passage_restates_the_subject(capsys, smol):
     )
     assert "Tristan Prettyman" in out["answer"] and "Jason Mraz" in out["answer"]
     assert out["passage_index"] == 0
+
+
+def test_tp3_generates_the_same_greedy_text_as_tp1(capfd, smol):
+    """9 heads and 3 KV heads split three ways (one KV head per rank), through `nlg generate --tp 3`."""
+    args = ["generate", "The three largest cities in Canada are", "--max-tokens", "24", "--ignore-eos", "--json"]
+    assert main(args) == 0
+    tp1 = json.loads(capfd.readouterr().out)
+    assert main([*args, "--tp", "3"]) == 0
+    tp3 = json.loads(capfd.readouterr().out.strip().splitlines()[-1])
+    assert tp3 == tp1 and tp1["completion_tokens"] == 24
+
+
+def test_tp2_is_refused_naming_the_valid_sizes(capsys):
+    assert main(["answer", "Why?", "--tp", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "tensor-parallel size 2" in err and err.strip().endswith("valid sizes: 1, 3")

@@ -88,3 +88,15 @@ def test_help_reads_well():
     out = subprocess.run([sys.executable, "-m", "service.cli", "--help"], capture_output=True, text=True, check=True)
     for command in ("answer", "summarize", "generate", "score", "models", "serve", "bench"):
         assert command in out.stdout
+
+
+@pytest.mark.parametrize("tp", [2, 4])
+def test_tiny_random_generates_the_same_at_tp_n(capfd, tp):
+    """The CPU test mode exercises tensor parallelism too: tiny-random splits 1, 2 and 4 ways, and
+    seeded sampling on rank 0 gives the same tokens as one process."""
+    args = ["generate", "Once upon a time", "--max-tokens", "24", "--temperature", "1", "--seed", "3", *TINY]
+    assert main([*args, "--json"]) == 0
+    alone = json.loads(capfd.readouterr().out)
+    assert main([*args, "--json", "--tp", str(tp)]) == 0
+    assert json.loads(capfd.readouterr().out.strip().splitlines()[-1]) == alone
+    assert len(alone["token_ids"]) == 24 and alone["text"]
