@@ -58,6 +58,8 @@ def init_from_env(timeout_s: float | None = None) -> torch.device:
         torch.cuda.set_device(device)  # before init_process_group: NCCL binds to the current device
     if world == 1:
         return device
+    if not cuda:  # ranks on one machine share its cores
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world))))
     timeout = timedelta(seconds=timeout_s or float(os.environ.get("NLG_TP_TIMEOUT", DEFAULT_TIMEOUT_S)))
     dist.init_process_group("nccl" if cuda else "gloo", timeout=timeout)
     _plan_group = dist.new_group(backend="gloo", timeout=timedelta(days=365))

@@ -19,33 +19,42 @@ from torch import nn
 
 
 class SafetensorsReader:
+    """Where each tensor lives, and lazy slices of it.
+
+    NOTE: safetensors maps the file; every page a slice touches counts in this process's RSS while
+    the mapping lives (a column slice touches every row). Handles are therefore opened per read and
+    dropped by `release()` once the piece is copied out, which keeps a rank's peak near its share.
+    """
+
     def __init__(self, directory: str | Path):
         directory = Path(directory)
         index = directory / "model.safetensors.index.json"
         if index.exists():
             weight_map = json.loads(index.read_text())["weight_map"]
-            files = sorted(set(weight_map.values()))
         else:
-            files = sorted(p.name for p in directory.glob("*.safetensors"))
-            if not files:
+            weight_map = {}
+            for path in sorted(directory.glob("*.safetensors")):
+                with safe_open(path, framework="pt") as f:
+                    weight_map |= dict.fromkeys(f.keys(), path.name)
+            if not weight_map:
                 raise FileNotFoundError(f"no *.safetensors files in {directory}")
-            weight_map = None
-        self._stack = ExitStack()
-        handles = {f: self._stack.enter_context(safe_open(directory / f, framework="pt")) for f in files}
-        if weight_map is None:
-            weight_map = {k: f for f, h in handles.items() for k in h.keys()}
-        self._where = {k: handles[f] for k, f in weight_map.items()}
+        self._path = {k: directory / f for k, f in weight_map.items()}
+        self._open = ExitStack()
 
     def keys(self) -> set[str]:
-        return set(self._where)
+        return set(self._path)
 
     def get_slice(self, key: str):
-        if key not in self._where:
+        if key not in self._path:
             raise KeyError(f"checkpoint has no tensor named {key!r}")
-        return self._where[key].get_slice(key)
+        return self._open.enter_context(safe_open(self._path[key], framework="pt")).get_slice(key)
 
-    def close(self) -> None:
-        self._stack.close()
+    def release(self) -> None:
+        """Drop the handles (and mapped pages) of the slices read so far."""
+        self._open.close()
+        self._open = ExitStack()
+
+    close = release
 
 
 def load_into(
@@ -77,4 +86,6 @@ def load_into(
             raise ValueError(
                 f"{name}: checkpoint slice has shape {tuple(value.shape)}, model expects {tuple(param.shape)}"
             )
-        setattr(owner, leaf, nn.Parameter(value.to(device=device, dtype=dtype), requires_grad=False))
+        # copy=True: a contiguous slice can come back as a view of the mapped file; own the memory.
+        setattr(owner, leaf, nn.Parameter(value.to(device=device, dtype=dtype, copy=True), requires_grad=False))
+        reader.release()

@@ -9,6 +9,7 @@ import os
 import sys
 from pathlib import Path
 
+from model.config import PRESETS
 from model.registry import DEFAULT_MODEL, NAMES
 
 
@@ -139,7 +140,20 @@ def cmd_serve(args) -> None:
     uvicorn.run(build_app(gen), host=args.host, port=args.port, log_level="info")
 
 
+def cmd_make_random(args) -> None:
+    from model.tiny import write_model_dir
+
+    write_model_dir(Path(args.out), PRESETS[args.preset], args.seed)
+    print(f"wrote {args.preset} with random weights (seed {args.seed}) to {args.out}")
+
+
 def cmd_bench(args) -> None:
+    if args.tp > 1:
+        from service.bench_tp import print_sweep, run_sweep
+
+        report = run_sweep(args.model, args.tp, tokens=args.tokens)
+        print(json.dumps(report) if args.json else print_sweep(report))
+        return
     from service.bench import print_report, run
 
     report = run(args.model, tokens=args.tokens, with_hf=not args.no_hf)
@@ -201,17 +215,29 @@ def parser() -> argparse.ArgumentParser:
     v.add_argument("--port", type=int, default=8000)
     v.set_defaults(run=cmd_serve)
 
-    b = sub.add_parser("bench", parents=[common, as_json], help="our engine vs transformers generate(), same run")
+    b = sub.add_parser(
+        "bench",
+        parents=[common, as_json],
+        help="our engine vs transformers generate(), same run",
+        description="Our engine vs transformers generate() on the same weights, in one run. With --tp N: the "
+        "same model at every valid tensor-parallel size up to N, each in fresh processes (per-rank peak RSS "
+        "after loading, decode tokens/s).",
+    )
     b.add_argument("--tokens", type=int, default=64, help="tokens generated per sequence (default 64)")
     b.add_argument("--no-hf", action="store_true", help="skip the transformers baseline")
     b.set_defaults(run=cmd_bench)
+    r = sub.add_parser("make-random", help="write a random-weight model directory of a named shape")
+    r.add_argument("out", help="directory to write (config.json, model.safetensors, tokenizer)")
+    r.add_argument("--preset", default="llama-400m", choices=sorted(PRESETS), help="shape (default llama-400m)")
+    r.add_argument("--seed", type=int, default=0)
+    r.set_defaults(run=cmd_make_random)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser().parse_args(argv)
-    if getattr(args, "tp", 1) > 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if args.command != "bench" and (getattr(args, "tp", 1) > 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1):
         from service.launcher import run_tensor_parallel
 
         return run_tensor_parallel(args, argv)

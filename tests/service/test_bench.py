@@ -27,3 +27,12 @@ def test_bench_json_report(capsys):
     assert FIELDS <= set(report)
     assert report["greedy_tokens_match"] is True
     assert all(report[k] > 0 for k in FIELDS)
+
+
+def test_bench_tp_sweep_on_tiny_random(capsys):
+    """`nlg bench --tp 4` on tiny-random runs tp=1, 2 and 4 in fresh processes and reports each rank."""
+    assert main(["bench", "--model", "tiny-random", "--tp", "4", "--tokens", "4", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert [row["tp"] for row in report["rows"]] == [1, 2, 4]
+    assert [len(row["rank_peak_rss_mb"]) for row in report["rows"]] == [1, 2, 4]
+    assert all(row["tok_s"] > 0 for row in report["rows"])
