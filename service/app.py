@@ -33,6 +33,10 @@ ERRORS = {
 }
 
 
+class EngineFailed(RuntimeError):
+    pass
+
+
 def error(status: int, message: str, param: str | None = None, code: str | None = None) -> JSONResponse:
     body = {"error": {"message": message, "type": ERRORS.get(status, "server_error"), "param": param, "code": code}}
     return JSONResponse(body, status_code=status)
@@ -42,7 +46,9 @@ def usage(prompt: int, completion: int) -> Usage:
     return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
 
 
-def build_app(gen: TextGenerator) -> FastAPI:
+def build_app(gen: TextGenerator, on_fatal=lambda: None) -> FastAPI:
+    """`on_fatal` runs after an engine failure (a dead rank, a collective timeout) has been reported
+    with 503; `nlg serve` makes it exit the process non-zero so a supervisor restarts the service."""
     app = FastAPI(
         title="nlg",
         version="0.1.0",
@@ -50,6 +56,21 @@ def build_app(gen: TextGenerator) -> FastAPI:
         responses={400: {"model": ErrorResponse}, 413: {"model": ErrorResponse}, 422: {"model": ErrorResponse}},
     )
     lock = threading.Lock()  # one generation at a time
+    failure: list[str] = []  # set once the engine has failed: every later request gets 503
+
+    def guarded(fn):
+        """Run an engine call under the lock; an engine failure (not an input error) is fatal."""
+        if failure:
+            raise EngineFailed(failure[0])
+        with lock:
+            try:
+                return fn()
+            except ValueError:  # bad input (ContextOverflow included): the engine is fine
+                raise
+            except Exception as e:  # a dead rank, a collective timeout, out of memory
+                failure.append(f"engine failed: {type(e).__name__}: {e}")
+                threading.Timer(0.5, on_fatal).start()
+                raise EngineFailed(failure[0]) from e
 
     @app.middleware("http")
     async def limit_body(request: Request, call_next):
@@ -74,18 +95,28 @@ def build_app(gen: TextGenerator) -> FastAPI:
     async def overflow(request: Request, exc: ContextOverflow):
         return error(400, str(exc), code="context_length_exceeded")
 
+    @app.exception_handler(EngineFailed)
+    async def failed(request: Request, exc: EngineFailed):
+        return error(503, str(exc), code="engine_failed")
+
     @app.exception_handler(ValueError)
     async def bad_value(request: Request, exc: ValueError):
         return error(400, str(exc))
 
     @app.get("/health")
     def health() -> dict:
+        """The process is up (it may still be unable to generate: see /ready)."""
         return {"status": "ok", "model": gen.name}
+
+    @app.get("/ready")
+    def ready() -> dict:
+        """A real one-token forward on every rank; 503 once the engine has failed."""
+        guarded(gen.engine.probe)
+        return {"status": "ready", "model": gen.name}
 
     @app.post("/v1/answer", response_model=AnswerResponse)
     def answer(req: AnswerRequest) -> AnswerResponse:
-        with lock:
-            a = tasks.answer(gen, req.question, req.passages, req.max_tokens, req.temperature, req.seed)
+        a = guarded(lambda: tasks.answer(gen, req.question, req.passages, req.max_tokens, req.temperature, req.seed))
         return AnswerResponse(
             answer=a.answer,
             passage_index=a.passage_index,
@@ -95,8 +126,7 @@ def build_app(gen: TextGenerator) -> FastAPI:
 
     @app.post("/v1/summarize", response_model=SummarizeResponse)
     def summarize(req: SummarizeRequest) -> SummarizeResponse:
-        with lock:
-            s = tasks.summarize(gen, req.document, req.length, req.max_words, req.temperature, req.seed)
+        s = guarded(lambda: tasks.summarize(gen, req.document, req.length, req.max_words, req.temperature, req.seed))
         return SummarizeResponse(summary=s.summary, model=gen.name, usage=usage(s.prompt_tokens, s.completion_tokens))
 
     return app

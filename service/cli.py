@@ -137,7 +137,12 @@ def cmd_serve(args) -> None:
         file=sys.stderr,
         flush=True,
     )
-    uvicorn.run(build_app(gen), host=args.host, port=args.port, log_level="info")
+
+    def fatal() -> None:  # an engine failure was reported (503): exit non-zero, loudly
+        print("nlg: error: the engine failed; exiting", file=sys.stderr, flush=True)
+        os._exit(1)
+
+    uvicorn.run(build_app(gen, on_fatal=fatal), host=args.host, port=args.port, log_level="info")
 
 
 def cmd_make_random(args) -> None:

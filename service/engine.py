@@ -175,6 +175,12 @@ class Engine:
         )
 
     @torch.inference_mode()
+    def probe(self) -> None:
+        """A one-token forward through every rank: raises if the engine cannot run."""
+        one = torch.zeros(1, 1, dtype=torch.long, device=self.device)
+        self.model(one, one)
+
+    @torch.inference_mode()
     def logprobs(self, ids: list[int]) -> list[float | None]:
         """log p(token i | tokens before it) for each token; None for the first."""
         self.check_fits(len(ids), 0)

@@ -3,6 +3,7 @@ dead rank stops the whole group quickly with no process left behind."""
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -134,6 +135,40 @@ def test_a_dead_rank_stops_everything_within_30s(tmp_path, victim):
         time.sleep(1)
         alive = [p for p in everyone if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
         assert not alive, f"left behind: {alive}"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_serve_exits_non_zero_when_a_rank_dies(tmp_path):
+    """`nlg serve --tp 2`: ready with both ranks; after rank 1 is killed the service stops answering
+    within 30 s and exits non-zero, leaving no process behind."""
+    import httpx
+
+    port = 18000 + os.getpid() % 1000
+    cmd = [sys.executable, "-m", "service.cli", "serve", "--model", "tiny-random", "--tp", "2", "--port", str(port)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}/ready"
+    try:
+        ranks = ranks_of(proc, 2)
+        deadline = time.time() + 60
+        while True:
+            try:
+                if httpx.get(url, timeout=5).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.time() < deadline, "never became ready"
+            time.sleep(0.3)
+        everyone = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+        start = time.time()
+        ranks[1].send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+        assert time.time() - start < 30 and proc.returncode != 0
+        with pytest.raises(httpx.TransportError):
+            httpx.get(url, timeout=2)
+        time.sleep(1)
+        assert not [p for p in everyone if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
     finally:
         if proc.poll() is None:
             proc.kill()

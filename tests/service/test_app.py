@@ -80,3 +80,24 @@ def test_input_beyond_the_context_gets_400_naming_the_numbers(client):
 def test_oversized_body_gets_413(client):
     r = client.post("/v1/summarize", content=b"x" * (MAX_BODY_BYTES + 1), headers={"content-type": "application/json"})
     assert_error(r, 413, "exceeds the limit")
+
+
+def test_ready_runs_a_real_step(client):
+    assert client.get("/ready").json() == {"status": "ready", "model": "tiny-random"}
+
+
+def test_engine_failure_gives_503_from_then_on_and_is_fatal(tiny, monkeypatch):
+    """A dead rank surfaces as an exception inside the engine: report 503, then exit via on_fatal."""
+    import threading
+
+    fatal = threading.Event()
+    client = TestClient(build_app(tiny, on_fatal=fatal.set))
+
+    def broken():
+        raise RuntimeError("Connection closed by peer")
+
+    monkeypatch.setattr(tiny.engine, "probe", broken)
+    assert_error(client.get("/ready"), 503, "Connection closed by peer")
+    monkeypatch.undo()
+    assert_error(client.post("/v1/answer", json={"question": "still there?"}), 503, "engine failed")
+    assert fatal.wait(5)
