@@ -9,8 +9,6 @@ request.
 
 from __future__ import annotations
 
-import threading
-
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -19,6 +17,7 @@ from starlette.exceptions import HTTPException
 from service import tasks
 from service.engine import ContextOverflow
 from service.generate import TextGenerator
+from service.runner import EngineFailed, Runner
 from service.schemas import AnswerRequest, AnswerResponse, ErrorResponse, SummarizeRequest, SummarizeResponse, Usage
 
 MAX_BODY_BYTES = 2 * 1024 * 1024
@@ -31,10 +30,6 @@ ERRORS = {
     429: "rate_limit_error",
     503: "unavailable",
 }
-
-
-class EngineFailed(RuntimeError):
-    pass
 
 
 def error(status: int, message: str, param: str | None = None, code: str | None = None) -> JSONResponse:
@@ -55,22 +50,7 @@ def build_app(gen: TextGenerator, on_fatal=lambda: None) -> FastAPI:
         description="Full-sentence answers and abstractive summaries from a tensor-parallel decoder.",
         responses={400: {"model": ErrorResponse}, 413: {"model": ErrorResponse}, 422: {"model": ErrorResponse}},
     )
-    lock = threading.Lock()  # one generation at a time
-    failure: list[str] = []  # set once the engine has failed: every later request gets 503
-
-    def guarded(fn):
-        """Run an engine call under the lock; an engine failure (not an input error) is fatal."""
-        if failure:
-            raise EngineFailed(failure[0])
-        with lock:
-            try:
-                return fn()
-            except ValueError:  # bad input (ContextOverflow included): the engine is fine
-                raise
-            except Exception as e:  # a dead rank, a collective timeout, out of memory
-                failure.append(f"engine failed: {type(e).__name__}: {e}")
-                threading.Timer(0.5, on_fatal).start()
-                raise EngineFailed(failure[0]) from e
+    run = Runner(on_fatal)
 
     @app.middleware("http")
     async def limit_body(request: Request, call_next):
@@ -111,12 +91,12 @@ def build_app(gen: TextGenerator, on_fatal=lambda: None) -> FastAPI:
     @app.get("/ready")
     def ready() -> dict:
         """A real one-token forward on every rank; 503 once the engine has failed."""
-        guarded(gen.engine.probe)
+        run(gen.engine.probe)
         return {"status": "ready", "model": gen.name}
 
     @app.post("/v1/answer", response_model=AnswerResponse)
     def answer(req: AnswerRequest) -> AnswerResponse:
-        a = guarded(lambda: tasks.answer(gen, req.question, req.passages, req.max_tokens, req.temperature, req.seed))
+        a = run(lambda: tasks.answer(gen, req.question, req.passages, req.max_tokens, req.temperature, req.seed))
         return AnswerResponse(
             answer=a.answer,
             passage_index=a.passage_index,
@@ -126,7 +106,7 @@ def build_app(gen: TextGenerator, on_fatal=lambda: None) -> FastAPI:
 
     @app.post("/v1/summarize", response_model=SummarizeResponse)
     def summarize(req: SummarizeRequest) -> SummarizeResponse:
-        s = guarded(lambda: tasks.summarize(gen, req.document, req.length, req.max_words, req.temperature, req.seed))
+        s = run(lambda: tasks.summarize(gen, req.document, req.length, req.max_words, req.temperature, req.seed))
         return SummarizeResponse(summary=s.summary, model=gen.name, usage=usage(s.prompt_tokens, s.completion_tokens))
 
     return app

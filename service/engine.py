@@ -36,6 +36,7 @@ class Sequence:
     output: list[int] = field(default_factory=list)
     finish_reason: str | None = None  # "stop" (end token, stop string) or "length"
     generator: torch.Generator | None = None
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # per output token, when params.logprobs is set
 
     @property
     def length(self) -> int:
@@ -43,10 +44,20 @@ class Sequence:
 
 
 @dataclass
+class TokenLogprob:
+    """log p of the chosen token under the model (before any sampling processor), and the most likely
+    alternatives as (token id, log p)."""
+
+    logprob: float
+    top: list[tuple[int, float]]
+
+
+@dataclass
 class Completion:
     prompt_ids: list[int]
     token_ids: list[int]
     finish_reason: str
+    logprobs: list[TokenLogprob] = field(default_factory=list)
 
 
 class Engine:
@@ -115,16 +126,20 @@ class Engine:
             running = [s for s, t in zip(running, tokens) if not self._append(s, t, on_token)]
             if running:
                 logits = self.decode(running, cache)
-        return [Completion(s.prompt, s.output, s.finish_reason) for s in seqs]
+        return [Completion(s.prompt, s.output, s.finish_reason, s.logprobs) for s in seqs]
 
     def _pick(self, seqs: list[Sequence], logits: torch.Tensor) -> list[int]:
         if all(s.params.greedy for s in seqs):
-            return logits.argmax(-1).tolist()
-        out = []
-        for s, row in zip(seqs, logits):
-            seen = torch.tensor(s.prompt + s.output, device=row.device)
-            banned = repeated_ngram_tokens(s.output, s.params.no_repeat_ngram)
-            out.append(sample(row, s.params, seen, s.generator, banned))
+            out = logits.argmax(-1).tolist()
+        else:
+            out = []
+            for s, row in zip(seqs, logits):
+                seen = torch.tensor(s.prompt + s.output, device=row.device)
+                banned = repeated_ngram_tokens(s.output, s.params.no_repeat_ngram)
+                out.append(sample(row, s.params, seen, s.generator, banned))
+        for s, row, token in zip(seqs, logits, out):
+            if s.params.logprobs is not None:
+                s.logprobs.append(token_logprob(row, token, s.params.logprobs))
         return out
 
     def _append(self, s: Sequence, token: int, on_token: OnToken | None) -> bool:
@@ -181,16 +196,24 @@ class Engine:
         self.model(one, one)
 
     @torch.inference_mode()
-    def logprobs(self, ids: list[int]) -> list[float | None]:
-        """log p(token i | tokens before it) for each token; None for the first."""
+    def prompt_logprobs(self, ids: list[int], top: int = 0) -> list[TokenLogprob | None]:
+        """log p(token i | tokens before it) for each token (None for the first), with `top` alternatives."""
         self.check_fits(len(ids), 0)
         cache = self._cache_for(1, len(ids))
-        out: list[float | None] = [None]
+        out: list[TokenLogprob | None] = [None]
         slots = torch.zeros(1, dtype=torch.long, device=self.device)
         for start in range(0, len(ids), self.prefill_chunk):
             chunk = torch.tensor([ids[start : start + self.prefill_chunk]], device=self.device)
             positions = start + torch.arange(chunk.shape[1], device=self.device)[None]
-            logp = self.model(chunk, positions, cache, slots)[0].float().log_softmax(-1)  # (T, V)
+            logits = self.model(chunk, positions, cache, slots)[0]  # (T, V)
             nxt = ids[start + 1 : start + 1 + chunk.shape[1]]
-            out += logp[torch.arange(len(nxt)), torch.tensor(nxt, dtype=torch.long)].tolist()
+            out += [token_logprob(row, token, top) for row, token in zip(logits, nxt)]
         return out
+
+
+def token_logprob(logits: torch.Tensor, token: int, top: int) -> TokenLogprob:
+    """The chosen token's log-probability under one row of logits (V,), and the `top` best."""
+    logp = logits.float().log_softmax(-1)
+    best = torch.topk(logp, top) if top else None
+    pairs = list(zip(best.indices.tolist(), best.values.tolist())) if best is not None else []
+    return TokenLogprob(float(logp[token]), pairs)

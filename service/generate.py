@@ -20,7 +20,7 @@ from model.registry import resolve
 from model.tokenizer import Tokenizer
 from parallel.state import get_tp
 from service.detok import Detokenizer
-from service.engine import Engine
+from service.engine import Engine, TokenLogprob
 from service.sampling import SamplingParams
 
 
@@ -30,6 +30,7 @@ class TextResult:
     token_ids: list[int]
     prompt_tokens: int
     finish_reason: str
+    logprobs: list[TokenLogprob]
 
     @property
     def completion_tokens(self) -> int:
@@ -54,8 +55,14 @@ class TextGenerator:
         return cls(name_or_path, directory, engine, tokenizer, time.perf_counter() - start)
 
     def generate(
-        self, prompts: list[list[int]], params: list[SamplingParams], on_text: Callable[[int, str], None] | None = None
+        self,
+        prompts: list[list[int]],
+        params: list[SamplingParams],
+        on_text: Callable[[int, str], None] | None = None,
+        cancelled: Callable[[], bool] | None = None,
     ) -> list[TextResult]:
+        """Generate for each prompt; `on_text(i, piece)` streams final text, `cancelled()` turning true
+        stops every sequence at its next token."""
         detoks = [Detokenizer(self.tokenizer, p.stop) for p in params]
         pieces: list[list[str]] = [[] for _ in prompts]
 
@@ -65,7 +72,7 @@ class TextGenerator:
                 pieces[i].append(piece)
                 if on_text:
                     on_text(i, piece)
-            return detoks[i].stopped
+            return detoks[i].stopped or (cancelled is not None and cancelled())
 
         done = self.engine.generate(prompts, params, on_token)
         results = []
@@ -75,7 +82,7 @@ class TextGenerator:
                 pieces[i].append(tail)
                 if on_text:
                     on_text(i, tail)
-            results.append(TextResult("".join(pieces[i]), c.token_ids, len(c.prompt_ids), c.finish_reason))
+            results.append(TextResult("".join(pieces[i]), c.token_ids, len(c.prompt_ids), c.finish_reason, c.logprobs))
         return results
 
     def complete(self, prompt: str | list[int], params: SamplingParams) -> TextResult:

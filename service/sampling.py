@@ -21,6 +21,7 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     no_repeat_ngram: int = 0  # >0: never repeat an n-gram of generated tokens (0: off)
     ignore_eos: bool = False  # keep going past end-of-turn tokens (benchmarks)
+    logprobs: int | None = None  # report each token's log-probability and this many alternatives
 
     def __post_init__(self):
         if self.max_tokens < 1:
@@ -33,6 +34,8 @@ class SamplingParams:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.repetition_penalty <= 0:
             raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if self.logprobs is not None and not 0 <= self.logprobs <= 20:
+            raise ValueError(f"logprobs must be between 0 and 20, got {self.logprobs}")
         if self.no_repeat_ngram < 0:
             raise ValueError(f"no_repeat_ngram must be >= 0, got {self.no_repeat_ngram}")
 
