@@ -17,6 +17,7 @@ from starlette.exceptions import HTTPException
 from service import tasks
 from service.engine import ContextOverflow
 from service.generate import TextGenerator
+from service.openai_api import build_router
 from service.runner import EngineFailed, Runner
 from service.schemas import AnswerRequest, AnswerResponse, ErrorResponse, SummarizeRequest, SummarizeResponse, Usage
 
@@ -51,6 +52,7 @@ def build_app(gen: TextGenerator, on_fatal=lambda: None) -> FastAPI:
         responses={400: {"model": ErrorResponse}, 413: {"model": ErrorResponse}, 422: {"model": ErrorResponse}},
     )
     run = Runner(on_fatal)
+    app.include_router(build_router(gen, run))
 
     @app.middleware("http")
     async def limit_body(request: Request, call_next):

@@ -53,6 +53,8 @@ class Runner:
         cancelled = threading.Event()
 
         def put(kind: str, value: Any) -> None:
+            if cancelled.is_set():
+                return  # nobody is listening any more (and the loop may be gone)
             loop.call_soon_threadsafe(queue.put_nowait, (kind, value))
 
         def job() -> None:

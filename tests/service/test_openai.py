@@ -1,0 +1,120 @@
+"""The OpenAI-compatible API, driven by the official `openai` client against a live server on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+import time
+
+import openai
+import pytest
+import uvicorn
+
+from service.app import build_app
+from service.runner import Done, Runner
+from service.sampling import SamplingParams
+
+
+@pytest.fixture(scope="module")
+def client(tiny):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(build_app(tiny), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 20
+    while not server.started:
+        assert time.time() < deadline, "server did not start"
+        time.sleep(0.05)
+    yield openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
+    server.should_exit = True
+    thread.join(10)
+
+
+def test_models(client):
+    assert [m.id for m in client.models.list().data] == ["tiny-random"]
+
+
+def test_completion_with_usage(client, tiny):
+    r = client.completions.create(model="tiny-random", prompt="Once upon a time", max_tokens=12, temperature=0)
+    want = tiny.complete("Once upon a time", SamplingParams(max_tokens=12))
+    assert r.choices[0].text == want.text and r.choices[0].finish_reason == want.finish_reason
+    assert r.usage.completion_tokens == want.completion_tokens
+    assert r.usage.prompt_tokens == len(tiny.tokenizer.encode("Once upon a time"))
+
+
+def test_echo_logprobs_score_the_prompt_like_nlg_score(client, tiny):
+    """What evaluation harnesses do: echo=True, max_tokens=0, logprobs."""
+    text = "The cat sat on the mat."
+    r = client.completions.create(model="tiny-random", prompt=text, max_tokens=0, echo=True, logprobs=1)
+    lp = r.choices[0].logprobs
+    want = tiny.engine.prompt_logprobs(tiny.tokenizer.encode(text))
+    assert r.choices[0].text == text and lp.token_logprobs[0] is None
+    assert lp.token_logprobs[1:] == pytest.approx([w.logprob for w in want[1:]], abs=1e-5)
+    assert "".join(lp.tokens) == text and lp.text_offset[-1] == len(text) - len(lp.tokens[-1])
+
+
+def test_stop_string_is_not_returned(client):
+    free = client.completions.create(model="tiny-random", prompt="abc", max_tokens=20, temperature=0).choices[0].text
+    stop = free[3:5]
+    r = client.completions.create(model="tiny-random", prompt="abc", max_tokens=20, temperature=0, stop=[stop])
+    assert r.choices[0].text == free[: free.index(stop)] and r.choices[0].finish_reason == "stop"
+
+
+def test_chat_stream_equals_chat(client):
+    messages = [{"role": "user", "content": "Say something."}]
+    whole = client.chat.completions.create(model="tiny-random", messages=messages, max_tokens=16, temperature=0)
+    chunks = list(
+        client.chat.completions.create(
+            model="tiny-random",
+            messages=messages,
+            max_tokens=16,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole.choices[0].message.content
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == whole.choices[0].finish_reason
+
+
+def test_streamed_completion_equals_completion(client):
+    whole = client.completions.create(model="tiny-random", prompt="x", max_tokens=10, temperature=0, seed=1)
+    parts = client.completions.create(model="tiny-random", prompt="x", max_tokens=10, temperature=0, stream=True)
+    assert "".join(p.choices[0].text for p in parts) == whole.choices[0].text
+
+
+def test_errors(client):
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="gpt-4", prompt="hi")
+    with pytest.raises(openai.UnprocessableEntityError):
+        client.completions.create(model="tiny-random", prompt="hi", n=2)
+    with pytest.raises(openai.BadRequestError, match="context"):
+        client.completions.create(model="tiny-random", prompt="word " * 1000, max_tokens=100)
+
+
+def test_a_consumer_that_goes_away_stops_generation(tiny):
+    """Client disconnect: the stream's consumer closes it, generation stops within a token."""
+    run = Runner()
+    seen, results = [], []
+
+    def work(push, cancelled):
+        params = SamplingParams(max_tokens=500, ignore_eos=True)
+        results.append(tiny.generate([tiny.tokenizer.encode("go")], [params], lambda i, p: push(p), cancelled)[0])
+
+    async def consume_one():
+        stream = run.stream(work)
+        seen.append(await anext(stream))
+        await stream.aclose()
+
+    asyncio.run(consume_one())
+    deadline = time.time() + 10
+    while run.lock.locked():  # the engine thread finishes soon after the cancel
+        assert time.time() < deadline
+        time.sleep(0.01)
+    assert seen and not isinstance(seen[0], Done)
+    assert results[0].completion_tokens < 20  # not the 500 asked for
