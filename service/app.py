@@ -9,9 +9,12 @@ request.
 
 from __future__ import annotations
 
+import hmac
+
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException
 
 from service import tasks
@@ -42,9 +45,11 @@ def usage(prompt: int, completion: int) -> Usage:
     return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
 
 
-def build_app(gen: TextGenerator, on_fatal=lambda: None) -> FastAPI:
+def build_app(gen: TextGenerator, on_fatal=lambda: None, api_key: str | None = None) -> FastAPI:
     """`on_fatal` runs after an engine failure (a dead rank, a collective timeout) has been reported
-    with 503; `nlg serve` makes it exit the process non-zero so a supervisor restarts the service."""
+    with 503; `nlg serve` makes it exit the process non-zero so a supervisor restarts the service.
+    With `api_key`, every /v1 route wants `Authorization: Bearer <key>` (health, readiness, metrics and
+    the docs stay open)."""
     app = FastAPI(
         title="nlg",
         version="0.1.0",
@@ -52,7 +57,18 @@ def build_app(gen: TextGenerator, on_fatal=lambda: None) -> FastAPI:
         responses={400: {"model": ErrorResponse}, 413: {"model": ErrorResponse}, 422: {"model": ErrorResponse}},
     )
     run = Runner(on_fatal)
+    gen.metrics = run.metrics
     app.include_router(build_router(gen, run))
+
+    @app.middleware("http")
+    async def check_key(request: Request, call_next):
+        if api_key and request.url.path.startswith("/v1/"):
+            scheme, _, given = request.headers.get("authorization", "").partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(given.encode(), api_key.encode()):
+                response = error(401, "missing or wrong API key: send 'Authorization: Bearer <key>'")
+                response.headers["WWW-Authenticate"] = "Bearer"
+                return response
+        return await call_next(request)
 
     @app.middleware("http")
     async def limit_body(request: Request, call_next):
@@ -93,8 +109,12 @@ def build_app(gen: TextGenerator, on_fatal=lambda: None) -> FastAPI:
     @app.get("/ready")
     def ready() -> dict:
         """A real one-token forward on every rank; 503 once the engine has failed."""
-        run(gen.engine.probe)
+        run(gen.engine.probe, observe=False)
         return {"status": "ready", "model": gen.name}
+
+    @app.get("/metrics", include_in_schema=False)
+    def metrics() -> Response:
+        return Response(generate_latest(run.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.post("/v1/answer", response_model=AnswerResponse)
     def answer(req: AnswerRequest) -> AnswerResponse:

@@ -142,7 +142,8 @@ def cmd_serve(args) -> None:
         print("nlg: error: the engine failed; exiting", file=sys.stderr, flush=True)
         os._exit(1)
 
-    uvicorn.run(build_app(gen, on_fatal=fatal), host=args.host, port=args.port, log_level="info")
+    app = build_app(gen, on_fatal=fatal, api_key=args.api_key or os.environ.get("NLG_API_KEY"))
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
 
 
 def cmd_make_random(args) -> None:
@@ -218,6 +219,7 @@ def parser() -> argparse.ArgumentParser:
     v = sub.add_parser("serve", parents=[common], help="run the HTTP service")
     v.add_argument("--host", default="127.0.0.1")
     v.add_argument("--port", type=int, default=8000)
+    v.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 routes (or set NLG_API_KEY)")
     v.set_defaults(run=cmd_serve)
 
     b = sub.add_parser(

@@ -21,6 +21,7 @@ from model.tokenizer import Tokenizer
 from parallel.state import get_tp
 from service.detok import Detokenizer
 from service.engine import Engine, TokenLogprob
+from service.metrics import Metrics
 from service.sampling import SamplingParams
 
 
@@ -40,6 +41,7 @@ class TextResult:
 class TextGenerator:
     def __init__(self, name: str, directory: Path, engine: Engine, tokenizer: Tokenizer, load_s: float):
         self.name, self.directory, self.engine, self.tokenizer, self.load_s = name, directory, engine, tokenizer, load_s
+        self.metrics: Metrics | None = None  # set by the HTTP app
 
     @classmethod
     def load(
@@ -65,8 +67,14 @@ class TextGenerator:
         stops every sequence at its next token."""
         detoks = [Detokenizer(self.tokenizer, p.stop) for p in params]
         pieces: list[list[str]] = [[] for _ in prompts]
+        start = last = time.perf_counter()
 
         def on_token(i: int, token: int) -> bool:
+            nonlocal last
+            if self.metrics:
+                now = time.perf_counter()
+                (self.metrics.inter_token if last > start else self.metrics.ttft).observe(now - last)
+                last = now
             piece = detoks[i].push(token)
             if piece:
                 pieces[i].append(piece)
@@ -83,6 +91,13 @@ class TextGenerator:
                 if on_text:
                     on_text(i, tail)
             results.append(TextResult("".join(pieces[i]), c.token_ids, len(c.prompt_ids), c.finish_reason, c.logprobs))
+        if self.metrics:
+            m = self.metrics
+            m.batch_size.observe(len(prompts))
+            m.prompt_tokens.inc(sum(map(len, prompts)))
+            for r in results:
+                m.generation_tokens.inc(r.completion_tokens)
+                m.finished.labels(r.finish_reason).inc()
         return results
 
     def complete(self, prompt: str | list[int], params: SamplingParams) -> TextResult:

@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
+
+from service.metrics import Metrics
 
 
 class EngineFailed(RuntimeError):
@@ -28,23 +31,36 @@ class Done:
 
 
 class Runner:
-    def __init__(self, on_fatal: Callable[[], None] = lambda: None):
-        self.on_fatal = on_fatal
+    def __init__(self, on_fatal: Callable[[], None] = lambda: None, metrics: Metrics | None = None):
+        self.on_fatal, self.metrics = on_fatal, metrics or Metrics()
+        self._unobserved = Metrics()  # where probes record
         self.lock = threading.Lock()
         self.failure: str | None = None
 
-    def __call__(self, work: Callable[[], Any]) -> Any:
+    def __call__(self, work: Callable[[], Any], observe: bool = True) -> Any:
+        """Run `work` with the engine to itself; `observe=False` keeps it out of the request metrics."""
         if self.failure:
             raise EngineFailed(self.failure)
-        with self.lock:
-            try:
-                return work()
-            except ValueError:  # bad input (ContextOverflow included): the engine is fine
-                raise
-            except Exception as e:
-                self.failure = f"engine failed: {type(e).__name__}: {e}"
-                threading.Timer(0.5, self.on_fatal).start()
-                raise EngineFailed(self.failure) from e
+        m, queued = self.metrics if observe else self._unobserved, time.perf_counter()
+        m.waiting.inc()
+        try:
+            self.lock.acquire()
+        finally:
+            m.waiting.dec()
+        m.queue.observe(time.perf_counter() - queued)
+        m.running.inc()
+        try:
+            return work()
+        except ValueError:  # bad input (ContextOverflow included): the engine is fine
+            raise
+        except Exception as e:
+            self.failure = f"engine failed: {type(e).__name__}: {e}"
+            threading.Timer(0.5, self.on_fatal).start()
+            raise EngineFailed(self.failure) from e
+        finally:
+            m.running.dec()
+            m.latency.observe(time.perf_counter() - queued)
+            self.lock.release()
 
     async def stream(self, work: Callable[[Callable[[Any], None], Callable[[], bool]], Any]) -> AsyncIterator[Any]:
         """Run `work(push, cancelled)` on a thread; yield what it pushes, then `Done(result)`."""

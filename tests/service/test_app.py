@@ -101,3 +101,24 @@ def test_engine_failure_gives_503_from_then_on_and_is_fatal(tiny, monkeypatch):
     monkeypatch.undo()
     assert_error(client.post("/v1/answer", json={"question": "still there?"}), 503, "engine failed")
     assert fatal.wait(5)
+
+
+def test_api_key_guards_v1_but_not_health(tiny):
+    c = TestClient(build_app(tiny, api_key="s3cret"))
+    body = {"question": "Who?"}
+    assert_error(c.post("/v1/answer", json=body), 401, "API key")
+    assert_error(c.post("/v1/answer", json=body, headers={"Authorization": "Bearer wrong"}), 401, "API key")
+    assert c.post("/v1/answer", json=body, headers={"Authorization": "Bearer s3cret"}).status_code == 200
+    assert c.get("/v1/models").status_code == 401
+    assert c.get("/health").status_code == 200 and c.get("/ready").status_code == 200
+
+
+def test_metrics_count_requests_and_tokens(tiny):
+    c = TestClient(build_app(tiny))
+    r = c.post("/v1/answer", json={"question": "Who?", "max_tokens": 5}).json()
+    text = c.get("/metrics").text
+    assert f"nlg_generation_tokens_total {float(r['usage']['completion_tokens'])}" in text
+    assert "nlg_time_to_first_token_seconds_count 1.0" in text
+    assert "nlg_request_latency_seconds_count 1.0" in text and "nlg_running_requests 0.0" in text
+    c.get("/ready")  # probes stay out of request metrics
+    assert "nlg_request_latency_seconds_count 1.0" in c.get("/metrics").text
