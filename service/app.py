@@ -10,6 +10,7 @@ request.
 from __future__ import annotations
 
 import hmac
+from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -20,8 +21,9 @@ from starlette.exceptions import HTTPException
 from service import tasks
 from service.engine import ContextOverflow
 from service.generate import TextGenerator
+from service.metrics import Metrics
 from service.openai_api import build_router
-from service.runner import EngineFailed, Runner
+from service.scheduler import EngineFailed, Overloaded, Scheduler
 from service.schemas import AnswerRequest, AnswerResponse, ErrorResponse, SummarizeRequest, SummarizeResponse, Usage
 
 MAX_BODY_BYTES = 2 * 1024 * 1024
@@ -45,20 +47,37 @@ def usage(prompt: int, completion: int) -> Usage:
     return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
 
 
-def build_app(gen: TextGenerator, on_fatal=lambda: None, api_key: str | None = None) -> FastAPI:
-    """`on_fatal` runs after an engine failure (a dead rank, a collective timeout) has been reported
-    with 503; `nlg serve` makes it exit the process non-zero so a supervisor restarts the service.
-    With `api_key`, every /v1 route wants `Authorization: Bearer <key>` (health, readiness, metrics and
-    the docs stay open)."""
+def build_app(
+    gen: TextGenerator, on_fatal=lambda: None, api_key: str | None = None, slots: int = 16, max_waiting: int = 64
+) -> FastAPI:
+    """The lifespan starts the engine thread (`Scheduler`, `slots` sequences at once, `max_waiting`
+    queued before 429) and stops it. `on_fatal` runs after an engine failure (a dead rank, a collective
+    timeout) has been reported with 503; `nlg serve` makes it exit non-zero so a supervisor restarts
+    the service. With `api_key`, every /v1 route wants `Authorization: Bearer <key>` (health,
+    readiness, metrics and the docs stay open)."""
+    metrics = gen.metrics = Metrics()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        scheduler = Scheduler(gen.engine, slots, max_waiting=max_waiting, metrics=metrics, on_fatal=on_fatal)
+        app.state.scheduler = scheduler.start()
+        yield
+        scheduler.stop()
+
     app = FastAPI(
         title="nlg",
         version="0.1.0",
         description="Full-sentence answers and abstractive summaries from a tensor-parallel decoder.",
-        responses={400: {"model": ErrorResponse}, 413: {"model": ErrorResponse}, 422: {"model": ErrorResponse}},
+        responses={
+            400: {"model": ErrorResponse},
+            413: {"model": ErrorResponse},
+            422: {"model": ErrorResponse},
+            429: {"model": ErrorResponse},
+            503: {"model": ErrorResponse},
+        },
+        lifespan=lifespan,
     )
-    run = Runner(on_fatal)
-    gen.metrics = run.metrics
-    app.include_router(build_router(gen, run))
+    app.include_router(build_router(gen))
 
     @app.middleware("http")
     async def check_key(request: Request, call_next):
@@ -97,6 +116,12 @@ def build_app(gen: TextGenerator, on_fatal=lambda: None, api_key: str | None = N
     async def failed(request: Request, exc: EngineFailed):
         return error(503, str(exc), code="engine_failed")
 
+    @app.exception_handler(Overloaded)
+    async def overloaded(request: Request, exc: Overloaded):
+        response = error(429, str(exc), code="overloaded")
+        response.headers["Retry-After"] = str(exc.retry_after)
+        return response
+
     @app.exception_handler(ValueError)
     async def bad_value(request: Request, exc: ValueError):
         return error(400, str(exc))
@@ -109,16 +134,16 @@ def build_app(gen: TextGenerator, on_fatal=lambda: None, api_key: str | None = N
     @app.get("/ready")
     def ready() -> dict:
         """A real one-token forward on every rank; 503 once the engine has failed."""
-        run(gen.engine.probe, observe=False)
+        gen.engine.probe()
         return {"status": "ready", "model": gen.name}
 
     @app.get("/metrics", include_in_schema=False)
-    def metrics() -> Response:
-        return Response(generate_latest(run.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    def prometheus() -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.post("/v1/answer", response_model=AnswerResponse)
     def answer(req: AnswerRequest) -> AnswerResponse:
-        a = run(lambda: tasks.answer(gen, req.question, req.passages, req.max_tokens, req.temperature, req.seed))
+        a = tasks.answer(gen, req.question, req.passages, req.max_tokens, req.temperature, req.seed)
         return AnswerResponse(
             answer=a.answer,
             passage_index=a.passage_index,
@@ -128,7 +153,7 @@ def build_app(gen: TextGenerator, on_fatal=lambda: None, api_key: str | None = N
 
     @app.post("/v1/summarize", response_model=SummarizeResponse)
     def summarize(req: SummarizeRequest) -> SummarizeResponse:
-        s = run(lambda: tasks.summarize(gen, req.document, req.length, req.max_words, req.temperature, req.seed))
+        s = tasks.summarize(gen, req.document, req.length, req.max_words, req.temperature, req.seed)
         return SummarizeResponse(summary=s.summary, model=gen.name, usage=usage(s.prompt_tokens, s.completion_tokens))
 
     return app

@@ -142,7 +142,8 @@ def cmd_serve(args) -> None:
         print("nlg: error: the engine failed; exiting", file=sys.stderr, flush=True)
         os._exit(1)
 
-    app = build_app(gen, on_fatal=fatal, api_key=args.api_key or os.environ.get("NLG_API_KEY"))
+    key = args.api_key or os.environ.get("NLG_API_KEY")
+    app = build_app(gen, on_fatal=fatal, api_key=key, slots=args.slots, max_waiting=args.max_waiting)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
 
 
@@ -220,6 +221,8 @@ def parser() -> argparse.ArgumentParser:
     v.add_argument("--host", default="127.0.0.1")
     v.add_argument("--port", type=int, default=8000)
     v.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 routes (or set NLG_API_KEY)")
+    v.add_argument("--slots", type=int, default=16, help="sequences decoded together (KV cache slots; default 16)")
+    v.add_argument("--max-waiting", type=int, default=64, help="queued sequences before 429 (default 64)")
     v.set_defaults(run=cmd_serve)
 
     b = sub.add_parser(

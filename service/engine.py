@@ -1,18 +1,26 @@
-"""Generation engine: prefill and decode over a batch of token-id sequences with a KV cache.
+"""Generation engine: prefill and decode of token-id sequences over a slot-based KV cache.
 
 It knows nothing about text: prompts are token ids and so are the results. The text side (stop
-strings, streaming detokenization) decides per token whether a sequence is done through the
-`on_token` callback. Prompts are prefilled together, right-padded, in chunks of at most
-`prefill_chunk` tokens; then every unfinished sequence advances one token per decode step, and a
-finished one drops out of the batch at once.
+strings, streaming detokenization) decides per token whether a sequence is done through each
+sequence's `on_token` callback.
+
+The work is done in steps by a `Batcher` (continuous batching): each step admits waiting sequences
+into free cache slots, prefills prompt chunks within a per-step token budget (so a long prompt does
+not stall running streams), and decodes one token for every sequence past its prompt; a finished or
+cancelled sequence frees its slot at once. `Engine.generate` drives a batcher of its own on the
+calling thread, or, when a `service.scheduler.Scheduler` owns the engine (the HTTP server), hands the
+sequences to the scheduler's thread, which then makes every model call.
 
 Importable without the HTTP layer (no fastapi here).
 """
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -28,21 +36,6 @@ class ContextOverflow(ValueError):
     """A prompt plus its token budget does not fit the model's context."""
 
 
-@dataclass(eq=False)
-class Sequence:
-    prompt: list[int]
-    params: SamplingParams
-    slot: int
-    output: list[int] = field(default_factory=list)
-    finish_reason: str | None = None  # "stop" (end token, stop string) or "length"
-    generator: torch.Generator | None = None
-    logprobs: list[TokenLogprob] = field(default_factory=list)  # per output token, when params.logprobs is set
-
-    @property
-    def length(self) -> int:
-        return len(self.prompt) + len(self.output)
-
-
 @dataclass
 class TokenLogprob:
     """log p of the chosen token under the model (before any sampling processor), and the most likely
@@ -56,8 +49,37 @@ class TokenLogprob:
 class Completion:
     prompt_ids: list[int]
     token_ids: list[int]
-    finish_reason: str
+    finish_reason: str  # "stop" (end token, stop string, on_token said so), "length", "cancelled"
     logprobs: list[TokenLogprob] = field(default_factory=list)
+
+
+@dataclass(eq=False)
+class Sequence:
+    prompt: list[int]
+    params: SamplingParams
+    on_token: Callable[[int], bool] | None = None  # True: stop here
+    cancelled: Callable[[], bool] | None = None  # checked every step, also while waiting
+    priority: int = 0  # lower runs first (interactive 0, batch jobs 1)
+    slot: int = -1
+    prefilled: int = 0  # prompt tokens already in the cache
+    output: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    finish_reason: str | None = None
+    error: BaseException | None = None
+    generator: torch.Generator | None = None
+    arrival: float = field(default_factory=time.monotonic)
+    done: threading.Event = field(default_factory=threading.Event)
+
+    def __post_init__(self):
+        if self.params.seed is not None:
+            self.generator = torch.Generator().manual_seed(self.params.seed)
+
+    @property
+    def length(self) -> int:
+        return len(self.prompt) + len(self.output)
+
+    def completion(self) -> Completion:
+        return Completion(self.prompt, self.output, self.finish_reason, self.logprobs)
 
 
 class Engine:
@@ -76,7 +98,8 @@ class Engine:
         self.prefill_chunk, self.device = prefill_chunk, torch.device(device)
         self.dtype = next(model.parameters()).dtype
         self.kv_heads = max(1, cfg.num_kv_heads // get_tp().size)  # this rank's KV heads
-        self.cache: KVCache | None = None
+        self.cache: KVCache | None = None  # the calling thread's cache (no scheduler)
+        self.scheduler = None  # set by service.scheduler.Scheduler when it owns this engine
 
     def check_fits(self, prompt_len: int, max_tokens: int) -> None:
         if prompt_len == 0:
@@ -87,48 +110,78 @@ class Engine:
                 f"{prompt_len + max_tokens} > the context of {self.context} tokens"
             )
 
+    def new_cache(self, slots: int, length: int) -> KVCache:
+        cfg = self.model.config
+        length = min(self.context, -(-length // 256) * 256)  # rounded up to 256 positions
+        return KVCache(cfg.num_layers, slots, length, self.kv_heads, cfg.head_dim, self.dtype, self.device)
+
     def _cache_for(self, slots: int, length: int) -> KVCache:
-        """Reuse the cache when it is big enough; else allocate one rounded up to 256 positions."""
+        """The calling thread's cache, reused while it is big enough."""
         c = self.cache
         if c is None or c.num_slots < slots or c.max_seq < length:
-            cfg = self.model.config
-            length = min(self.context, -(-length // 256) * 256)
-            c = self.cache = KVCache(
-                cfg.num_layers,
-                max(slots, c.num_slots if c else 0),
-                length,
-                self.kv_heads,
-                cfg.head_dim,
-                self.dtype,
-                self.device,
-            )
+            c = self.cache = self.new_cache(max(slots, c.num_slots if c else 0), length)
         return c
 
-    @torch.inference_mode()
     def generate(
-        self, prompts: list[list[int]], params: list[SamplingParams], on_token: OnToken | None = None
+        self,
+        prompts: list[list[int]],
+        params: list[SamplingParams],
+        on_token: OnToken | None = None,
+        cancelled: Callable[[], bool] | None = None,
+        priority: int = 0,
     ) -> list[Completion]:
-        if len(prompts) > self.max_batch:
-            raise ValueError(f"{len(prompts)} prompts exceed the batch limit of {self.max_batch}")
         for p, sp in zip(prompts, params):
             self.check_fits(len(p), sp.max_tokens)
         seqs = [
-            Sequence(
-                list(p), sp, slot=i, generator=torch.Generator().manual_seed(sp.seed) if sp.seed is not None else None
-            )
+            Sequence(list(p), sp, (lambda t, i=i: on_token(i, t)) if on_token else None, cancelled, priority)
             for i, (p, sp) in enumerate(zip(prompts, params))
         ]
-        cache = self._cache_for(len(seqs), max(s.length + s.params.max_tokens for s in seqs))
-        logits = self.prefill(seqs, cache)
-        running = seqs
-        while running:
-            tokens = self._pick(running, logits)
-            running = [s for s, t in zip(running, tokens) if not self._append(s, t, on_token)]
-            if running:
-                logits = self.decode(running, cache)
-        return [Completion(s.prompt, s.output, s.finish_reason, s.logprobs) for s in seqs]
+        if self.scheduler is not None:
+            return self.scheduler.run(seqs)
+        slots = min(len(seqs), self.max_batch)
+        batcher = Batcher(self, self._cache_for(slots, max(s.length + s.params.max_tokens for s in seqs)))
+        for s in seqs:
+            batcher.add(s)
+        while batcher.busy():
+            batcher.step()
+        return [s.completion() for s in seqs]
 
-    def _pick(self, seqs: list[Sequence], logits: torch.Tensor) -> list[int]:
+    def exclusive(self, work: Callable[[], Any]) -> Any:
+        """Run a model call outside generation (scoring, a readiness probe) on the thread that owns
+        the model: the scheduler's when there is one."""
+        return self.scheduler.call(work) if self.scheduler is not None else work()
+
+    @torch.inference_mode()
+    def prefill(self, chunks: list[tuple[Sequence, int]], cache: KVCache) -> list[tuple[Sequence, torch.Tensor]]:
+        """Feed the next `n` prompt tokens of each sequence (right-padded into one batch); returns the
+        last-token logits (V,) of the sequences whose prompt is now complete."""
+        width = max(n for _, n in chunks)
+        ids = torch.zeros(len(chunks), width, dtype=torch.long)
+        positions = torch.zeros(len(chunks), width, dtype=torch.long)
+        for r, (s, n) in enumerate(chunks):
+            ids[r, :n] = torch.tensor(s.prompt[s.prefilled : s.prefilled + n])
+            positions[r] = (s.prefilled + torch.arange(width)).clamp(max=cache.max_seq - 1)
+        slots = torch.tensor([s.slot for s, _ in chunks])
+        last = torch.tensor([n - 1 for _, n in chunks])
+        d = self.device
+        logits = self.model(ids.to(d), positions.to(d), cache, slots.to(d), logits_index=last.to(d))
+        done = []
+        for (s, n), row in zip(chunks, logits):
+            s.prefilled += n
+            if s.prefilled == len(s.prompt):
+                done.append((s, row))
+        return done
+
+    @torch.inference_mode()
+    def decode(self, seqs: list[Sequence], cache: KVCache) -> torch.Tensor:
+        """One token for every sequence: returns logits (B, V)."""
+        d = self.device
+        ids = torch.tensor([[s.output[-1]] for s in seqs], device=d)
+        positions = torch.tensor([[s.length - 1] for s in seqs], device=d)
+        slots = torch.tensor([s.slot for s in seqs], device=d)
+        return self.model(ids, positions, cache, slots, logits_index=torch.zeros(len(seqs), dtype=torch.long, device=d))
+
+    def pick(self, seqs: list[Sequence], logits: torch.Tensor) -> list[int]:
         if all(s.params.greedy for s in seqs):
             out = logits.argmax(-1).tolist()
         else:
@@ -142,64 +195,34 @@ class Engine:
                 s.logprobs.append(token_logprob(row, token, s.params.logprobs))
         return out
 
-    def _append(self, s: Sequence, token: int, on_token: OnToken | None) -> bool:
+    def append(self, s: Sequence, token: int) -> bool:
         """Record a token; True when the sequence is finished."""
         if token in s.params.stop_token_ids or (token in self.stop_ids and not s.params.ignore_eos):
             s.finish_reason = "stop"  # the end token itself is not part of the output
+            if s.logprobs:
+                s.logprobs.pop()
             return True
         s.output.append(token)
-        if on_token is not None and on_token(s.slot, token):  # slot == index in `prompts`
+        if s.on_token is not None and s.on_token(token):
             s.finish_reason = "stop"
         elif len(s.output) >= s.params.max_tokens:
             s.finish_reason = "length"
         return s.finish_reason is not None
 
-    def prefill(self, seqs: list[Sequence], cache: KVCache) -> torch.Tensor:
-        """Run the prompts through the model in chunks; returns the last prompt token's logits (B, V)."""
-        last = [None] * len(seqs)
-        longest = max(len(s.prompt) for s in seqs)
-        for start in range(0, longest, self.prefill_chunk):
-            rows = [i for i, s in enumerate(seqs) if len(s.prompt) > start]
-            parts = [seqs[i].prompt[start : start + self.prefill_chunk] for i in rows]
-            width = max(len(p) for p in parts)
-            ids = torch.zeros(len(rows), width, dtype=torch.long)
-            for r, p in enumerate(parts):
-                ids[r, : len(p)] = torch.tensor(p)
-            positions = (start + torch.arange(width)).clamp(max=cache.max_seq - 1).expand(len(rows), width)
-            lengths = torch.tensor([len(p) for p in parts])
-            slots = torch.tensor([seqs[i].slot for i in rows])
-            logits = self.model(
-                ids.to(self.device),
-                positions.to(self.device),
-                cache,
-                slots.to(self.device),
-                logits_index=(lengths - 1).to(self.device),
-            )
-            for r, i in enumerate(rows):
-                if start + len(parts[r]) == len(seqs[i].prompt):
-                    last[i] = logits[r]
-        return torch.stack(last)
-
-    def decode(self, seqs: list[Sequence], cache: KVCache) -> torch.Tensor:
-        """One token for every sequence: returns logits (B, V)."""
-        ids = torch.tensor([[s.output[-1]] for s in seqs], device=self.device)
-        positions = torch.tensor([[s.length - 1] for s in seqs], device=self.device)
-        slots = torch.tensor([s.slot for s in seqs], device=self.device)
-        return self.model(
-            ids, positions, cache, slots, logits_index=torch.zeros(len(seqs), dtype=torch.long, device=self.device)
-        )
-
     @torch.inference_mode()
     def probe(self) -> None:
         """A one-token forward through every rank: raises if the engine cannot run."""
         one = torch.zeros(1, 1, dtype=torch.long, device=self.device)
-        self.model(one, one)
+        self.exclusive(lambda: self.model(one, one))
 
-    @torch.inference_mode()
     def prompt_logprobs(self, ids: list[int], top: int = 0) -> list[TokenLogprob | None]:
         """log p(token i | tokens before it) for each token (None for the first), with `top` alternatives."""
         self.check_fits(len(ids), 0)
-        cache = self._cache_for(1, len(ids))
+        return self.exclusive(lambda: self._prompt_logprobs(ids, top))
+
+    @torch.inference_mode()
+    def _prompt_logprobs(self, ids: list[int], top: int) -> list[TokenLogprob | None]:
+        cache = self.new_cache(1, len(ids))
         out: list[TokenLogprob | None] = [None]
         slots = torch.zeros(1, dtype=torch.long, device=self.device)
         for start in range(0, len(ids), self.prefill_chunk):
@@ -209,6 +232,61 @@ class Engine:
             nxt = ids[start + 1 : start + 1 + chunk.shape[1]]
             out += [token_logprob(row, token, top) for row, token in zip(logits, nxt)]
         return out
+
+
+class Batcher:
+    """Continuous batching over one cache: the sequences waiting for a slot and those holding one."""
+
+    def __init__(self, engine: Engine, cache: KVCache, step_tokens: int | None = None):
+        self.engine, self.cache = engine, cache
+        self.step_tokens = step_tokens or engine.prefill_chunk  # prompt tokens prefilled per step, at most
+        self.free = list(range(cache.num_slots - 1, -1, -1))
+        self.waiting: list[Sequence] = []
+        self.running: list[Sequence] = []
+
+    def add(self, s: Sequence) -> None:
+        if s.length + s.params.max_tokens > self.cache.max_seq:
+            raise ContextOverflow(f"{s.length} + {s.params.max_tokens} tokens exceed the cache of {self.cache.max_seq}")
+        self.waiting.append(s)
+
+    def busy(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def finish(self, s: Sequence, reason: str | None = None) -> None:
+        s.finish_reason = s.finish_reason or reason
+        if s in self.running:
+            self.running.remove(s)
+            self.free.append(s.slot)
+        elif s in self.waiting:
+            self.waiting.remove(s)
+        s.done.set()
+
+    def step(self) -> None:
+        for s in [s for s in self.waiting + self.running if s.cancelled is not None and s.cancelled()]:
+            self.finish(s, "cancelled")
+        self.waiting.sort(key=lambda s: (s.priority, s.arrival))
+        while self.free and self.waiting:
+            s = self.waiting.pop(0)
+            s.slot = self.free.pop()
+            self.running.append(s)
+        decoding = [s for s in self.running if s.output]
+        budget, chunks = self.step_tokens, []
+        for s in self.running:
+            left = len(s.prompt) - s.prefilled
+            if left and budget > 0:
+                chunks.append((s, min(left, budget)))
+                budget -= chunks[-1][1]
+        if chunks:
+            ready = self.engine.prefill(chunks, self.cache)
+            if ready:
+                self._advance([s for s, _ in ready], torch.stack([row for _, row in ready]))
+        if decoding:
+            self._advance(decoding, self.engine.decode(decoding, self.cache))
+
+    def _advance(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
+        for s, token in zip(seqs, self.engine.pick(seqs, logits)):
+            if self.engine.append(s, token):
+                self.finish(s)
 
 
 def token_logprob(logits: torch.Tensor, token: int, top: int) -> TokenLogprob:

@@ -67,22 +67,22 @@ class TextGenerator:
         stops every sequence at its next token."""
         detoks = [Detokenizer(self.tokenizer, p.stop) for p in params]
         pieces: list[list[str]] = [[] for _ in prompts]
-        start = last = time.perf_counter()
+        start = time.perf_counter()
+        last: dict[int, float] = {}  # when each sequence last produced a token
 
         def on_token(i: int, token: int) -> bool:
-            nonlocal last
             if self.metrics:
                 now = time.perf_counter()
-                (self.metrics.inter_token if last > start else self.metrics.ttft).observe(now - last)
-                last = now
+                (self.metrics.inter_token if i in last else self.metrics.ttft).observe(now - last.get(i, start))
+                last[i] = now
             piece = detoks[i].push(token)
             if piece:
                 pieces[i].append(piece)
                 if on_text:
                     on_text(i, piece)
-            return detoks[i].stopped or (cancelled is not None and cancelled())
+            return detoks[i].stopped
 
-        done = self.engine.generate(prompts, params, on_token)
+        done = self.engine.generate(prompts, params, on_token, cancelled)
         results = []
         for i, c in enumerate(done):
             tail = detoks[i].finish()
@@ -93,6 +93,7 @@ class TextGenerator:
             results.append(TextResult("".join(pieces[i]), c.token_ids, len(c.prompt_ids), c.finish_reason, c.logprobs))
         if self.metrics:
             m = self.metrics
+            m.latency.observe(time.perf_counter() - start)
             m.batch_size.observe(len(prompts))
             m.prompt_tokens.inc(sum(map(len, prompts)))
             for r in results:

@@ -11,17 +11,18 @@ from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, HTTPException
 from fastapi.responses import StreamingResponse
+from starlette.concurrency import run_in_threadpool
 
 from service.engine import TokenLogprob
 from service.generate import TextGenerator, TextResult
 from service.openai_schemas import ChatRequest, CompletionRequest
-from service.runner import Done, Runner
+from service.runner import Done, stream
 from service.sampling import SamplingParams
 
 CHAT_MAX_TOKENS = 512  # default for chat when the request sets none (less if the context is shorter)
 
 
-def build_router(gen: TextGenerator, run: Runner) -> APIRouter:
+def build_router(gen: TextGenerator) -> APIRouter:
     router = APIRouter(prefix="/v1")
     tok = gen.tokenizer
 
@@ -95,7 +96,7 @@ def build_router(gen: TextGenerator, run: Runner) -> APIRouter:
             return gen.generate(ids, [sp] * len(ids), on_text, cancelled), prompt_lp
 
         if not req.stream:
-            results, prompt_lp = await run_in_thread(run, work)
+            results, prompt_lp = await run_in_threadpool(work)
             choices = [choice(i, r, prompt_lp[i]) for i, r in enumerate(results)]
             return head | {"choices": choices, "usage": usage(ids, results)}
 
@@ -105,7 +106,7 @@ def build_router(gen: TextGenerator, run: Runner) -> APIRouter:
                     yield head | {
                         "choices": [{"index": i, "text": tok.decode(p), "logprobs": None, "finish_reason": None}]
                     }
-            async for item in run.stream(work):
+            async for item in stream(work):
                 if isinstance(item, Done):
                     results, _ = item.result
                     for i, r in enumerate(results):
@@ -147,7 +148,7 @@ def build_router(gen: TextGenerator, run: Runner) -> APIRouter:
             return gen.generate([ids], [sp], on_text, cancelled)[0]
 
         if not req.stream:
-            r = await run_in_thread(run, work)
+            r = await run_in_threadpool(work)
             message = {"role": "assistant", "content": r.text}
             return head | {
                 "choices": [{"index": 0, "message": message, "finish_reason": r.finish_reason}],
@@ -161,7 +162,7 @@ def build_router(gen: TextGenerator, run: Runner) -> APIRouter:
 
         async def events() -> AsyncIterator[dict]:
             yield delta({"role": "assistant", "content": ""})
-            async for item in run.stream(work):
+            async for item in stream(work):
                 if isinstance(item, Done):
                     yield delta({}, item.result.finish_reason)
                     if req.stream_options and req.stream_options.include_usage:
@@ -172,12 +173,6 @@ def build_router(gen: TextGenerator, run: Runner) -> APIRouter:
         return sse(events())
 
     return router
-
-
-async def run_in_thread(run: Runner, work):
-    from starlette.concurrency import run_in_threadpool
-
-    return await run_in_threadpool(run, work)
 
 
 def sse(events: AsyncIterator[dict]) -> StreamingResponse:

@@ -10,7 +10,8 @@ from service.app import MAX_BODY_BYTES, build_app
 
 @pytest.fixture(scope="module")
 def client(tiny):
-    return TestClient(build_app(tiny))
+    with TestClient(build_app(tiny)) as c:  # `with`: the lifespan starts the engine thread
+        yield c
 
 
 def assert_error(r, status: int, needle: str):
@@ -91,20 +92,24 @@ def test_engine_failure_gives_503_from_then_on_and_is_fatal(tiny, monkeypatch):
     import threading
 
     fatal = threading.Event()
-    client = TestClient(build_app(tiny, on_fatal=fatal.set))
 
-    def broken():
+    def broken(*args, **kwargs):
         raise RuntimeError("Connection closed by peer")
 
-    monkeypatch.setattr(tiny.engine, "probe", broken)
-    assert_error(client.get("/ready"), 503, "Connection closed by peer")
-    monkeypatch.undo()
-    assert_error(client.post("/v1/answer", json={"question": "still there?"}), 503, "engine failed")
-    assert fatal.wait(5)
+    with TestClient(build_app(tiny, on_fatal=fatal.set)) as client:
+        monkeypatch.setattr(tiny.engine, "model", broken)
+        assert_error(client.get("/ready"), 503, "Connection closed by peer")
+        monkeypatch.undo()
+        assert_error(client.post("/v1/answer", json={"question": "still there?"}), 503, "engine failed")
+        assert fatal.wait(5)
 
 
 def test_api_key_guards_v1_but_not_health(tiny):
-    c = TestClient(build_app(tiny, api_key="s3cret"))
+    with TestClient(build_app(tiny, api_key="s3cret")) as c:
+        check_key(c)
+
+
+def check_key(c):
     body = {"question": "Who?"}
     assert_error(c.post("/v1/answer", json=body), 401, "API key")
     assert_error(c.post("/v1/answer", json=body, headers={"Authorization": "Bearer wrong"}), 401, "API key")
@@ -114,7 +119,11 @@ def test_api_key_guards_v1_but_not_health(tiny):
 
 
 def test_metrics_count_requests_and_tokens(tiny):
-    c = TestClient(build_app(tiny))
+    with TestClient(build_app(tiny)) as c:
+        check_metrics(c)
+
+
+def check_metrics(c):
     r = c.post("/v1/answer", json={"question": "Who?", "max_tokens": 5}).json()
     text = c.get("/metrics").text
     assert f"nlg_generation_tokens_total {float(r['usage']['completion_tokens'])}" in text
