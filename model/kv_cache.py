@@ -44,14 +44,14 @@ class Batch:
     slots: torch.Tensor | None
     mask: torch.Tensor | None
     span: int  # S: keys attended per row
-    contiguous: bool  # slots == arange(B): read the cache through a view, not a gather
+    first: int | None  # slots == first + arange(B): read the cache through a view, not a gather
 
     @classmethod
     def make(cls, positions: torch.Tensor, cache: KVCache | None, slots: torch.Tensor | None) -> Batch:
         if cache is None:
             key_pos = positions[:, None, None, :]  # (B, 1, 1, T)
             mask = key_pos <= positions[:, None, :, None]
-            return cls(positions, None, mask, positions.shape[1], False)
+            return cls(positions, None, mask, positions.shape[1], None)
         if slots is None:
             slots = torch.arange(positions.shape[0], device=positions.device)
         span = int(positions.max()) + 1
@@ -61,8 +61,9 @@ class Batch:
         mask = key_pos <= positions[:, None, :, None]  # (B, 1, T, S)
         if bool(mask.all()):
             mask = None
-        contiguous = bool((slots == torch.arange(len(slots), device=slots.device)).all())
-        return cls(positions, slots, mask, span, contiguous)
+        first = int(slots[0])
+        run = bool((slots == first + torch.arange(len(slots), device=slots.device)).all())
+        return cls(positions, slots, mask, span, first if run else None)
 
 
 def attend(
@@ -77,8 +78,9 @@ def attend(
         rows = batch.slots[:, None]  # (B, 1)
         kc[rows, :, batch.positions] = k  # (B, T, Hkv, D) into (slot, :, pos)
         vc[rows, :, batch.positions] = v
-        if batch.contiguous:
-            k, v = kc[:b, :, : batch.span], vc[:b, :, : batch.span]  # (B, Hkv, S, D)
+        if batch.first is not None:
+            rows = slice(batch.first, batch.first + b)
+            k, v = kc[rows, :, : batch.span], vc[rows, :, : batch.span]  # (B, Hkv, S, D)
         else:
             k, v = kc[batch.slots, :, : batch.span], vc[batch.slots, :, : batch.span]
     out = F.scaled_dot_product_attention(

@@ -16,6 +16,7 @@ Importable without the HTTP layer (no fastapi here).
 
 from __future__ import annotations
 
+import heapq
 import threading
 import time
 from collections.abc import Callable
@@ -240,7 +241,8 @@ class Batcher:
     def __init__(self, engine: Engine, cache: KVCache, step_tokens: int | None = None):
         self.engine, self.cache = engine, cache
         self.step_tokens = step_tokens or engine.prefill_chunk  # prompt tokens prefilled per step, at most
-        self.free = list(range(cache.num_slots - 1, -1, -1))
+        self.free = list(range(cache.num_slots))  # a heap: the lowest slot goes first, so busy slots
+        # tend to form one run that attention reads as a view instead of a gather
         self.waiting: list[Sequence] = []
         self.running: list[Sequence] = []
 
@@ -256,7 +258,7 @@ class Batcher:
         s.finish_reason = s.finish_reason or reason
         if s in self.running:
             self.running.remove(s)
-            self.free.append(s.slot)
+            heapq.heappush(self.free, s.slot)
         elif s in self.waiting:
             self.waiting.remove(s)
         s.done.set()
@@ -267,8 +269,9 @@ class Batcher:
         self.waiting.sort(key=lambda s: (s.priority, s.arrival))
         while self.free and self.waiting:
             s = self.waiting.pop(0)
-            s.slot = self.free.pop()
+            s.slot = heapq.heappop(self.free)
             self.running.append(s)
+        self.running.sort(key=lambda s: s.slot)
         decoding = [s for s in self.running if s.output]
         budget, chunks = self.step_tokens, []
         for s in self.running:

@@ -45,3 +45,18 @@ def test_chunked_prefill_equals_single_chunk(tiny):
         assert tiny.engine.generate([prompt], params)[0].token_ids == whole
     finally:
         tiny.engine.prefill_chunk = chunk
+
+
+def test_scattered_slots_read_through_a_gather(tiny):
+    """Rows in slots (2, 0): not one run, so attention gathers the rows; results equal a full forward."""
+    model = tiny.engine.model
+    cfg = model.config
+    ids = torch.tensor([[1, 40, 41, 42, 43, 44], [1, 50, 51, 52, 53, 54]])
+    positions = torch.arange(6).expand(2, 6)
+    cache = KVCache(cfg.num_layers, 3, 64, cfg.num_kv_heads, cfg.head_dim)
+    slots = torch.tensor([2, 0])
+    with torch.inference_mode():
+        full = model(ids, positions)
+        model(ids[:, :4], positions[:, :4], cache, slots)
+        step = [model(ids[:, t : t + 1], positions[:, t : t + 1], cache, slots) for t in (4, 5)]
+    assert_close(torch.cat(step, dim=1), full[:, 4:], atol=1e-5, rtol=1e-5)
