@@ -155,6 +155,12 @@ def cmd_make_random(args) -> None:
 
 
 def cmd_bench(args) -> None:
+    if args.target == "serve":
+        from service.bench_serve import print_report, run
+
+        report = run(args.model, clients=args.clients, tokens=args.tokens)
+        print(json.dumps(report) if args.json else print_report(report))
+        return
     if args.tp > 1:
         from service.bench_tp import print_sweep, run_sweep
 
@@ -233,6 +239,14 @@ def parser() -> argparse.ArgumentParser:
         "same model at every valid tensor-parallel size up to N, each in fresh processes (per-rank peak RSS "
         "after loading, decode tokens/s).",
     )
+    b.add_argument(
+        "target",
+        nargs="?",
+        choices=["engine", "serve"],
+        default="engine",
+        help="engine (default), or serve: concurrent HTTP clients vs one at a time",
+    )
+    b.add_argument("--clients", type=int, default=16, help="bench serve: concurrent clients (default 16)")
     b.add_argument("--tokens", type=int, default=64, help="tokens generated per sequence (default 64)")
     b.add_argument("--no-hf", action="store_true", help="skip the transformers baseline")
     b.set_defaults(run=cmd_bench)

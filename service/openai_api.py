@@ -40,6 +40,7 @@ def build_router(gen: TextGenerator) -> APIRouter:
             seed=req.seed,
             stop=req.stops(),
             logprobs=logprobs,
+            ignore_eos=req.ignore_eos,
         )
 
     @router.get("/models")

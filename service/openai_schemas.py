@@ -30,6 +30,7 @@ class Sampling(BaseModel):
     n: int = Field(1, ge=1, le=1, description="only 1")
     presence_penalty: float = Field(0.0, ge=0.0, le=0.0, description="not supported: must be 0")
     frequency_penalty: float = Field(0.0, ge=0.0, le=0.0, description="not supported: must be 0")
+    ignore_eos: bool = Field(False, description="keep generating past end-of-turn tokens (benchmarks)")
     stream: bool = False
     stream_options: StreamOptions | None = None
 

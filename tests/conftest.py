@@ -3,11 +3,6 @@ compare against) and the project's `tiny-random` model."""
 
 from __future__ import annotations
 
-import socket
-import threading
-import time
-from contextlib import contextmanager
-
 import pytest
 import torch
 
@@ -74,28 +69,8 @@ def tiny() -> TextGenerator:
     return TextGenerator.load("tiny-random")
 
 
-@contextmanager
-def live_server(app):
-    """Serve `app` with uvicorn on a free loopback port; yields its base URL."""
-    import uvicorn
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 20
-    while not server.started:
-        assert time.time() < deadline, "server did not start"
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
-
-
 @pytest.fixture(scope="session")
 def serve():
+    from service.bench_serve import live_server
+
     return live_server

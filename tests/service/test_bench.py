@@ -36,3 +36,11 @@ def test_bench_tp_sweep_on_tiny_random(capsys):
     assert [row["tp"] for row in report["rows"]] == [1, 2, 4]
     assert [len(row["rank_peak_rss_mb"]) for row in report["rows"]] == [1, 2, 4]
     assert all(row["tok_s"] > 0 for row in report["rows"])
+
+
+def test_bench_serve_report(capsys):
+    assert main(["bench", "serve", "--model", "tiny-random", "--clients", "4", "--tokens", "8", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    fields = {"concurrent_tok_s", "sequential_tok_s", "p50_latency_s", "p99_latency_s", "p99_ttft_s", "clients"}
+    assert fields <= set(report) and report["clients"] == 4
+    assert all(report[k] > 0 for k in fields)

@@ -1,0 +1,111 @@
+"""`nlg bench serve`: C concurrent streaming clients against a live server, and the same requests one
+at a time, in one run: aggregate generated tokens/s, p50/p99 latency, p99 time to first token."""
+
+from __future__ import annotations
+
+import socket
+import statistics
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+
+import httpx
+
+from service.bench import PROMPTS
+from service.generate import TextGenerator
+
+
+def one_request(url: str, model: str, prompt: str, tokens: int) -> dict:
+    body = {
+        "model": model,
+        "messages": [{"role": "user", "content": prompt}],
+        "max_tokens": tokens,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    start = time.perf_counter()
+    ttft, usage = None, None
+    with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=600) as r:
+        r.raise_for_status()
+        for line in r.iter_lines():
+            if not line.startswith("data: {"):
+                continue
+            if ttft is None and '"content": "' in line and '"content": ""' not in line:
+                ttft = time.perf_counter() - start
+            if '"usage"' in line:
+                usage = httpx.Response(200, content=line[6:]).json()["usage"]
+    return {"latency_s": time.perf_counter() - start, "ttft_s": ttft or 0.0, "tokens": usage["completion_tokens"]}
+
+
+def percentile(values: list[float], q: float) -> float:
+    return statistics.quantiles(values, n=100, method="inclusive")[q - 1] if len(values) > 1 else values[0]
+
+
+@contextmanager
+def live_server(app):
+    """Serve `app` with uvicorn on a free loopback port, on a thread; yields its base URL."""
+    import uvicorn
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not server.started:
+        if time.time() > deadline or not thread.is_alive():
+            raise RuntimeError("the server did not start")
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(30)
+
+
+def run(model: str, clients: int = 16, tokens: int = 64) -> dict:
+    from service.app import build_app
+
+    gen = TextGenerator.load(model)
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(clients)]
+    with live_server(build_app(gen, slots=clients, max_waiting=4 * clients)) as url:
+        one_request(url, gen.name, prompts[0], 4)  # warm-up
+        start = time.perf_counter()
+        sequential = [one_request(url, gen.name, p, tokens) for p in prompts]
+        sequential_s = time.perf_counter() - start
+        start = time.perf_counter()
+        with ThreadPoolExecutor(clients) as pool:
+            concurrent = list(pool.map(lambda p: one_request(url, gen.name, p, tokens), prompts))
+        concurrent_s = time.perf_counter() - start
+    latency = [r["latency_s"] for r in concurrent]
+    ttft = [r["ttft_s"] for r in concurrent]
+    report = {
+        "model": model,
+        "clients": clients,
+        "tokens_per_request": tokens,
+        "concurrent_tok_s": sum(r["tokens"] for r in concurrent) / concurrent_s,
+        "sequential_tok_s": sum(r["tokens"] for r in sequential) / sequential_s,
+        "p50_latency_s": percentile(latency, 50),
+        "p99_latency_s": percentile(latency, 99),
+        "p50_ttft_s": percentile(ttft, 50),
+        "p99_ttft_s": percentile(ttft, 99),
+        "sequential_p50_ttft_s": percentile([r["ttft_s"] for r in sequential], 50),
+    }
+    report["speedup"] = report["concurrent_tok_s"] / report["sequential_tok_s"]
+    return report
+
+
+def print_report(r: dict) -> str:
+    return "\n".join(
+        [
+            f"model {r['model']}: {r['clients']} requests of {r['tokens_per_request']} tokens (streaming chat)",
+            f"one at a time : {r['sequential_tok_s']:.1f} tok/s, ttft p50 {r['sequential_p50_ttft_s'] * 1e3:.0f} ms",
+            f"{r['clients']} concurrent : {r['concurrent_tok_s']:.1f} tok/s (x{r['speedup']:.2f}), latency p50 "
+            f"{r['p50_latency_s']:.2f} s p99 {r['p99_latency_s']:.2f} s, ttft p50 {r['p50_ttft_s'] * 1e3:.0f} ms "
+            f"p99 {r['p99_ttft_s'] * 1e3:.0f} ms",
+        ]
+    )
