@@ -147,6 +147,30 @@ def cmd_serve(args) -> None:
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
 
 
+def cmd_batch(args) -> None:
+    from tqdm import tqdm
+
+    from service.batch import run_job
+
+    src, out = Path(args.input), Path(args.output)
+    gen = _load(args)
+    with tqdm(desc=f"{args.task} {src.name}", unit="rec", disable=args.quiet) as bar:
+
+        def progress(tokens: int) -> None:
+            bar.update(1)
+            progress.tokens += tokens
+            bar.set_postfix(tok_s=f"{progress.tokens / max(bar.format_dict['elapsed'], 1e-9):.1f}")
+
+        progress.tokens = 0
+        s = run_job(gen, args.task, src, out, args.workers, progress, on_start=lambda n: setattr(bar, "total", n))
+    errors = out.with_name(out.name.removesuffix(".jsonl") + ".errors.jsonl")
+    print(
+        f"{s.succeeded} done, {s.failed} failed (see {errors}), {s.skipped} already done earlier, "
+        f"of {s.total} records, in {s.seconds:.1f} s ({s.completion_tokens / max(s.seconds, 1e-9):.1f} tok/s)",
+        file=sys.stderr,
+    )
+
+
 def cmd_make_random(args) -> None:
     from model.tiny import write_model_dir
 
@@ -250,6 +274,14 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--tokens", type=int, default=64, help="tokens generated per sequence (default 64)")
     b.add_argument("--no-hf", action="store_true", help="skip the transformers baseline")
     b.set_defaults(run=cmd_bench)
+    j = sub.add_parser("batch", parents=[common], help="summarize or answer every line of a JSONL file (resumable)")
+    j.add_argument("task", choices=["summarize", "answer"])
+    j.add_argument("input", help="JSONL: {document, length?, max_words?} or {question, passages?}, optional id")
+    j.add_argument("-o", "--output", required=True, help="results JSONL (appended; a rerun resumes)")
+    j.add_argument("--workers", type=int, default=8, help="records in flight, batched by the engine (default 8)")
+    j.add_argument("--quiet", action="store_true", help="no progress bar")
+    j.set_defaults(run=cmd_batch)
+
     r = sub.add_parser("make-random", help="write a random-weight model directory of a named shape")
     r.add_argument("out", help="directory to write (config.json, model.safetensors, tokenizer)")
     r.add_argument("--preset", default="llama-400m", choices=sorted(PRESETS), help="shape (default llama-400m)")

@@ -62,9 +62,10 @@ class TextGenerator:
         params: list[SamplingParams],
         on_text: Callable[[int, str], None] | None = None,
         cancelled: Callable[[], bool] | None = None,
+        priority: int = 0,
     ) -> list[TextResult]:
         """Generate for each prompt; `on_text(i, piece)` streams final text, `cancelled()` turning true
-        stops every sequence at its next token."""
+        stops every sequence at its next token; a higher `priority` number waits behind lower ones."""
         detoks = [Detokenizer(self.tokenizer, p.stop) for p in params]
         pieces: list[list[str]] = [[] for _ in prompts]
         start = time.perf_counter()
@@ -82,7 +83,7 @@ class TextGenerator:
                     on_text(i, piece)
             return detoks[i].stopped
 
-        done = self.engine.generate(prompts, params, on_token, cancelled)
+        done = self.engine.generate(prompts, params, on_token, cancelled, priority)
         results = []
         for i, c in enumerate(done):
             tail = detoks[i].finish()

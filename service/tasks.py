@@ -84,6 +84,7 @@ def answer(
     max_tokens: int = 80,
     temperature: float = 0.0,
     seed: int | None = None,
+    priority: int = 0,
 ) -> Answer:
     question = question.strip()
     if not question:
@@ -103,7 +104,7 @@ def answer(
     params = SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=seed)
     ids = gen.tokenizer.chat(messages)
     gen.engine.check_fits(len(ids), params.max_tokens)
-    r = gen.generate([ids], [params])[0]
+    r = gen.generate([ids], [params], priority=priority)[0]
     text = first_sentence(r.text)
     index = supporting_passage(text, question, passages) if passages else None
     return Answer(text, index, r.prompt_tokens, r.completion_tokens)
@@ -116,6 +117,7 @@ def summarize(
     max_words: int | None = None,
     temperature: float = 0.0,
     seed: int | None = None,
+    priority: int = 0,
 ) -> Summary:
     document = document.strip()
     if not document:
@@ -138,7 +140,7 @@ def summarize(
     )
     ids = gen.tokenizer.chat(messages)
     gen.engine.check_fits(len(ids), params.max_tokens)
-    r = gen.generate([ids], [params])[0]
+    r = gen.generate([ids], [params], priority=priority)[0]
     text = " ".join(r.text.split())
     if max_words is not None:
         text = " ".join(text.split()[:max_words])
