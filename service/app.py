@@ -21,6 +21,7 @@ from starlette.exceptions import HTTPException
 from service import tasks
 from service.engine import ContextOverflow
 from service.generate import TextGenerator
+from service.jobs import MAX_JOB_BYTES, JobRunner, JobStore, build_jobs_router
 from service.metrics import Metrics
 from service.openai_api import build_router
 from service.scheduler import EngineFailed, Overloaded, Scheduler
@@ -48,20 +49,27 @@ def usage(prompt: int, completion: int) -> Usage:
 
 
 def build_app(
-    gen: TextGenerator, on_fatal=lambda: None, api_key: str | None = None, slots: int = 16, max_waiting: int = 64
+    gen: TextGenerator,
+    on_fatal=lambda: None,
+    api_key: str | None = None,
+    slots: int = 16,
+    max_waiting: int = 64,
+    jobs_db: str = ":memory:",
 ) -> FastAPI:
     """The lifespan starts the engine thread (`Scheduler`, `slots` sequences at once, `max_waiting`
     queued before 429) and stops it. `on_fatal` runs after an engine failure (a dead rank, a collective
     timeout) has been reported with 503; `nlg serve` makes it exit non-zero so a supervisor restarts
     the service. With `api_key`, every /v1 route wants `Authorization: Bearer <key>` (health,
-    readiness, metrics and the docs stay open)."""
+    readiness, metrics and the docs stay open). Batch jobs live in the SQLite file `jobs_db`."""
     metrics = gen.metrics = Metrics()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         scheduler = Scheduler(gen.engine, slots, max_waiting=max_waiting, metrics=metrics, on_fatal=on_fatal)
         app.state.scheduler = scheduler.start()
+        runner.start()
         yield
+        runner.stop()
         scheduler.stop()
 
     app = FastAPI(
@@ -78,6 +86,9 @@ def build_app(
         lifespan=lifespan,
     )
     app.include_router(build_router(gen))
+    store = JobStore(jobs_db)
+    runner = JobRunner(gen, store)
+    app.include_router(build_jobs_router(store, runner))
 
     @app.middleware("http")
     async def check_key(request: Request, call_next):
@@ -92,8 +103,9 @@ def build_app(
     @app.middleware("http")
     async def limit_body(request: Request, call_next):
         size = request.headers.get("content-length")
-        if size is not None and size.isdigit() and int(size) > MAX_BODY_BYTES:
-            return error(413, f"request body of {size} bytes exceeds the limit of {MAX_BODY_BYTES} bytes")
+        limit = MAX_JOB_BYTES if request.url.path.startswith("/v1/batches") else MAX_BODY_BYTES
+        if size is not None and size.isdigit() and int(size) > limit:
+            return error(413, f"request body of {size} bytes exceeds the limit of {limit} bytes")
         return await call_next(request)
 
     @app.exception_handler(RequestValidationError)

@@ -143,7 +143,11 @@ def cmd_serve(args) -> None:
         os._exit(1)
 
     key = args.api_key or os.environ.get("NLG_API_KEY")
-    app = build_app(gen, on_fatal=fatal, api_key=key, slots=args.slots, max_waiting=args.max_waiting)
+    from model.registry import cache_dir
+
+    jobs = args.jobs_db or str(cache_dir() / "jobs.sqlite")
+    Path(jobs).parent.mkdir(parents=True, exist_ok=True)
+    app = build_app(gen, fatal, key, slots=args.slots, max_waiting=args.max_waiting, jobs_db=jobs)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
 
 
@@ -253,6 +257,7 @@ def parser() -> argparse.ArgumentParser:
     v.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 routes (or set NLG_API_KEY)")
     v.add_argument("--slots", type=int, default=16, help="sequences decoded together (KV cache slots; default 16)")
     v.add_argument("--max-waiting", type=int, default=64, help="queued sequences before 429 (default 64)")
+    v.add_argument("--jobs-db", help="SQLite file of batch jobs (default: jobs.sqlite in the model cache)")
     v.set_defaults(run=cmd_serve)
 
     b = sub.add_parser(

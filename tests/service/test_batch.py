@@ -82,3 +82,32 @@ def test_sigkill_and_restart_give_exactly_one_result_per_line(tmp_path):
     subprocess.run(cmd, check=True, stderr=subprocess.DEVNULL, timeout=300)
     done = [r["line"] for r in lines_of(out)] + [e["line"] for e in lines_of(tmp_path / "out.errors.jsonl")]
     assert sorted(done) == list(range(1, 41))
+
+
+def test_http_batch_job_round_trip_and_resume_after_restart(tiny, tmp_path):
+    """Records stored in SQLite; a new app on the same file finishes what the first one left."""
+    from fastapi.testclient import TestClient
+
+    from service.app import build_app
+    from service.jobs import JobStore
+
+    db = tmp_path / "jobs.sqlite"
+    src = tmp_path / "in.jsonl"
+    write_input(src, 8)
+    store = JobStore(db)  # a job left by a server that died before running it
+    job = store.create("summarize", src.read_text().splitlines())
+    with TestClient(build_app(tiny, jobs_db=str(db))) as c:
+        deadline = time.time() + 60
+        while (status := c.get(f"/v1/batches/{job}").json())["state"] != "completed":
+            assert time.time() < deadline, status
+            time.sleep(0.1)
+        assert status["counts"] == {"total": 8, "succeeded": 6, "failed": 2}
+        rows = [json.loads(x) for x in c.get(f"/v1/batches/{job}/results").text.splitlines()]
+        assert [r["line"] for r in rows] == list(range(1, 9))
+        assert "error" in rows[3] and rows[0]["id"] == "d0" and "summary" in rows[0]
+
+        created = c.post("/v1/batches?task=answer", content=json.dumps({"question": "Who?"}) + "\n").json()
+        assert created["state"] in ("queued", "running", "completed") and created["counts"]["total"] == 1
+        assert c.delete(f"/v1/batches/{created['id']}").json()["state"] in ("cancelled", "completed")
+        assert c.get("/v1/batches/batch_nope").status_code == 404
+        assert c.post("/v1/batches?task=translate", content="{}").status_code == 422
