@@ -128,27 +128,31 @@ def cmd_models(args) -> None:
 def cmd_serve(args) -> None:
     import uvicorn
 
+    from model.registry import cache_dir, resolve
     from service.app import build_app
+    from service.loading import Loading
 
-    print(f"nlg: loading {args.model} ...", file=sys.stderr, flush=True)
-    gen = _load(args)
-    print(
-        f"nlg: serving {args.model} at http://{args.host}:{args.port}  (API docs: http://{args.host}:{args.port}/docs)",
-        file=sys.stderr,
-        flush=True,
-    )
+    resolve(args.model)  # fetch/convert first: a missing model is an error now, not a 503 later
+    key = args.api_key or os.environ.get("NLG_API_KEY")
+    jobs = args.jobs_db or str(cache_dir() / "jobs.sqlite")
+    Path(jobs).parent.mkdir(parents=True, exist_ok=True)
 
     def fatal() -> None:  # an engine failure was reported (503): exit non-zero, loudly
         print("nlg: error: the engine failed; exiting", file=sys.stderr, flush=True)
         os._exit(1)
 
-    key = args.api_key or os.environ.get("NLG_API_KEY")
-    from model.registry import cache_dir
+    def load():
+        gen = _load(args)
+        print(f"nlg: {args.model} loaded in {gen.load_s:.1f} s; ready", file=sys.stderr, flush=True)
+        return build_app(gen, fatal, key, slots=args.slots, max_waiting=args.max_waiting, jobs_db=jobs)
 
-    jobs = args.jobs_db or str(cache_dir() / "jobs.sqlite")
-    Path(jobs).parent.mkdir(parents=True, exist_ok=True)
-    app = build_app(gen, fatal, key, slots=args.slots, max_waiting=args.max_waiting, jobs_db=jobs)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    url = f"http://{args.host}:{args.port}"
+    print(
+        f"nlg: serving {args.model} at {url}  (API docs: {url}/docs; /ready turns 200 once loaded)",
+        file=sys.stderr,
+        flush=True,
+    )
+    uvicorn.run(Loading(load, fatal), host=args.host, port=args.port, log_level="info")
 
 
 def cmd_batch(args) -> None:

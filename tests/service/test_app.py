@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 from fastapi.testclient import TestClient
 
@@ -131,3 +133,26 @@ def check_metrics(c):
     assert "nlg_request_latency_seconds_count 1.0" in text and "nlg_running_requests 0.0" in text
     c.get("/ready")  # probes stay out of request metrics
     assert "nlg_request_latency_seconds_count 1.0" in c.get("/metrics").text
+
+
+def test_ready_is_503_while_the_model_loads(tiny):
+    import threading
+
+    from service.loading import Loading
+
+    loaded = threading.Event()
+
+    def load():
+        loaded.wait(10)
+        return build_app(tiny)
+
+    with TestClient(Loading(load)) as c:
+        assert c.get("/health").json() == {"status": "loading"}
+        assert_error(c.get("/ready"), 503, "loading")
+        assert_error(c.post("/v1/answer", json={"question": "Who?"}), 503, "loading")
+        loaded.set()
+        deadline = time.time() + 10
+        while c.get("/ready").status_code != 200:
+            assert time.time() < deadline
+            time.sleep(0.05)
+        assert c.post("/v1/answer", json={"question": "Who?", "max_tokens": 4}).status_code == 200
