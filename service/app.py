@@ -24,6 +24,7 @@ from service.generate import TextGenerator
 from service.jobs import MAX_JOB_BYTES, JobRunner, JobStore, build_jobs_router
 from service.metrics import Metrics
 from service.openai_api import build_router
+from service.runner import DeadlineExceeded, complete
 from service.scheduler import EngineFailed, Overloaded, Scheduler
 from service.schemas import AnswerRequest, AnswerResponse, ErrorResponse, SummarizeRequest, SummarizeResponse, Usage
 
@@ -36,6 +37,7 @@ ERRORS = {
     422: "invalid_request_error",
     429: "rate_limit_error",
     503: "unavailable",
+    504: "timeout",
 }
 
 
@@ -55,12 +57,14 @@ def build_app(
     slots: int = 16,
     max_waiting: int = 64,
     jobs_db: str = ":memory:",
+    request_timeout: float | None = 600.0,
 ) -> FastAPI:
     """The lifespan starts the engine thread (`Scheduler`, `slots` sequences at once, `max_waiting`
     queued before 429) and stops it. `on_fatal` runs after an engine failure (a dead rank, a collective
     timeout) has been reported with 503; `nlg serve` makes it exit non-zero so a supervisor restarts
     the service. With `api_key`, every /v1 route wants `Authorization: Bearer <key>` (health,
-    readiness, metrics and the docs stay open). Batch jobs live in the SQLite file `jobs_db`."""
+    readiness, metrics and the docs stay open). Batch jobs live in the SQLite file `jobs_db`. A request
+    running longer than `request_timeout` seconds is stopped and gets 504."""
     metrics = gen.metrics = Metrics()
 
     @asynccontextmanager
@@ -85,7 +89,7 @@ def build_app(
         },
         lifespan=lifespan,
     )
-    app.include_router(build_router(gen))
+    app.include_router(build_router(gen, request_timeout))
     store = JobStore(jobs_db)
     runner = JobRunner(gen, store)
     app.include_router(build_jobs_router(store, runner))
@@ -128,6 +132,10 @@ def build_app(
     async def failed(request: Request, exc: EngineFailed):
         return error(503, str(exc), code="engine_failed")
 
+    @app.exception_handler(DeadlineExceeded)
+    async def too_slow(request: Request, exc: DeadlineExceeded):
+        return error(504, str(exc), code="timeout")
+
     @app.exception_handler(Overloaded)
     async def overloaded(request: Request, exc: Overloaded):
         response = error(429, str(exc), code="overloaded")
@@ -154,8 +162,13 @@ def build_app(
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.post("/v1/answer", response_model=AnswerResponse)
-    def answer(req: AnswerRequest) -> AnswerResponse:
-        a = tasks.answer(gen, req.question, req.passages, req.max_tokens, req.temperature, req.seed)
+    async def answer(req: AnswerRequest, request: Request) -> AnswerResponse:
+        def work(push, cancelled):
+            return tasks.answer(
+                gen, req.question, req.passages, req.max_tokens, req.temperature, req.seed, cancelled=cancelled
+            )
+
+        a = await complete(work, request, request_timeout)
         return AnswerResponse(
             answer=a.answer,
             passage_index=a.passage_index,
@@ -164,8 +177,13 @@ def build_app(
         )
 
     @app.post("/v1/summarize", response_model=SummarizeResponse)
-    def summarize(req: SummarizeRequest) -> SummarizeResponse:
-        s = tasks.summarize(gen, req.document, req.length, req.max_words, req.temperature, req.seed)
+    async def summarize(req: SummarizeRequest, request: Request) -> SummarizeResponse:
+        def work(push, cancelled):
+            return tasks.summarize(
+                gen, req.document, req.length, req.max_words, req.temperature, req.seed, cancelled=cancelled
+            )
+
+        s = await complete(work, request, request_timeout)
         return SummarizeResponse(summary=s.summary, model=gen.name, usage=usage(s.prompt_tokens, s.completion_tokens))
 
     return app

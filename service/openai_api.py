@@ -9,20 +9,19 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 
-from fastapi import APIRouter, HTTPException
+from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import StreamingResponse
-from starlette.concurrency import run_in_threadpool
 
 from service.engine import TokenLogprob
 from service.generate import TextGenerator, TextResult
 from service.openai_schemas import ChatRequest, CompletionRequest
-from service.runner import Done, stream
+from service.runner import Done, complete, stream
 from service.sampling import SamplingParams
 
 CHAT_MAX_TOKENS = 512  # default for chat when the request sets none (less if the context is shorter)
 
 
-def build_router(gen: TextGenerator) -> APIRouter:
+def build_router(gen: TextGenerator, timeout: float | None = None) -> APIRouter:
     router = APIRouter(prefix="/v1")
     tok = gen.tokenizer
 
@@ -59,7 +58,7 @@ def build_router(gen: TextGenerator) -> APIRouter:
         }
 
     @router.post("/completions")
-    async def completions(req: CompletionRequest):
+    async def completions(req: CompletionRequest, request: Request):
         check_model(req.model)
         prompts = [req.prompt] if isinstance(req.prompt, str) or isinstance(req.prompt[0], int) else req.prompt
         ids = [p if isinstance(p, list) else tok.encode(p) for p in prompts]
@@ -97,7 +96,7 @@ def build_router(gen: TextGenerator) -> APIRouter:
             return gen.generate(ids, [sp] * len(ids), on_text, cancelled), prompt_lp
 
         if not req.stream:
-            results, prompt_lp = await run_in_threadpool(work)
+            results, prompt_lp = await complete(work, request, timeout)
             choices = [choice(i, r, prompt_lp[i]) for i, r in enumerate(results)]
             return head | {"choices": choices, "usage": usage(ids, results)}
 
@@ -130,7 +129,7 @@ def build_router(gen: TextGenerator) -> APIRouter:
         return sse(events())
 
     @router.post("/chat/completions")
-    async def chat(req: ChatRequest):
+    async def chat(req: ChatRequest, request: Request):
         check_model(req.model)
         ids = tok.chat([m.model_dump() for m in req.messages])
         limit = req.max_completion_tokens or req.max_tokens
@@ -149,7 +148,7 @@ def build_router(gen: TextGenerator) -> APIRouter:
             return gen.generate([ids], [sp], on_text, cancelled)[0]
 
         if not req.stream:
-            r = await run_in_threadpool(work)
+            r = await complete(work, request, timeout)
             message = {"role": "assistant", "content": r.text}
             return head | {
                 "choices": [{"index": 0, "message": message, "finish_reason": r.finish_reason}],

@@ -1,8 +1,9 @@
-"""Streaming a blocking generation to an async consumer.
+"""Running a blocking generation for an HTTP handler, so that it stops when nobody waits for it.
 
-`stream(work)` runs `work(push, cancelled)` on a thread and yields what it pushes, then `Done(result)`.
-When the consumer goes away (the HTTP client disconnected), `cancelled()` turns true and the engine
-drops the sequence at its next step, freeing its slot.
+`work(push, cancelled)` runs on a thread. `stream(work)` yields what it pushes, then `Done(result)`;
+`complete(work, request, timeout)` just waits for the result. When the client disconnects, or the
+request outlives its deadline, `cancelled()` turns true and the engine drops the sequence at its next
+step, freeing its slot.
 """
 
 from __future__ import annotations
@@ -12,6 +13,14 @@ import threading
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
+
+
+class DeadlineExceeded(RuntimeError):
+    pass
+
+
+class ClientGone(RuntimeError):
+    pass
 
 
 @dataclass
@@ -46,5 +55,25 @@ async def stream(work: Callable[[Callable[[Any], None], Callable[[], bool]], Any
             yield value if kind == "item" else Done(value)
             if kind == "done":
                 return
+    finally:
+        cancelled.set()
+
+
+async def complete(
+    work: Callable[[Callable[[Any], None], Callable[[], bool]], Any], request: Any, timeout: float | None = None
+) -> Any:
+    """Wait for `work(None, cancelled)`, checking for a client disconnect and the deadline."""
+    cancelled = threading.Event()
+    future = asyncio.get_running_loop().run_in_executor(None, lambda: work(None, cancelled.is_set))
+    deadline = None if timeout is None else asyncio.get_running_loop().time() + timeout
+    try:
+        while True:
+            done, _ = await asyncio.wait({future}, timeout=0.25)
+            if done:
+                return future.result()
+            if await request.is_disconnected():
+                raise ClientGone("the client went away")
+            if deadline is not None and asyncio.get_running_loop().time() > deadline:
+                raise DeadlineExceeded(f"the request took longer than its {timeout:g} s deadline")
     finally:
         cancelled.set()

@@ -85,6 +85,7 @@ def answer(
     temperature: float = 0.0,
     seed: int | None = None,
     priority: int = 0,
+    cancelled=None,
 ) -> Answer:
     question = question.strip()
     if not question:
@@ -104,7 +105,7 @@ def answer(
     params = SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=seed)
     ids = gen.tokenizer.chat(messages)
     gen.engine.check_fits(len(ids), params.max_tokens)
-    r = gen.generate([ids], [params], priority=priority)[0]
+    r = gen.generate([ids], [params], cancelled=cancelled, priority=priority)[0]
     text = first_sentence(r.text)
     index = supporting_passage(text, question, passages) if passages else None
     return Answer(text, index, r.prompt_tokens, r.completion_tokens)
@@ -118,6 +119,7 @@ def summarize(
     temperature: float = 0.0,
     seed: int | None = None,
     priority: int = 0,
+    cancelled=None,
 ) -> Summary:
     document = document.strip()
     if not document:
@@ -140,7 +142,7 @@ def summarize(
     )
     ids = gen.tokenizer.chat(messages)
     gen.engine.check_fits(len(ids), params.max_tokens)
-    r = gen.generate([ids], [params], priority=priority)[0]
+    r = gen.generate([ids], [params], cancelled=cancelled, priority=priority)[0]
     text = " ".join(r.text.split())
     if max_words is not None:
         text = " ".join(text.split()[:max_words])

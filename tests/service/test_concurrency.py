@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import pytest
 from fastapi.testclient import TestClient
 
 from service.app import build_app
@@ -55,3 +56,30 @@ def test_client_that_disconnects_frees_its_slot(tiny, serve):
             assert time.time() < deadline, "the slot was not freed"
             time.sleep(0.02)
         assert len(batcher.free) == 2
+
+
+def test_deadline_gives_504_and_frees_the_slot(tiny):
+    body = {"model": "tiny-random", "prompt": "go", "max_tokens": 1000, "temperature": 0, "ignore_eos": True}
+    with TestClient(build_app(tiny, slots=2, request_timeout=0.3)) as client:
+        r = client.post("/v1/completions", json=body)
+        assert r.status_code == 504 and r.json()["error"]["code"] == "timeout"
+        batcher = client.app.state.scheduler.batcher
+        deadline = time.time() + 10
+        while batcher.running:
+            assert time.time() < deadline
+            time.sleep(0.02)
+
+
+def test_non_streaming_client_that_disconnects_is_cancelled(tiny, serve):
+    import httpx
+
+    body = {"model": "tiny-random", "prompt": "go", "max_tokens": 1000, "temperature": 0, "ignore_eos": True}
+    app = build_app(tiny, slots=2)
+    with serve(app) as url:
+        batcher = app.state.scheduler.batcher
+        with pytest.raises(httpx.TimeoutException):
+            httpx.post(f"{url}/v1/completions", json=body, timeout=0.5)  # hangs up after 0.5 s
+        deadline = time.time() + 10
+        while batcher.running:
+            assert time.time() < deadline, "generation went on for a client that left"
+            time.sleep(0.02)
