@@ -75,7 +75,7 @@ def test_malformed_requests_get_422(client, path, body, needle):
 
 
 def test_input_beyond_the_context_gets_400_naming_the_numbers(client):
-    r = client.post("/v1/summarize", json={"document": "word " * 1000})
+    r = client.post("/v1/answer", json={"question": "why " * 600})
     assert_error(r, 400, "context of 2048 tokens")
     assert r.json()["error"]["code"] == "context_length_exceeded"
 

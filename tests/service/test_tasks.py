@@ -51,6 +51,31 @@ def test_bad_input_is_refused(tiny, call):
         call(tiny)
 
 
-def test_too_long_input_names_the_numbers(tiny):
+def test_too_long_question_names_the_numbers(tiny):
     with pytest.raises(ContextOverflow, match=r"> the context of 2048 tokens"):
-        tasks.summarize(tiny, "word " * 1000)
+        tasks.answer(tiny, "why " * 600)
+
+
+def test_split_to_fit_keeps_every_word_in_order(tiny):
+    text = "First sentence here. " * 30 + "x" * 500 + ". Last one."
+    pieces = tasks.split_to_fit(tiny, text, 100)
+    assert all(len(tiny.tokenizer.encode(p)) <= 100 for p in pieces)
+    assert "".join("".join(pieces).split()) == "".join(text.split())
+
+
+def test_long_document_goes_through_map_reduce(tiny, monkeypatch):
+    """5,000 byte-tokens against a 2,048-token context: summarized in pieces (one batch), then reduced."""
+    calls = []
+    generate = tiny.generate
+    monkeypatch.setattr(
+        tiny, "generate", lambda prompts, *a, **k: calls.append(len(prompts)) or generate(prompts, *a, **k)
+    )
+    s = tasks.summarize(tiny, "The council met again today. " * 180, length="short")
+    assert calls[0] >= 3 and calls[-1] == 1
+    assert s.prompt_tokens > 2048
+
+
+def test_passages_beyond_the_context_are_windowed(tiny):
+    long = "Filler sentence about nothing at all. " * 150
+    a = tasks.answer(tiny, "Who won?", [long, "The Broncos won the game."])
+    assert a.prompt_tokens > 2048 and (a.passage_index is None or a.passage_index in (0, 1))
