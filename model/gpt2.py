@@ -88,7 +88,7 @@ class GPT2LMHeadModel(nn.Module):
         self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size)
         self.tied_keys = {"lm_head.weight": "transformer.wte.weight"} if cfg.tie_word_embeddings else {}
 
-    def init_buffers(self, device: torch.device | str) -> None:
+    def init_buffers(self, device: torch.device | str, dtype: torch.dtype) -> None:
         pass  # positions are learned weights
 
     def forward(

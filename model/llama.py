@@ -115,9 +115,9 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size)
         self.tied_keys = {"lm_head.weight": "model.embed_tokens.weight"} if cfg.tie_word_embeddings else {}
 
-    def init_buffers(self, device: torch.device | str) -> None:
-        """Tables that are computed, not loaded. Call after the weights are in place."""
-        self.cos, self.sin = rope_tables(self.config, device)
+    def init_buffers(self, device: torch.device | str, dtype: torch.dtype) -> None:
+        """Tables that are computed, not loaded (in fp32, then cast like `transformers` does)."""
+        self.cos, self.sin = (t.to(dtype) for t in rope_tables(self.config, device))
 
     def forward(
         self,

@@ -58,7 +58,7 @@ def load_model(
     for tied, source in model.tied_keys.items():
         owner, _, leaf = tied.rpartition(".")
         setattr(model.get_submodule(owner), leaf, model.get_parameter(source))
-    model.init_buffers(device)
+    model.init_buffers(device, dtype)
     return model.eval()
 
 

@@ -58,18 +58,18 @@ def rank_main(argv: list[str]) -> int:
     try:
         if get_tp().rank == 0:
             return run(args)
-        follower(args.model, device)
+        follower(args.model, device, getattr(torch, args.dtype))
         return 0
     finally:
         shutdown()
 
 
-def follower(model: str, device: torch.device) -> None:
+def follower(model: str, device: torch.device, dtype: torch.dtype) -> None:
     from model.loader import load_model
     from model.ranks import follow
     from model.registry import resolve
 
-    follow(load_model(resolve(model), device=device), device)
+    follow(load_model(resolve(model), dtype=dtype, device=device), device)
 
 
 def _fail(message: str, status: int = 2) -> int:

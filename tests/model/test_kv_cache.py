@@ -60,3 +60,20 @@ def test_scattered_slots_read_through_a_gather(tiny):
         model(ids[:, :4], positions[:, :4], cache, slots)
         step = [model(ids[:, t : t + 1], positions[:, t : t + 1], cache, slots) for t in (4, 5)]
     assert_close(torch.cat(step, dim=1), full[:, 4:], atol=1e-5, rtol=1e-5)
+
+
+def test_bfloat16_model_runs_and_stays_close():
+    """Guards dtype consistency (RoPE tables, KV cache) when weights are not fp32."""
+    from model.loader import load_model
+    from model.registry import resolve
+    from service.engine import Engine
+
+    path = resolve("tiny-random")
+    fp32, bf16 = load_model(path), load_model(path, dtype=torch.bfloat16)
+    ids = torch.tensor([[1, 40, 41, 42, 43]])
+    positions = torch.arange(5)[None]
+    with torch.inference_mode():
+        want, got = fp32(ids, positions), bf16(ids, positions).float()
+    assert (got - want).abs().max() < 0.05 * want.abs().max()
+    out = Engine(bf16).generate([ids[0].tolist()], [SamplingParams(max_tokens=8, ignore_eos=True)])
+    assert len(out[0].token_ids) == 8
