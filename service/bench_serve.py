@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import socket
 import statistics
+import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -13,7 +15,6 @@ from contextlib import contextmanager
 import httpx
 
 from service.bench import PROMPTS
-from service.generate import TextGenerator
 
 
 def one_request(url: str, model: str, prompt: str, tokens: int) -> dict:
@@ -67,19 +68,62 @@ def live_server(app):
         thread.join(30)
 
 
-def run(model: str, clients: int = 16, tokens: int = 64) -> dict:
-    from service.app import build_app
+@contextmanager
+def server_process(model: str, slots: int, extra: list[str]):
+    """`nlg serve` in its own process (its own interpreter: the clients here do not compete with it for
+    the GIL); yields its base URL once /ready answers 200."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [
+        sys.executable,
+        "-m",
+        "service.cli",
+        "serve",
+        "--model",
+        model,
+        "--port",
+        str(port),
+        "--slots",
+        str(slots),
+        "--max-waiting",
+        str(4 * slots),
+        "--jobs-db",
+        ":memory:",
+        *extra,
+    ]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 300
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"nlg serve exited: {proc.stderr.read()[-2000:]}")
+            try:
+                if httpx.get(f"{url}/ready", timeout=5).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.time() > deadline:
+                raise RuntimeError("nlg serve did not become ready")
+            time.sleep(0.2)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(30)
 
-    gen = TextGenerator.load(model)
+
+def run(model: str, clients: int = 16, tokens: int = 64, extra: list[str] = ()) -> dict:
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(clients)]
-    with live_server(build_app(gen, slots=clients, max_waiting=4 * clients)) as url:
-        one_request(url, gen.name, prompts[0], 4)  # warm-up
+    with server_process(model, clients, list(extra)) as url:
+        served = httpx.get(f"{url}/v1/models").json()["data"][0]["id"]
+        one_request(url, served, prompts[0], 4)  # warm-up
         start = time.perf_counter()
-        sequential = [one_request(url, gen.name, p, tokens) for p in prompts]
+        sequential = [one_request(url, served, p, tokens) for p in prompts]
         sequential_s = time.perf_counter() - start
         start = time.perf_counter()
         with ThreadPoolExecutor(clients) as pool:
-            concurrent = list(pool.map(lambda p: one_request(url, gen.name, p, tokens), prompts))
+            concurrent = list(pool.map(lambda p: one_request(url, served, p, tokens), prompts))
         concurrent_s = time.perf_counter() - start
     latency = [r["latency_s"] for r in concurrent]
     ttft = [r["ttft_s"] for r in concurrent]

@@ -192,7 +192,7 @@ def cmd_bench(args) -> None:
     if args.target == "serve":
         from service.bench_serve import print_report, run
 
-        report = run(args.model, clients=args.clients, tokens=args.tokens)
+        report = run(args.model, clients=args.clients, tokens=args.tokens, extra=["--dtype", args.dtype])
         print(json.dumps(report) if args.json else print_report(report))
         return
     if args.tp > 1:
