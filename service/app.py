@@ -23,8 +23,8 @@ from service.engine import ContextOverflow
 from service.generate import TextGenerator
 from service.jobs import MAX_JOB_BYTES, JobRunner, JobStore, build_jobs_router
 from service.metrics import Metrics
-from service.openai_api import build_router
-from service.runner import DeadlineExceeded, complete
+from service.openai_api import build_router, sse
+from service.runner import DeadlineExceeded, Done, complete, stream
 from service.scheduler import EngineFailed, Overloaded, Scheduler
 from service.schemas import AnswerRequest, AnswerResponse, ErrorResponse, SummarizeRequest, SummarizeResponse, Usage
 
@@ -161,29 +161,61 @@ def build_app(
     def prometheus() -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
+    async def respond(work, request: Request, stream_it: bool, shape):
+        """Run a task; as JSON, or with `stream` as server-sent events: {"delta"} pieces of the raw
+        text, then the full response object, then [DONE]."""
+        if not stream_it:
+            return shape(await complete(work, request, request_timeout))
+
+        async def events():
+            async for item in stream(work):
+                yield shape(item.result).model_dump() if isinstance(item, Done) else {"delta": item}
+
+        return sse(events())
+
     @app.post("/v1/answer", response_model=AnswerResponse)
-    async def answer(req: AnswerRequest, request: Request) -> AnswerResponse:
+    async def answer(req: AnswerRequest, request: Request):
         def work(push, cancelled):
             return tasks.answer(
-                gen, req.question, req.passages, req.max_tokens, req.temperature, req.seed, cancelled=cancelled
+                gen,
+                req.question,
+                req.passages,
+                req.max_tokens,
+                req.temperature,
+                req.seed,
+                cancelled=cancelled,
+                on_text=push,
             )
 
-        a = await complete(work, request, request_timeout)
-        return AnswerResponse(
-            answer=a.answer,
-            passage_index=a.passage_index,
-            model=gen.name,
-            usage=usage(a.prompt_tokens, a.completion_tokens),
-        )
+        def shape(a) -> AnswerResponse:
+            return AnswerResponse(
+                answer=a.answer,
+                passage_index=a.passage_index,
+                model=gen.name,
+                usage=usage(a.prompt_tokens, a.completion_tokens),
+            )
+
+        return await respond(work, request, req.stream, shape)
 
     @app.post("/v1/summarize", response_model=SummarizeResponse)
-    async def summarize(req: SummarizeRequest, request: Request) -> SummarizeResponse:
+    async def summarize(req: SummarizeRequest, request: Request):
         def work(push, cancelled):
             return tasks.summarize(
-                gen, req.document, req.length, req.max_words, req.temperature, req.seed, cancelled=cancelled
+                gen,
+                req.document,
+                req.length,
+                req.max_words,
+                req.temperature,
+                req.seed,
+                cancelled=cancelled,
+                on_text=push,
             )
 
-        s = await complete(work, request, request_timeout)
-        return SummarizeResponse(summary=s.summary, model=gen.name, usage=usage(s.prompt_tokens, s.completion_tokens))
+        def shape(s) -> SummarizeResponse:
+            return SummarizeResponse(
+                summary=s.summary, model=gen.name, usage=usage(s.prompt_tokens, s.completion_tokens)
+            )
+
+        return await respond(work, request, req.stream, shape)
 
     return app

@@ -27,6 +27,7 @@ class AnswerRequest(BaseModel):
     max_tokens: int = Field(80, ge=1, le=MAX_TOKENS)
     temperature: float = Field(0.0, ge=0.0, le=2.0)
     seed: int | None = None
+    stream: bool = Field(False, description="server-sent events: {delta} pieces, then the full response")
 
 
 class AnswerResponse(BaseModel):
@@ -42,6 +43,7 @@ class SummarizeRequest(BaseModel):
     max_words: int | None = Field(None, ge=1, le=1_000)
     temperature: float = Field(0.0, ge=0.0, le=2.0)
     seed: int | None = None
+    stream: bool = Field(False, description="server-sent events: {delta} pieces, then the full response")
 
 
 class SummarizeResponse(BaseModel):

@@ -124,6 +124,7 @@ def answer(
     seed: int | None = None,
     priority: int = 0,
     cancelled=None,
+    on_text=None,
 ) -> Answer:
     """One full sentence. Passages that do not fit the context together are cut into windows that do
     (the question is never cut); each window gets an answer, and the one best supported by its window
@@ -147,7 +148,8 @@ def answer(
     else:
         gen.engine.check_fits(len(ids), max_tokens)
         prompts = [ids]
-    results = gen.generate(prompts, [params] * len(prompts), cancelled=cancelled, priority=priority)
+    stream = (lambda i, piece: on_text(piece)) if on_text and len(prompts) == 1 else None
+    results = gen.generate(prompts, [params] * len(prompts), stream, cancelled, priority)
     texts = [first_sentence(r.text) for r in results]
     if len(windows) == 1 and windows[0][0] is None:
         index = supporting_passage(texts[0], question, passages) if passages else None
@@ -176,6 +178,7 @@ def summarize(
     seed: int | None = None,
     priority: int = 0,
     cancelled=None,
+    on_text=None,
 ) -> Summary:
     """An abstractive summary. A document longer than the context goes through map-reduce: its
     pieces are summarized (in one batch), then the joined summaries are summarized, again if needed."""
@@ -197,8 +200,9 @@ def summarize(
     chat, context = gen.tokenizer.chat, gen.engine.context
     ids = chat(summary_messages(document, instruction))
     if len(ids) + budget > context:
-        return _map_reduce(gen, document, length, max_words, params, priority, cancelled)
-    r = gen.generate([ids], [params], cancelled=cancelled, priority=priority)[0]
+        return _map_reduce(gen, document, length, max_words, params, priority, cancelled, on_text)
+    stream = (lambda i, piece: on_text(piece)) if on_text else None
+    r = gen.generate([ids], [params], stream, cancelled, priority)[0]
     text = " ".join(r.text.split())
     if max_words is not None:
         text = " ".join(text.split()[:max_words])
@@ -215,6 +219,7 @@ def _map_reduce(
     params: SamplingParams,
     priority: int,
     cancelled,
+    on_text,
 ) -> Summary:
     chat, context = gen.tokenizer.chat, gen.engine.context
     _, map_budget = LENGTHS["medium"]
@@ -230,7 +235,7 @@ def _map_reduce(
     joined = "\n".join(whole_sentences(" ".join(r.text.split())) for r in partial if r.text.strip())
     if not joined or len(gen.tokenizer.encode(joined)) >= len(gen.tokenizer.encode(document)):
         raise ContextOverflow("the document does not get shorter when summarized in pieces; send less text")
-    final = summarize(gen, joined, length, max_words, params.temperature, params.seed, priority, cancelled)
+    final = summarize(gen, joined, length, max_words, params.temperature, params.seed, priority, cancelled, on_text)
     return Summary(
         final.summary,
         final.prompt_tokens + sum(r.prompt_tokens for r in partial),

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
 from fastapi.testclient import TestClient
 
 from service.app import MAX_BODY_BYTES, build_app
+from service.tasks import first_sentence
 
 
 @pytest.fixture(scope="module")
@@ -156,3 +158,14 @@ def test_ready_is_503_while_the_model_loads(tiny):
             assert time.time() < deadline
             time.sleep(0.05)
         assert c.post("/v1/answer", json={"question": "Who?", "max_tokens": 4}).status_code == 200
+
+
+def test_streamed_answer_ends_with_the_full_response(client):
+    body = {"question": "Who is Jason Mraz engaged to?", "passages": ["Jason Mraz and Tristan Prettyman."]}
+    whole = client.post("/v1/answer", json=body).json()
+    with client.stream("POST", "/v1/answer", json=body | {"stream": True}) as r:
+        events = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    assert json.loads(events[-2]) == whole
+    raw = "".join(json.loads(e)["delta"] for e in events[:-2])
+    assert first_sentence(raw) == whole["answer"]  # the pieces are the raw text the answer is cut from
