@@ -202,7 +202,7 @@ def build_app(
         def work(push, cancelled):
             return tasks.summarize(
                 gen,
-                req.document,
+                req.text(),
                 req.length,
                 req.max_words,
                 req.temperature,

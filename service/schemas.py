@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, Field, StringConstraints
+from pydantic import BaseModel, Field, StringConstraints, model_validator
 
 MAX_QUESTION_CHARS = 4_000
 MAX_PASSAGES = 32
@@ -38,12 +38,27 @@ class AnswerResponse(BaseModel):
 
 
 class SummarizeRequest(BaseModel):
-    document: Text
+    document: Text | None = None
+    documents: list[Text] | None = Field(
+        None,
+        min_length=1,
+        max_length=MAX_PASSAGES,
+        description="several documents summarized together (instead of document)",
+    )
     length: Literal["short", "medium", "long"] = "medium"
     max_words: int | None = Field(None, ge=1, le=1_000)
     temperature: float = Field(0.0, ge=0.0, le=2.0)
     seed: int | None = None
     stream: bool = Field(False, description="server-sent events: {delta} pieces, then the full response")
+
+    @model_validator(mode="after")
+    def one_source(self):
+        if (self.document is None) == (self.documents is None):
+            raise ValueError("send either document or documents")
+        return self
+
+    def text(self) -> str:
+        return self.document if self.document is not None else "\n\n".join(self.documents)
 
 
 class SummarizeResponse(BaseModel):

@@ -169,3 +169,10 @@ def test_streamed_answer_ends_with_the_full_response(client):
     assert json.loads(events[-2]) == whole
     raw = "".join(json.loads(e)["delta"] for e in events[:-2])
     assert first_sentence(raw) == whole["answer"]  # the pieces are the raw text the answer is cut from
+
+
+def test_several_documents_or_one(client):
+    r = client.post("/v1/summarize", json={"documents": ["First report.", "Second report."], "length": "short"})
+    assert r.status_code == 200, r.text
+    assert_error(client.post("/v1/summarize", json={"document": "a", "documents": ["b"]}), 422, "either")
+    assert_error(client.post("/v1/summarize", json={}), 422, "either")
