@@ -24,7 +24,7 @@ from service.generate import TextGenerator
 from service.jobs import MAX_JOB_BYTES, JobRunner, JobStore, build_jobs_router
 from service.metrics import Metrics
 from service.openai_api import build_router, sse
-from service.runner import DeadlineExceeded, Done, complete, stream
+from service.runner import ClientGone, DeadlineExceeded, Done, complete, stream
 from service.scheduler import EngineFailed, Overloaded, Scheduler
 from service.schemas import AnswerRequest, AnswerResponse, ErrorResponse, SummarizeRequest, SummarizeResponse, Usage
 
@@ -131,6 +131,10 @@ def build_app(
     @app.exception_handler(EngineFailed)
     async def failed(request: Request, exc: EngineFailed):
         return error(503, str(exc), code="engine_failed")
+
+    @app.exception_handler(ClientGone)
+    async def gone(request: Request, exc: ClientGone):
+        return Response(status_code=499)  # nginx's "client closed request": nobody reads it
 
     @app.exception_handler(DeadlineExceeded)
     async def too_slow(request: Request, exc: DeadlineExceeded):
