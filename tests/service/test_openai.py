@@ -104,3 +104,16 @@ def test_a_consumer_that_goes_away_stops_generation(tiny):
         time.sleep(0.01)
     assert seen and not isinstance(seen[0], Done)
     assert results[0].completion_tokens < 20  # not the 500 asked for
+
+
+def test_streamed_multibyte_text_never_splits_a_character(client, tiny, monkeypatch):
+    """Force the engine to emit a script of byte tokens (each multibyte character is 2-4 of them) and
+    read it back through the server's SSE stream."""
+    text = "naïve café — 世界 😀 done"
+    script = iter(tiny.tokenizer.encode(text))
+    monkeypatch.setattr(tiny.engine, "pick", lambda seqs, logits: [next(script, 2) for _ in seqs])
+    parts = client.completions.create(model="tiny-random", prompt="x", max_tokens=64, stream=True)
+    pieces = [p.choices[0].text for p in parts]
+    assert "".join(pieces) == text
+    assert not any("\ufffd" in p for p in pieces)
+    assert len([p for p in pieces if p]) > 5  # it really streamed in pieces
