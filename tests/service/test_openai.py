@@ -9,9 +9,9 @@ import openai
 import pytest
 
 from service.app import build_app
-from service.runner import Done
-from service.runner import stream as run_stream
 from service.sampling import SamplingParams
+from service.streams import Done
+from service.streams import stream as run_stream
 
 
 @pytest.fixture(scope="module")
