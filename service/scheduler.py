@@ -78,6 +78,8 @@ class Scheduler:
         for s in seqs:
             s.done.wait()
         for s in seqs:
+            if isinstance(s.error, ValueError):
+                raise s.error
             if s.error is not None:
                 raise EngineFailed(self.failure or str(s.error)) from s.error
         return [s.completion() for s in seqs]
@@ -107,7 +109,11 @@ class Scheduler:
                 new, self.inbox = self.inbox, []
                 calls, self.calls = self.calls, []
             for s in new:
-                self.batcher.add(s)
+                try:
+                    self.batcher.add(s)
+                except ValueError as e:  # does not fit the cache: that request's error, not the engine's
+                    s.error = e
+                    s.done.set()
             try:
                 for work, future in calls:
                     try:
