@@ -18,7 +18,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException
 
-from service import tasks
+from service import scoring, tasks
 from service.engine import ContextOverflow
 from service.generate import TextGenerator
 from service.jobs import MAX_JOB_BYTES, JobRunner, JobStore, build_jobs_router
@@ -191,9 +191,15 @@ def build_app(
                 on_text=push,
             )
 
+        ev = req.evaluate
+        if ev:
+            scoring.check(ev.metrics, ev.references)
+
         def shape(a) -> AnswerResponse:
+            source = "\n".join([req.question, *req.passages])
             return AnswerResponse(
                 answer=a.answer,
+                scores=scoring.evaluate(ev.metrics, a.answer, ev.references, source) if ev else None,
                 passage_index=a.passage_index,
                 model=gen.name,
                 usage=usage(a.prompt_tokens, a.completion_tokens),
@@ -215,9 +221,14 @@ def build_app(
                 on_text=push,
             )
 
+        ev = req.evaluate
+        if ev:
+            scoring.check(ev.metrics, ev.references)
+
         def shape(s) -> SummarizeResponse:
+            scores = scoring.evaluate(ev.metrics, s.summary, ev.references, req.text()) if ev else None
             return SummarizeResponse(
-                summary=s.summary, model=gen.name, usage=usage(s.prompt_tokens, s.completion_tokens)
+                summary=s.summary, scores=scores, model=gen.name, usage=usage(s.prompt_tokens, s.completion_tokens)
             )
 
         return await respond(work, request, req.stream, shape)

@@ -21,6 +21,13 @@ class Usage(BaseModel):
     total_tokens: int
 
 
+class Evaluate(BaseModel):
+    """Score the output with quality hooks (see service.scoring)."""
+
+    references: list[str] = Field(default_factory=list, max_length=MAX_PASSAGES)
+    metrics: list[str] = Field(min_length=1, max_length=8)
+
+
 class AnswerRequest(BaseModel):
     question: Question
     passages: list[Text] = Field(default_factory=list, max_length=MAX_PASSAGES)
@@ -28,10 +35,12 @@ class AnswerRequest(BaseModel):
     temperature: float = Field(0.0, ge=0.0, le=2.0)
     seed: int | None = None
     stream: bool = Field(False, description="server-sent events: {delta} pieces, then the full response")
+    evaluate: Evaluate | None = None
 
 
 class AnswerResponse(BaseModel):
     answer: str
+    scores: dict[str, float] | None = None
     passage_index: int | None = Field(description="0-based index of the passage the answer drew on, if any")
     model: str
     usage: Usage
@@ -50,6 +59,7 @@ class SummarizeRequest(BaseModel):
     temperature: float = Field(0.0, ge=0.0, le=2.0)
     seed: int | None = None
     stream: bool = Field(False, description="server-sent events: {delta} pieces, then the full response")
+    evaluate: Evaluate | None = None
 
     @model_validator(mode="after")
     def one_source(self):
@@ -63,6 +73,7 @@ class SummarizeRequest(BaseModel):
 
 class SummarizeResponse(BaseModel):
     summary: str
+    scores: dict[str, float] | None = None
     model: str
     usage: Usage
 

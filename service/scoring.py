@@ -115,3 +115,18 @@ def aggregate(values: list[float], seed: int = 0, samples: int = 1000, level: fl
     tail = (1 - level) / 2 * 100
     low, high = np.percentile(means, [tail, 100 - tail])
     return {"mean": float(x.mean()), "low": float(low), "high": float(high)}
+
+
+def check(metrics: list[str], references: list[str]) -> None:
+    """Refuse unknown metrics, or metrics without the references they need, before any generation."""
+    for name in metrics:
+        if hook(name).needs_references and not references:
+            raise ValueError(f"metric {name!r} needs references")
+
+
+def evaluate(metrics: list[str], prediction: str, references: list[str], source: str | None = None) -> dict:
+    check(metrics, references)
+    out: dict[str, float] = {}
+    for name in metrics:
+        out |= hook(name).score(prediction, references, source)
+    return out

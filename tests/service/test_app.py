@@ -42,7 +42,7 @@ def test_answer_round_trip(client):
     )
     assert r.status_code == 200, r.text
     body = r.json()
-    assert set(body) == {"answer", "passage_index", "model", "usage"}
+    assert set(body) == {"answer", "passage_index", "scores", "model", "usage"}
     u = body["usage"]
     assert u["total_tokens"] == u["prompt_tokens"] + u["completion_tokens"] > 0
     again = client.post(
@@ -58,7 +58,7 @@ def test_answer_round_trip(client):
 def test_summarize_round_trip(client):
     r = client.post("/v1/summarize", json={"document": "The council approved the new park. " * 4, "length": "short"})
     assert r.status_code == 200, r.text
-    assert set(r.json()) == {"summary", "model", "usage"}
+    assert set(r.json()) == {"summary", "scores", "model", "usage"}
 
 
 @pytest.mark.parametrize(
@@ -176,3 +176,29 @@ def test_several_documents_or_one(client):
     assert r.status_code == 200, r.text
     assert_error(client.post("/v1/summarize", json={"document": "a", "documents": ["b"]}), 422, "either")
     assert_error(client.post("/v1/summarize", json={}), 422, "either")
+
+
+def test_per_request_evaluation(client):
+    ref = "The council approved the park."
+    r = client.post(
+        "/v1/summarize",
+        json={
+            "document": "The council approved the new park. " * 3,
+            "length": "short",
+            "evaluate": {"metrics": ["rouge"], "references": [ref]},
+        },
+    ).json()
+    from service.scoring import rouge
+
+    assert r["scores"] == pytest.approx(rouge(r["summary"], [ref]))
+    a = client.post(
+        "/v1/answer", json={"question": "Who?", "max_tokens": 4, "evaluate": {"metrics": ["qa"], "references": ["x"]}}
+    ).json()
+    assert set(a["scores"]) == {"exact_match", "f1", "containment"}
+    assert client.post("/v1/answer", json={"question": "Who?"}).json()["scores"] is None
+    assert_error(
+        client.post("/v1/answer", json={"question": "Who?", "evaluate": {"metrics": ["qa"]}}), 400, "needs references"
+    )
+    assert_error(
+        client.post("/v1/answer", json={"question": "Who?", "evaluate": {"metrics": ["bleu"]}}), 400, "unknown metric"
+    )
