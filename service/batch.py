@@ -134,10 +134,10 @@ def run_job(
     if on_start:
         on_start(len(todo))
     results, errors = Appender(out), Appender(errors_path)
-    own = None if gen.engine.scheduler is not None else Scheduler(gen.engine, slots=workers).start()
     start, counts = time.perf_counter(), {"ok": 0, "error": 0, "tokens": 0}
 
-    def one(n: int, record: dict | None, parse_error: str | None) -> tuple[str, int]:
+    def one(item: tuple[int, dict | None, str | None]) -> tuple[str, int]:
+        n, record, parse_error = item
         key = {"line": n} | ({"id": record["id"]} if isinstance(record, dict) and "id" in record else {})
         try:
             if parse_error:
@@ -149,28 +149,18 @@ def run_job(
         results.write(key | fields)
         return "ok", fields["completion_tokens"]
 
-    def collect(finished) -> None:
-        for f in finished:
-            kind, tokens = f.result()  # re-raises an engine failure
-            counts[kind] += 1
-            counts["tokens"] += tokens
-            if progress:
-                progress(tokens)
+    def done(outcome: tuple[str, int]) -> None:
+        kind, tokens = outcome
+        counts[kind] += 1
+        counts["tokens"] += tokens
+        if progress:
+            progress(tokens)
 
     try:
-        with ThreadPoolExecutor(workers) as pool:
-            pending: set[Future] = set()
-            for item in todo:  # `workers` records in flight, no more: an interruption leaves little undone
-                pending.add(pool.submit(one, *item))
-                if len(pending) >= workers:
-                    finished, pending = wait(pending, return_when=FIRST_COMPLETED)
-                    collect(finished)
-            collect(wait(pending).done)
+        in_flight(gen, one, todo, workers, done)
     finally:
         results.close()
         errors.close()
-        if own is not None:
-            own.stop()
     return Summary(
         len(records),
         len(records) - len(todo),
@@ -179,3 +169,24 @@ def run_job(
         time.perf_counter() - start,
         counts["tokens"],
     )
+
+
+def in_flight(gen: TextGenerator, fn: Callable, items, workers: int, on_done: Callable) -> None:
+    """`fn(item)` for every item, `workers` at a time (no more: an interruption leaves little undone),
+    through the engine's scheduler, which batches them (one is started here when none runs).
+    `on_done(result)` is called on this thread as each finishes; an engine failure is re-raised."""
+    own = None if gen.engine.scheduler is not None else Scheduler(gen.engine, slots=workers).start()
+    try:
+        with ThreadPoolExecutor(workers) as pool:
+            pending: set[Future] = set()
+            for item in items:
+                pending.add(pool.submit(fn, item))
+                if len(pending) >= workers:
+                    finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+                    for f in finished:
+                        on_done(f.result())
+            for f in wait(pending).done:
+                on_done(f.result())
+    finally:
+        if own is not None:
+            own.stop()
