@@ -181,6 +181,29 @@ def cmd_batch(args) -> None:
     )
 
 
+def cmd_eval(args) -> None:
+    from tqdm import tqdm
+
+    from service.bulk_eval import MAIN, markdown, run_eval
+
+    gen = _load(args)
+    with tqdm(desc=f"eval {args.task}", unit="ex", total=args.limit, disable=args.quiet) as bar:
+        report = run_eval(
+            gen,
+            args.task,
+            Path(args.data),
+            Path(args.out),
+            args.limit,
+            args.length,
+            args.workers,
+            progress=lambda: bar.update(1),
+        )
+    if args.json:
+        print(json.dumps({k: v for k, v in report.items() if k != "examples"}))
+    else:
+        print(markdown(report) + f"\nmain metric {MAIN[args.task]}; report, table and plot in {args.out}")
+
+
 def cmd_make_random(args) -> None:
     from model.tiny import write_model_dir
 
@@ -299,6 +322,16 @@ def parser() -> argparse.ArgumentParser:
     j.add_argument("--workers", type=int, default=8, help="records in flight, batched by the engine (default 8)")
     j.add_argument("--quiet", action="store_true", help="no progress bar")
     j.set_defaults(run=cmd_batch)
+
+    e = sub.add_parser("eval", parents=[common, as_json], help="run a task over a data set and score it")
+    e.add_argument("task", choices=["summarize", "qa"])
+    e.add_argument("--data", required=True, help="JSONL: {id, document, summary} or {id, question, context, answers}")
+    e.add_argument("--limit", type=int, help="only the first N examples")
+    e.add_argument("--out", default="eval-out", help="directory for report.json, report.md, scores.png")
+    e.add_argument("--length", choices=["short", "medium", "long"], default="medium", help="summary length")
+    e.add_argument("--workers", type=int, default=8, help="examples in flight, batched by the engine")
+    e.add_argument("--quiet", action="store_true", help="no progress bar")
+    e.set_defaults(run=cmd_eval)
 
     r = sub.add_parser("make-random", help="write a random-weight model directory of a named shape")
     r.add_argument("out", help="directory to write (config.json, model.safetensors, tokenizer)")

@@ -1,0 +1,58 @@
+"""`nlg eval` on tiny-random: the report's shape, the Lead-3 baseline, and the files it writes."""
+
+from __future__ import annotations
+
+import json
+
+from service.bulk_eval import full_sentence, lead3, run_eval
+from service.cli import main
+
+
+def test_eval_qa_writes_report_table_and_plot(tiny, tmp_path):
+    data = tmp_path / "qa.jsonl"
+    rows = [
+        {"id": "a", "question": "Who won?", "context": "The Broncos won.", "answers": ["Broncos"]},
+        {"id": "b", "question": "When?", "context": None, "answers": ["1999"]},
+    ]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    report = run_eval(tiny, "qa", data, tmp_path / "out", workers=2)
+    assert [e["id"] for e in report["examples"]] == ["a", "b"]
+    assert set(report["metrics"]) == {"exact_match", "f1", "containment", "full_sentence"}
+    assert all(set(m) == {"mean", "low", "high"} for m in report["metrics"].values())
+    for name in ("report.json", "report.md", "scores.png"):
+        assert (tmp_path / "out" / name).stat().st_size > 0
+
+
+def test_eval_summarize_scores_lead3_beside(capsys, tmp_path):
+    data = tmp_path / "sum.jsonl"
+    doc = "The mayor opened the bridge. Traffic was heavy. Crowds cheered. Later it rained."
+    data.write_text(json.dumps({"id": "x", "document": doc, "summary": "Mayor opens bridge.   Crowds cheer."}) + "\n")
+    out = tmp_path / "out"
+    assert (
+        main(
+            [
+                "eval",
+                "summarize",
+                "--data",
+                str(data),
+                "--model",
+                "tiny-random",
+                "--out",
+                str(out),
+                "--quiet",
+                "--json",
+                "--length",
+                "short",
+            ]
+        )
+        == 0
+    )
+    metrics = json.loads(capsys.readouterr().out)["metrics"]
+    assert {"rouge1_f", "rougeLsum_f", "lead3_rouge1_f"} <= set(metrics)
+    assert metrics["lead3_rouge1_f"]["mean"] > 0.3
+
+
+def test_helpers():
+    assert lead3("One. Two. Three. Four.") == "One.\nTwo.\nThree."
+    assert full_sentence("Paris is the capital of France.") == 1.0
+    assert full_sentence("Paris") == 0.0 and full_sentence("paris is the capital") == 0.0
