@@ -17,7 +17,7 @@ from pathlib import Path
 from service import tasks
 from service.batch import BATCH_PRIORITY, in_flight
 from service.generate import TextGenerator
-from service.scoring import aggregate, qa, rouge, sentence_lines
+from service.scoring import aggregate, qa, rouge, sentence, sentence_lines, support
 
 MAIN = {"summarize": "rouge1_f", "qa": "containment"}
 
@@ -26,22 +26,17 @@ def lead3(document: str) -> str:
     return "\n".join(sentence_lines(document).splitlines()[:3])
 
 
-def full_sentence(text: str) -> float:
-    """A complete sentence: starts upper-case or with a digit, has a verb-sized body, ends in . ! or ?"""
-    words = text.split()
-    starts = text[:1].isupper() or text[:1].isdigit()
-    return float(len(words) >= 4 and starts and text.rstrip()[-1:] in ".!?")
-
-
 def score_example(task: str, record: dict, gen: TextGenerator, length: str) -> dict:
     if task == "summarize":
         refs = [record["summary"].replace("   ", "\n")]
         s = tasks.summarize(gen, record["document"], length, priority=BATCH_PRIORITY)
-        scores = rouge(s.summary, refs) | {f"lead3_{k}": v for k, v in rouge(lead3(record["document"]), refs).items()}
+        scores = rouge(s.summary, refs) | support(s.summary, refs, record["document"])
+        scores |= {f"lead3_{k}": v for k, v in rouge(lead3(record["document"]), refs).items()}
         return {"id": record.get("id"), "prediction": s.summary, "references": refs, "scores": scores}
     passages = [record["context"]] if record.get("context") else []
     a = tasks.answer(gen, record["question"], passages, priority=BATCH_PRIORITY)
-    scores = qa(a.answer, record["answers"]) | {"full_sentence": full_sentence(a.answer)}
+    source = "\n".join([record["question"], *passages])
+    scores = qa(a.answer, record["answers"]) | sentence(a.answer) | support(a.answer, [], source)
     return {"id": record.get("id"), "prediction": a.answer, "references": record["answers"], "scores": scores}
 
 

@@ -9,6 +9,8 @@ A hook scores one prediction against references (and/or its source text) and ret
 - `qa`: the SQuAD v1.1 official rules (normalize, exact match, token F1, best over golds) plus
   `containment`: a normalized gold answer inside the normalized prediction, which is what a correct
   full-sentence answer earns (its exact match is 0).
+- `support`: the share of the output's names and numbers found in the source (entity-level factual
+  precision), names found by rule. `sentence`: the full-sentence check. Both need no references.
 """
 
 from __future__ import annotations
@@ -101,8 +103,48 @@ def qa(prediction: str, references: list[str], source: str | None = None) -> dic
     }
 
 
+_ENTITY = re.compile(r"\b(?:[A-Z][\w'-]*(?:\s+(?:of|de|la|van|von)?\s*[A-Z][\w'-]*)*|\d[\d,.]*\d|\d)\b")
+_NOT_NAMES = frozenset(
+    "The A An It He She They We I You This That These Those There Here His Her Their Its Our "
+    "In On At By For With From As But And Or If When While After Before Yes No".split()
+)
+
+
+def entities(text: str) -> list[str]:
+    """Named-entity-like spans by rule (capitalized word runs and numbers), the offline fallback for an
+    NER model: a sentence-initial function word is not a name."""
+    found = []
+    for m in _ENTITY.finditer(text):
+        words = m.group().split()
+        while words and words[0] in _NOT_NAMES:
+            words = words[1:]
+        if words:
+            found.append(" ".join(words).rstrip(".,"))
+    return found
+
+
+def support(prediction: str, references: list[str], source: str | None = None) -> dict[str, float]:
+    """Entity-level precision against the source (Nan et al. 2021): the share of the output's names and
+    numbers that also occur in the source (1.0 when there are none)."""
+    if not source:
+        raise ValueError("support needs the source text")
+    haystack = " ".join(source.lower().split())
+    found = entities(prediction)
+    ok = [e for e in found if e.lower() in haystack]
+    return {"support": len(ok) / len(found) if found else 1.0, "entities": float(len(found))}
+
+
+def sentence(prediction: str, references: list[str] = (), source: str | None = None) -> dict[str, float]:
+    """A complete sentence: starts upper-case or with a digit, at least four words, ends in . ! or ?"""
+    text = prediction.strip()
+    starts = text[:1].isupper() or text[:1].isdigit()
+    return {"full_sentence": float(len(text.split()) >= 4 and starts and text[-1:] in ".!?")}
+
+
 register(Hook("rouge", True, rouge))
 register(Hook("qa", True, qa))
+register(Hook("support", False, support))
+register(Hook("sentence", False, sentence))
 
 
 def aggregate(values: list[float], seed: int = 0, samples: int = 1000, level: float = 0.95) -> dict[str, float]:

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 
-from service.bulk_eval import full_sentence, lead3, run_eval
+from service.bulk_eval import lead3, run_eval
 from service.cli import main
+from service.scoring import sentence
 
 
 def test_eval_qa_writes_report_table_and_plot(tiny, tmp_path):
@@ -17,7 +18,7 @@ def test_eval_qa_writes_report_table_and_plot(tiny, tmp_path):
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     report = run_eval(tiny, "qa", data, tmp_path / "out", workers=2)
     assert [e["id"] for e in report["examples"]] == ["a", "b"]
-    assert set(report["metrics"]) == {"exact_match", "f1", "containment", "full_sentence"}
+    assert set(report["metrics"]) == {"exact_match", "f1", "containment", "full_sentence", "support", "entities"}
     assert all(set(m) == {"mean", "low", "high"} for m in report["metrics"].values())
     for name in ("report.json", "report.md", "scores.png"):
         assert (tmp_path / "out" / name).stat().st_size > 0
@@ -54,5 +55,5 @@ def test_eval_summarize_scores_lead3_beside(capsys, tmp_path):
 
 def test_helpers():
     assert lead3("One. Two. Three. Four.") == "One.\nTwo.\nThree."
-    assert full_sentence("Paris is the capital of France.") == 1.0
-    assert full_sentence("Paris") == 0.0 and full_sentence("paris is the capital") == 0.0
+    assert sentence("Paris is the capital of France.") == {"full_sentence": 1.0}
+    assert sentence("Paris")["full_sentence"] == 0.0 and sentence("paris is the capital")["full_sentence"] == 0.0

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from rouge_score import rouge_scorer
 
-from service.scoring import aggregate, hook, normalize_answer, qa, rouge, sentence_lines
+from service.scoring import aggregate, entities, hook, normalize_answer, qa, rouge, sentence_lines, support
 
 PAIRS = [
     ("The cat sat on the mat. It was happy.", "A cat was sitting on the mat. The cat seemed happy."),
@@ -50,5 +50,18 @@ def test_bootstrap_interval_is_seeded():
 
 
 def test_unknown_metric_names_the_available_ones():
-    with pytest.raises(ValueError, match="available: qa, rouge"):
+    with pytest.raises(ValueError, match="available: qa, rouge, sentence, support"):
         hook("bleu")
+
+
+def test_support_counts_names_and_numbers_found_in_the_source():
+    source = "Jason Mraz and Tristan Prettyman got engaged on Christmas Eve 2008."
+    assert entities("The singer Jason Mraz married Tristan Prettyman in 2008.") == [
+        "Jason Mraz",
+        "Tristan Prettyman",
+        "2008",
+    ]
+    assert support("Jason Mraz is engaged to Tristan Prettyman.", [], source)["support"] == 1.0
+    s = support("Jason Mraz married Colbie Caillat in 2010.", [], source)
+    assert s["entities"] == 3.0 and s["support"] == pytest.approx(1 / 3)
+    assert support("It was lovely.", [], source)["support"] == 1.0
