@@ -70,10 +70,14 @@ def content_words(text: str) -> set[str]:
     return {w for w in (x.lower() for x in _WORD.findall(text)) if w not in STOPWORDS}
 
 
+def support(answer: str, question: str, text: str) -> int:
+    """How many of the answer's content words beyond those of the question `text` contains."""
+    return len((content_words(answer) - content_words(question)) & content_words(text))
+
+
 def supporting_passage(answer: str, question: str, passages: list[str]) -> int | None:
-    """The passage sharing the most content words with the answer beyond those of the question."""
-    new = content_words(answer) - content_words(question)
-    scores = [len(new & content_words(p)) for p in passages]
+    """The passage that best supports the answer (None when none shares a new content word)."""
+    scores = [support(answer, question, p) for p in passages]
     if not scores or max(scores) == 0:
         return None
     return scores.index(max(scores))
@@ -138,7 +142,7 @@ def answer(
     params = SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=seed)
     chat, context = gen.tokenizer.chat, gen.engine.context
     ids = chat(answer_messages(question, passages))
-    windows = [(None, "")]
+    windows = None  # (passage index, piece) when the passages had to be cut to fit
     if passages and len(ids) + max_tokens > context:
         room = context - max_tokens - len(chat(answer_messages(question, ["."])))
         if room < 16:
@@ -146,19 +150,16 @@ def answer(
         windows = [(i, piece) for i, p in enumerate(passages) for piece in split_to_fit(gen, p, room)]
         prompts = [chat(answer_messages(question, [piece])) for _, piece in windows]
     else:
-        gen.engine.check_fits(len(ids), max_tokens)
-        prompts = [ids]
+        prompts = [ids]  # generate() refuses it, naming the numbers, if it does not fit
     stream = (lambda i, piece: on_text(piece)) if on_text and len(prompts) == 1 else None
     results = gen.generate(prompts, [params] * len(prompts), stream, cancelled, priority)
     texts = [first_sentence(r.text) for r in results]
-    if len(windows) == 1 and windows[0][0] is None:
-        index = supporting_passage(texts[0], question, passages) if passages else None
-        best = 0
+    if windows is None:
+        best, index = 0, supporting_passage(texts[0], question, passages)
     else:
-        new = [content_words(t) - content_words(question) for t in texts]
-        support = [len(n & content_words(piece)) for n, (_, piece) in zip(new, windows)]
-        best = support.index(max(support))
-        index = windows[best][0] if support[best] > 0 else None
+        scores = [support(t, question, piece) for t, (_, piece) in zip(texts, windows)]
+        best = scores.index(max(scores))
+        index = windows[best][0] if scores[best] > 0 else None
     return Answer(texts[best], index, sum(r.prompt_tokens for r in results), sum(r.completion_tokens for r in results))
 
 

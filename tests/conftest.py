@@ -3,6 +3,10 @@ compare against) and the project's `tiny-random` model."""
 
 from __future__ import annotations
 
+import threading
+import time
+from contextlib import contextmanager
+
 import pytest
 import torch
 
@@ -69,8 +73,28 @@ def tiny() -> TextGenerator:
     return TextGenerator.load("tiny-random")
 
 
+@contextmanager
+def live_server(app):
+    """Serve `app` with uvicorn on a free loopback port, on a thread; yields its base URL."""
+    import uvicorn
+
+    from service.bench_serve import free_port
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not server.started:
+        assert time.time() < deadline and thread.is_alive(), "the server did not start"
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(30)
+
+
 @pytest.fixture(scope="session")
 def serve():
-    from service.bench_serve import live_server
-
     return live_server
