@@ -46,6 +46,10 @@ def error(status: int, message: str, param: str | None = None, code: str | None 
     return JSONResponse(body, status_code=status)
 
 
+def scores(ev, prediction: str, source: str) -> dict[str, float] | None:
+    return scoring.evaluate(ev.metrics, prediction, ev.references, source) if ev else None
+
+
 def usage(prompt: int, completion: int) -> Usage:
     return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
 
@@ -165,10 +169,12 @@ def build_app(
     def prometheus() -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    async def respond(work, request: Request, stream_it: bool, shape):
-        """Run a task; as JSON, or with `stream` as server-sent events: {"delta"} pieces of the raw
-        text, then the full response object, then [DONE]."""
-        if not stream_it:
+    async def respond(req, work, request: Request, shape):
+        """Run a task; as JSON, or with `req.stream` as server-sent events: {"delta"} pieces of the raw
+        text, then the full response object, then [DONE]. Metrics asked for are checked first."""
+        if req.evaluate:
+            scoring.check(req.evaluate.metrics, req.evaluate.references)
+        if not req.stream:
             return shape(await complete(work, request, request_timeout))
 
         async def events():
@@ -191,21 +197,16 @@ def build_app(
                 on_text=push,
             )
 
-        ev = req.evaluate
-        if ev:
-            scoring.check(ev.metrics, ev.references)
-
         def shape(a) -> AnswerResponse:
-            source = "\n".join([req.question, *req.passages])
             return AnswerResponse(
                 answer=a.answer,
-                scores=scoring.evaluate(ev.metrics, a.answer, ev.references, source) if ev else None,
+                scores=scores(req.evaluate, a.answer, "\n".join([req.question, *req.passages])),
                 passage_index=a.passage_index,
                 model=gen.name,
                 usage=usage(a.prompt_tokens, a.completion_tokens),
             )
 
-        return await respond(work, request, req.stream, shape)
+        return await respond(req, work, request, shape)
 
     @app.post("/v1/summarize", response_model=SummarizeResponse)
     async def summarize(req: SummarizeRequest, request: Request):
@@ -221,16 +222,14 @@ def build_app(
                 on_text=push,
             )
 
-        ev = req.evaluate
-        if ev:
-            scoring.check(ev.metrics, ev.references)
-
         def shape(s) -> SummarizeResponse:
-            scores = scoring.evaluate(ev.metrics, s.summary, ev.references, req.text()) if ev else None
             return SummarizeResponse(
-                summary=s.summary, scores=scores, model=gen.name, usage=usage(s.prompt_tokens, s.completion_tokens)
+                summary=s.summary,
+                scores=scores(req.evaluate, s.summary, req.text()),
+                model=gen.name,
+                usage=usage(s.prompt_tokens, s.completion_tokens),
             )
 
-        return await respond(work, request, req.stream, shape)
+        return await respond(req, work, request, shape)
 
     return app
