@@ -65,6 +65,14 @@ class Batch:
         run = bool((slots == first + torch.arange(len(slots), device=slots.device)).all())
         return cls(positions, slots, mask, span, first if run else None)
 
+    @classmethod
+    def fixed(cls, positions: torch.Tensor, span: int) -> Batch:
+        """Rows are cache slots 0..B-1 reading keys [0, span) under a mask: no value is read back to
+        the host, so the forward can be captured in a CUDA graph and replayed."""
+        slots = torch.arange(positions.shape[0], device=positions.device)
+        key_pos = torch.arange(span, device=positions.device)[None, None, None, :]
+        return cls(positions, slots, key_pos <= positions[:, None, :, None], span, 0)
+
 
 def attend(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: Batch, cache: KVCache | None, layer: int
@@ -83,7 +91,11 @@ def attend(
             k, v = kc[rows, :, : batch.span], vc[rows, :, : batch.span]  # (B, Hkv, S, D)
         else:
             k, v = kc[batch.slots, :, : batch.span], vc[batch.slots, :, : batch.span]
+    hkv = k.shape[1]
+    if t == 1 and h != hkv:  # decode: the query heads sharing a KV head become its rows, no K/V copy
+        out = F.scaled_dot_product_attention(q.view(b, hkv, h // hkv, d), k, v, attn_mask=batch.mask)
+        return out.reshape(b, 1, h * d)  # (B, Hkv, H/Hkv, D) is (B, H, D) in head order
     out = F.scaled_dot_product_attention(
-        q.transpose(1, 2), k, v, attn_mask=batch.mask, enable_gqa=h != k.shape[1]
+        q.transpose(1, 2), k, v, attn_mask=batch.mask, enable_gqa=h != hkv
     )  # (B, H, T, D)
     return out.transpose(1, 2).reshape(b, t, h * d)

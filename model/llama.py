@@ -126,9 +126,11 @@ class LlamaForCausalLM(nn.Module):
         cache: KVCache | None = None,
         slots: torch.Tensor | None = None,
         logits_index: torch.Tensor | None = None,
+        span: int | None = None,
     ) -> torch.Tensor:
-        """input_ids, positions: (B, T). Returns logits (B, T, V), or (B, V) at `logits_index` (B,)."""
-        batch = Batch.make(positions, cache, slots)
+        """input_ids, positions: (B, T). Returns logits (B, T, V), or (B, V) at `logits_index` (B,).
+        With `span`, rows are cache slots 0..B-1 and nothing is read back to the host (`Batch.fixed`)."""
+        batch = Batch.make(positions, cache, slots) if span is None else Batch.fixed(positions, span)
         cos, sin = self.cos[positions].unsqueeze(2), self.sin[positions].unsqueeze(2)  # (B, T, 1, D)
         x = self.model.embed_tokens(input_ids)  # (B, T, hidden)
         for block in self.model.layers:

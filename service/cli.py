@@ -14,11 +14,21 @@ from model.registry import DEFAULT_MODEL, NAMES
 
 
 def _load(args):
-    import torch
 
     from service.generate import TextGenerator
 
-    return TextGenerator.load(args.model, device=args.device, dtype=getattr(torch, args.dtype))
+    return TextGenerator.load(args.model, device=args.device, dtype=dtype_of(args))
+
+
+def dtype_of(args):
+    """--dtype, or float32 on CPUs and bfloat16 on CUDA (float16 on cards without bf16, such as the V100)."""
+    import torch
+
+    if args.dtype:
+        return getattr(torch, args.dtype)
+    if str(args.device).startswith("cuda"):
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
 
 
 def _emit(args, data: dict, text: str) -> None:
@@ -215,7 +225,9 @@ def cmd_bench(args) -> None:
     if args.target == "serve":
         from service.bench_serve import print_report, run
 
-        report = run(args.model, clients=args.clients, tokens=args.tokens, extra=["--dtype", args.dtype])
+        report = run(
+            args.model, clients=args.clients, tokens=args.tokens, extra=["--dtype", args.dtype] if args.dtype else []
+        )
         print(json.dumps(report) if args.json else print_report(report))
         return
     if args.tp > 1:
@@ -223,6 +235,12 @@ def cmd_bench(args) -> None:
 
         report = run_sweep(args.model, args.tp, tokens=args.tokens)
         print(json.dumps(report) if args.json else print_sweep(report))
+        return
+    if args.device.startswith("cuda"):
+        from service.bench_gpu import print_report, run
+
+        report = run(tokens=args.tokens, hf_tokens=min(args.tokens, 64), out=args.save)
+        print(json.dumps(report) if args.json else print_report(report))
         return
     from service.bench import print_report, run
 
@@ -241,8 +259,8 @@ def parser() -> argparse.ArgumentParser:
     common.add_argument(
         "--dtype",
         choices=["float32", "bfloat16", "float16"],
-        default="float32",
-        help="weights and KV cache (default float32; bfloat16 batches faster on CPUs with AMX)",
+        help="weights and KV cache (default: float32 on CPUs, bfloat16 on CUDA, float16 on CUDA cards without "
+        "bf16; bfloat16 also batches faster on CPUs with AMX)",
     )
     common.add_argument("--tp", type=int, default=1, metavar="N", help="split the model over N local ranks")
     as_json = argparse.ArgumentParser(add_help=False)
@@ -302,7 +320,8 @@ def parser() -> argparse.ArgumentParser:
         help="our engine vs transformers generate(), same run",
         description="Our engine vs transformers generate() on the same weights, in one run. With --tp N: the "
         "same model at every valid tensor-parallel size up to N, each in fresh processes (per-rank peak RSS "
-        "after loading, decode tokens/s).",
+        "after loading, decode tokens/s). With --device cuda: random weights of the SmolLM2-135M and 1B Llama "
+        "shapes, bf16, single-stream and batch-32, CUDA graphs on and off, and the card's copy bandwidth.",
     )
     b.add_argument(
         "target",
@@ -314,6 +333,7 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--clients", type=int, default=16, help="bench serve: concurrent clients (default 16)")
     b.add_argument("--tokens", type=int, default=64, help="tokens generated per sequence (default 64)")
     b.add_argument("--no-hf", action="store_true", help="skip the transformers baseline")
+    b.add_argument("--save", metavar="FILE", help="--device cuda: also write the JSON report to FILE, shape by shape")
     b.set_defaults(run=cmd_bench)
     j = sub.add_parser("batch", parents=[common], help="summarize or answer every line of a JSONL file (resumable)")
     j.add_argument("task", choices=["summarize", "answer"])

@@ -28,6 +28,7 @@ from torch import nn
 
 from model.kv_cache import KVCache
 from parallel.state import get_tp
+from service.decode_graphs import GraphDecoder
 from service.sampling import SamplingParams, repeated_ngram_tokens, sample
 
 OnToken = Callable[[int, int], bool]  # (sequence index, token id) -> True to stop that sequence
@@ -92,6 +93,7 @@ class Engine:
         context: int | None = None,
         prefill_chunk: int = 512,
         device: str | torch.device = "cpu",
+        graphs: bool | None = None,
     ):
         cfg = model.config
         self.model, self.stop_ids, self.max_batch = model, stop_ids, max_batch
@@ -101,6 +103,10 @@ class Engine:
         self.kv_heads = max(1, cfg.num_kv_heads // get_tp().size)  # this rank's KV heads
         self.cache: KVCache | None = None  # the calling thread's cache (no scheduler)
         self.scheduler = None  # set by service.scheduler.Scheduler when it owns this engine
+        # Decode through a GraphDecoder: CUDA graphs, on by default on one CUDA device (the collectives of
+        # tensor-parallel ranks are not captured). On a CPU the same static forward runs eagerly (tests).
+        self.use_graphs = self.device.type == "cuda" and get_tp().size == 1 if graphs is None else graphs
+        self.graphs: GraphDecoder | None = None  # the decoder of the cache last decoded
 
     def check_fits(self, prompt_len: int, max_tokens: int) -> None:
         if prompt_len == 0:
@@ -176,6 +182,10 @@ class Engine:
     @torch.inference_mode()
     def decode(self, seqs: list[Sequence], cache: KVCache) -> torch.Tensor:
         """One token for every sequence: returns logits (B, V)."""
+        if self.use_graphs:
+            if self.graphs is None or self.graphs.cache is not cache:
+                self.graphs = GraphDecoder(self.model, cache, capture=self.device.type == "cuda")
+            return self.graphs(seqs)
         d = self.device
         ids = torch.tensor([[s.output[-1]] for s in seqs], device=d)
         positions = torch.tensor([[s.length - 1] for s in seqs], device=d)

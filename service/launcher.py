@@ -49,7 +49,7 @@ def rank_main(argv: list[str]) -> int:
     """The entry point of every rank."""
     from parallel.launch import init_from_env, shutdown
     from parallel.state import get_tp
-    from service.cli import parser, run
+    from service.cli import dtype_of, parser, run
 
     args = parser().parse_args(argv)
     device = init_from_env()
@@ -58,7 +58,7 @@ def rank_main(argv: list[str]) -> int:
     try:
         if get_tp().rank == 0:
             return run(args)
-        follower(args.model, device, getattr(torch, args.dtype))
+        follower(args.model, device, dtype_of(args))
         return 0
     finally:
         shutdown()

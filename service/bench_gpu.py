@@ -1,0 +1,219 @@
+"""`nlg bench --device cuda`: the GPU fast path against `transformers` `generate()` on the same weights,
+in the same run, for named shapes with random weights (the real checkpoints need not travel to the GPU
+machine). Per shape: the card's copy bandwidth and the floor it sets (every decode step reads every
+weight once), our single-stream and batch-32 decode tokens/s with and without CUDA graphs, and
+`generate()`'s. First a correctness check on the tiny model: greedy tokens on CUDA against the CPU's
+fp32 path. Needs only torch, transformers, safetensors and tokenizers (no HTTP layer).
+
+Decode tokens/s counts the tokens after each sequence's first, over the time from the first token to
+the last: the prompt's prefill is not in it.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from model.config import PRESETS
+from model.loader import load_model
+from model.registry import resolve
+from service.engine import Engine
+from service.sampling import SamplingParams
+
+SHAPES = ("smollm2-135m", "llama-1b")
+PROMPT_LEN = 16
+
+
+def copy_bandwidth_gbs(device: torch.device, mb: int = 1024, reps: int = 10) -> float:
+    """Device-to-device copy, bytes read plus bytes written, best of `reps`."""
+    x = torch.empty(mb * 2**20, dtype=torch.uint8, device=device)
+    y = torch.empty_like(x)
+    best = float("inf")
+    for _ in range(reps + 2):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        y.copy_(x)
+        end.record()
+        end.synchronize()
+        best = min(best, start.elapsed_time(end) / 1e3)
+    return 2 * x.numel() / best / 1e9
+
+
+def random_checkpoint(shape: str, directory: Path, dtype: torch.dtype, seed: int = 0) -> torch.nn.Module:
+    """A `transformers` model of the named shape with its default random initialisation, on the GPU;
+    saved to `directory` so that our loader reads the same weights."""
+    import transformers
+
+    torch.manual_seed(seed)
+    config = transformers.AutoConfig.for_model(**PRESETS[shape].to_hf())
+    with torch.device("cuda"):
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.save_pretrained(directory)
+    return model.eval()
+
+
+def decode_rate(engine: Engine, prompts: list[list[int]], tokens: int) -> tuple[float, list[int]]:
+    """Decode tokens/s of one `generate` call over `prompts`, and the first sequence's tokens."""
+    params = [SamplingParams(max_tokens=tokens, ignore_eos=True)] * len(prompts)
+    engine.generate(prompts, params)  # warm-up (and graph capture)
+    stamps: list[float] = []
+    torch.cuda.synchronize()
+    out = engine.generate(prompts, params, on_token=lambda i, t: stamps.append(time.perf_counter()) and False)
+    return (len(stamps) - len(prompts)) / (stamps[-1] - stamps[len(prompts) - 1]), out[0].token_ids
+
+
+@torch.inference_mode()
+def hf_rate(model, prompts: list[list[int]], tokens: int) -> tuple[float, list[int]]:
+    """`generate()`'s decode tokens/s: the time of `tokens` new tokens less the time of one."""
+    ids = torch.tensor(prompts, device="cuda")  # prompts of equal length: no padding
+
+    def timed(n: int):
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        out = model.generate(input_ids=ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+        torch.cuda.synchronize()
+        return time.perf_counter() - t, out[:, ids.shape[1] :]
+
+    timed(2)  # warm-up
+    first, _ = timed(1)
+    total, out = timed(tokens)
+    return len(prompts) * (tokens - 1) / (total - first), out[0].tolist()
+
+
+def step_ms(engine: Engine, rows: int) -> float:
+    """GPU time of one replay of the decode graph of `rows` rows (no host work), median of 50."""
+    graphs = engine.graphs
+    graph, _ = next(g for (b, _), g in graphs.graphs.items() if b == rows)
+    times = []
+    for _ in range(50):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
+
+
+def profile_step(engine: Engine) -> tuple[int, str]:
+    """The kernels of one decode step of one sequence (the forward a graph records), run eagerly under
+    the profiler: how many, and its table of them."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cache = engine.new_cache(1, 256)
+    zeros = torch.zeros(1, 1, dtype=torch.long, device="cuda")
+    with torch.inference_mode():
+        engine.model(zeros, zeros, cache, None, logits_index=zeros[0], span=256)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            engine.model(zeros, zeros, cache, None, logits_index=zeros[0], span=256)
+            torch.cuda.synchronize()
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    return len(kernels), prof.key_averages().table(sort_by="device_time_total", row_limit=25)
+
+
+def check_tiny(tokens: int = 32) -> dict:
+    """Greedy tokens of the tiny model: CUDA fp32 with graphs must equal the CPU's fp32 path exactly;
+    CUDA bf16 with graphs is reported as the first-step logits' error and the agreeing prefix."""
+    path = resolve("tiny-random")
+    prompt = [[5, 17, 42, 99, 3, 250, 7, 8, 11, 64, 65, 66]]
+    params = [SamplingParams(max_tokens=tokens, ignore_eos=True)]
+    cpu = load_model(path)
+    want = Engine(cpu).generate(prompt, params)[0].token_ids
+    r = {}
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        gpu = load_model(path, dtype=dtype, device="cuda")
+        got = Engine(gpu, device="cuda").generate(prompt, params)[0].token_ids
+        agree = next((i for i, (a, b) in enumerate(zip(want, got)) if a != b), len(want))
+        with torch.inference_mode():
+            ids = torch.tensor(prompt)
+            positions = torch.arange(ids.shape[1])[None]
+            ref = cpu(ids, positions)
+            err = (gpu(ids.cuda(), positions.cuda()).float().cpu() - ref).abs().max() / ref.abs().max()
+        r[name] = {"tokens_agree": agree, "of": len(want), "relative_logit_error": float(err)}
+    r["fp32_exact"] = r["fp32"]["tokens_agree"] == len(want)
+    return r
+
+
+def bench_shape(shape: str, tokens: int, hf_tokens: int, batch: int, bandwidth: float) -> dict:
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    with tempfile.TemporaryDirectory() as tmp:
+        hf = random_checkpoint(shape, Path(tmp), dtype)
+        model = load_model(tmp, dtype=dtype, device="cuda")
+    wbytes = sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
+    gen = torch.Generator().manual_seed(1)
+    vocab = PRESETS[shape].vocab_size
+    prompts = torch.randint(0, vocab, (batch, PROMPT_LEN), generator=gen).tolist()
+    r = {"shape": shape, "dtype": str(dtype).removeprefix("torch."), "weight_mb": wbytes / 1e6}
+    r["floor_tok_s"] = bandwidth * 1e9 / wbytes
+    graphs = Engine(model, max_batch=batch, device="cuda")
+    eager = Engine(model, max_batch=batch, device="cuda", graphs=False)
+    r["single_tok_s"], ours = decode_rate(graphs, prompts[:1], tokens)
+    r["graph_step_ms_rows1"] = step_ms(graphs, 1)
+    r["single_eager_tok_s"], ours_eager = decode_rate(eager, prompts[:1], tokens)
+    r[f"batch{batch}_tok_s"], _ = decode_rate(graphs, prompts, tokens)
+    r[f"graph_step_ms_rows{batch}"] = step_ms(graphs, batch)
+    r[f"batch{batch}_eager_tok_s"], _ = decode_rate(eager, prompts, tokens)
+    r["kernels_per_step"], r["kernel_table"] = profile_step(eager)
+    r["hf_single_tok_s"], theirs = hf_rate(hf, prompts[:1], hf_tokens)
+    r[f"hf_batch{batch}_tok_s"], _ = hf_rate(hf, prompts, hf_tokens)
+    r["floor_fraction"] = r["single_tok_s"] / r["floor_tok_s"]
+    r["single_x_hf"] = r["single_tok_s"] / r["hf_single_tok_s"]
+    r[f"batch{batch}_x_hf"] = r[f"batch{batch}_tok_s"] / r[f"hf_batch{batch}_tok_s"]
+    n = min(len(ours), len(theirs))
+    r["greedy_prefix_agree_hf"] = next((i for i in range(n) if ours[i] != theirs[i]), n)
+    r["greedy_graphs_equal_eager"] = ours == ours_eager
+    del hf, model, graphs, eager
+    torch.cuda.empty_cache()
+    return r
+
+
+def run(shapes=SHAPES, tokens: int = 128, hf_tokens: int = 64, batch: int = 32, out: str | None = None) -> dict:
+    device = torch.device("cuda")
+    report = {
+        "device": torch.cuda.get_device_name(device),
+        "torch": torch.__version__,
+        "copy_bandwidth_gbs": copy_bandwidth_gbs(device),
+        "tokens": tokens,
+        "hf_tokens": hf_tokens,
+        "batch": batch,
+        "prompt_tokens": PROMPT_LEN,
+    }
+    report["tiny_check"] = check_tiny()
+    report["shapes"] = []
+    for shape in shapes:
+        report["shapes"].append(bench_shape(shape, tokens, hf_tokens, batch, report["copy_bandwidth_gbs"]))
+        if out:
+            Path(out).write_text(json.dumps(report, indent=1))
+    return report
+
+
+def print_report(r: dict) -> str:
+    b = r["batch"]
+    t = r["tiny_check"]
+    lines = [
+        f"{r['device']}, torch {r['torch']}: copy bandwidth {r['copy_bandwidth_gbs']:.0f} GB/s (read + write)",
+        f"tiny model, greedy tokens vs CPU fp32: fp32 {t['fp32']['tokens_agree']}/{t['fp32']['of']} "
+        f"(logit error {t['fp32']['relative_logit_error']:.1e}), bf16 {t['bf16']['tokens_agree']}/{t['bf16']['of']} "
+        f"(logit error {t['bf16']['relative_logit_error']:.1e})",
+        f"{'shape':14} {'weights':>8} {'floor':>7} {'single':>7} {'eager':>6} {'hf':>5} {'x hf':>5} {'%floor':>6} "
+        f"{'batch' + str(b):>8} {'eager':>7} {'hf':>6} {'x hf':>5} {'step ms 1/' + str(b):>14}",
+    ]
+    for s in r["shapes"]:
+        lines.append(
+            f"{s['shape']:14} {s['weight_mb']:6.0f}MB {s['floor_tok_s']:7.0f} {s['single_tok_s']:7.0f} "
+            f"{s['single_eager_tok_s']:6.0f} {s['hf_single_tok_s']:5.0f} {s['single_x_hf']:5.1f} "
+            f"{100 * s['floor_fraction']:5.0f}% {s[f'batch{b}_tok_s']:8.0f} {s[f'batch{b}_eager_tok_s']:7.0f} "
+            f"{s[f'hf_batch{b}_tok_s']:6.0f} {s[f'batch{b}_x_hf']:5.1f} "
+            f"{s['graph_step_ms_rows1']:6.3f}/{s[f'graph_step_ms_rows{b}']:.3f}"
+        )
+    lines.append(
+        "kernels per decode step (eager): " + ", ".join(f"{s['shape']} {s['kernels_per_step']}" for s in r["shapes"])
+    )
+    lines.append("decode tokens/s, bf16, random weights; ours greedy-agrees with generate() for the first")
+    lines.append("  " + ", ".join(f"{s['shape']} {s['greedy_prefix_agree_hf']} tokens" for s in r["shapes"]))
+    return "\n".join(lines)
