@@ -17,7 +17,7 @@ def _load(args):
 
     from service.generate import TextGenerator
 
-    return TextGenerator.load(args.model, device=args.device, dtype=dtype_of(args))
+    return TextGenerator.load(args.model, device=args.device, dtype=dtype_of(args), compile=args.compile)
 
 
 def dtype_of(args):
@@ -121,6 +121,12 @@ def cmd_score(args) -> None:
         print(f"{i:>8}  {'' if lp is None else f'{lp:9.4f}':>9}  {tok!r}")
 
 
+def cmd_fetch(args) -> None:
+    from model.registry import resolve
+
+    print(resolve(args.name))
+
+
 def cmd_models(args) -> None:
     from model.registry import cache_dir
 
@@ -197,6 +203,16 @@ def cmd_eval(args) -> None:
     from service.bulk_eval import MAIN, markdown, run_eval
 
     gen = _load(args)
+    if args.task in ("lambada", "wikitext"):
+        from service import lm_eval
+
+        with tqdm(desc=f"eval {args.task}", unit="ex", total=args.limit, disable=args.quiet) as bar:
+            report = lm_eval.run(
+                gen, args.task, Path(args.data), Path(args.out), args.limit, args.window, args.stride, bar.update
+            )
+        summary = {k: v for k, v in report.items() if k != "examples"}
+        print(json.dumps(summary) if args.json else lm_eval.markdown(report) + f"\nreport in {args.out}")
+        return
     with tqdm(desc=f"eval {args.task}", unit="ex", total=args.limit, disable=args.quiet) as bar:
         report = run_eval(
             gen,
@@ -263,6 +279,12 @@ def parser() -> argparse.ArgumentParser:
         "bf16; bfloat16 also batches faster on CPUs with AMX)",
     )
     common.add_argument("--tp", type=int, default=1, metavar="N", help="split the model over N local ranks")
+    common.add_argument(
+        "--compile",
+        action="store_true",
+        help="CUDA: torch.compile the decode step the CUDA graphs record (on an H100: 1.3x single-stream, 1.6x "
+        "batch-32 for SmolLM2; about a minute of compiling at the first requests)",
+    )
     as_json = argparse.ArgumentParser(add_help=False)
     as_json.add_argument("--json", action="store_true", help="print one JSON object")
 
@@ -344,14 +366,25 @@ def parser() -> argparse.ArgumentParser:
     j.set_defaults(run=cmd_batch)
 
     e = sub.add_parser("eval", parents=[common, as_json], help="run a task over a data set and score it")
-    e.add_argument("task", choices=["summarize", "qa"])
-    e.add_argument("--data", required=True, help="JSONL: {id, document, summary} or {id, question, context, answers}")
+    e.add_argument("task", choices=["summarize", "qa", "lambada", "wikitext"])
+    e.add_argument(
+        "--data",
+        required=True,
+        help="JSONL: {id, document, summary} (summarize), {id, question, context, answers} (qa), {text} (lambada); "
+        "a text file (wikitext)",
+    )
     e.add_argument("--limit", type=int, help="only the first N examples")
     e.add_argument("--out", default="eval-out", help="directory for report.json, report.md, scores.png")
     e.add_argument("--length", choices=["short", "medium", "long"], default="medium", help="summary length")
     e.add_argument("--workers", type=int, default=8, help="examples in flight, batched by the engine")
+    e.add_argument("--window", type=int, default=2048, help="wikitext: tokens per window (default 2048)")
+    e.add_argument("--stride", type=int, help="wikitext: tokens between window starts (default window - 1)")
     e.add_argument("--quiet", action="store_true", help="no progress bar")
     e.set_defaults(run=cmd_eval)
+
+    f = sub.add_parser("fetch", help="fetch and convert a named model into the cache now (images do it at build)")
+    f.add_argument("name", nargs="?", default=DEFAULT_MODEL, help=f"a model name (default: {DEFAULT_MODEL})")
+    f.set_defaults(run=cmd_fetch)
 
     r = sub.add_parser("make-random", help="write a random-weight model directory of a named shape")
     r.add_argument("out", help="directory to write (config.json, model.safetensors, tokenizer)")

@@ -94,6 +94,7 @@ class Engine:
         prefill_chunk: int = 512,
         device: str | torch.device = "cpu",
         graphs: bool | None = None,
+        compile: bool = False,
     ):
         cfg = model.config
         self.model, self.stop_ids, self.max_batch = model, stop_ids, max_batch
@@ -106,6 +107,7 @@ class Engine:
         # Decode through a GraphDecoder: CUDA graphs, on by default on one CUDA device (the collectives of
         # tensor-parallel ranks are not captured). On a CPU the same static forward runs eagerly (tests).
         self.use_graphs = self.device.type == "cuda" and get_tp().size == 1 if graphs is None else graphs
+        self.compile = compile  # torch.compile the forward the graphs record
         self.graphs: GraphDecoder | None = None  # the decoder of the cache last decoded
 
     def check_fits(self, prompt_len: int, max_tokens: int) -> None:
@@ -184,7 +186,7 @@ class Engine:
         """One token for every sequence: returns logits (B, V)."""
         if self.use_graphs:
             if self.graphs is None or self.graphs.cache is not cache:
-                self.graphs = GraphDecoder(self.model, cache, capture=self.device.type == "cuda")
+                self.graphs = GraphDecoder(self.model, cache, self.device.type == "cuda", self.compile)
             return self.graphs(seqs)
         d = self.device
         ids = torch.tensor([[s.output[-1]] for s in seqs], device=d)
@@ -240,8 +242,15 @@ class Engine:
             chunk = torch.tensor([ids[start : start + self.prefill_chunk]], device=self.device)
             positions = start + torch.arange(chunk.shape[1], device=self.device)[None]
             logits = self.model(chunk, positions, cache, slots)[0]  # (T, V)
-            nxt = ids[start + 1 : start + 1 + chunk.shape[1]]
-            out += [token_logprob(row, token, top) for row, token in zip(logits, nxt)]
+            nxt = torch.tensor(ids[start + 1 : start + 1 + chunk.shape[1]], device=self.device)
+            logp = logits[: len(nxt)].float().log_softmax(-1)  # (T', V): rows that have a next token
+            chosen = logp.gather(1, nxt[:, None])[:, 0].tolist()
+            if top:
+                best = torch.topk(logp, top)
+                pairs = [list(zip(i, v)) for i, v in zip(best.indices.tolist(), best.values.tolist())]
+            else:
+                pairs = [[] for _ in chosen]
+            out += [TokenLogprob(c, p) for c, p in zip(chosen, pairs)]
         return out
 
 
