@@ -46,8 +46,11 @@ def error(status: int, message: str, param: str | None = None, code: str | None 
     return JSONResponse(body, status_code=status)
 
 
-def scores(ev, prediction: str, source: str) -> dict[str, float] | None:
-    return scoring.evaluate(ev.metrics, prediction, ev.references, source) if ev else None
+# --score-traffic: cheap reference-free hooks per task, and the scores of theirs that are exported
+QUALITY = {
+    "answer": (["sentence", "support"], ["full_sentence", "support"]),
+    "summarize": (["support", "novelty"], ["support", "novel_trigrams", "copied_sentences"]),
+}
 
 
 def usage(prompt: int, completion: int) -> Usage:
@@ -62,14 +65,27 @@ def build_app(
     max_waiting: int = 64,
     jobs_db: str = ":memory:",
     request_timeout: float | None = 600.0,
+    score_traffic: bool = False,
 ) -> FastAPI:
     """The lifespan starts the engine thread (`Scheduler`, `slots` sequences at once, `max_waiting`
     queued before 429) and stops it. `on_fatal` runs after an engine failure (a dead rank, a collective
     timeout) has been reported with 503; `nlg serve` makes it exit non-zero so a supervisor restarts
     the service. With `api_key`, every /v1 route wants `Authorization: Bearer <key>` (health,
     readiness, metrics and the docs stay open). Batch jobs live in the SQLite file `jobs_db`. A request
-    running longer than `request_timeout` seconds is stopped and gets 504."""
+    running longer than `request_timeout` seconds is stopped and gets 504. With `score_traffic`, every
+    answer and summary is scored by the cheap reference-free hooks (`QUALITY`) into the Prometheus
+    histogram `nlg_quality_score{task, metric}`."""
     metrics = gen.metrics = Metrics()
+
+    def scores(task: str, ev, prediction: str, source: str) -> dict | None:
+        """The scores asked for, on the calling worker thread (a hook that needs the model waits for the
+        engine thread there, not on the event loop); traffic scoring feeds the histograms."""
+        if score_traffic:
+            hooks, exported = QUALITY[task]
+            values = scoring.evaluate(hooks, prediction, [], source)
+            for name in exported:
+                metrics.quality.labels(task, name).observe(values[name])
+        return scoring.evaluate(ev.metrics, prediction, ev.references, source, gen) if ev else None
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -186,7 +202,7 @@ def build_app(
     @app.post("/v1/answer", response_model=AnswerResponse)
     async def answer(req: AnswerRequest, request: Request):
         def work(push, cancelled):
-            return tasks.answer(
+            a = tasks.answer(
                 gen,
                 req.question,
                 req.passages,
@@ -196,11 +212,13 @@ def build_app(
                 cancelled=cancelled,
                 on_text=push,
             )
+            return a, scores("answer", req.evaluate, a.answer, "\n".join([req.question, *req.passages]))
 
-        def shape(a) -> AnswerResponse:
+        def shape(done) -> AnswerResponse:
+            a, scored = done
             return AnswerResponse(
                 answer=a.answer,
-                scores=scores(req.evaluate, a.answer, "\n".join([req.question, *req.passages])),
+                scores=scored,
                 passage_index=a.passage_index,
                 model=gen.name,
                 usage=usage(a.prompt_tokens, a.completion_tokens),
@@ -211,7 +229,7 @@ def build_app(
     @app.post("/v1/summarize", response_model=SummarizeResponse)
     async def summarize(req: SummarizeRequest, request: Request):
         def work(push, cancelled):
-            return tasks.summarize(
+            s = tasks.summarize(
                 gen,
                 req.text(),
                 req.length,
@@ -221,11 +239,13 @@ def build_app(
                 cancelled=cancelled,
                 on_text=push,
             )
+            return s, scores("summarize", req.evaluate, s.summary, req.text())
 
-        def shape(s) -> SummarizeResponse:
+        def shape(done) -> SummarizeResponse:
+            s, scored = done
             return SummarizeResponse(
                 summary=s.summary,
-                scores=scores(req.evaluate, s.summary, req.text()),
+                scores=scored,
                 model=gen.name,
                 usage=usage(s.prompt_tokens, s.completion_tokens),
             )

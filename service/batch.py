@@ -22,7 +22,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 
-from service import tasks
+from service import scoring, tasks
 from service.generate import TextGenerator
 from service.scheduler import Scheduler
 
@@ -40,28 +40,48 @@ class Summary:
 
 
 def run_record(gen: TextGenerator, task: str, record: dict) -> dict:
-    """One record's result fields; raises ValueError for a bad record."""
+    """One record's result fields; raises ValueError for a bad record. A record may carry
+    `evaluate: {metrics, references?}`, as the HTTP requests do: its result then has `scores`."""
     if not isinstance(record, dict):
         raise ValueError("a record must be a JSON object")
+    metrics, references = _evaluate(record)
     if task == "summarize":
+        document = _text(record, "document")
         s = tasks.summarize(
-            gen,
-            _text(record, "document"),
-            record.get("length", "medium"),
-            record.get("max_words"),
-            priority=BATCH_PRIORITY,
+            gen, document, record.get("length", "medium"), record.get("max_words"), priority=BATCH_PRIORITY
         )
-        return {"summary": s.summary, "prompt_tokens": s.prompt_tokens, "completion_tokens": s.completion_tokens}
-    passages = record.get("passages") or []
-    if not isinstance(passages, list) or not all(isinstance(p, str) for p in passages):
-        raise ValueError("passages must be a list of strings")
-    a = tasks.answer(gen, _text(record, "question"), passages, priority=BATCH_PRIORITY)
-    return {
-        "answer": a.answer,
-        "passage_index": a.passage_index,
-        "prompt_tokens": a.prompt_tokens,
-        "completion_tokens": a.completion_tokens,
-    }
+        out = {"summary": s.summary, "prompt_tokens": s.prompt_tokens, "completion_tokens": s.completion_tokens}
+        prediction, source = s.summary, document
+    else:
+        passages = record.get("passages") or []
+        if not isinstance(passages, list) or not all(isinstance(p, str) for p in passages):
+            raise ValueError("passages must be a list of strings")
+        question = _text(record, "question")
+        a = tasks.answer(gen, question, passages, priority=BATCH_PRIORITY)
+        out = {
+            "answer": a.answer,
+            "passage_index": a.passage_index,
+            "prompt_tokens": a.prompt_tokens,
+            "completion_tokens": a.completion_tokens,
+        }
+        prediction, source = a.answer, "\n".join([question, *passages])
+    if metrics:
+        out["scores"] = scoring.evaluate(metrics, prediction, references, source, gen)
+    return out
+
+
+def _evaluate(record: dict) -> tuple[list[str], list[str]]:
+    """The record's metrics and references, checked before anything is generated."""
+    ev = record.get("evaluate")
+    if ev is None:
+        return [], []
+    metrics, references = (ev.get("metrics"), ev.get("references", [])) if isinstance(ev, dict) else (None, None)
+    if not isinstance(metrics, list) or not metrics or not isinstance(references, list):
+        raise ValueError("evaluate must be {metrics: [names], references?: [texts]}")
+    if not all(isinstance(x, str) for x in metrics + references):
+        raise ValueError("evaluate's metrics and references must be strings")
+    scoring.check(metrics, references)
+    return metrics, references
 
 
 def _text(record: dict, field: str) -> str:

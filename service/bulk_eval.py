@@ -14,10 +14,10 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
-from service import tasks
+from service import factual, fluency, tasks
 from service.batch import BATCH_PRIORITY, in_flight
 from service.generate import TextGenerator
-from service.scoring import aggregate, qa, rouge, sentence, sentence_lines, support
+from service.scoring import aggregate, evaluate, numeric, qa, rouge, sentence_lines
 
 MAIN = {"summarize": "rouge1_f", "qa": "containment"}
 
@@ -26,17 +26,24 @@ def lead3(document: str) -> str:
     return "\n".join(sentence_lines(document).splitlines()[:3])
 
 
+def reference_free() -> list[str]:
+    """The reference-free hooks every example gets: Link Grammar only where it is installed."""
+    return ["support", "sentence", "fluency"] + (["grammar"] if fluency.grammar_unavailable() is None else [])
+
+
 def score_example(task: str, record: dict, gen: TextGenerator, length: str) -> dict:
     if task == "summarize":
         refs = [record["summary"].replace("   ", "\n")]
         s = tasks.summarize(gen, record["document"], length, priority=BATCH_PRIORITY)
-        scores = rouge(s.summary, refs) | support(s.summary, refs, record["document"])
+        scores = rouge(s.summary, refs) | evaluate(
+            [*reference_free(), "novelty"], s.summary, refs, record["document"], gen
+        )
         scores |= {f"lead3_{k}": v for k, v in rouge(lead3(record["document"]), refs).items()}
         return {"id": record.get("id"), "prediction": s.summary, "references": refs, "scores": scores}
     passages = [record["context"]] if record.get("context") else []
     a = tasks.answer(gen, record["question"], passages, priority=BATCH_PRIORITY)
     source = "\n".join([record["question"], *passages])
-    scores = qa(a.answer, record["answers"]) | sentence(a.answer) | support(a.answer, [], source)
+    scores = qa(a.answer, record["answers"]) | evaluate(reference_free(), a.answer, [], source, gen)
     return {"id": record.get("id"), "prediction": a.answer, "references": record["answers"], "scores": scores}
 
 
@@ -68,12 +75,14 @@ def run_eval(
 
     in_flight(gen, one, list(enumerate(records)), workers, collect)
     examples = [e for _, e in sorted(done, key=lambda x: x[0])]
-    names = list(examples[0]["scores"]) if examples else []
+    names = list(numeric(examples[0]["scores"])) if examples else []
     report = {
         "task": task,
         "model": gen.name,
         "data": str(data),
         "examples_scored": len(examples),
+        "entity_finder": factual.ner_backend(),
+        "link_grammar": fluency.grammar_unavailable() or "installed",
         "metrics": {n: aggregate([e["scores"][n] for e in examples]) for n in names},
         "examples": examples,
     }
@@ -88,6 +97,8 @@ def markdown(report: dict) -> str:
     lines = [
         f"# {report['task']}: {report['model']} on {Path(report['data']).parent.name} "
         f"({report['examples_scored']} examples)",
+        "",
+        f"Entities for `support`: {report['entity_finder']}. Link Grammar: {report['link_grammar']}.",
         "",
         "| metric | mean | 95% interval |",
         "| --- | --- | --- |",
@@ -104,7 +115,9 @@ def plot(report: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     names = [
-        n for n in report["metrics"] if n.endswith("_f") or n in ("exact_match", "f1", "containment", "full_sentence")
+        n
+        for n in report["metrics"]
+        if n in ("rouge1_f", "rouge2_f", "rougeLsum_f", "containment", "full_sentence", "support", "grammar")
     ]
     fig, axes = plt.subplots(1, len(names), figsize=(3 * len(names), 2.6), squeeze=False)
     for ax, name in zip(axes[0], names):

@@ -162,7 +162,7 @@ def cmd_serve(args) -> None:
     def load():
         gen = _load(args)
         print(f"nlg: {args.model} loaded in {gen.load_s:.1f} s; ready", file=sys.stderr, flush=True)
-        return build_app(gen, fatal, key, args.slots, args.max_waiting, jobs, args.request_timeout)
+        return build_app(gen, fatal, key, args.slots, args.max_waiting, jobs, args.request_timeout, args.score_traffic)
 
     url = f"http://{args.host}:{args.port}"
     print(
@@ -333,6 +333,12 @@ def parser() -> argparse.ArgumentParser:
     v.add_argument("--slots", type=int, default=16, help="sequences decoded together (KV cache slots; default 16)")
     v.add_argument("--max-waiting", type=int, default=64, help="queued sequences before 429 (default 64)")
     v.add_argument("--request-timeout", type=float, default=600, help="seconds before a request gets 504")
+    v.add_argument(
+        "--score-traffic",
+        action="store_true",
+        help="score every answer (sentence, support) and summary (support, novelty) into the Prometheus "
+        "histogram nlg_quality_score",
+    )
     v.add_argument("--jobs-db", help="SQLite file of batch jobs (default: jobs.sqlite in the model cache)")
     v.set_defaults(run=cmd_serve)
 

@@ -22,6 +22,13 @@ class Metrics:
         self.prompt_tokens = Counter("nlg_prompt_tokens", "Prompt tokens processed", registry=r)
         self.generation_tokens = Counter("nlg_generation_tokens", "Tokens generated", registry=r)
         self.finished = Counter("nlg_requests_finished", "Finished sequences", ["finish_reason"], registry=r)
+        self.quality = Histogram(
+            "nlg_quality_score",
+            "Reference-free quality scores of responses (nlg serve --score-traffic)",
+            ["task", "metric"],
+            buckets=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0),
+            registry=r,
+        )
         self.batch_size = Histogram(
             "nlg_batch_size", "Sequences per generation call", buckets=(1, 2, 4, 8, 16, 32), registry=r
         )

@@ -40,7 +40,7 @@ class AnswerRequest(BaseModel):
 
 class AnswerResponse(BaseModel):
     answer: str
-    scores: dict[str, float] | None = None
+    scores: dict[str, float | list[str]] | None = None
     passage_index: int | None = Field(description="0-based index of the passage the answer drew on, if any")
     model: str
     usage: Usage
@@ -73,7 +73,7 @@ class SummarizeRequest(BaseModel):
 
 class SummarizeResponse(BaseModel):
     summary: str
-    scores: dict[str, float] | None = None
+    scores: dict[str, float | list[str]] | None = None
     model: str
     usage: Usage
 

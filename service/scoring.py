@@ -9,8 +9,12 @@ A hook scores one prediction against references (and/or its source text) and ret
 - `qa`: the SQuAD v1.1 official rules (normalize, exact match, token F1, best over golds) plus
   `containment`: a normalized gold answer inside the normalized prediction, which is what a correct
   full-sentence answer earns (its exact match is 0).
-- `support`: the share of the output's names and numbers found in the source (entity-level factual
-  precision), names found by rule. `sentence`: the full-sentence check. Both need no references.
+- `sentence`: the full-sentence check. `support` (entity-level factual precision against the source)
+  and `novelty` (how much is copied verbatim) are in `service.factual`; `fluency` (LM log-probability
+  and SLOR, with the served model) and `grammar` (CMU Link Grammar, optional) in `service.fluency`.
+  None of these needs references.
+
+Scores are numbers, except `unsupported` (support's list of entities missing from the source).
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from service import factual, fluency
+
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL", "rougeLsum")
 _SENTENCE = re.compile(r"(?<=[.!?])\s+(?=[A-Z0-9\"'(])")
 
@@ -31,7 +37,9 @@ _SENTENCE = re.compile(r"(?<=[.!?])\s+(?=[A-Z0-9\"'(])")
 class Hook:
     name: str
     needs_references: bool
-    score: Callable[..., dict[str, float]]  # (prediction, references, source) -> {metric: value}
+    score: Callable[..., dict]  # (prediction, references, source, gen) -> {metric: value}
+    needs_model: bool = False  # scores with the served model: run on the thread that may call it
+    unavailable: Callable[[], str | None] = lambda: None  # why it cannot run here, or None
 
 
 REGISTRY: dict[str, Hook] = {}
@@ -56,7 +64,7 @@ def sentence_lines(text: str) -> str:
 _scorer = None
 
 
-def rouge(prediction: str, references: list[str], source: str | None = None) -> dict[str, float]:
+def rouge(prediction: str, references: list[str], source: str | None = None, gen=None) -> dict[str, float]:
     global _scorer
     if _scorer is None:
         from rouge_score import rouge_scorer
@@ -91,7 +99,7 @@ def token_f1(prediction: str, gold: str) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
-def qa(prediction: str, references: list[str], source: str | None = None) -> dict[str, float]:
+def qa(prediction: str, references: list[str], source: str | None = None, gen=None) -> dict[str, float]:
     if not references:
         raise ValueError("qa needs at least one gold answer")
     norm = normalize_answer(prediction)
@@ -103,38 +111,7 @@ def qa(prediction: str, references: list[str], source: str | None = None) -> dic
     }
 
 
-_ENTITY = re.compile(r"\b(?:[A-Z][\w'-]*(?:\s+(?:of|de|la|van|von)?\s*[A-Z][\w'-]*)*|\d[\d,.]*\d|\d)\b")
-_NOT_NAMES = frozenset(
-    "The A An It He She They We I You This That These Those There Here His Her Their Its Our "
-    "In On At By For With From As But And Or If When While After Before Yes No".split()
-)
-
-
-def entities(text: str) -> list[str]:
-    """Named-entity-like spans by rule (capitalized word runs and numbers), the offline fallback for an
-    NER model: a sentence-initial function word is not a name."""
-    found = []
-    for m in _ENTITY.finditer(text):
-        words = m.group().split()
-        while words and words[0] in _NOT_NAMES:
-            words = words[1:]
-        if words:
-            found.append(" ".join(words).rstrip(".,"))
-    return found
-
-
-def support(prediction: str, references: list[str], source: str | None = None) -> dict[str, float]:
-    """Entity-level precision against the source (Nan et al. 2021): the share of the output's names and
-    numbers that also occur in the source (1.0 when there are none)."""
-    if not source:
-        raise ValueError("support needs the source text")
-    haystack = " ".join(source.lower().split())
-    found = entities(prediction)
-    ok = [e for e in found if e.lower() in haystack]
-    return {"support": len(ok) / len(found) if found else 1.0, "entities": float(len(found))}
-
-
-def sentence(prediction: str, references: list[str] = (), source: str | None = None) -> dict[str, float]:
+def sentence(prediction: str, references: list[str] = (), source: str | None = None, gen=None) -> dict[str, float]:
     """A complete sentence: starts upper-case or with a digit, at least four words, ends in . ! or ?"""
     text = prediction.strip()
     starts = text[:1].isupper() or text[:1].isdigit()
@@ -143,8 +120,11 @@ def sentence(prediction: str, references: list[str] = (), source: str | None = N
 
 register(Hook("rouge", True, rouge))
 register(Hook("qa", True, qa))
-register(Hook("support", False, support))
 register(Hook("sentence", False, sentence))
+register(Hook("support", False, factual.support))
+register(Hook("novelty", False, factual.novelty))
+register(Hook("fluency", False, fluency.fluency, needs_model=True))
+register(Hook("grammar", False, fluency.grammar, unavailable=fluency.grammar_unavailable))
 
 
 def aggregate(values: list[float], seed: int = 0, samples: int = 1000, level: float = 0.95) -> dict[str, float]:
@@ -160,15 +140,26 @@ def aggregate(values: list[float], seed: int = 0, samples: int = 1000, level: fl
 
 
 def check(metrics: list[str], references: list[str]) -> None:
-    """Refuse unknown metrics, or metrics without the references they need, before any generation."""
+    """Refuse unknown metrics, metrics without the references they need, or ones that cannot run here,
+    before any generation."""
     for name in metrics:
-        if hook(name).needs_references and not references:
+        h = hook(name)
+        if h.needs_references and not references:
             raise ValueError(f"metric {name!r} needs references")
+        why = h.unavailable()
+        if why:
+            raise ValueError(why)
 
 
-def evaluate(metrics: list[str], prediction: str, references: list[str], source: str | None = None) -> dict:
+def evaluate(metrics: list[str], prediction: str, references: list[str], source: str | None = None, gen=None) -> dict:
+    """Every metric's scores for one output; `gen` (the TextGenerator) for hooks that need the model."""
     check(metrics, references)
-    out: dict[str, float] = {}
+    out: dict = {}
     for name in metrics:
-        out |= hook(name).score(prediction, references, source)
+        out |= hook(name).score(prediction, references, source, gen)
     return out
+
+
+def numeric(scores: dict) -> dict[str, float]:
+    """The scores that aggregate (not lists such as `unsupported`)."""
+    return {k: v for k, v in scores.items() if isinstance(v, (int, float))}

@@ -202,3 +202,31 @@ def test_per_request_evaluation(client):
     assert_error(
         client.post("/v1/answer", json={"question": "Who?", "evaluate": {"metrics": ["bleu"]}}), 400, "unknown metric"
     )
+
+
+def test_reference_free_hooks_per_request(client, tiny):
+    """Without references: support (with its unsupported list), novelty and the model's own fluency,
+    which runs through the engine thread while the server keeps serving."""
+    doc = "The council approved the new park on Monday. Work starts in May."
+    r = client.post(
+        "/v1/summarize",
+        json={"document": doc, "length": "short", "evaluate": {"metrics": ["support", "novelty", "fluency"]}},
+    )
+    assert r.status_code == 200, r.text
+    body = r.json()
+    from service import scoring
+
+    want = scoring.evaluate(["support", "novelty", "fluency"], body["summary"], [], doc, tiny)
+    assert set(body["scores"]) == set(want) >= {"support", "unsupported", "novel_trigrams", "lm_logprob", "slor"}
+    assert body["scores"]["unsupported"] == want["unsupported"]
+    assert body["scores"]["slor"] == pytest.approx(want["slor"], abs=1e-4)
+
+
+def test_score_traffic_fills_quality_histograms(tiny):
+    with TestClient(build_app(tiny, score_traffic=True)) as c:
+        assert c.post("/v1/answer", json={"question": "Who built the park?", "max_tokens": 8}).status_code == 200
+        c.post("/v1/summarize", json={"document": "The council approved the park.", "length": "short"})
+        text = c.get("/metrics").text
+    assert "entities" not in text
+    for task, metric in (("answer", "full_sentence"), ("answer", "support"), ("summarize", "novel_trigrams")):
+        assert f'nlg_quality_score_count{{metric="{metric}",task="{task}"}} 1.0' in text

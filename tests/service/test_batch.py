@@ -111,3 +111,26 @@ def test_http_batch_job_round_trip_and_resume_after_restart(tiny, tmp_path):
         assert c.delete(f"/v1/batches/{created['id']}").json()["state"] in ("cancelled", "completed")
         assert c.get("/v1/batches/batch_nope").status_code == 404
         assert c.post("/v1/batches?task=translate", content="{}").status_code == 422
+
+
+def test_records_can_ask_for_scores(tiny, tmp_path):
+    """`evaluate` on a record scores its own output; a bad one is an error line, nothing generated."""
+    src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    rows = [
+        {
+            "question": "Who won?",
+            "passages": ["The Broncos won."],
+            "evaluate": {"metrics": ["qa", "support"], "references": ["Broncos"]},
+        },
+        {"question": "Who won?", "evaluate": {"metrics": ["rouge"]}},
+        {"question": "Who won?", "evaluate": ["qa"]},
+        {"question": "Who won?"},
+    ]
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    summary = run_job(tiny, "answer", src, out, workers=2)
+    assert (summary.succeeded, summary.failed) == (2, 2)
+    results = {r["line"]: r for r in lines_of(out)}
+    assert set(results[1]["scores"]) == {"exact_match", "f1", "containment", "support", "entities", "unsupported"}
+    assert "scores" not in results[4]
+    errors = {e["line"]: e["error"] for e in lines_of(tmp_path / "out.errors.jsonl")}
+    assert "needs references" in errors[2] and "evaluate must be" in errors[3]

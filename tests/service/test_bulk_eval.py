@@ -18,7 +18,12 @@ def test_eval_qa_writes_report_table_and_plot(tiny, tmp_path):
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     report = run_eval(tiny, "qa", data, tmp_path / "out", workers=2)
     assert [e["id"] for e in report["examples"]] == ["a", "b"]
-    assert set(report["metrics"]) == {"exact_match", "f1", "containment", "full_sentence", "support", "entities"}
+    free = {"support", "entities", "full_sentence", "lm_logprob", "slor"} | (
+        {"grammar"} if "grammar" in report["metrics"] else set()
+    )
+    assert set(report["metrics"]) == {"exact_match", "f1", "containment"} | free
+    assert isinstance(report["examples"][0]["scores"]["unsupported"], list)  # per example, not aggregated
+    assert report["entity_finder"] and report["link_grammar"]
     assert all(set(m) == {"mean", "low", "high"} for m in report["metrics"].values())
     for name in ("report.json", "report.md", "scores.png"):
         assert (tmp_path / "out" / name).stat().st_size > 0

@@ -99,3 +99,29 @@ def test_cli_eval_lambada_and_wikitext(tmp_path, capsys):
     assert "examples" not in report and report["window"] == 256
     lam = json.loads((tmp_path / "lambada" / "report.json").read_text())
     assert len(lam["examples"]) == 3 and 0 <= lam["metrics"]["accuracy"]["mean"] <= 1
+
+
+@pytest.mark.slow
+def test_smollm2_lambada_and_wikitext_equal_transformers():
+    """The real default model on real data: LAMBADA accuracy identical and every target log-likelihood
+    within 1e-3; WikiText token perplexity within 1e-4 relative (fp32 both sides)."""
+    from transformers import AutoModelForCausalLM
+
+    from service.generate import TextGenerator
+
+    smol = TextGenerator.load("smollm2-135m-instruct")
+    hf = AutoModelForCausalLM.from_pretrained(str(smol.directory), dtype=torch.float32).eval()
+    records = [json.loads(line) for line in (DATA / "lambada_first20.jsonl").read_text().splitlines()]
+    ours = lm_eval.lambada(smol, records)
+    correct = []
+    for r, e in zip(records, ours["examples"]):
+        context, target = lm_eval.lambada_pair(smol.tokenizer, r["text"])
+        logp, best = hf_token_logprobs(hf, context + target)
+        assert e["loglik"] == pytest.approx(float(logp[-len(target) :].sum()), abs=1e-3)
+        correct.append(float(best[-len(target) :].tolist() == target))
+    assert [e["correct"] for e in ours["examples"]] == correct and 0 < sum(correct) < len(correct)
+
+    text = (DATA / "wikitext2_test_head.txt").read_text(encoding="utf-8")
+    ids = smol.tokenizer.encode(text)
+    nll, scored = lm_eval.token_nll(smol, ids, 1024, 1023)
+    assert nll / scored == pytest.approx(reference_nll(hf, ids, 1024, 1023) / scored, rel=1e-4)

