@@ -7,6 +7,7 @@ default, so the same input gives the same output. An input that does not fit the
 
 from __future__ import annotations
 
+import collections
 import re
 from dataclasses import dataclass
 
@@ -17,7 +18,18 @@ from service.sampling import SamplingParams
 # Chosen on a random sample of SQuAD and NQ-open dev questions (full-sentence and restatement rate).
 ANSWER_SYSTEM = "You answer questions in one complete sentence that repeats the subject of the question."
 ANSWER_INSTRUCTION = "Answer in one complete sentence that restates the question."
+# With passages, asking for the context's own words lifted SQuAD containment on the first 50 dev
+# questions from 52% to 60% (full sentences 100% both); see the README's quality section.
+ANSWER_FROM_CONTEXT = (
+    "Answer in one complete sentence that restates the question, using the exact words of the context."
+)
 SUMMARY_SYSTEM = "You write accurate, concise abstractive summaries in your own words."
+# A 135M model summarizes a whole article poorly (ROUGE-1 ~25 on CNN/DM) but rewrites a few chosen
+# sentences well: the document's most salient sentences (content words shared with the rest of the
+# document, with a prior for early sentences) go to the model to be rewritten, and the result is cut
+# to the sentences asked for. Tuning figures are in the README's quality section.
+SALIENT_DECAY = 1.0  # position prior: sentence i's salience is divided by 1 + i
+REWRITE_INSTRUCTION = "Rewrite the key sentences below as a summary"
 # Greedy decoding of a small model loops ("The video is at CNN.com. The video is at CNN.com. ...");
 # blocking repeated 4-grams of generated tokens (as BART/PEGASUS summarizers do with 3) stopped that and
 # raised ROUGE-1 on 8 CNN/DM dev articles from 0.207 to 0.237. The price: an exact repeat of a 4-token
@@ -115,7 +127,10 @@ def answer_messages(question: str, passages: list[str]) -> list[dict[str, str]]:
         context = "Context:\n" + "\n\n".join(f"[{i + 1}] {p}" for i, p in enumerate(passages)) + "\n\n"
     return [
         {"role": "system", "content": ANSWER_SYSTEM},
-        {"role": "user", "content": f"{context}Question: {question}\n{ANSWER_INSTRUCTION}"},
+        {
+            "role": "user",
+            "content": f"{context}Question: {question}\n{ANSWER_FROM_CONTEXT if passages else ANSWER_INSTRUCTION}",
+        },
     ]
 
 
@@ -163,11 +178,28 @@ def answer(
     return Answer(texts[best], index, sum(r.prompt_tokens for r in results), sum(r.completion_tokens for r in results))
 
 
-def summary_messages(document: str, instruction: str) -> list[dict[str, str]]:
-    return [
-        {"role": "system", "content": SUMMARY_SYSTEM},
-        {"role": "user", "content": f"Summarize the following document {instruction}.\n\n{document}"},
-    ]
+def summary_messages(document: str, instruction: str, rewrite: bool = False) -> list[dict[str, str]]:
+    ask = f"{REWRITE_INSTRUCTION} {instruction}" if rewrite else f"Summarize the following document {instruction}"
+    return [{"role": "system", "content": SUMMARY_SYSTEM}, {"role": "user", "content": f"{ask}.\n\n{document}"}]
+
+
+def sentences_of(text: str) -> list[str]:
+    return [s for s in (x.strip() for x in re.split(r"(?<=[.!?])\s+|\n+", text)) if s]
+
+
+def salient(text: str, k: int) -> str | None:
+    """The k most salient sentences in document order, or None when the text has no more than k."""
+    sentences = sentences_of(text)
+    if len(sentences) <= k:
+        return None
+    words = [content_words(s) for s in sentences]
+    counts = collections.Counter(w for ws in words for w in ws)
+
+    def salience(i: int) -> float:  # words the sentence shares with the others, per word (damped), by position
+        return sum(counts[w] - 1 for w in words[i]) / (len(words[i]) + 5) / (1 + SALIENT_DECAY * i)
+
+    chosen = sorted(sorted(range(len(sentences)), key=salience, reverse=True)[:k])
+    return " ".join(sentences[i] for i in chosen)
 
 
 def summarize(
@@ -199,9 +231,10 @@ def summarize(
         max_tokens=budget, temperature=temperature, seed=seed, no_repeat_ngram=SUMMARY_NO_REPEAT_NGRAM
     )
     chat, context = gen.tokenizer.chat, gen.engine.context
-    ids = chat(summary_messages(document, instruction))
-    if len(ids) + budget > context:
+    if len(chat(summary_messages(document, instruction))) + budget > context:
         return _map_reduce(gen, document, length, max_words, params, priority, cancelled, on_text)
+    key = salient(document, max(5, 2 * sentences))
+    ids = chat(summary_messages(key or document, instruction, rewrite=key is not None))
     stream = (lambda i, piece: on_text(piece)) if on_text else None
     r = gen.generate([ids], [params], stream, cancelled, priority)[0]
     text = " ".join(r.text.split())
@@ -209,6 +242,8 @@ def summarize(
         text = " ".join(text.split()[:max_words])
     if r.finish_reason == "length":
         text = whole_sentences(text)
+    if max_words is None:
+        text = " ".join(sentences_of(text)[:sentences])  # as many sentences as asked for
     return Summary(text, r.prompt_tokens, r.completion_tokens)
 
 

@@ -79,3 +79,37 @@ def test_passages_beyond_the_context_are_windowed(tiny):
     long = "Filler sentence about nothing at all. " * 150
     a = tasks.answer(tiny, "Who won?", [long, "The Broncos won the game."])
     assert a.prompt_tokens > 2048 and (a.passage_index is None or a.passage_index in (0, 1))
+
+
+def test_salient_keeps_the_central_early_sentences_in_order():
+    doc = (
+        "The city council approved a new park budget on Monday. "
+        "Weather was mild. "
+        "The park budget pays for trees and benches. "
+        "A reporter had lunch. "
+        "Council members said the park opens in May. "
+        "Budget talks for the park lasted two hours. "
+        "Someone lost a hat."
+    )
+    assert tasks.salient(doc, 3) == (
+        "The city council approved a new park budget on Monday. The park budget pays for trees and benches. "
+        "Budget talks for the park lasted two hours."
+    )
+    assert tasks.salient("One sentence. Two sentences.", 3) is None
+
+
+def test_long_documents_are_rewritten_from_salient_sentences_and_cut_to_length(tiny, monkeypatch):
+    seen = []
+    real = tasks.summary_messages
+
+    def spy(document, instruction, rewrite=False):
+        seen.append((document, rewrite))
+        return real(document, instruction, rewrite)
+
+    monkeypatch.setattr(tasks, "summary_messages", spy)
+    doc = " ".join(f"Sentence number {i} is about the harbour." for i in range(12))
+    s = tasks.summarize(tiny, doc, "short")
+    assert seen[-1] == (tasks.salient(doc, 5), True)
+    assert len(tasks.sentences_of(s.summary)) <= 1
+    tasks.summarize(tiny, "A short note. Nothing else.", "short")
+    assert seen[-1] == ("A short note. Nothing else.", False)
