@@ -233,7 +233,7 @@ def summarize(
     chat, context = gen.tokenizer.chat, gen.engine.context
     if len(chat(summary_messages(document, instruction))) + budget > context:
         return _map_reduce(gen, document, length, max_words, params, priority, cancelled, on_text)
-    key = salient(document, max(5, 2 * sentences))
+    key = salient(document, max(5, sentences + 2))
     ids = chat(summary_messages(key or document, instruction, rewrite=key is not None))
     stream = (lambda i, piece: on_text(piece)) if on_text else None
     r = gen.generate([ids], [params], stream, cancelled, priority)[0]
