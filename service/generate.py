@@ -64,7 +64,8 @@ class TextGenerator:
         cancelled: Callable[[], bool] | None = None,
         priority: int = 0,
     ) -> list[TextResult]:
-        """Generate for each prompt; `on_text(i, piece)` streams final text, `cancelled()` turning true
+        """Generate for each prompt; `on_text(i, piece)` streams final text (returning True stops that
+        sequence, finish reason "stop"), `cancelled()` turning true
         stops every sequence at its next token; a higher `priority` number waits behind lower ones."""
         detoks = [Detokenizer(self.tokenizer, p.stop) for p in params]
         pieces: list[list[str]] = [[] for _ in prompts]
@@ -79,8 +80,8 @@ class TextGenerator:
             piece = detoks[i].push(token)
             if piece:
                 pieces[i].append(piece)
-                if on_text:
-                    on_text(i, piece)
+                if on_text and on_text(i, piece):
+                    return True
             return detoks[i].stopped
 
         done = self.engine.generate(prompts, params, on_token, cancelled, priority)

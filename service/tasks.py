@@ -187,6 +187,23 @@ def sentences_of(text: str) -> list[str]:
     return [s for s in (x.strip() for x in re.split(r"(?<=[.!?])\s+|\n+", text)) if s]
 
 
+def stop_after(n: int, forward=None):
+    """An `on_text` that stops generation as soon as a sentence beyond the `n` asked for begins (that
+    piece is not forwarded), so the stream and the token count end where the summary does."""
+    text = ""
+
+    def on_piece(i: int, piece: str) -> bool:
+        nonlocal text
+        if len(sentences_of(text + piece)) > n:
+            return True
+        text += piece
+        if forward:
+            forward(piece)
+        return False
+
+    return on_piece
+
+
 def salient(text: str, k: int) -> str | None:
     """The k most salient sentences in document order, or None when the text has no more than k."""
     sentences = sentences_of(text)
@@ -235,7 +252,10 @@ def summarize(
         return _map_reduce(gen, document, length, max_words, params, priority, cancelled, on_text)
     key = salient(document, max(5, sentences + 2))
     ids = chat(summary_messages(key or document, instruction, rewrite=key is not None))
-    stream = (lambda i, piece: on_text(piece)) if on_text else None
+    if max_words is None:
+        stream = stop_after(sentences, on_text)
+    else:
+        stream = (lambda i, piece: on_text(piece)) if on_text else None
     r = gen.generate([ids], [params], stream, cancelled, priority)[0]
     text = " ".join(r.text.split())
     if max_words is not None:

@@ -113,3 +113,24 @@ def test_long_documents_are_rewritten_from_salient_sentences_and_cut_to_length(t
     assert len(tasks.sentences_of(s.summary)) <= 1
     tasks.summarize(tiny, "A short note. Nothing else.", "short")
     assert seen[-1] == ("A short note. Nothing else.", False)
+
+
+def test_stop_after_streams_whole_sentences_then_stops():
+    sent = []
+    on_piece = tasks.stop_after(2, sent.append)
+    pieces = ["The park", " opens.", " Work", " starts in May.", " Crowds", " cheer."]
+    stops = [on_piece(0, p) for p in pieces]
+    assert stops == [False, False, False, False, True, True]
+    assert "".join(sent) == "The park opens. Work starts in May."
+
+
+def test_on_text_returning_true_stops_the_sequence(tiny):
+    from service.sampling import SamplingParams
+
+    seen = []
+    r = tiny.generate(
+        [tiny.tokenizer.encode("hello")],
+        [SamplingParams(max_tokens=40, ignore_eos=True)],
+        lambda i, piece: seen.append(piece) or len(seen) >= 3,
+    )[0]
+    assert r.finish_reason == "stop" and len(seen) == 3 and r.completion_tokens <= 4
