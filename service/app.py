@@ -212,7 +212,7 @@ def build_app(
                 cancelled=cancelled,
                 on_text=push,
             )
-            return a, scores("answer", req.evaluate, a.answer, "\n".join([req.question, *req.passages]))
+            return a, scores("answer", req.evaluate, a.answer, tasks.answer_source(req.question, req.passages))
 
         def shape(done) -> AnswerResponse:
             a, scored = done

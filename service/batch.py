@@ -64,7 +64,7 @@ def run_record(gen: TextGenerator, task: str, record: dict) -> dict:
             "prompt_tokens": a.prompt_tokens,
             "completion_tokens": a.completion_tokens,
         }
-        prediction, source = a.answer, "\n".join([question, *passages])
+        prediction, source = a.answer, tasks.answer_source(question, passages)
     if metrics:
         out["scores"] = scoring.evaluate(metrics, prediction, references, source, gen)
     return out

@@ -42,7 +42,7 @@ def score_example(task: str, record: dict, gen: TextGenerator, length: str) -> d
         return {"id": record.get("id"), "prediction": s.summary, "references": refs, "scores": scores}
     passages = [record["context"]] if record.get("context") else []
     a = tasks.answer(gen, record["question"], passages, priority=BATCH_PRIORITY)
-    source = "\n".join([record["question"], *passages])
+    source = tasks.answer_source(record["question"], passages)
     scores = qa(a.answer, record["answers"]) | evaluate(reference_free(), a.answer, [], source, gen)
     return {"id": record.get("id"), "prediction": a.answer, "references": record["answers"], "scores": scores}
 

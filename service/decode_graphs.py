@@ -89,10 +89,3 @@ class GraphDecoder:
             logits = self._forward(rows, span)
         self.graphs[rows, span] = graph, logits
         return graph, logits
-
-    def capture_all(self, span: int = MIN_SPAN) -> None:
-        """Record every row bucket for one span ahead of traffic, the largest first (they share a pool)."""
-        for rows in sorted(self.rows, reverse=True):
-            self._inputs(rows)[1] = self.cache.max_seq - 1
-            if (rows, span) not in self.graphs:
-                self._capture(rows, min(span, self.cache.max_seq))

@@ -119,6 +119,11 @@ def split_to_fit(gen: TextGenerator, text: str, room: int) -> list[str]:
     return pieces + ([" ".join(current)] if current else [])
 
 
+def answer_source(question: str, passages: list[str]) -> str:
+    """What an answer is checked against (support, novelty): the question and its passages."""
+    return "\n".join([question, *passages])
+
+
 def answer_messages(question: str, passages: list[str]) -> list[dict[str, str]]:
     context = ""
     if len(passages) == 1:
