@@ -9,7 +9,10 @@ request.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
+import sys
+import time
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
@@ -91,6 +94,11 @@ def build_app(
     async def lifespan(app: FastAPI):
         scheduler = Scheduler(gen.engine, slots, max_waiting=max_waiting, metrics=metrics, on_fatal=on_fatal)
         app.state.scheduler = scheduler.start()
+        started = time.perf_counter()
+        warmed = await asyncio.to_thread(scheduler.call, lambda: gen.engine.warm_up(scheduler.batcher.cache))
+        if warmed:
+            took = time.perf_counter() - started
+            print(f"nlg: decode step warmed up for {len(warmed)} (rows, span) buckets in {took:.1f} s", file=sys.stderr)
         runner.start()
         yield
         runner.stop()

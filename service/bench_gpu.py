@@ -1,9 +1,10 @@
 """`nlg bench --device cuda`: the GPU fast path against `transformers` `generate()` on the same weights,
 in the same run, for named shapes with random weights (the real checkpoints need not travel to the GPU
 machine). Per shape: the card's copy bandwidth and the floor it sets (every decode step reads every
-weight once), our single-stream and batch-32 decode tokens/s with and without CUDA graphs, and
-`generate()`'s. First a correctness check on the tiny model: greedy tokens on CUDA against the CPU's
-fp32 path. Needs only torch, transformers, safetensors and tokenizers (no HTTP layer).
+weight once), our single-stream and batch-32 decode tokens/s with CUDA graphs (compiled or not) and
+without, single-stream also without launching steps ahead of the host, and `generate()`'s. First a
+correctness check on the tiny model: greedy tokens on CUDA against the CPU's fp32 path. Needs only
+torch, transformers, safetensors and tokenizers (no HTTP layer).
 
 Decode tokens/s counts the tokens after each sequence's first, over the time from the first token to
 the last: the prompt's prefill is not in it.
@@ -145,6 +146,9 @@ def compiled_rates(model, prompts: list[list[int]], tokens: int, batch: int) -> 
     r = {}
     r["single_compiled_tok_s"], r["tokens"] = decode_rate(engine, prompts[:1], tokens)
     r["graph_step_ms_rows1_compiled"] = step_ms(engine, 1)
+    engine.overlap = False
+    r["single_compiled_no_overlap_tok_s"], _ = decode_rate(engine, prompts[:1], tokens)
+    engine.overlap = True
     r[f"batch{batch}_compiled_tok_s"], _ = decode_rate(engine, prompts, tokens)
     r[f"graph_step_ms_rows{batch}_compiled"] = step_ms(engine, batch)
     r["compile_and_capture_s"] = time.perf_counter() - start
@@ -166,6 +170,9 @@ def bench_shape(shape: str, tokens: int, hf_tokens: int, batch: int, bandwidth: 
     eager = Engine(model, max_batch=batch, device="cuda", graphs=False)
     r["single_tok_s"], ours = decode_rate(graphs, prompts[:1], tokens)
     r["graph_step_ms_rows1"] = step_ms(graphs, 1)
+    graphs.overlap = False
+    r["single_no_overlap_tok_s"], _ = decode_rate(graphs, prompts[:1], tokens)
+    graphs.overlap = True
     r["single_eager_tok_s"], ours_eager = decode_rate(eager, prompts[:1], tokens)
     r[f"batch{batch}_tok_s"], _ = decode_rate(graphs, prompts, tokens)
     r[f"graph_step_ms_rows{batch}"] = step_ms(graphs, batch)
@@ -233,6 +240,11 @@ def print_report(r: dict) -> str:
                 ms = s[f"graph_step_ms_{step}_compiled"]
                 line += f"  compiled {s[f'{key}_compiled_tok_s']:7.0f} (GPU step {ms:.3f} ms)"
             line += f"  eager {s[f'{key}_eager_tok_s']:6.0f}  transformers {s[f'hf_{key}_tok_s']:5.0f}"
+            lines.append(line)
+        if "single_no_overlap_tok_s" in s:  # results saved before steps were launched ahead lack it
+            line = f"  single-stream without launching ahead: graphs {s['single_no_overlap_tok_s']:.0f}"
+            if "single_compiled_no_overlap_tok_s" in s:
+                line += f", compiled {s['single_compiled_no_overlap_tok_s']:.0f}"
             lines.append(line)
         best = max(s["single_tok_s"], s.get("single_compiled_tok_s", 0))
         lines.append(

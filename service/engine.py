@@ -11,6 +11,10 @@ cancelled sequence frees its slot at once. `Engine.generate` drives a batcher of
 calling thread, or, when a `service.scheduler.Scheduler` owns the engine (the HTTP server), hands the
 sequences to the scheduler's thread, which then makes every model call.
 
+On the CUDA-graph path, greedy decode steps are launched ahead (`Engine.launch`): a step over the same
+sequences as the step before is started before the host reads that step's tokens, so the host's work
+per token (callbacks, stop checks, streaming) runs while the GPU computes the next one.
+
 Importable without the HTTP layer (no fastapi here).
 """
 
@@ -28,7 +32,7 @@ from torch import nn
 
 from model.kv_cache import KVCache
 from parallel.state import get_tp
-from service.decode_graphs import GraphDecoder
+from service.decode_graphs import MIN_SPAN, GraphDecoder
 from service.sampling import SamplingParams, repeated_ngram_tokens, sample
 
 OnToken = Callable[[int, int], bool]  # (sequence index, token id) -> True to stop that sequence
@@ -84,6 +88,22 @@ class Sequence:
         return Completion(self.prompt, self.output, self.finish_reason, self.logprobs)
 
 
+@dataclass(eq=False)
+class Launched:
+    """A greedy decode step on its way: the sequences it runs for, and every row's token, copied to the
+    host once `ready` has passed (row i is cache slot i)."""
+
+    seqs: list[Sequence]
+    tokens: torch.Tensor
+    ready: torch.cuda.Event | None
+
+    def result(self) -> list[int]:
+        if self.ready is not None:
+            self.ready.synchronize()
+        rows = self.tokens.tolist()
+        return [rows[s.slot] for s in self.seqs]
+
+
 class Engine:
     def __init__(
         self,
@@ -95,6 +115,7 @@ class Engine:
         device: str | torch.device = "cpu",
         graphs: bool | None = None,
         compile: bool = False,
+        overlap: bool = True,
     ):
         cfg = model.config
         self.model, self.stop_ids, self.max_batch = model, stop_ids, max_batch
@@ -107,7 +128,8 @@ class Engine:
         # Decode through a GraphDecoder: CUDA graphs, on by default on one CUDA device (the collectives of
         # tensor-parallel ranks are not captured). On a CPU the same static forward runs eagerly (tests).
         self.use_graphs = self.device.type == "cuda" and get_tp().size == 1 if graphs is None else graphs
-        self.compile = compile  # torch.compile the forward the graphs record
+        self.compile = compile  # torch.compile the step the graphs record
+        self.overlap = overlap  # greedy graph steps are launched ahead of the host (see `launch`)
         self.graphs: GraphDecoder | None = None  # the decoder of the cache last decoded
 
     def check_fits(self, prompt_len: int, max_tokens: int) -> None:
@@ -181,18 +203,60 @@ class Engine:
                 done.append((s, row))
         return done
 
+    def _decoder(self, cache: KVCache) -> GraphDecoder:
+        if self.graphs is None or self.graphs.cache is not cache:
+            self.graphs = GraphDecoder(self.model, cache, self.device.type == "cuda", self.compile)
+        return self.graphs
+
     @torch.inference_mode()
     def decode(self, seqs: list[Sequence], cache: KVCache) -> torch.Tensor:
         """One token for every sequence: returns logits (B, V)."""
         if self.use_graphs:
-            if self.graphs is None or self.graphs.cache is not cache:
-                self.graphs = GraphDecoder(self.model, cache, self.device.type == "cuda", self.compile)
-            return self.graphs(seqs)
+            logits, _ = self._decoder(cache)(seqs)
+            slots = [s.slot for s in seqs]
+            if slots == list(range(len(seqs))):
+                return logits[: len(seqs)]
+            return logits[torch.tensor(slots, device=self.device)]
         d = self.device
         ids = torch.tensor([[s.output[-1]] for s in seqs], device=d)
         positions = torch.tensor([[s.length - 1] for s in seqs], device=d)
         slots = torch.tensor([s.slot for s in seqs], device=d)
         return self.model(ids, positions, cache, slots, logits_index=torch.zeros(len(seqs), dtype=torch.long, device=d))
+
+    def warm_up(self, cache: KVCache) -> list[tuple[int, int]]:
+        """Capture the decode step of every row bucket at the two shortest spans (compiling it first with
+        `compile`: the second span makes it general over spans), so that no request waits for that; the
+        server turns ready after this. Touches only free slots: call it before any sequence runs. Returns
+        the (rows, span) buckets warmed up: none off the graph path."""
+        if not self.use_graphs:
+            return []
+        decoder = self._decoder(cache)
+        buckets = []
+        for span in sorted({min(MIN_SPAN, cache.max_seq), min(2 * MIN_SPAN, cache.max_seq)}):
+            for rows in decoder.rows:
+                s = Sequence([0] * (span - 1), SamplingParams(), slot=rows - 1, output=[0])  # position span - 1
+                buckets.append(decoder.bucket([s]))
+                decoder([s])
+        return buckets
+
+    def chains(self, seqs: list[Sequence]) -> bool:
+        """Whether decode steps over `seqs` may be launched ahead of the host: on the graph path, when
+        every sequence takes the plain greedy token and wants no log-probabilities."""
+        return self.use_graphs and self.overlap and all(s.params.greedy and s.params.logprobs is None for s in seqs)
+
+    def launch(self, seqs: list[Sequence], cache: KVCache, chained: bool = False) -> Launched:
+        """Start a greedy decode step over `seqs` and return without waiting for it. Chained, it decodes
+        the tokens of the step launched just before over the same sequences, which the host has not
+        read yet: the GPU runs this step while the host takes the previous one's tokens."""
+        with torch.inference_mode():
+            _, tokens = self._decoder(cache)(seqs, chained)
+        if not tokens.is_cuda:
+            return Launched(seqs, tokens, None)
+        host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+        host.copy_(tokens, non_blocking=True)  # ordered before the next replay overwrites `tokens`
+        ready = torch.cuda.Event()
+        ready.record()
+        return Launched(seqs, host, ready)
 
     def pick(self, seqs: list[Sequence], logits: torch.Tensor) -> list[int]:
         if all(s.params.greedy for s in seqs):
@@ -264,6 +328,7 @@ class Batcher:
         # tend to form one run that attention reads as a view instead of a gather
         self.waiting: list[Sequence] = []
         self.running: list[Sequence] = []
+        self.ahead: Launched | None = None  # the last decode step, when launched ahead of the host
 
     def add(self, s: Sequence) -> None:
         if s.length + s.params.max_tokens > self.cache.max_seq:
@@ -298,12 +363,29 @@ class Batcher:
             if left and budget > 0:
                 chunks.append((s, min(left, budget)))
                 budget -= chunks[-1][1]
+        ahead, self.ahead = self.ahead, None
+        if ahead is not None:
+            if not chunks and decoding == ahead.seqs:  # the same sequences decode on: chain the next step
+                self.ahead = self.engine.launch(decoding, self.cache, chained=True)
+            self._take(ahead)
+            if self.ahead is not None:
+                return
+            decoding = [s for s in self.running if s.output]
         if chunks:
             ready = self.engine.prefill(chunks, self.cache)
             if ready:
                 self._advance([s for s, _ in ready], torch.stack([row for _, row in ready]))
-        if decoding:
+        if decoding and self.engine.chains(decoding):
+            self.ahead = self.engine.launch(decoding, self.cache)
+        elif decoding:
             self._advance(decoding, self.engine.decode(decoding, self.cache))
+
+    def _take(self, step: Launched) -> None:
+        """Record the tokens of a launched step. A sequence that finished meanwhile (cancelled, or done
+        at the step before, when this one was chained) drops its token."""
+        for s, token in zip(step.seqs, step.result()):
+            if not s.done.is_set() and self.engine.append(s, token):
+                self.finish(s)
 
     def _advance(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
         for s, token in zip(seqs, self.engine.pick(seqs, logits)):

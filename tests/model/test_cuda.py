@@ -47,3 +47,26 @@ def test_cuda_graph_decode_matches_cpu():
     assert len(graphs.graphs.graphs) >= 2
     eager = Engine(gpu, max_batch=3, device="cuda", graphs=False)
     assert [c.token_ids for c in eager.generate(prompts, params)] == want
+
+
+def test_cuda_warm_up_then_steps_launched_ahead_match_cpu():
+    """Graphs captured before any request (as `nlg serve` does), then greedy steps launched ahead of the
+    host with one sequence stopped early by its callback: the CPU's tokens, nothing past the stop."""
+    from service.engine import Batcher, Engine, Sequence
+    from service.sampling import SamplingParams
+
+    path = resolve("tiny-random")
+    prompts = [[5, 17, 42], [9] * 30, [200, 201, 202, 203]]
+    params = [SamplingParams(max_tokens=n, ignore_eos=True) for n in (12, 20, 9)]
+    want = [c.token_ids for c in Engine(load_model(path), max_batch=4).generate(prompts, params)]
+    engine = Engine(load_model(path, device="cuda"), max_batch=4, device="cuda")
+    cache = engine.new_cache(4, 300)
+    assert len(engine.warm_up(cache)) == len(engine.graphs.graphs) == 6  # rows 1, 2, 4 at spans 256, 512
+    batcher = Batcher(engine, cache)
+    seqs = [Sequence(p, sp) for p, sp in zip(prompts, params)]
+    seqs[0].on_token = lambda t: len(seqs[0].output) == 5
+    for s in seqs:
+        batcher.add(s)
+    while batcher.busy():
+        batcher.step()
+    assert [s.output for s in seqs] == [want[0][:5]] + want[1:]

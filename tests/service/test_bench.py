@@ -44,3 +44,17 @@ def test_bench_serve_report(capsys):
     fields = {"concurrent_tok_s", "sequential_tok_s", "p50_latency_s", "p99_latency_s", "p99_ttft_s", "clients"}
     assert fields <= set(report) and report["clients"] == 4
     assert all(report[k] > 0 for k in fields)
+
+
+def test_gpu_bench_report_prints_saved_and_new_results():
+    """`nlg bench --device cuda` runs only on a GPU; its printer is checked here on the saved H100
+    results and on the same results with the fields added since (launching steps ahead)."""
+    from pathlib import Path
+
+    from service.bench_gpu import print_report
+
+    saved = json.loads((Path(__file__).parents[2] / "service/results/gpu-h100.json").read_text())
+    assert "H100" in print_report(saved)
+    for s in saved["shapes"]:
+        s["single_no_overlap_tok_s"], s["single_compiled_no_overlap_tok_s"] = 500.0, 600.0
+    assert "without launching ahead: graphs 500, compiled 600" in print_report(saved)

@@ -2,11 +2,28 @@
 
 from __future__ import annotations
 
+import copy
+
+import pytest
+import torch
 from torch.testing import assert_close
 
 from service.decode_graphs import GraphDecoder
 from service.engine import Batcher, Engine, Sequence
 from service.sampling import SamplingParams
+
+
+@pytest.fixture(scope="module")
+def varied(tiny):
+    """The tiny model with its matrices redrawn at std 0.3: its greedy tokens vary from step to step
+    (the checkpoint's repeat one token), so a token fed at the wrong step shows."""
+    model = copy.deepcopy(tiny.engine.model)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.3, generator=gen)
+    return model
 
 
 def test_static_step_equals_decode_with_empty_rows(tiny):
@@ -22,19 +39,47 @@ def test_static_step_equals_decode_with_empty_rows(tiny):
     assert decoder.bucket(seqs) == (4, 256) and decoder.rows == [1, 2, 4]
     for _ in range(5):
         want = engine.decode(seqs, cache)
-        got = decoder(seqs)
-        assert_close(got, want, atol=1e-5, rtol=1e-5)
+        logits, tokens = decoder(seqs)
+        assert_close(logits[[0, 2]], want, atol=1e-5, rtol=1e-5)
+        assert tokens.tolist() == logits.argmax(-1).tolist()
+        ids, positions = decoder.inputs[4][:, :, 0]  # the next step's inputs: each row's token, one further
+        assert ids.tolist() == tokens.tolist()
+        assert positions.tolist() == [seqs[0].length, 255, seqs[1].length, 255]
         for s, row in zip(seqs, want):
             s.output.append(int(row.argmax()))
 
 
-def test_generation_through_static_decode_equals_eager(tiny):
+def test_chained_steps_equal_steps_fed_by_the_host(varied):
+    """A chained step reads the tokens the step before wrote into the inputs: the same logits as feeding
+    each sequence's last token from the host."""
+    engine = Engine(varied, graphs=False)
+    prompts = [[5, 17, 42], [9, 8, 7, 6, 5]]
+    logits = {}
+    for chained in (False, True):
+        cache = engine.new_cache(2, 64)
+        seqs = [Sequence(p, SamplingParams()) for p in prompts]
+        for slot, s in enumerate(seqs):
+            s.slot = slot
+        for s, row in engine.prefill([(s, len(s.prompt)) for s in seqs], cache):
+            s.output.append(int(row.argmax()))
+        decoder = GraphDecoder(engine.model, cache, capture=False)
+        logits[chained] = []
+        for i in range(6):
+            out, tokens = decoder(seqs, chained=chained and i > 0)
+            logits[chained].append(out)
+            for s, t in zip(seqs, tokens.tolist()):
+                s.output.append(t)
+    for a, b in zip(logits[False], logits[True]):
+        assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_generation_through_static_decode_equals_eager(tiny, varied):
     """Continuous batching through the static path: slots free and refill while others run, and two
     sequences fill the cache to its last position but one (the position empty rows write to)."""
     prompts = [tiny.tokenizer.encode(t) for t in ("a", "a longer prompt here", "mid length", "z" * 40, "q")]
     params = [SamplingParams(max_tokens=n, ignore_eos=True) for n in (3, 20, 9, 24, 30)]
-    eager = Engine(tiny.engine.model, max_batch=3, graphs=False)
-    static = Engine(tiny.engine.model, max_batch=3, graphs=True)
+    eager = Engine(varied, max_batch=3, graphs=False)
+    static = Engine(varied, max_batch=3, graphs=True)
     want = [c.token_ids for c in eager.generate(prompts, params)]
     assert [c.token_ids for c in static.generate(prompts, params)] == want
     assert static.graphs is not None and static.graphs.capture is False
@@ -63,3 +108,86 @@ def test_buckets_grow_with_slots_and_length(tiny):
     assert decoder.bucket([s]) == (16, 512)
     s.slot, s.prompt = 39, [1] * 1000
     assert decoder.bucket([s]) == (40, 1024)
+
+
+def test_steps_launched_ahead_stop_where_the_host_says(varied):
+    """Greedy steps chained ahead of the host: a sequence stopped by its callback, a stop token or its
+    budget gets no token past the stop, and the tokens equal the eager path's; a sampled sequence in
+    the batch (the longest) turns chaining off and changes nothing either."""
+    prompts = torch.randint(0, varied.config.vocab_size, (4, 8), generator=torch.Generator().manual_seed(0)).tolist()
+    eager = Engine(varied, max_batch=4, graphs=False)
+    free = eager.generate(prompts[1:2], [SamplingParams(max_tokens=12, ignore_eos=True)])[0].token_ids
+    stop = next(t for i, t in enumerate(free) if i >= 4 and t not in free[:i])
+    params = [
+        SamplingParams(max_tokens=20, ignore_eos=True),
+        SamplingParams(max_tokens=20, ignore_eos=True, stop_token_ids=(stop,)),
+        SamplingParams(max_tokens=15, ignore_eos=True),
+        SamplingParams(max_tokens=24, ignore_eos=True, temperature=0.8, seed=3),
+    ]
+    stop_after = {0: 4}
+
+    def run(engine, n):
+        seen = {i: [] for i in range(n)}
+
+        def on_token(i, t):
+            seen[i].append(t)
+            return len(seen[i]) == stop_after.get(i)
+
+        out = engine.generate(prompts[:n], params[:n], on_token=on_token)
+        return [(c.token_ids, c.finish_reason) for c in out], seen
+
+    ahead = Engine(varied, max_batch=4, graphs=True)
+    chained = []
+    launch = ahead.launch
+
+    def counted(seqs, cache, **kw):
+        chained.append(kw.get("chained", False))
+        return launch(seqs, cache, **kw)
+
+    ahead.launch = counted
+    for n in (3, 4):
+        chained.clear()
+        want, _ = run(eager, n)
+        got, seen = run(ahead, n)
+        assert got == want
+        assert [seen[i] for i in range(n)] == [ids for ids, _ in got]  # no token delivered past a stop
+        assert [reason for _, reason in got[:3]] == ["stop", "stop", "length"]
+        assert len(got[0][0]) == 4 and got[1][0] == free[: free.index(stop)]
+        assert any(chained) == (n == 3)
+
+
+def test_compiled_step_equals_eager_step(varied):
+    """The step `--compile` records, compiled by Inductor (here for the CPU: the same tracing, the same
+    updates of the inputs and the cache), chained for a few steps: the logits of the eager step."""
+    prompts = [[5, 17, 42], [9, 8, 7, 6, 5]]
+    engine = Engine(varied, graphs=False)
+    out = {}
+    for compile in (False, True):
+        cache = engine.new_cache(2, 64)
+        seqs = [Sequence(p, SamplingParams()) for p in prompts]
+        for slot, s in enumerate(seqs):
+            s.slot = slot
+        for s, row in engine.prefill([(s, len(s.prompt)) for s in seqs], cache):
+            s.output.append(int(row.argmax()))
+        decoder = GraphDecoder(engine.model, cache, capture=False, compile=compile)
+        out[compile] = [decoder(seqs, chained=i > 0) for i in range(3)]
+    for (a, ta), (b, tb) in zip(out[False], out[True]):
+        assert_close(b, a, atol=1e-4, rtol=1e-4)
+        assert tb.tolist() == ta.tolist()
+
+
+def test_warm_up_covers_every_row_bucket_and_changes_no_result(varied):
+    prompts = torch.randint(0, varied.config.vocab_size, (3, 6), generator=torch.Generator().manual_seed(1)).tolist()
+    params = [SamplingParams(max_tokens=n, ignore_eos=True) for n in (5, 9, 7)]
+    want = [c.token_ids for c in Engine(varied, max_batch=4, graphs=False).generate(prompts, params)]
+    static = Engine(varied, max_batch=4, graphs=True)
+    cache = static.new_cache(4, 300)  # 512 positions
+    assert static.warm_up(cache) == [(1, 256), (2, 256), (4, 256), (1, 512), (2, 512), (4, 512)]
+    assert Engine(varied).warm_up(cache) == []  # off the graph path: nothing to warm up
+    batcher = Batcher(static, cache)
+    seqs = [Sequence(p, sp) for p, sp in zip(prompts, params)]
+    for s in seqs:
+        batcher.add(s)
+    while batcher.busy():
+        batcher.step()
+    assert [s.output for s in seqs] == want
