@@ -49,7 +49,8 @@ def rank_main(argv: list[str]) -> int:
     """The entry point of every rank."""
     from parallel.launch import init_from_env, shutdown
     from parallel.state import get_tp
-    from service.cli import dtype_of, parser, run
+    from service.cli import parser, run
+    from service.commands import dtype_of
 
     args = parser().parse_args(argv)
     device = init_from_env()
