@@ -365,7 +365,8 @@ class Batcher:
                 budget -= chunks[-1][1]
         ahead, self.ahead = self.ahead, None
         if ahead is not None:
-            if not chunks and decoding == ahead.seqs:  # the same sequences decode on: chain the next step
+            going_on = any(len(s.output) + 1 < s.params.max_tokens for s in decoding)  # past the token on its way
+            if not chunks and decoding == ahead.seqs and going_on:  # the same sequences decode on: chain
                 self.ahead = self.engine.launch(decoding, self.cache, chained=True)
             self._take(ahead)
             if self.ahead is not None:

@@ -191,3 +191,22 @@ def test_warm_up_covers_every_row_bucket_and_changes_no_result(varied):
     while batcher.busy():
         batcher.step()
     assert [s.output for s in seqs] == want
+
+
+def test_cancelled_while_a_step_is_launched_ahead(varied):
+    """A sequence cancelled while its next token is on the way drops that token; the others go on."""
+    prompts = torch.randint(0, varied.config.vocab_size, (2, 5), generator=torch.Generator().manual_seed(2)).tolist()
+    out = []
+    for graphs in (False, True):
+        engine = Engine(varied, max_batch=2, graphs=graphs)
+        batcher = Batcher(engine, engine.new_cache(2, 64))
+        seqs = [Sequence(p, SamplingParams(max_tokens=12, ignore_eos=True)) for p in prompts]
+        seqs[0].cancelled = lambda s=seqs[0]: len(s.output) >= 3
+        for s in seqs:
+            batcher.add(s)
+        while batcher.busy():
+            batcher.step()
+        assert batcher.ahead is None  # no step is launched past the last token of a budget
+        out.append([(s.output, s.finish_reason) for s in seqs])
+    assert out[0] == out[1]
+    assert out[1][0][1] == "cancelled" and len(out[1][0][0]) == 3 and len(out[1][1][0]) == 12
