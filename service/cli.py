@@ -28,6 +28,13 @@ def parser() -> argparse.ArgumentParser:
     )
     common.add_argument("--tp", type=int, default=1, metavar="N", help="split the model over N local ranks")
     common.add_argument(
+        "--context",
+        type=int,
+        metavar="N",
+        help="tokens per sequence, prompt plus output (default: the model's context); with --slots it sizes the "
+        "KV cache",
+    )
+    common.add_argument(
         "--compile",
         action="store_true",
         help="CUDA: torch.compile the decode step the CUDA graphs record (minutes of compiling: `serve` does it "

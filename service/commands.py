@@ -15,7 +15,9 @@ from model.registry import DEFAULT_MODEL, NAMES
 def _load(args):
     from service.generate import TextGenerator
 
-    return TextGenerator.load(args.model, device=args.device, dtype=dtype_of(args), compile=args.compile)
+    return TextGenerator.load(
+        args.model, device=args.device, dtype=dtype_of(args), compile=args.compile, context=args.context
+    )
 
 
 def dtype_of(args):

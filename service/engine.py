@@ -42,6 +42,15 @@ class ContextOverflow(ValueError):
     """A prompt plus its token budget does not fit the model's context."""
 
 
+class CacheTooLarge(ValueError):
+    """A KV cache bigger than the device's free memory."""
+
+
+def free_memory(device: torch.device) -> int | None:
+    """Free bytes on a CUDA device; None on a CPU (a cache's pages are only taken as they are written)."""
+    return torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
+
+
 @dataclass
 class TokenLogprob:
     """log p of the chosen token under the model (before any sampling processor), and the most likely
@@ -142,8 +151,17 @@ class Engine:
             )
 
     def new_cache(self, slots: int, length: int) -> KVCache:
+        """A cache of `slots` sequences of `length` positions (rounded up to 256, at most the context).
+        On a GPU, one that does not fit the free memory is refused with what to change."""
         cfg = self.model.config
-        length = min(self.context, -(-length // 256) * 256)  # rounded up to 256 positions
+        length = min(self.context, -(-length // 256) * 256)
+        need = 2 * cfg.num_layers * slots * length * self.kv_heads * cfg.head_dim * self.dtype.itemsize
+        free = free_memory(self.device)
+        if free is not None and need > free:
+            raise CacheTooLarge(
+                f"the KV cache of {slots} slots x {length} positions needs {need / 2**30:.2f} GiB and {self.device} "
+                f"has {free / 2**30:.2f} GiB free: lower --slots or --context"
+            )
         return KVCache(cfg.num_layers, slots, length, self.kv_heads, cfg.head_dim, self.dtype, self.device)
 
     def _cache_for(self, slots: int, length: int) -> KVCache:

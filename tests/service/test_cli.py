@@ -100,3 +100,21 @@ def test_tiny_random_generates_the_same_at_tp_n(capfd, tp):
     assert main([*args, "--json", "--tp", str(tp)]) == 0
     assert json.loads(capfd.readouterr().out.strip().splitlines()[-1]) == alone
     assert len(alone["token_ids"]) == 24 and alone["text"]
+
+
+def test_context_bounds_each_sequence(capsys):
+    assert main(["generate", "hi", "--max-tokens", "200", "--context", "100", *TINY]) == 2
+    assert "> the context of 100 tokens" in capsys.readouterr().err
+    assert main(["generate", "hi", "--max-tokens", "20", "--context", "100", *TINY]) == 0
+
+
+def test_a_cache_bigger_than_free_memory_is_refused(tiny, monkeypatch):
+    """On a GPU the cache is allocated at once: one that cannot fit names its size and what to lower."""
+    from service import engine as engine_module
+    from service.engine import CacheTooLarge, Engine
+
+    monkeypatch.setattr(engine_module, "free_memory", lambda device: 3 * 2**20)
+    engine = Engine(tiny.engine.model)
+    engine.new_cache(1, 512)  # 4 layers x 2 x 512 x 4 heads x 16 x 4 bytes = 1 MiB
+    with pytest.raises(CacheTooLarge, match=r"16 slots x 512 positions needs 0.02 GiB .* lower --slots or --context"):
+        engine.new_cache(16, 512)
