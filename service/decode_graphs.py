@@ -93,7 +93,10 @@ class GraphDecoder:
 
     def _forward(self, rows: int, span: int) -> tuple[torch.Tensor, torch.Tensor]:
         ids, positions = self.inputs[rows]
-        return self.step(self.model, ids, positions, self.cache, span)
+        # A fullgraph compile fails hard past dynamo's recompile limit (8 per function). One cache takes 6
+        # (rows 1 or more x a span of 256, any span, the whole cache); each new cache or model adds more.
+        with torch._dynamo.config.patch(recompile_limit=64):
+            return self.step(self.model, ids, positions, self.cache, span)
 
     def _capture(self, rows: int, span: int):
         """Warm up on a side stream (as torch.cuda.graphs asks), then record one step. The warm-up runs

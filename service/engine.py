@@ -242,15 +242,16 @@ class Engine:
         return self.model(ids, positions, cache, slots, logits_index=torch.zeros(len(seqs), dtype=torch.long, device=d))
 
     def warm_up(self, cache: KVCache) -> list[tuple[int, int]]:
-        """Capture the decode step of every row bucket at the two shortest spans (compiling it first with
-        `compile`: the second span makes it general over spans), so that no request waits for that; the
-        server turns ready after this. Touches only free slots: call it before any sequence runs. Returns
-        the (rows, span) buckets warmed up: none off the graph path."""
+        """Capture the decode step of every row bucket at the two shortest spans and the whole cache, so
+        that no request waits for that; the server turns ready after this. With `compile` these are also
+        all the shapes the compiler specializes on (rows 1 or more; a span of 256, any span, the whole
+        cache), so no request waits for a compile either. Touches only free slots: call it before any
+        sequence runs. Returns the (rows, span) buckets warmed up: none off the graph path."""
         if not self.use_graphs:
             return []
         decoder = self._decoder(cache)
         buckets = []
-        for span in sorted({min(MIN_SPAN, cache.max_seq), min(2 * MIN_SPAN, cache.max_seq)}):
+        for span in sorted({min(MIN_SPAN, cache.max_seq), min(2 * MIN_SPAN, cache.max_seq), cache.max_seq}):
             for rows in decoder.rows:
                 s = Sequence([0] * (span - 1), SamplingParams(), slot=rows - 1, output=[0])  # position span - 1
                 buckets.append(decoder.bucket([s]))
