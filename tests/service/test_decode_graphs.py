@@ -156,26 +156,6 @@ def test_steps_launched_ahead_stop_where_the_host_says(varied):
         assert any(chained) == (n == 3)
 
 
-def test_compiled_step_equals_eager_step(varied):
-    """The step `--compile` records, compiled by Inductor (here for the CPU: the same tracing, the same
-    updates of the inputs and the cache), chained for a few steps: the logits of the eager step."""
-    prompts = [[5, 17, 42], [9, 8, 7, 6, 5]]
-    engine = Engine(varied, graphs=False)
-    out = {}
-    for compile in (False, True):
-        cache = engine.new_cache(2, 64)
-        seqs = [Sequence(p, SamplingParams()) for p in prompts]
-        for slot, s in enumerate(seqs):
-            s.slot = slot
-        for s, row in engine.prefill([(s, len(s.prompt)) for s in seqs], cache):
-            s.output.append(int(row.argmax()))
-        decoder = GraphDecoder(engine.model, cache, capture=False, compile=compile)
-        out[compile] = [decoder(seqs, chained=i > 0) for i in range(3)]
-    for (a, ta), (b, tb) in zip(out[False], out[True]):
-        assert_close(b, a, atol=1e-4, rtol=1e-4)
-        assert tb.tolist() == ta.tolist()
-
-
 def test_warm_up_covers_every_row_bucket_and_changes_no_result(varied):
     prompts = torch.randint(0, varied.config.vocab_size, (3, 6), generator=torch.Generator().manual_seed(1)).tolist()
     params = [SamplingParams(max_tokens=n, ignore_eos=True) for n in (5, 9, 7)]
@@ -210,3 +190,31 @@ def test_cancelled_while_a_step_is_launched_ahead(varied):
         out.append([(s.output, s.finish_reason) for s in seqs])
     assert out[0] == out[1]
     assert out[1][0][1] == "cancelled" and len(out[1][0][0]) == 3 and len(out[1][1][0]) == 12
+
+
+def test_compiled_warm_up_meets_every_shape_then_equals_eager(varied):
+    """`--compile` (Inductor's CPU backend here: the same tracing, input and cache updates, and guards as
+    on CUDA): warm-up meets every shape the compiler specializes on, so no later bucket waits for a
+    compile, and generation through the compiled steps, launched ahead, gives the eager path's tokens."""
+    from torch._dynamo.utils import counters
+
+    engine = Engine(varied, max_batch=2, graphs=True, compile=True)
+    cache = engine.new_cache(2, 1000)  # 1024 positions
+    before = counters["stats"]["unique_graphs"]
+    assert len(engine.warm_up(cache)) == 6  # rows 1, 2 x spans 256, 512, 1024
+    compiled = counters["stats"]["unique_graphs"]
+    assert compiled - before == 6  # rows 1 or more x a span of 256, any span, the whole cache
+    for rows, length in [(2, 700), (1, 1024), (2, 300), (1, 1000)]:
+        engine.graphs([Sequence([0] * (length - 1), SamplingParams(), slot=rows - 1, output=[0])])
+    assert counters["stats"]["unique_graphs"] == compiled
+
+    prompts = torch.randint(0, varied.config.vocab_size, (2, 6), generator=torch.Generator().manual_seed(4)).tolist()
+    params = [SamplingParams(max_tokens=n, ignore_eos=True) for n in (10, 14)]
+    want = [c.token_ids for c in Engine(varied, graphs=False).generate(prompts, params)]
+    batcher = Batcher(engine, cache)
+    seqs = [Sequence(p, sp) for p, sp in zip(prompts, params)]
+    for seq in seqs:
+        batcher.add(seq)
+    while batcher.busy():
+        batcher.step()
+    assert [seq.output for seq in seqs] == want
