@@ -173,6 +173,24 @@ def test_warm_up_covers_every_row_bucket_and_changes_no_result(varied):
     assert [s.output for s in seqs] == want
 
 
+def test_chained_steps_cross_into_a_longer_span(varied, monkeypatch):
+    """A sequence that passes position 256 while its steps are chained moves to the 512-key bucket,
+    which reads the same input buffers."""
+    prompt = torch.randint(0, varied.config.vocab_size, (250,), generator=torch.Generator().manual_seed(3)).tolist()
+    params = [SamplingParams(max_tokens=20, ignore_eos=True)]
+    want = Engine(varied, graphs=False).generate([prompt], params)[0].token_ids
+    buckets = []
+    forward = GraphDecoder._forward
+
+    def spy(self, rows, span):
+        buckets.append(span)
+        return forward(self, rows, span)
+
+    monkeypatch.setattr(GraphDecoder, "_forward", spy)
+    assert Engine(varied, graphs=True).generate([prompt], params)[0].token_ids == want
+    assert buckets.count(256) == 6 and buckets.count(512) == 13  # positions 250-255, then 256-268
+
+
 def test_cancelled_while_a_step_is_launched_ahead(varied):
     """A sequence cancelled while its next token is on the way drops that token; the others go on."""
     prompts = torch.randint(0, varied.config.vocab_size, (2, 5), generator=torch.Generator().manual_seed(2)).tolist()
