@@ -71,9 +71,10 @@ def build_app(
     score_traffic: bool = False,
 ) -> FastAPI:
     """The lifespan starts the engine thread (`Scheduler`, `slots` sequences at once, `max_waiting`
-    queued before 429) and stops it. `on_fatal` runs after an engine failure (a dead rank, a collective
-    timeout) has been reported with 503; `nlg serve` makes it exit non-zero so a supervisor restarts
-    the service. With `api_key`, every /v1 route wants `Authorization: Bearer <key>` (health,
+    queued before 429), warms up the decode step (CUDA graphs captured, and compiled with `--compile`)
+    before the app takes requests, and stops the thread. `on_fatal` runs after an engine failure (a
+    dead rank, a collective timeout) has been reported with 503; `nlg serve` makes it exit non-zero so a
+    supervisor restarts the service. With `api_key`, every /v1 route wants `Authorization: Bearer <key>` (health,
     readiness, metrics and the docs stay open). Batch jobs live in the SQLite file `jobs_db`. A request
     running longer than `request_timeout` seconds is stopped and gets 504. With `score_traffic`, every
     answer and summary is scored by the cheap reference-free hooks (`QUALITY`) into the Prometheus
