@@ -100,21 +100,33 @@ def step_ms(engine: Engine, rows: int) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def profile_step(engine: Engine) -> tuple[int, str]:
-    """The kernels of one decode step of one sequence (the forward a graph records), run eagerly under
-    the profiler: how many, and its table of them."""
+def profile_kernels(step) -> tuple[int, str]:
+    """The kernels `step()` launches (run once before, so no warm-up or compile is in it): how many,
+    and the profiler's table of them."""
     from torch.profiler import ProfilerActivity, profile
 
-    cache = engine.new_cache(1, 256)
-    zeros = torch.zeros(1, 1, dtype=torch.long, device="cuda")
     with torch.inference_mode():
-        engine.model(zeros, zeros, cache, None, logits_index=zeros[0], span=256)
+        step()
         torch.cuda.synchronize()
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            engine.model(zeros, zeros, cache, None, logits_index=zeros[0], span=256)
+            step()
             torch.cuda.synchronize()
     kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     return len(kernels), prof.key_averages().table(sort_by="device_time_total", row_limit=25)
+
+
+def eager_step(engine: Engine):
+    """One eager decode step of one sequence: the forward a graph records."""
+    cache = engine.new_cache(1, 256)
+    zeros = torch.zeros(1, 1, dtype=torch.long, device=engine.device)
+    return lambda: engine.model(zeros, zeros, cache, None, logits_index=zeros[0], span=256)
+
+
+def compiled_step(engine: Engine):
+    """One compiled decode step of one row, outside its graph (after the runs: it writes to slot 0)."""
+    decoder = engine.graphs
+    ids, positions = decoder._inputs(1)
+    return lambda: decoder.step(decoder.model, ids, positions, decoder.cache, 256)
 
 
 def check_tiny(tokens: int = 32) -> dict:
@@ -152,6 +164,10 @@ def compiled_rates(model, prompts: list[list[int]], tokens: int, batch: int) -> 
     r[f"batch{batch}_compiled_tok_s"], _ = decode_rate(engine, prompts, tokens)
     r[f"graph_step_ms_rows{batch}_compiled"] = step_ms(engine, batch)
     r["compile_and_capture_s"] = time.perf_counter() - start
+    try:
+        r["kernels_per_step_compiled"], r["kernel_table_compiled"] = profile_kernels(compiled_step(engine))
+    except Exception as e:  # the rates above are worth keeping without it
+        r["kernel_profile_compiled_error"] = f"{type(e).__name__}: {e}"[:2000]
     return r
 
 
@@ -183,7 +199,7 @@ def bench_shape(shape: str, tokens: int, hf_tokens: int, batch: int, bandwidth: 
             r["greedy_compiled_equal_eager"] = r.pop("tokens") == ours_eager
         except Exception as e:  # a compiler failure is a finding to report, not a reason to lose the run
             r["compile_error"] = f"{type(e).__name__}: {e}"[:2000]
-    r["kernels_per_step"], r["kernel_table"] = profile_step(eager)
+    r["kernels_per_step"], r["kernel_table"] = profile_kernels(eager_step(eager))
     r["hf_single_tok_s"], theirs = hf_rate(hf, prompts[:1], hf_tokens)
     r[f"hf_batch{batch}_tok_s"], _ = hf_rate(hf, prompts, hf_tokens)
     r["floor_fraction"] = r["single_tok_s"] / r["floor_tok_s"]
@@ -233,6 +249,7 @@ def print_report(r: dict) -> str:
         lines.append(
             f"{s['shape']}: {s['weight_mb']:.0f} MB of weights, floor {s['floor_tok_s']:.0f} tok/s, "
             f"{s['kernels_per_step']} kernels per eager step"
+            + (f", {s['kernels_per_step_compiled']} compiled" if "kernels_per_step_compiled" in s else "")
         )
         for label, key, step in (("single  ", "single", "rows1"), (f"batch-{b}", f"batch{b}", f"rows{b}")):
             line = f"  {label} graphs {s[f'{key}_tok_s']:7.0f} (GPU step {s[f'graph_step_ms_{step}']:.3f} ms)"

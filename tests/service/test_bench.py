@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+import torch
+
 from service.cli import main
 
 FIELDS = {
@@ -57,4 +59,21 @@ def test_gpu_bench_report_prints_saved_and_new_results():
     assert "H100" in print_report(saved)
     for s in saved["shapes"]:
         s["single_no_overlap_tok_s"], s["single_compiled_no_overlap_tok_s"] = 500.0, 600.0
-    assert "without launching ahead: graphs 500, compiled 600" in print_report(saved)
+        s["kernels_per_step_compiled"] = 321
+    text = print_report(saved)
+    assert "without launching ahead: graphs 500, compiled 600" in text and "610 kernels per eager step, 321" in text
+
+
+def test_gpu_bench_profiles_the_steps_it_means(tiny):
+    """The steps `nlg bench --device cuda` profiles (eager forward; the recorded step outside its graph)
+    run as given on any device: one token's logits for one row."""
+    from service.bench_gpu import compiled_step, eager_step
+    from service.engine import Engine
+    from service.sampling import SamplingParams
+
+    engine = Engine(tiny.engine.model, graphs=True)
+    engine.generate([[5, 6, 7]], [SamplingParams(max_tokens=3)])
+    with torch.inference_mode():
+        assert eager_step(engine)().shape == (1, tiny.engine.model.config.vocab_size)
+        logits, tokens = compiled_step(engine)()
+    assert logits.shape == (1, tiny.engine.model.config.vocab_size) and tokens.shape == (1,)
