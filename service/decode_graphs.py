@@ -47,10 +47,23 @@ def decode_step(model: nn.Module, ids: torch.Tensor, positions: torch.Tensor, ca
     return logits, tokens
 
 
+def compile_step():
+    """`decode_step` through `torch.compile`. A fullgraph compile fails hard past dynamo's recompile limit
+    (8 per function): one cache takes 6 (rows 1 or more x a span of 256, any span, the whole cache), and
+    each new cache or model adds more, so the limit is raised while it runs."""
+    step = torch.compile(decode_step, fullgraph=True, options=COMPILE_OPTIONS)
+
+    def run(*args):
+        with torch._dynamo.config.patch(recompile_limit=64):
+            return step(*args)
+
+    return run
+
+
 class GraphDecoder:
     def __init__(self, model: nn.Module, cache: KVCache, capture: bool = True, compile: bool = False):
         self.model, self.cache, self.capture = model, cache, capture
-        self.step = torch.compile(decode_step, fullgraph=True, options=COMPILE_OPTIONS) if compile else decode_step
+        self.step = compile_step() if compile else decode_step
         self.rows = sorted({b for b in ROWS if b < cache.num_slots} | {cache.num_slots})
         self.device = cache.k[0].device
         self.inputs: dict[int, torch.Tensor] = {}  # rows -> (2, B, 1): ids, positions
@@ -93,10 +106,7 @@ class GraphDecoder:
 
     def _forward(self, rows: int, span: int) -> tuple[torch.Tensor, torch.Tensor]:
         ids, positions = self.inputs[rows]
-        # A fullgraph compile fails hard past dynamo's recompile limit (8 per function). One cache takes 6
-        # (rows 1 or more x a span of 256, any span, the whole cache); each new cache or model adds more.
-        with torch._dynamo.config.patch(recompile_limit=64):
-            return self.step(self.model, ids, positions, self.cache, span)
+        return self.step(self.model, ids, positions, self.cache, span)
 
     def _capture(self, rows: int, span: int):
         """Warm up on a side stream (as torch.cuda.graphs asks), then record one step. The warm-up runs
