@@ -288,7 +288,7 @@ class Engine:
                 out.append(sample(row, s.params, seen, s.generator, banned))
         for s, row, token in zip(seqs, logits, out):
             if s.params.logprobs is not None:
-                s.logprobs.append(token_logprob(row, token, s.params.logprobs))
+                s.logprobs += token_logprobs(row[None], [token], s.params.logprobs)
         return out
 
     def append(self, s: Sequence, token: int) -> bool:
@@ -325,15 +325,8 @@ class Engine:
             chunk = torch.tensor([ids[start : start + self.prefill_chunk]], device=self.device)
             positions = start + torch.arange(chunk.shape[1], device=self.device)[None]
             logits = self.model(chunk, positions, cache, slots)[0]  # (T, V)
-            nxt = torch.tensor(ids[start + 1 : start + 1 + chunk.shape[1]], device=self.device)
-            logp = logits[: len(nxt)].float().log_softmax(-1)  # (T', V): rows that have a next token
-            chosen = logp.gather(1, nxt[:, None])[:, 0].tolist()
-            if top:
-                best = torch.topk(logp, top)
-                pairs = [list(zip(i, v)) for i, v in zip(best.indices.tolist(), best.values.tolist())]
-            else:
-                pairs = [[] for _ in chosen]
-            out += [TokenLogprob(c, p) for c, p in zip(chosen, pairs)]
+            nxt = ids[start + 1 : start + 1 + chunk.shape[1]]
+            out += token_logprobs(logits[: len(nxt)], nxt, top)  # the rows that have a next token
         return out
 
 
@@ -413,9 +406,13 @@ class Batcher:
                 self.finish(s)
 
 
-def token_logprob(logits: torch.Tensor, token: int, top: int) -> TokenLogprob:
-    """The chosen token's log-probability under one row of logits (V,), and the `top` best."""
+def token_logprobs(logits: torch.Tensor, tokens: list[int], top: int) -> list[TokenLogprob]:
+    """Each row's chosen token's log-probability under its logits (T, V), and the `top` best: one
+    log-softmax, gather and top-k for all rows."""
     logp = logits.float().log_softmax(-1)
-    best = torch.topk(logp, top) if top else None
-    pairs = list(zip(best.indices.tolist(), best.values.tolist())) if best is not None else []
-    return TokenLogprob(float(logp[token]), pairs)
+    chosen = logp.gather(1, torch.tensor(tokens, device=logp.device)[:, None])[:, 0].tolist()
+    if not top:
+        return [TokenLogprob(c, []) for c in chosen]
+    best = torch.topk(logp, top)
+    pairs = [list(zip(i, v)) for i, v in zip(best.indices.tolist(), best.values.tolist())]
+    return [TokenLogprob(c, p) for c, p in zip(chosen, pairs)]
