@@ -14,6 +14,14 @@ from service.engine import Batcher, Engine, Sequence
 from service.sampling import SamplingParams
 
 
+def run_all(batcher: Batcher, seqs: list[Sequence]) -> None:
+    """Add `seqs` to `batcher` and step it until none is left."""
+    for s in seqs:
+        batcher.add(s)
+    while batcher.busy():
+        batcher.step()
+
+
 @pytest.fixture(scope="module")
 def varied(tiny):
     """The tiny model with its matrices redrawn at std 0.3: its greedy tokens vary from step to step
@@ -91,10 +99,7 @@ def test_generation_through_static_decode_equals_eager(tiny, varied):
     for engine in (eager, static):
         batcher = Batcher(engine, cache)
         seqs = [Sequence(p, SamplingParams(max_tokens=256 - len(p), ignore_eos=True)) for p in full]
-        for s in seqs:
-            batcher.add(s)
-        while batcher.busy():
-            batcher.step()
+        run_all(batcher, seqs)
         out.append([s.output for s in seqs])
     assert out[0] == out[1] and len(out[0][1]) == 256 - len(full[1])
 
@@ -167,10 +172,7 @@ def test_warm_up_covers_every_row_bucket_and_changes_no_result(varied):
     assert Engine(varied).warm_up(cache) == []  # off the graph path: nothing to warm up
     batcher = Batcher(static, cache)
     seqs = [Sequence(p, sp) for p, sp in zip(prompts, params)]
-    for s in seqs:
-        batcher.add(s)
-    while batcher.busy():
-        batcher.step()
+    run_all(batcher, seqs)
     assert [s.output for s in seqs] == want
 
 
@@ -201,10 +203,7 @@ def test_cancelled_while_a_step_is_launched_ahead(varied):
         batcher = Batcher(engine, engine.new_cache(2, 64))
         seqs = [Sequence(p, SamplingParams(max_tokens=12, ignore_eos=True)) for p in prompts]
         seqs[0].cancelled = lambda s=seqs[0]: len(s.output) >= 3
-        for s in seqs:
-            batcher.add(s)
-        while batcher.busy():
-            batcher.step()
+        run_all(batcher, seqs)
         assert batcher.ahead is None  # no step is launched past the last token of a budget
         out.append([(s.output, s.finish_reason) for s in seqs])
     assert out[0] == out[1]
@@ -232,10 +231,7 @@ def test_compiled_warm_up_meets_every_shape_then_equals_eager(varied):
     want = [c.token_ids for c in Engine(varied, graphs=False).generate(prompts, params)]
     batcher = Batcher(engine, cache)
     seqs = [Sequence(p, sp) for p, sp in zip(prompts, params)]
-    for seq in seqs:
-        batcher.add(seq)
-    while batcher.busy():
-        batcher.step()
+    run_all(batcher, seqs)
     assert [seq.output for seq in seqs] == want
 
 
