@@ -22,13 +22,13 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException
 
 from service import scoring, tasks
-from service.engine import ContextOverflow
 from service.generate import TextGenerator
 from service.jobs import MAX_JOB_BYTES, JobRunner, JobStore, build_jobs_router
 from service.metrics import Metrics
 from service.openai_api import build_router, sse
 from service.scheduler import EngineFailed, Overloaded, Scheduler
 from service.schemas import AnswerRequest, AnswerResponse, ErrorResponse, SummarizeRequest, SummarizeResponse, Usage
+from service.sequence import ContextOverflow
 from service.streams import ClientGone, DeadlineExceeded, Done, complete, stream
 
 MAX_BODY_BYTES = 2 * 1024 * 1024

@@ -20,9 +20,10 @@ from model.registry import resolve
 from model.tokenizer import Tokenizer
 from parallel.state import get_tp
 from service.detok import Detokenizer
-from service.engine import Engine, TokenLogprob
+from service.engine import Engine
 from service.metrics import Metrics
 from service.sampling import SamplingParams
+from service.sequence import TokenLogprob
 
 
 @dataclass

@@ -12,10 +12,10 @@ from collections.abc import AsyncIterator
 from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import StreamingResponse
 
-from service.engine import TokenLogprob
 from service.generate import TextGenerator, TextResult
 from service.openai_schemas import ChatRequest, CompletionRequest
 from service.sampling import SamplingParams
+from service.sequence import TokenLogprob
 from service.streams import Done, complete, stream
 
 CHAT_MAX_TOKENS = 512  # default for chat when the request sets none (less if the context is shorter)

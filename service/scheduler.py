@@ -18,8 +18,10 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
 
-from service.engine import Batcher, Completion, Engine, Sequence
+from service.batcher import Batcher
+from service.engine import Engine
 from service.metrics import Metrics
+from service.sequence import Completion, Sequence
 
 
 class EngineFailed(RuntimeError):

@@ -11,9 +11,9 @@ import collections
 import re
 from dataclasses import dataclass
 
-from service.engine import ContextOverflow
 from service.generate import TextGenerator
 from service.sampling import SamplingParams
+from service.sequence import ContextOverflow
 
 # Chosen on a random sample of SQuAD and NQ-open dev questions (full-sentence and restatement rate).
 ANSWER_SYSTEM = "You answer questions in one complete sentence that repeats the subject of the question."

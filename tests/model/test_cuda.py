@@ -52,8 +52,10 @@ def test_cuda_graph_decode_matches_cpu():
 def test_cuda_warm_up_then_steps_launched_ahead_match_cpu():
     """Graphs captured before any request (as `nlg serve` does), then greedy steps launched ahead of the
     host with one sequence stopped early by its callback: the CPU's tokens, nothing past the stop."""
-    from service.engine import Batcher, Engine, Sequence
+    from service.batcher import Batcher
+    from service.engine import Engine
     from service.sampling import SamplingParams
+    from service.sequence import Sequence
 
     path = resolve("tiny-random")
     prompts = [[5, 17, 42], [9] * 30, [200, 201, 202, 203]]

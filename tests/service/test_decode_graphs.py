@@ -9,9 +9,11 @@ import pytest
 import torch
 from torch.testing import assert_close
 
+from service.batcher import Batcher
 from service.decode_graphs import GraphDecoder
-from service.engine import Batcher, Engine, Sequence
+from service.engine import Engine
 from service.sampling import SamplingParams
+from service.sequence import Sequence
 
 
 def run_all(batcher: Batcher, seqs: list[Sequence]) -> None:

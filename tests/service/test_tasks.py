@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from service import tasks
-from service.engine import ContextOverflow
+from service.sequence import ContextOverflow
 
 
 def test_first_sentence_is_one_full_sentence():
