@@ -56,7 +56,11 @@ def test_gpu_bench_report_prints_saved_and_new_results():
     from service.bench_gpu import print_report
 
     saved = json.loads((Path(__file__).parents[2] / "service/results/gpu-h100.json").read_text())
-    assert "H100" in print_report(saved)
+    text = print_report(saved)
+    assert "H100" in text
+    assert "smollm2-135m single-stream tok/s >= 1,000: 733 NOT MET" in text
+    assert "smollm2-135m batch-32 tok/s >= 20,000: 24,235 met" in text
+    assert "llama-1b single-stream share of floor >= 40%: 53% met" in text
     for s in saved["shapes"]:
         s["single_no_overlap_tok_s"], s["single_compiled_no_overlap_tok_s"] = 500.0, 600.0
         s["kernels_per_step_compiled"] = 321
