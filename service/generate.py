@@ -66,8 +66,8 @@ class TextGenerator:
         priority: int = 0,
     ) -> list[TextResult]:
         """Generate for each prompt; `on_text(i, piece)` streams final text (returning True stops that
-        sequence, finish reason "stop"), `cancelled()` turning true
-        stops every sequence at its next token; a higher `priority` number waits behind lower ones."""
+        sequence, finish reason "stop"), `cancelled()` turning true stops every sequence at its next
+        token; a higher `priority` number waits behind lower ones."""
         detoks = [Detokenizer(self.tokenizer, p.stop) for p in params]
         pieces: list[list[str]] = [[] for _ in prompts]
         start = time.perf_counter()
