@@ -26,6 +26,13 @@ class Tokenizer:
             ids.add(self.hf.eos_token_id)
         self.stop_ids: frozenset[int] = frozenset(ids)
         self.has_chat_template = bool(self.hf.chat_template)
+        # The longest token's spelling: a text of n characters has at least n / (2 * this) tokens (the 2
+        # leaves room for normalizers that merge characters), a bound known without tokenizing.
+        self.max_token_chars = max(map(len, vocab), default=1)
+
+    def least_tokens(self, text: str) -> int:
+        """A lower bound on `len(encode(text))`, in constant time."""
+        return len(text) // (2 * self.max_token_chars)
 
     def encode(self, text: str) -> list[int]:
         return self.hf.encode(text, add_special_tokens=False)

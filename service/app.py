@@ -1,10 +1,11 @@
 """The HTTP service: FastAPI over one loaded model.
 
-This first service runs one generation at a time (a lock around the engine); the production
-engine with continuous batching is its own piece of work. Every error has one shape,
-`{"error": {"message", "type", "param", "code"}}`, with the status that fits: 400 for input the
-model cannot take (too long for the context), 413 for an oversized body, 422 for a malformed
-request.
+The lifespan starts the engine thread (`service.scheduler.Scheduler`, continuous batching) and the async
+handle every handler talks to it through (`service.handle`): no thread waits per request, every queued
+request counts toward `--max-waiting`, and everything that can refuse a request (bad input, overload,
+a request that can never fit) does so before the response starts, streams included. Errors have one
+shape and the statuses of `service.http_errors`. Bodies are limited while they are read (chunked
+uploads too). `/ready` runs a real forward on every rank, at most once per `READY_TTL_S`.
 """
 
 from __future__ import annotations
@@ -15,39 +16,28 @@ import sys
 import time
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi import Depends, FastAPI, Request
+from fastapi.responses import Response
+from fastapi.security import HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from starlette.exceptions import HTTPException
 
-from service import scoring, tasks
+from service import http_errors, scoring, tasks
 from service.generate import TextGenerator
+from service.handle import AsyncEngine, TaskRun
+from service.http_errors import error
 from service.jobs import MAX_JOB_BYTES, JobRunner, JobStore, build_jobs_router
 from service.metrics import Metrics
-from service.openai_api import build_router, sse
-from service.scheduler import EngineFailed, Overloaded, Scheduler
+from service.openai_api import build_router
+from service.scheduler import Scheduler
 from service.schemas import AnswerRequest, AnswerResponse, ErrorResponse, SummarizeRequest, SummarizeResponse, Usage
-from service.sequence import ContextOverflow
-from service.streams import ClientGone, DeadlineExceeded, Done, complete, stream
+from service.streams import sse
 
 MAX_BODY_BYTES = 2 * 1024 * 1024
-ERRORS = {
-    400: "invalid_request_error",
-    401: "authentication_error",
-    404: "not_found_error",
-    413: "request_too_large",
-    422: "invalid_request_error",
-    429: "rate_limit_error",
-    503: "unavailable",
-    504: "timeout",
-}
-
-
-def error(status: int, message: str, param: str | None = None, code: str | None = None) -> JSONResponse:
-    body = {"error": {"message": message, "type": ERRORS.get(status, "server_error"), "param": param, "code": code}}
-    return JSONResponse(body, status_code=status)
-
+READY_TTL_S = 1.0  # /ready probes the engine at most this often; callers in between get the last answer
+PROBE_TIMEOUT_S = 10.0  # a probe the engine has not answered by then makes /ready 503
+ERROR = {"model": ErrorResponse}
+ERRORS = {s: ERROR for s in (400, 401, 404, 413, 422, 429, 500, 503, 504)}
+STREAMED = {200: {"content": {"text/event-stream": {}}, "description": "JSON, or with stream: server-sent events"}}
 
 # --score-traffic: cheap reference-free hooks per task, and the scores of theirs that are exported
 QUALITY = {
@@ -60,6 +50,35 @@ def usage(prompt: int, completion: int) -> Usage:
     return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
 
 
+class Readiness:
+    """/ready's answer: a one-token forward on every rank, shared by the callers of one `READY_TTL_S`."""
+
+    def __init__(self, gen: TextGenerator, runner: JobRunner):
+        self.gen, self.runner = gen, runner
+        self.lock = asyncio.Lock()
+        self.checked = -1e9
+        self.problem: str | None = None
+
+    async def check(self, handle: AsyncEngine) -> str | None:
+        """None when ready, else what is wrong."""
+        if handle.scheduler.failure:
+            return handle.scheduler.failure
+        async with self.lock:
+            if time.monotonic() - self.checked < READY_TTL_S:
+                return self.problem
+            self.problem = None
+            try:
+                await asyncio.wait_for(handle.call(self.gen.engine.tiny_forward), PROBE_TIMEOUT_S)
+            except asyncio.TimeoutError:
+                self.problem = f"the engine did not answer a probe within {PROBE_TIMEOUT_S:g} s"
+            except Exception as e:
+                self.problem = str(e)
+            if self.problem is None and not self.runner.thread.is_alive():
+                self.problem = "the batch jobs thread has stopped"
+            self.checked = time.monotonic()
+            return self.problem
+
+
 def build_app(
     gen: TextGenerator,
     on_fatal=lambda: None,
@@ -70,20 +89,21 @@ def build_app(
     request_timeout: float | None = 600.0,
     score_traffic: bool = False,
 ) -> FastAPI:
-    """The lifespan starts the engine thread (`Scheduler`, `slots` sequences at once, `max_waiting`
-    queued before 429), warms up the decode step (CUDA graphs captured, and compiled with `--compile`)
-    before the app takes requests, and stops the thread. `on_fatal` runs after an engine failure (a
-    dead rank, a collective timeout) has been reported with 503; `nlg serve` makes it exit non-zero so a
-    supervisor restarts the service. With `api_key`, every /v1 route wants `Authorization: Bearer <key>` (health,
-    readiness, metrics and the docs stay open). Batch jobs live in the SQLite file `jobs_db`. A request
-    running longer than `request_timeout` seconds is stopped and gets 504. With `score_traffic`, every
-    answer and summary is scored by the cheap reference-free hooks (`QUALITY`) into the Prometheus
-    histogram `nlg_quality_score{task, metric}`."""
+    """The lifespan starts the engine thread (`slots` sequences at once, `max_waiting` queued before
+    429), warms up the decode step (CUDA graphs captured, and compiled with `--compile`) before the app
+    takes requests, and stops the thread. `on_fatal` runs after an engine failure (a dead rank, a
+    collective timeout) has failed every request in flight; `nlg serve` makes it shut the server down and
+    exit non-zero so a supervisor restarts the service. With `api_key`, every /v1 route wants
+    `Authorization: Bearer <key>` (health, readiness, metrics and the docs stay open). Batch jobs live in
+    the SQLite file `jobs_db`. A request running longer than `request_timeout` seconds is stopped and
+    gets 504 (a stream: a last error event). With `score_traffic`, every answer and summary is scored by
+    the cheap reference-free hooks (`QUALITY`) into the Prometheus histogram
+    `nlg_quality_score{task, metric}`."""
     metrics = gen.metrics = Metrics()
 
     def scores(task: str, ev, prediction: str, source: str) -> dict | None:
-        """The scores asked for, on the calling worker thread (a hook that needs the model waits for the
-        engine thread there, not on the event loop); traffic scoring feeds the histograms."""
+        """The scores asked for, on a worker thread (a hook that needs the model waits for the engine
+        thread there, not on the event loop); traffic scoring feeds the histograms."""
         if score_traffic:
             hooks, exported = QUALITY[task]
             values = scoring.evaluate(hooks, prediction, [], source)
@@ -95,8 +115,9 @@ def build_app(
     async def lifespan(app: FastAPI):
         scheduler = Scheduler(gen.engine, slots, max_waiting=max_waiting, metrics=metrics, on_fatal=on_fatal)
         app.state.scheduler = scheduler.start()
+        handle = app.state.handle = AsyncEngine(gen, scheduler, request_timeout)
         started = time.perf_counter()
-        warmed = await asyncio.to_thread(scheduler.call, lambda: gen.engine.warm_up(scheduler.batcher.cache))
+        warmed = await handle.call(lambda: gen.engine.warm_up(scheduler.batcher.cache))
         if warmed:
             took = time.perf_counter() - started
             print(f"nlg: decode step warmed up for {len(warmed)} (rows, span) buckets in {took:.1f} s", file=sys.stderr)
@@ -105,79 +126,35 @@ def build_app(
         runner.stop()
         scheduler.stop()
 
+    bearer = HTTPBearer(auto_error=False, description="the server's --api-key, when it has one")
     app = FastAPI(
         title="nlg",
         version="0.1.0",
         description="Full-sentence answers and abstractive summaries from a tensor-parallel decoder.",
-        responses={
-            400: {"model": ErrorResponse},
-            413: {"model": ErrorResponse},
-            422: {"model": ErrorResponse},
-            429: {"model": ErrorResponse},
-            503: {"model": ErrorResponse},
-        },
+        responses=ERRORS,
         lifespan=lifespan,
     )
-    app.include_router(build_router(gen, request_timeout))
+    app.include_router(build_router(gen), dependencies=[Depends(bearer)])
     store = JobStore(jobs_db)
     runner = JobRunner(gen, store)
-    app.include_router(build_jobs_router(store, runner))
+    app.include_router(build_jobs_router(store, runner), dependencies=[Depends(bearer)])
+    readiness = Readiness(gen, runner)
+    http_errors.install(app)
+    app.add_middleware(
+        http_errors.BodyLimit, limit=lambda path: MAX_JOB_BYTES if path.startswith("/v1/batches") else MAX_BODY_BYTES
+    )
 
     @app.middleware("http")
     async def check_key(request: Request, call_next):
         if api_key and request.url.path.startswith("/v1/"):
             scheme, _, given = request.headers.get("authorization", "").partition(" ")
             if scheme.lower() != "bearer" or not hmac.compare_digest(given.encode(), api_key.encode()):
-                response = error(401, "missing or wrong API key: send 'Authorization: Bearer <key>'")
-                response.headers["WWW-Authenticate"] = "Bearer"
-                return response
+                return error(
+                    401,
+                    "missing or wrong API key: send 'Authorization: Bearer <key>'",
+                    headers={"WWW-Authenticate": "Bearer"},
+                )
         return await call_next(request)
-
-    @app.middleware("http")
-    async def limit_body(request: Request, call_next):
-        size = request.headers.get("content-length")
-        limit = MAX_JOB_BYTES if request.url.path.startswith("/v1/batches") else MAX_BODY_BYTES
-        if size is not None and size.isdigit() and int(size) > limit:
-            return error(413, f"request body of {size} bytes exceeds the limit of {limit} bytes")
-        return await call_next(request)
-
-    @app.exception_handler(RequestValidationError)
-    async def invalid(request: Request, exc: RequestValidationError):
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"] if p != "body")
-        return error(
-            422, f"{where}: {first['msg']}" if where else first["msg"], param=where or None, code=first.get("type")
-        )
-
-    @app.exception_handler(HTTPException)
-    async def http_error(request: Request, exc: HTTPException):
-        return error(exc.status_code, str(exc.detail))
-
-    @app.exception_handler(ContextOverflow)
-    async def overflow(request: Request, exc: ContextOverflow):
-        return error(400, str(exc), code="context_length_exceeded")
-
-    @app.exception_handler(EngineFailed)
-    async def failed(request: Request, exc: EngineFailed):
-        return error(503, str(exc), code="engine_failed")
-
-    @app.exception_handler(ClientGone)
-    async def gone(request: Request, exc: ClientGone):
-        return Response(status_code=499)  # nginx's "client closed request": nobody reads it
-
-    @app.exception_handler(DeadlineExceeded)
-    async def too_slow(request: Request, exc: DeadlineExceeded):
-        return error(504, str(exc), code="timeout")
-
-    @app.exception_handler(Overloaded)
-    async def overloaded(request: Request, exc: Overloaded):
-        response = error(429, str(exc), code="overloaded")
-        response.headers["Retry-After"] = str(exc.retry_after)
-        return response
-
-    @app.exception_handler(ValueError)
-    async def bad_value(request: Request, exc: ValueError):
-        return error(400, str(exc))
 
     @app.get("/health")
     def health() -> dict:
@@ -185,46 +162,48 @@ def build_app(
         return {"status": "ok", "model": gen.name}
 
     @app.get("/ready")
-    def ready() -> dict:
-        """A real one-token forward on every rank; 503 once the engine has failed."""
-        gen.engine.probe()
+    async def ready(request: Request):
+        """A real one-token forward on every rank (at most one per second); 503 once the engine has
+        failed, or when it does not answer in time."""
+        problem = await readiness.check(request.app.state.handle)
+        if problem is not None:
+            return error(503, problem, code="not_ready", headers={"Retry-After": "5"})
         return {"status": "ready", "model": gen.name}
 
     @app.get("/metrics", include_in_schema=False)
     def prometheus() -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    async def respond(req, work, request: Request, shape):
-        """Run a task; as JSON, or with `req.stream` as server-sent events: {"delta"} pieces of the raw
-        text, then the full response object, then [DONE]. Metrics asked for are checked first."""
+    async def respond(req, plan, request: Request, task: str, source: str, shape):
+        """Run a task's plan; as JSON, or with `req.stream` as server-sent events: {"delta"} pieces of the
+        raw text, then the full response object, then [DONE]. Everything that can refuse the request
+        (metrics asked for, the input, the queue) does so before the response starts."""
         if req.evaluate:
             scoring.check(req.evaluate.metrics, req.evaluate.references)
+        run = TaskRun(request.app.state.handle, plan)
+        await run.begin()
+
+        async def finish(value):
+            return shape(value, await asyncio.to_thread(scores, task, req.evaluate, value_text(value), source))
+
         if not req.stream:
-            return shape(await complete(work, request, request_timeout))
+            return await finish(await run.wait(request.is_disconnected))
 
         async def events():
-            async for item in stream(work):
-                yield shape(item.result).model_dump() if isinstance(item, Done) else {"delta": item}
+            async for piece in run.pieces():
+                yield {"delta": piece}
+            yield (await finish(run.value)).model_dump()
 
-        return sse(events())
+        return sse(events(), on_close=run.abort)
 
-    @app.post("/v1/answer", response_model=AnswerResponse)
+    def value_text(value) -> str:
+        return value.answer if isinstance(value, tasks.Answer) else value.summary
+
+    @app.post("/v1/answer", response_model=AnswerResponse, responses=STREAMED, dependencies=[Depends(bearer)])
     async def answer(req: AnswerRequest, request: Request):
-        def work(push, cancelled):
-            a = tasks.answer(
-                gen,
-                req.question,
-                req.passages,
-                req.max_tokens,
-                req.temperature,
-                req.seed,
-                cancelled=cancelled,
-                on_text=push,
-            )
-            return a, scores("answer", req.evaluate, a.answer, tasks.answer_source(req.question, req.passages))
+        plan = tasks.answer_plan(gen, req.question, req.passages, req.max_tokens, req.temperature, req.seed)
 
-        def shape(done) -> AnswerResponse:
-            a, scored = done
+        def shape(a: tasks.Answer, scored) -> AnswerResponse:
             return AnswerResponse(
                 answer=a.answer,
                 scores=scored,
@@ -233,32 +212,17 @@ def build_app(
                 usage=usage(a.prompt_tokens, a.completion_tokens),
             )
 
-        return await respond(req, work, request, shape)
+        return await respond(req, plan, request, "answer", tasks.answer_source(req.question, req.passages), shape)
 
-    @app.post("/v1/summarize", response_model=SummarizeResponse)
+    @app.post("/v1/summarize", response_model=SummarizeResponse, responses=STREAMED, dependencies=[Depends(bearer)])
     async def summarize(req: SummarizeRequest, request: Request):
-        def work(push, cancelled):
-            s = tasks.summarize(
-                gen,
-                req.text(),
-                req.length,
-                req.max_words,
-                req.temperature,
-                req.seed,
-                cancelled=cancelled,
-                on_text=push,
-            )
-            return s, scores("summarize", req.evaluate, s.summary, req.text())
+        plan = tasks.summarize_plan(gen, req.text(), req.length, req.max_words, req.temperature, req.seed)
 
-        def shape(done) -> SummarizeResponse:
-            s, scored = done
+        def shape(s: tasks.Summary, scored) -> SummarizeResponse:
             return SummarizeResponse(
-                summary=s.summary,
-                scores=scored,
-                model=gen.name,
-                usage=usage(s.prompt_tokens, s.completion_tokens),
+                summary=s.summary, scores=scored, model=gen.name, usage=usage(s.prompt_tokens, s.completion_tokens)
             )
 
-        return await respond(req, work, request, shape)
+        return await respond(req, plan, request, "summarize", req.text(), shape)
 
     return app

@@ -6,6 +6,10 @@ frees its slot at once.
 On the CUDA-graph path greedy decode steps are launched ahead (`Engine.launch` returns a `Launched`): a
 step over the same sequences as the step before is started before the host reads that step's tokens,
 so the host's work per token (callbacks, stop checks, streaming) runs while the GPU computes the next.
+
+A request's own failure on this thread (its sampler, its `on_token` callback) ends that sequence with
+`RequestFailed` and frees its slot; the step goes on for the others. Only the model's calls can fail
+the engine.
 """
 
 from __future__ import annotations
@@ -17,7 +21,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from model.kv_cache import KVCache
-from service.sequence import ContextOverflow, Sequence
+from service.errors import ContextOverflow, RequestFailed
+from service.sequence import Sequence
 
 if TYPE_CHECKING:
     from service.engine import Engine
@@ -52,6 +57,9 @@ class Batcher:
         self.ahead: Launched | None = None  # the last decode step, when launched ahead of the host
 
     def add(self, s: Sequence) -> None:
+        """Queue a sequence; raises `InvalidRequest` for one the model cannot take (checked again here, on
+        the engine thread, whatever the caller checked)."""
+        self.engine.check_tokens(s.prompt)
         if s.length + s.params.max_tokens > self.cache.max_seq:
             raise ContextOverflow(f"{s.length} + {s.params.max_tokens} tokens exceed the cache of {self.cache.max_seq}")
         self.waiting.append(s)
@@ -59,14 +67,13 @@ class Batcher:
     def busy(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def finish(self, s: Sequence, reason: str | None = None) -> None:
-        s.finish_reason = s.finish_reason or reason
+    def finish(self, s: Sequence, reason: str | None = None, error: BaseException | None = None) -> None:
         if s in self.running:
             self.running.remove(s)
             heapq.heappush(self.free, s.slot)
         elif s in self.waiting:
             self.waiting.remove(s)
-        s.done.set()
+        s.end(reason, error)
 
     def step(self) -> None:
         for s in [s for s in self.waiting + self.running if s.cancelled is not None and s.cancelled()]:
@@ -106,10 +113,21 @@ class Batcher:
         """Record the tokens of a launched step. A sequence that finished meanwhile (cancelled, or done
         at the step before, when this one was chained) drops its token."""
         for s, token in zip(step.seqs, step.result()):
-            if not s.done.is_set() and self.engine.append(s, token):
-                self.finish(s)
+            if not s.done.is_set():
+                self._record(s, token)
 
     def _advance(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
         for s, token in zip(seqs, self.engine.pick(seqs, logits)):
-            if self.engine.append(s, token):
-                self.finish(s)
+            if isinstance(token, RequestFailed):
+                self.finish(s, error=token)
+            else:
+                self._record(s, token)
+
+    def _record(self, s: Sequence, token: int) -> None:
+        try:
+            finished = self.engine.append(s, token)
+        except Exception as e:  # the request's own callback (detokenizing, streaming): fails it alone
+            self.finish(s, error=RequestFailed(f"the request failed while taking its tokens: {type(e).__name__}: {e}"))
+            return
+        if finished:
+            self.finish(s)

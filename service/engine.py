@@ -4,11 +4,12 @@ It knows nothing about text: prompts are token ids and so are the results. The t
 strings, streaming detokenization) decides per token whether a sequence is done through each
 sequence's `on_token` callback.
 
-The work is done in steps by a `service.batcher.Batcher` (continuous batching). `Engine.generate`
-drives a batcher of its own on the calling thread, or, when a `service.scheduler.Scheduler` owns the
-engine (the HTTP server), hands the sequences to the scheduler's thread, which then makes every model
-call. The engine holds the model calls a step makes: prefill, decode, greedy steps launched ahead of
-the host (`launch`), and token choice.
+The work is done in steps by a `service.batcher.Batcher` (continuous batching). `Engine.run` drives a
+batcher of its own on the calling thread, or, when a `service.scheduler.Scheduler` owns the engine (the
+HTTP server), hands the sequences to the scheduler's thread, which then makes every model call (the
+server's async handle submits to the scheduler directly). Token ids the model cannot embed are refused
+with `InvalidRequest` (`check_tokens`) before they reach a forward. The engine holds the model calls
+a step makes: prefill, decode, greedy steps launched ahead of the host (`launch`), and token choice.
 
 Importable without the HTTP layer (no fastapi here).
 """
@@ -25,8 +26,9 @@ from model.kv_cache import KVCache
 from parallel.state import get_tp
 from service.batcher import Batcher, Launched
 from service.decode_graphs import MIN_SPAN, GraphDecoder
+from service.errors import ContextOverflow, InvalidRequest, RequestFailed
 from service.sampling import SamplingParams, repeated_ngram_tokens, sample
-from service.sequence import Completion, ContextOverflow, Sequence, TokenLogprob
+from service.sequence import Completion, Sequence, TokenLogprob
 
 OnToken = Callable[[int, int], bool]  # (sequence index, token id) -> True to stop that sequence
 
@@ -68,9 +70,18 @@ class Engine:
         self.overlap = overlap  # greedy graph steps are launched ahead of the host (see `launch`)
         self.graphs: GraphDecoder | None = None  # the decoder of the cache last decoded
 
+    def check_tokens(self, ids: list[int]) -> None:
+        """Refuse token ids the model has no embedding for (they would fail its forward)."""
+        vocab = self.model.config.vocab_size
+        bad = next((i for i in ids if not 0 <= i < vocab), None)
+        if bad is not None:
+            raise InvalidRequest(
+                f"token id {bad} is outside the vocabulary of {vocab} tokens (ids 0 to {vocab - 1})", param="prompt"
+            )
+
     def check_fits(self, prompt_len: int, max_tokens: int) -> None:
         if prompt_len == 0:
-            raise ValueError("prompt is empty")
+            raise InvalidRequest("prompt is empty", param="prompt")
         if prompt_len + max_tokens > self.context:
             raise ContextOverflow(
                 f"prompt has {prompt_len} tokens and max_tokens is {max_tokens}: "
@@ -98,20 +109,26 @@ class Engine:
             c = self.cache = self.new_cache(max(slots, c.num_slots if c else 0), length)
         return c
 
-    def generate(
+    def sequences(
         self,
         prompts: list[list[int]],
         params: list[SamplingParams],
         on_token: OnToken | None = None,
         cancelled: Callable[[], bool] | None = None,
         priority: int = 0,
-    ) -> list[Completion]:
+    ) -> list[Sequence]:
+        """Checked sequences for `run` (or the scheduler): raises `InvalidRequest` for a prompt the model
+        cannot take."""
         for p, sp in zip(prompts, params):
-            self.check_fits(len(p), sp.max_tokens)
-        seqs = [
+            self.check_prompt(p, sp.max_tokens)
+        return [
             Sequence(list(p), sp, (lambda t, i=i: on_token(i, t)) if on_token else None, cancelled, priority)
             for i, (p, sp) in enumerate(zip(prompts, params))
         ]
+
+    def run(self, seqs: list[Sequence]) -> list[Completion]:
+        """Run sequences to the end on the scheduler's thread when one owns the engine, else on a batcher
+        of this thread's own."""
         if self.scheduler is not None:
             return self.scheduler.run(seqs)
         slots = min(len(seqs), self.max_batch)
@@ -120,12 +137,25 @@ class Engine:
             batcher.add(s)
         while batcher.busy():
             batcher.step()
+        for s in seqs:
+            if s.error is not None:
+                raise s.error
         return [s.completion() for s in seqs]
+
+    def generate(
+        self,
+        prompts: list[list[int]],
+        params: list[SamplingParams],
+        on_token: OnToken | None = None,
+        cancelled: Callable[[], bool] | None = None,
+        priority: int = 0,
+    ) -> list[Completion]:
+        return self.run(self.sequences(prompts, params, on_token, cancelled, priority))
 
     def exclusive(self, work: Callable[[], Any]) -> Any:
         """Run a model call outside generation (scoring, a readiness probe) on the thread that owns
         the model: the scheduler's when there is one."""
-        return self.scheduler.call(work) if self.scheduler is not None else work()
+        return self.scheduler.call(work).result() if self.scheduler is not None else work()
 
     @torch.inference_mode()
     def prefill(self, chunks: list[tuple[Sequence, int]], cache: KVCache) -> list[tuple[Sequence, torch.Tensor]]:
@@ -204,17 +234,22 @@ class Engine:
         ready.record()
         return Launched(seqs, host, ready)
 
-    def pick(self, seqs: list[Sequence], logits: torch.Tensor) -> list[int]:
+    def pick(self, seqs: list[Sequence], logits: torch.Tensor) -> list[int | RequestFailed]:
+        """Each sequence's next token; a row whose sampling fails gets a `RequestFailed` instead (that
+        request's error: the other rows go on)."""
         if all(s.params.greedy for s in seqs):
             out = logits.argmax(-1).tolist()
         else:
             out = []
             for s, row in zip(seqs, logits):
-                seen = torch.tensor(s.prompt + s.output, device=row.device)
-                banned = repeated_ngram_tokens(s.output, s.params.no_repeat_ngram)
-                out.append(sample(row, s.params, seen, s.generator, banned))
+                try:
+                    seen = torch.tensor(s.prompt + s.output, device=row.device)
+                    banned = repeated_ngram_tokens(s.output, s.params.no_repeat_ngram)
+                    out.append(sample(row, s.params, seen, s.generator, banned))
+                except RuntimeError as e:  # e.g. probabilities that are not finite
+                    out.append(RequestFailed(f"sampling failed for this request: {e}"))
         for s, row, token in zip(seqs, logits, out):
-            if s.params.logprobs is not None:
+            if s.params.logprobs is not None and isinstance(token, int):
                 s.logprobs += token_logprobs(row[None], [token], s.params.logprobs)
         return out
 
@@ -233,18 +268,24 @@ class Engine:
         return s.finish_reason is not None
 
     @torch.inference_mode()
-    def probe(self) -> None:
-        """A one-token forward through every rank: raises if the engine cannot run."""
+    def tiny_forward(self) -> None:
+        """A one-token forward through every rank (readiness), on the thread that owns the model: raises
+        if the engine cannot run."""
         one = torch.zeros(1, 1, dtype=torch.long, device=self.device)
-        self.exclusive(lambda: self.model(one, one))
+        self.model(one, one)
 
     def prompt_logprobs(self, ids: list[int], top: int = 0) -> list[TokenLogprob | None]:
         """log p(token i | tokens before it) for each token (None for the first), with `top` alternatives."""
-        self.check_fits(len(ids), 0)
-        return self.exclusive(lambda: self._prompt_logprobs(ids, top))
+        self.check_prompt(ids)
+        return self.exclusive(lambda: self.score(ids, top))
+
+    def check_prompt(self, ids: list[int], max_tokens: int = 0) -> None:
+        self.check_tokens(ids)
+        self.check_fits(len(ids), max_tokens)
 
     @torch.inference_mode()
-    def _prompt_logprobs(self, ids: list[int], top: int) -> list[TokenLogprob | None]:
+    def score(self, ids: list[int], top: int) -> list[TokenLogprob | None]:
+        """`prompt_logprobs` on this thread, which must own the model (checked ids only)."""
         cache = self.new_cache(1, len(ids))
         out: list[TokenLogprob | None] = [None]
         slots = torch.zeros(1, dtype=torch.long, device=self.device)

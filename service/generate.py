@@ -23,7 +23,7 @@ from service.detok import Detokenizer
 from service.engine import Engine
 from service.metrics import Metrics
 from service.sampling import SamplingParams
-from service.sequence import TokenLogprob
+from service.sequence import Completion, TokenLogprob
 
 
 @dataclass
@@ -61,49 +61,71 @@ class TextGenerator:
         self,
         prompts: list[list[int]],
         params: list[SamplingParams],
-        on_text: Callable[[int, str], None] | None = None,
+        on_text: Callable[[int, str], bool | None] | None = None,
         cancelled: Callable[[], bool] | None = None,
         priority: int = 0,
     ) -> list[TextResult]:
         """Generate for each prompt; `on_text(i, piece)` streams final text (returning True stops that
         sequence, finish reason "stop"), `cancelled()` turning true stops every sequence at its next
         token; a higher `priority` number waits behind lower ones."""
-        detoks = [Detokenizer(self.tokenizer, p.stop) for p in params]
-        pieces: list[list[str]] = [[] for _ in prompts]
-        start = time.perf_counter()
-        last: dict[int, float] = {}  # when each sequence last produced a token
-
-        def on_token(i: int, token: int) -> bool:
-            if self.metrics:
-                now = time.perf_counter()
-                (self.metrics.inter_token if i in last else self.metrics.ttft).observe(now - last.get(i, start))
-                last[i] = now
-            piece = detoks[i].push(token)
-            if piece:
-                pieces[i].append(piece)
-                if on_text and on_text(i, piece):
-                    return True
-            return detoks[i].stopped
-
-        done = self.engine.generate(prompts, params, on_token, cancelled, priority)
-        results = []
-        for i, c in enumerate(done):
-            tail = detoks[i].finish()
-            if tail:
-                pieces[i].append(tail)
-                if on_text:
-                    on_text(i, tail)
-            results.append(TextResult("".join(pieces[i]), c.token_ids, len(c.prompt_ids), c.finish_reason, c.logprobs))
-        if self.metrics:
-            m = self.metrics
-            m.latency.observe(time.perf_counter() - start)
-            m.batch_size.observe(len(prompts))
-            m.prompt_tokens.inc(sum(map(len, prompts)))
-            for r in results:
-                m.generation_tokens.inc(r.completion_tokens)
-                m.finished.labels(r.finish_reason).inc()
-        return results
+        g = Generation(self, prompts, params, on_text, cancelled, priority)
+        return g.results(self.engine.run(g.seqs))
 
     def complete(self, prompt: str | list[int], params: SamplingParams) -> TextResult:
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else prompt
         return self.generate([ids], [params])[0]
+
+
+class Generation:
+    """One generate call's text side: the checked sequences for the engine, a detokenizer for each, the
+    pieces so far, and the request's metrics. `results` turns the engine's completions into text."""
+
+    def __init__(
+        self,
+        gen: TextGenerator,
+        prompts: list[list[int]],
+        params: list[SamplingParams],
+        on_text: Callable[[int, str], bool | None] | None = None,
+        cancelled: Callable[[], bool] | None = None,
+        priority: int = 0,
+    ):
+        self.gen, self.prompts, self.on_text = gen, prompts, on_text
+        self.detoks = [Detokenizer(gen.tokenizer, p.stop) for p in params]
+        self.pieces: list[list[str]] = [[] for _ in prompts]
+        self.start = time.perf_counter()
+        self.last: dict[int, float] = {}  # when each sequence last produced a token
+        self.seqs = gen.engine.sequences(prompts, params, self.on_token, cancelled, priority)
+
+    def on_token(self, i: int, token: int) -> bool:
+        """On the engine thread: True when sequence i is done (a stop string, or `on_text` said so)."""
+        m = self.gen.metrics
+        if m:
+            now = time.perf_counter()
+            (m.inter_token if i in self.last else m.ttft).observe(now - self.last.get(i, self.start))
+            self.last[i] = now
+        piece = self.detoks[i].push(token)
+        if piece:
+            self.pieces[i].append(piece)
+            if self.on_text and self.on_text(i, piece):
+                return True
+        return self.detoks[i].stopped
+
+    def results(self, done: list[Completion]) -> list[TextResult]:
+        results = []
+        for i, c in enumerate(done):
+            tail = self.detoks[i].finish()
+            if tail:
+                self.pieces[i].append(tail)
+                if self.on_text:
+                    self.on_text(i, tail)
+            text = "".join(self.pieces[i])
+            results.append(TextResult(text, c.token_ids, len(c.prompt_ids), c.finish_reason, c.logprobs))
+        m = self.gen.metrics
+        if m:
+            m.latency.observe(time.perf_counter() - self.start)
+            m.batch_size.observe(len(self.prompts))
+            m.prompt_tokens.inc(sum(map(len, self.prompts)))
+            for r in results:
+                m.generation_tokens.inc(r.completion_tokens)
+                m.finished.labels(r.finish_reason).inc()
+        return results

@@ -1,33 +1,52 @@
 """OpenAI-compatible endpoints: `/v1/completions` (with `logprobs` and `echo`, so evaluation harnesses
 can score prompts), `/v1/chat/completions`, both streaming as server-sent events (`data: [DONE]`,
-`stream_options.include_usage`), and `/v1/models`."""
+`stream_options.include_usage`), and `/v1/models`.
+
+Handlers talk to the engine through the app's async handle (`request.app.state.handle`). Tokenizing
+and chat templates run on a worker thread, after a constant-time bound refuses a text that could never
+fit the context; every error known before the first token (a prompt out of the vocabulary, too long,
+too many prompts, a full queue) is an HTTP status, never an event in a 200 stream.
+"""
 
 from __future__ import annotations
 
-import json
+import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator
+from functools import partial
 
 from fastapi import APIRouter, HTTPException, Request
-from fastapi.responses import StreamingResponse
 
+from service.errors import ContextOverflow
 from service.generate import TextGenerator, TextResult
 from service.openai_schemas import ChatRequest, CompletionRequest
 from service.sampling import SamplingParams
 from service.sequence import TokenLogprob
-from service.streams import Done, complete, stream
+from service.streams import sse
 
 CHAT_MAX_TOKENS = 512  # default for chat when the request sets none (less if the context is shorter)
+STREAMED = {200: {"content": {"text/event-stream": {}}, "description": "JSON, or with stream: server-sent events"}}
 
 
-def build_router(gen: TextGenerator, timeout: float | None = None) -> APIRouter:
+def build_router(gen: TextGenerator) -> APIRouter:
     router = APIRouter(prefix="/v1")
-    tok = gen.tokenizer
+    tok, engine = gen.tokenizer, gen.engine
 
     def check_model(name: str) -> None:
         if name != gen.name:
             raise HTTPException(404, f"model {name!r} not found: this server serves {gen.name!r}")
+
+    def bound(texts: list[str], max_tokens: int) -> None:
+        """Refuse, without tokenizing, a text that has more tokens than the context for sure."""
+        for text in texts:
+            least = tok.least_tokens(text)
+            if least + max_tokens > engine.context:
+                raise ContextOverflow(
+                    f"the prompt has at least {least} tokens and max_tokens is {max_tokens}: "
+                    f"more than the context of {engine.context} tokens",
+                    param="prompt",
+                )
 
     def params(req, max_tokens: int, logprobs: int | None = None) -> SamplingParams:
         return SamplingParams(
@@ -47,35 +66,36 @@ def build_router(gen: TextGenerator, timeout: float | None = None) -> APIRouter:
         return {
             "object": "list",
             "data": [
-                {
-                    "id": gen.name,
-                    "object": "model",
-                    "created": 0,
-                    "owned_by": "nlg",
-                    "max_model_len": gen.engine.context,
-                }
+                {"id": gen.name, "object": "model", "created": 0, "owned_by": "nlg", "max_model_len": engine.context}
             ],
         }
 
-    @router.post("/completions")
+    @router.post("/completions", responses=STREAMED)
     async def completions(req: CompletionRequest, request: Request):
         check_model(req.model)
+        handle = request.app.state.handle
         prompts = [req.prompt] if isinstance(req.prompt, str) or isinstance(req.prompt[0], int) else req.prompt
-        ids = [p if isinstance(p, list) else tok.encode(p) for p in prompts]
+        bound([p for p in prompts if isinstance(p, str)], req.max_tokens)
+        ids = await asyncio.to_thread(lambda: [p if isinstance(p, list) else tok.encode(p) for p in prompts])
         for p in ids:
-            gen.engine.check_fits(len(p), req.max_tokens)
+            engine.check_prompt(p, req.max_tokens)
+        sp = params(req, req.max_tokens, req.logprobs) if req.max_tokens else None
         head = {
             "id": f"cmpl-{uuid.uuid4().hex}",
             "object": "text_completion",
             "created": int(time.time()),
             "model": gen.name,
         }
+        prompt_lp = [None] * len(ids)
+        if req.echo:
+            prompt_lp = [await handle.call(partial(engine.score, p, req.logprobs or 0)) for p in ids]
+        running = handle.start(ids, [sp] * len(ids)) if sp else None
 
-        def choice(i: int, r: TextResult | None, prompt_lp) -> dict:
+        def choice(i: int, r: TextResult | None) -> dict:
             text = r.text if r else ""
             lp = None
             if req.logprobs is not None:
-                pairs = list(zip(ids[i], prompt_lp or [])) if req.echo else []
+                pairs = list(zip(ids[i], prompt_lp[i] or [])) if req.echo else []
                 pairs += list(zip(r.token_ids, r.logprobs)) if r else []
                 lp = legacy_logprobs(tok, pairs, req.logprobs)
             return {
@@ -85,57 +105,39 @@ def build_router(gen: TextGenerator, timeout: float | None = None) -> APIRouter:
                 "finish_reason": r.finish_reason if r else "length",
             }
 
-        def work(push=None, cancelled=None):
-            prompt_lp = (
-                [gen.engine.prompt_logprobs(p, req.logprobs or 0) for p in ids] if req.echo else [None] * len(ids)
-            )
-            if req.max_tokens == 0:
-                return [None] * len(ids), prompt_lp
-            sp = params(req, req.max_tokens, req.logprobs)
-            on_text = (lambda i, piece: push((i, piece))) if push else None
-            return gen.generate(ids, [sp] * len(ids), on_text, cancelled), prompt_lp
-
         if not req.stream:
-            results, prompt_lp = await complete(work, request, timeout)
-            choices = [choice(i, r, prompt_lp[i]) for i, r in enumerate(results)]
-            return head | {"choices": choices, "usage": usage(ids, results)}
+            results = await running.wait(request.is_disconnected) if running else [None] * len(ids)
+            return head | {"choices": [choice(i, r) for i, r in enumerate(results)], "usage": usage(ids, results)}
+
+        def piece(i: int, text: str, finish: str | None = None) -> dict:
+            return head | {"choices": [{"index": i, "text": text, "logprobs": None, "finish_reason": finish}]}
 
         async def events() -> AsyncIterator[dict]:
             if req.echo:
                 for i, p in enumerate(ids):
-                    yield head | {
-                        "choices": [{"index": i, "text": tok.decode(p), "logprobs": None, "finish_reason": None}]
-                    }
-            async for item in stream(work):
-                if isinstance(item, Done):
-                    results, _ = item.result
-                    for i, r in enumerate(results):
-                        yield head | {
-                            "choices": [
-                                {
-                                    "index": i,
-                                    "text": "",
-                                    "logprobs": None,
-                                    "finish_reason": r.finish_reason if r else "length",
-                                }
-                            ]
-                        }
-                    if req.stream_options and req.stream_options.include_usage:
-                        yield head | {"choices": [], "usage": usage(ids, results)}
-                else:
-                    i, piece = item
-                    yield head | {"choices": [{"index": i, "text": piece, "logprobs": None, "finish_reason": None}]}
+                    yield piece(i, tok.decode(p))
+            results = [None] * len(ids)
+            if running:
+                async for i, text in running.pieces():
+                    yield piece(i, text)
+                results = running.result
+            for i, r in enumerate(results):
+                yield piece(i, "", r.finish_reason if r else "length")
+            if req.stream_options and req.stream_options.include_usage:
+                yield head | {"choices": [], "usage": usage(ids, results)}
 
-        return sse(events())
+        return sse(events(), on_close=running.abort if running else None)
 
-    @router.post("/chat/completions")
+    @router.post("/chat/completions", responses=STREAMED)
     async def chat(req: ChatRequest, request: Request):
         check_model(req.model)
-        ids = tok.chat([m.model_dump() for m in req.messages])
         limit = req.max_completion_tokens or req.max_tokens
-        max_tokens = limit or max(1, min(CHAT_MAX_TOKENS, gen.engine.context - len(ids)))
-        gen.engine.check_fits(len(ids), max_tokens)
-        sp = params(req, max_tokens)
+        messages = [m.model_dump() for m in req.messages]
+        bound(["".join(m["content"] for m in messages)], limit or 1)
+        ids = await asyncio.to_thread(tok.chat, messages)
+        max_tokens = limit or max(1, min(CHAT_MAX_TOKENS, engine.context - len(ids)))
+        engine.check_prompt(ids, max_tokens)
+        running = request.app.state.handle.start([ids], [params(req, max_tokens)])
         head = {
             "id": f"chatcmpl-{uuid.uuid4().hex}",
             "object": "chat.completion",
@@ -143,12 +145,8 @@ def build_router(gen: TextGenerator, timeout: float | None = None) -> APIRouter:
             "model": gen.name,
         }
 
-        def work(push=None, cancelled=None):
-            on_text = (lambda i, piece: push(piece)) if push else None
-            return gen.generate([ids], [sp], on_text, cancelled)[0]
-
         if not req.stream:
-            r = await complete(work, request, timeout)
+            r = (await running.wait(request.is_disconnected))[0]
             message = {"role": "assistant", "content": r.text}
             return head | {
                 "choices": [{"index": 0, "message": message, "finish_reason": r.finish_reason}],
@@ -162,29 +160,16 @@ def build_router(gen: TextGenerator, timeout: float | None = None) -> APIRouter:
 
         async def events() -> AsyncIterator[dict]:
             yield delta({"role": "assistant", "content": ""})
-            async for item in stream(work):
-                if isinstance(item, Done):
-                    yield delta({}, item.result.finish_reason)
-                    if req.stream_options and req.stream_options.include_usage:
-                        yield chunk | {"choices": [], "usage": usage([ids], [item.result])}
-                else:
-                    yield delta({"content": item})
+            async for _, text in running.pieces():
+                yield delta({"content": text})
+            r = running.result[0]
+            yield delta({}, r.finish_reason)
+            if req.stream_options and req.stream_options.include_usage:
+                yield chunk | {"choices": [], "usage": usage([ids], [r])}
 
-        return sse(events())
+        return sse(events(), on_close=running.abort)
 
     return router
-
-
-def sse(events: AsyncIterator[dict]) -> StreamingResponse:
-    async def body():
-        try:
-            async for event in events:
-                yield f"data: {json.dumps(event, ensure_ascii=False)}\n\n"
-        except Exception as e:  # headers are gone: report in the stream, OpenAI style
-            yield f"data: {json.dumps({'error': {'message': str(e), 'type': type(e).__name__}})}\n\n"
-        yield "data: [DONE]\n\n"
-
-    return StreamingResponse(body(), media_type="text/event-stream")
 
 
 def usage(prompts: list[list[int]], results: list[TextResult | None]) -> dict:

@@ -7,16 +7,18 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import Field, model_validator
 
-from service.schemas import MAX_TOKENS
+from service.errors import InvalidRequest
+from service.sampling import REPETITION_PENALTY_RANGE
+from service.schemas import MAX_TOKENS, SEED, Body
 
 
-class StreamOptions(BaseModel):
+class StreamOptions(Body):
     include_usage: bool = False
 
 
-class Sampling(BaseModel):
+class Sampling(Body):
     """The sampling fields both endpoints share (OpenAI's defaults, plus vLLM's top_k and
     repetition_penalty)."""
 
@@ -24,8 +26,8 @@ class Sampling(BaseModel):
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=0)
-    repetition_penalty: float = Field(1.0, gt=0.0)
-    seed: int | None = None
+    repetition_penalty: float = Field(1.0, ge=REPETITION_PENALTY_RANGE[0], le=REPETITION_PENALTY_RANGE[1])
+    seed: int | None = SEED
     stop: str | list[str] | None = Field(None, description="up to 4 stop strings; never part of the output")
     n: int = Field(1, ge=1, le=1, description="only 1")
     presence_penalty: float = Field(0.0, ge=0.0, le=0.0, description="not supported: must be 0")
@@ -37,7 +39,7 @@ class Sampling(BaseModel):
     def stops(self) -> tuple[str, ...]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         if len(stops) > 4:
-            raise ValueError("stop: at most 4 stop strings")
+            raise InvalidRequest("stop: at most 4 stop strings", param="stop")
         return tuple(stops)
 
 
@@ -56,7 +58,7 @@ class CompletionRequest(Sampling):
         return self
 
 
-class Message(BaseModel):
+class Message(Body):
     role: Literal["system", "user", "assistant"]
     content: str
 

@@ -1,12 +1,21 @@
 """Sampling parameters and the sampler. Greedy when temperature is 0 (the default), so the same
-input gives the same output. Processing order follows `transformers`: repetition penalty, then
-temperature, top-k, top-p."""
+input gives the same output; a temperature below `MIN_TEMPERATURE` is greedy too (dividing by it
+would overflow the logits, as vLLM also treats it). Processing order follows `transformers`: repetition
+penalty, then temperature, top-k, top-p. Every value `SamplingParams` accepts keeps the probabilities
+defined: repetition penalties are bounded and top-p always keeps the most likely token."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
+
+from service.errors import InvalidRequest
+
+MIN_TEMPERATURE = 1e-5  # below this, sampling is greedy
+REPETITION_PENALTY_RANGE = (0.01, 100.0)  # logits are scaled by at most 100x: finite in fp16 and up
+SEED_RANGE = (-(2**63), 2**63 - 1)  # what torch.Generator.manual_seed takes (as int64)
 
 
 @dataclass(frozen=True)
@@ -24,25 +33,33 @@ class SamplingParams:
     logprobs: int | None = None  # report each token's log-probability and this many alternatives
 
     def __post_init__(self):
+        for name in ("temperature", "top_p", "repetition_penalty"):
+            if not math.isfinite(getattr(self, name)):
+                raise InvalidRequest(f"{name} must be a finite number, got {getattr(self, name)}", param=name)
         if self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be at least 1, got {self.max_tokens}")
+            raise InvalidRequest(f"max_tokens must be at least 1, got {self.max_tokens}")
         if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+            raise InvalidRequest(f"temperature must be >= 0, got {self.temperature}")
         if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+            raise InvalidRequest(f"top_k must be >= 0, got {self.top_k}")
         if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.repetition_penalty <= 0:
-            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+            raise InvalidRequest(f"top_p must be in (0, 1], got {self.top_p}")
+        low, high = REPETITION_PENALTY_RANGE
+        if not low <= self.repetition_penalty <= high:
+            raise InvalidRequest(
+                f"repetition_penalty must be between {low:g} and {high:g}, got {self.repetition_penalty}"
+            )
         if self.logprobs is not None and not 0 <= self.logprobs <= 20:
-            raise ValueError(f"logprobs must be between 0 and 20, got {self.logprobs}")
+            raise InvalidRequest(f"logprobs must be between 0 and 20, got {self.logprobs}")
+        if self.seed is not None and not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]:
+            raise InvalidRequest(f"seed must be a 64-bit integer, got {self.seed}", param="seed")
         if self.no_repeat_ngram < 0:
-            raise ValueError(f"no_repeat_ngram must be >= 0, got {self.no_repeat_ngram}")
+            raise InvalidRequest(f"no_repeat_ngram must be >= 0, got {self.no_repeat_ngram}")
 
     @property
     def greedy(self) -> bool:
         """Plain argmax: no processor changes the logits."""
-        return self.temperature == 0 and self.repetition_penalty == 1.0 and self.no_repeat_ngram == 0
+        return self.temperature < MIN_TEMPERATURE and self.repetition_penalty == 1.0 and self.no_repeat_ngram == 0
 
 
 def penalize_repeats(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
@@ -76,7 +93,7 @@ def sample(
         logits = logits.index_fill(0, torch.tensor(banned, device=logits.device), float("-inf"))
     if params.repetition_penalty != 1.0:
         logits = penalize_repeats(logits.clone(), seen, params.repetition_penalty)
-    if params.temperature == 0:
+    if params.temperature < MIN_TEMPERATURE:
         return int(logits.argmax())
     logits = logits / params.temperature
     if params.top_k:
@@ -86,5 +103,6 @@ def sample(
         sorted_logits, order = torch.sort(logits, descending=True)
         cumulative = sorted_logits.softmax(-1).cumsum(-1)
         drop = cumulative - sorted_logits.softmax(-1) >= params.top_p  # keep the token that crosses top_p
+        drop[0] = False  # and the most likely one, whatever top_p is (1e-300 is 0 in float32)
         logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
     return int(torch.multinomial(logits.softmax(-1), 1, generator=generator))

@@ -1,37 +1,37 @@
 """The server's engine thread: continuous batching for concurrent requests.
 
-Request threads hand their sequences to `run` (which blocks until they finish) or a one-off model
-call to `call`; one thread, started here, owns every model call, so tensor-parallel collectives come
-in the same order on every rank. Each turn of its loop admits what arrived and runs one batcher step.
+Requests hand their sequences to `submit` (returns at once; each sequence's `on_finish` says when it
+ends: the async handle's way) or `run` (blocks until they end: batch jobs and command-line callers), and
+one-off model calls to `call`; one thread, started here, owns every model call, so tensor-parallel
+collectives come in the same order on every rank. Each turn of its loop admits what arrived and runs
+one batcher step.
 
-Overload: more than `max_waiting` sequences queued -> `Overloaded` (HTTP 429 with Retry-After).
-Failure: an exception from the model (a dead rank, a collective timeout, out of memory) fails every
-queued and running sequence with `EngineFailed` (HTTP 503), every later request too, and calls
-`on_fatal` once so the server can exit non-zero.
+- Overload: more than `max_waiting` sequences queued -> `Overloaded` (HTTP 429 with Retry-After). A
+  request of more sequences than `max_waiting` could never be admitted: `submit` refuses it with
+  `TooLarge` (400), `run` admits it in parts.
+- A request's own failure (a prompt the cache cannot take, its sampler, its callback) ends that
+  request's sequences with its error; the engine goes on.
+- Engine failure: an exception from a model call (a dead rank, a collective timeout, out of memory) is
+  printed with its traceback, fails every queued and running sequence and every later request with
+  `EngineFailed` (HTTP 503), and calls `on_fatal` once so that the server can answer what is in flight
+  and exit non-zero.
 """
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
+import traceback
 from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
 
 from service.batcher import Batcher
 from service.engine import Engine
+from service.errors import EngineFailed, InvalidRequest, Overloaded, RequestFailed, TooLarge
 from service.metrics import Metrics
 from service.sequence import Completion, Sequence
-
-
-class EngineFailed(RuntimeError):
-    pass
-
-
-class Overloaded(RuntimeError):
-    def __init__(self, message: str, retry_after: int):
-        super().__init__(message)
-        self.retry_after = retry_after
 
 
 class Scheduler:
@@ -66,9 +66,16 @@ class Scheduler:
         self.thread.join(30)
         self.engine.scheduler = None
 
-    def run(self, seqs: list[Sequence]) -> list[Completion]:
+    def submit(self, seqs: list[Sequence]) -> None:
+        """Queue sequences for the engine thread; raises `TooLarge`, `Overloaded` or `EngineFailed` at
+        once, before any of them is queued."""
         with self.cv:
             self._check()
+            if len(seqs) > self.max_waiting:
+                raise TooLarge(
+                    f"the request needs {len(seqs)} sequences and this server queues at most {self.max_waiting} "
+                    "(--max-waiting): send fewer prompts"
+                )
             queued = len(self.inbox) + len(self.batcher.waiting)
             if queued + len(seqs) > self.max_waiting:
                 raise Overloaded(
@@ -77,23 +84,29 @@ class Scheduler:
                 )
             self.inbox += seqs
             self.cv.notify()
-        for s in seqs:
-            s.done.wait()
-        for s in seqs:
-            if isinstance(s.error, ValueError):
-                raise s.error
-            if s.error is not None:
-                raise EngineFailed(self.failure or str(s.error)) from s.error
+
+    def run(self, seqs: list[Sequence]) -> list[Completion]:
+        """Run sequences to the end from any thread (more than `max_waiting` of them in parts); raises
+        the first one's error."""
+        for start in range(0, len(seqs), self.max_waiting):
+            part = seqs[start : start + self.max_waiting]
+            self.submit(part)
+            for s in part:
+                s.done.wait()
+            for s in part:
+                if s.error is not None:
+                    raise s.error
         return [s.completion() for s in seqs]
 
-    def call(self, work: Callable[[], Any]) -> Any:
-        """Run `work` on the engine thread between two steps; returns its result."""
+    def call(self, work: Callable[[], Any]) -> Future:
+        """Run `work` on the engine thread between two steps; the future gets its result. An
+        `InvalidRequest` it raises is the caller's; any other exception fails the engine."""
         future: Future = Future()
         with self.cv:
             self._check()
             self.calls.append((work, future))
             self.cv.notify()
-        return future.result()
+        return future
 
     def _check(self) -> None:
         if self.failure:
@@ -113,14 +126,15 @@ class Scheduler:
             for s in new:
                 try:
                     self.batcher.add(s)
-                except ValueError as e:  # does not fit the cache: that request's error, not the engine's
-                    s.error = e
-                    s.done.set()
+                except InvalidRequest as e:  # the request's input, not the engine's fault
+                    s.end(error=e)
+                except Exception as e:
+                    s.end(error=RequestFailed(f"the request could not be queued: {type(e).__name__}: {e}"))
             try:
                 for work, future in calls:
                     try:
                         future.set_result(work())
-                    except ValueError as e:  # the caller's input, not the engine
+                    except InvalidRequest as e:
                         future.set_exception(e)
                 before = {id(s) for s in self.batcher.waiting}
                 self.batcher.step()
@@ -138,12 +152,16 @@ class Scheduler:
         m.waiting.set(len(self.batcher.waiting) + len(self.inbox))
 
     def _fail(self, error: Exception, calls) -> None:
+        self.failure = f"engine failed: {type(error).__name__}: {error}"
+        print(f"nlg: error: {self.failure}", file=sys.stderr)
+        traceback.print_exception(error, file=sys.stderr)
+        sys.stderr.flush()
         with self.cv:
-            self.failure = f"engine failed: {type(error).__name__}: {error}"
+            failed = EngineFailed(self.failure)
             for s in self.inbox + self.batcher.waiting + self.batcher.running:
-                s.error = error
-                s.done.set()
+                s.end(error=failed)
             for _, future in calls + self.calls:
                 if not future.done():
-                    future.set_exception(EngineFailed(self.failure))
+                    future.set_exception(failed)
+            self.inbox, self.calls = [], []
         self.on_fatal()

@@ -1,5 +1,8 @@
 """What the engine runs and returns: one sequence's prompt, sampling parameters, callbacks and
-progress (`Sequence`), its result (`Completion`) and per-token log-probabilities (`TokenLogprob`)."""
+progress (`Sequence`), its result (`Completion`) and per-token log-probabilities (`TokenLogprob`).
+
+A sequence ends once, through `end`: finished (a finish reason) or failed (an error). `on_finish` then
+runs on the thread that ended it (the engine's), which is how the async handle learns of it."""
 
 from __future__ import annotations
 
@@ -11,10 +14,6 @@ from dataclasses import dataclass, field
 import torch
 
 from service.sampling import SamplingParams
-
-
-class ContextOverflow(ValueError):
-    """A prompt plus its token budget does not fit the model's context."""
 
 
 @dataclass
@@ -41,6 +40,7 @@ class Sequence:
     on_token: Callable[[int], bool] | None = None  # True: stop here
     cancelled: Callable[[], bool] | None = None  # checked every step, also while waiting
     priority: int = 0  # lower runs first (interactive 0, batch jobs 1)
+    on_finish: Callable[[Sequence], None] | None = None  # called once when the sequence ends
     slot: int = -1
     prefilled: int = 0  # prompt tokens already in the cache
     output: list[int] = field(default_factory=list)
@@ -54,6 +54,16 @@ class Sequence:
     def __post_init__(self):
         if self.params.seed is not None:
             self.generator = torch.Generator().manual_seed(self.params.seed)
+
+    def end(self, reason: str | None = None, error: BaseException | None = None) -> None:
+        """Finish the sequence (`reason`, unless one is set already) or fail it (`error`); once."""
+        if self.done.is_set():
+            return
+        self.finish_reason = self.finish_reason or reason
+        self.error = error
+        self.done.set()
+        if self.on_finish is not None:
+            self.on_finish(self)
 
     @property
     def length(self) -> int:

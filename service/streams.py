@@ -1,79 +1,43 @@
-"""Running a blocking generation for an HTTP handler, so that it stops when nobody waits for it.
+"""Server-sent events: `sse(events, on_close)` sends each dict as `data: {json}`, then `data: [DONE]`.
 
-`work(push, cancelled)` runs on a thread. `stream(work)` yields what it pushes, then `Done(result)`;
-`complete(work, request, timeout)` just waits for the result. When the client disconnects, or the
-request outlives its deadline, `cancelled()` turns true and the engine drops the sequence at its next
-step, freeing its slot.
+The response's status and headers go out before the first event, so every error known before the
+first token must be raised before `sse` is called (the handlers submit to the engine first). An error
+raised while streaming becomes a last `data: {"error": ...}` event in the API's error shape. `on_close`
+runs however the response ends (finished, failed, or the client gone before the first event), so a
+request's sequences are always aborted.
 """
 
 from __future__ import annotations
 
-import asyncio
-import threading
+import json
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
-from typing import Any
+
+from starlette.responses import StreamingResponse
+
+from service.http_errors import error_body
 
 
-class DeadlineExceeded(RuntimeError):
-    pass
+class EventStream(StreamingResponse):
+    def __init__(self, body, on_close: Callable[[], None] | None = None):
+        super().__init__(body, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        self.on_close = on_close
 
-
-class ClientGone(RuntimeError):
-    pass
-
-
-@dataclass
-class Done:
-    """The last item of a stream: the work's return value."""
-
-    result: Any
-
-
-async def stream(work: Callable[[Callable[[Any], None], Callable[[], bool]], Any]) -> AsyncIterator[Any]:
-    loop = asyncio.get_running_loop()
-    queue: asyncio.Queue = asyncio.Queue()
-    cancelled = threading.Event()
-
-    def put(kind: str, value: Any) -> None:
-        if cancelled.is_set():
-            return  # nobody is listening any more (and the loop may be gone)
-        loop.call_soon_threadsafe(queue.put_nowait, (kind, value))
-
-    def job() -> None:
+    async def __call__(self, scope, receive, send) -> None:
         try:
-            put("done", work(lambda item: put("item", item), cancelled.is_set))
-        except BaseException as e:  # handed to the consumer, raised there
-            put("error", e)
-
-    threading.Thread(target=job, daemon=True).start()
-    try:
-        while True:
-            kind, value = await queue.get()
-            if kind == "error":
-                raise value
-            yield value if kind == "item" else Done(value)
-            if kind == "done":
-                return
-    finally:
-        cancelled.set()
+            await super().__call__(scope, receive, send)
+        finally:
+            if self.on_close is not None:
+                self.on_close()
 
 
-async def complete(
-    work: Callable[[Callable[[Any], None], Callable[[], bool]], Any], request: Any, timeout: float | None = None
-) -> Any:
-    """Wait for `work(None, cancelled)`, checking for a client disconnect and the deadline."""
-    cancelled = threading.Event()
-    future = asyncio.get_running_loop().run_in_executor(None, lambda: work(None, cancelled.is_set))
-    deadline = None if timeout is None else asyncio.get_running_loop().time() + timeout
-    try:
-        while True:
-            done, _ = await asyncio.wait({future}, timeout=0.25)
-            if done:
-                return future.result()
-            if await request.is_disconnected():
-                raise ClientGone("the client went away")
-            if deadline is not None and asyncio.get_running_loop().time() > deadline:
-                raise DeadlineExceeded(f"the request took longer than its {timeout:g} s deadline")
-    finally:
-        cancelled.set()
+def sse(events: AsyncIterator[dict], on_close: Callable[[], None] | None = None) -> EventStream:
+    async def body():
+        try:
+            async for event in events:
+                yield f"data: {json.dumps(event, ensure_ascii=False)}\n\n"
+        except Exception as e:  # the status went out with the headers: report in the stream, OpenAI style
+            _, payload = error_body(e)
+            yield f"data: {json.dumps(payload)}\n\n"
+        yield "data: [DONE]\n\n"
+
+    return EventStream(body(), on_close)

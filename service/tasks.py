@@ -1,19 +1,26 @@
 """The two tasks: direct full-sentence answers and abstractive summaries.
 
 Prompts go through the model's chat template when it has one. Both tasks decode greedily by
-default, so the same input gives the same output. An input that does not fit the context raises
-`ContextOverflow` naming the numbers (chunking long inputs is the production engine's job).
+default, so the same input gives the same output. Input longer than the context is cut into windows
+(answers) or goes through map-reduce (summaries); an input that still cannot fit raises
+`ContextOverflow` naming the numbers.
+
+Each task is a plan (`answer_plan`, `summarize_plan`): a generator that yields the generations it needs
+(`Generate`) and gets their results back, so that the same plan runs on a calling thread (`run_plan`,
+behind `answer` and `summarize`) and on the server's event loop (`service.handle.TaskRun`), where the
+CPU work between generations runs off the loop and no thread waits for the engine.
 """
 
 from __future__ import annotations
 
 import collections
 import re
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
 
+from service.errors import ContextOverflow
 from service.generate import TextGenerator
 from service.sampling import SamplingParams
-from service.sequence import ContextOverflow
 
 # Chosen on a random sample of SQuAD and NQ-open dev questions (full-sentence and restatement rate).
 ANSWER_SYSTEM = "You answer questions in one complete sentence that repeats the subject of the question."
@@ -45,6 +52,41 @@ STOPWORDS = frozenset(
     "a an the of to in on at by for with from and or but is are was were be been being it its this that these those "
     "who whom whose what which when where why how do does did has have had as not no".split()
 )
+
+
+Emit = Callable[[int, str], None]  # stream text of sequence i to the caller
+
+
+@dataclass
+class Generate:
+    """One generation a plan asks for; it is sent back the results, one per prompt. `on_text(i, piece,
+    emit)` sees each final piece of sequence i (True stops it) and may `emit` text to the caller."""
+
+    prompts: list[list[int]]
+    params: list[SamplingParams]
+    on_text: Callable[[int, str, Emit], bool | None] | None = None
+
+
+def forward(i: int, piece: str, emit: Emit) -> None:
+    """An `on_text` that streams every piece."""
+    emit(i, piece)
+
+
+Plan = Generator[Generate, list, object]
+
+
+def run_plan(gen: TextGenerator, plan: Plan, on_text=None, cancelled=None, priority: int = 0):
+    """Run a plan on this thread, each generation through `gen.generate`; returns the plan's value.
+    `on_text(text)` receives what the plan streams."""
+    emit = (lambda i, text: on_text(text)) if on_text else (lambda i, text: None)
+    results = None
+    while True:
+        try:
+            step = plan.send(results)
+        except StopIteration as stop:
+            return stop.value
+        watch = (lambda i, piece, step=step: step.on_text(i, piece, emit)) if step.on_text else None
+        results = gen.generate(step.prompts, step.params, watch, cancelled, priority)
 
 
 @dataclass
@@ -150,9 +192,23 @@ def answer(
     cancelled=None,
     on_text=None,
 ) -> Answer:
+    """`answer_plan` run on this thread."""
+    return run_plan(
+        gen, answer_plan(gen, question, passages, max_tokens, temperature, seed), on_text, cancelled, priority
+    )
+
+
+def answer_plan(
+    gen: TextGenerator,
+    question: str,
+    passages: list[str] = (),
+    max_tokens: int = 80,
+    temperature: float = 0.0,
+    seed: int | None = None,
+) -> Plan:
     """One full sentence. Passages that do not fit the context together are cut into windows that do
     (the question is never cut); each window gets an answer, and the one best supported by its window
-    wins."""
+    wins. Streams the raw text when there is one window."""
     question = question.strip()
     if not question:
         raise ValueError("question is empty")
@@ -170,9 +226,9 @@ def answer(
         windows = [(i, piece) for i, p in enumerate(passages) for piece in split_to_fit(gen, p, room)]
         prompts = [chat(answer_messages(question, [piece])) for _, piece in windows]
     else:
-        prompts = [ids]  # generate() refuses it, naming the numbers, if it does not fit
-    stream = (lambda i, piece: on_text(piece)) if on_text and len(prompts) == 1 else None
-    results = gen.generate(prompts, [params] * len(prompts), stream, cancelled, priority)
+        prompts = [ids]
+        gen.engine.check_fits(len(ids), max_tokens)  # refused here, naming the numbers, if it does not fit
+    results = yield Generate(prompts, [params] * len(prompts), forward if len(prompts) == 1 else None)
     texts = [first_sentence(r.text) for r in results]
     if windows is None:
         best, index = 0, supporting_passage(texts[0], question, passages)
@@ -192,18 +248,17 @@ def sentences_of(text: str) -> list[str]:
     return [s for s in (x.strip() for x in re.split(r"(?<=[.!?])\s+|\n+", text)) if s]
 
 
-def stop_after(n: int, forward=None):
+def stop_after(n: int):
     """An `on_text` that stops generation as soon as a sentence beyond the `n` asked for begins (that
-    piece is not forwarded), so the stream and the token count end where the summary does."""
+    piece is not emitted), so the stream and the token count end where the summary does."""
     text = ""
 
-    def on_piece(i: int, piece: str) -> bool:
+    def on_piece(i: int, piece: str, emit: Emit) -> bool:
         nonlocal text
         if len(sentences_of(text + piece)) > n:
             return True
         text += piece
-        if forward:
-            forward(piece)
+        emit(i, piece)
         return False
 
     return on_piece
@@ -235,17 +290,31 @@ def summarize(
     cancelled=None,
     on_text=None,
 ) -> Summary:
+    """`summarize_plan` run on this thread."""
+    plan = summarize_plan(gen, document, length, max_words, temperature, seed)
+    return run_plan(gen, plan, on_text, cancelled, priority)
+
+
+def summarize_plan(
+    gen: TextGenerator,
+    document: str,
+    length: str = "medium",
+    max_words: int | None = None,
+    temperature: float = 0.0,
+    seed: int | None = None,
+) -> Plan:
     """An abstractive summary. A document longer than the context goes through map-reduce: its
-    pieces are summarized (in one batch), then the joined summaries are summarized, again if needed."""
-    document = document.strip()
-    if not document:
+    pieces are summarized (in one generation), then the joined summaries are summarized, again if
+    needed. Streams the final summary's text."""
+    if not isinstance(document, str) or not document.strip():
         raise ValueError("document is empty")
+    document = document.strip()
     if length not in LENGTHS:
         raise ValueError(f"length must be one of {', '.join(LENGTHS)}, got {length!r}")
     sentences, budget = LENGTHS[length]
     if max_words is not None:
-        if max_words < 1:
-            raise ValueError(f"max_words must be at least 1, got {max_words}")
+        if isinstance(max_words, bool) or not isinstance(max_words, int) or max_words < 1:
+            raise ValueError(f"max_words must be a whole number of at least 1, got {max_words!r}")
         instruction, budget = f"in at most {max_words} words", int(max_words * 1.5) + 16
     else:
         instruction = "in one sentence" if sentences == 1 else f"in about {sentences} sentences"
@@ -254,14 +323,10 @@ def summarize(
     )
     chat, context = gen.tokenizer.chat, gen.engine.context
     if len(chat(summary_messages(document, instruction))) + budget > context:
-        return _map_reduce(gen, document, length, max_words, params, priority, cancelled, on_text)
+        return (yield from _map_reduce(gen, document, length, max_words, params))
     key = salient(document, max(5, sentences + 2))
     ids = chat(summary_messages(key or document, instruction, rewrite=key is not None))
-    if max_words is None:
-        stream = stop_after(sentences, on_text)
-    else:
-        stream = (lambda i, piece: on_text(piece)) if on_text else None
-    r = gen.generate([ids], [params], stream, cancelled, priority)[0]
+    r = (yield Generate([ids], [params], stop_after(sentences) if max_words is None else forward))[0]
     text = " ".join(r.text.split())
     if max_words is not None:
         text = " ".join(text.split()[:max_words])
@@ -272,16 +337,7 @@ def summarize(
     return Summary(text, r.prompt_tokens, r.completion_tokens)
 
 
-def _map_reduce(
-    gen: TextGenerator,
-    document: str,
-    length: str,
-    max_words: int | None,
-    params: SamplingParams,
-    priority: int,
-    cancelled,
-    on_text,
-) -> Summary:
+def _map_reduce(gen: TextGenerator, document: str, length: str, max_words: int | None, params: SamplingParams) -> Plan:
     chat, context = gen.tokenizer.chat, gen.engine.context
     _, map_budget = LENGTHS["medium"]
     room = context - map_budget - len(chat(summary_messages(".", MAP_INSTRUCTION)))
@@ -292,11 +348,11 @@ def _map_reduce(
         max_tokens=map_budget, temperature=params.temperature, seed=params.seed, no_repeat_ngram=params.no_repeat_ngram
     )
     prompts = [chat(summary_messages(p, MAP_INSTRUCTION)) for p in pieces]
-    partial = gen.generate(prompts, [map_params] * len(prompts), cancelled=cancelled, priority=priority)
+    partial = yield Generate(prompts, [map_params] * len(prompts))
     joined = "\n".join(whole_sentences(" ".join(r.text.split())) for r in partial if r.text.strip())
     if not joined or len(gen.tokenizer.encode(joined)) >= len(gen.tokenizer.encode(document)):
         raise ContextOverflow("the document does not get shorter when summarized in pieces; send less text")
-    final = summarize(gen, joined, length, max_words, params.temperature, params.seed, priority, cancelled, on_text)
+    final = yield from summarize_plan(gen, joined, length, max_words, params.temperature, params.seed)
     return Summary(
         final.summary,
         final.prompt_tokens + sum(r.prompt_tokens for r in partial),

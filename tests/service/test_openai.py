@@ -10,8 +10,6 @@ import pytest
 
 from service.app import build_app
 from service.sampling import SamplingParams
-from service.streams import Done
-from service.streams import stream as run_stream
 
 
 @pytest.fixture(scope="module")
@@ -85,25 +83,30 @@ def test_errors(client):
 
 
 def test_a_consumer_that_goes_away_stops_generation(tiny):
-    """Client disconnect: the stream's consumer closes it, generation stops within a token."""
-    seen, results = [], []
+    """Client disconnect: the consumer closes the request's stream of pieces, generation stops within a
+    token (the handle aborts the sequences on the way out)."""
+    from service.handle import AsyncEngine
+    from service.scheduler import Scheduler
 
-    def work(push, cancelled):
-        params = SamplingParams(max_tokens=500, ignore_eos=True)
-        results.append(tiny.generate([tiny.tokenizer.encode("go")], [params], lambda i, p: push(p), cancelled)[0])
+    seen = []
+    scheduler = Scheduler(tiny.engine, slots=2).start()
+    try:
 
-    async def consume_one():
-        stream = run_stream(work)
-        seen.append(await anext(stream))
-        await stream.aclose()
+        async def consume_one():
+            running = AsyncEngine(tiny, scheduler).start(
+                [tiny.tokenizer.encode("go")], [SamplingParams(max_tokens=500, ignore_eos=True)]
+            )
+            pieces = running.pieces()
+            seen.append(await anext(pieces))
+            await pieces.aclose()
+            return running.generation.seqs[0]
 
-    asyncio.run(consume_one())
-    deadline = time.time() + 10
-    while not results:  # the generation finishes soon after the cancel
-        assert time.time() < deadline
-        time.sleep(0.01)
-    assert seen and not isinstance(seen[0], Done)
-    assert results[0].completion_tokens < 20  # not the 500 asked for
+        seq = asyncio.run(consume_one())
+        assert seq.done.wait(10)  # the generation finishes soon after the abort
+    finally:
+        scheduler.stop()
+    assert seen and isinstance(seen[0], tuple)
+    assert len(seq.output) < 20 and seq.finish_reason == "cancelled"  # not the 500 asked for
 
 
 def test_streamed_multibyte_text_never_splits_a_character(client, tiny, monkeypatch):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from service import tasks
-from service.sequence import ContextOverflow
+from service.errors import ContextOverflow
 
 
 def test_first_sentence_is_one_full_sentence():
@@ -117,9 +117,9 @@ def test_long_documents_are_rewritten_from_salient_sentences_and_cut_to_length(t
 
 def test_stop_after_streams_whole_sentences_then_stops():
     sent = []
-    on_piece = tasks.stop_after(2, sent.append)
+    on_piece = tasks.stop_after(2)
     pieces = ["The park", " opens.", " Work", " starts in May.", " Crowds", " cheer."]
-    stops = [on_piece(0, p) for p in pieces]
+    stops = [on_piece(0, p, lambda i, text: sent.append(text)) for p in pieces]
     assert stops == [False, False, False, False, True, True]
     assert "".join(sent) == "The park opens. Work starts in May."
 

@@ -1,0 +1,59 @@
+"""What can go wrong with a request, and the HTTP status each gets (`service.app` maps these classes;
+nothing else decides a status):
+
+- `InvalidRequest` (400): the input cannot work as sent; `ContextOverflow` (too long for the context)
+  and `TooLarge` (more sequences than the server ever queues) name the numbers. Retrying cannot help.
+- `Overloaded` (429 with Retry-After): the queue is full now; the same request can succeed later.
+- `RequestFailed` (500): this request failed inside the engine (its sampler, its streaming callback);
+  every other request goes on.
+- `EngineFailed` (503): the engine cannot run (a dead rank, a collective timeout, a device error); every
+  request fails and the server exits so that a supervisor restarts it.
+- `DeadlineExceeded` (504): the request outlived `--request-timeout`.
+- `ClientGone` (499, which nobody reads): the client hung up before its answer.
+
+`InvalidRequest` is a `ValueError`, so command-line callers that report bad input catch it as such.
+"""
+
+from __future__ import annotations
+
+
+class InvalidRequest(ValueError):
+    code: str | None = None
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
+
+
+class ContextOverflow(InvalidRequest):
+    """A prompt plus its token budget does not fit the model's context."""
+
+    code = "context_length_exceeded"
+
+
+class TooLarge(InvalidRequest):
+    """A request of more sequences than the server queues at once: it could never be admitted."""
+
+    code = "too_many_sequences"
+
+
+class Overloaded(RuntimeError):
+    def __init__(self, message: str, retry_after: int):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class RequestFailed(RuntimeError):
+    """One request failed on the engine thread; the engine and every other request go on."""
+
+
+class EngineFailed(RuntimeError):
+    pass
+
+
+class DeadlineExceeded(RuntimeError):
+    pass
+
+
+class ClientGone(RuntimeError):
+    pass

@@ -1,0 +1,128 @@
+"""One error shape, `{"error": {"message", "type", "param", "code"}}`, and the status of every error
+class (`service.errors`): the exception handlers of the app and the error events of streams both come
+from `error_body`. A body that cannot be encoded (a lone surrogate in a message) is escaped, never a
+plain-text 500. `BodyLimit` refuses an oversized body with 413 while it is read, chunked or not.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import traceback
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException
+
+from service.errors import ClientGone, DeadlineExceeded, EngineFailed, InvalidRequest, Overloaded, RequestFailed
+
+TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    413: "request_too_large",
+    422: "invalid_request_error",
+    429: "rate_limit_error",
+    500: "server_error",
+    503: "unavailable",
+    504: "timeout",
+}
+# error classes, most specific first: (class, status, code)
+STATUS = (
+    (InvalidRequest, 400, None),
+    (Overloaded, 429, "overloaded"),
+    (RequestFailed, 500, "request_failed"),
+    (EngineFailed, 503, "engine_failed"),
+    (DeadlineExceeded, 504, "timeout"),
+    (ValueError, 400, None),
+)
+
+
+class SafeJSON(JSONResponse):
+    """JSON with non-ASCII escaped: a message quoting a lone surrogate still encodes."""
+
+    def render(self, content) -> bytes:
+        return json.dumps(content, ensure_ascii=True, separators=(",", ":")).encode()
+
+
+def body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": TYPES.get(status, "server_error"), "param": param, "code": code}}
+
+
+def error(status: int, message: str, param: str | None = None, code: str | None = None, headers=None) -> SafeJSON:
+    return SafeJSON(body(status, message, param, code), status_code=status, headers=headers)
+
+
+def error_body(exc: BaseException) -> tuple[int, dict]:
+    """The status and body for an exception raised while serving a request."""
+    for cls, status, code in STATUS:
+        if isinstance(exc, cls):
+            return status, body(status, str(exc), getattr(exc, "param", None), getattr(exc, "code", None) or code)
+    return 500, body(500, f"internal error: {type(exc).__name__}: {exc}", code="internal_error")
+
+
+def install(app: FastAPI) -> None:
+    """The app's exception handlers: every error in the one shape, with its status and headers."""
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError):
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"] if p != "body")
+        status = 400 if first.get("type") == "invalid_unicode" else 422
+        message = f"{where}: {first['msg']}" if where else first["msg"]
+        return error(status, message, param=where or None, code=first.get("type"))
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException):
+        return error(exc.status_code, str(exc.detail), headers=exc.headers)
+
+    @app.exception_handler(ClientGone)
+    async def gone(request: Request, exc: ClientGone):
+        return Response(status_code=499)  # nginx's "client closed request": nobody reads it
+
+    async def known(request: Request, exc: Exception):
+        status, payload = error_body(exc)
+        headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, Overloaded) else None
+        return SafeJSON(payload, status_code=status, headers=headers)
+
+    for cls, _, _ in STATUS:
+        app.add_exception_handler(cls, known)
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception):
+        print(f"nlg: error: {request.method} {request.url.path} failed:", file=sys.stderr)
+        traceback.print_exception(exc, file=sys.stderr)
+        status, payload = error_body(exc)
+        return SafeJSON(payload, status_code=status)
+
+
+class BodyLimit:
+    """ASGI middleware: 413 for a body over `limit(path)` bytes, from its Content-Length at once, or as
+    the bytes of a chunked upload pass the limit (raised from `receive`, so the route's read of the body
+    fails into the exception handlers)."""
+
+    def __init__(self, app, limit):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        limit = self.limit(scope["path"])
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        too_large = f"the request body exceeds the limit of {limit} bytes"
+        if declared.isdigit() and int(declared) > limit:
+            return await error(413, f"{too_large} (Content-Length {int(declared)})")(scope, receive, send)
+        seen = 0
+
+        async def limited():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > limit:
+                    raise HTTPException(413, too_large)
+            return message
+
+        await self.app(scope, limited, send)
