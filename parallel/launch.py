@@ -9,11 +9,16 @@
   > 0 sit in `follow_plans`, run the same call, and return on a stop message. Plans travel over a
   separate gloo group without a timeout: a worker may wait as long as rank 0 is idle, while the
   compute collectives keep the short timeout. A dead peer breaks both at once.
+- `abort()`: after a failure, SIGKILL the other ranks on this machine (a hung or stopped rank would
+  never see a stop message, and would hold the launcher for its 30 s kill timeout) and exit non-zero.
 """
 
 from __future__ import annotations
 
 import os
+import signal
+import socket
+import sys
 import uuid
 from collections.abc import Callable
 from datetime import timedelta
@@ -27,6 +32,7 @@ from parallel.state import get_tp, set_tp
 DEFAULT_TIMEOUT_S = 60.0
 STOP = "stop"
 _plan_group: dist.ProcessGroup | None = None
+_ranks: list[tuple[str, int]] = []  # (host, pid) of every rank, gathered at init
 
 
 def launch(nproc: int, fn: Callable[..., Any], *args: Any) -> Any:
@@ -64,6 +70,8 @@ def init_from_env(timeout_s: float | None = None) -> torch.device:
     dist.init_process_group("nccl" if cuda else "gloo", timeout=timeout)
     _plan_group = dist.new_group(backend="gloo", timeout=timedelta(days=365))
     set_tp(dist.get_rank(), world, dist.group.WORLD)
+    _ranks[:] = [None] * world
+    dist.all_gather_object(_ranks, (socket.gethostname(), os.getpid()), group=_plan_group)
     return device
 
 
@@ -90,3 +98,18 @@ def shutdown() -> None:
     if get_tp().rank == 0:
         send_plan(STOP)
     dist.destroy_process_group()
+
+
+def abort(status: int = 1) -> None:
+    """Kill the other ranks on this machine and exit now, without the stop message or the group's
+    teardown (both wait on peers that may be gone)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    me = (socket.gethostname(), os.getpid())
+    for host, pid in _ranks:
+        if host == me[0] and pid != me[1]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    os._exit(status)

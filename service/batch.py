@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from service import scoring, tasks
+from service.errors import EngineFailed
 from service.generate import TextGenerator
 from service.scheduler import Scheduler
 
@@ -40,7 +41,7 @@ class Summary:
 
 
 def run_record(gen: TextGenerator, task: str, record: dict) -> dict:
-    """One record's result fields; raises ValueError for a bad record. A record may carry
+    """One record's result fields; raises ValueError (or `InvalidRequest`) for a bad record. A record may carry
     `evaluate: {metrics, references?}`, as the HTTP requests do: its result then has `scores`."""
     if not isinstance(record, dict):
         raise ValueError("a record must be a JSON object")
@@ -163,8 +164,10 @@ def run_job(
             if parse_error:
                 raise ValueError(parse_error)
             fields = run_record(gen, task, record)
-        except ValueError as e:
-            errors.write(key | {"error": str(e)})
+        except EngineFailed:
+            raise
+        except Exception as e:  # this record's own failure: its error row, and the job goes on
+            errors.write(key | {"error": str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}"})
             return "error", 0
         results.write(key | fields)
         return "ok", fields["completion_tokens"]

@@ -143,10 +143,16 @@ def cmd_models(args) -> None:
     print(f"\nor any local Hugging Face directory (safetensors). Cache: {cache_dir()}")
 
 
+SHUTDOWN_GRACE_S = 20  # seconds `serve` gives requests in flight to finish when it stops (under the TP launcher's 30)
+
+
 def cmd_serve(args) -> None:
+    import threading
+
     import uvicorn
 
     from model.registry import cache_dir, resolve
+    from parallel.launch import abort
     from service.app import build_app
     from service.loading import Loading
 
@@ -154,10 +160,17 @@ def cmd_serve(args) -> None:
     key = args.api_key or os.environ.get("NLG_API_KEY")
     jobs = args.jobs_db or str(cache_dir() / "jobs.sqlite")
     Path(jobs).parent.mkdir(parents=True, exist_ok=True)
+    failed = threading.Event()
 
-    def fatal() -> None:  # an engine failure was reported (503): exit non-zero, loudly
-        print("nlg: error: the engine failed; exiting", file=sys.stderr, flush=True)
-        os._exit(1)
+    def fatal() -> None:
+        """The engine failed (its cause is printed) and every request in flight has its error: let the
+        server send those replies, then exit non-zero. A shutdown that hangs is cut short."""
+        print("nlg: error: the engine failed; answering the requests in flight, then exiting", file=sys.stderr)
+        failed.set()
+        server.should_exit = True
+        timer = threading.Timer(SHUTDOWN_GRACE_S + 5, abort)
+        timer.daemon = True
+        timer.start()
 
     def load():
         gen = _load(args)
@@ -170,7 +183,17 @@ def cmd_serve(args) -> None:
         file=sys.stderr,
         flush=True,
     )
-    uvicorn.run(Loading(load, fatal), host=args.host, port=args.port, log_level="info")
+    config = uvicorn.Config(
+        Loading(load, fatal),
+        host=args.host,
+        port=args.port,
+        log_level="info",
+        timeout_graceful_shutdown=SHUTDOWN_GRACE_S,
+    )
+    server = uvicorn.Server(config)
+    server.run()
+    if failed.is_set():
+        abort()  # exit 1 now, taking any other tensor-parallel ranks down with this one
 
 
 def cmd_batch(args) -> None:

@@ -60,6 +60,7 @@ class Engine:
         self.context = min(context or cfg.max_position, cfg.max_position)
         self.prefill_chunk, self.device = prefill_chunk, torch.device(device)
         self.dtype = next(model.parameters()).dtype
+        self.vocab_size = cfg.vocab_size
         self.kv_heads = max(1, cfg.num_kv_heads // get_tp().size)  # this rank's KV heads
         self.cache: KVCache | None = None  # the calling thread's cache (no scheduler)
         self.scheduler = None  # set by service.scheduler.Scheduler when it owns this engine
@@ -72,7 +73,7 @@ class Engine:
 
     def check_tokens(self, ids: list[int]) -> None:
         """Refuse token ids the model has no embedding for (they would fail its forward)."""
-        vocab = self.model.config.vocab_size
+        vocab = self.vocab_size
         bad = next((i for i in ids if not 0 <= i < vocab), None)
         if bad is not None:
             raise InvalidRequest(

@@ -6,13 +6,17 @@ JSONL (one line per input line: the fields, or `error`); `DELETE /v1/batches/{id
 
 A `JobRunner` thread feeds pending records to the engine at batch priority (interactive requests go
 first) and stores each result in its own transaction: a crash loses only the records in flight,
-which are run again after the restart, and a record never gets two results.
+which are run again after the restart, and a record never gets two results. A record that fails for
+any reason gets its error row (with its `id`) and the runner goes on; one refused because the engine's
+queue is full (`Overloaded`, from interactive load) stays pending and is tried again after the
+Retry-After; after an engine failure the runner stops, leaving the records in flight pending.
 """
 
 from __future__ import annotations
 
 import json
 import sqlite3
+import sys
 import threading
 import time
 import uuid
@@ -23,6 +27,7 @@ from fastapi import APIRouter, HTTPException, Query, Request
 from fastapi.responses import Response
 
 from service.batch import run_record
+from service.errors import EngineFailed, Overloaded
 from service.generate import TextGenerator
 
 MAX_JOB_BYTES = 64 * 1024 * 1024
@@ -75,11 +80,11 @@ class JobStore:
         self.status(job)
         with self.lock:
             rows = self.db.execute(
-                "SELECT line, result, error FROM records WHERE job = ? AND "
+                "SELECT line, input, result, error FROM records WHERE job = ? AND "
                 "(result IS NOT NULL OR error IS NOT NULL) ORDER BY line",
                 (job,),
             ).fetchall()
-        return [{"line": n} | (json.loads(r) if r else {"error": e}) for n, r, e in rows]
+        return [{"line": n} | (json.loads(r) if r else record_id(text) | {"error": e}) for n, text, r, e in rows]
 
     def cancel(self, job: str) -> dict:
         self.status(job)
@@ -120,6 +125,15 @@ class JobStore:
             self.db.execute("COMMIT")
 
 
+def record_id(text: str) -> dict:
+    """`{"id": ...}` of a record's input line when it is an object with one, else `{}`."""
+    try:
+        record = json.loads(text)
+    except ValueError:
+        return {}
+    return {"id": record["id"]} if isinstance(record, dict) and "id" in record else {}
+
+
 class JobRunner:
     """Feeds pending records to the engine, `workers` at a time, until stopped."""
 
@@ -140,26 +154,42 @@ class JobRunner:
 
     def _loop(self) -> None:
         in_flight: dict[tuple[str, int], Future] = {}
+        self.resume_at = 0.0  # after an Overloaded: no new record before then
         with ThreadPoolExecutor(self.workers) as pool:
             while not self.stopping:
-                for key in [k for k, f in in_flight.items() if f.done()]:
-                    in_flight.pop(key).result()
-                room = self.workers - len(in_flight)
-                for job, task, line, text in self.store.pending(room, set(in_flight)) if room else []:
-                    in_flight[(job, line)] = pool.submit(self._one, job, task, line, text)
+                try:
+                    for key in [k for k, f in in_flight.items() if f.done()]:
+                        in_flight.pop(key)
+                    room = self.workers - len(in_flight) if time.monotonic() >= self.resume_at else 0
+                    for job, task, line, text in self.store.pending(room, set(in_flight)) if room else []:
+                        in_flight[(job, line)] = pool.submit(self._one, job, task, line, text)
+                except Exception as e:  # the store itself (a full disk): say so, try again shortly
+                    print(f"nlg: error: batch jobs: {type(e).__name__}: {e}", file=sys.stderr)
                 self.wake.wait(0.05 if in_flight else 1.0)
                 self.wake.clear()
 
     def _one(self, job: str, task: str, line: int, text: str) -> None:
+        """Run one record and store its result or its error; never raises."""
         try:
             record = json.loads(text)
-            result = run_record(self.gen, task, record)
-            if isinstance(record, dict) and "id" in record:
-                result = {"id": record["id"]} | result
-            self.store.save(job, line, result, None)
-        except (ValueError, json.JSONDecodeError) as e:
-            self.store.save(job, line, None, str(e))
+            result = record_id(text) | run_record(self.gen, task, record)
+        except Overloaded as e:  # interactive load fills the queue: the record waits its turn
+            self.resume_at = time.monotonic() + e.retry_after
+            return
+        except EngineFailed:  # the server is going down: the record stays pending for the restart
+            self.stopping = True
+            return
+        except Exception as e:  # anything else is this record's own failure
+            self._save(job, line, None, f"{type(e).__name__}: {e}" if not isinstance(e, ValueError) else str(e))
+        else:
+            self._save(job, line, result, None)
         self.wake.set()
+
+    def _save(self, job: str, line: int, result: dict | None, error: str | None) -> None:
+        try:
+            self.store.save(job, line, result, error)
+        except Exception as e:
+            print(f"nlg: error: batch jobs: saving {job} line {line}: {type(e).__name__}: {e}", file=sys.stderr)
 
 
 def build_jobs_router(store: JobStore, runner: JobRunner) -> APIRouter:

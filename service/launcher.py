@@ -4,13 +4,18 @@
 under `torchrun` this process already is one rank. On every rank the command line is parsed again:
 rank 0 runs the command (CLI output, HTTP server, scheduling, sampling) and ranks > 0 load their shard
 and follow rank 0's step plans. If any rank dies, the launcher stops the rest and we exit non-zero
-naming it.
+naming it (a rank killed by a signal first: it is the cause, the others' errors its effect).
+
+Stopping: SIGTERM or Ctrl-C reaches every rank, but ranks > 0 ignore both and wait for rank 0's stop
+message, so that `serve` drains its requests (as at tp=1) before the group goes down; `serve` then
+exits 0. After an engine failure rank 0 kills the other ranks itself (`parallel.launch.abort`).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 
 import torch
@@ -28,13 +33,27 @@ def run_tensor_parallel(args: argparse.Namespace, argv: list[str]) -> int:
         check(args.model, args.tp)
     except (LookupError, FileNotFoundError, ValueError) as e:
         return _fail(str(e))
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
     try:
         return launch(args.tp, rank_main, argv)
     except ChildFailedError as e:
-        rank, failure = e.get_first_failure()
-        return _fail(f"tensor-parallel rank {rank} failed (exit code {failure.exitcode}); all ranks were stopped", 1)
+        return _fail(describe(e.failures), 1)
+    except SignalException as e:  # the ranks were sent the signal and have stopped
+        return 0 if args.command == "serve" else 128 + int(e.sigval)
+
+
+def describe(failures: dict) -> str:
+    """Which rank failed first, and how every failed rank ended."""
+
+    def how(f) -> str:
+        return f"killed by {f.signal_name()}" if f.exitcode < 0 else f"exit code {f.exitcode}"
+
+    order = sorted(failures, key=lambda r: (failures[r].exitcode >= 0, failures[r].timestamp, r))
+    first = order[0]
+    then = "".join(f"; then rank {r} {how(failures[r])}" for r in order[1:])
+    return f"tensor-parallel rank {first} failed ({how(failures[first])}){then}; all ranks were stopped"
 
 
 def check(model: str, tp: int) -> None:
@@ -59,6 +78,8 @@ def rank_main(argv: list[str]) -> int:
     try:
         if get_tp().rank == 0:
             return run(args)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # rank 0 decides when to stop (see the module doc)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         follower(args.model, device, dtype_of(args))
         return 0
     finally:

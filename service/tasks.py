@@ -309,7 +309,7 @@ def summarize_plan(
     if not isinstance(document, str) or not document.strip():
         raise ValueError("document is empty")
     document = document.strip()
-    if length not in LENGTHS:
+    if not isinstance(length, str) or length not in LENGTHS:
         raise ValueError(f"length must be one of {', '.join(LENGTHS)}, got {length!r}")
     sentences, budget = LENGTHS[length]
     if max_words is not None:
