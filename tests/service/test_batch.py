@@ -134,3 +134,84 @@ def test_records_can_ask_for_scores(tiny, tmp_path):
     assert "scores" not in results[4]
     errors = {e["line"]: e["error"] for e in lines_of(tmp_path / "out.errors.jsonl")}
     assert "needs references" in errors[2] and "evaluate must be" in errors[3]
+
+
+def wait_completed(c, job: str, timeout: float = 60) -> dict:
+    deadline = time.time() + timeout
+    while (status := c.get(f"/v1/batches/{job}").json())["state"] != "completed":
+        assert time.time() < deadline, status
+        time.sleep(0.05)
+    return status
+
+
+def test_a_poisoned_record_fails_alone_and_the_next_job_completes(tiny, tmp_path, monkeypatch):
+    """Defect 11: a record whose bad field raised something other than ValueError ("max_words": "abc"),
+    or any unexpected exception, killed the jobs thread: every later job stayed queued forever while
+    /ready said 200, and error rows lacked the record's id."""
+    from fastapi.testclient import TestClient
+
+    import service.jobs
+    from service.app import build_app
+
+    real = service.jobs.run_record
+
+    def flaky(gen, task, record):
+        if record.get("id") == "boom":
+            raise KeyError("injected failure")
+        return real(gen, task, record)
+
+    monkeypatch.setattr(service.jobs, "run_record", flaky)
+    poisoned = [
+        {"id": "boom", "document": "A fine document."},
+        {"id": "abc", "document": "Words here.", "max_words": "abc"},
+        {"id": "list", "document": "Words here.", "length": ["short"]},
+        {"id": "ok", "document": "The council approved the park.", "length": "short"},
+    ]
+    with TestClient(build_app(tiny, jobs_db=str(tmp_path / "jobs.sqlite"))) as c:
+        body = "".join(json.dumps(r) + "\n" for r in poisoned)
+        first = c.post("/v1/batches?task=summarize", content=body).json()["id"]
+        assert wait_completed(c, first)["counts"] == {"total": 4, "succeeded": 1, "failed": 3}
+        rows = {r["id"]: r for r in map(json.loads, c.get(f"/v1/batches/{first}/results").text.splitlines())}
+        assert "injected failure" in rows["boom"]["error"] and "max_words" in rows["abc"]["error"]
+        assert "length" in rows["list"]["error"] and "summary" in rows["ok"]
+        second = c.post("/v1/batches?task=answer", content=json.dumps({"id": "q", "question": "Who?"}) + "\n")
+        assert wait_completed(c, second.json()["id"])["counts"]["succeeded"] == 1
+        assert c.get("/ready").status_code == 200
+
+
+def test_a_full_queue_delays_a_batch_record_instead_of_failing_it(tiny, tmp_path, monkeypatch):
+    """Defect 11: an Overloaded from interactive load killed the jobs thread; the record must wait
+    its turn (Retry-After) and then succeed."""
+    from fastapi.testclient import TestClient
+
+    import service.jobs
+    from service.app import build_app
+    from service.errors import Overloaded
+
+    real, refusals = service.jobs.run_record, []
+
+    def busy_once(gen, task, record):
+        if not refusals:
+            refusals.append(1)
+            raise Overloaded("64 sequences are already waiting", retry_after=1)
+        return real(gen, task, record)
+
+    monkeypatch.setattr(service.jobs, "run_record", busy_once)
+    with TestClient(build_app(tiny, jobs_db=str(tmp_path / "jobs.sqlite"))) as c:
+        job = c.post("/v1/batches?task=answer", content=json.dumps({"id": "q", "question": "Who?"}) + "\n").json()
+        assert wait_completed(c, job["id"])["counts"] == {"total": 1, "succeeded": 1, "failed": 0}
+        assert refusals == [1]
+
+
+def test_nlg_batch_records_any_failure_and_goes_on(tiny, tmp_path):
+    """Defect 11, command-line side: a TypeError from a bad field is that record's error row."""
+    src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    src.write_text(
+        json.dumps({"id": "abc", "document": "Words.", "max_words": "abc"})
+        + "\n"
+        + json.dumps({"id": "ok", "document": "The council approved the park.", "length": "short"})
+        + "\n"
+    )
+    s = run_job(tiny, "summarize", src, out, workers=2)
+    assert (s.succeeded, s.failed) == (1, 1)
+    assert lines_of(tmp_path / "out.errors.jsonl")[0]["id"] == "abc"
