@@ -11,7 +11,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 PYTEST_ARGS ?=
 
-.PHONY: install serve test test-fast lint bench clean
+.PHONY: install serve test test-fast lint bench fuzz soak clean
 
 install: $(VENV)/.installed
 
@@ -35,6 +35,13 @@ lint: install
 
 bench: install
 	$(BIN)/nlg bench --model $(MODEL)
+
+fuzz: install  # the schemathesis test with more examples (the test suite runs 15 per operation)
+	NLG_FUZZ_EXAMPLES=200 $(BIN)/pytest tests/service/test_fuzz.py $(PYTEST_ARGS)
+
+SOAK_ARGS ?= --clients 24 --minutes 3
+soak: install  # N clients for M minutes above the queue bound: statuses, lost, incoherent, deaths, RSS
+	$(BIN)/python -m service.soak $(SOAK_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

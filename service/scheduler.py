@@ -119,7 +119,12 @@ class Scheduler:
             with self.cv:
                 while not (self.inbox or self.calls or self.batcher.busy() or self.stopping):
                     self.cv.wait()
-                if self.stopping:
+                if self.stopping:  # whatever is left gets its answer: 503, the server is going down
+                    left = EngineFailed("the engine is shutting down")
+                    for s in self.inbox + self.batcher.waiting + self.batcher.running:
+                        s.end(error=left)
+                    for _, future in self.calls:
+                        future.set_exception(left)
                     return
                 new, self.inbox = self.inbox, []
                 calls, self.calls = self.calls, []

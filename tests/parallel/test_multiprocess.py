@@ -3,6 +3,7 @@ dead rank stops the whole group quickly with no process left behind."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -140,35 +141,114 @@ def test_a_dead_rank_stops_everything_within_30s(tmp_path, victim):
             proc.kill()
 
 
-def test_serve_exits_non_zero_when_a_rank_dies(tmp_path):
-    """`nlg serve --tp 2`: ready with both ranks; after rank 1 is killed the service stops answering
-    within 30 s and exits non-zero, leaving no process behind."""
+def start_serve(tmp_path, extra_env: dict | None = None):
+    """`nlg serve --tp 2` on tiny-random, ready; returns (process, base URL, ranks)."""
     import httpx
 
-    port = 18000 + os.getpid() % 1000
+    port = 18000 + (os.getpid() + len(os.listdir(tmp_path))) % 1000
+    (tmp_path / f"port{port}").touch()
     cmd = [sys.executable, "-m", "service.cli", "serve", "--model", "tiny-random", "--tp", "2", "--port", str(port)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    url = f"http://127.0.0.1:{port}/ready"
+    cmd += ["--jobs-db", str(tmp_path / f"jobs{port}.sqlite")]
+    env = os.environ | (extra_env or {})
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    url = f"http://127.0.0.1:{port}"
+    ranks = ranks_of(proc, 2)
+    deadline = time.time() + 90
+    while True:
+        try:
+            if httpx.get(f"{url}/ready", timeout=5).status_code == 200:
+                return proc, url, ranks
+        except httpx.TransportError:
+            pass
+        assert time.time() < deadline and proc.poll() is None, "never became ready"
+        time.sleep(0.3)
+
+
+def open_stream(url: str):
+    """A long stream, started and past its first event: (response context, its line iterator)."""
+    import httpx
+
+    body = {"model": "tiny-random", "prompt": "go", "max_tokens": 1000, "ignore_eos": True, "stream": True}
+    ctx = httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60)
+    r = ctx.__enter__()
+    assert r.status_code == 200
+    lines = (line[6:] for line in r.iter_lines() if line.startswith("data: "))
+    next(lines)
+    return ctx, lines
+
+
+def test_serve_exits_non_zero_when_a_rank_dies(tmp_path):
+    """`nlg serve --tp 2`: after rank 1 is killed, a stream in flight ends with an error event (not a
+    cut connection), the service exits non-zero within 30 s naming rank 1 and the cause, and no process
+    is left behind."""
+    import httpx
+
+    proc, url, ranks = start_serve(tmp_path)
     try:
-        ranks = ranks_of(proc, 2)
-        deadline = time.time() + 60
-        while True:
-            try:
-                if httpx.get(url, timeout=5).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.time() < deadline, "never became ready"
-            time.sleep(0.3)
         everyone = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+        ctx, lines = open_stream(url)
         start = time.time()
         ranks[1].send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
+        events = list(lines)
+        ctx.__exit__(None, None, None)
+        assert events[-1] == "[DONE]" and '"engine_failed"' in events[-2], events[-3:]
+        _, err = proc.communicate(timeout=30)
         assert time.time() - start < 30 and proc.returncode != 0
+        assert "rank 1 failed (killed by SIGKILL)" in err and "engine failed:" in err, err[-2000:]
         with pytest.raises(httpx.TransportError):
-            httpx.get(url, timeout=2)
+            httpx.get(f"{url}/ready", timeout=2)
         time.sleep(1)
         assert not [p for p in everyone if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_a_hung_rank_fails_fast_and_answers_in_flight_requests(tmp_path):
+    """A SIGSTOPped rank 1 with NLG_TP_TIMEOUT=5: the stream in flight gets its error event and the
+    service exits non-zero within the timeout plus a few seconds (it took 45.7 s: the launcher waited
+    30 s for a stopped rank to take its SIGTERM); no process is left behind."""
+    proc, url, ranks = start_serve(tmp_path, {"NLG_TP_TIMEOUT": "5"})
+    try:
+        everyone = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+        ctx, lines = open_stream(url)
+        start = time.time()
+        ranks[1].send_signal(signal.SIGSTOP)
+        events = list(lines)
+        ctx.__exit__(None, None, None)
+        assert events[-1] == "[DONE]" and '"engine_failed"' in events[-2], events[-3:]
+        proc.communicate(timeout=30)
+        assert time.time() - start < 20 and proc.returncode != 0, time.time() - start
+        time.sleep(1)
+        assert not [p for p in everyone if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    finally:
+        for r in ranks:
+            try:
+                r.kill()
+            except psutil.NoSuchProcess:
+                pass
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_sigterm_drains_streams_at_tp_2(tmp_path):
+    """SIGTERM to `nlg serve --tp 2` drains like tp=1: the stream in flight ends with [DONE] and its
+    finish reason, no error event, and the service exits 0 (it cut streams and exited 1 with a
+    traceback: rank 1 died of the SIGTERM under rank 0)."""
+    import httpx
+
+    proc, url, _ = start_serve(tmp_path)
+    try:
+        body = {"model": "tiny-random", "prompt": "go", "max_tokens": 300, "ignore_eos": True, "stream": True}
+        with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as r:
+            lines = (line[6:] for line in r.iter_lines() if line.startswith("data: "))
+            next(lines)
+            proc.send_signal(signal.SIGTERM)
+            events = list(lines)
+        assert events[-1] == "[DONE]" and not any('"error"' in e for e in events), events[-3:]
+        assert json.loads(events[-2])["choices"][0]["finish_reason"] == "length"
+        _, err = proc.communicate(timeout=40)
+        assert proc.returncode == 0, err[-2000:]
     finally:
         if proc.poll() is None:
             proc.kill()
