@@ -16,16 +16,12 @@ from __future__ import annotations
 
 import heapq
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 
 from model.kv_cache import KVCache
 from service.errors import ContextOverflow, RequestFailed
 from service.sequence import Sequence
-
-if TYPE_CHECKING:
-    from service.engine import Engine
 
 
 @dataclass(eq=False)
@@ -47,7 +43,9 @@ class Launched:
 class Batcher:
     """Continuous batching over one cache: the sequences waiting for a slot and those holding one."""
 
-    def __init__(self, engine: Engine, cache: KVCache, step_tokens: int | None = None):
+    def __init__(self, engine, cache: KVCache, step_tokens: int | None = None):
+        """`engine`: the `service.engine.Engine` whose model calls each step makes (not imported here:
+        the engine builds batchers, so the import would go in a circle)."""
         self.engine, self.cache = engine, cache
         self.step_tokens = step_tokens or engine.prefill_chunk  # prompt tokens prefilled per step, at most
         self.free = list(range(cache.num_slots))  # a heap: the lowest slot goes first, so busy slots

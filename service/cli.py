@@ -161,22 +161,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command != "bench" and (getattr(args, "tp", 1) > 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1):
         from service.launcher import run_tensor_parallel
 
-        return run_tensor_parallel(args, argv)
-    return run(args)
-
-
-def run(args: argparse.Namespace) -> int:
-    """Run one parsed command in this process; returns the exit status."""
-    from model.registry import ModelNotFound
-
-    try:
-        args.run(args)
-    except (ModelNotFound, FileNotFoundError, ValueError) as e:
-        print(f"nlg: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
-    return 0
+        return run_tensor_parallel(args)
+    return commands.run(args)
 
 
 if __name__ == "__main__":

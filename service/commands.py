@@ -12,6 +12,20 @@ from model.config import PRESETS
 from model.registry import DEFAULT_MODEL, NAMES
 
 
+def run(args) -> int:
+    """Run one parsed command in this process; returns the exit status."""
+    from model.registry import ModelNotFound
+
+    try:
+        args.run(args)
+    except (ModelNotFound, FileNotFoundError, ValueError) as e:
+        print(f"nlg: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
 def _load(args):
     from service.generate import TextGenerator
 

@@ -1,8 +1,8 @@
 """Running an `nlg` command split over tensor-parallel ranks.
 
-`nlg ... --tp N` checks N against the model, then starts N local ranks with torch's elastic launcher;
-under `torchrun` this process already is one rank. On every rank the command line is parsed again:
-rank 0 runs the command (CLI output, HTTP server, scheduling, sampling) and ranks > 0 load their shard
+`nlg ... --tp N` checks N against the model, then starts N local ranks with torch's elastic launcher,
+handing each the parsed command line; under `torchrun` this process already is one rank. Rank 0 runs
+the command (CLI output, HTTP server, scheduling, sampling) and ranks > 0 load their shard
 and follow rank 0's step plans. If any rank dies, the launcher stops the rest and we exit non-zero
 naming it (a rank killed by a signal first: it is the cause, the others' errors its effect).
 
@@ -21,14 +21,14 @@ import sys
 import torch
 
 
-def run_tensor_parallel(args: argparse.Namespace, argv: list[str]) -> int:
+def run_tensor_parallel(args: argparse.Namespace) -> int:
     from parallel.launch import launch
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1:  # started by torchrun: this process is one of the ranks
         if args.tp not in (1, world):
             return _fail(f"--tp {args.tp} but torchrun started {world} ranks")
-        return rank_main(argv)
+        return rank_main(args)
     try:
         check(args.model, args.tp)
     except (LookupError, FileNotFoundError, ValueError) as e:
@@ -37,7 +37,7 @@ def run_tensor_parallel(args: argparse.Namespace, argv: list[str]) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
     try:
-        return launch(args.tp, rank_main, argv)
+        return launch(args.tp, rank_main, args)
     except ChildFailedError as e:
         return _fail(describe(e.failures), 1)
     except SignalException as e:  # the ranks were sent the signal and have stopped
@@ -64,14 +64,12 @@ def check(model: str, tp: int) -> None:
     read_config(resolve(model)).check_tp(tp)
 
 
-def rank_main(argv: list[str]) -> int:
+def rank_main(args: argparse.Namespace) -> int:
     """The entry point of every rank."""
     from parallel.launch import init_from_env, shutdown
     from parallel.state import get_tp
-    from service.cli import parser, run
-    from service.commands import dtype_of
+    from service.commands import dtype_of, run
 
-    args = parser().parse_args(argv)
     device = init_from_env()
     if args.device == "cpu":
         device = torch.device("cpu")
