@@ -41,7 +41,7 @@ fuzz: install  # the schemathesis test with more examples (the test suite runs 1
 
 SOAK_ARGS ?= --clients 24 --minutes 3
 soak: install  # N clients for M minutes above the queue bound: statuses, lost, incoherent, deaths, RSS
-	$(BIN)/python -m service.soak $(SOAK_ARGS)
+	$(BIN)/python -m service.bench.soak $(SOAK_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

@@ -1,4 +1,4 @@
-"""What can go wrong with a request, and the HTTP status each gets (`service.app` maps these classes;
+"""What can go wrong with a request, and the HTTP status each gets (`service.server.app` maps these classes;
 nothing else decides a status):
 
 - `InvalidRequest` (400): the input cannot work as sent; `ContextOverflow` (too long for the context)

@@ -10,7 +10,7 @@ from contextlib import contextmanager
 import pytest
 import torch
 
-from service.generate import TextGenerator
+from service.engine.generator import TextGenerator
 
 torch.manual_seed(0)
 
@@ -78,7 +78,7 @@ def live_server(app):
     """Serve `app` with uvicorn on a free loopback port, on a thread; yields its base URL."""
     import uvicorn
 
-    from service.bench_serve import free_port
+    from service.bench.serve import free_port
 
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))

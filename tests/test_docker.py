@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from service.cli import parser
+from service.cli.parser import parser
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILES = sorted(p for p in (ROOT / "docker").glob("Dockerfile*") if p.suffix != ".dockerignore")
@@ -112,7 +112,7 @@ def test_runs_as_non_root_with_a_readiness_healthcheck(dockerfile):
 
 
 def test_ready_route_exists(tiny):
-    from service.app import build_app
+    from service.server.app import build_app
 
     assert "/ready" in {getattr(r, "path", None) for r in build_app(tiny).routes}
 

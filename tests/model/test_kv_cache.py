@@ -7,7 +7,7 @@ import torch
 from torch.testing import assert_close
 
 from model.kv_cache import KVCache
-from service.sampling import SamplingParams
+from service.engine.sampling import SamplingParams
 
 
 def test_cached_decode_equals_full_forward(tiny):
@@ -66,7 +66,7 @@ def test_bfloat16_model_runs_and_stays_close():
     """Guards dtype consistency (RoPE tables, KV cache) when weights are not fp32."""
     from model.loader import load_model
     from model.registry import resolve
-    from service.engine import Engine
+    from service.engine.runner import Engine
 
     path = resolve("tiny-random")
     fp32, bf16 = load_model(path), load_model(path, dtype=torch.bfloat16)

@@ -6,8 +6,8 @@ import torch
 from torch.testing import assert_close
 
 from model.loader import load_model
-from service.engine import Engine
-from service.sampling import SamplingParams
+from service.engine.runner import Engine
+from service.engine.sampling import SamplingParams
 
 PROMPTS = [[5, 17, 42, 99, 3, 250, 7, 8, 11], [200, 1, 64, 33]]  # different lengths: batch > 1
 

@@ -10,8 +10,8 @@ import torch
 from torch.testing import assert_close
 
 from model.registry import fetch_smollm2_gguf
-from service.cli import main
-from service.generate import TextGenerator
+from service.cli.parser import main
+from service.engine.generator import TextGenerator
 
 pytestmark = pytest.mark.slow
 

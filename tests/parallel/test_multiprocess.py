@@ -19,8 +19,8 @@ from model.config import ModelConfig
 from model.loader import load_model
 from model.tiny import write_model_dir
 from parallel.launch import launch
-from service.engine import Engine
-from service.sampling import SamplingParams
+from service.engine.runner import Engine
+from service.engine.sampling import SamplingParams
 
 PROMPTS = [[5, 17, 42, 99, 3, 250, 7, 8, 11], [200, 1, 64, 33]]
 

@@ -8,8 +8,8 @@ import time
 import pytest
 from fastapi.testclient import TestClient
 
-from service.app import MAX_BODY_BYTES, build_app
-from service.tasks import first_sentence
+from service.server.app import MAX_BODY_BYTES, build_app
+from service.tasks.core import first_sentence
 
 
 @pytest.fixture(scope="module")
@@ -140,7 +140,7 @@ def check_metrics(c):
 def test_ready_is_503_while_the_model_loads(tiny):
     import threading
 
-    from service.loading import Loading
+    from service.server.loading import Loading
 
     loaded = threading.Event()
 
@@ -188,7 +188,7 @@ def test_per_request_evaluation(client):
             "evaluate": {"metrics": ["rouge"], "references": [ref]},
         },
     ).json()
-    from service.scoring import rouge
+    from service.evals.scoring import rouge
 
     assert r["scores"] == pytest.approx(rouge(r["summary"], [ref]))
     a = client.post(
@@ -214,7 +214,7 @@ def test_reference_free_hooks_per_request(client, tiny):
     )
     assert r.status_code == 200, r.text
     body = r.json()
-    from service import scoring
+    from service.evals import scoring
 
     want = scoring.evaluate(["support", "novelty", "fluency"], body["summary"], [], doc, tiny)
     assert set(body["scores"]) == set(want) >= {"support", "unsupported", "novel_trigrams", "lm_logprob", "slor"}

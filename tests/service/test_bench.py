@@ -7,7 +7,7 @@ import json
 
 import torch
 
-from service.cli import main
+from service.cli.parser import main
 
 FIELDS = {
     "single_stream_tok_s",
@@ -53,7 +53,7 @@ def test_gpu_bench_report_prints_saved_and_new_results():
     results and on the same results with the fields added since (launching steps ahead)."""
     from pathlib import Path
 
-    from service.bench_gpu import print_report
+    from service.bench.gpu import print_report
 
     saved = json.loads((Path(__file__).parents[2] / "service/results/gpu-h100.json").read_text())
     text = print_report(saved)
@@ -71,9 +71,9 @@ def test_gpu_bench_report_prints_saved_and_new_results():
 def test_gpu_bench_profiles_the_steps_it_means(tiny):
     """The steps `nlg bench --device cuda` profiles (eager forward; the recorded step outside its graph)
     run as given on any device: one token's logits for one row."""
-    from service.bench_gpu import compiled_step, eager_step
-    from service.engine import Engine
-    from service.sampling import SamplingParams
+    from service.bench.gpu import compiled_step, eager_step
+    from service.engine.runner import Engine
+    from service.engine.sampling import SamplingParams
 
     engine = Engine(tiny.engine.model, graphs=True)
     engine.generate([[5, 6, 7]], [SamplingParams(max_tokens=3)])

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import json
 
-from service.bulk_eval import lead3, run_eval
-from service.cli import main
-from service.scoring import sentence
+from service.cli.parser import main
+from service.evals.bulk import lead3, run_eval
+from service.evals.scoring import sentence
 
 
 def test_eval_qa_writes_report_table_and_plot(tiny, tmp_path):

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from service.cli import main
+from service.cli.parser import main
 
 TINY = ["--model", "tiny-random"]
 
@@ -110,8 +110,8 @@ def test_context_bounds_each_sequence(capsys):
 
 def test_a_cache_bigger_than_free_memory_is_refused(tiny, monkeypatch):
     """On a GPU the cache is allocated at once: one that cannot fit names its size and what to lower."""
-    from service import engine as engine_module
-    from service.engine import CacheTooLarge, Engine
+    from service.engine import runner as engine_module
+    from service.engine.runner import CacheTooLarge, Engine
 
     monkeypatch.setattr(engine_module, "free_memory", lambda device: 3 * 2**20)
     engine = Engine(tiny.engine.model)

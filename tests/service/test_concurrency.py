@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from fastapi.testclient import TestClient
 
-from service.app import build_app
+from service.server.app import build_app
 
 
 def completion(client, prompt: str, seed: int, max_tokens: int = 24) -> dict:

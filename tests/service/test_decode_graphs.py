@@ -9,11 +9,11 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from service.batcher import Batcher
-from service.decode_graphs import GraphDecoder
-from service.engine import Engine
-from service.sampling import SamplingParams
-from service.sequence import Sequence
+from service.engine.batcher import Batcher
+from service.engine.cuda_graphs import GraphDecoder
+from service.engine.runner import Engine
+from service.engine.sampling import SamplingParams
+from service.engine.sequence import Sequence
 
 
 def run_all(batcher: Batcher, seqs: list[Sequence]) -> None:
@@ -242,7 +242,7 @@ def test_concurrent_requests_launched_ahead_equal_each_alone(varied):
     and sampled mixed in 3 slots, some stopped by their callback, each equal to running it alone."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from service.scheduler import Scheduler
+    from service.engine.scheduler import Scheduler
 
     rng = random.Random(0)
     jobs = []

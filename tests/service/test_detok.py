@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from service.detok import REPLACEMENT, Detokenizer
-from service.sampling import SamplingParams
+from service.engine.detok import REPLACEMENT, Detokenizer
+from service.engine.sampling import SamplingParams
 
 
 def stream(tokenizer, text: str, stop=()) -> tuple[list[str], Detokenizer]:

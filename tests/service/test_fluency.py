@@ -9,7 +9,7 @@ import pytest
 import torch
 from wordfreq import word_frequency
 
-from service import fluency, scoring
+from service.evals import fluency, scoring
 
 
 def test_fluency_equals_transformers_and_slor_subtracts_unigrams(tiny):
@@ -47,7 +47,7 @@ def test_link_grammar_absent_is_refused_with_the_install_hint(monkeypatch):
 
 @pytest.mark.slow
 def test_smollm2_scores_a_sentence_above_its_scramble():
-    from service.generate import TextGenerator
+    from service.engine.generator import TextGenerator
 
     smol = TextGenerator.load("smollm2-135m-instruct")
     good = scoring.evaluate(["fluency"], "Jason Mraz is engaged to Tristan Prettyman.", [], None, smol)

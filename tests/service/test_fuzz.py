@@ -16,7 +16,7 @@ import schemathesis
 from hypothesis import HealthCheck, given, settings
 from hypothesis.errors import Unsatisfiable
 
-from service.app import build_app
+from service.server.app import build_app
 
 KEY = "fuzz-key"
 EXAMPLES = int(os.environ.get("NLG_FUZZ_EXAMPLES", "15"))  # per operation and mode (valid, invalid)

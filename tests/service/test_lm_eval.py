@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from service import lm_eval
-from service.cli import main
+from service.cli.parser import main
+from service.evals import lm_eval
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 
@@ -107,7 +107,7 @@ def test_smollm2_lambada_and_wikitext_equal_transformers():
     within 1e-3; WikiText token perplexity within 1e-4 relative (fp32 both sides)."""
     from transformers import AutoModelForCausalLM
 
-    from service.generate import TextGenerator
+    from service.engine.generator import TextGenerator
 
     smol = TextGenerator.load("smollm2-135m-instruct")
     hf = AutoModelForCausalLM.from_pretrained(str(smol.directory), dtype=torch.float32).eval()

@@ -7,8 +7,8 @@ import asyncio
 import openai
 import pytest
 
-from service.app import build_app
-from service.sampling import SamplingParams
+from service.engine.sampling import SamplingParams
+from service.server.app import build_app
 
 
 @pytest.fixture(scope="module")
@@ -84,8 +84,8 @@ def test_errors(client):
 def test_a_consumer_that_goes_away_stops_generation(tiny):
     """Client disconnect: the consumer closes the request's stream of pieces, generation stops within a
     token (the handle aborts the sequences on the way out)."""
-    from service.handle import AsyncEngine
-    from service.scheduler import Scheduler
+    from service.engine.handle import AsyncEngine
+    from service.engine.scheduler import Scheduler
 
     seen = []
     scheduler = Scheduler(tiny.engine, slots=2).start()

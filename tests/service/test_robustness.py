@@ -12,7 +12,7 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
-from service.app import build_app
+from service.server.app import build_app
 
 M = "tiny-random"
 LONG = {"model": M, "prompt": "go", "max_tokens": 1000, "temperature": 0, "ignore_eos": True}
@@ -55,10 +55,10 @@ def test_token_ids_outside_the_vocabulary_get_400(client, ids, extra):
 
 def test_the_engine_refuses_bad_ids_even_past_the_edge(tiny):
     """Defense in depth: ids that reach the engine thread unchecked fail that sequence, not the engine."""
+    from service.engine.sampling import SamplingParams
+    from service.engine.scheduler import Scheduler
+    from service.engine.sequence import Sequence
     from service.errors import InvalidRequest
-    from service.sampling import SamplingParams
-    from service.scheduler import Scheduler
-    from service.sequence import Sequence
 
     scheduler = Scheduler(tiny.engine, slots=2).start()
     try:
@@ -193,9 +193,9 @@ def test_tokenizing_runs_off_the_event_loop(tiny, serve, monkeypatch):
 def test_bodies_are_limited_while_read_chunked_or_not(tiny, serve, monkeypatch):
     """Defect 7: only Content-Length was checked, so a chunked 3 MiB request (or 70 MiB batch upload)
     got through."""
-    import service.app
+    import service.server.app
 
-    monkeypatch.setattr(service.app, "MAX_JOB_BYTES", 1024 * 1024)
+    monkeypatch.setattr(service.server.app, "MAX_JOB_BYTES", 1024 * 1024)
 
     def chunks(total: int):
         piece = b"x" * 65536
@@ -303,16 +303,16 @@ def test_a_stream_dropped_before_its_first_event_frees_its_slot(tiny, serve):
 def test_a_request_failing_on_the_engine_thread_fails_alone(tiny, serve, monkeypatch):
     """Defect 3: a request-level error (its sampler fails, its streaming callback raises) must fail that
     request with a 5xx and leave the engine and every other request running."""
-    import service.engine
+    import service.engine.runner
 
-    real = service.engine.sample
+    real = service.engine.runner.sample
 
     def poisoned(logits, params, *args, **kwargs):
         if params.seed == 666:
             raise RuntimeError("probability tensor contains either `inf`, `nan` or element < 0")
         return real(logits, params, *args, **kwargs)
 
-    monkeypatch.setattr(service.engine, "sample", poisoned)
+    monkeypatch.setattr(service.engine.runner, "sample", poisoned)
     app = build_app(tiny, slots=4)
     sampled = {"model": M, "prompt": "abc", "max_tokens": 30, "temperature": 0.8, "ignore_eos": True}
     with serve(app) as url, ThreadPoolExecutor(6) as pool:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from service.sampling import SamplingParams, penalize_repeats, repeated_ngram_tokens, sample
+from service.engine.sampling import SamplingParams, penalize_repeats, repeated_ngram_tokens, sample
 
 
 def test_seeded_sampling_is_reproducible(tiny):

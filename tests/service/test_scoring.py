@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from rouge_score import rouge_scorer
 
-from service import factual
-from service.scoring import aggregate, hook, normalize_answer, qa, rouge, sentence_lines
+from service.evals import factual
+from service.evals.scoring import aggregate, hook, normalize_answer, qa, rouge, sentence_lines
 
 PAIRS = [
     ("The cat sat on the mat. It was happy.", "A cat was sitting on the mat. The cat seemed happy."),

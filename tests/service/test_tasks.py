@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from service import tasks
 from service.errors import ContextOverflow
+from service.tasks import core as tasks
 
 
 def test_first_sentence_is_one_full_sentence():
@@ -125,7 +125,7 @@ def test_stop_after_streams_whole_sentences_then_stops():
 
 
 def test_on_text_returning_true_stops_the_sequence(tiny):
-    from service.sampling import SamplingParams
+    from service.engine.sampling import SamplingParams
 
     seen = []
     r = tiny.generate(

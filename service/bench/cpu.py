@@ -1,0 +1,144 @@
+"""`nlg bench`: our engine against `transformers` `generate()` on the same weights, same prompts,
+greedy, in the same run, so the ratios hold on a noisy machine. Also measures this machine's memory
+read bandwidth, and from it the floor a decode step cannot beat: every step reads all weights."""
+
+from __future__ import annotations
+
+import resource
+import time
+
+import torch
+
+from service.engine.generator import TextGenerator
+from service.engine.sampling import SamplingParams
+
+PROMPTS = [
+    "The history of the printing press begins in the fifteenth century, when",
+    "Summarize the main causes of the French Revolution in a few sentences.",
+    "Photosynthesis is the process by which green plants",
+    "Write a short note to a colleague about moving tomorrow's meeting.",
+    "The three largest cities in Canada are",
+    "Explain how a refrigerator keeps food cold.",
+    "In 1969, the Apollo 11 mission",
+    "A good summary of a news article should",
+]
+
+
+def read_bandwidth_gbs(mb: int = 512, reps: int = 5) -> float:
+    """Best-of-`reps` read bandwidth of a sum over a buffer far larger than the caches."""
+    x = torch.ones(mb * 1024 * 1024 // 4)
+    x.sum()
+    best = min(_timed(x.sum) for _ in range(reps))
+    return x.numel() * 4 / best / 1e9
+
+
+def _timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
+
+
+def ours(gen: TextGenerator, prompts: list[list[int]], tokens: int) -> dict:
+    params = SamplingParams(max_tokens=tokens, ignore_eos=True)
+    gen.engine.generate([prompts[0]], [params])  # warm-up
+    first: list[float] = []
+    start = time.perf_counter()
+    out = gen.engine.generate([prompts[0]], [params], on_token=lambda i, t: first.append(time.perf_counter()) and False)
+    end = time.perf_counter()
+    ttft = first[0] - start
+    start = time.perf_counter()
+    gen.engine.generate(prompts, [params] * len(prompts))
+    batch_s = time.perf_counter() - start
+    return {
+        "ttft_s": ttft,
+        "single_stream_tok_s": (tokens - 1) / (end - first[0]),
+        "batch8_tok_s": len(prompts) * tokens / batch_s,
+        "tokens": out[0].token_ids,
+    }
+
+
+@torch.inference_mode()
+def hf(directory, prompts: list[list[int]], tokens: int, pad_id: int) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    start = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=torch.float32).eval()
+    load_s = time.perf_counter() - start
+
+    def run(batch: list[list[int]], n: int) -> tuple[float, torch.Tensor]:
+        width = max(map(len, batch))
+        ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in batch])  # left padding
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch])
+        t = time.perf_counter()
+        out = model.generate(
+            input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=pad_id
+        )
+        return time.perf_counter() - t, out[:, width:]
+
+    run([prompts[0]], 2)  # warm-up
+    ttft, _ = run([prompts[0]], 1)
+    total, out = run([prompts[0]], tokens)
+    batch_s, _ = run(prompts, tokens)
+    return {
+        "hf_load_s": load_s,
+        "hf_ttft_s": ttft,
+        "hf_single_stream_tok_s": (tokens - 1) / (total - ttft),
+        "hf_batch8_tok_s": len(prompts) * tokens / batch_s,
+        "tokens": out[0].tolist(),
+    }
+
+
+def run(model: str, tokens: int = 64, with_hf: bool = True) -> dict:
+    bandwidth = read_bandwidth_gbs()
+    gen = TextGenerator.load(model)
+    rss = peak_rss_mb()
+    prompts = [gen.tokenizer.encode(p) for p in PROMPTS]
+    wbytes = weight_bytes(gen.engine.model)
+    r = {
+        "model": model,
+        "threads": torch.get_num_threads(),
+        "load_s": gen.load_s,
+        "peak_rss_mb": rss,
+        "weight_mb": wbytes / 1e6,
+        "bandwidth_gbs": bandwidth,
+        "floor_tok_s": bandwidth * 1e9 / wbytes,
+        "tokens_per_sequence": tokens,
+    }
+    mine = ours(gen, prompts, tokens)
+    r |= {k: v for k, v in mine.items() if k != "tokens"}
+    r["floor_fraction"] = r["single_stream_tok_s"] / r["floor_tok_s"]
+    if with_hf:
+        theirs = hf(gen.directory, prompts, tokens, pad_id=min(gen.tokenizer.stop_ids, default=0))
+        r |= {k: v for k, v in theirs.items() if k != "tokens"}
+        r["greedy_tokens_match"] = mine["tokens"] == theirs["tokens"]
+        r["single_stream_x_hf"] = r["single_stream_tok_s"] / r["hf_single_stream_tok_s"]
+        r["batch8_x_hf"] = r["batch8_tok_s"] / r["hf_batch8_tok_s"]
+    return r
+
+
+def print_report(r: dict) -> str:
+    lines = [
+        f"model {r['model']}  ({r['weight_mb']:.0f} MB of weights, {r['threads']} threads, "
+        f"{r['tokens_per_sequence']} tokens per sequence)",
+        f"memory read bandwidth {r['bandwidth_gbs']:.1f} GB/s -> floor {r['floor_tok_s']:.1f} tok/s single-stream",
+        f"load {r['load_s']:.2f} s, peak RSS {r['peak_rss_mb']:.0f} MB, time to first token {r['ttft_s'] * 1e3:.0f} ms",
+        f"single-stream {r['single_stream_tok_s']:.1f} tok/s ({100 * r['floor_fraction']:.0f}% of floor)",
+        f"batch-8       {r['batch8_tok_s']:.1f} tok/s",
+    ]
+    if "hf_single_stream_tok_s" in r:
+        lines += [
+            f"transformers generate(): single-stream {r['hf_single_stream_tok_s']:.1f} tok/s, "
+            f"batch-8 {r['hf_batch8_tok_s']:.1f} tok/s, ttft {r['hf_ttft_s'] * 1e3:.0f} ms, "
+            f"load {r['hf_load_s']:.2f} s",
+            f"ours / transformers: single-stream x{r['single_stream_x_hf']:.2f}, batch-8 x{r['batch8_x_hf']:.2f}, "
+            f"greedy tokens {'match' if r['greedy_tokens_match'] else 'DIFFER'}",
+        ]
+    return "\n".join(lines)

@@ -1,0 +1,1 @@
+"""The `nlg` command line: the parser, the commands, and the tensor-parallel launcher."""

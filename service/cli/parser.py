@@ -1,0 +1,169 @@
+"""`nlg`: the command line. Every subcommand takes `--model NAME_OR_PATH`; those whose output is
+data take `--json`. The commands themselves are in `service.cli.commands`."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from model.config import PRESETS
+from model.registry import DEFAULT_MODEL, NAMES
+from service.cli import commands
+
+
+def parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        help=f"a model name ({', '.join(NAMES)}) or a local Hugging Face directory (default: {DEFAULT_MODEL})",
+    )
+    common.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu); with --tp, rank i uses cuda:i")
+    common.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16", "float16"],
+        help="weights and KV cache (default: float32 on CPUs, bfloat16 on CUDA, float16 on CUDA cards without "
+        "bf16; bfloat16 also batches faster on CPUs with AMX)",
+    )
+    common.add_argument("--tp", type=int, default=1, metavar="N", help="split the model over N local ranks")
+    common.add_argument(
+        "--context",
+        type=int,
+        metavar="N",
+        help="tokens per sequence, prompt plus output (default: the model's context); with --slots it sizes the "
+        "KV cache",
+    )
+    common.add_argument(
+        "--compile",
+        action="store_true",
+        help="CUDA: torch.compile the decode step the CUDA graphs record (minutes of compiling: `serve` does it "
+        "before /ready turns 200, other commands at their first steps)",
+    )
+    as_json = argparse.ArgumentParser(add_help=False)
+    as_json.add_argument("--json", action="store_true", help="print one JSON object")
+
+    p = argparse.ArgumentParser(
+        prog="nlg", description="Full-sentence answers and abstractive summaries from a decoder-only transformer."
+    )
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    a = sub.add_parser("answer", parents=[common, as_json], help="answer a question in one full sentence")
+    a.add_argument("question")
+    a.add_argument("--passage", action="append", metavar="TEXT", help="a context passage (repeatable)")
+    a.add_argument("--max-tokens", type=int, default=80)
+    a.set_defaults(run=commands.cmd_answer)
+
+    s = sub.add_parser("summarize", parents=[common, as_json], help="summarize a document (file or stdin)")
+    s.add_argument("file", nargs="?", default="-", help="a UTF-8 text file, or - for stdin (default)")
+    s.add_argument("--length", choices=["short", "medium", "long"], default="medium")
+    s.add_argument("--max-words", type=int, help="at most this many words (overrides --length)")
+    s.set_defaults(run=commands.cmd_summarize)
+
+    g = sub.add_parser("generate", parents=[common, as_json], help="continue a prompt (streams to stdout)")
+    g.add_argument("prompt")
+    g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    g.add_argument("--max-tokens", type=int, default=128)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--repetition-penalty", type=float, default=1.0)
+    g.add_argument("--seed", type=int)
+    g.add_argument("--stop", action="append", metavar="TEXT", help="stop string (repeatable; not returned)")
+    g.add_argument("--stop-token-id", action="append", type=int, metavar="ID", help="stop token id (repeatable)")
+    g.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-turn tokens")
+    g.set_defaults(run=commands.cmd_generate)
+
+    c = sub.add_parser("score", parents=[common, as_json], help="per-token log-probabilities of a text")
+    c.add_argument("text")
+    c.set_defaults(run=commands.cmd_score)
+
+    m = sub.add_parser("models", parents=[as_json], help="list the named models")
+    m.set_defaults(run=commands.cmd_models)
+
+    v = sub.add_parser("serve", parents=[common], help="run the HTTP service")
+    v.add_argument("--host", default="127.0.0.1")
+    v.add_argument("--port", type=int, default=8000)
+    v.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 routes (or set NLG_API_KEY)")
+    v.add_argument("--slots", type=int, default=16, help="sequences decoded together (KV cache slots; default 16)")
+    v.add_argument("--max-waiting", type=int, default=64, help="queued sequences before 429 (default 64)")
+    v.add_argument("--request-timeout", type=float, default=600, help="seconds before a request gets 504")
+    v.add_argument(
+        "--score-traffic",
+        action="store_true",
+        help="score every answer (sentence, support) and summary (support, novelty) into the Prometheus "
+        "histogram nlg_quality_score",
+    )
+    v.add_argument("--jobs-db", help="SQLite file of batch jobs (default: jobs.sqlite in the model cache)")
+    v.set_defaults(run=commands.cmd_serve)
+
+    b = sub.add_parser(
+        "bench",
+        parents=[common, as_json],
+        help="our engine vs transformers generate(), same run",
+        description="Our engine vs transformers generate() on the same weights, in one run. With --tp N: the "
+        "same model at every valid tensor-parallel size up to N, each in fresh processes (per-rank peak RSS "
+        "after loading, decode tokens/s). With --device cuda: random weights of the SmolLM2-135M and 1B Llama "
+        "shapes, bf16, single-stream and batch-32, CUDA graphs on and off, and the card's copy bandwidth.",
+    )
+    b.add_argument(
+        "target",
+        nargs="?",
+        choices=["engine", "serve"],
+        default="engine",
+        help="engine (default), or serve: concurrent HTTP clients vs one at a time",
+    )
+    b.add_argument("--clients", type=int, default=16, help="bench serve: concurrent clients (default 16)")
+    b.add_argument("--tokens", type=int, default=64, help="tokens generated per sequence (default 64)")
+    b.add_argument("--no-hf", action="store_true", help="skip the transformers baseline")
+    b.add_argument("--save", metavar="FILE", help="--device cuda: also write the JSON report to FILE, shape by shape")
+    b.set_defaults(run=commands.cmd_bench)
+    j = sub.add_parser("batch", parents=[common], help="summarize or answer every line of a JSONL file (resumable)")
+    j.add_argument("task", choices=["summarize", "answer"])
+    j.add_argument("input", help="JSONL: {document, length?, max_words?} or {question, passages?}, optional id")
+    j.add_argument("-o", "--output", required=True, help="results JSONL (appended; a rerun resumes)")
+    j.add_argument("--workers", type=int, default=8, help="records in flight, batched by the engine (default 8)")
+    j.add_argument("--quiet", action="store_true", help="no progress bar")
+    j.set_defaults(run=commands.cmd_batch)
+
+    e = sub.add_parser("eval", parents=[common, as_json], help="run a task over a data set and score it")
+    e.add_argument("task", choices=["summarize", "qa", "lambada", "wikitext"])
+    e.add_argument(
+        "--data",
+        required=True,
+        help="JSONL: {id, document, summary} (summarize), {id, question, context, answers} (qa), {text} (lambada); "
+        "a text file (wikitext)",
+    )
+    e.add_argument("--limit", type=int, help="only the first N examples")
+    e.add_argument("--out", default="eval-out", help="directory for report.json, report.md, scores.png")
+    e.add_argument("--length", choices=["short", "medium", "long"], default="medium", help="summary length")
+    e.add_argument("--workers", type=int, default=8, help="examples in flight, batched by the engine")
+    e.add_argument("--window", type=int, default=2048, help="wikitext: tokens per window (default 2048)")
+    e.add_argument("--stride", type=int, help="wikitext: tokens between window starts (default window - 1)")
+    e.add_argument("--quiet", action="store_true", help="no progress bar")
+    e.set_defaults(run=commands.cmd_eval)
+
+    f = sub.add_parser("fetch", help="fetch and convert a named model into the cache now (images do it at build)")
+    f.add_argument("name", nargs="?", default=DEFAULT_MODEL, help=f"a model name (default: {DEFAULT_MODEL})")
+    f.set_defaults(run=commands.cmd_fetch)
+
+    r = sub.add_parser("make-random", help="write a random-weight model directory of a named shape")
+    r.add_argument("out", help="directory to write (config.json, model.safetensors, tokenizer)")
+    r.add_argument("--preset", default="llama-400m", choices=sorted(PRESETS), help="shape (default llama-400m)")
+    r.add_argument("--seed", type=int, default=0)
+    r.set_defaults(run=commands.cmd_make_random)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parser().parse_args(argv)
+    if args.command != "bench" and (getattr(args, "tp", 1) > 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1):
+        from service.cli.launcher import run_tensor_parallel
+
+        return run_tensor_parallel(args)
+    return commands.run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,131 @@
+"""Text in, text out: a loaded model with its tokenizer, engine and detokenizers.
+
+This is where ids meet text. `TextGenerator.load` resolves a model name or path, loads this rank's
+weights and wraps them in the engine; `generate` runs prompts (token ids) and returns finished text,
+optionally streaming each final piece through `on_text`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from model.loader import load_model
+from model.ranks import Leader
+from model.registry import resolve
+from model.tokenizer import Tokenizer
+from parallel.state import get_tp
+from service.engine.detok import Detokenizer
+from service.engine.metrics import Metrics
+from service.engine.runner import Engine
+from service.engine.sampling import SamplingParams
+from service.engine.sequence import Completion, TokenLogprob
+
+
+@dataclass
+class TextResult:
+    text: str
+    token_ids: list[int]
+    prompt_tokens: int
+    finish_reason: str
+    logprobs: list[TokenLogprob]
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self.token_ids)
+
+
+class TextGenerator:
+    def __init__(self, name: str, directory: Path, engine: Engine, tokenizer: Tokenizer, load_s: float):
+        self.name, self.directory, self.engine, self.tokenizer, self.load_s = name, directory, engine, tokenizer, load_s
+        self.metrics: Metrics | None = None  # set by the HTTP app
+
+    @classmethod
+    def load(
+        cls, name_or_path: str, device: str = "cpu", dtype: torch.dtype = torch.float32, **engine_args
+    ) -> TextGenerator:
+        start = time.perf_counter()
+        directory = resolve(name_or_path)
+        tokenizer = Tokenizer(directory)
+        model = load_model(directory, dtype=dtype, device=device)
+        if get_tp().size > 1:
+            model = Leader(model)  # rank 0: announce each forward to the other ranks
+        engine = Engine(model, tokenizer.stop_ids, device=device, **engine_args)
+        return cls(name_or_path, directory, engine, tokenizer, time.perf_counter() - start)
+
+    def generate(
+        self,
+        prompts: list[list[int]],
+        params: list[SamplingParams],
+        on_text: Callable[[int, str], bool | None] | None = None,
+        cancelled: Callable[[], bool] | None = None,
+        priority: int = 0,
+    ) -> list[TextResult]:
+        """Generate for each prompt; `on_text(i, piece)` streams final text (returning True stops that
+        sequence, finish reason "stop"), `cancelled()` turning true stops every sequence at its next
+        token; a higher `priority` number waits behind lower ones."""
+        g = Generation(self, prompts, params, on_text, cancelled, priority)
+        return g.results(self.engine.run(g.seqs))
+
+    def complete(self, prompt: str | list[int], params: SamplingParams) -> TextResult:
+        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else prompt
+        return self.generate([ids], [params])[0]
+
+
+class Generation:
+    """One generate call's text side: the checked sequences for the engine, a detokenizer for each, the
+    pieces so far, and the request's metrics. `results` turns the engine's completions into text."""
+
+    def __init__(
+        self,
+        gen: TextGenerator,
+        prompts: list[list[int]],
+        params: list[SamplingParams],
+        on_text: Callable[[int, str], bool | None] | None = None,
+        cancelled: Callable[[], bool] | None = None,
+        priority: int = 0,
+    ):
+        self.gen, self.prompts, self.on_text = gen, prompts, on_text
+        self.detoks = [Detokenizer(gen.tokenizer, p.stop) for p in params]
+        self.pieces: list[list[str]] = [[] for _ in prompts]
+        self.start = time.perf_counter()
+        self.last: dict[int, float] = {}  # when each sequence last produced a token
+        self.seqs = gen.engine.sequences(prompts, params, self.on_token, cancelled, priority)
+
+    def on_token(self, i: int, token: int) -> bool:
+        """On the engine thread: True when sequence i is done (a stop string, or `on_text` said so)."""
+        m = self.gen.metrics
+        if m:
+            now = time.perf_counter()
+            (m.inter_token if i in self.last else m.ttft).observe(now - self.last.get(i, self.start))
+            self.last[i] = now
+        piece = self.detoks[i].push(token)
+        if piece:
+            self.pieces[i].append(piece)
+            if self.on_text and self.on_text(i, piece):
+                return True
+        return self.detoks[i].stopped
+
+    def results(self, done: list[Completion]) -> list[TextResult]:
+        results = []
+        for i, c in enumerate(done):
+            tail = self.detoks[i].finish()
+            if tail:
+                self.pieces[i].append(tail)
+                if self.on_text:
+                    self.on_text(i, tail)
+            text = "".join(self.pieces[i])
+            results.append(TextResult(text, c.token_ids, len(c.prompt_ids), c.finish_reason, c.logprobs))
+        m = self.gen.metrics
+        if m:
+            m.latency.observe(time.perf_counter() - self.start)
+            m.batch_size.observe(len(self.prompts))
+            m.prompt_tokens.inc(sum(map(len, self.prompts)))
+            for r in results:
+                m.generation_tokens.inc(r.completion_tokens)
+                m.finished.labels(r.finish_reason).inc()
+        return results

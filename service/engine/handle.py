@@ -1,0 +1,237 @@
+"""The HTTP side's handle on the engine thread (vLLM's AsyncLLM pattern): no thread is parked per request.
+
+`AsyncEngine.start` checks and submits one generate call's sequences at once, so that a request that
+cannot run (`InvalidRequest`, `TooLarge`, `Overloaded`, `EngineFailed`) gets its HTTP status before
+any byte of a response; it returns a `Running`. The engine thread pushes that request's events (text
+pieces, then its results or its error) into the request's `asyncio.Queue` with
+`loop.call_soon_threadsafe`; handlers await them. `Running.abort()` stops the request's sequences at the
+engine's next step (a client that left, a deadline passed).
+
+`TaskRun` drives a task's plan (`service.tasks.core`): the CPU work between generations (tokenizing, chat
+templates, splitting) runs on a worker thread, never on the event loop; each generation is awaited
+here, split into parts of at most `--max-waiting` sequences so that no task can outgrow the queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator
+from typing import Any
+
+from service.engine.generator import Generation, TextGenerator, TextResult
+from service.engine.sampling import SamplingParams
+from service.engine.scheduler import Scheduler
+from service.engine.sequence import Sequence
+from service.errors import ClientGone, DeadlineExceeded
+
+POLL_S = 0.25  # how often a plain (non-streaming) request checks that its client is still there
+
+
+class Running:
+    """One submitted generate call: its text pieces `(i, piece)` as they come, then its results."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, deadline: float | None):
+        self.loop, self.deadline = loop, deadline
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.cancelled = threading.Event()
+        self.finished = False
+        self.generation: Generation | None = None
+        self._left = 0
+        self.result: list[TextResult] | None = None
+
+    def abort(self) -> None:
+        """Stop every sequence of this call at the engine's next step (a no-op once it has finished)."""
+        self.cancelled.set()
+
+    def put(self, item: tuple[str, Any]) -> None:
+        """From any thread: queue an event for the consumer (dropped once the loop is gone)."""
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        except RuntimeError:  # the event loop has closed: nobody is listening
+            pass
+
+    def _ended(self, seq: Sequence) -> None:
+        """On the engine thread, as each sequence ends: after the last, the results (or the error)."""
+        self._left -= 1
+        if self._left:
+            return
+        seqs = self.generation.seqs
+        error = next((s.error for s in seqs if s.error is not None), None)
+        if error is None:
+            try:
+                self.put(("done", self.generation.results([s.completion() for s in seqs])))
+                return
+            except Exception as e:  # the request's own streaming callback
+                error = e
+        self.put(("error", error))
+
+    async def _next(self, timeout: float | None) -> tuple[str, Any] | None:
+        """The next event, or None after `timeout` seconds; raises `DeadlineExceeded` past the deadline."""
+        if self.deadline is not None:
+            left = self.deadline - self.loop.time()
+            if left <= 0:
+                raise DeadlineExceeded("the request took longer than its deadline (--request-timeout)")
+            timeout = left if timeout is None else min(timeout, left)
+        try:
+            return await asyncio.wait_for(self.queue.get(), timeout)
+        except asyncio.TimeoutError:
+            return None
+
+    async def pieces(self) -> AsyncIterator[tuple[int, str]]:
+        """The text pieces as they come; ends after the last (then `result` is set). Raises the request's
+        error or `DeadlineExceeded`; aborts the sequences on any way out before the end."""
+        try:
+            while True:
+                event = await self._next(None)
+                if event is None:
+                    continue
+                kind, value = event
+                if kind == "piece":
+                    yield value
+                elif kind == "error":
+                    raise value
+                else:
+                    self.result, self.finished = value, True
+                    return
+        finally:
+            if not self.finished:
+                self.abort()
+
+    async def wait(self, disconnected: Callable[[], Awaitable[bool]] | None = None) -> list[TextResult]:
+        """The results, checking every `POLL_S` that the client is still there; aborts if it is not."""
+        try:
+            while True:
+                event = await self._next(POLL_S)
+                if event is None:
+                    if disconnected is not None and await disconnected():
+                        raise ClientGone("the client went away")
+                    continue
+                kind, value = event
+                if kind == "error":
+                    raise value
+                if kind == "done":
+                    self.finished = True
+                    return value
+        finally:
+            if not self.finished:
+                self.abort()
+
+
+class AsyncEngine:
+    def __init__(self, gen: TextGenerator, scheduler: Scheduler, timeout: float | None = None):
+        self.gen, self.scheduler, self.timeout = gen, scheduler, timeout
+
+    def deadline(self) -> float | None:
+        return None if self.timeout is None else asyncio.get_running_loop().time() + self.timeout
+
+    def start(
+        self,
+        prompts: list[list[int]],
+        params: list[SamplingParams],
+        on_text: Callable[[int, str, Callable[[int, str], None]], bool | None] | None = None,
+        priority: int = 0,
+        deadline: float | None = None,
+    ) -> Running:
+        """Submit one generate call now. `on_text(i, piece, emit)` sees each final piece on the engine
+        thread (True stops sequence i); `emit(i, text)` streams text to the consumer of `pieces`. Without
+        `on_text` every piece is streamed."""
+        running = Running(asyncio.get_running_loop(), deadline if deadline is not None else self.deadline())
+
+        def emit(i: int, text: str) -> None:
+            running.put(("piece", (i, text)))
+
+        watch = (lambda i, piece: on_text(i, piece, emit)) if on_text else (lambda i, piece: emit(i, piece))
+        g = running.generation = Generation(self.gen, prompts, params, watch, running.cancelled.is_set, priority)
+        running._left = len(g.seqs)
+        for s in g.seqs:
+            s.on_finish = running._ended
+        self.scheduler.submit(g.seqs)
+        return running
+
+    async def call(self, work: Callable[[], Any]) -> Any:
+        """Run a model call (`work`) on the engine thread and await its result."""
+        return await asyncio.wrap_future(self.scheduler.call(work))
+
+    @property
+    def limit(self) -> int:
+        """The most sequences one submitted call may have."""
+        return self.scheduler.max_waiting
+
+
+Plan = Generator[Any, list[TextResult], Any]
+
+
+async def advance(plan: Plan, results: list[TextResult] | None) -> tuple[Any, Any]:
+    """Run the plan's CPU work up to its next generation, on a worker thread: (step, None), or (None,
+    the plan's return value) at its end."""
+
+    def send():
+        try:
+            return plan.send(results), None
+        except StopIteration as stop:
+            return None, stop.value
+
+    return await asyncio.to_thread(send)
+
+
+class TaskRun:
+    """A task's plan on the event loop. `await begin()` runs it to its first generation and submits that
+    (raising the request's HTTP error before any response starts); then `pieces()` streams what the plan
+    emits, or `wait()` awaits the plan's return value."""
+
+    def __init__(self, handle: AsyncEngine, plan: Plan, priority: int = 0):
+        self.handle, self.plan, self.priority = handle, plan, priority
+        self.deadline = handle.deadline()
+        self.running: Running | None = None
+        self.value: Any = None
+        self._part: tuple[Any, int, list[TextResult]] | None = None
+
+    async def begin(self) -> None:
+        step, self.value = await advance(self.plan, None)
+        if step is not None:
+            self._submit(step, 0, [])
+
+    def _submit(self, step, start: int, done: list[TextResult]) -> None:
+        n = self.handle.limit
+        prompts, params = step.prompts[start : start + n], step.params[start : start + n]
+        self.running = self.handle.start(prompts, params, step.on_text, self.priority, self.deadline)
+        self._part = (step, start + len(prompts), done)
+
+    async def _after(self, results: list[TextResult]) -> bool:
+        """Record a finished part; submit the next part or the next step. False once the plan is done."""
+        step, end, done = self._part
+        done = done + results
+        if end < len(step.prompts):
+            self._submit(step, end, done)
+            return True
+        step, self.value = await advance(self.plan, done)
+        if step is None:
+            self.running = None
+            return False
+        self._submit(step, 0, [])
+        return True
+
+    async def pieces(self) -> AsyncIterator[str]:
+        """The pieces the plan streams; the plan's return value is in `value` after the last."""
+        try:
+            while self.running is not None:
+                async for _, piece in self.running.pieces():
+                    yield piece
+                if not await self._after(self.running.result):
+                    return
+        finally:
+            self.abort()
+
+    async def wait(self, disconnected: Callable[[], Awaitable[bool]] | None = None) -> Any:
+        try:
+            while self.running is not None:
+                if not await self._after(await self.running.wait(disconnected)):
+                    break
+            return self.value
+        finally:
+            self.abort()
+
+    def abort(self) -> None:
+        if self.running is not None:
+            self.running.abort()

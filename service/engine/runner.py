@@ -1,0 +1,311 @@
+"""Generation engine: prefill and decode of token-id sequences over a slot-based KV cache.
+
+It knows nothing about text: prompts are token ids and so are the results. The text side (stop
+strings, streaming detokenization) decides per token whether a sequence is done through each
+sequence's `on_token` callback.
+
+The work is done in steps by a `service.engine.batcher.Batcher` (continuous batching). `Engine.run` drives a
+batcher of its own on the calling thread, or, when a `service.engine.scheduler.Scheduler` owns the engine (the
+HTTP server), hands the sequences to the scheduler's thread, which then makes every model call (the
+server's async handle submits to the scheduler directly). Token ids the model cannot embed are refused
+with `InvalidRequest` (`check_tokens`) before they reach a forward. The engine holds the model calls
+a step makes: prefill, decode, greedy steps launched ahead of the host (`launch`), and token choice.
+
+Importable without the HTTP layer (no fastapi here).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from model.kv_cache import KVCache
+from parallel.state import get_tp
+from service.engine.batcher import Batcher, Launched
+from service.engine.cuda_graphs import MIN_SPAN, GraphDecoder
+from service.engine.sampling import SamplingParams, repeated_ngram_tokens, sample
+from service.engine.sequence import Completion, Sequence, TokenLogprob
+from service.errors import ContextOverflow, InvalidRequest, RequestFailed
+
+OnToken = Callable[[int, int], bool]  # (sequence index, token id) -> True to stop that sequence
+
+
+class CacheTooLarge(ValueError):
+    """A KV cache bigger than the device's free memory."""
+
+
+def free_memory(device: torch.device) -> int | None:
+    """Free bytes on a CUDA device; None on a CPU (a cache's pages are only taken as they are written)."""
+    return torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
+
+
+class Engine:
+    def __init__(
+        self,
+        model: nn.Module,
+        stop_ids: frozenset[int] = frozenset(),
+        max_batch: int = 8,
+        context: int | None = None,
+        prefill_chunk: int = 512,
+        device: str | torch.device = "cpu",
+        graphs: bool | None = None,
+        compile: bool = False,
+        overlap: bool = True,
+    ):
+        cfg = model.config
+        self.model, self.stop_ids, self.max_batch = model, stop_ids, max_batch
+        self.context = min(context or cfg.max_position, cfg.max_position)
+        self.prefill_chunk, self.device = prefill_chunk, torch.device(device)
+        self.dtype = next(model.parameters()).dtype
+        self.vocab_size = cfg.vocab_size
+        self.kv_heads = max(1, cfg.num_kv_heads // get_tp().size)  # this rank's KV heads
+        self.cache: KVCache | None = None  # the calling thread's cache (no scheduler)
+        self.scheduler = None  # set by service.engine.scheduler.Scheduler when it owns this engine
+        # Decode through a GraphDecoder: CUDA graphs, on by default on one CUDA device (the collectives of
+        # tensor-parallel ranks are not captured). On a CPU the same static forward runs eagerly (tests).
+        self.use_graphs = self.device.type == "cuda" and get_tp().size == 1 if graphs is None else graphs
+        self.compile = compile  # torch.compile the step the graphs record
+        self.overlap = overlap  # greedy graph steps are launched ahead of the host (see `launch`)
+        self.graphs: GraphDecoder | None = None  # the decoder of the cache last decoded
+
+    def check_tokens(self, ids: list[int]) -> None:
+        """Refuse token ids the model has no embedding for (they would fail its forward)."""
+        vocab = self.vocab_size
+        bad = next((i for i in ids if not 0 <= i < vocab), None)
+        if bad is not None:
+            raise InvalidRequest(
+                f"token id {bad} is outside the vocabulary of {vocab} tokens (ids 0 to {vocab - 1})", param="prompt"
+            )
+
+    def check_fits(self, prompt_len: int, max_tokens: int) -> None:
+        if prompt_len == 0:
+            raise InvalidRequest("prompt is empty", param="prompt")
+        if prompt_len + max_tokens > self.context:
+            raise ContextOverflow(
+                f"prompt has {prompt_len} tokens and max_tokens is {max_tokens}: "
+                f"{prompt_len + max_tokens} > the context of {self.context} tokens"
+            )
+
+    def new_cache(self, slots: int, length: int) -> KVCache:
+        """A cache of `slots` sequences of `length` positions (rounded up to 256, at most the context).
+        On a GPU, one that does not fit the free memory is refused with what to change."""
+        cfg = self.model.config
+        length = min(self.context, -(-length // 256) * 256)
+        need = 2 * cfg.num_layers * slots * length * self.kv_heads * cfg.head_dim * self.dtype.itemsize
+        free = free_memory(self.device)
+        if free is not None and need > free:
+            raise CacheTooLarge(
+                f"the KV cache of {slots} slots x {length} positions needs {need / 2**30:.2f} GiB and {self.device} "
+                f"has {free / 2**30:.2f} GiB free: lower --slots or --context"
+            )
+        return KVCache(cfg.num_layers, slots, length, self.kv_heads, cfg.head_dim, self.dtype, self.device)
+
+    def _cache_for(self, slots: int, length: int) -> KVCache:
+        """The calling thread's cache, reused while it is big enough."""
+        c = self.cache
+        if c is None or c.num_slots < slots or c.max_seq < length:
+            c = self.cache = self.new_cache(max(slots, c.num_slots if c else 0), length)
+        return c
+
+    def sequences(
+        self,
+        prompts: list[list[int]],
+        params: list[SamplingParams],
+        on_token: OnToken | None = None,
+        cancelled: Callable[[], bool] | None = None,
+        priority: int = 0,
+    ) -> list[Sequence]:
+        """Checked sequences for `run` (or the scheduler): raises `InvalidRequest` for a prompt the model
+        cannot take."""
+        for p, sp in zip(prompts, params):
+            self.check_prompt(p, sp.max_tokens)
+        return [
+            Sequence(list(p), sp, (lambda t, i=i: on_token(i, t)) if on_token else None, cancelled, priority)
+            for i, (p, sp) in enumerate(zip(prompts, params))
+        ]
+
+    def run(self, seqs: list[Sequence]) -> list[Completion]:
+        """Run sequences to the end on the scheduler's thread when one owns the engine, else on a batcher
+        of this thread's own."""
+        if self.scheduler is not None:
+            return self.scheduler.run(seqs)
+        slots = min(len(seqs), self.max_batch)
+        batcher = Batcher(self, self._cache_for(slots, max(s.length + s.params.max_tokens for s in seqs)))
+        for s in seqs:
+            batcher.add(s)
+        while batcher.busy():
+            batcher.step()
+        for s in seqs:
+            if s.error is not None:
+                raise s.error
+        return [s.completion() for s in seqs]
+
+    def generate(
+        self,
+        prompts: list[list[int]],
+        params: list[SamplingParams],
+        on_token: OnToken | None = None,
+        cancelled: Callable[[], bool] | None = None,
+        priority: int = 0,
+    ) -> list[Completion]:
+        return self.run(self.sequences(prompts, params, on_token, cancelled, priority))
+
+    def exclusive(self, work: Callable[[], Any]) -> Any:
+        """Run a model call outside generation (scoring, a readiness probe) on the thread that owns
+        the model: the scheduler's when there is one."""
+        return self.scheduler.call(work).result() if self.scheduler is not None else work()
+
+    @torch.inference_mode()
+    def prefill(self, chunks: list[tuple[Sequence, int]], cache: KVCache) -> list[tuple[Sequence, torch.Tensor]]:
+        """Feed the next `n` prompt tokens of each sequence (right-padded into one batch); returns the
+        last-token logits (V,) of the sequences whose prompt is now complete."""
+        width = max(n for _, n in chunks)
+        ids = torch.zeros(len(chunks), width, dtype=torch.long)
+        positions = torch.zeros(len(chunks), width, dtype=torch.long)
+        for r, (s, n) in enumerate(chunks):
+            ids[r, :n] = torch.tensor(s.prompt[s.prefilled : s.prefilled + n])
+            positions[r] = (s.prefilled + torch.arange(width)).clamp(max=cache.max_seq - 1)
+        slots = torch.tensor([s.slot for s, _ in chunks])
+        last = torch.tensor([n - 1 for _, n in chunks])
+        d = self.device
+        logits = self.model(ids.to(d), positions.to(d), cache, slots.to(d), logits_index=last.to(d))
+        done = []
+        for (s, n), row in zip(chunks, logits):
+            s.prefilled += n
+            if s.prefilled == len(s.prompt):
+                done.append((s, row))
+        return done
+
+    def _decoder(self, cache: KVCache) -> GraphDecoder:
+        if self.graphs is None or self.graphs.cache is not cache:
+            self.graphs = GraphDecoder(self.model, cache, self.device.type == "cuda", self.compile)
+        return self.graphs
+
+    @torch.inference_mode()
+    def decode(self, seqs: list[Sequence], cache: KVCache) -> torch.Tensor:
+        """One token for every sequence: returns logits (B, V)."""
+        if self.use_graphs:
+            logits, _ = self._decoder(cache)(seqs)
+            slots = [s.slot for s in seqs]
+            if slots == list(range(len(seqs))):
+                return logits[: len(seqs)]
+            return logits[torch.tensor(slots, device=self.device)]
+        d = self.device
+        ids = torch.tensor([[s.output[-1]] for s in seqs], device=d)
+        positions = torch.tensor([[s.length - 1] for s in seqs], device=d)
+        slots = torch.tensor([s.slot for s in seqs], device=d)
+        return self.model(ids, positions, cache, slots, logits_index=torch.zeros(len(seqs), dtype=torch.long, device=d))
+
+    def warm_up(self, cache: KVCache) -> list[tuple[int, int]]:
+        """Capture the decode step of every row bucket at the two shortest spans and the whole cache, so
+        that no request waits for that; the server turns ready after this. With `compile` these are also
+        all the shapes the compiler specializes on (rows 1 or more; a span of 256, any span, the whole
+        cache), so no request waits for a compile either. Touches only free slots: call it before any
+        sequence runs. Returns the (rows, span) buckets warmed up: none off the graph path."""
+        if not self.use_graphs:
+            return []
+        decoder = self._decoder(cache)
+        buckets = []
+        for span in sorted({min(MIN_SPAN, cache.max_seq), min(2 * MIN_SPAN, cache.max_seq), cache.max_seq}):
+            for rows in decoder.rows:
+                s = Sequence([0] * (span - 1), SamplingParams(), slot=rows - 1, output=[0])  # position span - 1
+                buckets.append(decoder.bucket([s]))
+                decoder([s])
+        return buckets
+
+    def chains(self, seqs: list[Sequence]) -> bool:
+        """Whether decode steps over `seqs` may be launched ahead of the host: on the graph path, when
+        every sequence takes the plain greedy token and wants no log-probabilities."""
+        return self.use_graphs and self.overlap and all(s.params.greedy and s.params.logprobs is None for s in seqs)
+
+    def launch(self, seqs: list[Sequence], cache: KVCache, chained: bool = False) -> Launched:
+        """Start a greedy decode step over `seqs` and return without waiting for it. Chained, it decodes
+        the tokens of the step launched just before over the same sequences, which the host has not
+        read yet: the GPU runs this step while the host takes the previous one's tokens."""
+        with torch.inference_mode():
+            _, tokens = self._decoder(cache)(seqs, chained)
+        if not tokens.is_cuda:
+            return Launched(seqs, tokens, None)
+        host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+        host.copy_(tokens, non_blocking=True)  # ordered before the next replay overwrites `tokens`
+        ready = torch.cuda.Event()
+        ready.record()
+        return Launched(seqs, host, ready)
+
+    def pick(self, seqs: list[Sequence], logits: torch.Tensor) -> list[int | RequestFailed]:
+        """Each sequence's next token; a row whose sampling fails gets a `RequestFailed` instead (that
+        request's error: the other rows go on)."""
+        if all(s.params.greedy for s in seqs):
+            out = logits.argmax(-1).tolist()
+        else:
+            out = []
+            for s, row in zip(seqs, logits):
+                try:
+                    seen = torch.tensor(s.prompt + s.output, device=row.device)
+                    banned = repeated_ngram_tokens(s.output, s.params.no_repeat_ngram)
+                    out.append(sample(row, s.params, seen, s.generator, banned))
+                except RuntimeError as e:  # e.g. probabilities that are not finite
+                    out.append(RequestFailed(f"sampling failed for this request: {e}"))
+        for s, row, token in zip(seqs, logits, out):
+            if s.params.logprobs is not None and isinstance(token, int):
+                s.logprobs += token_logprobs(row[None], [token], s.params.logprobs)
+        return out
+
+    def append(self, s: Sequence, token: int) -> bool:
+        """Record a token; True when the sequence is finished."""
+        if token in s.params.stop_token_ids or (token in self.stop_ids and not s.params.ignore_eos):
+            s.finish_reason = "stop"  # the end token itself is not part of the output
+            if s.logprobs:
+                s.logprobs.pop()
+            return True
+        s.output.append(token)
+        if s.on_token is not None and s.on_token(token):
+            s.finish_reason = "stop"
+        elif len(s.output) >= s.params.max_tokens:
+            s.finish_reason = "length"
+        return s.finish_reason is not None
+
+    @torch.inference_mode()
+    def tiny_forward(self) -> None:
+        """A one-token forward through every rank (readiness), on the thread that owns the model: raises
+        if the engine cannot run."""
+        one = torch.zeros(1, 1, dtype=torch.long, device=self.device)
+        self.model(one, one)
+
+    def prompt_logprobs(self, ids: list[int], top: int = 0) -> list[TokenLogprob | None]:
+        """log p(token i | tokens before it) for each token (None for the first), with `top` alternatives."""
+        self.check_prompt(ids)
+        return self.exclusive(lambda: self.score(ids, top))
+
+    def check_prompt(self, ids: list[int], max_tokens: int = 0) -> None:
+        self.check_tokens(ids)
+        self.check_fits(len(ids), max_tokens)
+
+    @torch.inference_mode()
+    def score(self, ids: list[int], top: int) -> list[TokenLogprob | None]:
+        """`prompt_logprobs` on this thread, which must own the model (checked ids only)."""
+        cache = self.new_cache(1, len(ids))
+        out: list[TokenLogprob | None] = [None]
+        slots = torch.zeros(1, dtype=torch.long, device=self.device)
+        for start in range(0, len(ids), self.prefill_chunk):
+            chunk = torch.tensor([ids[start : start + self.prefill_chunk]], device=self.device)
+            positions = start + torch.arange(chunk.shape[1], device=self.device)[None]
+            logits = self.model(chunk, positions, cache, slots)[0]  # (T, V)
+            nxt = ids[start + 1 : start + 1 + chunk.shape[1]]
+            out += token_logprobs(logits[: len(nxt)], nxt, top)  # the rows that have a next token
+        return out
+
+
+def token_logprobs(logits: torch.Tensor, tokens: list[int], top: int) -> list[TokenLogprob]:
+    """Each row's chosen token's log-probability under its logits (T, V), and the `top` best: one
+    log-softmax, gather and top-k for all rows."""
+    logp = logits.float().log_softmax(-1)
+    chosen = logp.gather(1, torch.tensor(tokens, device=logp.device)[:, None])[:, 0].tolist()
+    if not top:
+        return [TokenLogprob(c, []) for c in chosen]
+    best = torch.topk(logp, top)
+    pairs = [list(zip(i, v)) for i, v in zip(best.indices.tolist(), best.values.tolist())]
+    return [TokenLogprob(c, p) for c, p in zip(chosen, pairs)]

@@ -1,0 +1,73 @@
+"""What the engine runs and returns: one sequence's prompt, sampling parameters, callbacks and
+progress (`Sequence`), its result (`Completion`) and per-token log-probabilities (`TokenLogprob`).
+
+A sequence ends once, through `end`: finished (a finish reason) or failed (an error). `on_finish` then
+runs on the thread that ended it (the engine's), which is how the async handle learns of it."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from service.engine.sampling import SamplingParams
+
+
+@dataclass
+class TokenLogprob:
+    """log p of the chosen token under the model (before any sampling processor), and the most likely
+    alternatives as (token id, log p)."""
+
+    logprob: float
+    top: list[tuple[int, float]]
+
+
+@dataclass
+class Completion:
+    prompt_ids: list[int]
+    token_ids: list[int]
+    finish_reason: str  # "stop" (end token, stop string, on_token said so), "length", "cancelled"
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+
+
+@dataclass(eq=False)
+class Sequence:
+    prompt: list[int]
+    params: SamplingParams
+    on_token: Callable[[int], bool] | None = None  # True: stop here
+    cancelled: Callable[[], bool] | None = None  # checked every step, also while waiting
+    priority: int = 0  # lower runs first (interactive 0, batch jobs 1)
+    on_finish: Callable[[Sequence], None] | None = None  # called once when the sequence ends
+    slot: int = -1
+    prefilled: int = 0  # prompt tokens already in the cache
+    output: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    finish_reason: str | None = None
+    error: BaseException | None = None
+    generator: torch.Generator | None = None
+    arrival: float = field(default_factory=time.monotonic)
+    done: threading.Event = field(default_factory=threading.Event)
+
+    def __post_init__(self):
+        if self.params.seed is not None:
+            self.generator = torch.Generator().manual_seed(self.params.seed)
+
+    def end(self, reason: str | None = None, error: BaseException | None = None) -> None:
+        """Finish the sequence (`reason`, unless one is set already) or fail it (`error`); once."""
+        if self.done.is_set():
+            return
+        self.finish_reason = self.finish_reason or reason
+        self.error = error
+        self.done.set()
+        if self.on_finish is not None:
+            self.on_finish(self)
+
+    @property
+    def length(self) -> int:
+        return len(self.prompt) + len(self.output)
+
+    def completion(self) -> Completion:
+        return Completion(self.prompt, self.output, self.finish_reason, self.logprobs)

@@ -1,0 +1,2 @@
+"""Evaluation: the quality-hook registry (ROUGE, QA, support, novelty, fluency), bulk evaluation over data
+sets, and language-model benchmarks (LAMBADA, WikiText)."""

@@ -1,0 +1,216 @@
+"""Batch jobs: JSONL in, JSONL out, resumable.
+
+Each input line is one record; each result line carries the input's line number (1-based) and `id`
+when the record has one. Results are appended and flushed one line at a time, so a crash or Ctrl-C
+loses at most the records in flight; running the same command again skips every line already in
+the output (or in the errors file), so nothing is lost and nothing is written twice. A torn last
+line (killed mid-write) is cut off before appending. Records that fail (bad input, too long) go to
+`OUT.errors.jsonl` with their line number and the message.
+
+Records run concurrently through the engine's scheduler, which batches them (batch work runs at a
+lower priority than interactive requests when a server shares the engine).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass
+from pathlib import Path
+
+from service.engine.generator import TextGenerator
+from service.engine.scheduler import Scheduler
+from service.errors import EngineFailed
+from service.evals import scoring
+from service.tasks import core as tasks
+
+BATCH_PRIORITY = 1  # below interactive requests (0)
+
+
+@dataclass
+class Summary:
+    total: int
+    skipped: int  # done in an earlier run
+    succeeded: int
+    failed: int
+    seconds: float
+    completion_tokens: int
+
+
+def run_record(gen: TextGenerator, task: str, record: dict) -> dict:
+    """One record's result fields; raises ValueError (or `InvalidRequest`) for a bad record. A record may carry
+    `evaluate: {metrics, references?}`, as the HTTP requests do: its result then has `scores`."""
+    if not isinstance(record, dict):
+        raise ValueError("a record must be a JSON object")
+    metrics, references = _evaluate(record)
+    if task == "summarize":
+        document = _text(record, "document")
+        s = tasks.summarize(
+            gen, document, record.get("length", "medium"), record.get("max_words"), priority=BATCH_PRIORITY
+        )
+        out = {"summary": s.summary, "prompt_tokens": s.prompt_tokens, "completion_tokens": s.completion_tokens}
+        prediction, source = s.summary, document
+    else:
+        passages = record.get("passages") or []
+        if not isinstance(passages, list) or not all(isinstance(p, str) for p in passages):
+            raise ValueError("passages must be a list of strings")
+        question = _text(record, "question")
+        a = tasks.answer(gen, question, passages, priority=BATCH_PRIORITY)
+        out = {
+            "answer": a.answer,
+            "passage_index": a.passage_index,
+            "prompt_tokens": a.prompt_tokens,
+            "completion_tokens": a.completion_tokens,
+        }
+        prediction, source = a.answer, tasks.answer_source(question, passages)
+    if metrics:
+        out["scores"] = scoring.evaluate(metrics, prediction, references, source, gen)
+    return out
+
+
+def _evaluate(record: dict) -> tuple[list[str], list[str]]:
+    """The record's metrics and references, checked before anything is generated."""
+    ev = record.get("evaluate")
+    if ev is None:
+        return [], []
+    metrics, references = (ev.get("metrics"), ev.get("references", [])) if isinstance(ev, dict) else (None, None)
+    if not isinstance(metrics, list) or not metrics or not isinstance(references, list):
+        raise ValueError("evaluate must be {metrics: [names], references?: [texts]}")
+    if not all(isinstance(x, str) for x in metrics + references):
+        raise ValueError("evaluate's metrics and references must be strings")
+    scoring.check(metrics, references)
+    return metrics, references
+
+
+def _text(record: dict, field: str) -> str:
+    value = record.get(field)
+    if not isinstance(value, str):
+        raise ValueError(f"missing string field {field!r}")
+    return value
+
+
+def done_lines(path: Path) -> set[int]:
+    """Line numbers already written to `path`; cuts a torn last line off the file first."""
+    if not path.exists():
+        return set()
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        with path.open("r+b") as f:
+            f.truncate(data.rfind(b"\n") + 1)
+        data = data[: data.rfind(b"\n") + 1]
+    return {json.loads(line)["line"] for line in data.splitlines() if line.strip()}
+
+
+def read_records(path: Path) -> Iterator[tuple[int, dict | None, str | None]]:
+    """(line number, record, parse error) for every non-empty line."""
+    with path.open(encoding="utf-8") as f:
+        for n, line in enumerate(f, start=1):
+            if line.strip():
+                try:
+                    yield n, json.loads(line), None
+                except json.JSONDecodeError as e:
+                    yield n, None, f"invalid JSON: {e}"
+
+
+class Appender:
+    """Append JSON lines to a file, one flushed write per line, from several threads."""
+
+    def __init__(self, path: Path):
+        self.file = path.open("a", encoding="utf-8")
+        self.lock = threading.Lock()
+
+    def write(self, obj: dict) -> None:
+        line = json.dumps(obj, ensure_ascii=False) + "\n"
+        with self.lock:
+            self.file.write(line)
+            self.file.flush()
+            os.fsync(self.file.fileno())
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def run_job(
+    gen: TextGenerator,
+    task: str,
+    src: Path,
+    out: Path,
+    workers: int = 8,
+    progress: Callable[[int], None] | None = None,
+    on_start: Callable[[int], None] | None = None,
+) -> Summary:
+    """Process every line of `src` not yet in `out` (or its errors file). `on_start(n)` learns how many
+    records are left to do; `progress(tokens)` is called once per finished record, on this thread."""
+    if task not in ("summarize", "answer"):
+        raise ValueError(f"unknown batch task {task!r}: summarize or answer")
+    if not src.is_file():
+        raise FileNotFoundError(f"no such file: {src}")
+    errors_path = out.with_name(out.name.removesuffix(".jsonl") + ".errors.jsonl")
+    skip = done_lines(out) | done_lines(errors_path)
+    records = list(read_records(src))
+    todo = [(n, r, e) for n, r, e in records if n not in skip]
+    if on_start:
+        on_start(len(todo))
+    results, errors = Appender(out), Appender(errors_path)
+    start, counts = time.perf_counter(), {"ok": 0, "error": 0, "tokens": 0}
+
+    def one(item: tuple[int, dict | None, str | None]) -> tuple[str, int]:
+        n, record, parse_error = item
+        key = {"line": n} | ({"id": record["id"]} if isinstance(record, dict) and "id" in record else {})
+        try:
+            if parse_error:
+                raise ValueError(parse_error)
+            fields = run_record(gen, task, record)
+        except EngineFailed:
+            raise
+        except Exception as e:  # this record's own failure: its error row, and the job goes on
+            errors.write(key | {"error": str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}"})
+            return "error", 0
+        results.write(key | fields)
+        return "ok", fields["completion_tokens"]
+
+    def done(outcome: tuple[str, int]) -> None:
+        kind, tokens = outcome
+        counts[kind] += 1
+        counts["tokens"] += tokens
+        if progress:
+            progress(tokens)
+
+    try:
+        in_flight(gen, one, todo, workers, done)
+    finally:
+        results.close()
+        errors.close()
+    return Summary(
+        len(records),
+        len(records) - len(todo),
+        counts["ok"],
+        counts["error"],
+        time.perf_counter() - start,
+        counts["tokens"],
+    )
+
+
+def in_flight(gen: TextGenerator, fn: Callable, items, workers: int, on_done: Callable) -> None:
+    """`fn(item)` for every item, `workers` at a time (no more: an interruption leaves little undone),
+    through the engine's scheduler, which batches them (one is started here when none runs).
+    `on_done(result)` is called on this thread as each finishes; an engine failure is re-raised."""
+    own = None if gen.engine.scheduler is not None else Scheduler(gen.engine, slots=workers).start()
+    try:
+        with ThreadPoolExecutor(workers) as pool:
+            pending: set[Future] = set()
+            for item in items:
+                pending.add(pool.submit(fn, item))
+                if len(pending) >= workers:
+                    finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+                    for f in finished:
+                        on_done(f.result())
+            for f in wait(pending).done:
+                on_done(f.result())
+    finally:
+        if own is not None:
+            own.stop()

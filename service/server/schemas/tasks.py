@@ -1,0 +1,125 @@
+"""Request and response models of the HTTP API, with their limits.
+
+Requests are strict (`Body`): `"16"` or `true` is not a number, `"yes"` is not a boolean, as in
+OpenAI's API; and text must be valid Unicode (a lone surrogate such as `"\\ud800"` gets 400).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+from pydantic_core import PydanticCustomError
+
+MAX_QUESTION_CHARS = 4_000
+MAX_PASSAGES = 32
+MAX_TEXT_CHARS = 200_000  # one passage or document; longer input gets 422 before any tokenizing
+MAX_TOKENS = 1_024
+SEED = Field(None, ge=-(2**63), le=2**63 - 1, description="a 64-bit integer: the same seed gives the same sample")
+
+Question = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=MAX_QUESTION_CHARS)]
+Text = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=MAX_TEXT_CHARS)]
+
+
+def _surrogate(value: Any, where: str) -> str | None:
+    """The path of the first string in `value` that is not valid Unicode, or None."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return where or "the body"
+    elif isinstance(value, dict):
+        return next((w for k, v in value.items() if (w := _surrogate(v, f"{where}.{k}".lstrip(".")))), None)
+    elif isinstance(value, list):
+        return next((w for i, v in enumerate(value) if (w := _surrogate(v, f"{where}.{i}".lstrip(".")))), None)
+    return None
+
+
+class Body(BaseModel):
+    """A request body: strict types, valid Unicode."""
+
+    model_config = ConfigDict(strict=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def valid_unicode(cls, data: Any) -> Any:
+        where = _surrogate(data, "")
+        if where is not None:
+            raise PydanticCustomError(
+                "invalid_unicode", f"{where}: text is not valid Unicode (a lone surrogate escape such as \\ud800)"
+            )
+        return data
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class Evaluate(Body):
+    """Score the output with quality hooks (see service.evals.scoring)."""
+
+    references: list[str] = Field(default_factory=list, max_length=MAX_PASSAGES)
+    metrics: list[str] = Field(min_length=1, max_length=8)
+
+
+class AnswerRequest(Body):
+    question: Question
+    passages: list[Text] = Field(default_factory=list, max_length=MAX_PASSAGES)
+    max_tokens: int = Field(80, ge=1, le=MAX_TOKENS)
+    temperature: float = Field(0.0, ge=0.0, le=2.0)
+    seed: int | None = SEED
+    stream: bool = Field(False, description="server-sent events: {delta} pieces, then the full response")
+    evaluate: Evaluate | None = None
+
+
+class AnswerResponse(BaseModel):
+    answer: str
+    scores: dict[str, float | list[str]] | None = None
+    passage_index: int | None = Field(description="0-based index of the passage the answer drew on, if any")
+    model: str
+    usage: Usage
+
+
+class SummarizeRequest(Body):
+    document: Text | None = None
+    documents: list[Text] | None = Field(
+        None,
+        min_length=1,
+        max_length=MAX_PASSAGES,
+        description="several documents summarized together (instead of document)",
+    )
+    length: Literal["short", "medium", "long"] = "medium"
+    max_words: int | None = Field(None, ge=1, le=1_000)
+    temperature: float = Field(0.0, ge=0.0, le=2.0)
+    seed: int | None = SEED
+    stream: bool = Field(False, description="server-sent events: {delta} pieces, then the full response")
+    evaluate: Evaluate | None = None
+
+    @model_validator(mode="after")
+    def one_source(self):
+        if (self.document is None) == (self.documents is None):
+            raise ValueError("send either document or documents")
+        return self
+
+    def text(self) -> str:
+        return self.document if self.document is not None else "\n\n".join(self.documents)
+
+
+class SummarizeResponse(BaseModel):
+    summary: str
+    scores: dict[str, float | list[str]] | None = None
+    model: str
+    usage: Usage
+
+
+class ErrorBody(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
