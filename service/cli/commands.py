@@ -50,7 +50,7 @@ def _emit(args, data: dict, text: str) -> None:
 
 
 def cmd_answer(args) -> None:
-    from service.tasks.core import answer
+    from service.tasks.answer import answer
 
     a = answer(_load(args), args.question, args.passage or [], args.max_tokens)
     where = f"\n(drawn from passage {a.passage_index})" if a.passage_index is not None else ""
@@ -67,7 +67,7 @@ def cmd_answer(args) -> None:
 
 
 def cmd_summarize(args) -> None:
-    from service.tasks.core import summarize
+    from service.tasks.summarize import summarize
 
     if args.file == "-":
         document = sys.stdin.read()

@@ -7,7 +7,7 @@ pieces, then its results or its error) into the request's `asyncio.Queue` with
 `loop.call_soon_threadsafe`; handlers await them. `Running.abort()` stops the request's sequences at the
 engine's next step (a client that left, a deadline passed).
 
-`TaskRun` drives a task's plan (`service.tasks.core`): the CPU work between generations (tokenizing, chat
+`TaskRun` drives a task's plan (`service.tasks.plans`): the CPU work between generations (tokenizing, chat
 templates, splitting) runs on a worker thread, never on the event loop; each generation is awaited
 here, split into parts of at most `--max-waiting` sequences so that no task can outgrow the queue.
 """

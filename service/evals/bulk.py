@@ -18,7 +18,8 @@ from service.engine.generator import TextGenerator
 from service.evals import factual, fluency
 from service.evals.scoring import aggregate, evaluate, numeric, qa, rouge, sentence_lines
 from service.jobs.files import BATCH_PRIORITY, in_flight
-from service.tasks import core as tasks
+from service.tasks.answer import answer, answer_source
+from service.tasks.summarize import summarize
 
 MAIN = {"summarize": "rouge1_f", "qa": "containment"}
 
@@ -35,15 +36,15 @@ def reference_free() -> list[str]:
 def score_example(task: str, record: dict, gen: TextGenerator, length: str) -> dict:
     if task == "summarize":
         refs = [record["summary"].replace("   ", "\n")]
-        s = tasks.summarize(gen, record["document"], length, priority=BATCH_PRIORITY)
+        s = summarize(gen, record["document"], length, priority=BATCH_PRIORITY)
         scores = rouge(s.summary, refs) | evaluate(
             [*reference_free(), "novelty"], s.summary, refs, record["document"], gen
         )
         scores |= {f"lead3_{k}": v for k, v in rouge(lead3(record["document"]), refs).items()}
         return {"id": record.get("id"), "prediction": s.summary, "references": refs, "scores": scores}
     passages = [record["context"]] if record.get("context") else []
-    a = tasks.answer(gen, record["question"], passages, priority=BATCH_PRIORITY)
-    source = tasks.answer_source(record["question"], passages)
+    a = answer(gen, record["question"], passages, priority=BATCH_PRIORITY)
+    source = answer_source(record["question"], passages)
     scores = qa(a.answer, record["answers"]) | evaluate(reference_free(), a.answer, [], source, gen)
     return {"id": record.get("id"), "prediction": a.answer, "references": record["answers"], "scores": scores}
 

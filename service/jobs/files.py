@@ -26,7 +26,8 @@ from service.engine.generator import TextGenerator
 from service.engine.scheduler import Scheduler
 from service.errors import EngineFailed
 from service.evals import scoring
-from service.tasks import core as tasks
+from service.tasks.answer import answer, answer_source
+from service.tasks.summarize import summarize
 
 BATCH_PRIORITY = 1  # below interactive requests (0)
 
@@ -49,9 +50,7 @@ def run_record(gen: TextGenerator, task: str, record: dict) -> dict:
     metrics, references = _evaluate(record)
     if task == "summarize":
         document = _text(record, "document")
-        s = tasks.summarize(
-            gen, document, record.get("length", "medium"), record.get("max_words"), priority=BATCH_PRIORITY
-        )
+        s = summarize(gen, document, record.get("length", "medium"), record.get("max_words"), priority=BATCH_PRIORITY)
         out = {"summary": s.summary, "prompt_tokens": s.prompt_tokens, "completion_tokens": s.completion_tokens}
         prediction, source = s.summary, document
     else:
@@ -59,14 +58,14 @@ def run_record(gen: TextGenerator, task: str, record: dict) -> dict:
         if not isinstance(passages, list) or not all(isinstance(p, str) for p in passages):
             raise ValueError("passages must be a list of strings")
         question = _text(record, "question")
-        a = tasks.answer(gen, question, passages, priority=BATCH_PRIORITY)
+        a = answer(gen, question, passages, priority=BATCH_PRIORITY)
         out = {
             "answer": a.answer,
             "passage_index": a.passage_index,
             "prompt_tokens": a.prompt_tokens,
             "completion_tokens": a.completion_tokens,
         }
-        prediction, source = a.answer, tasks.answer_source(question, passages)
+        prediction, source = a.answer, answer_source(question, passages)
     if metrics:
         out["scores"] = scoring.evaluate(metrics, prediction, references, source, gen)
     return out

@@ -39,7 +39,8 @@ from service.server.schemas.tasks import (
     Usage,
 )
 from service.server.streams import sse
-from service.tasks import core as tasks
+from service.tasks.answer import Answer, answer_plan, answer_source
+from service.tasks.summarize import Summary, summarize_plan
 
 MAX_BODY_BYTES = 2 * 1024 * 1024
 READY_TTL_S = 1.0  # /ready probes the engine at most this often; callers in between get the last answer
@@ -206,13 +207,13 @@ def build_app(
         return sse(events(), on_close=run.abort)
 
     def value_text(value) -> str:
-        return value.answer if isinstance(value, tasks.Answer) else value.summary
+        return value.answer if isinstance(value, Answer) else value.summary
 
     @app.post("/v1/answer", response_model=AnswerResponse, responses=STREAMED, dependencies=[Depends(bearer)])
     async def answer(req: AnswerRequest, request: Request):
-        plan = tasks.answer_plan(gen, req.question, req.passages, req.max_tokens, req.temperature, req.seed)
+        plan = answer_plan(gen, req.question, req.passages, req.max_tokens, req.temperature, req.seed)
 
-        def shape(a: tasks.Answer, scored) -> AnswerResponse:
+        def shape(a: Answer, scored) -> AnswerResponse:
             return AnswerResponse(
                 answer=a.answer,
                 scores=scored,
@@ -221,13 +222,13 @@ def build_app(
                 usage=usage(a.prompt_tokens, a.completion_tokens),
             )
 
-        return await respond(req, plan, request, "answer", tasks.answer_source(req.question, req.passages), shape)
+        return await respond(req, plan, request, "answer", answer_source(req.question, req.passages), shape)
 
     @app.post("/v1/summarize", response_model=SummarizeResponse, responses=STREAMED, dependencies=[Depends(bearer)])
     async def summarize(req: SummarizeRequest, request: Request):
-        plan = tasks.summarize_plan(gen, req.text(), req.length, req.max_words, req.temperature, req.seed)
+        plan = summarize_plan(gen, req.text(), req.length, req.max_words, req.temperature, req.seed)
 
-        def shape(s: tasks.Summary, scored) -> SummarizeResponse:
+        def shape(s: Summary, scored) -> SummarizeResponse:
             return SummarizeResponse(
                 summary=s.summary, scores=scored, model=gen.name, usage=usage(s.prompt_tokens, s.completion_tokens)
             )

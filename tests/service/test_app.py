@@ -9,7 +9,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from service.server.app import MAX_BODY_BYTES, build_app
-from service.tasks.core import first_sentence
+from service.tasks.text import first_sentence
 
 
 @pytest.fixture(scope="module")

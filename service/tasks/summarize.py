@@ -1,0 +1,156 @@
+"""Abstractive summaries with length control.
+
+Prompts go through the model's chat template when it has one; decoding is greedy by default, so the
+same input gives the same output. A document longer than the context goes through map-reduce, never
+silent truncation; one that does not get shorter that way raises `ContextOverflow`.
+"""
+
+from __future__ import annotations
+
+import collections
+from dataclasses import dataclass
+
+from service.engine.generator import TextGenerator
+from service.engine.sampling import SamplingParams
+from service.errors import ContextOverflow
+from service.tasks.plans import Emit, Generate, Plan, forward, run_plan
+from service.tasks.text import content_words, sentences_of, split_to_fit, whole_sentences
+
+SUMMARY_SYSTEM = "You write accurate, concise abstractive summaries in your own words."
+# A 135M model summarizes a whole article poorly (ROUGE-1 ~25 on CNN/DM) but rewrites a few chosen
+# sentences well: the document's most salient sentences (content words shared with the rest of the
+# document, with a prior for early sentences) go to the model to be rewritten, and the result is cut
+# to the sentences asked for. Tuning figures are in the README's quality section.
+SALIENT_DECAY = 1.0  # position prior: sentence i's salience is divided by 1 + i
+REWRITE_INSTRUCTION = "Rewrite the key sentences below as a summary"
+# Greedy decoding of a small model loops ("The video is at CNN.com. The video is at CNN.com. ...");
+# blocking repeated 4-grams of generated tokens (as BART/PEGASUS summarizers do with 3) stopped that and
+# raised ROUGE-1 on 8 CNN/DM dev articles from 0.207 to 0.237. The price: an exact repeat of a 4-token
+# phrase in one summary is steered away from.
+SUMMARY_NO_REPEAT_NGRAM = 4
+MAP_INSTRUCTION = "in about 3 sentences"  # the map step of map-reduce
+LENGTHS = {"short": (1, 60), "medium": (3, 150), "long": (5, 260)}  # sentences, token budget
+
+
+@dataclass
+class Summary:
+    summary: str
+    prompt_tokens: int
+    completion_tokens: int
+
+
+def summary_messages(document: str, instruction: str, rewrite: bool = False) -> list[dict[str, str]]:
+    ask = f"{REWRITE_INSTRUCTION} {instruction}" if rewrite else f"Summarize the following document {instruction}"
+    return [{"role": "system", "content": SUMMARY_SYSTEM}, {"role": "user", "content": f"{ask}.\n\n{document}"}]
+
+
+def stop_after(n: int):
+    """An `on_text` that stops generation as soon as a sentence beyond the `n` asked for begins (that
+    piece is not emitted), so the stream and the token count end where the summary does."""
+    text = ""
+
+    def on_piece(i: int, piece: str, emit: Emit) -> bool:
+        nonlocal text
+        if len(sentences_of(text + piece)) > n:
+            return True
+        text += piece
+        emit(i, piece)
+        return False
+
+    return on_piece
+
+
+def salient(text: str, k: int) -> str | None:
+    """The k most salient sentences in document order, or None when the text has no more than k."""
+    sentences = sentences_of(text)
+    if len(sentences) <= k:
+        return None
+    words = [content_words(s) for s in sentences]
+    counts = collections.Counter(w for ws in words for w in ws)
+
+    def salience(i: int) -> float:  # words the sentence shares with the others, per word (damped), by position
+        return sum(counts[w] - 1 for w in words[i]) / (len(words[i]) + 5) / (1 + SALIENT_DECAY * i)
+
+    chosen = sorted(sorted(range(len(sentences)), key=salience, reverse=True)[:k])
+    return " ".join(sentences[i] for i in chosen)
+
+
+def summarize(
+    gen: TextGenerator,
+    document: str,
+    length: str = "medium",
+    max_words: int | None = None,
+    temperature: float = 0.0,
+    seed: int | None = None,
+    priority: int = 0,
+    cancelled=None,
+    on_text=None,
+) -> Summary:
+    """`summarize_plan` run on this thread."""
+    plan = summarize_plan(gen, document, length, max_words, temperature, seed)
+    return run_plan(gen, plan, on_text, cancelled, priority)
+
+
+def summarize_plan(
+    gen: TextGenerator,
+    document: str,
+    length: str = "medium",
+    max_words: int | None = None,
+    temperature: float = 0.0,
+    seed: int | None = None,
+) -> Plan:
+    """An abstractive summary. A document longer than the context goes through map-reduce: its
+    pieces are summarized (in one generation), then the joined summaries are summarized, again if
+    needed. Streams the final summary's text."""
+    if not isinstance(document, str) or not document.strip():
+        raise ValueError("document is empty")
+    document = document.strip()
+    if not isinstance(length, str) or length not in LENGTHS:
+        raise ValueError(f"length must be one of {', '.join(LENGTHS)}, got {length!r}")
+    sentences, budget = LENGTHS[length]
+    if max_words is not None:
+        if isinstance(max_words, bool) or not isinstance(max_words, int) or max_words < 1:
+            raise ValueError(f"max_words must be a whole number of at least 1, got {max_words!r}")
+        instruction, budget = f"in at most {max_words} words", int(max_words * 1.5) + 16
+    else:
+        instruction = "in one sentence" if sentences == 1 else f"in about {sentences} sentences"
+    params = SamplingParams(
+        max_tokens=budget, temperature=temperature, seed=seed, no_repeat_ngram=SUMMARY_NO_REPEAT_NGRAM
+    )
+    chat, context = gen.tokenizer.chat, gen.engine.context
+    if len(chat(summary_messages(document, instruction))) + budget > context:
+        return (yield from _map_reduce(gen, document, length, max_words, params))
+    key = salient(document, max(5, sentences + 2))
+    ids = chat(summary_messages(key or document, instruction, rewrite=key is not None))
+    r = (yield Generate([ids], [params], stop_after(sentences) if max_words is None else forward))[0]
+    text = " ".join(r.text.split())
+    if max_words is not None:
+        text = " ".join(text.split()[:max_words])
+    if r.finish_reason == "length":
+        text = whole_sentences(text)
+    if max_words is None:
+        text = " ".join(sentences_of(text)[:sentences])  # as many sentences as asked for
+    return Summary(text, r.prompt_tokens, r.completion_tokens)
+
+
+def _map_reduce(gen: TextGenerator, document: str, length: str, max_words: int | None, params: SamplingParams) -> Plan:
+    chat, context = gen.tokenizer.chat, gen.engine.context
+    _, map_budget = LENGTHS["medium"]
+    room = context - map_budget - len(chat(summary_messages(".", MAP_INSTRUCTION)))
+    if room < 64:
+        gen.engine.check_fits(len(chat(summary_messages(".", MAP_INSTRUCTION))) + 64, map_budget)
+    pieces = split_to_fit(gen, document, room)
+    map_params = SamplingParams(
+        max_tokens=map_budget, temperature=params.temperature, seed=params.seed, no_repeat_ngram=params.no_repeat_ngram
+    )
+    prompts = [chat(summary_messages(p, MAP_INSTRUCTION)) for p in pieces]
+    partial = yield Generate(prompts, [map_params] * len(prompts))
+    joined = "\n".join(whole_sentences(" ".join(r.text.split())) for r in partial if r.text.strip())
+    if not joined or len(gen.tokenizer.encode(joined)) >= len(gen.tokenizer.encode(document)):
+        raise ContextOverflow("the document does not get shorter when summarized in pieces; send less text")
+    final = yield from summarize_plan(gen, joined, length, max_words, params.temperature, params.seed)
+    return Summary(
+        final.summary,
+        final.prompt_tokens + sum(r.prompt_tokens for r in partial),
+        final.completion_tokens + sum(r.completion_tokens for r in partial),
+    )

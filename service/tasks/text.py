@@ -1,0 +1,65 @@
+"""Text helpers the tasks share: sentences, content words, and cutting a text into pieces that fit."""
+
+from __future__ import annotations
+
+import re
+
+from service.engine.generator import TextGenerator
+
+_SENTENCE_END = re.compile(r"(?<=[.!?])[\"')\]]*\s")
+_CITATION = re.compile(r"\[\d+\]\s*")  # "[2] " markers copied from numbered passages
+
+
+_WORD = re.compile(r"[A-Za-z0-9]+")
+STOPWORDS = frozenset(
+    "a an the of to in on at by for with from and or but is are was were be been being it its this that these those "
+    "who whom whose what which when where why how do does did has have had as not no".split()
+)
+
+
+def first_sentence(text: str) -> str:
+    """The first complete sentence, ending in punctuation (one is added when the model stopped short)."""
+    text = " ".join(_CITATION.sub("", text).split())
+    m = _SENTENCE_END.search(text + " ")
+    sentence = text[: m.end()].strip() if m else text
+    if sentence and sentence[-1] not in ".!?\"')":
+        sentence += "."
+    return sentence
+
+
+def whole_sentences(text: str) -> str:
+    """Drop a last sentence that was cut off by the token budget (keep the text if it is the only one)."""
+    ends = [m.end() for m in _SENTENCE_END.finditer(text + " ")]
+    return text[: ends[-1]].strip() if ends else text
+
+
+def content_words(text: str) -> set[str]:
+    return {w for w in (x.lower() for x in _WORD.findall(text)) if w not in STOPWORDS}
+
+
+def sentences_of(text: str) -> list[str]:
+    return [s for s in (x.strip() for x in re.split(r"(?<=[.!?])\s+|\n+", text)) if s]
+
+
+def split_to_fit(gen: TextGenerator, text: str, room: int) -> list[str]:
+    """Cut `text` into pieces of at most `room` tokens, at sentence ends where possible (a sentence
+    longer than `room` is cut between tokens). Nothing is dropped. Sentences are counted one by one,
+    so 5% of `room` is kept free for tokens that merge differently across a join."""
+    tok, pieces, current, used = gen.tokenizer, [], [], 0
+    room -= max(1, room // 20)
+    for sentence in re.split(r"(?<=[.!?])\s+|\n+", text):
+        if not sentence.strip():
+            continue
+        n = len(tok.encode(" " + sentence))
+        if n > room:
+            ids = tok.encode(sentence)
+            pieces += [" ".join(current)] if current else []
+            pieces += [tok.decode(ids[i : i + room]) for i in range(0, len(ids), room)]
+            current, used = [], 0
+        elif used + n > room:
+            pieces.append(" ".join(current))
+            current, used = [sentence], n
+        else:
+            current.append(sentence)
+            used += n
+    return pieces + ([" ".join(current)] if current else [])
