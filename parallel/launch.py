@@ -7,8 +7,9 @@
   seconds rather than NCCL's 30 minutes.
 - The control plane: rank 0 owns every model call. Before each one it `send_plan`s what to run; ranks
   > 0 sit in `follow_plans`, run the same call, and return on a stop message. Plans travel over a
-  separate gloo group without a timeout: a worker may wait as long as rank 0 is idle, while the
-  compute collectives keep the short timeout. A dead peer breaks both at once.
+  separate gloo group without a timeout for the receivers (a worker may wait as long as rank 0 is
+  idle); rank 0's sends keep the short collective timeout, like the compute collectives: NOTE gloo's
+  send to a stopped (SIGSTOP) peer waits for that peer, so without it a hung rank hung rank 0 too.
 - `abort()`: after a failure, SIGKILL the other ranks on this machine (a hung or stopped rank would
   never see a stop message, and would hold the launcher for its 30 s kill timeout) and exit non-zero.
 """
@@ -16,6 +17,7 @@
 from __future__ import annotations
 
 import os
+import pickle
 import signal
 import socket
 import sys
@@ -33,6 +35,7 @@ DEFAULT_TIMEOUT_S = 60.0
 STOP = "stop"
 _plan_group: dist.ProcessGroup | None = None
 _ranks: list[tuple[str, int]] = []  # (host, pid) of every rank, gathered at init
+_timeout = timedelta(seconds=DEFAULT_TIMEOUT_S)  # the collectives' timeout, for rank 0's plan sends too
 
 
 def launch(nproc: int, fn: Callable[..., Any], *args: Any) -> Any:
@@ -55,7 +58,7 @@ def launch(nproc: int, fn: Callable[..., Any], *args: Any) -> Any:
 
 def init_from_env(timeout_s: float | None = None) -> torch.device:
     """Join the process group torchrun describes (no-op at WORLD_SIZE 1); returns this rank's device."""
-    global _plan_group
+    global _plan_group, _timeout
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
     cuda = torch.cuda.is_available()
@@ -67,6 +70,7 @@ def init_from_env(timeout_s: float | None = None) -> torch.device:
     if not cuda:  # ranks on one machine share its cores
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world))))
     timeout = timedelta(seconds=timeout_s or float(os.environ.get("NLG_TP_TIMEOUT", DEFAULT_TIMEOUT_S)))
+    _timeout = timeout
     dist.init_process_group("nccl" if cuda else "gloo", timeout=timeout)
     _plan_group = dist.new_group(backend="gloo", timeout=timedelta(days=365))
     set_tp(dist.get_rank(), world, dist.group.WORLD)
@@ -76,19 +80,29 @@ def init_from_env(timeout_s: float | None = None) -> torch.device:
 
 
 def send_plan(plan: Any) -> None:
-    """Rank 0: tell every other rank what to run next (any picklable object)."""
+    """Rank 0: tell every other rank what to run next (any picklable object). Raises if a rank does not
+    take it within the collective timeout."""
     if get_tp().size > 1:
-        dist.broadcast_object_list([plan], src=0, group=_plan_group)
+        data = torch.frombuffer(bytearray(pickle.dumps(plan)), dtype=torch.uint8)
+        for t in (torch.tensor([data.numel()]), data):  # its size, then the pickled plan
+            try:
+                dist.broadcast(t, src=0, group=_plan_group, async_op=True).wait(_timeout)
+            except RuntimeError as e:
+                s = _timeout.total_seconds()
+                raise RuntimeError(f"a tensor-parallel rank did not take the step plan within {s:g} s: {e}") from e
 
 
 def follow_plans(run: Callable[[Any], None]) -> None:
     """Ranks > 0: run each plan rank 0 sends, until the stop message."""
     while True:
-        box = [None]
-        dist.broadcast_object_list(box, src=0, group=_plan_group)
-        if box[0] == STOP:
+        size = torch.zeros(1, dtype=torch.long)
+        dist.broadcast(size, src=0, group=_plan_group)
+        data = torch.empty(int(size), dtype=torch.uint8)
+        dist.broadcast(data, src=0, group=_plan_group)
+        plan = pickle.loads(data.numpy().tobytes())
+        if plan == STOP:
             return
-        run(box[0])
+        run(plan)
 
 
 def shutdown() -> None:

@@ -126,7 +126,7 @@ def cmd_generate(args) -> None:
 def cmd_score(args) -> None:
     gen = _load(args)
     ids = gen.tokenizer.encode(args.text)
-    logprobs = [None if t is None else t.logprob for t in gen.engine.prompt_logprobs(ids)]
+    logprobs = [None if t is None else t.logprob for t in gen.prompt_logprobs(ids)]
     tokens = gen.tokenizer.tokens(ids)
     if args.json:
         print(json.dumps({"tokens": tokens, "token_ids": ids, "logprobs": logprobs}, ensure_ascii=False))

@@ -43,6 +43,20 @@ class TextGenerator:
     def __init__(self, name: str, directory: Path, engine: Engine, tokenizer: Tokenizer, load_s: float):
         self.name, self.directory, self.engine, self.tokenizer, self.load_s = name, directory, engine, tokenizer, load_s
         self.metrics: Metrics | None = None  # set by the HTTP app
+        self.scheduler = None  # the engine thread sequences run on (`runs_on`); None: the calling thread
+
+    def runs_on(self, scheduler) -> None:
+        """From now on, run sequences and one-off model calls on `scheduler`'s engine thread (the server,
+        batch jobs), or with None on the calling thread again."""
+        self.scheduler = scheduler
+
+    def prompt_logprobs(self, ids: list[int], top: int = 0) -> list[TokenLogprob | None]:
+        """log p(token i | tokens before it) for each token (None for the first), with `top` alternatives;
+        on the thread that owns the model."""
+        self.engine.check_prompt(ids)
+        if self.scheduler is None:
+            return self.engine.score(ids, top)
+        return self.scheduler.call(lambda: self.engine.score(ids, top)).result()
 
     @classmethod
     def load(
@@ -69,7 +83,7 @@ class TextGenerator:
         sequence, finish reason "stop"), `cancelled()` turning true stops every sequence at its next
         token; a higher `priority` number waits behind lower ones."""
         g = Generation(self, prompts, params, on_text, cancelled, priority)
-        return g.results(self.engine.run(g.seqs))
+        return g.results((self.scheduler or self.engine).run(g.seqs))
 
     def complete(self, prompt: str | list[int], params: SamplingParams) -> TextResult:
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else prompt

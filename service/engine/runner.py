@@ -4,10 +4,9 @@ It knows nothing about text: prompts are token ids and so are the results. The t
 strings, streaming detokenization) decides per token whether a sequence is done through each
 sequence's `on_token` callback.
 
-The work is done in steps by a `service.engine.batcher.Batcher` (continuous batching). `Engine.run` drives a
-batcher of its own on the calling thread, or, when a `service.engine.scheduler.Scheduler` owns the engine (the
-HTTP server), hands the sequences to the scheduler's thread, which then makes every model call (the
-server's async handle submits to the scheduler directly). Token ids the model cannot embed are refused
+The work is done in steps by a `service.engine.batcher.Batcher` (continuous batching). `Engine.run`
+drives a batcher of its own on the calling thread; the server's `service.engine.scheduler.Scheduler`
+drives one on its engine thread, which then makes every model call. Token ids the model cannot embed are refused
 with `InvalidRequest` (`check_tokens`) before they reach a forward. The engine holds the model calls
 a step makes: prefill, decode, greedy steps launched ahead of the host (`launch`), and token choice.
 
@@ -17,7 +16,6 @@ Importable without the HTTP layer (no fastapi here).
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 import torch
 from torch import nn
@@ -62,8 +60,7 @@ class Engine:
         self.dtype = next(model.parameters()).dtype
         self.vocab_size = cfg.vocab_size
         self.kv_heads = max(1, cfg.num_kv_heads // get_tp().size)  # this rank's KV heads
-        self.cache: KVCache | None = None  # the calling thread's cache (no scheduler)
-        self.scheduler = None  # set by service.engine.scheduler.Scheduler when it owns this engine
+        self.cache: KVCache | None = None  # the calling thread's cache (`run` without a scheduler)
         # Decode through a GraphDecoder: CUDA graphs, on by default on one CUDA device (the collectives of
         # tensor-parallel ranks are not captured). On a CPU the same static forward runs eagerly (tests).
         self.use_graphs = self.device.type == "cuda" and get_tp().size == 1 if graphs is None else graphs
@@ -128,10 +125,8 @@ class Engine:
         ]
 
     def run(self, seqs: list[Sequence]) -> list[Completion]:
-        """Run sequences to the end on the scheduler's thread when one owns the engine, else on a batcher
-        of this thread's own."""
-        if self.scheduler is not None:
-            return self.scheduler.run(seqs)
+        """Run sequences to the end on a batcher of this thread's own (a `Scheduler` has the same `run`
+        for its engine thread)."""
         slots = min(len(seqs), self.max_batch)
         batcher = Batcher(self, self._cache_for(slots, max(s.length + s.params.max_tokens for s in seqs)))
         for s in seqs:
@@ -152,11 +147,6 @@ class Engine:
         priority: int = 0,
     ) -> list[Completion]:
         return self.run(self.sequences(prompts, params, on_token, cancelled, priority))
-
-    def exclusive(self, work: Callable[[], Any]) -> Any:
-        """Run a model call outside generation (scoring, a readiness probe) on the thread that owns
-        the model: the scheduler's when there is one."""
-        return self.scheduler.call(work).result() if self.scheduler is not None else work()
 
     @torch.inference_mode()
     def prefill(self, chunks: list[tuple[Sequence, int]], cache: KVCache) -> list[tuple[Sequence, torch.Tensor]]:
@@ -275,18 +265,15 @@ class Engine:
         one = torch.zeros(1, 1, dtype=torch.long, device=self.device)
         self.model(one, one)
 
-    def prompt_logprobs(self, ids: list[int], top: int = 0) -> list[TokenLogprob | None]:
-        """log p(token i | tokens before it) for each token (None for the first), with `top` alternatives."""
-        self.check_prompt(ids)
-        return self.exclusive(lambda: self.score(ids, top))
-
     def check_prompt(self, ids: list[int], max_tokens: int = 0) -> None:
         self.check_tokens(ids)
         self.check_fits(len(ids), max_tokens)
 
     @torch.inference_mode()
     def score(self, ids: list[int], top: int) -> list[TokenLogprob | None]:
-        """`prompt_logprobs` on this thread, which must own the model (checked ids only)."""
+        """log p(token i | tokens before it) for each token of `ids` (None for the first), with `top`
+        alternatives: on this thread, which must own the model (checked ids only; see
+        `TextGenerator.prompt_logprobs`)."""
         cache = self.new_cache(1, len(ids))
         out: list[TokenLogprob | None] = [None]
         slots = torch.zeros(1, dtype=torch.long, device=self.device)

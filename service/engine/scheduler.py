@@ -55,7 +55,6 @@ class Scheduler:
         self.thread = threading.Thread(target=self._loop, name="nlg-engine", daemon=True)
 
     def start(self) -> Scheduler:
-        self.engine.scheduler = self
         self.thread.start()
         return self
 
@@ -64,7 +63,6 @@ class Scheduler:
             self.stopping = True
             self.cv.notify()
         self.thread.join(30)
-        self.engine.scheduler = None
 
     def submit(self, seqs: list[Sequence]) -> None:
         """Queue sequences for the engine thread; raises `TooLarge`, `Overloaded` or `EngineFailed` at

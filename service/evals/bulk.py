@@ -17,7 +17,8 @@ from pathlib import Path
 from service.engine.generator import TextGenerator
 from service.evals import factual, fluency
 from service.evals.scoring import aggregate, evaluate, numeric, qa, rouge, sentence_lines
-from service.jobs.files import BATCH_PRIORITY, in_flight
+from service.jobs.files import in_flight
+from service.jobs.records import BATCH_PRIORITY
 from service.tasks.answer import answer, answer_source
 from service.tasks.summarize import summarize
 

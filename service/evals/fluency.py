@@ -38,7 +38,7 @@ def fluency(prediction: str, references: list[str] = (), source: str | None = No
     if not ids or not words:
         return {"lm_logprob": 0.0, "slor": 0.0}
     start = gen.tokenizer.hf.eos_token_id if gen.tokenizer.hf.eos_token_id is not None else ids[0]
-    scored = gen.engine.prompt_logprobs([start, *ids])[1:]
+    scored = gen.prompt_logprobs([start, *ids])[1:]
     total = sum(s.logprob for s in scored)
     unigram = sum(math.log(max(word_frequency(w, "en"), UNKNOWN_WORD)) for w in words)
     return {"lm_logprob": total / len(ids), "slor": (total - unigram) / len(words)}

@@ -34,7 +34,7 @@ def lambada_pair(tokenizer, text: str) -> tuple[list[int], list[int]]:
 
 def lambada_example(gen: TextGenerator, text: str) -> dict:
     context, target = lambada_pair(gen.tokenizer, text)
-    scored = gen.engine.prompt_logprobs(context + target, top=1)[len(context) :]
+    scored = gen.prompt_logprobs(context + target, top=1)[len(context) :]
     return {
         "correct": float(all(s.top[0][0] == t for s, t in zip(scored, target))),
         "loglik": sum(s.logprob for s in scored),
@@ -64,7 +64,7 @@ def token_nll(gen: TextGenerator, ids: list[int], window: int, stride: int) -> t
     total, done = 0.0, 1  # ids[:done] are scored (the first token never is)
     for begin in range(0, len(ids) - 1, stride):
         chunk = ids[begin : begin + window]
-        logprobs = gen.engine.prompt_logprobs(chunk)
+        logprobs = gen.prompt_logprobs(chunk)
         total -= sum(lp.logprob for lp in logprobs[done - begin :])
         done = begin + len(chunk)
         if done == len(ids):

@@ -25,11 +25,7 @@ from pathlib import Path
 from service.engine.generator import TextGenerator
 from service.engine.scheduler import Scheduler
 from service.errors import EngineFailed
-from service.evals import scoring
-from service.tasks.answer import answer, answer_source
-from service.tasks.summarize import summarize
-
-BATCH_PRIORITY = 1  # below interactive requests (0)
+from service.jobs.records import run_record
 
 
 @dataclass
@@ -40,56 +36,6 @@ class Summary:
     failed: int
     seconds: float
     completion_tokens: int
-
-
-def run_record(gen: TextGenerator, task: str, record: dict) -> dict:
-    """One record's result fields; raises ValueError (or `InvalidRequest`) for a bad record. A record may carry
-    `evaluate: {metrics, references?}`, as the HTTP requests do: its result then has `scores`."""
-    if not isinstance(record, dict):
-        raise ValueError("a record must be a JSON object")
-    metrics, references = _evaluate(record)
-    if task == "summarize":
-        document = _text(record, "document")
-        s = summarize(gen, document, record.get("length", "medium"), record.get("max_words"), priority=BATCH_PRIORITY)
-        out = {"summary": s.summary, "prompt_tokens": s.prompt_tokens, "completion_tokens": s.completion_tokens}
-        prediction, source = s.summary, document
-    else:
-        passages = record.get("passages") or []
-        if not isinstance(passages, list) or not all(isinstance(p, str) for p in passages):
-            raise ValueError("passages must be a list of strings")
-        question = _text(record, "question")
-        a = answer(gen, question, passages, priority=BATCH_PRIORITY)
-        out = {
-            "answer": a.answer,
-            "passage_index": a.passage_index,
-            "prompt_tokens": a.prompt_tokens,
-            "completion_tokens": a.completion_tokens,
-        }
-        prediction, source = a.answer, answer_source(question, passages)
-    if metrics:
-        out["scores"] = scoring.evaluate(metrics, prediction, references, source, gen)
-    return out
-
-
-def _evaluate(record: dict) -> tuple[list[str], list[str]]:
-    """The record's metrics and references, checked before anything is generated."""
-    ev = record.get("evaluate")
-    if ev is None:
-        return [], []
-    metrics, references = (ev.get("metrics"), ev.get("references", [])) if isinstance(ev, dict) else (None, None)
-    if not isinstance(metrics, list) or not metrics or not isinstance(references, list):
-        raise ValueError("evaluate must be {metrics: [names], references?: [texts]}")
-    if not all(isinstance(x, str) for x in metrics + references):
-        raise ValueError("evaluate's metrics and references must be strings")
-    scoring.check(metrics, references)
-    return metrics, references
-
-
-def _text(record: dict, field: str) -> str:
-    value = record.get(field)
-    if not isinstance(value, str):
-        raise ValueError(f"missing string field {field!r}")
-    return value
 
 
 def done_lines(path: Path) -> set[int]:
@@ -198,7 +144,10 @@ def in_flight(gen: TextGenerator, fn: Callable, items, workers: int, on_done: Ca
     """`fn(item)` for every item, `workers` at a time (no more: an interruption leaves little undone),
     through the engine's scheduler, which batches them (one is started here when none runs).
     `on_done(result)` is called on this thread as each finishes; an engine failure is re-raised."""
-    own = None if gen.engine.scheduler is not None else Scheduler(gen.engine, slots=workers).start()
+    own = None
+    if gen.scheduler is None:  # a server's generator has one already
+        own = Scheduler(gen.engine, slots=workers).start()
+        gen.runs_on(own)
     try:
         with ThreadPoolExecutor(workers) as pool:
             pending: set[Future] = set()
@@ -212,4 +161,5 @@ def in_flight(gen: TextGenerator, fn: Callable, items, workers: int, on_done: Ca
                 on_done(f.result())
     finally:
         if own is not None:
+            gen.runs_on(None)
             own.stop()

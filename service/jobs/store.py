@@ -1,36 +1,15 @@
-"""Batch jobs over HTTP, kept in SQLite so a restarted server picks up where it stopped.
-
-`POST /v1/batches?task=summarize|answer` takes JSONL (one record per line, as `nlg batch` reads);
-`GET /v1/batches/{id}` gives the state and counts; `GET /v1/batches/{id}/results` the results as
-JSONL (one line per input line: the fields, or `error`); `DELETE /v1/batches/{id}` cancels it.
-
-A `JobRunner` thread feeds pending records to the engine at batch priority (interactive requests go
-first) and stores each result in its own transaction: a crash loses only the records in flight,
-which are run again after the restart, and a record never gets two results. A record that fails for
-any reason gets its error row (with its `id`) and the runner goes on; one refused because the engine's
-queue is full (`Overloaded`, from interactive load) stays pending and is tried again after the
-Retry-After; after an engine failure the runner stops, leaving the records in flight pending.
-"""
+"""Batch jobs kept in SQLite, so that a restarted server picks up where it stopped: a job and its
+records, each record's result or error stored in its own transaction (a record never gets two)."""
 
 from __future__ import annotations
 
 import json
 import sqlite3
-import sys
 import threading
 import time
 import uuid
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
-from fastapi import APIRouter, HTTPException, Query, Request
-from fastapi.responses import Response
-
-from service.engine.generator import TextGenerator
-from service.errors import EngineFailed, Overloaded
-from service.jobs.files import run_record
-
-MAX_JOB_BYTES = 64 * 1024 * 1024
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (id TEXT PRIMARY KEY, task TEXT NOT NULL, state TEXT NOT NULL,
                                  created REAL NOT NULL, finished REAL);
@@ -132,101 +111,3 @@ def record_id(text: str) -> dict:
     except ValueError:
         return {}
     return {"id": record["id"]} if isinstance(record, dict) and "id" in record else {}
-
-
-class JobRunner:
-    """Feeds pending records to the engine, `workers` at a time, until stopped."""
-
-    def __init__(self, gen: TextGenerator, store: JobStore, workers: int = 4):
-        self.gen, self.store, self.workers = gen, store, workers
-        self.wake = threading.Event()
-        self.stopping = False
-        self.thread = threading.Thread(target=self._loop, name="nlg-jobs", daemon=True)
-
-    def start(self) -> JobRunner:
-        self.thread.start()
-        return self
-
-    def stop(self) -> None:
-        self.stopping = True
-        self.wake.set()
-        self.thread.join(60)
-
-    def _loop(self) -> None:
-        in_flight: dict[tuple[str, int], Future] = {}
-        self.resume_at = 0.0  # after an Overloaded: no new record before then
-        with ThreadPoolExecutor(self.workers) as pool:
-            while not self.stopping:
-                try:
-                    for key in [k for k, f in in_flight.items() if f.done()]:
-                        in_flight.pop(key)
-                    room = self.workers - len(in_flight) if time.monotonic() >= self.resume_at else 0
-                    for job, task, line, text in self.store.pending(room, set(in_flight)) if room else []:
-                        in_flight[(job, line)] = pool.submit(self._one, job, task, line, text)
-                except Exception as e:  # the store itself (a full disk): say so, try again shortly
-                    print(f"nlg: error: batch jobs: {type(e).__name__}: {e}", file=sys.stderr)
-                self.wake.wait(0.05 if in_flight else 1.0)
-                self.wake.clear()
-
-    def _one(self, job: str, task: str, line: int, text: str) -> None:
-        """Run one record and store its result or its error; never raises."""
-        try:
-            record = json.loads(text)
-            result = record_id(text) | run_record(self.gen, task, record)
-        except Overloaded as e:  # interactive load fills the queue: the record waits its turn
-            self.resume_at = time.monotonic() + e.retry_after
-            return
-        except EngineFailed:  # the server is going down: the record stays pending for the restart
-            self.stopping = True
-            return
-        except Exception as e:  # anything else is this record's own failure
-            self._save(job, line, None, f"{type(e).__name__}: {e}" if not isinstance(e, ValueError) else str(e))
-        else:
-            self._save(job, line, result, None)
-        self.wake.set()
-
-    def _save(self, job: str, line: int, result: dict | None, error: str | None) -> None:
-        try:
-            self.store.save(job, line, result, error)
-        except Exception as e:
-            print(f"nlg: error: batch jobs: saving {job} line {line}: {type(e).__name__}: {e}", file=sys.stderr)
-
-
-def build_jobs_router(store: JobStore, runner: JobRunner) -> APIRouter:
-    router = APIRouter(prefix="/v1/batches")
-
-    def found(fn, job: str):
-        try:
-            return fn(job)
-        except KeyError:
-            raise HTTPException(404, f"no batch {job!r}") from None
-
-    @router.post("")
-    async def create(request: Request, task: str = Query(pattern="^(summarize|answer)$")) -> dict:
-        body = await request.body()
-        if not body.strip():
-            raise HTTPException(400, "the batch is empty: send JSONL, one record per line")
-        try:
-            lines = body.decode("utf-8").splitlines()
-        except UnicodeDecodeError:
-            raise HTTPException(400, "the batch is not UTF-8 text") from None
-        job = store.create(task, lines)
-        runner.wake.set()
-        return store.status(job)
-
-    @router.get("/{job}")
-    def status(job: str) -> dict:
-        return found(store.status, job)
-
-    @router.get("/{job}/results")
-    def results(job: str) -> Response:
-        rows = found(store.results, job)
-        return Response(
-            "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), media_type="application/x-ndjson"
-        )
-
-    @router.delete("/{job}")
-    def cancel(job: str) -> dict:
-        return found(store.cancel, job)
-
-    return router

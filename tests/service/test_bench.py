@@ -55,7 +55,7 @@ def test_gpu_bench_report_prints_saved_and_new_results():
 
     from service.bench.gpu import print_report
 
-    saved = json.loads((Path(__file__).parents[2] / "service/results/gpu-h100.json").read_text())
+    saved = json.loads((Path(__file__).parents[2] / "service/bench/results/gpu-h100.json").read_text())
     text = print_report(saved)
     assert "H100" in text
     assert "smollm2-135m single-stream tok/s >= 1,000: 733 NOT MET" in text

@@ -252,7 +252,7 @@ def test_concurrent_requests_launched_ahead_equal_each_alone(varied):
         params = SamplingParams(max_tokens=rng.randrange(1, 30), ignore_eos=True, temperature=temperature, seed=i)
         jobs.append((prompt, params, rng.randrange(1, 30) if rng.random() < 0.3 else None))
 
-    def one(engine, job):
+    def one(generate, job):
         prompt, params, stop_after = job
         seen = []
 
@@ -260,17 +260,18 @@ def test_concurrent_requests_launched_ahead_equal_each_alone(varied):
             seen.append(token)
             return len(seen) == stop_after
 
-        c = engine.generate([prompt], [params], on_token=on_token)[0]
+        c = generate([prompt], [params], on_token)[0]
         assert seen == c.token_ids
         return c.token_ids, c.finish_reason
 
     eager = Engine(varied, graphs=False)
-    alone = [one(eager, job) for job in jobs]
+    alone = [one(eager.generate, job) for job in jobs]
     ahead = Engine(varied, max_batch=3, graphs=True)
     scheduler = Scheduler(ahead, slots=3).start()
     try:
         with ThreadPoolExecutor(8) as pool:
-            together = list(pool.map(lambda job: one(ahead, job), jobs))
+            scheduled = lambda p, sp, on_token: scheduler.run(ahead.sequences(p, sp, on_token))  # noqa: E731
+            together = list(pool.map(lambda job: one(scheduled, job), jobs))
     finally:
         scheduler.stop()
     assert together == alone

@@ -34,7 +34,7 @@ def test_echo_logprobs_score_the_prompt_like_nlg_score(client, tiny):
     text = "The cat sat on the mat."
     r = client.completions.create(model="tiny-random", prompt=text, max_tokens=0, echo=True, logprobs=1)
     lp = r.choices[0].logprobs
-    want = tiny.engine.prompt_logprobs(tiny.tokenizer.encode(text))
+    want = tiny.prompt_logprobs(tiny.tokenizer.encode(text))
     assert r.choices[0].text == text and lp.token_logprobs[0] is None
     assert lp.token_logprobs[1:] == pytest.approx([w.logprob for w in want[1:]], abs=1e-5)
     assert "".join(lp.tokens) == text and lp.text_offset[-1] == len(text) - len(lp.tokens[-1])

@@ -11,7 +11,7 @@ from pydantic import Field, model_validator
 
 from service.engine.sampling import REPETITION_PENALTY_RANGE
 from service.errors import InvalidRequest
-from service.server.schemas.tasks import MAX_TOKENS, SEED, Body
+from service.server.schemas.base import MAX_TOKENS, SEED, Body
 
 
 class StreamOptions(Body):

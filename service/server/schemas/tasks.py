@@ -1,54 +1,19 @@
-"""Request and response models of the HTTP API, with their limits.
-
-Requests are strict (`Body`): `"16"` or `true` is not a number, `"yes"` is not a boolean, as in
-OpenAI's API; and text must be valid Unicode (a lone surrogate such as `"\\ud800"` gets 400).
-"""
+"""Request and response models of `/v1/answer` and `/v1/summarize`, with their limits."""
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
-from pydantic_core import PydanticCustomError
+from pydantic import BaseModel, Field, StringConstraints, model_validator
+
+from service.server.schemas.base import MAX_TOKENS, SEED, Body
 
 MAX_QUESTION_CHARS = 4_000
 MAX_PASSAGES = 32
 MAX_TEXT_CHARS = 200_000  # one passage or document; longer input gets 422 before any tokenizing
-MAX_TOKENS = 1_024
-SEED = Field(None, ge=-(2**63), le=2**63 - 1, description="a 64-bit integer: the same seed gives the same sample")
 
 Question = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=MAX_QUESTION_CHARS)]
 Text = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=MAX_TEXT_CHARS)]
-
-
-def _surrogate(value: Any, where: str) -> str | None:
-    """The path of the first string in `value` that is not valid Unicode, or None."""
-    if isinstance(value, str):
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:
-            return where or "the body"
-    elif isinstance(value, dict):
-        return next((w for k, v in value.items() if (w := _surrogate(v, f"{where}.{k}".lstrip(".")))), None)
-    elif isinstance(value, list):
-        return next((w for i, v in enumerate(value) if (w := _surrogate(v, f"{where}.{i}".lstrip(".")))), None)
-    return None
-
-
-class Body(BaseModel):
-    """A request body: strict types, valid Unicode."""
-
-    model_config = ConfigDict(strict=True)
-
-    @model_validator(mode="before")
-    @classmethod
-    def valid_unicode(cls, data: Any) -> Any:
-        where = _surrogate(data, "")
-        if where is not None:
-            raise PydanticCustomError(
-                "invalid_unicode", f"{where}: text is not valid Unicode (a lone surrogate escape such as \\ud800)"
-            )
-        return data
 
 
 class Usage(BaseModel):
@@ -112,14 +77,3 @@ class SummarizeResponse(BaseModel):
     scores: dict[str, float | list[str]] | None = None
     model: str
     usage: Usage
-
-
-class ErrorBody(BaseModel):
-    message: str
-    type: str
-    param: str | None = None
-    code: str | None = None
-
-
-class ErrorResponse(BaseModel):
-    error: ErrorBody

@@ -1,0 +1,56 @@
+"""`/v1/batches`: batch jobs over HTTP.
+
+`POST /v1/batches?task=summarize|answer` takes JSONL (one record per line, as `nlg batch` reads);
+`GET /v1/batches/{id}` gives the state and counts; `GET /v1/batches/{id}/results` the results as
+JSONL (one line per input line: the fields, or `error`); `DELETE /v1/batches/{id}` cancels it. The
+store and its runner are the app's (`app.state.jobs`, `app.state.runner`).
+"""
+
+from __future__ import annotations
+
+import json
+
+from fastapi import APIRouter, HTTPException, Query, Request
+from fastapi.responses import Response
+
+MAX_JOB_BYTES = 64 * 1024 * 1024
+
+router = APIRouter(prefix="/v1/batches")
+
+
+def found(fn, job: str):
+    try:
+        return fn(job)
+    except KeyError:
+        raise HTTPException(404, f"no batch {job!r}") from None
+
+
+@router.post("")
+async def create(request: Request, task: str = Query(pattern="^(summarize|answer)$")) -> dict:
+    body = await request.body()
+    if not body.strip():
+        raise HTTPException(400, "the batch is empty: send JSONL, one record per line")
+    try:
+        lines = body.decode("utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise HTTPException(400, "the batch is not UTF-8 text") from None
+    store = request.app.state.jobs
+    job = store.create(task, lines)
+    request.app.state.runner.wake.set()
+    return store.status(job)
+
+
+@router.get("/{job}")
+def status(job: str, request: Request) -> dict:
+    return found(request.app.state.jobs.status, job)
+
+
+@router.get("/{job}/results")
+def results(job: str, request: Request) -> Response:
+    rows = found(request.app.state.jobs.results, job)
+    return Response("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), media_type="application/x-ndjson")
+
+
+@router.delete("/{job}")
+def cancel(job: str, request: Request) -> dict:
+    return found(request.app.state.jobs.cancel, job)

@@ -1,0 +1,94 @@
+"""`/v1/answer` and `/v1/summarize`: the tasks' plans driven on the event loop (`TaskRun`), as JSON or
+server-sent events. Everything that can refuse a request (the metrics asked for, the input, the queue)
+does so before the response starts; scores are computed on a worker thread."""
+
+from __future__ import annotations
+
+import asyncio
+
+from fastapi import APIRouter, Request
+
+from service.engine.handle import TaskRun
+from service.evals import scoring
+from service.server.schemas.tasks import AnswerRequest, AnswerResponse, SummarizeRequest, SummarizeResponse, Usage
+from service.server.streams import sse
+from service.tasks.answer import Answer, answer_plan, answer_source
+from service.tasks.summarize import Summary, summarize_plan
+
+STREAMED = {200: {"content": {"text/event-stream": {}}, "description": "JSON, or with stream: server-sent events"}}
+# --score-traffic: cheap reference-free hooks per task, and the scores of theirs that are exported
+QUALITY = {
+    "answer": (["sentence", "support"], ["full_sentence", "support"]),
+    "summarize": (["support", "novelty"], ["support", "novel_trigrams", "copied_sentences"]),
+}
+
+router = APIRouter(prefix="/v1")
+
+
+def usage(prompt: int, completion: int) -> Usage:
+    return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+
+
+def scores(state, task: str, ev, prediction: str, source: str) -> dict | None:
+    """The scores asked for, on the calling worker thread (a hook that needs the model waits for the
+    engine thread there, not on the event loop); with --score-traffic, the histograms too."""
+    if state.score_traffic:
+        hooks, exported = QUALITY[task]
+        values = scoring.evaluate(hooks, prediction, [], source)
+        for name in exported:
+            state.metrics.quality.labels(task, name).observe(values[name])
+    return scoring.evaluate(ev.metrics, prediction, ev.references, source, state.gen) if ev else None
+
+
+async def respond(req, plan, request: Request, task: str, source: str, shape):
+    """Run a task's plan; as JSON, or with `req.stream` as server-sent events: {"delta"} pieces of the
+    raw text, then the full response object, then [DONE]."""
+    state = request.app.state
+    if req.evaluate:
+        scoring.check(req.evaluate.metrics, req.evaluate.references)
+    run = TaskRun(state.handle, plan)
+    await run.begin()
+
+    async def finish(value: Answer | Summary):
+        text = value.answer if isinstance(value, Answer) else value.summary
+        return shape(value, await asyncio.to_thread(scores, state, task, req.evaluate, text, source))
+
+    if not req.stream:
+        return await finish(await run.wait(request.is_disconnected))
+
+    async def events():
+        async for piece in run.pieces():
+            yield {"delta": piece}
+        yield (await finish(run.value)).model_dump()
+
+    return sse(events(), on_close=run.abort)
+
+
+@router.post("/answer", response_model=AnswerResponse, responses=STREAMED)
+async def answer(req: AnswerRequest, request: Request):
+    gen = request.app.state.gen
+    plan = answer_plan(gen, req.question, req.passages, req.max_tokens, req.temperature, req.seed)
+
+    def shape(a: Answer, scored) -> AnswerResponse:
+        return AnswerResponse(
+            answer=a.answer,
+            scores=scored,
+            passage_index=a.passage_index,
+            model=gen.name,
+            usage=usage(a.prompt_tokens, a.completion_tokens),
+        )
+
+    return await respond(req, plan, request, "answer", answer_source(req.question, req.passages), shape)
+
+
+@router.post("/summarize", response_model=SummarizeResponse, responses=STREAMED)
+async def summarize(req: SummarizeRequest, request: Request):
+    gen = request.app.state.gen
+    plan = summarize_plan(gen, req.text(), req.length, req.max_words, req.temperature, req.seed)
+
+    def shape(s: Summary, scored) -> SummarizeResponse:
+        return SummarizeResponse(
+            summary=s.summary, scores=scored, model=gen.name, usage=usage(s.prompt_tokens, s.completion_tokens)
+        )
+
+    return await respond(req, plan, request, "summarize", req.text(), shape)
