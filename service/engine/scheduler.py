@@ -118,11 +118,7 @@ class Scheduler:
                 while not (self.inbox or self.calls or self.batcher.busy() or self.stopping):
                     self.cv.wait()
                 if self.stopping:  # whatever is left gets its answer: 503, the server is going down
-                    left = EngineFailed("the engine is shutting down")
-                    for s in self.inbox + self.batcher.waiting + self.batcher.running:
-                        s.end(error=left)
-                    for _, future in self.calls:
-                        future.set_exception(left)
+                    self._end_all(EngineFailed("the engine is shutting down"), [])
                     return
                 new, self.inbox = self.inbox, []
                 calls, self.calls = self.calls, []
@@ -160,11 +156,15 @@ class Scheduler:
         traceback.print_exception(error, file=sys.stderr)
         sys.stderr.flush()
         with self.cv:
-            failed = EngineFailed(self.failure)
-            for s in self.inbox + self.batcher.waiting + self.batcher.running:
-                s.end(error=failed)
-            for _, future in calls + self.calls:
-                if not future.done():
-                    future.set_exception(failed)
-            self.inbox, self.calls = [], []
+            self._end_all(EngineFailed(self.failure), calls)
         self.on_fatal()
+
+    def _end_all(self, error: EngineFailed, calls) -> None:
+        """End every queued and running sequence and every pending call (`calls` taken off the queue
+        already, and those still on it) with `error`; the caller holds `cv`."""
+        for s in self.inbox + self.batcher.waiting + self.batcher.running:
+            s.end(error=error)
+        for _, future in calls + self.calls:
+            if not future.done():
+                future.set_exception(error)
+        self.inbox, self.calls = [], []
