@@ -73,9 +73,12 @@ class Batcher:
             self.waiting.remove(s)
         s.end(reason, error)
 
-    def step(self) -> None:
-        for s in [s for s in self.waiting + self.running if s.cancelled is not None and s.cancelled()]:
+    def abort(self, requests: set[str]) -> None:
+        """End the waiting and running sequences of these requests, finish reason "cancelled"."""
+        for s in [s for s in self.waiting + self.running if s.request in requests]:
             self.finish(s, "cancelled")
+
+    def step(self) -> None:
         self.waiting.sort(key=lambda s: (s.priority, s.arrival))
         while self.free and self.waiting:
             s = self.waiting.pop(0)

@@ -76,13 +76,13 @@ class TextGenerator:
         prompts: list[list[int]],
         params: list[SamplingParams],
         on_text: Callable[[int, str], bool | None] | None = None,
-        cancelled: Callable[[], bool] | None = None,
+        request: str | None = None,
         priority: int = 0,
     ) -> list[TextResult]:
         """Generate for each prompt; `on_text(i, piece)` streams final text (returning True stops that
-        sequence, finish reason "stop"), `cancelled()` turning true stops every sequence at its next
-        token; a higher `priority` number waits behind lower ones."""
-        g = Generation(self, prompts, params, on_text, cancelled, priority)
+        sequence, finish reason "stop"); `request` names the call for `Scheduler.abort`; a higher
+        `priority` number waits behind lower ones."""
+        g = Generation(self, prompts, params, on_text, request, priority)
         return g.results((self.scheduler or self.engine).run(g.seqs))
 
     def complete(self, prompt: str | list[int], params: SamplingParams) -> TextResult:
@@ -100,7 +100,7 @@ class Generation:
         prompts: list[list[int]],
         params: list[SamplingParams],
         on_text: Callable[[int, str], bool | None] | None = None,
-        cancelled: Callable[[], bool] | None = None,
+        request: str | None = None,
         priority: int = 0,
     ):
         self.gen, self.prompts, self.on_text = gen, prompts, on_text
@@ -108,7 +108,7 @@ class Generation:
         self.pieces: list[list[str]] = [[] for _ in prompts]
         self.start = time.perf_counter()
         self.last: dict[int, float] = {}  # when each sequence last produced a token
-        self.seqs = gen.engine.sequences(prompts, params, self.on_token, cancelled, priority)
+        self.seqs = gen.engine.sequences(prompts, params, self.on_token, request, priority)
 
     def on_token(self, i: int, token: int) -> bool:
         """On the engine thread: True when sequence i is done (a stop string, or `on_text` said so)."""

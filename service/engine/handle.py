@@ -4,8 +4,9 @@
 cannot run (`InvalidRequest`, `TooLarge`, `Overloaded`, `EngineFailed`) gets its HTTP status before
 any byte of a response; it returns a `Running`. The engine thread pushes that request's events (text
 pieces, then its results or its error) into the request's `asyncio.Queue` with
-`loop.call_soon_threadsafe`; handlers await them. `Running.abort()` stops the request's sequences at the
-engine's next step (a client that left, a deadline passed).
+`loop.call_soon_threadsafe`; handlers await them. `AsyncEngine.abort(request_id)` ends a request's
+sequences at the engine's next step (a client that left, a deadline passed); `Running` and `TaskRun` do it
+on any way out before their end.
 
 `TaskRun` drives a task's plan (`service.tasks.plans`): the CPU work between generations (tokenizing, chat
 templates, splitting) runs on a worker thread, never on the event loop; each generation is awaited
@@ -15,7 +16,7 @@ here, split into parts of at most `--max-waiting` sequences so that no task can 
 from __future__ import annotations
 
 import asyncio
-import threading
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Generator
 from typing import Any
 
@@ -31,18 +32,14 @@ POLL_S = 0.25  # how often a plain (non-streaming) request checks that its clien
 class Running:
     """One submitted generate call: its text pieces `(i, piece)` as they come, then its results."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, deadline: float | None):
-        self.loop, self.deadline = loop, deadline
+    def __init__(self, handle: AsyncEngine, request_id: str, deadline: float | None):
+        self.handle, self.request_id, self.deadline = handle, request_id, deadline
+        self.loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue = asyncio.Queue()
-        self.cancelled = threading.Event()
         self.finished = False
         self.generation: Generation | None = None
         self._left = 0
         self.result: list[TextResult] | None = None
-
-    def abort(self) -> None:
-        """Stop every sequence of this call at the engine's next step (a no-op once it has finished)."""
-        self.cancelled.set()
 
     def put(self, item: tuple[str, Any]) -> None:
         """From any thread: queue an event for the consumer (dropped once the loop is gone)."""
@@ -96,7 +93,7 @@ class Running:
                     return
         finally:
             if not self.finished:
-                self.abort()
+                self.handle.abort(self.request_id)
 
     async def wait(self, disconnected: Callable[[], Awaitable[bool]] | None = None) -> list[TextResult]:
         """The results, checking every `POLL_S` that the client is still there; aborts if it is not."""
@@ -115,7 +112,7 @@ class Running:
                     return value
         finally:
             if not self.finished:
-                self.abort()
+                self.handle.abort(self.request_id)
 
 
 class AsyncEngine:
@@ -132,22 +129,28 @@ class AsyncEngine:
         on_text: Callable[[int, str, Callable[[int, str], None]], bool | None] | None = None,
         priority: int = 0,
         deadline: float | None = None,
+        request_id: str | None = None,
     ) -> Running:
-        """Submit one generate call now. `on_text(i, piece, emit)` sees each final piece on the engine
-        thread (True stops sequence i); `emit(i, text)` streams text to the consumer of `pieces`. Without
-        `on_text` every piece is streamed."""
-        running = Running(asyncio.get_running_loop(), deadline if deadline is not None else self.deadline())
+        """Submit one generate call now, as part of `request_id` (a new id when None). `on_text(i, piece,
+        emit)` sees each final piece on the engine thread (True stops sequence i); `emit(i, text)` streams
+        text to the consumer of `pieces`. Without `on_text` every piece is streamed."""
+        request_id = request_id or uuid.uuid4().hex
+        running = Running(self, request_id, deadline if deadline is not None else self.deadline())
 
         def emit(i: int, text: str) -> None:
             running.put(("piece", (i, text)))
 
         watch = (lambda i, piece: on_text(i, piece, emit)) if on_text else (lambda i, piece: emit(i, piece))
-        g = running.generation = Generation(self.gen, prompts, params, watch, running.cancelled.is_set, priority)
+        g = running.generation = Generation(self.gen, prompts, params, watch, request_id, priority)
         running._left = len(g.seqs)
         for s in g.seqs:
             s.on_finish = running._ended
         self.scheduler.submit(g.seqs)
         return running
+
+    def abort(self, request_id: str) -> None:
+        """End every sequence of the request at the engine's next step (a no-op once it has ended)."""
+        self.scheduler.abort(request_id)
 
     async def call(self, work: Callable[[], Any]) -> Any:
         """Run a model call (`work`) on the engine thread and await its result."""
@@ -182,6 +185,7 @@ class TaskRun:
 
     def __init__(self, handle: AsyncEngine, plan: Plan, priority: int = 0):
         self.handle, self.plan, self.priority = handle, plan, priority
+        self.request_id = uuid.uuid4().hex  # every part of every generation of the plan
         self.deadline = handle.deadline()
         self.running: Running | None = None
         self.value: Any = None
@@ -195,7 +199,7 @@ class TaskRun:
     def _submit(self, step, start: int, done: list[TextResult]) -> None:
         n = self.handle.limit
         prompts, params = step.prompts[start : start + n], step.params[start : start + n]
-        self.running = self.handle.start(prompts, params, step.on_text, self.priority, self.deadline)
+        self.running = self.handle.start(prompts, params, step.on_text, self.priority, self.deadline, self.request_id)
         self._part = (step, start + len(prompts), done)
 
     async def _after(self, results: list[TextResult]) -> bool:
@@ -234,4 +238,4 @@ class TaskRun:
 
     def abort(self) -> None:
         if self.running is not None:
-            self.running.abort()
+            self.handle.abort(self.request_id)

@@ -112,7 +112,7 @@ class Engine:
         prompts: list[list[int]],
         params: list[SamplingParams],
         on_token: OnToken | None = None,
-        cancelled: Callable[[], bool] | None = None,
+        request: str | None = None,
         priority: int = 0,
     ) -> list[Sequence]:
         """Checked sequences for `run` (or the scheduler): raises `InvalidRequest` for a prompt the model
@@ -120,7 +120,7 @@ class Engine:
         for p, sp in zip(prompts, params):
             self.check_prompt(p, sp.max_tokens)
         return [
-            Sequence(list(p), sp, (lambda t, i=i: on_token(i, t)) if on_token else None, cancelled, priority)
+            Sequence(list(p), sp, (lambda t, i=i: on_token(i, t)) if on_token else None, request, priority)
             for i, (p, sp) in enumerate(zip(prompts, params))
         ]
 
@@ -143,10 +143,9 @@ class Engine:
         prompts: list[list[int]],
         params: list[SamplingParams],
         on_token: OnToken | None = None,
-        cancelled: Callable[[], bool] | None = None,
         priority: int = 0,
     ) -> list[Completion]:
-        return self.run(self.sequences(prompts, params, on_token, cancelled, priority))
+        return self.run(self.sequences(prompts, params, on_token, None, priority))
 
     @torch.inference_mode()
     def prefill(self, chunks: list[tuple[Sequence, int]], cache: KVCache) -> list[tuple[Sequence, torch.Tensor]]:

@@ -2,9 +2,9 @@
 
 Requests hand their sequences to `submit` (returns at once; each sequence's `on_finish` says when it
 ends: the async handle's way) or `run` (blocks until they end: batch jobs and command-line callers), and
-one-off model calls to `call`; one thread, started here, owns every model call, so tensor-parallel
-collectives come in the same order on every rank. Each turn of its loop admits what arrived and runs
-one batcher step.
+one-off model calls to `call`; `abort(request)` ends a request's sequences at the next step. One thread,
+started here, owns every model call, so tensor-parallel collectives come in the same order on every
+rank. Each turn of its loop admits what arrived, ends what was aborted and runs one batcher step.
 
 - Overload: more than `max_waiting` sequences queued -> `Overloaded` (HTTP 429 with Retry-After). A
   request of more sequences than `max_waiting` could never be admitted: `submit` refuses it with
@@ -50,6 +50,7 @@ class Scheduler:
         self.cv = threading.Condition()
         self.inbox: list[Sequence] = []
         self.calls: list[tuple[Callable[[], Any], Future]] = []
+        self.aborts: set[str] = set()
         self.failure: str | None = None
         self.stopping = False
         self.thread = threading.Thread(target=self._loop, name="nlg-engine", daemon=True)
@@ -96,6 +97,13 @@ class Scheduler:
                     raise s.error
         return [s.completion() for s in seqs]
 
+    def abort(self, request: str) -> None:
+        """End the sequences of `request` (their `Sequence.request`) at the engine's next step, finish
+        reason "cancelled"; from any thread, a no-op for a request that has ended."""
+        with self.cv:
+            self.aborts.add(request)
+            self.cv.notify()
+
     def call(self, work: Callable[[], Any]) -> Future:
         """Run `work` on the engine thread between two steps; the future gets its result. An
         `InvalidRequest` it raises is the caller's; any other exception fails the engine."""
@@ -115,13 +123,14 @@ class Scheduler:
     def _loop(self) -> None:
         while True:
             with self.cv:
-                while not (self.inbox or self.calls or self.batcher.busy() or self.stopping):
+                while not (self.inbox or self.calls or self.aborts or self.batcher.busy() or self.stopping):
                     self.cv.wait()
                 if self.stopping:  # whatever is left gets its answer: 503, the server is going down
                     self._end_all(EngineFailed("the engine is shutting down"), [])
                     return
                 new, self.inbox = self.inbox, []
                 calls, self.calls = self.calls, []
+                aborts, self.aborts = self.aborts, set()
             for s in new:
                 try:
                     self.batcher.add(s)
@@ -129,6 +138,7 @@ class Scheduler:
                     s.end(error=e)
                 except Exception as e:
                     s.end(error=RequestFailed(f"the request could not be queued: {type(e).__name__}: {e}"))
+            self.batcher.abort(aborts)
             try:
                 for work, future in calls:
                     try:

@@ -38,7 +38,7 @@ class Sequence:
     prompt: list[int]
     params: SamplingParams
     on_token: Callable[[int], bool] | None = None  # True: stop here
-    cancelled: Callable[[], bool] | None = None  # checked every step, also while waiting
+    request: str | None = None  # the request's id: `Scheduler.abort(request)` ends all its sequences
     priority: int = 0  # lower runs first (interactive 0, batch jobs 1)
     on_finish: Callable[[Sequence], None] | None = None  # called once when the sequence ends
     slot: int = -1

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from service.engine.generator import TextGenerator
+from service.errors import InvalidRequest
 from service.evals import factual, fluency
 from service.evals.scoring import aggregate, evaluate, numeric, qa, rouge, sentence_lines
 from service.jobs.files import in_flight
@@ -61,7 +62,7 @@ def run_eval(
     progress: Callable[[], None] | None = None,
 ) -> dict:
     if task not in MAIN:
-        raise ValueError(f"unknown eval task {task!r}: {', '.join(MAIN)}")
+        raise InvalidRequest(f"unknown eval task {task!r}: {', '.join(MAIN)}")
     if not data.is_file():
         raise FileNotFoundError(f"no such file: {data}")
     records = [json.loads(line) for line in data.read_text(encoding="utf-8").splitlines() if line.strip()]

@@ -14,6 +14,8 @@ import functools
 import os
 import re
 
+from service.errors import InvalidRequest
+
 _ENTITY = re.compile(r"\b(?:[A-Z][\w'-]*(?:\s+(?:of|de|la|van|von)?\s*[A-Z][\w'-]*)*|\d[\d,.]*\d|\d)\b")
 _NOT_NAMES = frozenset(
     "The A An It He She They We I You This That These Those There Here His Her Their Its Our "
@@ -81,7 +83,7 @@ def support(prediction: str, references: list[str] = (), source: str | None = No
     """The share of the output's entities found in the source (1.0 when it names none), how many there
     are, and the unsupported ones."""
     if not source:
-        raise ValueError("support needs the source text")
+        raise InvalidRequest("support needs the source text")
     haystack = " ".join(source.lower().split())
     found = [e for e in entities(prediction) if _normal(e)]
     missing = [e for e in found if _normal(e) not in haystack]
@@ -93,7 +95,7 @@ def novelty(prediction: str, references: list[str] = (), source: str | None = No
     """How abstractive the output is: the share of its word trigrams absent from the source, and the
     share of its sentences copied whole from it."""
     if not source:
-        raise ValueError("novelty needs the source text")
+        raise InvalidRequest("novelty needs the source text")
     words = [w.lower() for w in _WORDS.findall(prediction)]
     grams = {tuple(words[i : i + 3]) for i in range(len(words) - 2)}
     src = [w.lower() for w in _WORDS.findall(source)]

@@ -22,6 +22,8 @@ import sys
 import threading
 from pathlib import Path
 
+from service.errors import InvalidRequest
+
 _WORD = re.compile(r"[A-Za-z]+(?:'[a-z]+)?|\d+")
 _SENTENCE = re.compile(r"(?<=[.!?])\s+")
 DEBIAN_LINKGRAMMAR = "/usr/lib/python3/dist-packages/linkgrammar"
@@ -32,7 +34,7 @@ def fluency(prediction: str, references: list[str] = (), source: str | None = No
     from wordfreq import word_frequency
 
     if gen is None:
-        raise ValueError("fluency needs the model")
+        raise InvalidRequest("fluency needs the model")
     ids = gen.tokenizer.encode(prediction.strip())
     words = _WORD.findall(prediction)
     if not ids or not words:

@@ -22,6 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from service.engine.generator import TextGenerator
+from service.errors import InvalidRequest
 from service.evals.scoring import aggregate
 
 
@@ -60,7 +61,7 @@ def lambada(gen: TextGenerator, records: list[dict], progress: Callable[[], None
 def token_nll(gen: TextGenerator, ids: list[int], window: int, stride: int) -> tuple[float, int]:
     """Summed negative log-likelihood of ids[1:] and how many tokens it covers (see the module doc)."""
     if not 0 < stride < window:
-        raise ValueError(f"stride must be between 1 and window - 1, got stride {stride} and window {window}")
+        raise InvalidRequest(f"stride must be between 1 and window - 1, got stride {stride} and window {window}")
     total, done = 0.0, 1  # ids[:done] are scored (the first token never is)
     for begin in range(0, len(ids) - 1, stride):
         chunk = ids[begin : begin + window]
@@ -77,7 +78,7 @@ def perplexity(gen: TextGenerator, text: str, window: int = 2048, stride: int | 
     stride = stride or window - 1
     ids = gen.tokenizer.encode(text)
     if len(ids) < 2:
-        raise ValueError("the text has fewer than two tokens: nothing to score")
+        raise InvalidRequest("the text has fewer than two tokens: nothing to score")
     nll, tokens = token_nll(gen, ids, window, stride)
     words, nbytes = len(text.split()), len(text.encode("utf-8"))
     return {

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from service.errors import InvalidRequest
 from service.evals import factual, fluency
 
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL", "rougeLsum")
@@ -52,7 +53,7 @@ def register(hook: Hook) -> Hook:
 
 def hook(name: str) -> Hook:
     if name not in REGISTRY:
-        raise ValueError(f"unknown metric {name!r}; available: {', '.join(sorted(REGISTRY))}")
+        raise InvalidRequest(f"unknown metric {name!r}; available: {', '.join(sorted(REGISTRY))}")
     return REGISTRY[name]
 
 
@@ -71,7 +72,7 @@ def rouge(prediction: str, references: list[str], source: str | None = None, gen
 
         _scorer = rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=True)
     if not references:
-        raise ValueError("rouge needs at least one reference")
+        raise InvalidRequest("rouge needs at least one reference")
     out: dict[str, float] = {}
     for kind in ROUGE_TYPES:
         best = max(
@@ -101,7 +102,7 @@ def token_f1(prediction: str, gold: str) -> float:
 
 def qa(prediction: str, references: list[str], source: str | None = None, gen=None) -> dict[str, float]:
     if not references:
-        raise ValueError("qa needs at least one gold answer")
+        raise InvalidRequest("qa needs at least one gold answer")
     norm = normalize_answer(prediction)
     padded = f" {norm} "
     return {
@@ -131,7 +132,7 @@ def aggregate(values: list[float], seed: int = 0, samples: int = 1000, level: fl
     """Mean with a percentile bootstrap interval, reproducible for a given seed."""
     x = np.asarray(values, dtype=np.float64)
     if x.size == 0:
-        raise ValueError("nothing to aggregate")
+        raise InvalidRequest("nothing to aggregate")
     rng = np.random.default_rng(seed)
     means = x[rng.integers(0, x.size, size=(samples, x.size))].mean(axis=1)
     tail = (1 - level) / 2 * 100
@@ -145,10 +146,10 @@ def check(metrics: list[str], references: list[str]) -> None:
     for name in metrics:
         h = hook(name)
         if h.needs_references and not references:
-            raise ValueError(f"metric {name!r} needs references")
+            raise InvalidRequest(f"metric {name!r} needs references")
         why = h.unavailable()
         if why:
-            raise ValueError(why)
+            raise InvalidRequest(why)
 
 
 def evaluate(metrics: list[str], prediction: str, references: list[str], source: str | None = None, gen=None) -> dict:

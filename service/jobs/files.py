@@ -24,7 +24,7 @@ from pathlib import Path
 
 from service.engine.generator import TextGenerator
 from service.engine.scheduler import Scheduler
-from service.errors import EngineFailed
+from service.errors import EngineFailed, InvalidRequest
 from service.jobs.records import run_record
 
 
@@ -91,7 +91,7 @@ def run_job(
     """Process every line of `src` not yet in `out` (or its errors file). `on_start(n)` learns how many
     records are left to do; `progress(tokens)` is called once per finished record, on this thread."""
     if task not in ("summarize", "answer"):
-        raise ValueError(f"unknown batch task {task!r}: summarize or answer")
+        raise InvalidRequest(f"unknown batch task {task!r}: summarize or answer")
     if not src.is_file():
         raise FileNotFoundError(f"no such file: {src}")
     errors_path = out.with_name(out.name.removesuffix(".jsonl") + ".errors.jsonl")
@@ -108,12 +108,12 @@ def run_job(
         key = {"line": n} | ({"id": record["id"]} if isinstance(record, dict) and "id" in record else {})
         try:
             if parse_error:
-                raise ValueError(parse_error)
+                raise InvalidRequest(parse_error)
             fields = run_record(gen, task, record)
         except EngineFailed:
             raise
         except Exception as e:  # this record's own failure: its error row, and the job goes on
-            errors.write(key | {"error": str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}"})
+            errors.write(key | {"error": str(e) if isinstance(e, InvalidRequest) else f"{type(e).__name__}: {e}"})
             return "error", 0
         results.write(key | fields)
         return "ok", fields["completion_tokens"]

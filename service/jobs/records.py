@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from service.engine.generator import TextGenerator
+from service.errors import InvalidRequest
 from service.evals import scoring
 from service.tasks.answer import answer, answer_source
 from service.tasks.summarize import summarize
@@ -11,10 +12,10 @@ BATCH_PRIORITY = 1  # below interactive requests (0)
 
 
 def run_record(gen: TextGenerator, task: str, record: dict) -> dict:
-    """One record's result fields; raises ValueError (or `InvalidRequest`) for a bad record. A record may carry
+    """One record's result fields; raises `InvalidRequest` for a bad record. A record may carry
     `evaluate: {metrics, references?}`, as the HTTP requests do: its result then has `scores`."""
     if not isinstance(record, dict):
-        raise ValueError("a record must be a JSON object")
+        raise InvalidRequest("a record must be a JSON object")
     metrics, references = _evaluate(record)
     if task == "summarize":
         document = _text(record, "document")
@@ -24,7 +25,7 @@ def run_record(gen: TextGenerator, task: str, record: dict) -> dict:
     else:
         passages = record.get("passages") or []
         if not isinstance(passages, list) or not all(isinstance(p, str) for p in passages):
-            raise ValueError("passages must be a list of strings")
+            raise InvalidRequest("passages must be a list of strings")
         question = _text(record, "question")
         a = answer(gen, question, passages, priority=BATCH_PRIORITY)
         out = {
@@ -46,9 +47,9 @@ def _evaluate(record: dict) -> tuple[list[str], list[str]]:
         return [], []
     metrics, references = (ev.get("metrics"), ev.get("references", [])) if isinstance(ev, dict) else (None, None)
     if not isinstance(metrics, list) or not metrics or not isinstance(references, list):
-        raise ValueError("evaluate must be {metrics: [names], references?: [texts]}")
+        raise InvalidRequest("evaluate must be {metrics: [names], references?: [texts]}")
     if not all(isinstance(x, str) for x in metrics + references):
-        raise ValueError("evaluate's metrics and references must be strings")
+        raise InvalidRequest("evaluate's metrics and references must be strings")
     scoring.check(metrics, references)
     return metrics, references
 
@@ -56,5 +57,5 @@ def _evaluate(record: dict) -> tuple[list[str], list[str]]:
 def _text(record: dict, field: str) -> str:
     value = record.get(field)
     if not isinstance(value, str):
-        raise ValueError(f"missing string field {field!r}")
+        raise InvalidRequest(f"missing string field {field!r}")
     return value

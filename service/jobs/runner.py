@@ -15,7 +15,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from service.engine.generator import TextGenerator
-from service.errors import EngineFailed, Overloaded
+from service.errors import EngineFailed, InvalidRequest, Overloaded
 from service.jobs.records import run_record
 from service.jobs.store import JobStore, record_id
 
@@ -57,7 +57,10 @@ class JobRunner:
     def _one(self, job: str, task: str, line: int, text: str) -> None:
         """Run one record and store its result or its error; never raises."""
         try:
-            record = json.loads(text)
+            try:
+                record = json.loads(text)
+            except ValueError as e:
+                raise InvalidRequest(f"invalid JSON: {e}") from None
             result = record_id(text) | run_record(self.gen, task, record)
         except Overloaded as e:  # interactive load fills the queue: the record waits its turn
             self.resume_at = time.monotonic() + e.retry_after
@@ -66,7 +69,7 @@ class JobRunner:
             self.stopping = True
             return
         except Exception as e:  # anything else is this record's own failure
-            self._save(job, line, None, f"{type(e).__name__}: {e}" if not isinstance(e, ValueError) else str(e))
+            self._save(job, line, None, str(e) if isinstance(e, InvalidRequest) else f"{type(e).__name__}: {e}")
         else:
             self._save(job, line, result, None)
         self.wake.set()

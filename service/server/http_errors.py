@@ -36,7 +36,6 @@ STATUS = (
     (RequestFailed, 500, "request_failed"),
     (EngineFailed, 503, "engine_failed"),
     (DeadlineExceeded, 504, "timeout"),
-    (ValueError, 400, None),
 )
 
 

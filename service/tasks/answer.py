@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from service.engine.generator import TextGenerator
 from service.engine.sampling import SamplingParams
+from service.errors import InvalidRequest
 from service.tasks.plans import Generate, Plan, forward, run_plan
 from service.tasks.text import content_words, first_sentence, split_to_fit
 
@@ -73,12 +74,12 @@ def answer(
     temperature: float = 0.0,
     seed: int | None = None,
     priority: int = 0,
-    cancelled=None,
+    request: str | None = None,
     on_text=None,
 ) -> Answer:
     """`answer_plan` run on this thread."""
     return run_plan(
-        gen, answer_plan(gen, question, passages, max_tokens, temperature, seed), on_text, cancelled, priority
+        gen, answer_plan(gen, question, passages, max_tokens, temperature, seed), on_text, request, priority
     )
 
 
@@ -95,10 +96,10 @@ def answer_plan(
     wins. Streams the raw text when there is one window."""
     question = question.strip()
     if not question:
-        raise ValueError("question is empty")
+        raise InvalidRequest("question is empty")
     passages = [p.strip() for p in passages]
     if any(not p for p in passages):
-        raise ValueError("a passage is empty")
+        raise InvalidRequest("a passage is empty")
     params = SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=seed)
     chat, context = gen.tokenizer.chat, gen.engine.context
     ids = chat(answer_messages(question, passages))

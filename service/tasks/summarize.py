@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from service.engine.generator import TextGenerator
 from service.engine.sampling import SamplingParams
-from service.errors import ContextOverflow
+from service.errors import ContextOverflow, InvalidRequest
 from service.tasks.plans import Emit, Generate, Plan, forward, run_plan
 from service.tasks.text import content_words, sentences_of, split_to_fit, whole_sentences
 
@@ -83,12 +83,12 @@ def summarize(
     temperature: float = 0.0,
     seed: int | None = None,
     priority: int = 0,
-    cancelled=None,
+    request: str | None = None,
     on_text=None,
 ) -> Summary:
     """`summarize_plan` run on this thread."""
     plan = summarize_plan(gen, document, length, max_words, temperature, seed)
-    return run_plan(gen, plan, on_text, cancelled, priority)
+    return run_plan(gen, plan, on_text, request, priority)
 
 
 def summarize_plan(
@@ -103,14 +103,14 @@ def summarize_plan(
     pieces are summarized (in one generation), then the joined summaries are summarized, again if
     needed. Streams the final summary's text."""
     if not isinstance(document, str) or not document.strip():
-        raise ValueError("document is empty")
+        raise InvalidRequest("document is empty")
     document = document.strip()
     if not isinstance(length, str) or length not in LENGTHS:
-        raise ValueError(f"length must be one of {', '.join(LENGTHS)}, got {length!r}")
+        raise InvalidRequest(f"length must be one of {', '.join(LENGTHS)}, got {length!r}")
     sentences, budget = LENGTHS[length]
     if max_words is not None:
         if isinstance(max_words, bool) or not isinstance(max_words, int) or max_words < 1:
-            raise ValueError(f"max_words must be a whole number of at least 1, got {max_words!r}")
+            raise InvalidRequest(f"max_words must be a whole number of at least 1, got {max_words!r}")
         instruction, budget = f"in at most {max_words} words", int(max_words * 1.5) + 16
     else:
         instruction = "in one sentence" if sentences == 1 else f"in about {sentences} sentences"

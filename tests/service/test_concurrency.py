@@ -83,3 +83,25 @@ def test_non_streaming_client_that_disconnects_is_cancelled(tiny, serve):
         while batcher.running:
             assert time.time() < deadline, "generation went on for a client that left"
             time.sleep(0.02)
+
+
+def test_abort_ends_only_that_requests_sequences(tiny):
+    """`Scheduler.abort(request_id)` is the one way to cancel (it replaced a `cancelled()` callback polled
+    every step): it must end every sequence of that request, queued or running, and no other."""
+    from service.engine.sampling import SamplingParams
+    from service.engine.scheduler import Scheduler
+
+    scheduler = Scheduler(tiny.engine, slots=1, max_waiting=8).start()
+    try:
+        params = SamplingParams(max_tokens=400, ignore_eos=True)
+        gone = tiny.engine.sequences([[1, 2], [3]], [params] * 2, request="gone")  # one runs, one waits
+        kept = tiny.engine.sequences([[4]], [SamplingParams(max_tokens=5, ignore_eos=True)], request="kept")
+        scheduler.submit(gone + kept)
+        scheduler.abort("gone")
+        assert all(s.done.wait(30) for s in gone + kept)
+        assert [s.finish_reason for s in gone] == ["cancelled", "cancelled"]
+        assert kept[0].finish_reason == "length" and len(kept[0].output) == 5
+        scheduler.abort("kept")  # an ended request: nothing to do, nothing breaks
+        assert scheduler.run(tiny.engine.sequences([[5]], [SamplingParams(max_tokens=2)]))[0].token_ids
+    finally:
+        scheduler.stop()

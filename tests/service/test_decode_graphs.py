@@ -203,9 +203,13 @@ def test_cancelled_while_a_step_is_launched_ahead(varied):
     for graphs in (False, True):
         engine = Engine(varied, max_batch=2, graphs=graphs)
         batcher = Batcher(engine, engine.new_cache(2, 64))
-        seqs = [Sequence(p, SamplingParams(max_tokens=12, ignore_eos=True)) for p in prompts]
-        seqs[0].cancelled = lambda s=seqs[0]: len(s.output) >= 3
-        run_all(batcher, seqs)
+        seqs = [Sequence(p, SamplingParams(max_tokens=12, ignore_eos=True), request=r) for p, r in zip(prompts, "ab")]
+        for s in seqs:
+            batcher.add(s)
+        while batcher.busy():
+            if len(seqs[0].output) >= 3:
+                batcher.abort({"a"})
+            batcher.step()
         assert batcher.ahead is None  # no step is launched past the last token of a budget
         out.append([(s.output, s.finish_reason) for s in seqs])
     assert out[0] == out[1]

@@ -257,7 +257,7 @@ def test_plain_requests_all_reach_the_engine_at_once(tiny, serve):
         over = httpx.post(f"{url}/v1/completions", json=LONG | {"max_tokens": 2}, timeout=60)
         assert_error(over, 429, "already waiting", "overloaded")
         for s in list(batcher.running + batcher.waiting):
-            s.cancelled = lambda: True  # no need to wait for 1000 tokens each
+            scheduler.abort(s.request)  # no need to wait for 1000 tokens each
         assert all(f.result().status_code == 200 for f in futures)
 
 
@@ -298,6 +298,23 @@ def test_a_stream_dropped_before_its_first_event_frees_its_slot(tiny, serve):
         while batcher.running or batcher.waiting or app.state.scheduler.inbox:
             assert time.time() < deadline, f"{len(batcher.running)} dropped streams still hold slots"
             time.sleep(0.05)
+
+
+def test_a_bare_value_error_is_a_server_error_not_the_clients(tiny, monkeypatch):
+    """Any `ValueError` used to be mapped to 400, so a bug that raised one (a bad index, a failed parse of
+    our own) told the client its request was wrong. Only `InvalidRequest` is the client's fault."""
+    import service.server.routes.tasks as tasks
+
+    def broken(*args, **kwargs):
+        raise ValueError("an internal bug")
+
+    monkeypatch.setattr(tasks, "summarize_plan", broken)
+    with TestClient(build_app(tiny, slots=2), raise_server_exceptions=False) as c:
+        r = c.post("/v1/summarize", json={"document": "A short document. It has two sentences."})
+        assert r.status_code == 500 and r.json()["error"]["type"] == "server_error", r.text
+        bad_metric = {"question": "Who?", "evaluate": {"metrics": ["nope"]}}
+        assert_error(c.post("/v1/answer", json=bad_metric), 400, "unknown metric")
+        still_serves(c)
 
 
 def test_a_request_failing_on_the_engine_thread_fails_alone(tiny, serve, monkeypatch):

@@ -95,7 +95,7 @@ async def completions(req: CompletionRequest, request: Request):
     prompt_lp = [None] * len(ids)
     if req.echo:
         prompt_lp = [await handle.call(partial(engine.score, p, req.logprobs or 0)) for p in ids]
-    running = handle.start(ids, [sp] * len(ids)) if sp else None
+    running = handle.start(ids, [sp] * len(ids), request_id=head["id"]) if sp else None
 
     def choice(i: int, r: TextResult | None) -> dict:
         text = r.text if r else ""
@@ -132,7 +132,7 @@ async def completions(req: CompletionRequest, request: Request):
         if req.stream_options and req.stream_options.include_usage:
             yield head | {"choices": [], "usage": usage(ids, results)}
 
-    return sse(events(), on_close=running.abort if running else None)
+    return sse(events(), on_close=partial(handle.abort, head["id"]))
 
 
 @router.post("/chat/completions", responses=STREAMED)
@@ -145,13 +145,14 @@ async def chat(req: ChatRequest, request: Request):
     ids = await asyncio.to_thread(gen.tokenizer.chat, messages)
     max_tokens = limit or max(1, min(CHAT_MAX_TOKENS, gen.engine.context - len(ids)))
     gen.engine.check_prompt(ids, max_tokens)
-    running = request.app.state.handle.start([ids], [params(req, max_tokens)])
+    handle = request.app.state.handle
     head = {
         "id": f"chatcmpl-{uuid.uuid4().hex}",
         "object": "chat.completion",
         "created": int(time.time()),
         "model": gen.name,
     }
+    running = handle.start([ids], [params(req, max_tokens)], request_id=head["id"])
 
     if not req.stream:
         r = (await running.wait(request.is_disconnected))[0]
@@ -175,7 +176,7 @@ async def chat(req: ChatRequest, request: Request):
         if req.stream_options and req.stream_options.include_usage:
             yield chunk | {"choices": [], "usage": usage([ids], [r])}
 
-    return sse(events(), on_close=running.abort)
+    return sse(events(), on_close=partial(handle.abort, head["id"]))
 
 
 def usage(prompts: list[list[int]], results: list[TextResult | None]) -> dict:
