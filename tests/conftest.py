@@ -98,3 +98,35 @@ def live_server(app):
 @pytest.fixture(scope="session")
 def serve():
     return live_server
+
+
+class Submitted:
+    """Every sequence an app's scheduler is handed from now on, so that a test waits on their `done`
+    events instead of polling the batcher (`ended`), or until the engine has taken `n` (`reach`)."""
+
+    def __init__(self, scheduler):
+        self.seqs: list = []
+        self.cv = threading.Condition()
+        real = scheduler.submit
+
+        def submit(seqs):
+            real(seqs)
+            with self.cv:
+                self.seqs += seqs
+                self.cv.notify_all()
+
+        scheduler.submit = submit
+
+    def reach(self, n: int, timeout: float = 30) -> None:
+        with self.cv:
+            assert self.cv.wait_for(lambda: len(self.seqs) >= n, timeout), f"only {len(self.seqs)} of {n} submitted"
+
+    def ended(self, timeout: float = 15) -> bool:
+        """True once every submitted sequence has ended (its cache slot is free by then)."""
+        return all(s.done.wait(timeout) for s in list(self.seqs))
+
+
+@pytest.fixture
+def submitted():
+    """`submitted(app)`: record what the app's scheduler is handed (call inside `serve(app)`)."""
+    return lambda app: Submitted(app.state.scheduler)

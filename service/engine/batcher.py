@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from model.kv_cache import KVCache
+from service.engine.sampler import Sampler
 from service.engine.sequence import Sequence
 from service.errors import ContextOverflow, RequestFailed
 
@@ -53,6 +54,7 @@ class Batcher:
         self.waiting: list[Sequence] = []
         self.running: list[Sequence] = []
         self.ahead: Launched | None = None  # the last decode step, when launched ahead of the host
+        self.sampler = Sampler(cache.num_slots)
 
     def add(self, s: Sequence) -> None:
         """Queue a sequence; raises `InvalidRequest` for one the model cannot take (checked again here, on
@@ -118,7 +120,7 @@ class Batcher:
                 self._record(s, token)
 
     def _advance(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
-        for s, token in zip(seqs, self.engine.pick(seqs, logits)):
+        for s, token in zip(seqs, self.sampler.pick(seqs, logits)):
             if isinstance(token, RequestFailed):
                 self.finish(s, error=token)
             else:

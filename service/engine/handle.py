@@ -96,13 +96,17 @@ class Running:
                 self.handle.abort(self.request_id)
 
     async def wait(self, disconnected: Callable[[], Awaitable[bool]] | None = None) -> list[TextResult]:
-        """The results, checking every `POLL_S` that the client is still there; aborts if it is not."""
+        """The results, checking every `POLL_S` that the client is still there (whatever events come in
+        between); aborts if it is not."""
+        check_at = self.loop.time() + POLL_S
         try:
             while True:
-                event = await self._next(POLL_S)
-                if event is None:
+                event = await self._next(max(0.0, check_at - self.loop.time()))
+                if self.loop.time() >= check_at:
                     if disconnected is not None and await disconnected():
                         raise ClientGone("the client went away")
+                    check_at = self.loop.time() + POLL_S
+                if event is None:
                     continue
                 kind, value = event
                 if kind == "error":
@@ -130,17 +134,20 @@ class AsyncEngine:
         priority: int = 0,
         deadline: float | None = None,
         request_id: str | None = None,
+        stream: bool = True,
     ) -> Running:
         """Submit one generate call now, as part of `request_id` (a new id when None). `on_text(i, piece,
         emit)` sees each final piece on the engine thread (True stops sequence i); `emit(i, text)` streams
-        text to the consumer of `pieces`. Without `on_text` every piece is streamed."""
+        text to the consumer of `pieces`. Without `on_text` every piece is streamed; with `stream` False
+        nothing is (a call whose results are awaited with `wait`: no event per token)."""
         request_id = request_id or uuid.uuid4().hex
         running = Running(self, request_id, deadline if deadline is not None else self.deadline())
 
         def emit(i: int, text: str) -> None:
-            running.put(("piece", (i, text)))
+            if stream:
+                running.put(("piece", (i, text)))
 
-        watch = (lambda i, piece: on_text(i, piece, emit)) if on_text else (lambda i, piece: emit(i, piece))
+        watch = (lambda i, piece: on_text(i, piece, emit)) if on_text else (emit if stream else None)
         g = running.generation = Generation(self.gen, prompts, params, watch, request_id, priority)
         running._left = len(g.seqs)
         for s in g.seqs:
@@ -183,8 +190,8 @@ class TaskRun:
     (raising the request's HTTP error before any response starts); then `pieces()` streams what the plan
     emits, or `wait()` awaits the plan's return value."""
 
-    def __init__(self, handle: AsyncEngine, plan: Plan, priority: int = 0):
-        self.handle, self.plan, self.priority = handle, plan, priority
+    def __init__(self, handle: AsyncEngine, plan: Plan, priority: int = 0, stream: bool = True):
+        self.handle, self.plan, self.priority, self.stream = handle, plan, priority, stream
         self.request_id = uuid.uuid4().hex  # every part of every generation of the plan
         self.deadline = handle.deadline()
         self.running: Running | None = None
@@ -199,7 +206,9 @@ class TaskRun:
     def _submit(self, step, start: int, done: list[TextResult]) -> None:
         n = self.handle.limit
         prompts, params = step.prompts[start : start + n], step.params[start : start + n]
-        self.running = self.handle.start(prompts, params, step.on_text, self.priority, self.deadline, self.request_id)
+        self.running = self.handle.start(
+            prompts, params, step.on_text, self.priority, self.deadline, self.request_id, self.stream
+        )
         self._part = (step, start + len(prompts), done)
 
     async def _after(self, results: list[TextResult]) -> bool:

@@ -8,7 +8,8 @@ The work is done in steps by a `service.engine.batcher.Batcher` (continuous batc
 drives a batcher of its own on the calling thread; the server's `service.engine.scheduler.Scheduler`
 drives one on its engine thread, which then makes every model call. Token ids the model cannot embed are refused
 with `InvalidRequest` (`check_tokens`) before they reach a forward. The engine holds the model calls
-a step makes: prefill, decode, greedy steps launched ahead of the host (`launch`), and token choice.
+a step makes: prefill, decode and greedy steps launched ahead of the host (`launch`); each batcher's
+`service.engine.sampler.Sampler` chooses the tokens.
 
 Importable without the HTTP layer (no fastapi here).
 """
@@ -24,9 +25,10 @@ from model.kv_cache import KVCache
 from parallel.state import get_tp
 from service.engine.batcher import Batcher, Launched
 from service.engine.cuda_graphs import MIN_SPAN, GraphDecoder
-from service.engine.sampling import SamplingParams, repeated_ngram_tokens, sample
+from service.engine.sampler import token_logprobs
+from service.engine.sampling import SamplingParams
 from service.engine.sequence import Completion, Sequence, TokenLogprob
-from service.errors import ContextOverflow, InvalidRequest, RequestFailed
+from service.errors import ContextOverflow, InvalidRequest
 
 OnToken = Callable[[int, int], bool]  # (sequence index, token id) -> True to stop that sequence
 
@@ -224,25 +226,6 @@ class Engine:
         ready.record()
         return Launched(seqs, host, ready)
 
-    def pick(self, seqs: list[Sequence], logits: torch.Tensor) -> list[int | RequestFailed]:
-        """Each sequence's next token; a row whose sampling fails gets a `RequestFailed` instead (that
-        request's error: the other rows go on)."""
-        if all(s.params.greedy for s in seqs):
-            out = logits.argmax(-1).tolist()
-        else:
-            out = []
-            for s, row in zip(seqs, logits):
-                try:
-                    seen = torch.tensor(s.prompt + s.output, device=row.device)
-                    banned = repeated_ngram_tokens(s.output, s.params.no_repeat_ngram)
-                    out.append(sample(row, s.params, seen, s.generator, banned))
-                except RuntimeError as e:  # e.g. probabilities that are not finite
-                    out.append(RequestFailed(f"sampling failed for this request: {e}"))
-        for s, row, token in zip(seqs, logits, out):
-            if s.params.logprobs is not None and isinstance(token, int):
-                s.logprobs += token_logprobs(row[None], [token], s.params.logprobs)
-        return out
-
     def append(self, s: Sequence, token: int) -> bool:
         """Record a token; True when the sequence is finished."""
         if token in s.params.stop_token_ids or (token in self.stop_ids and not s.params.ignore_eos):
@@ -283,15 +266,3 @@ class Engine:
             nxt = ids[start + 1 : start + 1 + chunk.shape[1]]
             out += token_logprobs(logits[: len(nxt)], nxt, top)  # the rows that have a next token
         return out
-
-
-def token_logprobs(logits: torch.Tensor, tokens: list[int], top: int) -> list[TokenLogprob]:
-    """Each row's chosen token's log-probability under its logits (T, V), and the `top` best: one
-    log-softmax, gather and top-k for all rows."""
-    logp = logits.float().log_softmax(-1)
-    chosen = logp.gather(1, torch.tensor(tokens, device=logp.device)[:, None])[:, 0].tolist()
-    if not top:
-        return [TokenLogprob(c, []) for c in chosen]
-    best = torch.topk(logp, top)
-    pairs = [list(zip(i, v)) for i, v in zip(best.indices.tolist(), best.values.tolist())]
-    return [TokenLogprob(c, p) for c, p in zip(chosen, pairs)]

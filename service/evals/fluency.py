@@ -23,9 +23,9 @@ import threading
 from pathlib import Path
 
 from service.errors import InvalidRequest
+from service.tasks.sentences import sentences
 
 _WORD = re.compile(r"[A-Za-z]+(?:'[a-z]+)?|\d+")
-_SENTENCE = re.compile(r"(?<=[.!?])\s+")
 DEBIAN_LINKGRAMMAR = "/usr/lib/python3/dist-packages/linkgrammar"
 UNKNOWN_WORD = 1e-8
 
@@ -84,7 +84,7 @@ def grammar_unavailable() -> str | None:
 def grammar(prediction: str, references: list[str] = (), source: str | None = None, gen=None) -> dict:
     lg, english = _linkgrammar()
     options = lg.ParseOptions(min_null_count=0, max_null_count=0, max_parse_time=5)
-    sentences = [s for s in _SENTENCE.split(" ".join(prediction.split())) if _WORD.search(s)]
+    found = [s for s in sentences(prediction) if _WORD.search(s)]
     with _LOCK:
-        parsed = sum(any(True for _ in lg.Sentence(s, english, options).parse()) for s in sentences)
-    return {"grammar": parsed / len(sentences) if sentences else 0.0}
+        parsed = sum(any(True for _ in lg.Sentence(s, english, options).parse()) for s in found)
+    return {"grammar": parsed / len(found) if found else 0.0}

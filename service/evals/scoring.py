@@ -29,9 +29,9 @@ import numpy as np
 
 from service.errors import InvalidRequest
 from service.evals import factual, fluency
+from service.tasks.sentences import sentences
 
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL", "rougeLsum")
-_SENTENCE = re.compile(r"(?<=[.!?])\s+(?=[A-Z0-9\"'(])")
 
 
 @dataclass(frozen=True)
@@ -59,7 +59,7 @@ def hook(name: str) -> Hook:
 
 def sentence_lines(text: str) -> str:
     """One sentence per line (rougeLsum's input format)."""
-    return "\n".join(s.strip() for s in _SENTENCE.split(" ".join(text.split())) if s.strip())
+    return "\n".join(sentences(text))
 
 
 _scorer = None

@@ -12,12 +12,11 @@ before the response starts, streams included. Errors have one shape and the stat
 
 from __future__ import annotations
 
-import hmac
 import sys
 import time
 from contextlib import asynccontextmanager
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import Depends, FastAPI
 from fastapi.security import HTTPBearer
 
 from service.engine.generator import TextGenerator
@@ -27,7 +26,7 @@ from service.engine.scheduler import Scheduler
 from service.jobs.runner import JobRunner
 from service.jobs.store import JobStore
 from service.server import http_errors
-from service.server.http_errors import error
+from service.server.auth import ApiKey
 from service.server.routes import batches, health, openai, tasks
 from service.server.schemas.base import ErrorResponse
 
@@ -96,16 +95,7 @@ def build_app(
         limit=lambda path: batches.MAX_JOB_BYTES if path.startswith("/v1/batches") else MAX_BODY_BYTES,
     )
 
-    @app.middleware("http")
-    async def check_key(request: Request, call_next):
-        if api_key and request.url.path.startswith("/v1/"):
-            scheme, _, given = request.headers.get("authorization", "").partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(given.encode(), api_key.encode()):
-                return error(
-                    401,
-                    "missing or wrong API key: send 'Authorization: Bearer <key>'",
-                    headers={"WWW-Authenticate": "Bearer"},
-                )
-        return await call_next(request)
+    if api_key:
+        app.add_middleware(ApiKey, key=api_key)
 
     return app

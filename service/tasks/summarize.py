@@ -14,7 +14,8 @@ from service.engine.generator import TextGenerator
 from service.engine.sampling import SamplingParams
 from service.errors import ContextOverflow, InvalidRequest
 from service.tasks.plans import Emit, Generate, Plan, forward, run_plan
-from service.tasks.text import content_words, sentences_of, split_to_fit, whole_sentences
+from service.tasks.sentences import sentences
+from service.tasks.text import content_words, split_to_fit, whole_sentences
 
 SUMMARY_SYSTEM = "You write accurate, concise abstractive summaries in your own words."
 # A 135M model summarizes a whole article poorly (ROUGE-1 ~25 on CNN/DM) but rewrites a few chosen
@@ -51,7 +52,7 @@ def stop_after(n: int):
 
     def on_piece(i: int, piece: str, emit: Emit) -> bool:
         nonlocal text
-        if len(sentences_of(text + piece)) > n:
+        if len(sentences(text + piece)) > n:
             return True
         text += piece
         emit(i, piece)
@@ -62,17 +63,17 @@ def stop_after(n: int):
 
 def salient(text: str, k: int) -> str | None:
     """The k most salient sentences in document order, or None when the text has no more than k."""
-    sentences = sentences_of(text)
-    if len(sentences) <= k:
+    found = sentences(text)
+    if len(found) <= k:
         return None
-    words = [content_words(s) for s in sentences]
+    words = [content_words(s) for s in found]
     counts = collections.Counter(w for ws in words for w in ws)
 
     def salience(i: int) -> float:  # words the sentence shares with the others, per word (damped), by position
         return sum(counts[w] - 1 for w in words[i]) / (len(words[i]) + 5) / (1 + SALIENT_DECAY * i)
 
-    chosen = sorted(sorted(range(len(sentences)), key=salience, reverse=True)[:k])
-    return " ".join(sentences[i] for i in chosen)
+    chosen = sorted(sorted(range(len(found)), key=salience, reverse=True)[:k])
+    return " ".join(found[i] for i in chosen)
 
 
 def summarize(
@@ -107,29 +108,29 @@ def summarize_plan(
     document = document.strip()
     if not isinstance(length, str) or length not in LENGTHS:
         raise InvalidRequest(f"length must be one of {', '.join(LENGTHS)}, got {length!r}")
-    sentences, budget = LENGTHS[length]
+    count, budget = LENGTHS[length]
     if max_words is not None:
         if isinstance(max_words, bool) or not isinstance(max_words, int) or max_words < 1:
             raise InvalidRequest(f"max_words must be a whole number of at least 1, got {max_words!r}")
         instruction, budget = f"in at most {max_words} words", int(max_words * 1.5) + 16
     else:
-        instruction = "in one sentence" if sentences == 1 else f"in about {sentences} sentences"
+        instruction = "in one sentence" if count == 1 else f"in about {count} sentences"
     params = SamplingParams(
         max_tokens=budget, temperature=temperature, seed=seed, no_repeat_ngram=SUMMARY_NO_REPEAT_NGRAM
     )
     chat, context = gen.tokenizer.chat, gen.engine.context
     if len(chat(summary_messages(document, instruction))) + budget > context:
         return (yield from _map_reduce(gen, document, length, max_words, params))
-    key = salient(document, max(5, sentences + 2))
+    key = salient(document, max(5, count + 2))
     ids = chat(summary_messages(key or document, instruction, rewrite=key is not None))
-    r = (yield Generate([ids], [params], stop_after(sentences) if max_words is None else forward))[0]
+    r = (yield Generate([ids], [params], stop_after(count) if max_words is None else forward))[0]
     text = " ".join(r.text.split())
     if max_words is not None:
         text = " ".join(text.split()[:max_words])
     if r.finish_reason == "length":
         text = whole_sentences(text)
     if max_words is None:
-        text = " ".join(sentences_of(text)[:sentences])  # as many sentences as asked for
+        text = " ".join(sentences(text)[:count])  # as many sentences as asked for
     return Summary(text, r.prompt_tokens, r.completion_tokens)
 
 

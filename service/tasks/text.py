@@ -1,12 +1,13 @@
-"""Text helpers the tasks share: sentences, content words, and cutting a text into pieces that fit."""
+"""Text helpers the tasks share: first and whole sentences, content words, and cutting a text into pieces
+that fit (sentences from `service.tasks.sentences`)."""
 
 from __future__ import annotations
 
 import re
 
 from service.engine.generator import TextGenerator
+from service.tasks.sentences import is_complete, sentences
 
-_SENTENCE_END = re.compile(r"(?<=[.!?])[\"')\]]*\s")
 _CITATION = re.compile(r"\[\d+\]\s*")  # "[2] " markers copied from numbered passages
 
 
@@ -19,26 +20,23 @@ STOPWORDS = frozenset(
 
 def first_sentence(text: str) -> str:
     """The first complete sentence, ending in punctuation (one is added when the model stopped short)."""
-    text = " ".join(_CITATION.sub("", text).split())
-    m = _SENTENCE_END.search(text + " ")
-    sentence = text[: m.end()].strip() if m else text
-    if sentence and sentence[-1] not in ".!?\"')":
+    found = sentences(" ".join(_CITATION.sub("", text).split()))
+    sentence = found[0] if found else ""
+    if sentence and not is_complete(sentence):
         sentence += "."
     return sentence
 
 
 def whole_sentences(text: str) -> str:
     """Drop a last sentence that was cut off by the token budget (keep the text if it is the only one)."""
-    ends = [m.end() for m in _SENTENCE_END.finditer(text + " ")]
-    return text[: ends[-1]].strip() if ends else text
+    found = sentences(text)
+    if len(found) > 1 and not is_complete(found[-1]):
+        found.pop()
+    return " ".join(found)
 
 
 def content_words(text: str) -> set[str]:
     return {w for w in (x.lower() for x in _WORD.findall(text)) if w not in STOPWORDS}
-
-
-def sentences_of(text: str) -> list[str]:
-    return [s for s in (x.strip() for x in re.split(r"(?<=[.!?])\s+|\n+", text)) if s]
 
 
 def split_to_fit(gen: TextGenerator, text: str, room: int) -> list[str]:
@@ -47,9 +45,7 @@ def split_to_fit(gen: TextGenerator, text: str, room: int) -> list[str]:
     so 5% of `room` is kept free for tokens that merge differently across a join."""
     tok, pieces, current, used = gen.tokenizer, [], [], 0
     room -= max(1, room // 20)
-    for sentence in re.split(r"(?<=[.!?])\s+|\n+", text):
-        if not sentence.strip():
-            continue
+    for sentence in sentences(text):
         n = len(tok.encode(" " + sentence))
         if n > room:
             ids = tok.encode(sentence)

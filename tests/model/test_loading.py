@@ -28,6 +28,8 @@ def test_sharded_checkpoint_loads_like_single_file(hf_pair, tmp_path):
 
 
 def test_reader_slices_without_reading_whole_tensors(hf_pair):
+    """Per-rank loading reads only a rank's slice of each tensor; an unknown name is a KeyError naming it, not a
+    crash deep in safetensors."""
     _, path = hf_pair
     reader = SafetensorsReader(path)
     key = sorted(reader.keys())[0]
@@ -39,6 +41,7 @@ def test_reader_slices_without_reading_whole_tensors(hf_pair):
 
 
 def test_pickle_only_checkpoint_is_refused(tmp_path):
+    """A pickle checkpoint can run code when loaded: we refuse it and say so instead of unpickling."""
     (tmp_path / "config.json").write_text(json.dumps(PRESETS["tiny-random"].to_hf()))
     torch.save({"x": torch.zeros(1)}, tmp_path / "pytorch_model.bin")
     with pytest.raises(ValueError, match="pickle"):
@@ -46,6 +49,7 @@ def test_pickle_only_checkpoint_is_refused(tmp_path):
 
 
 def test_missing_config_and_weights_are_named(tmp_path):
+    """A directory without config.json or safetensors names the missing file, not an opaque traceback."""
     with pytest.raises(FileNotFoundError, match="config.json"):
         load_model(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps(PRESETS["tiny-random"].to_hf()))
@@ -54,6 +58,7 @@ def test_missing_config_and_weights_are_named(tmp_path):
 
 
 def test_unknown_model_names_what_was_looked_for():
+    """A mistyped model name lists the names that exist, so the user can fix the command."""
     with pytest.raises(ModelNotFound) as e:
         resolve("no-such-model")
     assert "tiny-random" in str(e.value) and "smollm2-135m-instruct" in str(e.value)
@@ -61,6 +66,8 @@ def test_unknown_model_names_what_was_looked_for():
 
 
 def test_tiny_random_is_deterministic_and_loads(tiny):
+    """The test model must be the same on every machine (seeded weights) and keep GQA, which the TP tests depend
+    on."""
     cfg = PRESETS["tiny-random"]
     a, b = random_weights(cfg), random_weights(cfg)
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -69,11 +76,15 @@ def test_tiny_random_is_deterministic_and_loads(tiny):
 
 
 def test_config_round_trips_through_hf_json():
+    """Our config and the transformers config.json must agree both ways, or a saved checkpoint loads with other
+    shapes."""
     for cfg in PRESETS.values():
         assert ModelConfig.from_hf(cfg.to_hf()) == cfg
 
 
 def test_config_refuses_unsupported_shapes():
+    """Heads that do not divide, or an architecture we do not implement, are refused when the config is read, not
+    mid-forward."""
     with pytest.raises(ValueError, match="num_kv_heads"):
         ModelConfig(
             arch="llama",

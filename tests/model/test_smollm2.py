@@ -36,6 +36,8 @@ def test_conversion_matches_transformers_own_gguf_loading(smol):
 
 
 def test_tokenizer_matches_the_gguf_tokenizer(smol):
+    """Our tokenizer and chat template equal transformers' on the real model's files (a different template silently
+    degrades every answer)."""
     from transformers import AutoTokenizer
 
     gguf = fetch_smollm2_gguf(print)
@@ -54,12 +56,15 @@ def answer_json(capsys, *args) -> dict:
 
 
 def test_closed_book_answer_is_a_full_sentence(capsys, smol):
+    """The product promise: without passages the answer is still one full sentence."""
     out = answer_json(capsys, "What is the capital of France?")
     assert "Paris" in out["answer"] and out["answer"].endswith(".") and len(out["answer"].split()) >= 4
     assert out["passage_index"] is None
 
 
 def test_answer_from_a_passage_restates_the_subject(capsys, smol):
+    """With a passage the answer restates the question's subject ("Jason Mraz and Tristan Prettyman got engaged.")
+    and names the passage it came from."""
     out = answer_json(
         capsys,
         "Who is Jason Mraz engaged to?",
@@ -81,6 +86,7 @@ def test_tp3_generates_the_same_greedy_text_as_tp1(capfd, smol):
 
 
 def test_tp2_is_refused_naming_the_valid_sizes(capsys):
+    """A TP size that does not divide the real model's heads is refused up front with the sizes that work."""
     assert main(["answer", "Why?", "--tp", "2"]) == 2
     err = capsys.readouterr().err
     assert "tensor-parallel size 2" in err and err.strip().endswith("valid sizes: 1, 3")

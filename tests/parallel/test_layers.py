@@ -48,6 +48,8 @@ x = torch.randn(3, 5, 32)  # (B, T, hidden): batch > 1 on purpose
 @pytest.mark.parametrize("tp", [2, 4])
 @pytest.mark.parametrize("conv1d", [False, True])
 def test_column_then_row_equals_full_mlp(tp, conv1d):
+    """Megatron's MLP split: column-parallel up, row-parallel down, summed partials plus one bias equal the full
+    MLP (nn.Linear and GPT-2's Conv1D layouts)."""
     up, down, b = torch.randn(64, 32), torch.randn(32, 64), torch.randn(32)
     ckpt = {"up.weight": up.t() if conv1d else up, "down.weight": down.t() if conv1d else down, "down.bias": b}
     partials = []
@@ -84,6 +86,8 @@ def test_qkv_shards_hold_each_ranks_heads(heads, kv_heads, tp):
 
 
 def test_merged_gate_up_splits_each_part():
+    """A merged gate/up projection must shard gate and up separately; splitting the concatenation gives rank 1 only
+    up rows."""
     gate, up = torch.randn(16, 8), torch.randn(16, 8)
     with rank(1, 2):
         layer = loaded(
@@ -123,5 +127,6 @@ def test_vocab_parallel_embedding_and_head_with_padding(tp):
     ],
 )
 def test_impossible_split_says_why(heads, kv_heads, tp, message):
+    """A head count the TP size cannot split is refused with the reason, not an index error at load."""
     with rank(0, tp), pytest.raises(ValueError, match=message):
         qkv_parallel_linear(heads * 4, 4, heads, kv_heads, False, separate=True)

@@ -26,6 +26,7 @@ def assert_error(r, status: int, needle: str):
 
 
 def test_health_and_docs(client):
+    """Liveness, the docs page and the OpenAPI schema with our task routes are served."""
     assert client.get("/health").json() == {"status": "ok", "model": "tiny-random"}
     assert client.get("/docs").status_code == 200
     paths = client.get("/openapi.json").json()["paths"]
@@ -33,6 +34,8 @@ def test_health_and_docs(client):
 
 
 def test_answer_round_trip(client):
+    """The answer response has exactly its documented fields, usage adds up, and the default (greedy) is
+    deterministic."""
     r = client.post(
         "/v1/answer",
         json={
@@ -56,6 +59,7 @@ def test_answer_round_trip(client):
 
 
 def test_summarize_round_trip(client):
+    """The summarize response has exactly its documented fields."""
     r = client.post("/v1/summarize", json={"document": "The council approved the new park. " * 4, "length": "short"})
     assert r.status_code == 200, r.text
     assert set(r.json()) == {"summary", "scores", "model", "usage"}
@@ -73,21 +77,26 @@ def test_summarize_round_trip(client):
     ],
 )
 def test_malformed_requests_get_422(client, path, body, needle):
+    """Bodies FastAPI cannot validate get 422 in our one error shape, naming the field."""
     assert_error(client.post(path, json=body), 422, needle)
 
 
 def test_input_beyond_the_context_gets_400_naming_the_numbers(client):
+    """A question longer than the context is 400 context_length_exceeded with the numbers, not a 500 from the
+    cache."""
     r = client.post("/v1/answer", json={"question": "why " * 600})
     assert_error(r, 400, "context of 2048 tokens")
     assert r.json()["error"]["code"] == "context_length_exceeded"
 
 
 def test_oversized_body_gets_413(client):
+    """A body over the limit is refused with 413 before it is parsed."""
     r = client.post("/v1/summarize", content=b"x" * (MAX_BODY_BYTES + 1), headers={"content-type": "application/json"})
     assert_error(r, 413, "exceeds the limit")
 
 
 def test_ready_runs_a_real_step(client):
+    """/ready says ready only after a real forward through the model."""
     assert client.get("/ready").json() == {"status": "ready", "model": "tiny-random"}
 
 
@@ -109,6 +118,7 @@ def test_engine_failure_gives_503_from_then_on_and_is_fatal(tiny, monkeypatch):
 
 
 def test_api_key_guards_v1_but_not_health(tiny):
+    """With --api-key every /v1 route needs the bearer key; probes stay open for orchestrators."""
     with TestClient(build_app(tiny, api_key="s3cret")) as c:
         check_key(c)
 
@@ -123,6 +133,7 @@ def check_key(c):
 
 
 def test_metrics_count_requests_and_tokens(tiny):
+    """Prometheus metrics count requests and tokens as they are served."""
     with TestClient(build_app(tiny)) as c:
         check_metrics(c)
 
@@ -138,6 +149,8 @@ def check_metrics(c):
 
 
 def test_ready_is_503_while_the_model_loads(tiny):
+    """While the model loads, /health answers, /ready and /v1 are 503 (not connection refused), then the app takes
+    over."""
     import threading
 
     from service.server.loading import Loading
@@ -161,6 +174,8 @@ def test_ready_is_503_while_the_model_loads(tiny):
 
 
 def test_streamed_answer_ends_with_the_full_response(client):
+    """A streamed answer's last event is the same object as the non-streamed response, and its deltas are the raw
+    text it was cut from."""
     body = {"question": "Who is Jason Mraz engaged to?", "passages": ["Jason Mraz and Tristan Prettyman."]}
     whole = client.post("/v1/answer", json=body).json()
     with client.stream("POST", "/v1/answer", json=body | {"stream": True}) as r:
@@ -172,6 +187,7 @@ def test_streamed_answer_ends_with_the_full_response(client):
 
 
 def test_several_documents_or_one(client):
+    """summarize takes one document or several, never both or neither (422)."""
     r = client.post("/v1/summarize", json={"documents": ["First report.", "Second report."], "length": "short"})
     assert r.status_code == 200, r.text
     assert_error(client.post("/v1/summarize", json={"document": "a", "documents": ["b"]}), 422, "either")
@@ -179,6 +195,8 @@ def test_several_documents_or_one(client):
 
 
 def test_per_request_evaluation(client):
+    """evaluate in a request returns the hook's scores (ROUGE equal to the library's), and bad metric requests are
+    400 naming the problem."""
     ref = "The council approved the park."
     r = client.post(
         "/v1/summarize",
@@ -223,6 +241,8 @@ def test_reference_free_hooks_per_request(client, tiny):
 
 
 def test_score_traffic_fills_quality_histograms(tiny):
+    """--score-traffic exports the reference-free hooks of every response as histograms, without high-cardinality
+    labels."""
     with TestClient(build_app(tiny, score_traffic=True)) as c:
         assert c.post("/v1/answer", json={"question": "Who built the park?", "max_tokens": 8}).status_code == 200
         c.post("/v1/summarize", json={"document": "The council approved the park.", "length": "short"})

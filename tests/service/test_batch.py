@@ -28,6 +28,8 @@ def lines_of(path: Path) -> list[dict]:
 
 
 def test_results_errors_and_resume(tiny, tmp_path):
+    """A batch job writes one result or one error row per line (with its id), and a rerun skips every line already
+    done."""
     src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     write_input(src, 12)
     first = run_job(tiny, "summarize", src, out, workers=4)
@@ -42,6 +44,7 @@ def test_results_errors_and_resume(tiny, tmp_path):
 
 
 def test_a_torn_last_line_is_cut_and_redone(tiny, tmp_path):
+    """A result line torn by a kill mid-write is dropped and its record redone, not parsed as garbage or lost."""
     src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     write_input(src, 4)
     run_job(tiny, "summarize", src, out, workers=2)
@@ -53,6 +56,7 @@ def test_a_torn_last_line_is_cut_and_redone(tiny, tmp_path):
 
 
 def test_sigkill_and_restart_give_exactly_one_result_per_line(tmp_path):
+    """SIGKILL during a batch and a restart give exactly one result per input line: none lost, none twice."""
     src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     write_input(src, 40, length="long")
     cmd = [

@@ -24,6 +24,7 @@ FIELDS = {
 
 
 def test_bench_json_report(capsys):
+    """`nlg bench --json` reports every field, positive, and its greedy tokens match the reference path."""
     assert main(["bench", "--model", "tiny-random", "--tokens", "8", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert FIELDS <= set(report)
@@ -41,6 +42,7 @@ def test_bench_tp_sweep_on_tiny_random(capsys):
 
 
 def test_bench_serve_report(capsys):
+    """`nlg bench serve` drives concurrent HTTP clients and reports throughput and latency percentiles."""
     assert main(["bench", "serve", "--model", "tiny-random", "--clients", "4", "--tokens", "8", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     fields = {"concurrent_tok_s", "sequential_tok_s", "p50_latency_s", "p99_latency_s", "p99_ttft_s", "clients"}

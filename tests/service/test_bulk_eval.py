@@ -10,6 +10,8 @@ from service.evals.scoring import sentence
 
 
 def test_eval_qa_writes_report_table_and_plot(tiny, tmp_path):
+    """`nlg eval qa` writes report.json with bootstrap intervals per metric, the markdown table and the plot, in
+    input order."""
     data = tmp_path / "qa.jsonl"
     rows = [
         {"id": "a", "question": "Who won?", "context": "The Broncos won.", "answers": ["Broncos"]},
@@ -30,6 +32,7 @@ def test_eval_qa_writes_report_table_and_plot(tiny, tmp_path):
 
 
 def test_eval_summarize_scores_lead3_beside(capsys, tmp_path):
+    """`nlg eval summarize` scores the Lead-3 baseline beside our summaries from the same references."""
     data = tmp_path / "sum.jsonl"
     doc = "The mayor opened the bridge. Traffic was heavy. Crowds cheered. Later it rained."
     data.write_text(json.dumps({"id": "x", "document": doc, "summary": "Mayor opens bridge.   Crowds cheer."}) + "\n")
@@ -59,6 +62,8 @@ def test_eval_summarize_scores_lead3_beside(capsys, tmp_path):
 
 
 def test_helpers():
+    """Lead-3 takes the first three sentences; the full-sentence hook wants a capitalized sentence with an end
+    mark."""
     assert lead3("One. Two. Three. Four.") == "One.\nTwo.\nThree."
     assert sentence("Paris is the capital of France.") == {"full_sentence": 1.0}
     assert sentence("Paris")["full_sentence"] == 0.0 and sentence("paris is the capital")["full_sentence"] == 0.0

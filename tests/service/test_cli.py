@@ -20,6 +20,7 @@ def run_json(capsys, *args) -> dict:
 
 
 def test_answer_json(capsys):
+    """`nlg answer --json` with passages prints the answer object."""
     out = run_json(
         capsys, "answer", "Who is Jason Mraz engaged to?", "--passage", "Some passage.", "--passage", "Another one."
     )
@@ -28,6 +29,7 @@ def test_answer_json(capsys):
 
 
 def test_summarize_file_and_stdin_agree(capsys, tmp_path, monkeypatch):
+    """A document from a file and the same document on stdin give the same summary."""
     doc = tmp_path / "doc.txt"
     doc.write_text("The committee met on Tuesday and approved the budget. " * 5)
     from_file = run_json(capsys, "summarize", str(doc), "--length", "short")
@@ -37,6 +39,7 @@ def test_summarize_file_and_stdin_agree(capsys, tmp_path, monkeypatch):
 
 
 def test_score_gives_one_logprob_per_token(capsys, tiny):
+    """`nlg score` gives one log-probability per token (None for the first), all at most 0."""
     out = run_json(capsys, "score", "hello world")
     assert out["token_ids"] == tiny.tokenizer.encode("hello world")
     assert len(out["tokens"]) == len(out["logprobs"]) == len(out["token_ids"])
@@ -56,6 +59,7 @@ def test_score_matches_a_full_forward(capsys, tiny):
 
 
 def test_generate_streams_and_json(capsys):
+    """`nlg generate` streams text ending in a newline, and --json respects the token budget."""
     assert main(["generate", "hi", "--max-tokens", "5", *TINY]) == 0
     assert capsys.readouterr().out.endswith("\n")
     out = run_json(capsys, "generate", "hi", "--max-tokens", "5", "--temperature", "0.8", "--seed", "1")
@@ -63,6 +67,7 @@ def test_generate_streams_and_json(capsys):
 
 
 def test_models_lists_names(capsys):
+    """`nlg models` lists exactly the models that resolve without a network."""
     assert main(["models", "--json"]) == 0
     names = {m["name"] for m in json.loads(capsys.readouterr().out)["models"]}
     assert names == {"tiny-random", "smollm2-135m-instruct"}
@@ -78,6 +83,7 @@ def test_models_lists_names(capsys):
     ],
 )
 def test_errors_exit_2_with_one_clear_line(capsys, monkeypatch, args, message):
+    """Bad command-line input exits 2 with one `nlg: error:` line, never a traceback."""
     monkeypatch.setattr(sys, "stdin", io.StringIO("some text"))
     assert main(args) == 2
     err = capsys.readouterr().err
@@ -85,6 +91,7 @@ def test_errors_exit_2_with_one_clear_line(capsys, monkeypatch, args, message):
 
 
 def test_help_reads_well():
+    """--help lists every command with its one-line purpose."""
     out = subprocess.run([sys.executable, "-m", "service.cli", "--help"], capture_output=True, text=True, check=True)
     for command in ("answer", "summarize", "generate", "score", "models", "serve", "bench"):
         assert command in out.stdout
@@ -103,6 +110,7 @@ def test_tiny_random_generates_the_same_at_tp_n(capfd, tp):
 
 
 def test_context_bounds_each_sequence(capsys):
+    """--context limits prompt plus output per sequence: a budget beyond it exits 2 naming the numbers."""
     assert main(["generate", "hi", "--max-tokens", "200", "--context", "100", *TINY]) == 2
     assert "> the context of 100 tokens" in capsys.readouterr().err
     assert main(["generate", "hi", "--max-tokens", "20", "--context", "100", *TINY]) == 0

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -29,6 +28,7 @@ def test_concurrent_requests_equal_each_alone(tiny):
 
 
 def test_overload_gets_429_with_retry_after(tiny):
+    """A full queue gets 429 with Retry-After and code overloaded, while the admitted requests still succeed."""
     body = {"model": "tiny-random", "prompt": "x", "max_tokens": 400, "temperature": 0}
     with TestClient(build_app(tiny, slots=1, max_waiting=1)) as client:
         with ThreadPoolExecutor(6) as pool:
@@ -39,50 +39,45 @@ def test_overload_gets_429_with_retry_after(tiny):
     assert int(refused.headers["Retry-After"]) >= 1 and refused.json()["error"]["code"] == "overloaded"
 
 
-def test_client_that_disconnects_frees_its_slot(tiny, serve):
+def test_client_that_disconnects_frees_its_slot(tiny, serve, submitted):
     """A real server (the test client buffers whole responses): read one event, hang up."""
     import httpx
 
     body = {"model": "tiny-random", "prompt": "go", "max_tokens": 1000, "temperature": 0, "stream": True}
     app = build_app(tiny, slots=2)
     with serve(app) as url:
-        batcher = app.state.scheduler.batcher
+        batcher, seen = app.state.scheduler.batcher, submitted(app)
         with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=30) as r:
             assert r.status_code == 200
             next(r.iter_lines())
             assert len(batcher.running) == 1
-        deadline = time.time() + 10
-        while batcher.running:
-            assert time.time() < deadline, "the slot was not freed"
-            time.sleep(0.02)
+        assert seen.ended(), "the slot was not freed"
         assert len(batcher.free) == 2
 
 
-def test_deadline_gives_504_and_frees_the_slot(tiny):
+def test_deadline_gives_504_and_frees_the_slot(tiny, submitted):
+    """--request-timeout gives 504 and the timed-out sequence leaves its cache slot."""
     body = {"model": "tiny-random", "prompt": "go", "max_tokens": 1000, "temperature": 0, "ignore_eos": True}
     with TestClient(build_app(tiny, slots=2, request_timeout=0.3)) as client:
+        seen = submitted(client.app)
         r = client.post("/v1/completions", json=body)
         assert r.status_code == 504 and r.json()["error"]["code"] == "timeout"
-        batcher = client.app.state.scheduler.batcher
-        deadline = time.time() + 10
-        while batcher.running:
-            assert time.time() < deadline
-            time.sleep(0.02)
+        assert seen.ended() and not client.app.state.scheduler.batcher.running
 
 
-def test_non_streaming_client_that_disconnects_is_cancelled(tiny, serve):
+def test_non_streaming_client_that_disconnects_is_cancelled(tiny, serve, submitted):
+    """A plain request whose client hangs up is aborted: its generation must not run on for nobody."""
     import httpx
 
     body = {"model": "tiny-random", "prompt": "go", "max_tokens": 1000, "temperature": 0, "ignore_eos": True}
     app = build_app(tiny, slots=2)
     with serve(app) as url:
-        batcher = app.state.scheduler.batcher
+        seen = submitted(app)
         with pytest.raises(httpx.TimeoutException):
             httpx.post(f"{url}/v1/completions", json=body, timeout=0.5)  # hangs up after 0.5 s
-        deadline = time.time() + 10
-        while batcher.running:
-            assert time.time() < deadline, "generation went on for a client that left"
-            time.sleep(0.02)
+        seen.reach(1)
+        assert seen.ended(), "generation went on for a client that left"
+        assert seen.seqs[0].finish_reason == "cancelled"
 
 
 def test_abort_ends_only_that_requests_sequences(tiny):

@@ -107,6 +107,7 @@ def test_generation_through_static_decode_equals_eager(tiny, varied):
 
 
 def test_buckets_grow_with_slots_and_length(tiny):
+    """Graph buckets cover the highest slot and the longest sequence; a bucket too small reads past the cache."""
     engine = Engine(tiny.engine.model, graphs=False)
     cache = engine.new_cache(40, 1000)  # 1024 positions
     decoder = GraphDecoder(engine.model, cache, capture=False)
@@ -165,6 +166,8 @@ def test_steps_launched_ahead_stop_where_the_host_says(varied):
 
 
 def test_warm_up_covers_every_row_bucket_and_changes_no_result(varied):
+    """Warm-up records every (rows, span) bucket so no request waits for a capture, and generation after it equals
+    the eager path."""
     prompts = torch.randint(0, varied.config.vocab_size, (3, 6), generator=torch.Generator().manual_seed(1)).tolist()
     params = [SamplingParams(max_tokens=n, ignore_eos=True) for n in (5, 9, 7)]
     want = [c.token_ids for c in Engine(varied, max_batch=4, graphs=False).generate(prompts, params)]

@@ -26,17 +26,20 @@ def test_multibyte_characters_are_never_split(tiny):
 
 
 def test_stop_string_ends_text_and_is_not_returned(tiny):
+    """A stop string ends the text and is not part of it (OpenAI semantics)."""
     pieces, d = stream(tiny.tokenizer, "first line\nSTOP here and more", stop=("STOP",))
     assert d.stopped and "".join(pieces) == "first line\n"
     assert not any("S" in p for p in pieces)  # the start of the stop string was held back, never emitted
 
 
 def test_held_back_prefix_is_released_when_it_is_not_a_stop(tiny):
+    """Text held back because it might begin a stop string is released once it cannot; nothing is swallowed."""
     pieces, d = stream(tiny.tokenizer, "a STO b", stop=("STOP",))
     assert not d.stopped and "".join(pieces) == "a STO b"
 
 
 def test_earliest_of_several_stop_strings_wins(tiny):
+    """With several stop strings the text ends at the earliest that occurs, not the first listed."""
     pieces, _ = stream(tiny.tokenizer, "one two three", stop=("three", "two"))
     assert "".join(pieces) == "one "
 

@@ -33,12 +33,14 @@ def hf_token_logprobs(model, ids: list[int]) -> torch.Tensor:
 
 
 def test_lambada_split_follows_the_harness(tiny):
+    """LAMBADA's target is the whole last word with its leading space, as lm-evaluation-harness splits it."""
     context, target = lm_eval.lambada_pair(tiny.tokenizer, "the cat sat on the mat")
     assert tiny.tokenizer.decode(context) == "the cat sat on the"
     assert tiny.tokenizer.decode(target) == " mat"
 
 
 def test_lambada_equals_transformers(tiny, hf_model):
+    """LAMBADA verdicts and log-likelihoods equal transformers' on the same weights."""
     records = [json.loads(line) for line in (DATA / "lambada_first20.jsonl").read_text().splitlines()[:5]]
     records.append({"text": "aaaa aaaa aaaa aaaa"})  # whatever the random model predicts, judged the same way
     ours = lm_eval.lambada(tiny, records)
@@ -68,6 +70,7 @@ def reference_nll(model, ids: list[int], window: int, stride: int) -> float:
 
 @pytest.mark.parametrize("window, stride", [(64, 63), (64, 16), (100_000, None)])
 def test_wikitext_perplexity_equals_transformers(tiny, hf_model, window, stride):
+    """Rolling-window perplexity equals transformers' for strided, overlapping and single windows."""
     text = (DATA / "wikitext2_test_head.txt").read_text(encoding="utf-8")[:1500]
     ids = tiny.tokenizer.encode(text)
     w = min(window, tiny.engine.context)  # the last case: the model's whole context per window
@@ -82,6 +85,7 @@ def test_wikitext_perplexity_equals_transformers(tiny, hf_model, window, stride)
 
 
 def test_bad_stride_and_short_text_are_refused(tiny):
+    """A stride outside the window and a text of one token are refused with the reason."""
     with pytest.raises(ValueError, match="stride"):
         lm_eval.token_nll(tiny, [1, 2, 3], 8, 8)
     with pytest.raises(ValueError, match="fewer than two tokens"):
@@ -89,6 +93,7 @@ def test_bad_stride_and_short_text_are_refused(tiny):
 
 
 def test_cli_eval_lambada_and_wikitext(tmp_path, capsys):
+    """`nlg eval lambada` and `nlg eval wikitext` run on real data files and report their metrics."""
     for task, data in (("lambada", "lambada_first20.jsonl"), ("wikitext", "wikitext2_test_head.txt")):
         out = tmp_path / task
         args = ["eval", task, "--model", "tiny-random", "--data", str(DATA / data), "--out", str(out), "--quiet"]

@@ -18,10 +18,12 @@ def client(tiny, serve):
 
 
 def test_models(client):
+    """/v1/models lists the served model the way the openai client expects."""
     assert [m.id for m in client.models.list().data] == ["tiny-random"]
 
 
 def test_completion_with_usage(client, tiny):
+    """A completion has OpenAI's shape and usage counts that match the tokens."""
     r = client.completions.create(model="tiny-random", prompt="Once upon a time", max_tokens=12, temperature=0)
     want = tiny.complete("Once upon a time", SamplingParams(max_tokens=12))
     assert r.choices[0].text == want.text and r.choices[0].finish_reason == want.finish_reason
@@ -41,6 +43,7 @@ def test_echo_logprobs_score_the_prompt_like_nlg_score(client, tiny):
 
 
 def test_stop_string_is_not_returned(client):
+    """A stop string ends a completion and is not returned, finish_reason stop."""
     free = client.completions.create(model="tiny-random", prompt="abc", max_tokens=20, temperature=0).choices[0].text
     stop = free[3:5]
     r = client.completions.create(model="tiny-random", prompt="abc", max_tokens=20, temperature=0, stop=[stop])
@@ -48,6 +51,7 @@ def test_stop_string_is_not_returned(client):
 
 
 def test_chat_stream_equals_chat(client):
+    """A streamed chat completion's deltas join to the non-streamed message, with role first and usage last."""
     messages = [{"role": "user", "content": "Say something."}]
     whole = client.chat.completions.create(model="tiny-random", messages=messages, max_tokens=16, temperature=0)
     chunks = list(
@@ -67,12 +71,14 @@ def test_chat_stream_equals_chat(client):
 
 
 def test_streamed_completion_equals_completion(client):
+    """A streamed completion's pieces join to the non-streamed text."""
     whole = client.completions.create(model="tiny-random", prompt="x", max_tokens=10, temperature=0, seed=1)
     parts = client.completions.create(model="tiny-random", prompt="x", max_tokens=10, temperature=0, stream=True)
     assert "".join(p.choices[0].text for p in parts) == whole.choices[0].text
 
 
 def test_errors(client):
+    """OpenAI-style errors: wrong model 404, bad fields 4xx, all in the error shape the client parses."""
     with pytest.raises(openai.NotFoundError):
         client.completions.create(model="gpt-4", prompt="hi")
     with pytest.raises(openai.UnprocessableEntityError):
@@ -113,7 +119,9 @@ def test_streamed_multibyte_text_never_splits_a_character(client, tiny, monkeypa
     read it back through the server's SSE stream."""
     text = "naïve café — 世界 😀 done"
     script = iter(tiny.tokenizer.encode(text))
-    monkeypatch.setattr(tiny.engine, "pick", lambda seqs, logits: [next(script, 2) for _ in seqs])
+    from service.engine.sampler import Sampler
+
+    monkeypatch.setattr(Sampler, "pick", lambda self, seqs, logits: [next(script, 2) for _ in seqs])
     parts = client.completions.create(model="tiny-random", prompt="x", max_tokens=64, stream=True)
     pieces = [p.choices[0].text for p in parts]
     assert "".join(pieces) == text

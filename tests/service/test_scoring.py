@@ -16,6 +16,7 @@ PAIRS = [
 
 @pytest.mark.parametrize("prediction, reference", PAIRS)
 def test_rouge_equals_rouge_score(prediction, reference):
+    """Our ROUGE equals the rouge-score package's on the same texts."""
     direct = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL", "rougeLsum"], use_stemmer=True)
     want = direct.score(sentence_lines(reference), sentence_lines(prediction))
     got = rouge(prediction, [reference])
@@ -25,10 +26,13 @@ def test_rouge_equals_rouge_score(prediction, reference):
 
 
 def test_rouge_lsum_sees_sentences():
+    """ROUGE-Lsum gets one sentence per line, abbreviations and line breaks kept right."""
     assert sentence_lines("One thing happened. Then another! Done.") == "One thing happened.\nThen another!\nDone."
+    assert sentence_lines("The U.S. team won.\nDr. Smith left.") == "The U.S. team won.\nDr. Smith left."
 
 
 def test_squad_rules_on_hand_checked_cases():
+    """Exact match and F1 follow the official SQuAD normalization on hand-checked cases."""
     assert normalize_answer("The  Denver Broncos!") == "denver broncos"
     assert qa("Denver Broncos", ["The Denver Broncos"])["exact_match"] == 1.0
     s = qa("the Broncos of Denver", ["Denver Broncos"])
@@ -37,6 +41,8 @@ def test_squad_rules_on_hand_checked_cases():
 
 
 def test_a_correct_full_sentence_is_contained_but_not_exact():
+    """A right answer in a full sentence scores containment 1 though exact match is 0: why containment is our main
+    QA metric."""
     s = qa("Jason Mraz is engaged to Tristan Prettyman.", ["Tristan Prettyman"])
     assert s["exact_match"] == 0.0 and s["containment"] == 1.0
     assert qa("He is engaged to Tristan.", ["Tristan Prettyman"])["containment"] == 0.0
@@ -44,6 +50,7 @@ def test_a_correct_full_sentence_is_contained_but_not_exact():
 
 
 def test_bootstrap_interval_is_seeded():
+    """Bootstrap intervals are seeded, so the same scores give the same report."""
     values = [0.1, 0.5, 0.4, 0.9, 0.3, 0.7]
     a, b = aggregate(values, seed=3), aggregate(values, seed=3)
     assert a == b and a["low"] <= a["mean"] <= a["high"]
@@ -51,6 +58,7 @@ def test_bootstrap_interval_is_seeded():
 
 
 def test_unknown_metric_names_the_available_ones():
+    """An unknown metric is refused with the list of metrics that exist."""
     with pytest.raises(ValueError, match="available: fluency, grammar, novelty, qa, rouge, sentence, support"):
         hook("bleu")
 
@@ -67,6 +75,7 @@ def ner(request, monkeypatch):
 
 
 def test_rule_entities_are_names_and_numbers():
+    """Without spaCy, the entity rule finds names and numbers and skips sentence-initial function words."""
     assert factual.rule_entities("The singer Jason Mraz married Tristan Prettyman in 2008.") == [
         "Jason Mraz",
         "Tristan Prettyman",
@@ -75,6 +84,8 @@ def test_rule_entities_are_names_and_numbers():
 
 
 def test_support_counts_entities_found_in_the_source_and_lists_the_rest(ner):
+    """Support is the share of the output's entities found in the source; the unsupported ones are listed for the
+    reader."""
     source = "Jason Mraz and Tristan Prettyman got engaged on Christmas Eve 2008."
     assert factual.support("Jason Mraz is engaged to Tristan Prettyman.", [], source)["support"] == 1.0
     s = factual.support("Jason Mraz married Colbie Caillat in 2010.", [], source)
@@ -85,6 +96,7 @@ def test_support_counts_entities_found_in_the_source_and_lists_the_rest(ner):
 
 
 def test_novelty_counts_new_trigrams_and_copied_sentences():
+    """Novelty counts trigrams absent from the source and sentences copied whole."""
     source = "The council approved the budget on Monday. Taxes will rise by two percent next year."
     copied = factual.novelty("The council approved the budget on Monday.", [], source)
     assert copied == {"novel_trigrams": 0.0, "copied_sentences": 1.0}

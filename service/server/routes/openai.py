@@ -95,7 +95,7 @@ async def completions(req: CompletionRequest, request: Request):
     prompt_lp = [None] * len(ids)
     if req.echo:
         prompt_lp = [await handle.call(partial(engine.score, p, req.logprobs or 0)) for p in ids]
-    running = handle.start(ids, [sp] * len(ids), request_id=head["id"]) if sp else None
+    running = handle.start(ids, [sp] * len(ids), request_id=head["id"], stream=req.stream) if sp else None
 
     def choice(i: int, r: TextResult | None) -> dict:
         text = r.text if r else ""
@@ -152,7 +152,7 @@ async def chat(req: ChatRequest, request: Request):
         "created": int(time.time()),
         "model": gen.name,
     }
-    running = handle.start([ids], [params(req, max_tokens)], request_id=head["id"])
+    running = handle.start([ids], [params(req, max_tokens)], request_id=head["id"], stream=req.stream)
 
     if not req.stream:
         r = (await running.wait(request.is_disconnected))[0]

@@ -46,7 +46,7 @@ async def respond(req, plan, request: Request, task: str, source: str, shape):
     state = request.app.state
     if req.evaluate:
         scoring.check(req.evaluate.metrics, req.evaluate.references)
-    run = TaskRun(state.handle, plan)
+    run = TaskRun(state.handle, plan, stream=req.stream)
     await run.begin()
 
     async def finish(value: Answer | Summary):

@@ -1,0 +1,117 @@
+"""The next token of every sequence of a step at once (`Sampler.pick`), on the logits' device.
+
+The processors of `service.engine.sampling` run over all sampled rows together; the draw is an
+exponential race (argmax of p / E with E ~ Exp(1), which picks token i with probability p_i) whose noise
+comes, for a seeded request, from that request's own generator on the logits' device: a seed gives the
+same tokens whatever else is in the batch, on CPU and on CUDA alike. For the repetition penalty the
+sampler keeps, per cache slot, which tokens the prompt holds and how often each was generated, on the
+device, updated with each step's tokens instead of rebuilt from the token lists.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from service.engine.sampling import MIN_TEMPERATURE, penalize_repeats, repeated_ngram_tokens, truncate
+from service.engine.sequence import Sequence, TokenLogprob
+from service.errors import RequestFailed
+
+UNDEFINED = "sampling failed for this request: its probabilities are not finite"
+
+
+def token_logprobs(logits: torch.Tensor, tokens: list[int], top: int) -> list[TokenLogprob]:
+    """Each row's chosen token's log-probability under its logits (T, V), and the `top` best: one
+    log-softmax, gather and top-k for all rows."""
+    logp = logits.float().log_softmax(-1)
+    chosen = logp.gather(1, torch.tensor(tokens, device=logp.device)[:, None])[:, 0].tolist()
+    if not top:
+        return [TokenLogprob(c, []) for c in chosen]
+    best = torch.topk(logp, top)
+    pairs = [list(zip(i, v)) for i, v in zip(best.indices.tolist(), best.values.tolist())]
+    return [TokenLogprob(c, p) for c, p in zip(chosen, pairs)]
+
+
+class Sampler:
+    """The next token of each sequence of a step, for one batcher's cache slots."""
+
+    def __init__(self, slots: int):
+        self.slots = slots
+        self.prompt: torch.Tensor | None = None  # (slots, V) bool: the tokens of the slot's prompt
+        self.counts: torch.Tensor | None = None  # (slots, V) int32: how often the slot's sequence made each
+        self.owner: list[Sequence | None] = [None] * slots  # whose tokens the rows of a slot hold
+
+    def pick(self, seqs: list[Sequence], logits: torch.Tensor) -> list[int | RequestFailed]:
+        """Each sequence's next token from its row of `logits` (B, V); a sampled row whose probabilities
+        are not defined (non-finite logits) gets a `RequestFailed` instead: the other rows go on."""
+        if all(s.params.greedy for s in seqs):
+            out: list = logits.argmax(-1).tolist()
+        else:
+            out = self._sample(seqs, logits.float())
+        for s, row, token in zip(seqs, logits, out):
+            if s.params.logprobs is not None and isinstance(token, int):
+                s.logprobs += token_logprobs(row[None], [token], s.params.logprobs)
+        return out
+
+    def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> list[int | RequestFailed]:
+        device, vocab = logits.device, logits.shape[1]
+        params = [s.params for s in seqs]
+        banned = [(r, t) for r, s in enumerate(seqs) for t in repeated_ngram_tokens(s.output, s.params.no_repeat_ngram)]
+        if banned:
+            at = tuple(torch.tensor(banned, device=device).T)
+            logits = logits.index_put(at, torch.tensor(float("-inf"), device=device))
+        penalized = [r for r, p in enumerate(params) if p.repetition_penalty != 1.0]
+        if penalized:
+            at = torch.tensor(penalized, device=device)
+            penalty = torch.tensor([[params[r].repetition_penalty] for r in penalized], device=device)
+            seen = self._seen([seqs[r] for r in penalized], vocab, device)
+            logits = logits.index_copy(0, at, penalize_repeats(logits[at], seen, penalty))
+        greedy = torch.tensor([p.temperature < MIN_TEMPERATURE for p in params], device=device)
+        best = logits.argmax(-1)
+        logits = logits / torch.tensor([max(p.temperature, MIN_TEMPERATURE) for p in params], device=device)[:, None]
+        if any(p.top_k or p.top_p < 1.0 for p in params):
+            top_k = torch.tensor([min(p.top_k or vocab, vocab) for p in params], device=device)
+            top_p = torch.tensor([p.top_p if p.top_p < 1.0 else 2.0 for p in params], device=device)
+            logits = truncate(logits, top_k, top_p)
+        probs = logits.softmax(-1)
+        noise = torch.empty_like(probs).exponential_()
+        for r, s in enumerate(seqs):
+            if s.params.seed is not None:  # the request's own draws: the same whatever else is in the batch
+                noise[r].exponential_(generator=self._generator(s, device))
+        drawn = probs.div(noise.clamp_(min=torch.finfo(noise.dtype).tiny)).argmax(-1)
+        tokens = torch.where(greedy, best, drawn).tolist()
+        failed = (probs.isnan().any(-1) & ~greedy).tolist()
+        out = [RequestFailed(UNDEFINED) if f else t for t, f in zip(tokens, failed)]
+        if penalized:
+            self._count([seqs[r] for r in penalized], [out[r] for r in penalized])
+        return out
+
+    @staticmethod
+    def _generator(s: Sequence, device: torch.device) -> torch.Generator:
+        """The request's own generator, on the logits' device, seeded once."""
+        if s.generator is None:
+            s.generator = torch.Generator(device=device).manual_seed(s.params.seed)
+        return s.generator
+
+    def _seen(self, seqs: list[Sequence], vocab: int, device: torch.device) -> torch.Tensor:
+        """(len(seqs), V): the tokens in each sequence's context, from its slot's rows (filled from the
+        token lists when the slot holds a new sequence)."""
+        if self.prompt is None:
+            self.prompt = torch.zeros(self.slots, vocab, dtype=torch.bool, device=device)
+            self.counts = torch.zeros(self.slots, vocab, dtype=torch.int32, device=device)
+        for s in seqs:
+            if self.owner[s.slot] is not s:
+                self.owner[s.slot] = s
+                self.prompt[s.slot] = False
+                self.prompt[s.slot, torch.tensor(s.prompt, dtype=torch.long, device=device)] = True
+                made = torch.tensor(s.output, dtype=torch.long, device=device)
+                self.counts[s.slot] = torch.bincount(made, minlength=vocab)[:vocab]
+        slots = torch.tensor([s.slot for s in seqs], device=device)
+        return self.prompt[slots] | (self.counts[slots] > 0)
+
+    def _count(self, seqs: list[Sequence], tokens: list[int | RequestFailed]) -> None:
+        """Add this step's tokens to the counts of their slots (a failed row adds none)."""
+        made = [(s.slot, t) for s, t in zip(seqs, tokens) if isinstance(t, int)]
+        if made:
+            at = tuple(torch.tensor(made, device=self.counts.device).T)
+            one = torch.ones(len(made), dtype=torch.int32, device=self.counts.device)
+            self.counts.index_put_(at, one, accumulate=True)
