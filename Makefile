@@ -27,8 +27,8 @@ serve: install
 test: install
 	$(BIN)/pytest $(PYTEST_ARGS)
 
-test-fast: install  # skips the real-model tests
-	$(BIN)/pytest -m "not slow" $(PYTEST_ARGS)
+test-fast: install  # skips the real-model tests and the rank-process and compile tests (all run by `make test`)
+	$(BIN)/pytest -m "not slow and not heavy" $(PYTEST_ARGS)
 
 lint: install
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

@@ -65,25 +65,40 @@ class Sampler:
             penalty = torch.tensor([[params[r].repetition_penalty] for r in penalized], device=device)
             seen = self._seen([seqs[r] for r in penalized], vocab, device)
             logits = logits.index_copy(0, at, penalize_repeats(logits[at], seen, penalty))
-        greedy = torch.tensor([p.temperature < MIN_TEMPERATURE for p in params], device=device)
         best = logits.argmax(-1)
-        logits = logits / torch.tensor([max(p.temperature, MIN_TEMPERATURE) for p in params], device=device)[:, None]
-        if any(p.top_k or p.top_p < 1.0 for p in params):
+        drawn = [r for r, p in enumerate(params) if p.temperature >= MIN_TEMPERATURE]  # the rest are greedy
+        out: list[int | RequestFailed] = best.tolist()
+        if drawn:
+            for r, token in zip(drawn, self._draw([seqs[r] for r in drawn], logits[drawn])):
+                out[r] = token
+        if penalized:
+            self._count([seqs[r] for r in penalized], [out[r] for r in penalized])
+        return out
+
+    def _draw(self, seqs: list[Sequence], logits: torch.Tensor) -> list[int | RequestFailed]:
+        """A token from each row's distribution after temperature, top-k and top-p."""
+        device, vocab, params = logits.device, logits.shape[1], [s.params for s in seqs]
+        logits = logits / torch.tensor([p.temperature for p in params], device=device)[:, None]
+        if any(p.top_p < 1.0 for p in params):  # one sort serves both
             top_k = torch.tensor([min(p.top_k or vocab, vocab) for p in params], device=device)
             top_p = torch.tensor([p.top_p if p.top_p < 1.0 else 2.0 for p in params], device=device)
             logits = truncate(logits, top_k, top_p)
+        elif any(p.top_k for p in params):  # top-k alone: a partial sort
+            k = min(max(p.top_k for p in params), vocab)
+            best = logits.topk(k, -1).values
+            at = torch.tensor([min(p.top_k, vocab) - 1 if p.top_k else 0 for p in params], device=device)
+            kth = best.gather(1, at[:, None]).masked_fill(
+                torch.tensor([[not p.top_k] for p in params], device=device), float("-inf")
+            )
+            logits = logits.masked_fill(logits < kth, float("-inf"))
         probs = logits.softmax(-1)
         noise = torch.empty_like(probs).exponential_()
         for r, s in enumerate(seqs):
             if s.params.seed is not None:  # the request's own draws: the same whatever else is in the batch
                 noise[r].exponential_(generator=self._generator(s, device))
-        drawn = probs.div(noise.clamp_(min=torch.finfo(noise.dtype).tiny)).argmax(-1)
-        tokens = torch.where(greedy, best, drawn).tolist()
-        failed = (probs.isnan().any(-1) & ~greedy).tolist()
-        out = [RequestFailed(UNDEFINED) if f else t for t, f in zip(tokens, failed)]
-        if penalized:
-            self._count([seqs[r] for r in penalized], [out[r] for r in penalized])
-        return out
+        tokens = probs.div(noise.clamp_(min=torch.finfo(noise.dtype).tiny)).argmax(-1).tolist()
+        failed = probs.isnan().any(-1).tolist()
+        return [RequestFailed(UNDEFINED) if f else t for t, f in zip(tokens, failed)]
 
     @staticmethod
     def _generator(s: Sequence, device: torch.device) -> torch.Generator:

@@ -5,7 +5,7 @@ example `id`, `prediction`, `references` and `scores` under `examples`), `report
 
 Data: `{id, document, summary}` lines for summarize (CNN/DM highlight sentences separated by three
 spaces become lines), `{id, question, context|null, answers[]}` for qa. Summaries are scored beside
-Lead-3 (the document's first three sentences), the classic extractive baseline.
+Lead-3 (the document's first three complete sentences), the classic extractive baseline.
 """
 
 from __future__ import annotations
@@ -17,17 +17,20 @@ from pathlib import Path
 from service.engine.generator import TextGenerator
 from service.errors import InvalidRequest
 from service.evals import factual, fluency
-from service.evals.scoring import aggregate, evaluate, numeric, qa, rouge, sentence_lines
+from service.evals.scoring import aggregate, evaluate, numeric, qa, rouge
 from service.jobs.files import in_flight
 from service.jobs.records import BATCH_PRIORITY
 from service.tasks.answer import answer, answer_source
+from service.tasks.sentences import is_complete, sentences
 from service.tasks.summarize import summarize
 
 MAIN = {"summarize": "rouge1_f", "qa": "containment"}
 
 
 def lead3(document: str) -> str:
-    return "\n".join(sentence_lines(document).splitlines()[:3])
+    """The document's first three complete sentences (lines without an end mark, such as a page's
+    share buttons or a title, are skipped)."""
+    return "\n".join([s for s in sentences(document) if is_complete(s)][:3])
 
 
 def reference_free() -> list[str]:

@@ -5,8 +5,10 @@ Sentences come from `sentencex` (Wikimedia's rule-based segmenter, compiled): it
 initials and decimals ("U.S.", "Dr.", "p.m.", "3.5") inside their sentence, which a punctuation rule
 cannot, at about 12 MB/s. `pysbd` splits these alike but at 41 kB/s, and superlinearly (10 s for a
 200 kB document): too slow for a request path. Known misses of both: a sentence ending in an
-abbreviation joins the next ("in the U.K. Analysts"); sentencex also reads "May." as one. A line break
-always ends a sentence (titles, bullet lists, dialogue turns).
+abbreviation joins the next ("in the U.K. Analysts"); sentencex also reads "May." as one.
+Line breaks end sentences too (titles, bullets, dialogue turns, and the share buttons news pages put one
+word per line: "Share this with\nEmail\nFacebook" are fragments to skip, not the start of a sentence;
+read as spaces they glued themselves to the first real sentence, and XSum ROUGE-1 fell 2.3 points).
 """
 
 from __future__ import annotations

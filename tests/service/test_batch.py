@@ -9,6 +9,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from service.jobs.files import done_lines, run_job
 
 
@@ -55,6 +57,7 @@ def test_a_torn_last_line_is_cut_and_redone(tiny, tmp_path):
     assert s.succeeded == 1 and sorted(r["line"] for r in lines_of(out)) == sorted(json.loads(k)["line"] for k in kept)
 
 
+@pytest.mark.heavy
 def test_sigkill_and_restart_give_exactly_one_result_per_line(tmp_path):
     """SIGKILL during a batch and a restart give exactly one result per input line: none lost, none twice."""
     src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from service.cli.parser import main
@@ -32,6 +33,7 @@ def test_bench_json_report(capsys):
     assert all(report[k] > 0 for k in FIELDS)
 
 
+@pytest.mark.heavy
 def test_bench_tp_sweep_on_tiny_random(capsys):
     """`nlg bench --tp 4` on tiny-random runs tp=1, 2 and 4 in fresh processes and reports each rank."""
     assert main(["bench", "--model", "tiny-random", "--tp", "4", "--tokens", "4", "--json"]) == 0

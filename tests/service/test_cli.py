@@ -97,6 +97,7 @@ def test_help_reads_well():
         assert command in out.stdout
 
 
+@pytest.mark.heavy
 @pytest.mark.parametrize("tp", [2, 4])
 def test_tiny_random_generates_the_same_at_tp_n(capfd, tp):
     """The CPU test mode exercises tensor parallelism too: tiny-random splits 1, 2 and 4 ways, and

@@ -219,6 +219,7 @@ def test_cancelled_while_a_step_is_launched_ahead(varied):
     assert out[1][0][1] == "cancelled" and len(out[1][0][0]) == 3 and len(out[1][1][0]) == 12
 
 
+@pytest.mark.heavy
 def test_compiled_warm_up_meets_every_shape_then_equals_eager(varied):
     """`--compile` (Inductor's CPU backend here: the same tracing, input and cache updates, and guards as
     on CUDA): warm-up meets every shape the compiler specializes on, so no later bucket waits for a

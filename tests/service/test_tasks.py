@@ -32,9 +32,10 @@ def test_one_splitter_keeps_abbreviations_and_decimals_in_their_sentence():
     text = "The U.S. economy grew 3.5 percent. Dr. Smith met Mr. Jones at 5 p.m. on Friday! Was it e.g. luck?"
     want = ["The U.S. economy grew 3.5 percent.", "Dr. Smith met Mr. Jones at 5 p.m. on Friday!", "Was it e.g. luck?"]
     assert sentences(text) == want
-    assert sentences("Title without a stop\n\n- a bullet\nNext line. Last") == [
+    assert sentences("Title without a stop\n\nShare this with\nEmail\nNext line. Last") == [
         "Title without a stop",
-        "- a bullet",
+        "Share this with",
+        "Email",
         "Next line.",
         "Last",
     ]
