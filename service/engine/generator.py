@@ -76,13 +76,11 @@ class TextGenerator:
         prompts: list[list[int]],
         params: list[SamplingParams],
         on_text: Callable[[int, str], bool | None] | None = None,
-        request: str | None = None,
         priority: int = 0,
     ) -> list[TextResult]:
         """Generate for each prompt; `on_text(i, piece)` streams final text (returning True stops that
-        sequence, finish reason "stop"); `request` names the call for `Scheduler.abort`; a higher
-        `priority` number waits behind lower ones."""
-        g = Generation(self, prompts, params, on_text, request, priority)
+        sequence, finish reason "stop"); a higher `priority` number waits behind lower ones."""
+        g = Generation(self, prompts, params, on_text, None, priority)
         return g.results((self.scheduler or self.engine).run(g.seqs))
 
     def complete(self, prompt: str | list[int], params: SamplingParams) -> TextResult:

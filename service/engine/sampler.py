@@ -65,18 +65,22 @@ class Sampler:
             penalty = torch.tensor([[params[r].repetition_penalty] for r in penalized], device=device)
             seen = self._seen([seqs[r] for r in penalized], vocab, device)
             logits = logits.index_copy(0, at, penalize_repeats(logits[at], seen, penalty))
-        best = logits.argmax(-1)
+        tokens = logits.argmax(-1)
+        failed = torch.zeros_like(tokens)
         drawn = [r for r, p in enumerate(params) if p.temperature >= MIN_TEMPERATURE]  # the rest are greedy
-        out: list[int | RequestFailed] = best.tolist()
         if drawn:
-            for r, token in zip(drawn, self._draw([seqs[r] for r in drawn], logits[drawn])):
-                out[r] = token
+            at = torch.tensor(drawn, device=device)
+            draws, undefined = self._draw([seqs[r] for r in drawn], logits[at])
+            tokens, failed = tokens.index_copy(0, at, draws), failed.index_copy(0, at, undefined.long())
+        rows = torch.stack([tokens, failed]).tolist()  # the step's one copy to the host
+        out = [RequestFailed(UNDEFINED) if f else t for t, f in zip(*rows)]
         if penalized:
             self._count([seqs[r] for r in penalized], [out[r] for r in penalized])
         return out
 
-    def _draw(self, seqs: list[Sequence], logits: torch.Tensor) -> list[int | RequestFailed]:
-        """A token from each row's distribution after temperature, top-k and top-p."""
+    def _draw(self, seqs: list[Sequence], logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A token from each row's distribution after temperature, top-k and top-p, and whether that
+        distribution was undefined (NaN), both on the device."""
         device, vocab, params = logits.device, logits.shape[1], [s.params for s in seqs]
         logits = logits / torch.tensor([p.temperature for p in params], device=device)[:, None]
         if any(p.top_p < 1.0 for p in params):  # one sort serves both
@@ -96,9 +100,7 @@ class Sampler:
         for r, s in enumerate(seqs):
             if s.params.seed is not None:  # the request's own draws: the same whatever else is in the batch
                 noise[r].exponential_(generator=self._generator(s, device))
-        tokens = probs.div(noise.clamp_(min=torch.finfo(noise.dtype).tiny)).argmax(-1).tolist()
-        failed = probs.isnan().any(-1).tolist()
-        return [RequestFailed(UNDEFINED) if f else t for t, f in zip(tokens, failed)]
+        return probs.div(noise.clamp_(min=torch.finfo(noise.dtype).tiny)).argmax(-1), probs.isnan().any(-1)
 
     @staticmethod
     def _generator(s: Sequence, device: torch.device) -> torch.Generator:

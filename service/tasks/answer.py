@@ -74,13 +74,10 @@ def answer(
     temperature: float = 0.0,
     seed: int | None = None,
     priority: int = 0,
-    request: str | None = None,
     on_text=None,
 ) -> Answer:
     """`answer_plan` run on this thread."""
-    return run_plan(
-        gen, answer_plan(gen, question, passages, max_tokens, temperature, seed), on_text, request, priority
-    )
+    return run_plan(gen, answer_plan(gen, question, passages, max_tokens, temperature, seed), on_text, priority)
 
 
 def answer_plan(

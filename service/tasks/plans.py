@@ -33,7 +33,7 @@ def forward(i: int, piece: str, emit: Emit) -> None:
 Plan = Generator[Generate, list, object]
 
 
-def run_plan(gen: TextGenerator, plan: Plan, on_text=None, request: str | None = None, priority: int = 0):
+def run_plan(gen: TextGenerator, plan: Plan, on_text=None, priority: int = 0):
     """Run a plan on this thread, each generation through `gen.generate`; returns the plan's value.
     `on_text(text)` receives what the plan streams."""
     emit = (lambda i, text: on_text(text)) if on_text else (lambda i, text: None)
@@ -44,4 +44,4 @@ def run_plan(gen: TextGenerator, plan: Plan, on_text=None, request: str | None =
         except StopIteration as stop:
             return stop.value
         watch = (lambda i, piece, step=step: step.on_text(i, piece, emit)) if step.on_text else None
-        results = gen.generate(step.prompts, step.params, watch, request, priority)
+        results = gen.generate(step.prompts, step.params, watch, priority)

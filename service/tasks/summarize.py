@@ -84,12 +84,11 @@ def summarize(
     temperature: float = 0.0,
     seed: int | None = None,
     priority: int = 0,
-    request: str | None = None,
     on_text=None,
 ) -> Summary:
     """`summarize_plan` run on this thread."""
     plan = summarize_plan(gen, document, length, max_words, temperature, seed)
-    return run_plan(gen, plan, on_text, request, priority)
+    return run_plan(gen, plan, on_text, priority)
 
 
 def summarize_plan(
