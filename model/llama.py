@@ -128,7 +128,8 @@ class LlamaForCausalLM(nn.Module):
         logits_index: torch.Tensor | None = None,
         span: int | None = None,
     ) -> torch.Tensor:
-        """input_ids, positions: (B, T). Returns logits (B, T, V), or (B, V) at `logits_index` (B,).
+        """input_ids, positions: (B, T). Returns logits (B, T, V), or (N, V) at `logits_index`
+        (N,): positions in the flattened (B * T) batch, so that each row may ask for one or many.
         With `span`, rows are cache slots 0..B-1 and nothing is read back to the host (`Batch.fixed`)."""
         batch = Batch.make(positions, cache, slots) if span is None else Batch.fixed(positions, span)
         cos, sin = self.cos[positions].unsqueeze(2), self.sin[positions].unsqueeze(2)  # (B, T, 1, D)
@@ -136,5 +137,5 @@ class LlamaForCausalLM(nn.Module):
         for block in self.model.layers:
             x = block(x, cos, sin, batch, cache)
         if logits_index is not None:
-            x = x[torch.arange(x.shape[0], device=x.device), logits_index]  # (B, hidden)
+            x = x.flatten(0, 1)[logits_index]  # (N, hidden)
         return self.lm_head(self.model.norm(x))

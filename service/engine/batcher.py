@@ -61,7 +61,7 @@ class Batcher:
         the engine thread, whatever the caller checked)."""
         self.engine.check_tokens(s.prompt)
         if s.length + s.params.max_tokens > self.cache.max_seq:
-            raise ContextOverflow(f"{s.length} + {s.params.max_tokens} tokens exceed the cache of {self.cache.max_seq}")
+            raise ContextOverflow.too_long(self.cache.max_seq, s.length, s.params.max_tokens)
         self.waiting.append(s)
 
     def busy(self) -> bool:
@@ -104,7 +104,12 @@ class Batcher:
                 return
             decoding = [s for s in self.running if s.output]
         if chunks:
-            ready = self.engine.prefill(chunks, self.cache)
+            ready = []
+            for s, row in self.engine.prefill(chunks, self.cache):
+                if s.params.max_tokens == 0:  # the prompt only was to be scored
+                    self.finish(s, "length")
+                else:
+                    ready.append((s, row))
             if ready:
                 self._advance([s for s, _ in ready], torch.stack([row for _, row in ready]))
         if decoding and self.engine.chains(decoding):

@@ -39,8 +39,8 @@ COMPILE_OPTIONS = {"coordinate_descent_tuning": True}
 def decode_step(model: nn.Module, ids: torch.Tensor, positions: torch.Tensor, cache: KVCache, span: int):
     """One static decode step over rows 0..B-1: logits (B, V) and greedy tokens (B,); the inputs
     (B, 1) become each row's greedy token at the next position (the last position stays put)."""
-    last = torch.zeros(ids.shape[0], dtype=torch.long, device=ids.device)
-    logits = model(ids, positions, cache, None, logits_index=last, span=span)
+    rows = torch.arange(ids.shape[0], device=ids.device)  # each row's one position
+    logits = model(ids, positions, cache, None, logits_index=rows, span=span)
     tokens = logits.argmax(-1)
     ids.copy_(tokens[:, None])
     positions.copy_((positions + 1).clamp(max=cache.max_seq - 1))

@@ -33,6 +33,8 @@ class TextResult:
     prompt_tokens: int
     finish_reason: str
     logprobs: list[TokenLogprob]
+    prompt_logprobs: list[TokenLogprob | None]
+    end_token: int | None = None  # the end-of-turn or stop token that ended it: not in token_ids or text
 
     @property
     def completion_tokens(self) -> int:
@@ -51,12 +53,9 @@ class TextGenerator:
         self.scheduler = scheduler
 
     def prompt_logprobs(self, ids: list[int], top: int = 0) -> list[TokenLogprob | None]:
-        """log p(token i | tokens before it) for each token (None for the first), with `top` alternatives;
-        on the thread that owns the model."""
-        self.engine.check_prompt(ids)
-        if self.scheduler is None:
-            return self.engine.score(ids, top)
-        return self.scheduler.call(lambda: self.engine.score(ids, top)).result()
+        """log p(token i | tokens before it) for each token (None for the first), with `top` alternatives:
+        a sequence that is prefilled and not decoded, batched with whatever else runs."""
+        return self.generate([ids], [SamplingParams(max_tokens=0, prompt_logprobs=top)])[0].prompt_logprobs
 
     @classmethod
     def load(
@@ -131,7 +130,11 @@ class Generation:
                 if self.on_text:
                     self.on_text(i, tail)
             text = "".join(self.pieces[i])
-            results.append(TextResult(text, c.token_ids, len(c.prompt_ids), c.finish_reason, c.logprobs))
+            results.append(
+                TextResult(
+                    text, c.token_ids, len(c.prompt_ids), c.finish_reason, c.logprobs, c.prompt_logprobs, c.end_token
+                )
+            )
         m = self.gen.metrics
         if m:
             m.latency.observe(time.perf_counter() - self.start)

@@ -27,7 +27,7 @@ from service.engine.batcher import Batcher, Launched
 from service.engine.cuda_graphs import MIN_SPAN, GraphDecoder
 from service.engine.sampler import token_logprobs
 from service.engine.sampling import SamplingParams
-from service.engine.sequence import Completion, Sequence, TokenLogprob
+from service.engine.sequence import Completion, Sequence
 from service.errors import ContextOverflow, InvalidRequest
 
 OnToken = Callable[[int, int], bool]  # (sequence index, token id) -> True to stop that sequence
@@ -70,23 +70,20 @@ class Engine:
         self.overlap = overlap  # greedy graph steps are launched ahead of the host (see `launch`)
         self.graphs: GraphDecoder | None = None  # the decoder of the cache last decoded
 
-    def check_tokens(self, ids: list[int]) -> None:
+    def check_tokens(self, ids: list[int], param: str = "prompt") -> None:
         """Refuse token ids the model has no embedding for (they would fail its forward)."""
         vocab = self.vocab_size
         bad = next((i for i in ids if not 0 <= i < vocab), None)
         if bad is not None:
             raise InvalidRequest(
-                f"token id {bad} is outside the vocabulary of {vocab} tokens (ids 0 to {vocab - 1})", param="prompt"
+                f"token id {bad} is outside the vocabulary of {vocab} tokens (ids 0 to {vocab - 1})", param=param
             )
 
     def check_fits(self, prompt_len: int, max_tokens: int) -> None:
         if prompt_len == 0:
             raise InvalidRequest("prompt is empty", param="prompt")
         if prompt_len + max_tokens > self.context:
-            raise ContextOverflow(
-                f"prompt has {prompt_len} tokens and max_tokens is {max_tokens}: "
-                f"{prompt_len + max_tokens} > the context of {self.context} tokens"
-            )
+            raise ContextOverflow.too_long(self.context, prompt_len, max_tokens)
 
     def new_cache(self, slots: int, length: int) -> KVCache:
         """A cache of `slots` sequences of `length` positions (rounded up to 256, at most the context).
@@ -121,6 +118,7 @@ class Engine:
         cannot take."""
         for p, sp in zip(prompts, params):
             self.check_prompt(p, sp.max_tokens)
+            self.check_tokens([t for t, _ in sp.logit_bias], param="logit_bias")
         return [
             Sequence(list(p), sp, (lambda t, i=i: on_token(i, t)) if on_token else None, request, priority)
             for i, (p, sp) in enumerate(zip(prompts, params))
@@ -152,17 +150,30 @@ class Engine:
     @torch.inference_mode()
     def prefill(self, chunks: list[tuple[Sequence, int]], cache: KVCache) -> list[tuple[Sequence, torch.Tensor]]:
         """Feed the next `n` prompt tokens of each sequence (right-padded into one batch); returns the
-        last-token logits (V,) of the sequences whose prompt is now complete."""
+        last-token logits (V,) of the sequences whose prompt is now complete. A sequence that asks for
+        `prompt_logprobs` gets those of this chunk's tokens from the same forward (logits only at the
+        positions that need them: one per row, plus the scored rows' positions)."""
         width = max(n for _, n in chunks)
         ids = torch.zeros(len(chunks), width, dtype=torch.long)
         positions = torch.zeros(len(chunks), width, dtype=torch.long)
+        at = [r * width + n - 1 for r, (_, n) in enumerate(chunks)]  # each row's last token, first
+        scored = []  # (sequence, the prompt tokens its positions predict, where their logits start in `at`)
         for r, (s, n) in enumerate(chunks):
             ids[r, :n] = torch.tensor(s.prompt[s.prefilled : s.prefilled + n])
             positions[r] = (s.prefilled + torch.arange(width)).clamp(max=cache.max_seq - 1)
+            if s.params.prompt_logprobs is not None:
+                following = s.prompt[s.prefilled + 1 : s.prefilled + n + 1]
+                scored.append((s, following, len(at)))
+                at += range(r * width, r * width + len(following))
         slots = torch.tensor([s.slot for s, _ in chunks])
-        last = torch.tensor([n - 1 for _, n in chunks])
         d = self.device
-        logits = self.model(ids.to(d), positions.to(d), cache, slots.to(d), logits_index=last.to(d))
+        logits = self.model(ids.to(d), positions.to(d), cache, slots.to(d), logits_index=torch.tensor(at, device=d))
+        for s, following, start in scored:
+            if s.prefilled == 0:
+                s.prompt_logprobs.append(None)  # the first token has no context
+            if following:
+                rows = logits[start : start + len(following)]
+                s.prompt_logprobs += token_logprobs(rows, following, s.params.prompt_logprobs)
         done = []
         for (s, n), row in zip(chunks, logits):
             s.prefilled += n
@@ -188,7 +199,7 @@ class Engine:
         ids = torch.tensor([[s.output[-1]] for s in seqs], device=d)
         positions = torch.tensor([[s.length - 1] for s in seqs], device=d)
         slots = torch.tensor([s.slot for s in seqs], device=d)
-        return self.model(ids, positions, cache, slots, logits_index=torch.zeros(len(seqs), dtype=torch.long, device=d))
+        return self.model(ids, positions, cache, slots, logits_index=torch.arange(len(seqs), device=d))
 
     def warm_up(self, cache: KVCache) -> list[tuple[int, int]]:
         """Capture the decode step of every row bucket at the two shortest spans and the whole cache, so
@@ -229,9 +240,7 @@ class Engine:
     def append(self, s: Sequence, token: int) -> bool:
         """Record a token; True when the sequence is finished."""
         if token in s.params.stop_token_ids or (token in self.stop_ids and not s.params.ignore_eos):
-            s.finish_reason = "stop"  # the end token itself is not part of the output
-            if s.logprobs:
-                s.logprobs.pop()
+            s.finish_reason, s.end_token = "stop", token  # not part of the output (its logprob stays last)
             return True
         s.output.append(token)
         if s.on_token is not None and s.on_token(token):
@@ -250,19 +259,3 @@ class Engine:
     def check_prompt(self, ids: list[int], max_tokens: int = 0) -> None:
         self.check_tokens(ids)
         self.check_fits(len(ids), max_tokens)
-
-    @torch.inference_mode()
-    def score(self, ids: list[int], top: int) -> list[TokenLogprob | None]:
-        """log p(token i | tokens before it) for each token of `ids` (None for the first), with `top`
-        alternatives: on this thread, which must own the model (checked ids only; see
-        `TextGenerator.prompt_logprobs`)."""
-        cache = self.new_cache(1, len(ids))
-        out: list[TokenLogprob | None] = [None]
-        slots = torch.zeros(1, dtype=torch.long, device=self.device)
-        for start in range(0, len(ids), self.prefill_chunk):
-            chunk = torch.tensor([ids[start : start + self.prefill_chunk]], device=self.device)
-            positions = start + torch.arange(chunk.shape[1], device=self.device)[None]
-            logits = self.model(chunk, positions, cache, slots)[0]  # (T, V)
-            nxt = ids[start + 1 : start + 1 + chunk.shape[1]]
-            out += token_logprobs(logits[: len(nxt)], nxt, top)  # the rows that have a next token
-        return out

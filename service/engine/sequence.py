@@ -31,6 +31,8 @@ class Completion:
     token_ids: list[int]
     finish_reason: str  # "stop" (end token, stop string, on_token said so), "length", "cancelled"
     logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprob | None] = field(default_factory=list)  # with params.prompt_logprobs
+    end_token: int | None = None  # the end-of-turn or stop token that ended it (not in token_ids)
 
 
 @dataclass(eq=False)
@@ -44,7 +46,9 @@ class Sequence:
     slot: int = -1
     prefilled: int = 0  # prompt tokens already in the cache
     output: list[int] = field(default_factory=list)
-    logprobs: list[TokenLogprob] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # then the end token's, if one ended it
+    prompt_logprobs: list[TokenLogprob | None] = field(default_factory=list)  # the first token's is None
+    end_token: int | None = None  # the end-of-turn or stop token that ended it (not in `output`)
     finish_reason: str | None = None
     error: BaseException | None = None
     generator: torch.Generator | None = None  # a seeded request's own, made on the logits' device at its first draw
@@ -66,4 +70,6 @@ class Sequence:
         return len(self.prompt) + len(self.output)
 
     def completion(self) -> Completion:
-        return Completion(self.prompt, self.output, self.finish_reason, self.logprobs)
+        return Completion(
+            self.prompt, self.output, self.finish_reason, self.logprobs, self.prompt_logprobs, self.end_token
+        )
