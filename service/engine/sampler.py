@@ -3,16 +3,22 @@
 The processors of `service.engine.sampling` run over all sampled rows together; the draw is an
 exponential race (argmax of p / E with E ~ Exp(1), which picks token i with probability p_i) whose noise
 comes, for a seeded request, from that request's own generator on the logits' device: a seed gives the
-same tokens whatever else is in the batch, on CPU and on CUDA alike. For the repetition penalty the
-sampler keeps, per cache slot, which tokens the prompt holds and how often each was generated, on the
-device, updated with each step's tokens instead of rebuilt from the token lists.
+same tokens whatever else is in the batch, on CPU and on CUDA alike. For the penalties the sampler
+keeps, per cache slot, which tokens the prompt holds and how often each was generated, on the device,
+updated with each step's tokens instead of rebuilt from the token lists.
 """
 
 from __future__ import annotations
 
 import torch
 
-from service.engine.sampling import MIN_TEMPERATURE, penalize_repeats, repeated_ngram_tokens, truncate
+from service.engine.sampling import (
+    MIN_TEMPERATURE,
+    penalize_counts,
+    penalize_repeats,
+    repeated_ngram_tokens,
+    truncate,
+)
 from service.engine.sequence import Sequence, TokenLogprob
 from service.errors import RequestFailed
 
@@ -59,12 +65,22 @@ class Sampler:
         if banned:
             at = tuple(torch.tensor(banned, device=device).T)
             logits = logits.index_put(at, torch.tensor(float("-inf"), device=device))
-        penalized = [r for r, p in enumerate(params) if p.repetition_penalty != 1.0]
+        biased = [(r, t, v) for r, p in enumerate(params) for t, v in p.logit_bias]
+        if biased:
+            rows, cols, values = zip(*biased)
+            at = (torch.tensor(rows, device=device), torch.tensor(cols, device=device))
+            logits = logits.index_put(at, torch.tensor(values, device=device), accumulate=True)
+        penalized = [r for r, p in enumerate(params) if p.counts_tokens]
         if penalized:
             at = torch.tensor(penalized, device=device)
-            penalty = torch.tensor([[params[r].repetition_penalty] for r in penalized], device=device)
-            seen = self._seen([seqs[r] for r in penalized], vocab, device)
-            logits = logits.index_copy(0, at, penalize_repeats(logits[at], seen, penalty))
+
+            def column(name: str) -> torch.Tensor:
+                return torch.tensor([[getattr(params[r], name)] for r in penalized], device=device)
+
+            prompt, counts = self._state([seqs[r] for r in penalized], vocab, device)
+            rows = penalize_counts(logits[at], counts, column("presence_penalty"), column("frequency_penalty"))
+            rows = penalize_repeats(rows, prompt | (counts > 0), column("repetition_penalty"))
+            logits = logits.index_copy(0, at, rows)
         tokens = logits.argmax(-1)
         failed = torch.zeros_like(tokens)
         drawn = [r for r, p in enumerate(params) if p.temperature >= MIN_TEMPERATURE]  # the rest are greedy
@@ -109,9 +125,9 @@ class Sampler:
             s.generator = torch.Generator(device=device).manual_seed(s.params.seed)
         return s.generator
 
-    def _seen(self, seqs: list[Sequence], vocab: int, device: torch.device) -> torch.Tensor:
-        """(len(seqs), V): the tokens in each sequence's context, from its slot's rows (filled from the
-        token lists when the slot holds a new sequence)."""
+    def _state(self, seqs: list[Sequence], vocab: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(len(seqs), V) each: which tokens each sequence's prompt holds, and how often it generated each,
+        from its slot's rows (filled from the token lists when the slot holds a new sequence)."""
         if self.prompt is None:
             self.prompt = torch.zeros(self.slots, vocab, dtype=torch.bool, device=device)
             self.counts = torch.zeros(self.slots, vocab, dtype=torch.int32, device=device)
@@ -123,7 +139,7 @@ class Sampler:
                 made = torch.tensor(s.output, dtype=torch.long, device=device)
                 self.counts[s.slot] = torch.bincount(made, minlength=vocab)[:vocab]
         slots = torch.tensor([s.slot for s in seqs], device=device)
-        return self.prompt[slots] | (self.counts[slots] > 0)
+        return self.prompt[slots], self.counts[slots]
 
     def _count(self, seqs: list[Sequence], tokens: list[int | RequestFailed]) -> None:
         """Add this step's tokens to the counts of their slots (a failed row adds none)."""

@@ -1,9 +1,10 @@
 """Sampling parameters and the logits processors, each one tensor operation over a step's rows (B, V)
 with per-row parameters. Greedy when temperature is 0 (the default), so the same input gives the same
 output; a temperature below `MIN_TEMPERATURE` is greedy too (dividing by it would overflow the logits, as
-vLLM also treats it). Processing order follows `transformers`: repetition penalty, then temperature,
-top-k, top-p. Every value `SamplingParams` accepts keeps the probabilities defined: repetition penalties
-are bounded and top-p always keeps the most likely token. `service.engine.sampler` applies them."""
+vLLM also treats it). Processing order: logit bias, OpenAI's presence and frequency penalties (on
+generated tokens), then as `transformers` does repetition penalty, temperature, top-k, top-p. Every
+value `SamplingParams` accepts keeps the probabilities defined: repetition penalties are bounded and
+top-p always keeps the most likely token. `service.engine.sampler` applies them."""
 
 from __future__ import annotations
 
@@ -26,19 +27,23 @@ class SamplingParams:
     top_k: int = 0  # 0: off
     top_p: float = 1.0
     repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0  # OpenAI's: subtracted once from each token generated so far
+    frequency_penalty: float = 0.0  # OpenAI's: subtracted once per time a token was generated
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit)
     seed: int | None = None
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     no_repeat_ngram: int = 0  # >0: never repeat an n-gram of generated tokens (0: off)
     ignore_eos: bool = False  # keep going past end-of-turn tokens (benchmarks)
     logprobs: int | None = None  # report each token's log-probability and this many alternatives
+    prompt_logprobs: int | None = None  # the same for each prompt token (from the prefill's own forward)
 
     def __post_init__(self):
-        for name in ("temperature", "top_p", "repetition_penalty"):
+        for name in ("temperature", "top_p", "repetition_penalty", "presence_penalty", "frequency_penalty"):
             if not math.isfinite(getattr(self, name)):
                 raise InvalidRequest(f"{name} must be a finite number, got {getattr(self, name)}", param=name)
-        if self.max_tokens < 1:
-            raise InvalidRequest(f"max_tokens must be at least 1, got {self.max_tokens}")
+        if self.max_tokens < (0 if self.prompt_logprobs is not None else 1):
+            raise InvalidRequest(f"max_tokens must be at least 1 (0 only to score the prompt), got {self.max_tokens}")
         if self.temperature < 0:
             raise InvalidRequest(f"temperature must be >= 0, got {self.temperature}")
         if self.top_k < 0:
@@ -50,17 +55,34 @@ class SamplingParams:
             raise InvalidRequest(
                 f"repetition_penalty must be between {low:g} and {high:g}, got {self.repetition_penalty}"
             )
-        if self.logprobs is not None and not 0 <= self.logprobs <= 20:
-            raise InvalidRequest(f"logprobs must be between 0 and 20, got {self.logprobs}")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value <= 20:
+                raise InvalidRequest(f"{name} must be between 0 and 20, got {value}", param=name)
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2 <= getattr(self, name) <= 2:
+                raise InvalidRequest(f"{name} must be between -2 and 2, got {getattr(self, name)}", param=name)
+        if any(not (math.isfinite(v) and -100 <= v <= 100) for _, v in self.logit_bias):
+            raise InvalidRequest("logit_bias values must be between -100 and 100", param="logit_bias")
         if self.seed is not None and not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]:
             raise InvalidRequest(f"seed must be a 64-bit integer, got {self.seed}", param="seed")
         if self.no_repeat_ngram < 0:
             raise InvalidRequest(f"no_repeat_ngram must be >= 0, got {self.no_repeat_ngram}")
 
     @property
+    def counts_tokens(self) -> bool:
+        """Whether a penalty depends on the tokens seen so far."""
+        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+
+    @property
     def greedy(self) -> bool:
         """Plain argmax: no processor changes the logits."""
-        return self.temperature < MIN_TEMPERATURE and self.repetition_penalty == 1.0 and self.no_repeat_ngram == 0
+        return (
+            self.temperature < MIN_TEMPERATURE
+            and not self.counts_tokens
+            and self.no_repeat_ngram == 0
+            and not self.logit_bias
+        )
 
 
 def repeated_ngram_tokens(output: list[int], n: int) -> list[int]:
@@ -77,6 +99,14 @@ def penalize_repeats(logits: torch.Tensor, seen: torch.Tensor, penalty: torch.Te
     logits by the row's `penalty` (B, 1), multiply negative ones."""
     penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
     return torch.where(seen, penalized, logits)
+
+
+def penalize_counts(
+    logits: torch.Tensor, counts: torch.Tensor, presence: torch.Tensor, frequency: torch.Tensor
+) -> torch.Tensor:
+    """OpenAI's penalties over (B, V): minus `frequency` (B, 1) per time each token was generated (`counts`)
+    and minus `presence` (B, 1) once for each token generated at all."""
+    return logits - frequency * counts - presence * (counts > 0)
 
 
 def truncate(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:

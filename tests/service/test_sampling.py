@@ -121,10 +121,12 @@ def test_repetition_counts_follow_the_tokens_on_device():
     first = rows(params, prompt=(2, 3))[0]
     for _ in range(5):
         first.output += sampler.pick([first], torch.randn(1, 30))
-    assert sampler._seen([first], 30, cpu)[0].nonzero()[:, 0].tolist() == sorted({2, 3, *first.output})
+    prompt, counts = sampler._state([first], 30, cpu)
+    assert (prompt | (counts > 0))[0].nonzero()[:, 0].tolist() == sorted({2, 3, *first.output})
     assert sampler.counts[0].sum() == 5
     second = rows(params, prompt=(7,), output=(8, 8))[0]
-    assert sampler._seen([second], 30, cpu)[0].nonzero()[:, 0].tolist() == [7, 8]
+    prompt, counts = sampler._state([second], 30, cpu)
+    assert (prompt | (counts > 0))[0].nonzero()[:, 0].tolist() == [7, 8]
     assert sampler.counts[0, 8] == 2 and sampler.counts[0].sum() == 2
 
 
@@ -143,8 +145,48 @@ def test_repetition_penalty_matches_transformers_in_generation(tiny):
     assert out[0].token_ids == ids[len(prompt) :]
 
 
+def test_openai_penalties_and_logit_bias_match_a_plain_loop(tiny):
+    """presence_penalty, frequency_penalty and logit_bias equal OpenAI's definition applied in a plain loop
+    over full forwards: logit - frequency x (times generated) - presence x (generated at all) + bias, beside
+    a repetition penalty (greedy, so the tokens say whether every step's logits were right)."""
+    prompt = tiny.tokenizer.encode("the the the cat")
+    bias = ((41, 0.7), (83, -0.4))
+    sp = SamplingParams(
+        max_tokens=16,
+        presence_penalty=2.0,
+        frequency_penalty=1.5,
+        logit_bias=bias,
+        repetition_penalty=1.2,
+        ignore_eos=True,
+    )
+    out = tiny.engine.generate([prompt, prompt], [sp, SamplingParams(max_tokens=16, ignore_eos=True)])
+    ids = list(prompt)
+    for _ in range(16):
+        logits = tiny.engine.model(torch.tensor([ids]), torch.arange(len(ids))[None])[0, -1].float()
+        for token, value in bias:
+            logits[token] += value
+        made = torch.bincount(torch.tensor(ids[len(prompt) :], dtype=torch.long), minlength=logits.numel())
+        logits = logits - 1.5 * made - 2.0 * (made > 0)
+        seen = torch.zeros_like(logits, dtype=torch.bool)
+        seen[torch.tensor(ids)] = True
+        logits = torch.where(seen, torch.where(logits > 0, logits / 1.2, logits * 1.2), logits)
+        ids.append(int(logits.argmax()))
+    assert out[0].token_ids == ids[len(prompt) :] and out[0].token_ids != out[1].token_ids
+
+
 @pytest.mark.parametrize(
-    "bad", [{"max_tokens": 0}, {"temperature": -1}, {"top_p": 0}, {"top_k": -2}, {"repetition_penalty": 0}]
+    "bad",
+    [
+        {"max_tokens": 0},
+        {"temperature": -1},
+        {"top_p": 0},
+        {"top_k": -2},
+        {"repetition_penalty": 0},
+        {"presence_penalty": 2.5},
+        {"frequency_penalty": float("nan")},
+        {"logit_bias": ((1, 101.0),)},
+        {"prompt_logprobs": 21},
+    ],
 )
 def test_invalid_params_are_refused(bad):
     """Sampling parameters outside their domain are refused before they reach the sampler."""
