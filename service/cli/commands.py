@@ -188,6 +188,7 @@ def cmd_serve(args) -> None:
 
     def load():
         gen = _load(args)
+        gen.name = args.served_model_name or gen.name  # what clients name in "model" and /v1/models lists
         print(f"nlg: {args.model} loaded in {gen.load_s:.1f} s; ready", file=sys.stderr, flush=True)
         return build_app(gen, fatal, key, args.slots, args.max_waiting, jobs, args.request_timeout, args.score_traffic)
 

@@ -1,15 +1,28 @@
 """`nlg`: the command line. Every subcommand takes `--model NAME_OR_PATH`; those whose output is
-data take `--json`. The commands themselves are in `service.cli.commands`."""
+data take `--json`. The commands themselves are in `service.cli.commands`. Flags that vLLM names
+otherwise also answer to vLLM's name (`--tensor-parallel-size`, `--max-model-len`, `--max-num-seqs`),
+and every `--help` shows each option's default."""
 
 from __future__ import annotations
 
 import argparse
 import os
 import sys
+from functools import partial
 
 from model.config import PRESETS
 from model.registry import DEFAULT_MODEL, NAMES
 from service.cli import commands
+
+
+class Defaults(argparse.HelpFormatter):
+    """Help that ends with the option's default, unless the help already says it or there is none."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or not action.option_strings or action.default in (None, False, argparse.SUPPRESS):
+            return text
+        return f"{text} (default: %(default)s)"
 
 
 def parser() -> argparse.ArgumentParser:
@@ -26,9 +39,12 @@ def parser() -> argparse.ArgumentParser:
         help="weights and KV cache (default: float32 on CPUs, bfloat16 on CUDA, float16 on CUDA cards without "
         "bf16; bfloat16 also batches faster on CPUs with AMX)",
     )
-    common.add_argument("--tp", type=int, default=1, metavar="N", help="split the model over N local ranks")
+    common.add_argument(
+        "--tp", "--tensor-parallel-size", type=int, default=1, metavar="N", help="split the model over N local ranks"
+    )
     common.add_argument(
         "--context",
+        "--max-model-len",
         type=int,
         metavar="N",
         help="tokens per sequence, prompt plus output (default: the model's context); with --slots it sizes the "
@@ -44,31 +60,38 @@ def parser() -> argparse.ArgumentParser:
     as_json.add_argument("--json", action="store_true", help="print one JSON object")
 
     p = argparse.ArgumentParser(
-        prog="nlg", description="Full-sentence answers and abstractive summaries from a decoder-only transformer."
+        prog="nlg",
+        description="Full-sentence answers and abstractive summaries from a decoder-only transformer.",
+        formatter_class=Defaults,
     )
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = p.add_subparsers(
+        dest="command",
+        required=True,
+        metavar="COMMAND",
+        parser_class=partial(argparse.ArgumentParser, formatter_class=Defaults),
+    )
 
     a = sub.add_parser("answer", parents=[common, as_json], help="answer a question in one full sentence")
     a.add_argument("question")
     a.add_argument("--passage", action="append", metavar="TEXT", help="a context passage (repeatable)")
-    a.add_argument("--max-tokens", type=int, default=80)
+    a.add_argument("--max-tokens", type=int, default=80, help="tokens the answer may take")
     a.set_defaults(run=commands.cmd_answer)
 
     s = sub.add_parser("summarize", parents=[common, as_json], help="summarize a document (file or stdin)")
     s.add_argument("file", nargs="?", default="-", help="a UTF-8 text file, or - for stdin (default)")
-    s.add_argument("--length", choices=["short", "medium", "long"], default="medium")
+    s.add_argument("--length", choices=["short", "medium", "long"], default="medium", help="summary length")
     s.add_argument("--max-words", type=int, help="at most this many words (overrides --length)")
     s.set_defaults(run=commands.cmd_summarize)
 
     g = sub.add_parser("generate", parents=[common, as_json], help="continue a prompt (streams to stdout)")
     g.add_argument("prompt")
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
-    g.add_argument("--max-tokens", type=int, default=128)
+    g.add_argument("--max-tokens", type=int, default=128, help="tokens to generate at most")
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    g.add_argument("--top-k", type=int, default=0)
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--repetition-penalty", type=float, default=1.0)
-    g.add_argument("--seed", type=int)
+    g.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0: off)")
+    g.add_argument("--top-p", type=float, default=1.0, help="sample from the smallest set with this mass")
+    g.add_argument("--repetition-penalty", type=float, default=1.0, help="CTRL-style penalty on seen tokens")
+    g.add_argument("--seed", type=int, help="the same seed gives the same sample")
     g.add_argument("--stop", action="append", metavar="TEXT", help="stop string (repeatable; not returned)")
     g.add_argument("--stop-token-id", action="append", type=int, metavar="ID", help="stop token id (repeatable)")
     g.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-turn tokens")
@@ -82,10 +105,21 @@ def parser() -> argparse.ArgumentParser:
     m.set_defaults(run=commands.cmd_models)
 
     v = sub.add_parser("serve", parents=[common], help="run the HTTP service")
-    v.add_argument("--host", default="127.0.0.1")
-    v.add_argument("--port", type=int, default=8000)
+    v.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    v.add_argument("--port", type=int, default=8000, help="port to listen on")
     v.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 routes (or set NLG_API_KEY)")
-    v.add_argument("--slots", type=int, default=16, help="sequences decoded together (KV cache slots; default 16)")
+    v.add_argument(
+        "--slots",
+        "--max-num-seqs",
+        type=int,
+        default=16,
+        help="sequences decoded together (KV cache slots; default 16)",
+    )
+    v.add_argument(
+        "--served-model-name",
+        metavar="NAME",
+        help='the name clients send as "model" and /v1/models lists (default: the --model argument)',
+    )
     v.add_argument("--max-waiting", type=int, default=64, help="queued sequences before 429 (default 64)")
     v.add_argument("--request-timeout", type=float, default=600, help="seconds before a request gets 504")
     v.add_argument(
@@ -150,7 +184,7 @@ def parser() -> argparse.ArgumentParser:
     r = sub.add_parser("make-random", help="write a random-weight model directory of a named shape")
     r.add_argument("out", help="directory to write (config.json, model.safetensors, tokenizer)")
     r.add_argument("--preset", default="llama-400m", choices=sorted(PRESETS), help="shape (default llama-400m)")
-    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--seed", type=int, default=0, help="random seed of the weights")
     r.set_defaults(run=commands.cmd_make_random)
     return p
 

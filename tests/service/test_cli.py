@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import io
 import json
 import subprocess
@@ -113,7 +114,10 @@ def test_tiny_random_generates_the_same_at_tp_n(capfd, tp):
 def test_context_bounds_each_sequence(capsys):
     """--context limits prompt plus output per sequence: a budget beyond it exits 2 naming the numbers."""
     assert main(["generate", "hi", "--max-tokens", "200", "--context", "100", *TINY]) == 2
-    assert "> the context of 100 tokens" in capsys.readouterr().err
+    assert (
+        "maximum context length is 100 tokens. However, you requested 202 tokens "
+        "(2 in the messages, 200 in the completion)" in capsys.readouterr().err
+    )
     assert main(["generate", "hi", "--max-tokens", "20", "--context", "100", *TINY]) == 0
 
 
@@ -127,3 +131,31 @@ def test_a_cache_bigger_than_free_memory_is_refused(tiny, monkeypatch):
     engine.new_cache(1, 512)  # 4 layers x 2 x 512 x 4 heads x 16 x 4 bytes = 1 MiB
     with pytest.raises(CacheTooLarge, match=r"16 slots x 512 positions needs 0.02 GiB .* lower --slots or --context"):
         engine.new_cache(16, 512)
+
+
+def test_vllm_flag_names_and_defaults_in_help():
+    """vLLM's names for the common serve flags parse to ours, and every option with a default shows it in
+    --help (several did not)."""
+    from service.cli.parser import parser
+
+    args = parser().parse_args(
+        [
+            "serve",
+            "--tensor-parallel-size",
+            "3",
+            "--max-model-len",
+            "512",
+            "--max-num-seqs",
+            "4",
+            "--served-model-name",
+            "m",
+        ]
+    )
+    assert (args.tp, args.context, args.slots, args.served_model_name) == (3, 512, 4, "m")
+    sub = next(a for a in parser()._actions if isinstance(a, argparse._SubParsersAction))
+    for name, command in sub.choices.items():
+        text = " ".join(command.format_help().split())
+        for action in command._actions:
+            if action.option_strings and action.default not in (None, False, argparse.SUPPRESS):
+                assert action.help and "default" in command._get_formatter()._get_help_string(action), (name, action)
+                assert str(action.default) in text or "default:" in text, (name, action)
