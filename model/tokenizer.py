@@ -4,14 +4,24 @@ token ids that end a turn. Text lives here and at the service's edges; the engin
 from __future__ import annotations
 
 import os
+import re
+from functools import cache
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # local directories only: never contact a hub
 
 from transformers import PreTrainedTokenizerFast  # noqa: E402
+from transformers.convert_slow_tokenizer import bytes_to_unicode  # noqa: E402
 
 # Tokens that end an assistant turn or a document in the families we load.
 END_TOKENS = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end_of_text|>", "</s>")
+BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # SentencePiece's token for one raw byte
+
+
+@cache
+def byte_level_table() -> dict[str, int]:
+    """GPT-2's byte-level alphabet: the printable character that stands for each byte."""
+    return {c: b for b, c in bytes_to_unicode().items()}
 
 
 class Tokenizer:
@@ -26,6 +36,7 @@ class Tokenizer:
             ids.add(self.hf.eos_token_id)
         self.stop_ids: frozenset[int] = frozenset(ids)
         self.has_chat_template = bool(self.hf.chat_template)
+        self.byte_level = "ByteLevel" in str(self.hf.backend_tokenizer.decoder)
         # The longest token's spelling: a text of n characters has at least n / (2 * this) tokens (the 2
         # leaves room for normalizers that merge characters), a bound known without tokenizing.
         self.max_token_chars = max(map(len, vocab), default=1)
@@ -43,6 +54,25 @@ class Tokenizer:
     def tokens(self, ids: list[int]) -> list[str]:
         """The text of each token on its own (bytes that are not whole characters show as U+FFFD)."""
         return [self.hf.decode([i], clean_up_tokenization_spaces=False) for i in ids]
+
+    def token_bytes(self, ids: list[int]) -> list[bytes]:
+        """The bytes each token stands for (a byte-level token may hold part of a character). Byte-level
+        BPE vocabularies (GPT-2, Llama 3, Qwen2, SmolLM2) spell bytes with GPT-2's alphabet; SentencePiece
+        ones write a raw byte as `<0xNN>` and a space as U+2581; special tokens are their own text."""
+        special = set(self.hf.all_special_ids)
+        table = byte_level_table() if self.byte_level else {}
+        out = []
+        for i, token in zip(ids, self.hf.convert_ids_to_tokens(ids)):
+            raw = BYTE_FALLBACK.fullmatch(token)
+            if i in special or (table and not all(c in table for c in token)):
+                out.append(token.encode())
+            elif table:
+                out.append(bytes(table[c] for c in token))
+            elif raw:
+                out.append(bytes([int(raw.group(1), 16)]))
+            else:
+                out.append(token.replace("\u2581", " ").encode())
+        return out
 
     def chat(self, messages: list[dict[str, str]]) -> list[int]:
         """Prompt ids for a conversation, ready for the assistant's turn. Without a chat template,

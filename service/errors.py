@@ -26,9 +26,20 @@ class InvalidRequest(ValueError):
 
 
 class ContextOverflow(InvalidRequest):
-    """A prompt plus its token budget does not fit the model's context."""
+    """A prompt plus its token budget does not fit the model's context. `too_long` words it as OpenAI does
+    (which clients such as litellm recognise)."""
 
     code = "context_length_exceeded"
+
+    @classmethod
+    def too_long(cls, context: int, prompt: int, completion: int, at_least: bool = False) -> ContextOverflow:
+        asked = f"{'at least ' if at_least else ''}{prompt + completion}"
+        return cls(
+            f"This model's maximum context length is {context} tokens. However, you requested {asked} tokens "
+            f"({'at least ' if at_least else ''}{prompt} in the messages, {completion} in the completion). "
+            "Please reduce the length of the messages or completion.",
+            param="messages",
+        )
 
 
 class TooLarge(InvalidRequest):

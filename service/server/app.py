@@ -15,6 +15,7 @@ from __future__ import annotations
 import sys
 import time
 from contextlib import asynccontextmanager
+from functools import partial
 
 from fastapi import Depends, FastAPI
 from fastapi.security import HTTPBearer
@@ -31,7 +32,7 @@ from service.server.routes import batches, health, openai, tasks
 from service.server.schemas.base import ErrorResponse
 
 MAX_BODY_BYTES = 2 * 1024 * 1024
-ERRORS = {s: {"model": ErrorResponse} for s in (400, 401, 404, 413, 422, 429, 500, 503, 504)}
+ERRORS = {s: {"model": ErrorResponse} for s in (400, 401, 404, 413, 429, 500, 503, 504)}
 
 
 def build_app(
@@ -97,5 +98,17 @@ def build_app(
 
     if api_key:
         app.add_middleware(ApiKey, key=api_key)
-
+    app.openapi = partial(openapi, app, app.openapi)
     return app
+
+
+def openapi(app: FastAPI, generate) -> dict:
+    """FastAPI's spec without the 422 it declares for every body: validation errors are 400 here."""
+    if app.openapi_schema is None:
+        spec = generate()
+        for path in spec["paths"].values():
+            for op in path.values():
+                op.get("responses", {}).pop("422", None)
+        for name in ("HTTPValidationError", "ValidationError"):
+            spec.get("components", {}).get("schemas", {}).pop(name, None)
+    return app.openapi_schema

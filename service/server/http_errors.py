@@ -16,6 +16,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
 
 from service.errors import ClientGone, DeadlineExceeded, EngineFailed, InvalidRequest, Overloaded, RequestFailed
+from service.server.invalid import describe
 
 TYPES = {
     400: "invalid_request_error",
@@ -23,7 +24,6 @@ TYPES = {
     404: "not_found_error",
     405: "invalid_request_error",
     413: "request_too_large",
-    422: "invalid_request_error",
     429: "rate_limit_error",
     500: "server_error",
     503: "unavailable",
@@ -67,11 +67,7 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError):
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"] if p != "body")
-        status = 400 if first.get("type") == "invalid_unicode" else 422
-        message = f"{where}: {first['msg']}" if where else first["msg"]
-        return error(status, message, param=where or None, code=first.get("type"))
+        return error(400, *describe(exc.errors()))
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException):

@@ -1,4 +1,8 @@
-"""Server-sent events: `sse(events, on_close)` sends each dict as `data: {json}`, then `data: [DONE]`.
+"""Server-sent events through sse-starlette: `sse(events, on_close)` sends each dict as `data: {json}`, then
+`data: [DONE]`, with the headers that keep proxies from buffering a stream (`Cache-Control: no-cache`,
+`X-Accel-Buffering: no`) and a `: ping` comment every `PING_S` seconds of silence, so that idle
+connections are not cut while a long prompt is prefilled. sse-starlette also watches for the client
+hanging up and then cancels the stream, which aborts its sequences.
 
 The response's status and headers go out before the first event, so every error known before the
 first token must be raised before `sse` is called (the handlers submit to the engine first). An error
@@ -12,14 +16,16 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator, Callable
 
-from starlette.responses import StreamingResponse
+from sse_starlette import EventSourceResponse
 
 from service.server.http_errors import error_body
 
+PING_S = 15
 
-class EventStream(StreamingResponse):
+
+class EventStream(EventSourceResponse):
     def __init__(self, body, on_close: Callable[[], None] | None = None):
-        super().__init__(body, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        super().__init__(body, headers={"Cache-Control": "no-cache"}, ping=PING_S, sep="\n")
         self.on_close = on_close
 
     async def __call__(self, scope, receive, send) -> None:
@@ -34,10 +40,10 @@ def sse(events: AsyncIterator[dict], on_close: Callable[[], None] | None = None)
     async def body():
         try:
             async for event in events:
-                yield f"data: {json.dumps(event, ensure_ascii=False)}\n\n"
+                yield {"data": json.dumps(event, ensure_ascii=False)}
         except Exception as e:  # the status went out with the headers: report in the stream, OpenAI style
             _, payload = error_body(e)
-            yield f"data: {json.dumps(payload)}\n\n"
-        yield "data: [DONE]\n\n"
+            yield {"data": json.dumps(payload)}
+        yield {"data": "[DONE]"}
 
     return EventStream(body(), on_close)

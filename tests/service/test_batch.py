@@ -117,7 +117,7 @@ def test_http_batch_job_round_trip_and_resume_after_restart(tiny, tmp_path):
         assert created["state"] in ("queued", "running", "completed") and created["counts"]["total"] == 1
         assert c.delete(f"/v1/batches/{created['id']}").json()["state"] in ("cancelled", "completed")
         assert c.get("/v1/batches/batch_nope").status_code == 404
-        assert c.post("/v1/batches?task=translate", content="{}").status_code == 422
+        assert c.post("/v1/batches?task=translate", content="{}").status_code == 400
 
 
 def test_records_can_ask_for_scores(tiny, tmp_path):

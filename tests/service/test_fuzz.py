@@ -24,7 +24,7 @@ EXAMPLES = int(os.environ.get("NLG_FUZZ_EXAMPLES", "15"))  # per operation and m
 
 @pytest.fixture(scope="module")
 def server(tiny, serve):
-    with serve(build_app(tiny, api_key=KEY, slots=4, max_waiting=16, request_timeout=20)) as url:
+    with serve(build_app(tiny, api_key=KEY, slots=4, max_waiting=16, request_timeout=5)) as url:
         yield url
     # the module's last word: the server outlived the fuzzing (checked in test_still_up)
 

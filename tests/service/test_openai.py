@@ -77,14 +77,58 @@ def test_streamed_completion_equals_completion(client):
     assert "".join(p.choices[0].text for p in parts) == whole.choices[0].text
 
 
-def test_errors(client):
-    """OpenAI-style errors: wrong model 404, bad fields 4xx, all in the error shape the client parses."""
+def test_models_retrieve(client):
+    """client.models.retrieve finds the served model; another name is 404."""
+    assert client.models.retrieve("tiny-random").id == "tiny-random"
     with pytest.raises(openai.NotFoundError):
-        client.completions.create(model="gpt-4", prompt="hi")
-    with pytest.raises(openai.UnprocessableEntityError):
-        client.completions.create(model="tiny-random", prompt="hi", n=2)
-    with pytest.raises(openai.BadRequestError, match="context"):
-        client.completions.create(model="tiny-random", prompt="word " * 1000, max_tokens=100)
+        client.models.retrieve("gpt-4")
+
+
+def test_token_id_lists_and_n(client, tiny):
+    """What lm-evaluation-harness sends: a list of token-id lists (was 422); each prompt gets n choices,
+    indexed prompt-major, equal to the prompt sent alone."""
+    prompts = [tiny.tokenizer.encode(t) for t in ("Once upon", "a time")]
+    r = client.completions.create(model="tiny-random", prompt=prompts, max_tokens=6, temperature=0, n=2)
+    want = [client.completions.create(model="tiny-random", prompt=p, max_tokens=6, temperature=0) for p in prompts]
+    assert [c.index for c in r.choices] == [0, 1, 2, 3]
+    assert [c.text for c in r.choices] == [w.choices[0].text for w in want for _ in range(2)]
+    assert r.usage.prompt_tokens == sum(map(len, prompts))
+
+
+def test_max_tokens_past_the_old_cap(client):
+    """max_tokens may use the context (8192 for SmolLM2), not a fixed 1024."""
+    r = client.completions.create(
+        model="tiny-random", prompt="a", max_tokens=1100, temperature=0, extra_body={"ignore_eos": True}
+    )
+    assert r.usage.completion_tokens == 1100 and r.choices[0].finish_reason == "length"
+
+
+def test_content_parts_and_the_developer_role(client):
+    """Content as a list of text parts equals the same text as a string; developer is the system role."""
+    as_text = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say hi."}]
+    as_parts = [
+        {"role": "developer", "content": [{"type": "text", "text": "Be "}, {"type": "text", "text": "brief."}]},
+        {"role": "user", "content": [{"type": "text", "text": "Say hi."}]},
+    ]
+    a, b = (
+        client.chat.completions.create(model="tiny-random", messages=m, max_tokens=8, temperature=0)
+        for m in (as_text, as_parts)
+    )
+    assert a.choices[0].message.content == b.choices[0].message.content
+    assert a.usage.prompt_tokens == b.usage.prompt_tokens
+
+
+def test_penalties_and_logit_bias_are_applied(client, tiny):
+    """presence/frequency penalties and logit_bias change the tokens, not ignored (their arithmetic is
+    checked against a plain loop in test_sampling): a +100 bias makes every greedy token that token."""
+    token = tiny.tokenizer.encode("q")[0]
+    r = client.completions.create(
+        model="tiny-random", prompt="x", max_tokens=5, temperature=0, logit_bias={str(token): 100}
+    )
+    assert r.choices[0].text == "q" * 5
+    args = {"model": "tiny-random", "prompt": "the the the", "max_tokens": 12, "temperature": 0}
+    plain = client.completions.create(**args).choices[0].text
+    assert client.completions.create(**args, frequency_penalty=2).choices[0].text != plain
 
 
 def test_a_consumer_that_goes_away_stops_generation(tiny):

@@ -80,7 +80,7 @@ def test_bad_input_is_refused(tiny, call):
 
 def test_too_long_question_names_the_numbers(tiny):
     """A question longer than the context is ContextOverflow naming the context size."""
-    with pytest.raises(ContextOverflow, match=r"> the context of 2048 tokens"):
+    with pytest.raises(ContextOverflow, match=r"maximum context length is 2048 tokens"):
         answer(tiny, "why " * 600)
 
 

@@ -1,11 +1,13 @@
-"""OpenAI-compatible endpoints: `/v1/completions` (with `logprobs` and `echo`, so evaluation harnesses
-can score prompts), `/v1/chat/completions`, both streaming as server-sent events (`data: [DONE]`,
-`stream_options.include_usage`), and `/v1/models`.
+"""OpenAI-compatible endpoints: `/v1/completions` (with `logprobs` and `echo`, so evaluation harnesses can
+score prompts), `/v1/chat/completions` (with `logprobs`/`top_logprobs`), both streaming as server-sent
+events (`data: [DONE]`, `stream_options.include_usage`, log-probabilities in every chunk), `/v1/models`
+and `/v1/models/{id}`.
 
-Handlers (module-level) talk to the engine through the app's async handle (`request.app.state.handle`). Tokenizing
-and chat templates run on a worker thread, after a constant-time bound refuses a text that could never
-fit the context; every error known before the first token (a prompt out of the vocabulary, too long,
-too many prompts, a full queue) is an HTTP status, never an event in a 200 stream.
+Handlers (module-level) talk to the engine through the app's async handle (`request.app.state.handle`).
+Tokenizing and chat templates run on a worker thread, after a constant-time bound refuses a text that
+could never fit the context; every error known before the first token (a prompt out of the vocabulary,
+too long, too many prompts, a full queue) is an HTTP status, never an event in a 200 stream. An echoed
+prompt is scored by the same prefill that starts its generation, batched with every other request.
 """
 
 from __future__ import annotations
@@ -19,10 +21,12 @@ from functools import partial
 from fastapi import APIRouter, HTTPException, Request
 
 from service.engine.generator import TextGenerator, TextResult
+from service.engine.handle import Running
 from service.engine.sampling import SamplingParams
-from service.engine.sequence import TokenLogprob
+from service.engine.sequence import Sequence
 from service.errors import ContextOverflow
-from service.server.schemas.openai import ChatRequest, CompletionRequest
+from service.server.logprobs import Aligned, chat_logprobs, completion_logprobs
+from service.server.schemas.openai import ChatRequest, CompletionRequest, Sampling
 from service.server.streams import sse
 
 CHAT_MAX_TOKENS = 512  # default for chat when the request sets none (less if the context is shorter)
@@ -34,7 +38,7 @@ router = APIRouter(prefix="/v1")
 
 def check_model(gen: TextGenerator, name: str) -> None:
     if name != gen.name:
-        raise HTTPException(404, f"model {name!r} not found: this server serves {gen.name!r}")
+        raise HTTPException(404, f"The model '{name}' does not exist: this server serves '{gen.name}'")
 
 
 def bound(gen: TextGenerator, texts: list[str], max_tokens: int) -> None:
@@ -43,140 +47,50 @@ def bound(gen: TextGenerator, texts: list[str], max_tokens: int) -> None:
     for text in texts:
         least = gen.tokenizer.least_tokens(text)
         if least + max_tokens > context:
-            raise ContextOverflow(
-                f"the prompt has at least {least} tokens and max_tokens is {max_tokens}: "
-                f"more than the context of {context} tokens",
-                param="prompt",
-            )
+            raise ContextOverflow.too_long(context, least, max_tokens, at_least=True)
 
 
-def params(req, max_tokens: int, logprobs: int | None = None) -> SamplingParams:
-    return SamplingParams(
-        max_tokens=max_tokens,
-        temperature=req.temperature,
-        top_k=req.top_k,
-        top_p=req.top_p,
-        repetition_penalty=req.repetition_penalty,
-        seed=req.seed,
-        stop=req.stops(),
-        logprobs=logprobs,
-        ignore_eos=req.ignore_eos,
-    )
+def params(req: Sampling, max_tokens: int, logprobs: int | None = None, prompt_logprobs: int | None = None):
+    """The sampling parameters of each of the request's `n` choices: choice j of a seeded request draws
+    with seed ^ j (choice 0 with the seed itself)."""
+    return [
+        SamplingParams(
+            max_tokens=max_tokens,
+            temperature=req.temperature,
+            top_k=req.top_k,
+            top_p=req.top_p,
+            repetition_penalty=req.repetition_penalty,
+            presence_penalty=req.presence_penalty,
+            frequency_penalty=req.frequency_penalty,
+            logit_bias=req.biases(),
+            seed=None if req.seed is None else req.seed ^ j,
+            stop=req.stops(),
+            logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
+            ignore_eos=req.ignore_eos,
+        )
+        for j in range(req.n)
+    ]
 
 
 def header(gen: TextGenerator, prefix: str, kind: str) -> dict:
     return {"id": f"{prefix}-{uuid.uuid4().hex}", "object": kind, "created": int(time.time()), "model": gen.name}
 
 
+def card(gen: TextGenerator) -> dict:
+    return {"id": gen.name, "object": "model", "created": 0, "owned_by": "nlg", "max_model_len": gen.engine.context}
+
+
 @router.get("/models")
 def models(request: Request) -> dict:
+    return {"object": "list", "data": [card(request.app.state.gen)]}
+
+
+@router.get("/models/{model:path}")
+def model(model: str, request: Request) -> dict:
     gen = request.app.state.gen
-    card = {"id": gen.name, "object": "model", "created": 0, "owned_by": "nlg", "max_model_len": gen.engine.context}
-    return {"object": "list", "data": [card]}
-
-
-@router.post("/completions", responses=STREAMED)
-async def completions(req: CompletionRequest, request: Request):
-    gen, handle = request.app.state.gen, request.app.state.handle
-    tok, engine = gen.tokenizer, gen.engine
-    check_model(gen, req.model)
-    prompts = [req.prompt] if isinstance(req.prompt, str) or isinstance(req.prompt[0], int) else req.prompt
-    bound(gen, [p for p in prompts if isinstance(p, str)], req.max_tokens)
-    ids = await asyncio.to_thread(lambda: [p if isinstance(p, list) else tok.encode(p) for p in prompts])
-    for p in ids:
-        engine.check_prompt(p, req.max_tokens)
-    sp = params(req, req.max_tokens, req.logprobs) if req.max_tokens else None
-    head = {
-        "id": f"cmpl-{uuid.uuid4().hex}",
-        "object": "text_completion",
-        "created": int(time.time()),
-        "model": gen.name,
-    }
-    prompt_lp = [None] * len(ids)
-    if req.echo:
-        prompt_lp = [await handle.call(partial(engine.score, p, req.logprobs or 0)) for p in ids]
-    running = handle.start(ids, [sp] * len(ids), request_id=head["id"], stream=req.stream) if sp else None
-
-    def choice(i: int, r: TextResult | None) -> dict:
-        text = r.text if r else ""
-        lp = None
-        if req.logprobs is not None:
-            pairs = list(zip(ids[i], prompt_lp[i] or [])) if req.echo else []
-            pairs += list(zip(r.token_ids, r.logprobs)) if r else []
-            lp = legacy_logprobs(tok, pairs, req.logprobs)
-        return {
-            "index": i,
-            "text": (tok.decode(ids[i]) if req.echo else "") + text,
-            "logprobs": lp,
-            "finish_reason": r.finish_reason if r else "length",
-        }
-
-    if not req.stream:
-        results = await running.wait(request.is_disconnected) if running else [None] * len(ids)
-        return head | {"choices": [choice(i, r) for i, r in enumerate(results)], "usage": usage(ids, results)}
-
-    def piece(i: int, text: str, finish: str | None = None) -> dict:
-        return head | {"choices": [{"index": i, "text": text, "logprobs": None, "finish_reason": finish}]}
-
-    async def events() -> AsyncIterator[dict]:
-        if req.echo:
-            for i, p in enumerate(ids):
-                yield piece(i, tok.decode(p))
-        results = [None] * len(ids)
-        if running:
-            async for i, text in running.pieces():
-                yield piece(i, text)
-            results = running.result
-        for i, r in enumerate(results):
-            yield piece(i, "", r.finish_reason if r else "length")
-        if req.stream_options and req.stream_options.include_usage:
-            yield head | {"choices": [], "usage": usage(ids, results)}
-
-    return sse(events(), on_close=partial(handle.abort, head["id"]))
-
-
-@router.post("/chat/completions", responses=STREAMED)
-async def chat(req: ChatRequest, request: Request):
-    gen = request.app.state.gen
-    check_model(gen, req.model)
-    limit = req.max_completion_tokens or req.max_tokens
-    messages = [m.model_dump() for m in req.messages]
-    bound(gen, ["".join(m["content"] for m in messages)], limit or 1)
-    ids = await asyncio.to_thread(gen.tokenizer.chat, messages)
-    max_tokens = limit or max(1, min(CHAT_MAX_TOKENS, gen.engine.context - len(ids)))
-    gen.engine.check_prompt(ids, max_tokens)
-    handle = request.app.state.handle
-    head = {
-        "id": f"chatcmpl-{uuid.uuid4().hex}",
-        "object": "chat.completion",
-        "created": int(time.time()),
-        "model": gen.name,
-    }
-    running = handle.start([ids], [params(req, max_tokens)], request_id=head["id"], stream=req.stream)
-
-    if not req.stream:
-        r = (await running.wait(request.is_disconnected))[0]
-        message = {"role": "assistant", "content": r.text}
-        return head | {
-            "choices": [{"index": 0, "message": message, "finish_reason": r.finish_reason}],
-            "usage": usage([ids], [r]),
-        }
-
-    chunk = head | {"object": "chat.completion.chunk"}
-
-    def delta(d: dict, finish: str | None = None) -> dict:
-        return chunk | {"choices": [{"index": 0, "delta": d, "finish_reason": finish}]}
-
-    async def events() -> AsyncIterator[dict]:
-        yield delta({"role": "assistant", "content": ""})
-        async for _, text in running.pieces():
-            yield delta({"content": text})
-        r = running.result[0]
-        yield delta({}, r.finish_reason)
-        if req.stream_options and req.stream_options.include_usage:
-            yield chunk | {"choices": [], "usage": usage([ids], [r])}
-
-    return sse(events(), on_close=partial(handle.abort, head["id"]))
+    check_model(gen, model)
+    return card(gen)
 
 
 def usage(prompts: list[list[int]], results: list[TextResult | None]) -> dict:
@@ -185,20 +99,159 @@ def usage(prompts: list[list[int]], results: list[TextResult | None]) -> dict:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-def legacy_logprobs(tok, pairs: list[tuple[int, TokenLogprob | None]], top: int) -> dict:
-    """The completions API's logprobs object: one entry per token of the returned text (prompt tokens
-    first when echoed; the very first token has no log-probability)."""
-    ids = [i for i, _ in pairs]
-    tokens = tok.tokens(ids)
-    offsets, at = [], 0
-    for t in tokens:
-        offsets.append(at)
-        at += len(t)
-    return {
-        "tokens": tokens,
-        "token_logprobs": [None if lp is None else lp.logprob for _, lp in pairs],
-        "top_logprobs": [
-            None if lp is None or not top else {tok.tokens([i])[0]: v for i, v in lp.top} for _, lp in pairs
-        ],
-        "text_offset": offsets,
-    }
+class Choice:
+    """One choice's log-probabilities as its text grows (streamed or whole): the tokens its text covers,
+    the echoed prompt's first."""
+
+    def __init__(self, tok, prompt: list[int], echo: bool):
+        self.tok, self.aligned = tok, Aligned(tok)
+        self.prompt = prompt if echo else []
+        self.text_bytes = sum(map(len, tok.token_bytes(self.prompt)))
+
+    def echo_text(self) -> str:
+        return b"".join(self.tok.token_bytes(self.prompt)).decode("utf-8", "replace")
+
+    def tokens(self, piece: str, ids: list[int], lps: list, prompt_lps: list) -> list:
+        """The tokens (with their log-probabilities) that `piece`, the text that came next, covers."""
+        self.text_bytes += len(piece.encode())
+        return self.aligned.take(self.prompt + ids, (prompt_lps if self.prompt else []) + lps, self.text_bytes)
+
+    def last(self, piece: str, r: TextResult) -> list:
+        """The completions API's tokens of the end: those `piece` covers, then the end token if one ended
+        the choice (it is in no text; OpenAI and vLLM list it, and harnesses that score a prompt with
+        max_tokens 1 drop the last token, counting on it)."""
+        tokens = self.tokens(piece, r.token_ids, r.logprobs, r.prompt_logprobs)
+        if r.end_token is not None and len(r.logprobs) > len(r.token_ids):
+            tokens.append((r.end_token, self.tok.token_bytes([r.end_token])[0], self.aligned.chars, r.logprobs[-1]))
+        return tokens
+
+
+def engine_state(s: Sequence) -> tuple[list[int], list, list]:
+    """What a sequence has made so far (read on the event loop while the engine thread appends: the
+    tokens first, so that every log-probability read belongs to a token read)."""
+    output = s.output[:]
+    return output, s.logprobs[: len(output)], s.prompt_logprobs[:]
+
+
+@router.post("/completions", responses=STREAMED)
+async def completions(req: CompletionRequest, request: Request):
+    gen, handle = request.app.state.gen, request.app.state.handle
+    tok, engine = gen.tokenizer, gen.engine
+    check_model(gen, req.model)
+    prompts = req.prompts()
+    bound(gen, [p for p in prompts if isinstance(p, str)], req.max_tokens)
+    ids = await asyncio.to_thread(lambda: [p if isinstance(p, list) else tok.encode(p) for p in prompts])
+    for p in ids:
+        engine.check_prompt(p, req.max_tokens)
+    head = header(gen, "cmpl", "text_completion")
+    scored = req.echo and req.logprobs is not None
+    runs = [p for p in ids for _ in range(req.n)]  # choice k is prompt k // n
+    running = None
+    if req.max_tokens or scored:
+        sp = params(req, req.max_tokens, req.logprobs, req.logprobs if scored else None)
+        running = handle.start(runs, sp * len(ids), request_id=head["id"], stream=req.stream)
+    choices = [Choice(tok, p, req.echo) for p in runs]
+
+    def logprobs(k: int, tokens: list) -> dict | None:
+        return None if req.logprobs is None else completion_logprobs(tok, tokens, req.logprobs)
+
+    if not req.stream:
+        results = await running.wait(request.is_disconnected) if running else [None] * len(runs)
+        out = []
+        for k, (c, r) in enumerate(zip(choices, results)):
+            text = r.text if r else ""
+            tokens = c.last(text, r) if r else []
+            out.append(
+                {
+                    "index": k,
+                    "text": (c.echo_text() if req.echo else "") + text,
+                    "logprobs": logprobs(k, tokens),
+                    "finish_reason": r.finish_reason if r else "length",
+                }
+            )
+        return head | {"choices": out, "usage": usage(ids, results)}
+
+    def piece(k: int, text: str, tokens: list, finish: str | None = None) -> dict:
+        choice = {"index": k, "text": text, "logprobs": logprobs(k, tokens), "finish_reason": finish}
+        return head | {"choices": [choice]}
+
+    echoed = [not req.echo] * len(runs)
+
+    def echo(k: int, state: tuple) -> dict | None:
+        """The echoed prompt of choice k, once, before its first generated text (its log-probabilities
+        exist once the prompt is prefilled)."""
+        if echoed[k]:
+            return None
+        echoed[k] = True
+        return piece(k, choices[k].echo_text(), choices[k].tokens("", *state))
+
+    async def events() -> AsyncIterator[dict]:
+        results: list = [None] * len(runs)
+        if running:
+            async for k, text in running.pieces():
+                state = engine_state(running.generation.seqs[k])
+                if (first := echo(k, state)) is not None:
+                    yield first
+                yield piece(k, text, choices[k].tokens(text, *state))
+            results = running.result
+        for k, r in enumerate(results):
+            if (first := echo(k, (r.token_ids, r.logprobs, r.prompt_logprobs) if r else ([], [], []))) is not None:
+                yield first
+            yield piece(k, "", choices[k].last("", r) if r else [], r.finish_reason if r else "length")
+        if req.stream_options and req.stream_options.include_usage:
+            yield head | {"choices": [], "usage": usage(ids, results)}
+
+    return sse(events(), on_close=partial(handle.abort, head["id"]))
+
+
+@router.post("/chat/completions", responses=STREAMED)
+async def chat(req: ChatRequest, request: Request):
+    gen, handle = request.app.state.gen, request.app.state.handle
+    tok = gen.tokenizer
+    check_model(gen, req.model)
+    limit = req.max_completion_tokens or req.max_tokens
+    messages = [m.for_template() for m in req.messages]
+    bound(gen, ["".join(m["content"] for m in messages)], limit or 1)
+    ids = await asyncio.to_thread(tok.chat, messages)
+    max_tokens = limit or max(1, min(CHAT_MAX_TOKENS, gen.engine.context - len(ids)))
+    gen.engine.check_prompt(ids, max_tokens)
+    head = header(gen, "chatcmpl", "chat.completion")
+    top = (req.top_logprobs or 0) if req.logprobs else None
+    running: Running = handle.start(
+        [ids] * req.n, params(req, max_tokens, top), request_id=head["id"], stream=req.stream
+    )
+    choices = [Choice(tok, ids, echo=False) for _ in range(req.n)]
+
+    def logprobs(tokens: list) -> dict | None:
+        return None if top is None else chat_logprobs(tok, tokens, top)
+
+    if not req.stream:
+        results = await running.wait(request.is_disconnected)
+        out = [
+            {
+                "index": j,
+                "message": {"role": "assistant", "content": r.text},
+                "logprobs": logprobs(c.tokens(r.text, r.token_ids, r.logprobs, [])),
+                "finish_reason": r.finish_reason,
+            }
+            for j, (c, r) in enumerate(zip(choices, results))
+        ]
+        return head | {"choices": out, "usage": usage([ids], results)}
+
+    chunk = head | {"object": "chat.completion.chunk"}
+
+    def delta(j: int, d: dict, tokens: list | None = None, finish: str | None = None) -> dict:
+        lp = logprobs(tokens) if tokens else None
+        return chunk | {"choices": [{"index": j, "delta": d, "logprobs": lp, "finish_reason": finish}]}
+
+    async def events() -> AsyncIterator[dict]:
+        for j in range(req.n):
+            yield delta(j, {"role": "assistant", "content": ""})
+        async for j, text in running.pieces():
+            yield delta(j, {"content": text}, choices[j].tokens(text, *engine_state(running.generation.seqs[j])))
+        for j, r in enumerate(running.result):
+            yield delta(j, {}, choices[j].tokens("", r.token_ids, r.logprobs, []), r.finish_reason)
+        if req.stream_options and req.stream_options.include_usage:
+            yield chunk | {"choices": [], "usage": usage([ids], running.result)}
+
+    return sse(events(), on_close=partial(handle.abort, head["id"]))

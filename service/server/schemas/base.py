@@ -28,6 +28,15 @@ def _surrogate(value: Any, where: str) -> str | None:
     return None
 
 
+def unsupported(param: str, what: str) -> PydanticCustomError:
+    """The error for a parameter OpenAI defines and this server does not implement (400, OpenAI's wording)."""
+    return PydanticCustomError(
+        "unsupported_parameter",
+        "Unsupported parameter: '{param}' is not supported by this server ({what}).",
+        {"param": param, "what": what},
+    )
+
+
 class Body(BaseModel):
     """A request body: strict types, valid Unicode."""
 

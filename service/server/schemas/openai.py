@@ -1,40 +1,90 @@
-"""Request models of the OpenAI-compatible endpoints (responses are plain dicts in OpenAI's shape).
+"""Request models of the OpenAI-compatible endpoints.
 
-Parameters OpenAI defines that we do not implement are refused with 400 when set to a non-default
-value, never silently ignored."""
+They accept what OpenAI accepts (a prompt as text, texts, token ids or lists of token ids; chat content as
+text or text parts; the developer role; `max_tokens` up to the context) and refuse the rest with 400 in
+OpenAI's wording: an argument OpenAI does not define is "Unrecognized request argument supplied", and one
+it defines that this server does not implement (tools, structured output, `suffix`, images) is
+"Unsupported parameter", naming it. Nothing is ignored silently; `user` and `metadata` are accepted as
+what they are, labels for the caller's own records.
+"""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from service.engine.sampling import REPETITION_PENALTY_RANGE
 from service.errors import InvalidRequest
-from service.server.schemas.base import MAX_TOKENS, SEED, Body
+from service.server.schemas.base import SEED, Body, unsupported
+
+MAX_CHOICES = 16
+# Parameters OpenAI defines that this server does not implement: refused when set to anything but a no-op.
+UNSUPPORTED = {
+    "tools": "tool calls",
+    "tool_choice": "tool calls",
+    "functions": "function calls",
+    "function_call": "function calls",
+    "parallel_tool_calls": "tool calls",
+    "audio": "audio output",
+    "modalities": "audio output",
+    "prediction": "predicted outputs",
+    "web_search_options": "web search",
+    "reasoning_effort": "reasoning models",
+    "suffix": "insertion (suffix)",
+}
+NO_OP = (None, False, [], "", {}, "none", "auto")
+
+
+class OpenAIBody(Body):
+    """Unknown arguments are refused, as OpenAI does; defined but unimplemented ones are refused by name."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+    user: str | None = Field(None, description="an id for the end user, for the caller's records")
+    metadata: dict[str, str] | None = Field(None, description="labels for the caller's records")
+
+    @model_validator(mode="before")
+    @classmethod
+    def unsupported(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for name, what in UNSUPPORTED.items():
+                if data.get(name, None) not in NO_OP:
+                    raise unsupported(name, what)
+        return data
 
 
 class StreamOptions(Body):
     include_usage: bool = False
 
 
-class Sampling(Body):
-    """The sampling fields both endpoints share (OpenAI's defaults, plus vLLM's top_k and
-    repetition_penalty)."""
+class Sampling(OpenAIBody):
+    """The sampling fields both endpoints share: OpenAI's, with OpenAI's defaults and ranges, plus vLLM's
+    top_k and repetition_penalty."""
 
-    model: str
+    model: str = Field(description="the served model's name (GET /v1/models)")
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int = Field(0, ge=0)
+    top_k: int = Field(0, ge=0, description="0: off")
     repetition_penalty: float = Field(1.0, ge=REPETITION_PENALTY_RANGE[0], le=REPETITION_PENALTY_RANGE[1])
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="subtracted once from a generated token")
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="subtracted per time a token was generated")
+    logit_bias: dict[str, float] | None = Field(None, description="token id (as a string) -> bias in [-100, 100]")
     seed: int | None = SEED
     stop: str | list[str] | None = Field(None, description="up to 4 stop strings; never part of the output")
-    n: int = Field(1, ge=1, le=1, description="only 1")
-    presence_penalty: float = Field(0.0, ge=0.0, le=0.0, description="not supported: must be 0")
-    frequency_penalty: float = Field(0.0, ge=0.0, le=0.0, description="not supported: must be 0")
+    n: int = Field(1, ge=1, le=MAX_CHOICES, description="choices per prompt")
     ignore_eos: bool = Field(False, description="keep generating past end-of-turn tokens (benchmarks)")
     stream: bool = False
     stream_options: StreamOptions | None = None
+
+    @field_validator("logit_bias")
+    @classmethod
+    def bias_range(cls, bias: dict[str, float] | None) -> dict[str, float] | None:
+        for token, value in (bias or {}).items():
+            if not token.isdigit():
+                raise ValueError(f"keys are token ids, got {token!r}")
+            if not -100 <= value <= 100:
+                raise ValueError(f"biases are between -100 and 100, got {value} for token {token}")
+        return bias
 
     def stops(self) -> tuple[str, ...]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -42,28 +92,86 @@ class Sampling(Body):
             raise InvalidRequest("stop: at most 4 stop strings", param="stop")
         return tuple(stops)
 
+    def biases(self) -> tuple[tuple[int, float], ...]:
+        return tuple((int(t), v) for t, v in (self.logit_bias or {}).items())
+
 
 class CompletionRequest(Sampling):
-    prompt: str | list[int] | list[str] = Field(description="text, token ids, or a list of texts (one choice each)")
-    max_tokens: int = Field(16, ge=0, le=MAX_TOKENS, description="0 only with echo: score the prompt")
+    prompt: str | list[str] | list[int] | list[list[int]] = Field(
+        description="text, texts, token ids, or lists of token ids (one or more choices each)",
+        examples=["The capital of France is"],
+    )
+    max_tokens: int = Field(16, ge=0, description="0 only with echo: score the prompt; at most the context")
     logprobs: int | None = Field(None, ge=0, le=5)
     echo: bool = False
+    best_of: int | None = Field(None, ge=1, description="only equal to n: every sequence is returned")
+    response_format: None = None
 
     @model_validator(mode="after")
     def check(self):
         if self.max_tokens == 0 and not self.echo:
             raise ValueError("max_tokens may be 0 only with echo")
-        if isinstance(self.prompt, list) and not self.prompt:
-            raise ValueError("prompt is empty")
+        if isinstance(self.prompt, list) and (not self.prompt or any(p in ([], "") for p in self.prompt)):
+            raise ValueError("prompt: an empty prompt")
+        if self.best_of is not None and self.best_of != self.n:
+            raise unsupported("best_of", "best_of other than n (choosing among sequences)")
         return self
+
+    def prompts(self) -> list[str | list[int]]:
+        """One entry per prompt: a text or token ids."""
+        if isinstance(self.prompt, str) or isinstance(self.prompt[0], int):
+            return [self.prompt]
+        return list(self.prompt)
+
+
+class TextPart(Body):
+    type: Literal["text"]
+    text: str
 
 
 class Message(Body):
-    role: Literal["system", "user", "assistant"]
-    content: str
+    model_config = ConfigDict(strict=True, extra="forbid")
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart] = Field(description="text, or a list of text parts")
+    name: str | None = Field(None, description="the participant's name, passed to the chat template")
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def text_only(cls, content: Any) -> Any:
+        if isinstance(content, list):
+            for part in content:
+                if isinstance(part, dict) and part.get("type") not in (None, "text"):
+                    raise unsupported("messages.content", f"{part['type']!r} content parts (only text)")
+        return content
+
+    def for_template(self) -> dict[str, str]:
+        """The message as chat templates take it: the developer role is the system role of older models."""
+        text = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+        role = "system" if self.role == "developer" else self.role
+        return {"role": role, "content": text} | ({"name": self.name} if self.name else {})
+
+
+class ResponseFormat(Body):
+    type: Literal["text"] = Field(description="only text: JSON modes are not supported")
 
 
 class ChatRequest(Sampling):
-    messages: list[Message] = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS, description="default: what the context allows")
-    max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS)
+    messages: list[Message] = Field(min_length=1, examples=[[{"role": "user", "content": "Hello!"}]])
+    max_tokens: int | None = Field(None, ge=1, description="default: what the context allows, up to 512")
+    max_completion_tokens: int | None = Field(None, ge=1, description="the same as max_tokens")
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20, description="alternatives per token, with logprobs")
+    response_format: ResponseFormat | None = None
+
+    @field_validator("response_format", mode="before")
+    @classmethod
+    def text_format(cls, value: Any) -> Any:
+        if isinstance(value, dict) and value.get("type") in ("json_object", "json_schema"):
+            raise unsupported("response_format", f"response_format {value['type']!r} (structured output)")
+        return value
+
+    @model_validator(mode="after")
+    def check(self):
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs requires logprobs to be true")
+        return self

@@ -10,7 +10,7 @@ from service.server.schemas.base import MAX_TOKENS, SEED, Body
 
 MAX_QUESTION_CHARS = 4_000
 MAX_PASSAGES = 32
-MAX_TEXT_CHARS = 200_000  # one passage or document; longer input gets 422 before any tokenizing
+MAX_TEXT_CHARS = 200_000  # one passage or document; longer input gets 400 before any tokenizing
 
 Question = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=MAX_QUESTION_CHARS)]
 Text = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=MAX_TEXT_CHARS)]
