@@ -2,7 +2,8 @@
 `data: [DONE]`, with the headers that keep proxies from buffering a stream (`Cache-Control: no-cache`,
 `X-Accel-Buffering: no`) and a `: ping` comment every `PING_S` seconds of silence, so that idle
 connections are not cut while a long prompt is prefilled. sse-starlette also watches for the client
-hanging up and then cancels the stream, which aborts its sequences.
+hanging up and then cancels the stream, which aborts its sequences. When the server stops (SIGTERM), a
+stream is not cut: it has `DRAIN_S` seconds to finish, the time `nlg serve` gives requests in flight.
 
 The response's status and headers go out before the first event, so every error known before the
 first token must be raised before `sse` is called (the handlers submit to the engine first). An error
@@ -21,11 +22,14 @@ from sse_starlette import EventSourceResponse
 from service.server.http_errors import error_body
 
 PING_S = 15
+DRAIN_S = 20  # sse-starlette cancels streams at shutdown after this: service.cli.commands.SHUTDOWN_GRACE_S
 
 
 class EventStream(EventSourceResponse):
     def __init__(self, body, on_close: Callable[[], None] | None = None):
-        super().__init__(body, headers={"Cache-Control": "no-cache"}, ping=PING_S, sep="\n")
+        super().__init__(
+            body, headers={"Cache-Control": "no-cache"}, ping=PING_S, sep="\n", shutdown_grace_period=DRAIN_S
+        )
         self.on_close = on_close
 
     async def __call__(self, scope, receive, send) -> None:
