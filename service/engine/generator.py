@@ -137,10 +137,6 @@ class Generation:
             )
         m = self.gen.metrics
         if m:
-            m.latency.observe(time.perf_counter() - self.start)
-            m.batch_size.observe(len(self.prompts))
-            m.prompt_tokens.inc(sum(map(len, self.prompts)))
-            for r in results:
-                m.generation_tokens.inc(r.completion_tokens)
-                m.finished.labels(r.finish_reason).inc()
+            for p, r in zip(self.prompts, results):
+                m.finish(r.finish_reason, len(p), r.completion_tokens)
         return results

@@ -45,7 +45,7 @@ class Scheduler:
         on_fatal: Callable[[], None] = lambda: None,
     ):
         self.engine, self.max_waiting, self.on_fatal = engine, max_waiting, on_fatal
-        self.metrics = metrics or Metrics()
+        self.metrics = metrics or Metrics(model_name="")
         self.batcher = Batcher(engine, engine.new_cache(slots, context or engine.context))
         self.cv = threading.Condition()
         self.inbox: list[Sequence] = []
@@ -159,6 +159,8 @@ class Scheduler:
                 m.queue.observe(now - s.arrival)
         m.running.set(len(self.batcher.running))
         m.waiting.set(len(self.batcher.waiting) + len(self.inbox))
+        cache = self.batcher.cache
+        m.kv_usage.set(sum(s.length for s in self.batcher.running) / (cache.num_slots * cache.max_seq))
 
     def _fail(self, error: Exception, calls) -> None:
         self.failure = f"engine failed: {type(error).__name__}: {error}"

@@ -19,6 +19,7 @@ from functools import partial
 
 from fastapi import Depends, FastAPI
 from fastapi.security import HTTPBearer
+from fastapi_offline import FastAPIOffline
 
 from service.engine.generator import TextGenerator
 from service.engine.handle import AsyncEngine
@@ -28,11 +29,16 @@ from service.jobs.runner import JobRunner
 from service.jobs.store import JobStore
 from service.server import http_errors
 from service.server.auth import ApiKey
+from service.server.observe import Observed
 from service.server.routes import batches, health, openai, tasks
-from service.server.schemas.base import ErrorResponse
 
 MAX_BODY_BYTES = 2 * 1024 * 1024
-ERRORS = {s: {"model": ErrorResponse} for s in (400, 401, 404, 413, 429, 500, 503, 504)}
+TAGS = [
+    {"name": "Answers and summaries", "description": "The service's own tasks: full-sentence answers, summaries"},
+    {"name": "OpenAI-compatible", "description": "OpenAI's API: any OpenAI client works with base_url .../v1"},
+    {"name": "Batch jobs", "description": "JSONL in, JSONL out, resumable; one record per line"},
+    {"name": "Health", "description": "Liveness and readiness (a real forward on every rank)"},
+]
 
 
 def build_app(
@@ -55,7 +61,7 @@ def build_app(
     gets 504 (a stream: a last error event). With `score_traffic`, every answer and summary is scored by
     the cheap reference-free hooks (`routes.tasks.QUALITY`) into the Prometheus histogram
     `nlg_quality_score{task, metric}`."""
-    metrics = gen.metrics = Metrics()
+    metrics = gen.metrics = Metrics(gen.name)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -74,11 +80,13 @@ def build_app(
         scheduler.stop()
         gen.runs_on(None)
 
-    app = FastAPI(
+    app = FastAPIOffline(  # FastAPI with the /docs and /redoc assets served from the installed package
         title="nlg",
         version="0.1.0",
-        description="Full-sentence answers and abstractive summaries from a tensor-parallel decoder.",
-        responses=ERRORS,
+        description="Full-sentence answers and abstractive summaries from a tensor-parallel decoder. Errors have "
+        'one shape, `{"error": {"message", "type", "param", "code"}}`; with `--api-key`, send '
+        "`Authorization: Bearer KEY` (Authorize, above).",
+        openapi_tags=TAGS,
         lifespan=lifespan,
     )
     store = JobStore(jobs_db)
@@ -98,6 +106,7 @@ def build_app(
 
     if api_key:
         app.add_middleware(ApiKey, key=api_key)
+    app.add_middleware(Observed, metrics=metrics)  # outermost: it sees the statuses of the others too
     app.openapi = partial(openapi, app, app.openapi)
     return app
 

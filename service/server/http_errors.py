@@ -17,6 +17,7 @@ from starlette.exceptions import HTTPException
 
 from service.errors import ClientGone, DeadlineExceeded, EngineFailed, InvalidRequest, Overloaded, RequestFailed
 from service.server.invalid import describe
+from service.server.schemas.base import ErrorResponse
 
 TYPES = {
     400: "invalid_request_error",
@@ -28,6 +29,16 @@ TYPES = {
     500: "server_error",
     503: "unavailable",
     504: "timeout",
+}
+WHEN = {
+    400: "The input cannot work as sent (OpenAI's wording, param and code)",
+    401: "A missing or wrong API key (with --api-key)",
+    404: "A model this server does not serve, or an unknown batch job",
+    413: "The body is over the size limit",
+    429: "The queue is full: retry after Retry-After seconds",
+    500: "This request failed on the engine thread; the service goes on",
+    503: "The engine failed (the service exits to be restarted), or it is not ready",
+    504: "The request ran past --request-timeout",
 }
 # error classes, most specific first: (class, status, code)
 STATUS = (
@@ -44,6 +55,11 @@ class SafeJSON(JSONResponse):
 
     def render(self, content) -> bytes:
         return json.dumps(content, ensure_ascii=True, separators=(",", ":")).encode()
+
+
+def responses(*statuses: int) -> dict:
+    """The OpenAPI responses of a route that can fail with these statuses (all in the one error shape)."""
+    return {s: {"model": ErrorResponse, "description": WHEN[s]} for s in statuses}
 
 
 def body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict:

@@ -135,19 +135,28 @@ def check_key(c):
 
 
 def test_metrics_count_requests_and_tokens(tiny):
-    """Prometheus metrics count requests and tokens as they are served."""
+    """Prometheus metrics under vLLM's names and model_name label (a vLLM dashboard reads them), each HTTP
+    request counted once by route and status, the process's memory."""
     with TestClient(build_app(tiny)) as c:
         check_metrics(c)
 
 
 def check_metrics(c):
     r = c.post("/v1/answer", json={"question": "Who?", "max_tokens": 5}).json()
+    c.post("/v1/completions", json={"model": "tiny-random", "prompt": "hi", "temperature": 9})
     text = c.get("/metrics").text
-    assert f"nlg_generation_tokens_total {float(r['usage']['completion_tokens'])}" in text
-    assert "nlg_time_to_first_token_seconds_count 1.0" in text
-    assert "nlg_request_latency_seconds_count 1.0" in text and "nlg_running_requests 0.0" in text
+    label = '{model_name="tiny-random"}'
+    assert f"vllm:generation_tokens_total{label} {float(r['usage']['completion_tokens'])}" in text
+    assert f"vllm:time_to_first_token_seconds_count{label} 1.0" in text
+    assert f"vllm:e2e_request_latency_seconds_count{label} 1.0" in text  # the 400 is not a success
+    assert f"vllm:num_requests_running{label} 0.0" in text and f"vllm:kv_cache_usage_perc{label} 0.0" in text
+    assert 'vllm:request_success_total{finished_reason="length",model_name="tiny-random"} 1.0' in text
+    assert f"vllm:request_generation_tokens_count{label} 1.0" in text
+    assert 'nlg_http_requests_total{model_name="tiny-random",route="/v1/answer",status="200"} 1.0' in text
+    assert 'nlg_http_requests_total{model_name="tiny-random",route="/v1/completions",status="400"} 1.0' in text
+    assert "process_resident_memory_bytes" in text
     c.get("/ready")  # probes stay out of request metrics
-    assert "nlg_request_latency_seconds_count 1.0" in c.get("/metrics").text
+    assert f"vllm:e2e_request_latency_seconds_count{label} 1.0" in c.get("/metrics").text
 
 
 def test_ready_is_503_while_the_model_loads(tiny):
@@ -251,4 +260,4 @@ def test_score_traffic_fills_quality_histograms(tiny):
         text = c.get("/metrics").text
     assert "entities" not in text
     for task, metric in (("answer", "full_sentence"), ("answer", "support"), ("summarize", "novel_trigrams")):
-        assert f'nlg_quality_score_count{{metric="{metric}",task="{task}"}} 1.0' in text
+        assert f'nlg_quality_score_count{{metric="{metric}",model_name="tiny-random",task="{task}"}} 1.0' in text

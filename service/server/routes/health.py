@@ -13,12 +13,12 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from service.engine.generator import TextGenerator
 from service.engine.handle import AsyncEngine
 from service.jobs.runner import JobRunner
-from service.server.http_errors import error
+from service.server.http_errors import error, responses
 
 READY_TTL_S = 1.0  # /ready probes the engine at most this often; callers in between get the last answer
 PROBE_TIMEOUT_S = 10.0  # a probe the engine has not answered by then makes /ready 503
 
-router = APIRouter()
+router = APIRouter(tags=["Health"])
 
 
 class Readiness:
@@ -56,7 +56,7 @@ def health(request: Request) -> dict:
     return {"status": "ok", "model": request.app.state.gen.name}
 
 
-@router.get("/ready")
+@router.get("/ready", responses=responses(503))
 async def ready(request: Request):
     """A real one-token forward on every rank (at most one per second); 503 once the engine has failed,
     or when it does not answer in time."""

@@ -25,15 +25,23 @@ from service.engine.handle import Running
 from service.engine.sampling import SamplingParams
 from service.engine.sequence import Sequence
 from service.errors import ContextOverflow
+from service.server.http_errors import responses
 from service.server.logprobs import Aligned, chat_logprobs, completion_logprobs
+from service.server.schemas import openai_responses as out
 from service.server.schemas.openai import ChatRequest, CompletionRequest, Sampling
 from service.server.streams import sse
 
 CHAT_MAX_TOKENS = 512  # default for chat when the request sets none (less if the context is shorter)
-STREAMED = {200: {"content": {"text/event-stream": {}}, "description": "JSON, or with stream: server-sent events"}}
+GENERATES = responses(400, 401, 404, 413, 429, 500, 503, 504)
 
 
-router = APIRouter(prefix="/v1")
+def streamed(model) -> dict:
+    """A 200 that is JSON (`model`) or, with stream: true, server-sent events."""
+    text = "JSON, or with `stream: true` server-sent events (`data: {chunk}` ... `data: [DONE]`)"
+    return {200: {"model": model, "description": text, "content": {"text/event-stream": {}}}} | GENERATES
+
+
+router = APIRouter(prefix="/v1", tags=["OpenAI-compatible"])
 
 
 def check_model(gen: TextGenerator, name: str) -> None:
@@ -81,13 +89,15 @@ def card(gen: TextGenerator) -> dict:
     return {"id": gen.name, "object": "model", "created": 0, "owned_by": "nlg", "max_model_len": gen.engine.context}
 
 
-@router.get("/models")
+@router.get("/models", response_model=out.ModelList, responses=responses(401))
 def models(request: Request) -> dict:
+    """The served model (one per server)."""
     return {"object": "list", "data": [card(request.app.state.gen)]}
 
 
-@router.get("/models/{model:path}")
+@router.get("/models/{model:path}", response_model=out.Model, responses=responses(401, 404))
 def model(model: str, request: Request) -> dict:
+    """The served model, by name (`client.models.retrieve`)."""
     gen = request.app.state.gen
     check_model(gen, model)
     return card(gen)
@@ -133,8 +143,10 @@ def engine_state(s: Sequence) -> tuple[list[int], list, list]:
     return output, s.logprobs[: len(output)], s.prompt_logprobs[:]
 
 
-@router.post("/completions", responses=STREAMED)
+@router.post("/completions", responses=streamed(out.Completion))
 async def completions(req: CompletionRequest, request: Request):
+    """OpenAI's completions: continue each prompt (`n` choices each). `echo` with `logprobs` scores the
+    prompt (`max_tokens: 0`: the prompt only), as evaluation harnesses do."""
     gen, handle = request.app.state.gen, request.app.state.handle
     tok, engine = gen.tokenizer, gen.engine
     check_model(gen, req.model)
@@ -204,8 +216,9 @@ async def completions(req: CompletionRequest, request: Request):
     return sse(events(), on_close=partial(handle.abort, head["id"]))
 
 
-@router.post("/chat/completions", responses=STREAMED)
+@router.post("/chat/completions", responses=streamed(out.ChatCompletion))
 async def chat(req: ChatRequest, request: Request):
+    """OpenAI's chat completions through the model's chat template."""
     gen, handle = request.app.state.gen, request.app.state.handle
     tok = gen.tokenizer
     check_model(gen, req.model)

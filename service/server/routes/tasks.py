@@ -10,19 +10,22 @@ from fastapi import APIRouter, Request
 
 from service.engine.handle import TaskRun
 from service.evals import scoring
+from service.server.http_errors import responses
 from service.server.schemas.tasks import AnswerRequest, AnswerResponse, SummarizeRequest, SummarizeResponse, Usage
 from service.server.streams import sse
 from service.tasks.answer import Answer, answer_plan, answer_source
 from service.tasks.summarize import Summary, summarize_plan
 
-STREAMED = {200: {"content": {"text/event-stream": {}}, "description": "JSON, or with stream: server-sent events"}}
+STREAMED = {
+    200: {"content": {"text/event-stream": {}}, "description": "JSON, or with stream: server-sent events"}
+} | responses(400, 401, 413, 429, 500, 503, 504)
 # --score-traffic: cheap reference-free hooks per task, and the scores of theirs that are exported
 QUALITY = {
     "answer": (["sentence", "support"], ["full_sentence", "support"]),
     "summarize": (["support", "novelty"], ["support", "novel_trigrams", "copied_sentences"]),
 }
 
-router = APIRouter(prefix="/v1")
+router = APIRouter(prefix="/v1", tags=["Answers and summaries"])
 
 
 def usage(prompt: int, completion: int) -> Usage:
@@ -36,7 +39,7 @@ def scores(state, task: str, ev, prediction: str, source: str) -> dict | None:
         hooks, exported = QUALITY[task]
         values = scoring.evaluate(hooks, prediction, [], source)
         for name in exported:
-            state.metrics.quality.labels(task, name).observe(values[name])
+            state.metrics.quality.labels(state.metrics.model_name, task, name).observe(values[name])
     return scoring.evaluate(ev.metrics, prediction, ev.references, source, state.gen) if ev else None
 
 
@@ -66,6 +69,8 @@ async def respond(req, plan, request: Request, task: str, source: str, shape):
 
 @router.post("/answer", response_model=AnswerResponse, responses=STREAMED)
 async def answer(req: AnswerRequest, request: Request):
+    """A direct answer in one full sentence, from the model's knowledge or from the passages sent (then
+    `passage_index` says which one supports it). Passages past the context are answered window by window."""
     gen = request.app.state.gen
     plan = answer_plan(gen, req.question, req.passages, req.max_tokens, req.temperature, req.seed)
 
@@ -83,6 +88,8 @@ async def answer(req: AnswerRequest, request: Request):
 
 @router.post("/summarize", response_model=SummarizeResponse, responses=STREAMED)
 async def summarize(req: SummarizeRequest, request: Request):
+    """An abstractive summary of one document or several; a document past the context is summarized in
+    pieces, and the pieces' summaries are summarized again (map-reduce)."""
     gen = request.app.state.gen
     plan = summarize_plan(gen, req.text(), req.length, req.max_words, req.temperature, req.seed)
 

@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 from pydantic import ConfigDict, Field, field_validator, model_validator
 
+from model.registry import DEFAULT_MODEL
 from service.engine.sampling import REPETITION_PENALTY_RANGE
 from service.errors import InvalidRequest
 from service.server.schemas.base import SEED, Body, unsupported
@@ -97,9 +98,15 @@ class Sampling(OpenAIBody):
 
 
 class CompletionRequest(Sampling):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {"model": DEFAULT_MODEL, "prompt": "The capital of France is", "max_tokens": 16, "temperature": 0}
+            ]
+        }
+    )
     prompt: str | list[str] | list[int] | list[list[int]] = Field(
-        description="text, texts, token ids, or lists of token ids (one or more choices each)",
-        examples=["The capital of France is"],
+        description="text, texts, token ids, or lists of token ids (one or more choices each)"
     )
     max_tokens: int = Field(16, ge=0, description="0 only with echo: score the prompt; at most the context")
     logprobs: int | None = Field(None, ge=0, le=5)
@@ -156,7 +163,18 @@ class ResponseFormat(Body):
 
 
 class ChatRequest(Sampling):
-    messages: list[Message] = Field(min_length=1, examples=[[{"role": "user", "content": "Hello!"}]])
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "model": DEFAULT_MODEL,
+                    "messages": [{"role": "user", "content": "What is the capital of France?"}],
+                    "max_tokens": 64,
+                }
+            ]
+        }
+    )
+    messages: list[Message] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1, description="default: what the context allows, up to 512")
     max_completion_tokens: int | None = Field(None, ge=1, description="the same as max_tokens")
     logprobs: bool = False

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, Field, StringConstraints, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
 from service.server.schemas.base import MAX_TOKENS, SEED, Body
 
@@ -30,6 +30,16 @@ class Evaluate(Body):
 
 
 class AnswerRequest(Body):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "question": "Who is Jason Mraz engaged to?",
+                    "passages": ["Jason Mraz and Tristan Prettyman got engaged on Christmas Eve 2008."],
+                }
+            ]
+        }
+    )
     question: Question
     passages: list[Text] = Field(default_factory=list, max_length=MAX_PASSAGES)
     max_tokens: int = Field(80, ge=1, le=MAX_TOKENS)
@@ -48,6 +58,17 @@ class AnswerResponse(BaseModel):
 
 
 class SummarizeRequest(Body):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "document": "The city council approved the new park on Monday. Construction starts in May and "
+                    "the park opens next spring. Residents had asked for green space for a decade.",
+                    "length": "short",
+                }
+            ]
+        }
+    )
     document: Text | None = None
     documents: list[Text] | None = Field(
         None,
