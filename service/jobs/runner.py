@@ -4,6 +4,10 @@ after the restart. A record that fails for any reason gets its error row (with i
 goes on; one refused because the engine's queue is full (`Overloaded`, from interactive load) stays
 pending and is tried again after the Retry-After; after an engine failure the runner stops, leaving the
 records in flight pending.
+
+An OpenAI batch's line (`{custom_id, method, url, body}`) is sent as a request to the server's own
+endpoint (`post`, in process, through the same validation and handlers as any client's request): a 2xx
+is a line of the output file, anything else a line of the error file, both in OpenAI's shape.
 """
 
 from __future__ import annotations
@@ -12,6 +16,8 @@ import json
 import sys
 import threading
 import time
+import uuid
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from service.engine.generator import TextGenerator
@@ -25,6 +31,8 @@ class JobRunner:
 
     def __init__(self, gen: TextGenerator, store: JobStore, workers: int = 4):
         self.gen, self.store, self.workers = gen, store, workers
+        # (endpoint, body) -> (status, headers, body): the server's own handling of an OpenAI batch line
+        self.post: Callable[[str, dict], tuple[int, dict, dict]] | None = None
         self.wake = threading.Event()
         self.stopping = False
         self.thread = threading.Thread(target=self._loop, name="nlg-jobs", daemon=True)
@@ -61,6 +69,11 @@ class JobRunner:
                 record = json.loads(text)
             except ValueError as e:
                 raise InvalidRequest(f"invalid JSON: {e}") from None
+            if task.startswith("/v1/"):
+                result, error = self._request(task, record)
+                self._save(job, line, result, error)
+                self.wake.set()
+                return
             result = record_id(text) | run_record(self.gen, task, record)
         except Overloaded as e:  # interactive load fills the queue: the record waits its turn
             self.resume_at = time.monotonic() + e.retry_after
@@ -69,10 +82,31 @@ class JobRunner:
             self.stopping = True
             return
         except Exception as e:  # anything else is this record's own failure
-            self._save(job, line, None, str(e) if isinstance(e, InvalidRequest) else f"{type(e).__name__}: {e}")
+            message = str(e) if isinstance(e, InvalidRequest) else f"{type(e).__name__}: {e}"
+            if task.startswith("/v1/"):  # an OpenAI batch's error file holds JSON lines
+                custom_id = json.loads(text).get("custom_id")
+                error = {"code": "request_failed", "message": message}
+                message = json.dumps({"id": None, "custom_id": custom_id, "response": None, "error": error})
+            self._save(job, line, None, message)
         else:
             self._save(job, line, result, None)
         self.wake.set()
+
+    def _request(self, endpoint: str, record: dict) -> tuple[dict | None, str | None]:
+        """One OpenAI batch line through the server: (output line, None) or (None, error line as JSON).
+        Raises `Overloaded` and `EngineFailed` as the engine would, so the line waits or stays pending."""
+        status, headers, body = self.post(endpoint, record["body"])
+        if status == 429:
+            raise Overloaded("the queue is full", int(headers.get("retry-after", "1")))
+        if status == 503:
+            raise EngineFailed(body.get("error", {}).get("message", "the engine failed"))
+        out = {
+            "id": f"batch_req_{uuid.uuid4().hex}",
+            "custom_id": record["custom_id"],
+            "response": {"status_code": status, "request_id": body.get("id", ""), "body": body},
+            "error": None,
+        }
+        return (out, None) if status < 300 else (None, json.dumps(out))
 
     def _save(self, job: str, line: int, result: dict | None, error: str | None) -> None:
         try:

@@ -1,5 +1,10 @@
 """Batch jobs kept in SQLite, so that a restarted server picks up where it stopped: a job and its
-records, each record's result or error stored in its own transaction (a record never gets two)."""
+records, each record's result or error stored in its own transaction (a record never gets two).
+
+Two kinds of job share the records: the tasks' jobs (`task` answer or summarize, ids `job_...`) and
+OpenAI's batches (`task` the endpoint each line is sent to, ids `batch_...`, with their input file and
+window in `batches`). Files uploaded for OpenAI's Batch API are kept here too; a batch's output and error
+files are made from its records when read (`file-<batch>-output`, `file-<batch>-errors`)."""
 
 from __future__ import annotations
 
@@ -15,7 +20,12 @@ CREATE TABLE IF NOT EXISTS jobs (id TEXT PRIMARY KEY, task TEXT NOT NULL, state 
                                  created REAL NOT NULL, finished REAL);
 CREATE TABLE IF NOT EXISTS records (job TEXT NOT NULL, line INTEGER NOT NULL, input TEXT NOT NULL,
                                     result TEXT, error TEXT, PRIMARY KEY (job, line));
+CREATE TABLE IF NOT EXISTS files (id TEXT PRIMARY KEY, filename TEXT NOT NULL, purpose TEXT NOT NULL,
+                                  created REAL NOT NULL, content BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS batches (id TEXT PRIMARY KEY, input_file TEXT NOT NULL, window TEXT NOT NULL,
+                                    metadata TEXT);
 """
+OUTPUTS = ("output", "errors")  # the files a batch makes: its successes and its failures
 
 
 class JobStore:
@@ -25,8 +35,8 @@ class JobStore:
         self.db.executescript(SCHEMA)
         self.lock = threading.Lock()
 
-    def create(self, task: str, lines: list[str]) -> str:
-        job = f"batch_{uuid.uuid4().hex}"
+    def create(self, task: str, lines: list[str], prefix: str = "job") -> str:
+        job = f"{prefix}_{uuid.uuid4().hex}"
         with self.lock:
             self.db.execute("BEGIN")
             self.db.execute("INSERT INTO jobs VALUES (?, ?, 'queued', ?, NULL)", (job, task, time.time()))
@@ -102,6 +112,113 @@ class JobStore:
                 (state, state, time.time(), job),
             )
             self.db.execute("COMMIT")
+
+    def add_file(self, filename: str, purpose: str, content: bytes) -> dict:
+        file = f"file-{uuid.uuid4().hex}"
+        with self.lock:
+            self.db.execute("INSERT INTO files VALUES (?, ?, ?, ?, ?)", (file, filename, purpose, time.time(), content))
+        return self.file(file)
+
+    def file(self, file: str) -> dict:
+        """A file's OpenAI description (raises KeyError for an unknown one)."""
+        if file.startswith("file-batch_") and file.rsplit("-", 1)[-1] in OUTPUTS:
+            job, kind = file[len("file-") :].rsplit("-", 1)
+            created = self.batch(job)["created_at"]
+            return _file(file, f"{job}_{kind}.jsonl", "batch_output", created, len(self.content(file)))
+        with self.lock:
+            row = self.db.execute(
+                "SELECT filename, purpose, created, length(content) FROM files WHERE id = ?", (file,)
+            ).fetchone()
+        if row is None:
+            raise KeyError(file)
+        return _file(file, *row)
+
+    def content(self, file: str) -> bytes:
+        if file.startswith("file-batch_") and file.rsplit("-", 1)[-1] in OUTPUTS:
+            job, kind = file[len("file-") :].rsplit("-", 1)
+            column = "result" if kind == "output" else "error"
+            with self.lock:
+                rows = self.db.execute(
+                    f"SELECT {column} FROM records WHERE job = ? AND {column} IS NOT NULL ORDER BY line", (job,)
+                ).fetchall()
+            return "".join(r[0] + "\n" for r in rows).encode()
+        with self.lock:
+            row = self.db.execute("SELECT content FROM files WHERE id = ?", (file,)).fetchone()
+        if row is None:
+            raise KeyError(file)
+        return bytes(row[0])
+
+    def files(self) -> list[dict]:
+        with self.lock:
+            ids = [r[0] for r in self.db.execute("SELECT id FROM files ORDER BY created DESC").fetchall()]
+        return [self.file(i) for i in ids]
+
+    def delete_file(self, file: str) -> dict:
+        self.file(file)
+        with self.lock:
+            self.db.execute("DELETE FROM files WHERE id = ?", (file,))
+        return {"id": file, "object": "file", "deleted": True}
+
+    def create_batch(self, input_file: str, endpoint: str, window: str, metadata: dict | None) -> dict:
+        """An OpenAI batch of the input file's lines (checked by the caller), each sent to `endpoint`."""
+        lines = self.content(input_file).decode("utf-8").splitlines()
+        job = self.create(endpoint, lines, prefix="batch")
+        with self.lock:
+            self.db.execute(
+                "INSERT INTO batches VALUES (?, ?, ?, ?)",
+                (job, input_file, window, json.dumps(metadata) if metadata is not None else None),
+            )
+        return self.batch(job)
+
+    def batch(self, job: str) -> dict:
+        """The OpenAI Batch object of a batch (KeyError for an unknown one)."""
+        with self.lock:
+            row = self.db.execute("SELECT input_file, window, metadata FROM batches WHERE id = ?", (job,)).fetchone()
+        if row is None:
+            raise KeyError(job)
+        status = self.status(job)
+        counts, state = status["counts"], status["state"]
+        done = counts["succeeded"] + counts["failed"]
+        return {
+            "id": job,
+            "object": "batch",
+            "endpoint": status["task"],
+            "errors": None,
+            "input_file_id": row[0],
+            "completion_window": row[1],
+            "status": {"queued": "in_progress", "running": "in_progress"}.get(state, state),
+            "output_file_id": f"file-{job}-output" if counts["succeeded"] else None,
+            "error_file_id": f"file-{job}-errors" if counts["failed"] else None,
+            "created_at": int(status["created_at"]),
+            "in_progress_at": int(status["created_at"]),
+            "expires_at": int(status["created_at"]) + 24 * 3600,
+            "completed_at": int(status["finished_at"]) if state == "completed" and status["finished_at"] else None,
+            "cancelled_at": int(status["finished_at"]) if state == "cancelled" and status["finished_at"] else None,
+            "request_counts": {"total": counts["total"], "completed": done, "failed": counts["failed"]},
+            "metadata": json.loads(row[2]) if row[2] else None,
+        }
+
+    def batches(self) -> list[dict]:
+        with self.lock:
+            ids = [
+                r[0]
+                for r in self.db.execute(
+                    "SELECT b.id FROM batches b JOIN jobs j ON j.id = b.id ORDER BY j.created DESC"
+                )
+            ]
+        return [self.batch(i) for i in ids]
+
+
+def _file(file: str, filename: str, purpose: str, created: float, size: int) -> dict:
+    return {
+        "id": file,
+        "object": "file",
+        "bytes": size,
+        "created_at": int(created),
+        "filename": filename,
+        "purpose": purpose,
+        "status": "processed",
+    }
 
 
 def record_id(text: str) -> dict:

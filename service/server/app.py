@@ -29,14 +29,17 @@ from service.jobs.runner import JobRunner
 from service.jobs.store import JobStore
 from service.server import http_errors
 from service.server.auth import ApiKey
+from service.server.inprocess import poster
 from service.server.observe import Observed
-from service.server.routes import batches, health, openai, tasks
+from service.server.routes import batches, files, health, jobs, openai, tasks
 
 MAX_BODY_BYTES = 2 * 1024 * 1024
 TAGS = [
     {"name": "Answers and summaries", "description": "The service's own tasks: full-sentence answers, summaries"},
     {"name": "OpenAI-compatible", "description": "OpenAI's API: any OpenAI client works with base_url .../v1"},
-    {"name": "Batch jobs", "description": "JSONL in, JSONL out, resumable; one record per line"},
+    {"name": "Files", "description": "OpenAI's Files API: the input and output files of batches"},
+    {"name": "Batches", "description": "OpenAI's Batch API: a file of requests to one endpoint, run in the background"},
+    {"name": "Task jobs", "description": "Answers or summaries over JSONL, one record per line, resumable"},
     {"name": "Health", "description": "Liveness and readiness (a real forward on every rank)"},
 ]
 
@@ -56,11 +59,11 @@ def build_app(
     takes requests, and stops the thread. `on_fatal` runs after an engine failure (a dead rank, a
     collective timeout) has failed every request in flight; `nlg serve` makes it shut the server down and
     exit non-zero so a supervisor restarts the service. With `api_key`, every /v1 route wants
-    `Authorization: Bearer <key>` (health, readiness, metrics and the docs stay open). Batch jobs live in
-    the SQLite file `jobs_db`. A request running longer than `request_timeout` seconds is stopped and
-    gets 504 (a stream: a last error event). With `score_traffic`, every answer and summary is scored by
-    the cheap reference-free hooks (`routes.tasks.QUALITY`) into the Prometheus histogram
-    `nlg_quality_score{task, metric}`."""
+    `Authorization: Bearer <key>` (health, readiness, metrics and the docs stay open). Batch jobs (the
+    tasks' jobs, OpenAI batches and their files) live in the SQLite file `jobs_db`. A request running
+    longer than `request_timeout` seconds is stopped and gets 504 (a stream: a last error event). With
+    `score_traffic`, every answer and summary is scored by the cheap reference-free hooks
+    (`routes.tasks.QUALITY`) into the Prometheus histogram `nlg_quality_score{task, metric}`."""
     metrics = gen.metrics = Metrics(gen.name)
 
     @asynccontextmanager
@@ -96,17 +99,18 @@ def build_app(
     app.state.readiness = health.Readiness(gen, runner)
     bearer = Depends(HTTPBearer(auto_error=False, description="the server's --api-key, when it has one"))
     app.include_router(health.router)
-    for family in (tasks, openai, batches):
+    for family in (tasks, openai, files, batches, jobs):
         app.include_router(family.router, dependencies=[bearer])
     http_errors.install(app)
     app.add_middleware(
         http_errors.BodyLimit,
-        limit=lambda path: batches.MAX_JOB_BYTES if path.startswith("/v1/batches") else MAX_BODY_BYTES,
+        limit=lambda path: jobs.MAX_JOB_BYTES if path.startswith(("/v1/jobs", "/v1/files")) else MAX_BODY_BYTES,
     )
 
     if api_key:
         app.add_middleware(ApiKey, key=api_key)
     app.add_middleware(Observed, metrics=metrics)  # outermost: it sees the statuses of the others too
+    runner.post = poster(app, api_key)  # OpenAI batch lines go through the app like a client's requests
     app.openapi = partial(openapi, app, app.openapi)
     return app
 

@@ -29,7 +29,7 @@ class Observed:
             await self.app(scope, receive, sending)
         finally:
             m = self.metrics
-            route = getattr(scope.get("route"), "path", "unmatched")  # the template: /v1/batches/{job}
+            route = getattr(scope.get("route"), "path", "unmatched")  # the template: /v1/jobs/{job}
             m.http.labels(m.model_name, route, str(status)).inc()
             if status < 400 and scope["method"] == "POST":
                 m.latency.observe(time.perf_counter() - start)

@@ -105,19 +105,19 @@ def test_http_batch_job_round_trip_and_resume_after_restart(tiny, tmp_path):
     job = store.create("summarize", src.read_text().splitlines())
     with TestClient(build_app(tiny, jobs_db=str(db))) as c:
         deadline = time.time() + 60
-        while (status := c.get(f"/v1/batches/{job}").json())["state"] != "completed":
+        while (status := c.get(f"/v1/jobs/{job}").json())["state"] != "completed":
             assert time.time() < deadline, status
             time.sleep(0.1)
         assert status["counts"] == {"total": 8, "succeeded": 6, "failed": 2}
-        rows = [json.loads(x) for x in c.get(f"/v1/batches/{job}/results").text.splitlines()]
+        rows = [json.loads(x) for x in c.get(f"/v1/jobs/{job}/results").text.splitlines()]
         assert [r["line"] for r in rows] == list(range(1, 9))
         assert "error" in rows[3] and rows[0]["id"] == "d0" and "summary" in rows[0]
 
-        created = c.post("/v1/batches?task=answer", content=json.dumps({"question": "Who?"}) + "\n").json()
+        created = c.post("/v1/jobs?task=answer", content=json.dumps({"question": "Who?"}) + "\n").json()
         assert created["state"] in ("queued", "running", "completed") and created["counts"]["total"] == 1
-        assert c.delete(f"/v1/batches/{created['id']}").json()["state"] in ("cancelled", "completed")
-        assert c.get("/v1/batches/batch_nope").status_code == 404
-        assert c.post("/v1/batches?task=translate", content="{}").status_code == 400
+        assert c.delete(f"/v1/jobs/{created['id']}").json()["state"] in ("cancelled", "completed")
+        assert c.get("/v1/jobs/job_nope").status_code == 404
+        assert c.post("/v1/jobs?task=translate", content="{}").status_code == 400
 
 
 def test_records_can_ask_for_scores(tiny, tmp_path):
@@ -145,7 +145,7 @@ def test_records_can_ask_for_scores(tiny, tmp_path):
 
 def wait_completed(c, job: str, timeout: float = 60) -> dict:
     deadline = time.time() + timeout
-    while (status := c.get(f"/v1/batches/{job}").json())["state"] != "completed":
+    while (status := c.get(f"/v1/jobs/{job}").json())["state"] != "completed":
         assert time.time() < deadline, status
         time.sleep(0.05)
     return status
@@ -176,12 +176,12 @@ def test_a_poisoned_record_fails_alone_and_the_next_job_completes(tiny, tmp_path
     ]
     with TestClient(build_app(tiny, jobs_db=str(tmp_path / "jobs.sqlite"))) as c:
         body = "".join(json.dumps(r) + "\n" for r in poisoned)
-        first = c.post("/v1/batches?task=summarize", content=body).json()["id"]
+        first = c.post("/v1/jobs?task=summarize", content=body).json()["id"]
         assert wait_completed(c, first)["counts"] == {"total": 4, "succeeded": 1, "failed": 3}
-        rows = {r["id"]: r for r in map(json.loads, c.get(f"/v1/batches/{first}/results").text.splitlines())}
+        rows = {r["id"]: r for r in map(json.loads, c.get(f"/v1/jobs/{first}/results").text.splitlines())}
         assert "injected failure" in rows["boom"]["error"] and "max_words" in rows["abc"]["error"]
         assert "length" in rows["list"]["error"] and "summary" in rows["ok"]
-        second = c.post("/v1/batches?task=answer", content=json.dumps({"id": "q", "question": "Who?"}) + "\n")
+        second = c.post("/v1/jobs?task=answer", content=json.dumps({"id": "q", "question": "Who?"}) + "\n")
         assert wait_completed(c, second.json()["id"])["counts"]["succeeded"] == 1
         assert c.get("/ready").status_code == 200
 
@@ -205,7 +205,7 @@ def test_a_full_queue_delays_a_batch_record_instead_of_failing_it(tiny, tmp_path
 
     monkeypatch.setattr(service.jobs.runner, "run_record", busy_once)
     with TestClient(build_app(tiny, jobs_db=str(tmp_path / "jobs.sqlite"))) as c:
-        job = c.post("/v1/batches?task=answer", content=json.dumps({"id": "q", "question": "Who?"}) + "\n").json()
+        job = c.post("/v1/jobs?task=answer", content=json.dumps({"id": "q", "question": "Who?"}) + "\n").json()
         assert wait_completed(c, job["id"])["counts"] == {"total": 1, "succeeded": 1, "failed": 0}
         assert refusals == [1]
 

@@ -208,9 +208,9 @@ def test_bodies_are_limited_while_read_chunked_or_not(tiny, serve, monkeypatch):
         headers = {"content-type": "application/json"}
         r = httpx.post(f"{url}/v1/completions", content=chunks(3 * 2**20), headers=headers, timeout=30)
         assert_error(r, 413, "exceeds the limit of 2097152 bytes")
-        r = httpx.post(f"{url}/v1/batches?task=answer", content=chunks(2 * 2**20), timeout=30)
+        r = httpx.post(f"{url}/v1/jobs?task=answer", content=chunks(2 * 2**20), timeout=30)
         assert_error(r, 413, "exceeds the limit of 1048576 bytes")
-        r = httpx.post(f"{url}/v1/batches?task=answer", content=b"x" * (2 * 2**20), timeout=30)
+        r = httpx.post(f"{url}/v1/jobs?task=answer", content=b"x" * (2 * 2**20), timeout=30)
         assert_error(r, 413, "Content-Length")
         assert httpx.get(f"{url}/health").status_code == 200
 

@@ -1,63 +1,120 @@
-"""`/v1/batches`: batch jobs over HTTP.
-
-`POST /v1/batches?task=summarize|answer` takes JSONL (one record per line, as `nlg batch` reads);
-`GET /v1/batches/{id}` gives the state and counts; `GET /v1/batches/{id}/results` the results as
-JSONL (one line per input line: the fields, or `error`); `DELETE /v1/batches/{id}` cancels it. The
-store and its runner are the app's (`app.state.jobs`, `app.state.runner`).
+"""`/v1/batches`: OpenAI's Batch API. A batch is an uploaded JSONL file of requests
+(`{"custom_id", "method": "POST", "url", "body"}` per line) to one endpoint, `/v1/chat/completions` or
+`/v1/completions`; the jobs runner sends each line to that endpoint in process, behind interactive
+requests, and the batch's output and error files are OpenAI's JSONL (`custom_id`, `response.status_code`,
+`response.body`). It is kept in the jobs' SQLite store and resumes after a restart like every job. The
+file is checked when the batch is created: a line that could never run is a 400 naming it.
 """
 
 from __future__ import annotations
 
 import json
+from typing import Literal
 
 from fastapi import APIRouter, HTTPException, Query, Request
-from fastapi.responses import Response
+from pydantic import Field
 
+from service.errors import InvalidRequest
 from service.server.http_errors import responses
+from service.server.schemas.base import Body
 
-MAX_JOB_BYTES = 64 * 1024 * 1024
+ENDPOINTS = ("/v1/chat/completions", "/v1/completions")
 
-router = APIRouter(prefix="/v1/batches", tags=["Batch jobs"])
+router = APIRouter(prefix="/v1/batches", tags=["Batches"])
 
 
-def found(fn, job: str):
+class BatchRequest(Body):
+    input_file_id: str = Field(description="an uploaded file (purpose batch)")
+    endpoint: str = Field(description="/v1/chat/completions or /v1/completions", examples=["/v1/chat/completions"])
+    completion_window: Literal["24h"] = "24h"
+    metadata: dict[str, str] | None = None
+
+
+def found(fn, batch: str):
     try:
-        return fn(job)
+        return fn(batch)
     except KeyError:
-        raise HTTPException(404, f"no batch {job!r}") from None
+        raise HTTPException(404, f"No such Batch object: {batch}") from None
 
 
-@router.post("", responses=responses(400, 401, 413))
-async def create(request: Request, task: str = Query(pattern="^(summarize|answer)$")) -> dict:
-    """A job of one task over a JSONL body, one record per line (`{document, length?, max_words?}` or
-    `{question, passages?}`, optional `id`); it runs in the background, behind interactive requests."""
-    body = await request.body()
-    if not body.strip():
-        raise HTTPException(400, "the batch is empty: send JSONL, one record per line")
+def check_lines(content: bytes, endpoint: str) -> None:
+    """Every line a request to `endpoint` with a unique custom_id and a JSON body that does not stream."""
     try:
-        lines = body.decode("utf-8").splitlines()
+        lines = content.decode("utf-8").splitlines()
     except UnicodeDecodeError:
-        raise HTTPException(400, "the batch is not UTF-8 text") from None
+        raise InvalidRequest("the input file is not UTF-8 text", param="input_file_id") from None
+    seen = set()
+    for n, text in enumerate(lines, start=1):
+        if not text.strip():
+            continue
+        try:
+            line = json.loads(text)
+        except ValueError as e:
+            raise InvalidRequest(f"line {n} of the input file is not JSON: {e}", param="input_file_id") from None
+        if (
+            not isinstance(line, dict)
+            or not isinstance(line.get("custom_id"), str)
+            or not isinstance(line.get("body"), dict)
+        ):
+            raise InvalidRequest(f"line {n} needs a custom_id (string) and a body (object)", param="input_file_id")
+        if line.get("method", "POST") != "POST" or line.get("url") != endpoint:
+            raise InvalidRequest(
+                f"line {n}: every request must be POST {endpoint}, the batch's endpoint", param="input_file_id"
+            )
+        if line["body"].get("stream"):
+            raise InvalidRequest(f"line {n}: a batch request cannot stream", param="input_file_id")
+        if line["custom_id"] in seen:
+            raise InvalidRequest(f"line {n}: custom_id {line['custom_id']!r} is used twice", param="input_file_id")
+        seen.add(line["custom_id"])
+    if not seen:
+        raise InvalidRequest("the input file has no requests", param="input_file_id")
+
+
+@router.post("", responses=responses(400, 401, 404))
+def create(req: BatchRequest, request: Request) -> dict:
+    """Run every request of an uploaded file against one endpoint, in the background."""
+    if req.endpoint not in ENDPOINTS:
+        raise InvalidRequest(
+            f"endpoint {req.endpoint!r} is not supported: this server runs batches of {', '.join(ENDPOINTS)}",
+            param="endpoint",
+        )
     store = request.app.state.jobs
-    job = store.create(task, lines)
+    try:
+        check_lines(store.content(req.input_file_id), req.endpoint)
+    except KeyError:
+        raise HTTPException(404, f"No such File object: {req.input_file_id}") from None
+    batch = store.create_batch(req.input_file_id, req.endpoint, req.completion_window, req.metadata)
     request.app.state.runner.wake.set()
-    return store.status(job)
+    return batch
 
 
-@router.get("/{job}", responses=responses(401, 404))
-def status(job: str, request: Request) -> dict:
-    """The job's state and counts."""
-    return found(request.app.state.jobs.status, job)
+@router.get("", responses=responses(401))
+def listing(request: Request, limit: int = Query(20, ge=1, le=100), after: str | None = None) -> dict:
+    """The batches, newest first (`after` a batch id, at most `limit`)."""
+    data = request.app.state.jobs.batches()
+    if after is not None:
+        ids = [b["id"] for b in data]
+        data = data[ids.index(after) + 1 :] if after in ids else []
+    page = data[:limit]
+    return {
+        "object": "list",
+        "data": page,
+        "first_id": page[0]["id"] if page else None,
+        "last_id": page[-1]["id"] if page else None,
+        "has_more": len(data) > limit,
+    }
 
 
-@router.get("/{job}/results", responses=responses(401, 404))
-def results(job: str, request: Request) -> Response:
-    """The results so far as JSONL: one line per input line, its fields or its `error`."""
-    rows = found(request.app.state.jobs.results, job)
-    return Response("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), media_type="application/x-ndjson")
+@router.get("/{batch}", responses=responses(401, 404))
+def retrieve(batch: str, request: Request) -> dict:
+    """A batch's status, request counts and output and error files."""
+    return found(request.app.state.jobs.batch, batch)
 
 
-@router.delete("/{job}", responses=responses(401, 404))
-def cancel(job: str, request: Request) -> dict:
-    """Cancel the job: records not started are not run."""
-    return found(request.app.state.jobs.cancel, job)
+@router.post("/{batch}/cancel", responses=responses(401, 404))
+def cancel(batch: str, request: Request) -> dict:
+    """Cancel a batch: requests not started are not run."""
+    store = request.app.state.jobs
+    found(store.batch, batch)
+    store.cancel(batch)
+    return store.batch(batch)
