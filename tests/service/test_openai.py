@@ -171,3 +171,19 @@ def test_streamed_multibyte_text_never_splits_a_character(client, tiny, monkeypa
     assert "".join(pieces) == text
     assert not any("\ufffd" in p for p in pieces)
     assert len([p for p in pieces if p]) > 5  # it really streamed in pieces
+
+
+def test_a_response_message_sent_back_is_accepted(client):
+    """A message taken from a response and sent back with the next turn (with OpenAI's empty fields such as
+    refusal: null, tool_calls: []) is accepted; a real tool call in history is refused by name."""
+    first = client.chat.completions.create(
+        model="tiny-random", messages=[{"role": "user", "content": "hi"}], max_tokens=4, temperature=0
+    )
+    echoed = first.choices[0].message.model_dump() | {"refusal": None, "tool_calls": [], "annotations": []}
+    history = [{"role": "user", "content": "hi"}, echoed, {"role": "user", "content": "and?"}]
+    assert client.chat.completions.create(model="tiny-random", messages=history, max_tokens=4).choices
+    call = {"id": "c", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    with pytest.raises(openai.BadRequestError, match="tool_calls"):
+        client.chat.completions.create(
+            model="tiny-random", messages=[{"role": "assistant", "content": "x", "tool_calls": [call]}], max_tokens=4
+        )

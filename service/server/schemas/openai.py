@@ -142,6 +142,19 @@ class Message(Body):
     content: str | list[TextPart] = Field(description="text, or a list of text parts")
     name: str | None = Field(None, description="the participant's name, passed to the chat template")
 
+    @model_validator(mode="before")
+    @classmethod
+    def no_tool_calls(cls, data: Any) -> Any:
+        """A message echoed back from a response may carry OpenAI's empty fields (`refusal: null`,
+        `tool_calls: []`...): they are dropped; a real tool call or audio is refused by name."""
+        if isinstance(data, dict):
+            for name in ("tool_calls", "function_call", "audio", "refusal", "annotations"):
+                if name in data and data[name] in NO_OP:
+                    data = {k: v for k, v in data.items() if k != name}
+                elif name in data and name != "refusal":
+                    raise unsupported(f"messages.{name}", "tool calls and audio in messages")
+        return data
+
     @field_validator("content", mode="before")
     @classmethod
     def text_only(cls, content: Any) -> Any:
