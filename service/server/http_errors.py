@@ -62,6 +62,14 @@ def responses(*statuses: int) -> dict:
     return {s: {"model": ErrorResponse, "description": WHEN[s]} for s in statuses}
 
 
+def found(lookup, key: str, what: str):
+    """`lookup(key)`; its KeyError (an unknown id in the jobs' store) is 404 "No such {what}: {key}"."""
+    try:
+        return lookup(key)
+    except KeyError:
+        raise HTTPException(404, f"No such {what}: {key}") from None
+
+
 def body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict:
     return {"error": {"message": message, "type": TYPES.get(status, "server_error"), "param": param, "code": code}}
 

@@ -11,11 +11,11 @@ from __future__ import annotations
 import json
 from typing import Literal
 
-from fastapi import APIRouter, HTTPException, Query, Request
+from fastapi import APIRouter, Query, Request
 from pydantic import Field
 
 from service.errors import InvalidRequest
-from service.server.http_errors import responses
+from service.server.http_errors import found, responses
 from service.server.schemas.base import Body
 
 ENDPOINTS = ("/v1/chat/completions", "/v1/completions")
@@ -28,13 +28,6 @@ class BatchRequest(Body):
     endpoint: str = Field(description="/v1/chat/completions or /v1/completions", examples=["/v1/chat/completions"])
     completion_window: Literal["24h"] = "24h"
     metadata: dict[str, str] | None = None
-
-
-def found(fn, batch: str):
-    try:
-        return fn(batch)
-    except KeyError:
-        raise HTTPException(404, f"No such Batch object: {batch}") from None
 
 
 def check_lines(content: bytes, endpoint: str) -> None:
@@ -79,10 +72,7 @@ def create(req: BatchRequest, request: Request) -> dict:
             param="endpoint",
         )
     store = request.app.state.jobs
-    try:
-        check_lines(store.content(req.input_file_id), req.endpoint)
-    except KeyError:
-        raise HTTPException(404, f"No such File object: {req.input_file_id}") from None
+    check_lines(found(store.content, req.input_file_id, "File object"), req.endpoint)
     batch = store.create_batch(req.input_file_id, req.endpoint, req.completion_window, req.metadata)
     request.app.state.runner.wake.set()
     return batch
@@ -108,13 +98,13 @@ def listing(request: Request, limit: int = Query(20, ge=1, le=100), after: str |
 @router.get("/{batch}", responses=responses(401, 404))
 def retrieve(batch: str, request: Request) -> dict:
     """A batch's status, request counts and output and error files."""
-    return found(request.app.state.jobs.batch, batch)
+    return found(request.app.state.jobs.batch, batch, "Batch object")
 
 
 @router.post("/{batch}/cancel", responses=responses(401, 404))
 def cancel(batch: str, request: Request) -> dict:
     """Cancel a batch: requests not started are not run."""
     store = request.app.state.jobs
-    found(store.batch, batch)
+    found(store.batch, batch, "Batch object")
     store.cancel(batch)
     return store.batch(batch)

@@ -5,20 +5,13 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, File, Form, HTTPException, Request, UploadFile
+from fastapi import APIRouter, File, Form, Request, UploadFile
 from fastapi.responses import Response
 
 from service.errors import InvalidRequest
-from service.server.http_errors import responses
+from service.server.http_errors import found, responses
 
 router = APIRouter(prefix="/v1/files", tags=["Files"])
-
-
-def found(fn, file: str):
-    try:
-        return fn(file)
-    except KeyError:
-        raise HTTPException(404, f"No such File object: {file}") from None
 
 
 @router.post("", responses=responses(400, 401, 413))
@@ -38,16 +31,16 @@ def listing(request: Request) -> dict:
 @router.get("/{file}", responses=responses(401, 404))
 def describe(file: str, request: Request) -> dict:
     """A file's size, name and purpose (uploads and the output and error files of batches)."""
-    return found(request.app.state.jobs.file, file)
+    return found(request.app.state.jobs.file, file, "File object")
 
 
 @router.get("/{file}/content", responses=responses(401, 404))
 def content(file: str, request: Request) -> Response:
     """A file's bytes (a batch's output or error file as JSONL, as far as it has run)."""
-    return Response(found(request.app.state.jobs.content, file), media_type="application/octet-stream")
+    return Response(found(request.app.state.jobs.content, file, "File object"), media_type="application/octet-stream")
 
 
 @router.delete("/{file}", responses=responses(401, 404))
 def delete(file: str, request: Request) -> dict:
     """Delete an uploaded file (batches made from it keep their records)."""
-    return found(request.app.state.jobs.delete_file, file)
+    return found(request.app.state.jobs.delete_file, file, "File object")

@@ -13,18 +13,11 @@ import json
 from fastapi import APIRouter, HTTPException, Query, Request
 from fastapi.responses import Response
 
-from service.server.http_errors import responses
+from service.server.http_errors import found, responses
 
 MAX_JOB_BYTES = 64 * 1024 * 1024
 
 router = APIRouter(prefix="/v1/jobs", tags=["Task jobs"])
-
-
-def found(fn, job: str):
-    try:
-        return fn(job)
-    except KeyError:
-        raise HTTPException(404, f"no batch {job!r}") from None
 
 
 @router.post("", responses=responses(400, 401, 413))
@@ -47,17 +40,17 @@ async def create(request: Request, task: str = Query(pattern="^(summarize|answer
 @router.get("/{job}", responses=responses(401, 404))
 def status(job: str, request: Request) -> dict:
     """The job's state and counts."""
-    return found(request.app.state.jobs.status, job)
+    return found(request.app.state.jobs.status, job, "job")
 
 
 @router.get("/{job}/results", responses=responses(401, 404))
 def results(job: str, request: Request) -> Response:
     """The results so far as JSONL: one line per input line, its fields or its `error`."""
-    rows = found(request.app.state.jobs.results, job)
+    rows = found(request.app.state.jobs.results, job, "job")
     return Response("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), media_type="application/x-ndjson")
 
 
 @router.delete("/{job}", responses=responses(401, 404))
 def cancel(job: str, request: Request) -> dict:
     """Cancel the job: records not started are not run."""
-    return found(request.app.state.jobs.cancel, job)
+    return found(request.app.state.jobs.cancel, job, "job")
