@@ -111,10 +111,10 @@ def usage(prompts: list[list[int]], results: list[TextResult | None]) -> dict:
 
 class Choice:
     """One choice's log-probabilities as its text grows (streamed or whole): the tokens its text covers,
-    the echoed prompt's first."""
+    the echoed prompt's first. Without `wanted` (no logprobs asked for) it computes nothing."""
 
-    def __init__(self, tok, prompt: list[int], echo: bool):
-        self.tok, self.aligned = tok, Aligned(tok)
+    def __init__(self, tok, prompt: list[int], echo: bool, wanted: bool):
+        self.tok, self.aligned, self.wanted = tok, Aligned(tok), wanted
         self.prompt = prompt if echo else []
         self.text_bytes = sum(map(len, tok.token_bytes(self.prompt)))
 
@@ -123,24 +123,29 @@ class Choice:
 
     def tokens(self, piece: str, ids: list[int], lps: list, prompt_lps: list) -> list:
         """The tokens (with their log-probabilities) that `piece`, the text that came next, covers."""
+        if not self.wanted:
+            return []
         self.text_bytes += len(piece.encode())
         return self.aligned.take(self.prompt + ids, (prompt_lps if self.prompt else []) + lps, self.text_bytes)
 
-    def last(self, piece: str, r: TextResult) -> list:
+    def streamed(self, piece: str, s: Sequence) -> list:
+        """`tokens` of a piece streamed while the engine thread appends to `s`: its tokens are read first,
+        so that every log-probability read belongs to a token read."""
+        if not self.wanted:
+            return []
+        output = s.output[:]
+        return self.tokens(piece, output, s.logprobs[: len(output)], s.prompt_logprobs[:])
+
+    def last(self, piece: str, r: TextResult | None) -> list:
         """The completions API's tokens of the end: those `piece` covers, then the end token if one ended
         the choice (it is in no text; OpenAI and vLLM list it, and harnesses that score a prompt with
         max_tokens 1 drop the last token, counting on it)."""
+        if r is None:
+            return self.tokens(piece, [], [], [])
         tokens = self.tokens(piece, r.token_ids, r.logprobs, r.prompt_logprobs)
-        if r.end_token is not None and len(r.logprobs) > len(r.token_ids):
+        if self.wanted and r.end_token is not None and len(r.logprobs) > len(r.token_ids):
             tokens.append((r.end_token, self.tok.token_bytes([r.end_token])[0], self.aligned.chars, r.logprobs[-1]))
         return tokens
-
-
-def engine_state(s: Sequence) -> tuple[list[int], list, list]:
-    """What a sequence has made so far (read on the event loop while the engine thread appends: the
-    tokens first, so that every log-probability read belongs to a token read)."""
-    output = s.output[:]
-    return output, s.logprobs[: len(output)], s.prompt_logprobs[:]
 
 
 @router.post("/completions", responses=streamed(out.Completion))
@@ -162,7 +167,7 @@ async def completions(req: CompletionRequest, request: Request):
     if req.max_tokens or scored:
         sp = params(req, req.max_tokens, req.logprobs, req.logprobs if scored else None)
         running = handle.start(runs, sp * len(ids), request_id=head["id"], stream=req.stream)
-    choices = [Choice(tok, p, req.echo) for p in runs]
+    choices = [Choice(tok, p, req.echo, req.logprobs is not None) for p in runs]
 
     def logprobs(k: int, tokens: list) -> dict | None:
         return None if req.logprobs is None else completion_logprobs(tok, tokens, req.logprobs)
@@ -172,7 +177,7 @@ async def completions(req: CompletionRequest, request: Request):
         out = []
         for k, (c, r) in enumerate(zip(choices, results)):
             text = r.text if r else ""
-            tokens = c.last(text, r) if r else []
+            tokens = c.last(text, r)
             out.append(
                 {
                     "index": k,
@@ -189,27 +194,28 @@ async def completions(req: CompletionRequest, request: Request):
 
     echoed = [not req.echo] * len(runs)
 
-    def echo(k: int, state: tuple) -> dict | None:
-        """The echoed prompt of choice k, once, before its first generated text (its log-probabilities
-        exist once the prompt is prefilled)."""
-        if echoed[k]:
-            return None
-        echoed[k] = True
-        return piece(k, choices[k].echo_text(), choices[k].tokens("", *state))
+    def echo(k: int) -> bool:
+        """Whether choice k's echoed prompt is still to be sent: once, before its first generated text (its
+        log-probabilities exist once the prompt is prefilled)."""
+        due, echoed[k] = not echoed[k], True
+        return due
 
     async def events() -> AsyncIterator[dict]:
         results: list = [None] * len(runs)
         if running:
             async for k, text in running.pieces():
-                state = engine_state(running.generation.seqs[k])
-                if (first := echo(k, state)) is not None:
-                    yield first
-                yield piece(k, text, choices[k].tokens(text, *state))
+                seq = running.generation.seqs[k]
+                if echo(k):
+                    yield piece(k, choices[k].echo_text(), choices[k].streamed("", seq))
+                yield piece(k, text, choices[k].streamed(text, seq))
             results = running.result
         for k, r in enumerate(results):
-            if (first := echo(k, (r.token_ids, r.logprobs, r.prompt_logprobs) if r else ([], [], []))) is not None:
-                yield first
-            yield piece(k, "", choices[k].last("", r) if r else [], r.finish_reason if r else "length")
+            finish = r.finish_reason if r else "length"
+            if echo(k):
+                yield piece(k, choices[k].echo_text(), choices[k].last("", r))
+                yield piece(k, "", [], finish)
+            else:
+                yield piece(k, "", choices[k].last("", r), finish)
         if req.stream_options and req.stream_options.include_usage:
             yield head | {"choices": [], "usage": usage(ids, results)}
 
@@ -233,7 +239,7 @@ async def chat(req: ChatRequest, request: Request):
     running: Running = handle.start(
         [ids] * req.n, params(req, max_tokens, top), request_id=head["id"], stream=req.stream
     )
-    choices = [Choice(tok, ids, echo=False) for _ in range(req.n)]
+    choices = [Choice(tok, ids, echo=False, wanted=top is not None) for _ in range(req.n)]
 
     def logprobs(tokens: list) -> dict | None:
         return None if top is None else chat_logprobs(tok, tokens, top)
@@ -261,7 +267,7 @@ async def chat(req: ChatRequest, request: Request):
         for j in range(req.n):
             yield delta(j, {"role": "assistant", "content": ""})
         async for j, text in running.pieces():
-            yield delta(j, {"content": text}, choices[j].tokens(text, *engine_state(running.generation.seqs[j])))
+            yield delta(j, {"content": text}, choices[j].streamed(text, running.generation.seqs[j]))
         for j, r in enumerate(running.result):
             yield delta(j, {}, choices[j].tokens("", r.token_ids, r.logprobs, []), r.finish_reason)
         if req.stream_options and req.stream_options.include_usage:
