@@ -9,6 +9,8 @@ import time
 
 from service.engine.metrics import Metrics
 
+GENERATES = ("/v1/completions", "/v1/chat/completions", "/v1/answer", "/v1/summarize")  # e2e latency of these
+
 
 class Observed:
     def __init__(self, app, metrics: Metrics):
@@ -31,5 +33,5 @@ class Observed:
             m = self.metrics
             route = getattr(scope.get("route"), "path", "unmatched")  # the template: /v1/jobs/{job}
             m.http.labels(m.model_name, route, str(status)).inc()
-            if status < 400 and scope["method"] == "POST":
+            if status < 400 and route in GENERATES:
                 m.latency.observe(time.perf_counter() - start)
