@@ -195,9 +195,9 @@ def test_tokenizing_runs_off_the_event_loop(tiny, serve, monkeypatch):
 def test_bodies_are_limited_while_read_chunked_or_not(tiny, serve, monkeypatch):
     """Defect 7: only Content-Length was checked, so a chunked 3 MiB request (or 70 MiB batch upload)
     got through."""
-    import service.server.routes.batches
+    import service.server.routes.jobs
 
-    monkeypatch.setattr(service.server.routes.batches, "MAX_JOB_BYTES", 1024 * 1024)
+    monkeypatch.setattr(service.server.routes.jobs, "MAX_JOB_BYTES", 1024 * 1024)
 
     def chunks(total: int):
         piece = b"x" * 65536
