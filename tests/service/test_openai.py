@@ -118,6 +118,15 @@ def test_content_parts_and_the_developer_role(client):
     assert a.usage.prompt_tokens == b.usage.prompt_tokens
 
 
+def test_parameters_that_ask_for_nothing_are_accepted(client):
+    """tools: [], tool_choice: "none" and parallel_tool_calls: false (sent by clients that always send
+    them) ask for nothing: accepted, the same answer as without them (they were "unrecognized")."""
+    args = {"model": "tiny-random", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8, "temperature": 0}
+    plain = client.chat.completions.create(**args)
+    nothing = client.chat.completions.create(**args, tools=[], tool_choice="none", parallel_tool_calls=False)
+    assert nothing.choices[0].message.content == plain.choices[0].message.content
+
+
 def test_penalties_and_logit_bias_are_applied(client, tiny):
     """presence/frequency penalties and logit_bias change the tokens, not ignored (their arithmetic is
     checked against a plain loop in test_sampling): a +100 bias makes every greedy token that token."""

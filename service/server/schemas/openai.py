@@ -47,10 +47,13 @@ class OpenAIBody(Body):
     @model_validator(mode="before")
     @classmethod
     def unsupported(cls, data: Any) -> Any:
+        """Refuse an unimplemented parameter set to something; drop it when it asks for nothing
+        (`tools: []`, `tool_choice: "none"`), as clients that always send it do."""
         if isinstance(data, dict):
             for name, what in UNSUPPORTED.items():
-                if data.get(name, None) not in NO_OP:
+                if name in data and data[name] not in NO_OP:
                     raise unsupported(name, what)
+            data = {k: v for k, v in data.items() if k not in UNSUPPORTED}
         return data
 
 
