@@ -15,6 +15,7 @@ from torch import nn
 from model.config import ModelConfig
 from model.gpt2 import GPT2LMHeadModel
 from model.llama import LlamaForCausalLM
+from parallel.quant import quantize
 from parallel.state import get_tp
 from parallel.weights import SafetensorsReader, load_into
 
@@ -41,9 +42,13 @@ def check_weights(directory: Path) -> None:
 
 
 def load_model(
-    directory: str | Path, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"
+    directory: str | Path,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    quantization: str = "none",
 ) -> nn.Module:
-    """Load this rank's shard of the model in `directory` (at tensor-parallel size 1, all of it)."""
+    """Load this rank's shard of the model in `directory` (at tensor-parallel size 1, all of it), its
+    linear layers quantized after loading with `quantization` int8 (`parallel.quant`)."""
     directory = Path(directory)
     cfg = read_config(directory)
     cfg.check_tp(get_tp().size)
@@ -59,7 +64,7 @@ def load_model(
         owner, _, leaf = tied.rpartition(".")
         setattr(model.get_submodule(owner), leaf, model.get_parameter(source))
     model.init_buffers(device, dtype)
-    return model.eval()
+    return quantize(model, quantization).eval()
 
 
 def _key_mapper(cfg: ModelConfig, keys: set[str]):

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from parallel.comm import gather_from_tensor_parallel_region, reduce_from_tensor_parallel_region
+from parallel.quant import int8_linear
 from parallel.state import get_tp
 
 Ranges = list[tuple[int, int]]
@@ -64,6 +65,14 @@ def _empty(*shape: int) -> nn.Parameter:
     return nn.Parameter(torch.empty(*shape), requires_grad=False)
 
 
+def _linear(layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ layer's weight.T (+ bias): the fp weight, or the int8 one `parallel.quant.quantize` left."""
+    if hasattr(layer, "qweight"):
+        y = int8_linear(x, layer.qweight, layer.scale)
+        return y + bias if bias is not None else y
+    return F.linear(x, layer.weight, bias)
+
+
 class ColumnParallelLinear(nn.Module):
     """Weight split on output rows; the output stays split (no collective after it).
 
@@ -93,7 +102,7 @@ class ColumnParallelLinear(nn.Module):
         return out.t().contiguous() if dim == 1 else out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return _linear(self, x, self.bias)
 
 
 def qkv_parallel_linear(
@@ -145,7 +154,7 @@ class RowParallelLinear(nn.Module):
         return _take(t, self.ranges, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = reduce_from_tensor_parallel_region(F.linear(x, self.weight))
+        y = reduce_from_tensor_parallel_region(_linear(self, x))
         return y + self.bias if self.bias is not None else y
 
 

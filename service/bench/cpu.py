@@ -43,7 +43,10 @@ def peak_rss_mb() -> float:
 
 
 def weight_bytes(model: torch.nn.Module) -> int:
-    return sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
+    """Bytes of the weights a step reads: the parameters (tied ones once) and any int8 weights and scales."""
+    quantized = [b for name, b in model.named_buffers() if name.endswith(("qweight", "scale"))]
+    tensors = list({id(p): p for p in model.parameters()}.values()) + quantized
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def ours(gen: TextGenerator, prompts: list[list[int]], tokens: int) -> dict:
@@ -96,14 +99,15 @@ def hf(directory, prompts: list[list[int]], tokens: int, pad_id: int) -> dict:
     }
 
 
-def run(model: str, tokens: int = 64, with_hf: bool = True) -> dict:
+def run(model: str, tokens: int = 64, with_hf: bool = True, quantization: str = "none") -> dict:
     bandwidth = read_bandwidth_gbs()
-    gen = TextGenerator.load(model)
+    gen = TextGenerator.load(model, quantization=quantization)
     rss = peak_rss_mb()
     prompts = [gen.tokenizer.encode(p) for p in PROMPTS]
     wbytes = weight_bytes(gen.engine.model)
     r = {
         "model": model,
+        "quantization": quantization,
         "threads": torch.get_num_threads(),
         "load_s": gen.load_s,
         "peak_rss_mb": rss,

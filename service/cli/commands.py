@@ -30,7 +30,12 @@ def _load(args):
     from service.engine.generator import TextGenerator
 
     return TextGenerator.load(
-        args.model, device=args.device, dtype=dtype_of(args), compile=args.compile, context=args.context
+        args.model,
+        device=args.device,
+        dtype=dtype_of(args),
+        quantization=args.quantize,
+        compile=args.compile,
+        context=args.context,
     )
 
 
@@ -280,7 +285,10 @@ def cmd_bench(args) -> None:
         from service.bench.serve import print_report, run
 
         report = run(
-            args.model, clients=args.clients, tokens=args.tokens, extra=["--dtype", args.dtype] if args.dtype else []
+            args.model,
+            clients=args.clients,
+            tokens=args.tokens,
+            extra=(["--dtype", args.dtype] if args.dtype else []) + ["--quantize", args.quantize],
         )
         print(json.dumps(report) if args.json else print_report(report))
         return
@@ -298,5 +306,5 @@ def cmd_bench(args) -> None:
         return
     from service.bench.cpu import print_report, run
 
-    report = run(args.model, tokens=args.tokens, with_hf=not args.no_hf)
+    report = run(args.model, tokens=args.tokens, with_hf=not args.no_hf, quantization=args.quantize)
     print(json.dumps(report) if args.json else print_report(report))

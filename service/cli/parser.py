@@ -51,6 +51,13 @@ def parser() -> argparse.ArgumentParser:
         "KV cache",
     )
     common.add_argument(
+        "--quantize",
+        choices=["none", "int8"],
+        default="none",
+        help="weight-only quantization of the linear layers after loading (int8: a quarter of their fp32 bytes; "
+        "on AVX2 CPUs torch's int8 kernel is slower than fp32, so it saves memory, not time: see README)",
+    )
+    common.add_argument(
         "--compile",
         action="store_true",
         help="CUDA: torch.compile the decode step the CUDA graphs record (minutes of compiling: `serve` does it "

@@ -59,12 +59,17 @@ class TextGenerator:
 
     @classmethod
     def load(
-        cls, name_or_path: str, device: str = "cpu", dtype: torch.dtype = torch.float32, **engine_args
+        cls,
+        name_or_path: str,
+        device: str = "cpu",
+        dtype: torch.dtype = torch.float32,
+        quantization: str = "none",
+        **engine_args,
     ) -> TextGenerator:
         start = time.perf_counter()
         directory = resolve(name_or_path)
         tokenizer = Tokenizer(directory)
-        model = load_model(directory, dtype=dtype, device=device)
+        model = load_model(directory, dtype=dtype, device=device, quantization=quantization)
         if get_tp().size > 1:
             model = Leader(model)  # rank 0: announce each forward to the other ranks
         engine = Engine(model, tokenizer.stop_ids, device=device, **engine_args)
