@@ -81,6 +81,8 @@ class ColumnParallelLinear(nn.Module):
     `gate_up_proj` from `gate_proj`, `up_proj`) is one matmul whose pieces each keep their own split.
     """
 
+    quantizable = True  # parallel.quant may replace the weight by int8 and scales
+
     def __init__(
         self,
         in_features: int,
@@ -137,6 +139,8 @@ def merged_column_parallel_linear(in_features: int, out_features: int, names: li
 
 class RowParallelLinear(nn.Module):
     """Weight split on input columns; partial outputs are all-reduced, then the bias added once."""
+
+    quantizable = True
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, conv1d: bool = False):
         super().__init__()

@@ -41,10 +41,8 @@ def quantize(model: nn.Module, mode: str) -> nn.Module:
         raise ValueError(f"--quantize {mode!r}: choose one of {', '.join(MODES)}")
     if mode == "none":
         return model
-    from parallel.layers import ColumnParallelLinear, RowParallelLinear
-
     for layer in model.modules():
-        if isinstance(layer, ColumnParallelLinear | RowParallelLinear):
+        if getattr(layer, "quantizable", False):  # the column- and row-parallel linears (parallel.layers)
             q, scale = quantize_rows(layer.weight.data)
             del layer.weight
             layer.register_buffer("qweight", q)
