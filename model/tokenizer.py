@@ -18,6 +18,14 @@ END_TOKENS = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end_of_text|>", "<
 BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # SentencePiece's token for one raw byte
 
 
+def spell(raw: bytes) -> str:
+    """A token's bytes as text, or OpenAI's `bytes:\\xNN...` when they are not whole characters."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
+
+
 @cache
 def byte_level_table() -> dict[str, int]:
     """GPT-2's byte-level alphabet: the printable character that stands for each byte."""
@@ -37,6 +45,7 @@ class Tokenizer:
         self.stop_ids: frozenset[int] = frozenset(ids)
         self.has_chat_template = bool(self.hf.chat_template)
         self.byte_level = "ByteLevel" in str(self.hf.backend_tokenizer.decoder)
+        self.special_ids = frozenset(self.hf.all_special_ids)
         # The longest token's spelling: a text of n characters has at least n / (2 * this) tokens (the 2
         # leaves room for normalizers that merge characters), a bound known without tokenizing.
         self.max_token_chars = max(map(len, vocab), default=1)
@@ -52,19 +61,18 @@ class Tokenizer:
         return self.hf.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
     def tokens(self, ids: list[int]) -> list[str]:
-        """The text of each token on its own (bytes that are not whole characters show as U+FFFD)."""
-        return [self.hf.decode([i], clean_up_tokenization_spaces=False) for i in ids]
+        """Each token's own text, spelled from its bytes (`spell`: part of a character is `bytes:\\xNN`)."""
+        return [spell(raw) for raw in self.token_bytes(ids)]
 
     def token_bytes(self, ids: list[int]) -> list[bytes]:
         """The bytes each token stands for (a byte-level token may hold part of a character). Byte-level
         BPE vocabularies (GPT-2, Llama 3, Qwen2, SmolLM2) spell bytes with GPT-2's alphabet; SentencePiece
         ones write a raw byte as `<0xNN>` and a space as U+2581; special tokens are their own text."""
-        special = set(self.hf.all_special_ids)
         table = byte_level_table() if self.byte_level else {}
         out = []
         for i, token in zip(ids, self.hf.convert_ids_to_tokens(ids)):
             raw = BYTE_FALLBACK.fullmatch(token)
-            if i in special or (table and not all(c in table for c in token)):
+            if i in self.special_ids or (table and not all(c in table for c in token)):
                 out.append(token.encode())
             elif table:
                 out.append(bytes(table[c] for c in token))

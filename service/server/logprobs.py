@@ -11,16 +11,8 @@ from __future__ import annotations
 
 import codecs
 
-from model.tokenizer import Tokenizer
+from model.tokenizer import Tokenizer, spell
 from service.engine.sequence import TokenLogprob
-
-
-def spell(raw: bytes) -> str:
-    """A token as the completions API names it."""
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError:
-        return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
 
 
 class Aligned:
@@ -57,7 +49,7 @@ def completion_logprobs(tok: Tokenizer, tokens: list[tuple[int, bytes, int, Toke
     def alternatives(lp: TokenLogprob | None) -> dict | None:
         if lp is None:
             return None
-        names = [spell(b) for b in tok.token_bytes([i for i, _ in lp.top[:top]])]
+        names = tok.tokens([i for i, _ in lp.top[:top]])
         return {n: v for n, (_, v) in zip(names, lp.top[:top])}
 
     return {

@@ -7,10 +7,10 @@ from __future__ import annotations
 import openai
 import pytest
 
+from model.tokenizer import spell
 from service.engine.runner import Engine
 from service.engine.sampling import SamplingParams
 from service.server.app import build_app
-from service.server.logprobs import spell
 
 M = "tiny-random"
 TEXT = "naïve café — 世界 😀 done"
