@@ -169,7 +169,7 @@ async def completions(req: CompletionRequest, request: Request):
         running = handle.start(runs, sp * len(ids), request_id=head["id"], stream=req.stream)
     choices = [Choice(tok, p, req.echo, req.logprobs is not None) for p in runs]
 
-    def logprobs(k: int, tokens: list) -> dict | None:
+    def logprobs(tokens: list) -> dict | None:
         return None if req.logprobs is None else completion_logprobs(tok, tokens, req.logprobs)
 
     if not req.stream:
@@ -182,14 +182,14 @@ async def completions(req: CompletionRequest, request: Request):
                 {
                     "index": k,
                     "text": (c.echo_text() if req.echo else "") + text,
-                    "logprobs": logprobs(k, tokens),
+                    "logprobs": logprobs(tokens),
                     "finish_reason": r.finish_reason if r else "length",
                 }
             )
         return head | {"choices": out, "usage": usage(ids, results)}
 
     def piece(k: int, text: str, tokens: list, finish: str | None = None) -> dict:
-        choice = {"index": k, "text": text, "logprobs": logprobs(k, tokens), "finish_reason": finish}
+        choice = {"index": k, "text": text, "logprobs": logprobs(tokens), "finish_reason": finish}
         return head | {"choices": [choice]}
 
     echoed = [not req.echo] * len(runs)
