@@ -119,12 +119,21 @@ class JobStore:
             self.db.execute("INSERT INTO files VALUES (?, ?, ?, ?, ?)", (file, filename, purpose, time.time(), content))
         return self.file(file)
 
+    def _output(self, file: str) -> tuple[dict, str] | None:
+        """(the batch, "output" or "errors") for one of a batch's made files; None for any other id.
+        Raises KeyError for the files of a batch that does not exist."""
+        if not (file.startswith("file-batch_") and file.rsplit("-", 1)[-1] in OUTPUTS):
+            return None
+        job, kind = file[len("file-") :].rsplit("-", 1)
+        return self.batch(job), kind
+
     def file(self, file: str) -> dict:
         """A file's OpenAI description (raises KeyError for an unknown one)."""
-        if file.startswith("file-batch_") and file.rsplit("-", 1)[-1] in OUTPUTS:
-            job, kind = file[len("file-") :].rsplit("-", 1)
-            created = self.batch(job)["created_at"]
-            return _file(file, f"{job}_{kind}.jsonl", "batch_output", created, len(self.content(file)))
+        if made := self._output(file):
+            batch, kind = made
+            return _file(
+                file, f"{batch['id']}_{kind}.jsonl", "batch_output", batch["created_at"], len(self.content(file))
+            )
         with self.lock:
             row = self.db.execute(
                 "SELECT filename, purpose, created, length(content) FROM files WHERE id = ?", (file,)
@@ -134,12 +143,13 @@ class JobStore:
         return _file(file, *row)
 
     def content(self, file: str) -> bytes:
-        if file.startswith("file-batch_") and file.rsplit("-", 1)[-1] in OUTPUTS:
-            job, kind = file[len("file-") :].rsplit("-", 1)
+        if made := self._output(file):
+            batch, kind = made
             column = "result" if kind == "output" else "error"
             with self.lock:
                 rows = self.db.execute(
-                    f"SELECT {column} FROM records WHERE job = ? AND {column} IS NOT NULL ORDER BY line", (job,)
+                    f"SELECT {column} FROM records WHERE job = ? AND {column} IS NOT NULL ORDER BY line",
+                    (batch["id"],),
                 ).fetchall()
             return "".join(r[0] + "\n" for r in rows).encode()
         with self.lock:

@@ -92,3 +92,5 @@ def test_bad_batches_are_refused_at_creation(client, content, endpoint, words):
         client.batches.create(input_file_id=upload.id, endpoint=endpoint, completion_window="24h")
     with pytest.raises(openai.NotFoundError):
         client.batches.retrieve("batch_nope")
+    with pytest.raises(openai.NotFoundError):  # the output file of a batch that does not exist
+        client.files.content("file-batch_nope-output")
