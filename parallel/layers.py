@@ -25,7 +25,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from parallel.comm import gather_from_tensor_parallel_region, reduce_from_tensor_parallel_region
-from parallel.quant import int8_linear
 from parallel.state import get_tp
 
 Ranges = list[tuple[int, int]]
@@ -66,9 +65,9 @@ def _empty(*shape: int) -> nn.Parameter:
 
 
 def _linear(layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x @ layer's weight.T (+ bias): the fp weight, or the int8 one `parallel.quant.quantize` left."""
-    if hasattr(layer, "qweight"):
-        y = int8_linear(x, layer.qweight, layer.scale)
+    """x @ layer's weight.T (+ bias): the fp weight, or the quantized one `parallel.quant.quantize` left."""
+    if hasattr(layer, "quantized"):
+        y = layer.quantized(x)
         return y + bias if bias is not None else y
     return F.linear(x, layer.weight, bias)
 
@@ -81,7 +80,7 @@ class ColumnParallelLinear(nn.Module):
     `gate_up_proj` from `gate_proj`, `up_proj`) is one matmul whose pieces each keep their own split.
     """
 
-    quantizable = True  # parallel.quant may replace the weight by int8 and scales
+    quantizable = True  # parallel.quant may replace the weight by an int8 or int4 one
 
     def __init__(
         self,
@@ -195,6 +194,8 @@ class VocabParallelEmbedding(_VocabParallel):
 class ParallelLMHead(_VocabParallel):
     """Logits over the vocabulary; each rank computes its rows, then they are gathered."""
 
+    quantizable = "int8"  # at most int8, whatever --quantize asks
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        logits = gather_from_tensor_parallel_region(F.linear(x, self.weight))
+        logits = gather_from_tensor_parallel_region(_linear(self, x))
         return logits[..., : self.vocab_size]

@@ -9,6 +9,7 @@ import time
 
 import torch
 
+from parallel.quant import weight_bytes
 from service.engine.generator import TextGenerator
 from service.engine.sampling import SamplingParams
 
@@ -40,13 +41,6 @@ def _timed(fn) -> float:
 
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
-
-
-def weight_bytes(model: torch.nn.Module) -> int:
-    """Bytes of the weights a step reads: the parameters (tied ones once) and any int8 weights and scales."""
-    quantized = [b for name, b in model.named_buffers() if name.endswith(("qweight", "scale"))]
-    tensors = list({id(p): p for p in model.parameters()}.values()) + quantized
-    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def ours(gen: TextGenerator, prompts: list[list[int]], tokens: int) -> dict:
@@ -105,13 +99,14 @@ def run(model: str, tokens: int = 64, with_hf: bool = True, quantization: str = 
     rss = peak_rss_mb()
     prompts = [gen.tokenizer.encode(p) for p in PROMPTS]
     wbytes = weight_bytes(gen.engine.model)
+    directory = gen.directory
     r = {
         "model": model,
         "quantization": quantization,
         "threads": torch.get_num_threads(),
         "load_s": gen.load_s,
         "peak_rss_mb": rss,
-        "weight_mb": wbytes / 1e6,
+        "weights_mb": wbytes / 1e6,
         "bandwidth_gbs": bandwidth,
         "floor_tok_s": bandwidth * 1e9 / wbytes,
         "tokens_per_sequence": tokens,
@@ -119,8 +114,15 @@ def run(model: str, tokens: int = 64, with_hf: bool = True, quantization: str = 
     mine = ours(gen, prompts, tokens)
     r |= {k: v for k, v in mine.items() if k != "tokens"}
     r["floor_fraction"] = r["single_stream_tok_s"] / r["floor_tok_s"]
+    if quantization != "none":  # the unquantized model in the same run, loaded after the RSS was read
+        del gen
+        base = ours(TextGenerator.load(model), prompts, tokens)
+        r |= {f"baseline_{k}": v for k, v in base.items() if k != "tokens"}
+        r["baseline_tokens_match"] = mine["tokens"] == base["tokens"]
+        r["single_stream_x_baseline"] = r["single_stream_tok_s"] / base["single_stream_tok_s"]
+        r["batch8_x_baseline"] = r["batch8_tok_s"] / base["batch8_tok_s"]
     if with_hf:
-        theirs = hf(gen.directory, prompts, tokens, pad_id=min(gen.tokenizer.stop_ids, default=0))
+        theirs = hf(directory, prompts, tokens, pad_id=min(gen.tokenizer.stop_ids, default=0))
         r |= {k: v for k, v in theirs.items() if k != "tokens"}
         r["greedy_tokens_match"] = mine["tokens"] == theirs["tokens"]
         r["single_stream_x_hf"] = r["single_stream_tok_s"] / r["hf_single_stream_tok_s"]
@@ -130,13 +132,19 @@ def run(model: str, tokens: int = 64, with_hf: bool = True, quantization: str = 
 
 def print_report(r: dict) -> str:
     lines = [
-        f"model {r['model']}  ({r['weight_mb']:.0f} MB of weights, {r['threads']} threads, "
+        f"model {r['model']}, {r['quantization']}  ({r['weights_mb']:.0f} MB of weights, {r['threads']} threads, "
         f"{r['tokens_per_sequence']} tokens per sequence)",
         f"memory read bandwidth {r['bandwidth_gbs']:.1f} GB/s -> floor {r['floor_tok_s']:.1f} tok/s single-stream",
         f"load {r['load_s']:.2f} s, peak RSS {r['peak_rss_mb']:.0f} MB, time to first token {r['ttft_s'] * 1e3:.0f} ms",
         f"single-stream {r['single_stream_tok_s']:.1f} tok/s ({100 * r['floor_fraction']:.0f}% of floor)",
         f"batch-8       {r['batch8_tok_s']:.1f} tok/s",
     ]
+    if "baseline_single_stream_tok_s" in r:
+        lines.append(
+            f"unquantized, same run: single-stream {r['baseline_single_stream_tok_s']:.1f} tok/s "
+            f"(x{r['single_stream_x_baseline']:.2f}), batch-8 {r['baseline_batch8_tok_s']:.1f} tok/s "
+            f"(x{r['batch8_x_baseline']:.2f}), greedy tokens {'match' if r['baseline_tokens_match'] else 'differ'}"
+        )
     if "hf_single_stream_tok_s" in r:
         lines += [
             f"transformers generate(): single-stream {r['hf_single_stream_tok_s']:.1f} tok/s, "
