@@ -85,22 +85,24 @@ class ModelConfig:
 
     @classmethod
     def from_gguf(cls, meta: dict[str, Any]) -> ModelConfig:
-        """From GGUF key/value metadata (llama architecture)."""
+        """From GGUF key/value metadata (llama or qwen2 architecture), plus `vocab_rows`, the
+        embedding's row count, and `has_output`, whether the file has its own LM head."""
         arch = meta["general.architecture"]
-        if arch != "llama":
-            raise ValueError(f"GGUF architecture {arch!r} is not supported (only llama)")
-        heads = int(meta["llama.attention.head_count"])
+        if arch not in ("llama", "qwen2"):
+            raise ValueError(f"GGUF architecture {arch!r} is not supported (llama, qwen2)")
+        heads = int(meta[f"{arch}.attention.head_count"])
         return cls(
             arch="llama",
-            vocab_size=int(meta.get("llama.vocab_size") or len(meta["tokenizer.ggml.tokens"])),
-            hidden_size=int(meta["llama.embedding_length"]),
-            num_layers=int(meta["llama.block_count"]),
+            vocab_size=int(meta["vocab_rows"]),
+            hidden_size=int(meta[f"{arch}.embedding_length"]),
+            num_layers=int(meta[f"{arch}.block_count"]),
             num_heads=heads,
-            num_kv_heads=int(meta.get("llama.attention.head_count_kv", heads)),
-            intermediate_size=int(meta["llama.feed_forward_length"]),
-            max_position=int(meta["llama.context_length"]),
-            norm_eps=float(meta["llama.attention.layer_norm_rms_epsilon"]),
-            rope_theta=float(meta.get("llama.rope.freq_base", 10000.0)),
+            num_kv_heads=int(meta.get(f"{arch}.attention.head_count_kv", heads)),
+            intermediate_size=int(meta[f"{arch}.feed_forward_length"]),
+            max_position=int(meta[f"{arch}.context_length"]),
+            norm_eps=float(meta[f"{arch}.attention.layer_norm_rms_epsilon"]),
+            rope_theta=float(meta.get(f"{arch}.rope.freq_base", 10000.0)),
+            attention_bias=arch == "qwen2",
             tie_word_embeddings=meta.get("has_output", False) is False,
         )
 
@@ -120,9 +122,10 @@ class ModelConfig:
                 "activation_function": "gelu_new",
                 "tie_word_embeddings": self.tie_word_embeddings,
             }
+        qwen2 = self.attention_bias  # q/k/v bias without an output bias: Qwen2, not Llama's attention_bias
         return {
-            "model_type": "llama",
-            "architectures": ["LlamaForCausalLM"],
+            "model_type": "qwen2" if qwen2 else "llama",
+            "architectures": ["Qwen2ForCausalLM" if qwen2 else "LlamaForCausalLM"],
             "vocab_size": self.vocab_size,
             "hidden_size": self.hidden_size,
             "num_hidden_layers": self.num_layers,

@@ -1,8 +1,9 @@
-"""Convert a llama-architecture GGUF file into a Hugging Face directory (safetensors in fp32,
+"""Convert a llama- or qwen2-architecture GGUF file into a Hugging Face directory (safetensors in fp32,
 tokenizer.json, config.json), once, so later loads read plain safetensors in seconds.
 
 Traps handled here:
-- llama.cpp's converter permutes the rows of q and k for its rotary layout; we undo it per head.
+- llama.cpp's converter permutes the rows of q and k of llama models for its rotary layout; we undo it
+  per head. It leaves qwen2's as they are (Qwen2 uses the halves layout already).
 - GGUF lists shapes innermost-first: [576, 49152] is a (49152, 576) matrix.
 """
 
@@ -73,13 +74,15 @@ def convert(gguf_path: str | Path, out_dir: str | Path) -> Path:
     reader = GGUFReader(gguf_path)
     meta = read_metadata(reader)
     has_output = any(t.name == "output.weight" for t in reader.tensors)
-    cfg = ModelConfig.from_gguf(meta | {"has_output": has_output})
+    rows = next(int(t.shape[1]) for t in reader.tensors if t.name == "token_embd.weight")
+    cfg = ModelConfig.from_gguf(meta | {"has_output": has_output, "vocab_rows": rows})
+    permuted = meta["general.architecture"] == "llama"
     tensors = {}
     for t in reader.tensors:
         w = dequantize(t.data, t.tensor_type).reshape([int(x) for x in reversed(t.shape)]).astype(np.float32)
-        if t.name.endswith("attn_q.weight"):
+        if permuted and t.name.endswith("attn_q.weight"):
             w = unpermute(w, cfg.num_heads)
-        elif t.name.endswith("attn_k.weight"):
+        elif permuted and t.name.endswith("attn_k.weight"):
             w = unpermute(w, cfg.num_kv_heads)
         tensors[hf_name(t.name)] = torch.from_numpy(np.ascontiguousarray(w))
     out_dir.parent.mkdir(parents=True, exist_ok=True)

