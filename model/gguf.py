@@ -1,5 +1,7 @@
-"""Convert a llama- or qwen2-architecture GGUF file into a Hugging Face directory (safetensors in fp32,
-tokenizer.json, config.json), once, so later loads read plain safetensors in seconds.
+"""Convert a llama- or qwen2-architecture GGUF file into a Hugging Face directory (safetensors,
+tokenizer.json, config.json), once, so later loads read safetensors in seconds. Quantized tensors stay
+quantized (`model.gguf_quant`: 4-bit types as our int4 without loss, 5-8 bit ones as int8 rows); the
+loader dequantizes them only for `--quantize none`.
 
 Traps handled here:
 - llama.cpp's converter permutes the rows of q and k of llama models for its rotary layout; we undo it
@@ -17,12 +19,11 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-import torch
 from gguf import GGUFReader
-from gguf.quants import dequantize
 from safetensors.torch import save_file
 
 from model.config import ModelConfig
+from model.gguf_quant import stored
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -79,12 +80,10 @@ def convert(gguf_path: str | Path, out_dir: str | Path) -> Path:
     permuted = meta["general.architecture"] == "llama"
     tensors = {}
     for t in reader.tensors:
-        w = dequantize(t.data, t.tensor_type).reshape([int(x) for x in reversed(t.shape)]).astype(np.float32)
-        if permuted and t.name.endswith("attn_q.weight"):
-            w = unpermute(w, cfg.num_heads)
-        elif permuted and t.name.endswith("attn_k.weight"):
-            w = unpermute(w, cfg.num_kv_heads)
-        tensors[hf_name(t.name)] = torch.from_numpy(np.ascontiguousarray(w))
+        heads = {"attn_q.weight": cfg.num_heads, "attn_k.weight": cfg.num_kv_heads}.get(t.name.split(".", 2)[-1])
+        rows_fn = (lambda a, h=heads: unpermute(a, h)) if permuted and heads else (lambda a: a)
+        shape = [int(x) for x in reversed(t.shape)]
+        tensors |= stored(hf_name(t.name), t.data, t.tensor_type, shape, rows_fn)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".", dir=out_dir.parent))
     tmp.chmod(0o755)

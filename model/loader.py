@@ -48,7 +48,8 @@ def load_model(
     quantization: str = "none",
 ) -> nn.Module:
     """Load this rank's shard of the model in `directory` (at tensor-parallel size 1, all of it), its
-    linear layers quantized after loading with `quantization` int8 (`parallel.quant`)."""
+    linear layers quantized after loading with `quantization` int8 or int4 (`parallel.quant`); weights
+    stored quantized are dequantized to `dtype` for "none"."""
     directory = Path(directory)
     cfg = read_config(directory)
     cfg.check_tp(get_tp().size)
@@ -62,9 +63,14 @@ def load_model(
         reader.close()
     for tied, source in model.tied_keys.items():
         owner, _, leaf = tied.rpartition(".")
-        setattr(model.get_submodule(owner), leaf, model.get_parameter(source))
+        source_owner = model.get_submodule(source.rpartition(".")[0])
+        if hasattr(source_owner, "stored"):  # tied to a quantized embedding: the head takes the same form
+            model.get_submodule(owner).stored = source_owner.stored
+            delattr(model.get_submodule(owner), leaf)
+        else:
+            setattr(model.get_submodule(owner), leaf, model.get_parameter(source))
     model.init_buffers(device, dtype)
-    return quantize(model, quantization).eval()
+    return quantize(model, quantization, dtype).eval()
 
 
 def _key_mapper(cfg: ModelConfig, keys: set[str]):

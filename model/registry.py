@@ -44,6 +44,7 @@ NAMES = {
     "(1.1 GB)",
 }
 TINY_VERSION = "v2"  # bump when the tiny model's config or weights change
+GGUF_CONVERSION = "q1"  # bump when model.gguf's output changes (q1: quantized tensors stay quantized)
 
 
 class ModelNotFound(LookupError):
@@ -64,7 +65,7 @@ def resolve(name_or_path: str, log=lambda msg: print(msg, file=sys.stderr)) -> P
             write_model_dir(path, PRESETS["tiny-random"])
         return path
     if name_or_path in GGUF_MODELS:
-        path = cache_dir() / name_or_path
+        path = cache_dir() / f"{name_or_path}-{GGUF_CONVERSION}"
         if not (path / "config.json").exists():
             from model.gguf import convert
 

@@ -143,18 +143,25 @@ class RowParallelLinear(nn.Module):
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, conv1d: bool = False):
         super().__init__()
+        self.in_features = in_features
         self.ranges = even_split(in_features, "input features")
         self.conv1d = conv1d
         self.weight = _empty(out_features, self.ranges[0][1] - self.ranges[0][0])
         self.bias = _empty(out_features) if bias else None
 
     def shard(self, name: str, get) -> torch.Tensor:
+        """This rank's columns of a weight, or of a stored quantized form of it (`model.gguf_quant`),
+        whose columns may each stand for several input features (packed int4, group scales)."""
         t = get(None)
-        if name == "bias":
+        if name == "bias" or len(t.get_shape()) == 1:  # the bias, int8 per-row scales: whole
             return t[:]
         if self.conv1d:
             return _take(t, self.ranges, 0).t().contiguous()
-        return _take(t, self.ranges, 1)
+        per = self.in_features // t.get_shape()[1]
+        (a, b) = self.ranges[0]
+        if a % per:
+            raise ValueError(f"{name}: this rank's input features {a}..{b} do not fall on the stored groups of {per}")
+        return _take(t, [(a // per, b // per)], 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = reduce_from_tensor_parallel_region(_linear(self, x))
@@ -174,20 +181,26 @@ class _VocabParallel(nn.Module):
         self.weight = _empty(self.per_rank, hidden)
 
     def shard(self, name: str, get) -> torch.Tensor:
-        rows = get(None)[self.start : self.end] if self.end > self.start else None
-        out = torch.zeros(self.per_rank, self.weight.shape[1], dtype=rows.dtype if rows is not None else torch.float32)
+        t = get(None)
+        rows = t[self.start : self.end] if self.end > self.start else None
+        out = torch.zeros(self.per_rank, *t.get_shape()[1:], dtype=rows.dtype if rows is not None else torch.float32)
         if rows is not None:
             out[: rows.shape[0]] = rows
         return out
 
 
 class VocabParallelEmbedding(_VocabParallel):
+    """Rows of the fp weight, or of quantized rows (`parallel.quant.QuantRows`) dequantized on lookup."""
+
+    def _rows(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.rows(ids) if hasattr(self, "rows") else F.embedding(ids, self.weight)
+
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if get_tp().size == 1:
-            return F.embedding(ids, self.weight)
+            return self._rows(ids)
         outside = (ids < self.start) | (ids >= self.start + self.per_rank)
         local = (ids - self.start).masked_fill(outside, 0)
-        x = F.embedding(local, self.weight).masked_fill(outside.unsqueeze(-1), 0.0)
+        x = self._rows(local).masked_fill(outside.unsqueeze(-1), 0.0)
         return reduce_from_tensor_parallel_region(x)
 
 

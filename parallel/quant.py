@@ -1,15 +1,17 @@
 """Weight-only quantization of the tensor-parallel linear layers and the LM head (`--quantize int8|int4`).
 
 Each rank quantizes its own shard after loading, so a row-parallel layer's scales are those of its own
-columns (tensor-parallel sizes agree to within the quantization error, not bit for bit). Norms and the
-input embedding stay in the compute dtype; the LM head is always int8 (it is the largest matmul of a
-small model, and llama.cpp keeps it at 6 bits or more too).
+columns (tensor-parallel sizes agree to within the quantization error, not bit for bit). Norms stay in
+the compute dtype, and so does the input embedding unless the checkpoint stores it quantized
+(`model.gguf_quant`: then its rows are dequantized on lookup, `QuantRows`); the LM head is always int8
+(it is the largest matmul of a small model, and llama.cpp keeps it at 6 bits or more too).
 
 - int8: one scale per output row (absmax / 127). On CPU the matmul is FBGEMM's dynamically quantized
-  linear (`quantized::linear_dynamic`): activations are quantized per call, per tensor, to 7 bits, so a
-  row's result depends slightly on the other rows in the same step. Measured on a 2-core AVX2 CPU it is
-  7-14x faster than fp32 on large matrices, where `aten._weight_int8pack_mm` and `aten._int_mm` were
-  slower than fp32 (README, issue 15). torch marks its quantized tensor type deprecated; torch is pinned.
+  linear (`quantized::linear_dynamic`), made accurate by `dynamic_int8` (two passes, per-row ranges;
+  each row's result independent of the others'). Measured on a 2-core AVX2 CPU it is 4-8x faster than
+  fp32 on a 1.5B model's matrices but slower on the 135M model's small ones, where the extra elementwise
+  work dominates; `aten._weight_int8pack_mm` and `aten._int_mm` were slower than fp32 everywhere
+  (README, issue 15). torch marks its quantized tensor type deprecated; torch is pinned.
 - int4: groups of `GROUP` input columns share a scale and an offset (asymmetric, 16 levels), through
   `aten._weight_int4pack_mm_for_cpu` with bf16 activations (its vectorized path on AVX2).
 On other devices both dequantize inside the matmul (the compiled CUDA step fuses it).
@@ -46,6 +48,37 @@ def quantize_groups(weight: torch.Tensor, group: int = GROUP) -> tuple[torch.Ten
     return levels.reshape(out, width), scale, low
 
 
+def _unit_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(x', mid, half) with x = mid + half * x' and every row of x' spanning exactly [-1, 1]."""
+    low, high = x.aminmax(dim=1, keepdim=True)
+    mid, half = (high + low) / 2, ((high - low) / 2).clamp(min=1e-30)
+    return ((x - mid) / half).contiguous(), mid, half
+
+
+def dynamic_int8(x: torch.Tensor, packed, row_sums: torch.Tensor) -> torch.Tensor:
+    """x @ W.T for fp32 rows x through FBGEMM's int8 kernel, accurate to ~14 bits of the activations.
+
+    FBGEMM quantizes activations to 7 bits with one range per call: over a whole prompt, whose first
+    token has massive activations, that alone took SmolLM2's WikiText perplexity from 13.4 to 32.6, and
+    even one range per row left +4-10%. So each row is mapped onto [-1, 1] (x = mid + half * x'; the
+    product is affine in each row: W x = half * W x' + mid * W 1, W 1 being the weight's row sums), and
+    the rounding FBGEMM applies to x' (the same dynamic quantization, reproduced by
+    `quantize_per_tensor_dynamic`) is multiplied in a second call, mapped the same way."""
+    unit, mid, half = _unit_rows(x)
+    rounded = torch.quantize_per_tensor_dynamic(unit, torch.quint8, True).dequantize()
+    rest, rest_mid, rest_half = _unit_rows(unit - rounded)
+    m = x.shape[0]
+    if m <= 4:  # one call for both (measured: 0.66 ms against 1.28 for two at 8960 x 1536, one row)
+        both = torch.ops.quantized.linear_dynamic(torch.cat([unit, rest]), packed, True)
+        y, y_rest = both[:m], both[m:]
+    else:
+        y = torch.ops.quantized.linear_dynamic(unit, packed, True)
+        y_rest = torch.ops.quantized.linear_dynamic(rest, packed, True)
+    y = y * half
+    y += y_rest * (rest_half * half)
+    return y.addcmul_(mid + rest_mid * half, row_sums)
+
+
 class Int8Linear(nn.Module):
     """x @ (q * scale[:, None]).T for q int8 (out, in)."""
 
@@ -59,6 +92,7 @@ class Int8Linear(nn.Module):
                 warnings.simplefilter("ignore")
                 qt = torch._make_per_channel_quantized_tensor(q, scale.double(), zeros, 0)
                 self.packed = torch.ops.quantized.linear_prepack(qt, None)
+            self.register_buffer("row_sums", q.float().sum(dim=1) * scale)
         else:
             self.register_buffer("q", q)
             self.register_buffer("scale", scale)
@@ -66,7 +100,7 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
         if hasattr(self, "packed"):
-            out = torch.ops.quantized.linear_dynamic(flat.float().contiguous(), self.packed, True).to(x.dtype)
+            out = dynamic_int8(flat.float(), self.packed, self.row_sums).to(x.dtype)
         else:
             out = F.linear(flat, self.q.to(flat.dtype) * self.scale.to(flat.dtype)[:, None])
         return out.reshape(*x.shape[:-1], self.out_features)
@@ -118,17 +152,67 @@ def quantized(weight: torch.Tensor, mode: str) -> nn.Module:
     return Int4Linear(*quantize_groups(weight))
 
 
-def quantize(model: nn.Module, mode: str) -> nn.Module:
+def unpack(packed: torch.Tensor) -> torch.Tensor:
+    """int4 levels stored two per byte (column 2j low nibble, 2j + 1 high) as one uint8 per level."""
+    return torch.stack([packed & 0x0F, packed >> 4], dim=-1).reshape(packed.shape[0], -1)
+
+
+def dequantize(form: str, t: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The fp32 weight of a stored quantized form (`model.gguf_quant`)."""
+    if form == "int8":
+        return t["_int8"].float() * t["_scale"][:, None]
+    levels = unpack(t["_int4"]).float()
+    n, k = levels.shape
+    w = levels.reshape(n, t["_scale"].shape[1], -1) * t["_scale"][..., None] + t["_low"][..., None]
+    return w.reshape(n, k)
+
+
+def from_stored(form: str, t: dict[str, torch.Tensor], mode: str) -> nn.Module:
+    """The `mode` layer for a stored form: taken as it is where the forms agree, else re-quantized."""
+    if form == mode == "int8":
+        return Int8Linear(t["_int8"], t["_scale"])
+    if form == mode == "int4" and t["_scale"].shape[1] * GROUP == t["_int4"].shape[1] * 2:
+        return Int4Linear(unpack(t["_int4"]), t["_scale"], t["_low"])
+    return quantized(dequantize(form, t), mode)
+
+
+class QuantRows(nn.Module):
+    """Embedding rows kept in their stored quantized form, dequantized only where looked up."""
+
+    def __init__(self, form: str, t: dict[str, torch.Tensor], dtype: torch.dtype):
+        super().__init__()
+        self.form, self.dtype = form, dtype
+        for suffix, tensor in t.items():
+            self.register_buffer(suffix.lstrip("_"), tensor)
+        self.nbytes = sum(b.numel() * b.element_size() for b in self.buffers())
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        flat = ids.reshape(-1)
+        if self.form == "int8":
+            rows = self.int8[flat].float() * self.scale[flat][:, None]
+        else:
+            rows = dequantize("int4", {"_int4": self.int4[flat], "_scale": self.scale[flat], "_low": self.low[flat]})
+        return rows.to(self.dtype).reshape(*ids.shape, -1)
+
+
+def quantize(model: nn.Module, mode: str, dtype: torch.dtype = torch.float32) -> nn.Module:
     """Quantize in place every layer marked `quantizable` (the column- and row-parallel linears, the LM
-    head; a mark of "int8" caps the mode). Mode "none": the model as it is."""
+    head; a mark of "int8" caps the mode), and finish the layers loaded in a quantized form
+    (`layer.stored`): dequantized to `dtype` for mode "none", an embedding's rows kept quantized."""
     if mode not in MODES:
         raise ValueError(f"--quantize {mode!r}: choose one of {', '.join(MODES)}")
-    if mode == "none":
-        return model
     for layer in list(model.modules()):
         mark = getattr(layer, "quantizable", False)
-        if mark:
-            layer.quantized = quantized(layer.weight.data, "int8" if mark == "int8" else mode)
+        stored = layer.__dict__.pop("stored", None)
+        target = "int8" if mark == "int8" else mode
+        if stored is not None and mode == "none":
+            layer.weight = nn.Parameter(dequantize(*stored).to(dtype), requires_grad=False)
+        elif stored is not None and not mark:
+            layer.rows = QuantRows(*stored, dtype)
+        elif stored is not None:
+            layer.quantized = from_stored(*stored, target)
+        elif mark and mode != "none":
+            layer.quantized = quantized(layer.weight.data, target)
             del layer.weight
     return model
 
@@ -136,5 +220,5 @@ def quantize(model: nn.Module, mode: str) -> nn.Module:
 def weight_bytes(model: nn.Module) -> int:
     """Bytes of the weights a step reads: the parameters (tied ones once) and the quantized weights."""
     params = {id(p): p for p in model.parameters()}.values()
-    packed = sum(m.nbytes for m in model.modules() if isinstance(m, (Int8Linear, Int4Linear)))
+    packed = sum(m.nbytes for m in model.modules() if isinstance(m, (Int8Linear, Int4Linear, QuantRows)))
     return sum(p.numel() * p.element_size() for p in params) + packed

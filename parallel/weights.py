@@ -3,7 +3,8 @@
 `SafetensorsReader` opens a single `model.safetensors` or a sharded set listed in
 `model.safetensors.index.json` and hands out lazy slices (`get_slice`), so a rank reads only the
 rows or columns it keeps. `load_into` fills a module built on the meta device: each parallel
-layer cuts its own piece (`shard`), every other parameter is read whole (replicated). Parameters are
+layer cuts its own piece (`shard`), every other parameter is read whole (replicated). A weight stored
+quantized (int4 or int8 forms, `model.gguf_quant`) is cut the same way and left as `layer.stored`. Parameters are
 named after checkpoint keys; a merged layer names the sibling keys it stacks (see `parallel.layers`).
 """
 
@@ -16,6 +17,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from torch import nn
+
+from parallel.quant import dequantize
 
 
 class SafetensorsReader:
@@ -71,6 +74,7 @@ def load_into(
     Parameters named in `skip` are left alone (the caller ties them); `key_of` maps a parameter
     name to its checkpoint key where the two differ.
     """
+    keys = reader.keys()
     for name, param in list(module.named_parameters(remove_duplicate=False)):
         if name in skip:
             continue
@@ -78,9 +82,27 @@ def load_into(
         owner = module.get_submodule(owner_name)
         parent = owner_name.rpartition(".")[0]
 
-        def get(part: str | None, name=name, parent=parent, leaf=leaf):
-            return reader.get_slice(key_of(name if part is None else f"{parent}.{part}.{leaf}"))
+        def key(part: str | None, name=name, parent=parent, leaf=leaf) -> str:
+            return key_of(name if part is None else f"{parent}.{part}.{leaf}")
 
+        def get(part: str | None, suffix: str = "") -> object:
+            return reader.get_slice(key(part) + suffix)
+
+        parts = [p for p, _ in owner.parts] if hasattr(owner, "parts") else [None]
+        forms = {stored_form(key(p), keys) for p in parts}
+        form = forms.pop() if len(forms) == 1 else "mixed"
+        if form == "mixed":  # merged siblings stored in different forms: each dequantized, then stacked
+
+            def get(part: str | None, get=get, key=key) -> torch.Tensor:
+                f = stored_form(key(part), keys)
+                return get(part)[:] if f is None else dequantize(f, {s: get(part, s)[:] for s in SUFFIXES[f]})
+
+        elif form is not None:  # a quantized form instead of the weight: parallel.quant.quantize finishes it
+            pieces = {s: owner.shard(leaf + s, lambda part, s=s: get(part, s)) for s in SUFFIXES[form]}
+            owner.stored = (form, {s: t.to(device=device, copy=True) for s, t in pieces.items()})
+            delattr(owner, leaf)
+            reader.release()
+            continue
         value = owner.shard(leaf, get) if hasattr(owner, "shard") else get(None)[:]
         if tuple(value.shape) != tuple(param.shape):
             raise ValueError(
@@ -89,3 +111,13 @@ def load_into(
         # copy=True: a contiguous slice can come back as a view of the mapped file; own the memory.
         setattr(owner, leaf, nn.Parameter(value.to(device=device, dtype=dtype, copy=True), requires_grad=False))
         reader.release()
+
+
+SUFFIXES = {"int4": ("_int4", "_scale", "_low"), "int8": ("_int8", "_scale")}
+
+
+def stored_form(key: str, keys: set[str]) -> str | None:
+    """ "int4" or "int8" where the checkpoint holds `key` in that quantized form (`model.gguf_quant`)."""
+    if key in keys:
+        return None
+    return next((form for form, suffixes in SUFFIXES.items() if key + suffixes[0] in keys), None)

@@ -1,6 +1,8 @@
 """GGUF files of the Qwen2 architecture (q/k/v biases, no llama.cpp q/k permutation, a byte-level BPE
 tokenizer with a ChatML template), written here with the `gguf` writer in every tensor type the Python
-side can quantize, convert to the same model `transformers` builds from the GGUF file itself."""
+side can quantize, convert to the model `transformers` builds from the GGUF file itself: exactly where
+the types are float or 4-bit (kept as our int4 without loss), to the int8 rounding where they are 5 or
+8 bits (re-quantized to int8 rows). Q4_K, which gguf-py only reads, is checked block by block."""
 
 from __future__ import annotations
 
@@ -22,15 +24,28 @@ CHATML = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
-# every type gguf-py can quantize (the K-quants it only reads: the real Qwen models' slow tests cover them)
+# every type gguf-py can quantize; "exact" holds only the ones converted without loss
 TYPES = {
-    "attn_q": T.Q8_0,
-    "attn_k": T.Q4_0,
-    "attn_v": T.Q4_1,
-    "attn_output": T.Q5_0,
-    "ffn_gate": T.Q5_1,
-    "ffn_up": T.F16,
-    "ffn_down": T.BF16,
+    "exact": {
+        "token_embd": T.Q4_1,
+        "attn_q": T.Q4_0,
+        "attn_k": T.Q4_1,
+        "attn_v": T.Q4_0,
+        "attn_output": T.F16,
+        "ffn_gate": T.Q4_1,
+        "ffn_up": T.BF16,
+        "ffn_down": T.F32,
+    },
+    "int8": {
+        "token_embd": T.Q8_0,
+        "attn_q": T.Q8_0,
+        "attn_k": T.Q4_0,  # q, k and v stored in different forms: merged after dequantizing each
+        "attn_v": T.Q5_0,
+        "attn_output": T.Q5_1,
+        "ffn_gate": T.Q8_0,
+        "ffn_up": T.Q8_0,
+        "ffn_down": T.Q5_0,
+    },
 }
 
 
@@ -42,8 +57,8 @@ def vocabulary() -> tuple[list[str], list[str], list[int]]:
     return tokens + specials, merges, [1] * len(tokens) + [3] * len(specials)
 
 
-def write_qwen2_gguf(path) -> None:
-    tokens, merges, types = vocabulary()
+def write_qwen2_gguf(path, types: dict) -> None:
+    tokens, merges, token_types = vocabulary()
     g = torch.Generator().manual_seed(0)
     w = GGUFWriter(str(path), "qwen2")
     w.add_context_length(256)
@@ -57,7 +72,7 @@ def write_qwen2_gguf(path) -> None:
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre("qwen2")
     w.add_token_list(tokens)
-    w.add_token_types(types)
+    w.add_token_types(token_types)
     w.add_token_merges(merges)
     w.add_eos_token_id(tokens.index("<|im_end|>"))
     w.add_bos_token_id(tokens.index("<|endoftext|>"))
@@ -72,13 +87,13 @@ def write_qwen2_gguf(path) -> None:
             w.add_tensor(name, quantize(x, kind), raw_dtype=kind)
 
     d = HIDDEN // HEADS
-    tensor("token_embd.weight", len(tokens), HIDDEN, kind=T.Q8_0, scale=1.0)
+    tensor("token_embd.weight", len(tokens), HIDDEN, kind=types["token_embd"], scale=1.0)
     tensor("output_norm.weight", HIDDEN, scale=1.0)
     for i in range(LAYERS):
         rows = {"attn_q": HEADS * d, "attn_k": KV * d, "attn_v": KV * d, "attn_output": HIDDEN}
         rows |= {"ffn_gate": FFN, "ffn_up": FFN, "ffn_down": HIDDEN}
         for part, n in rows.items():
-            tensor(f"blk.{i}.{part}.weight", n, FFN if part == "ffn_down" else HIDDEN, kind=TYPES[part])
+            tensor(f"blk.{i}.{part}.weight", n, FFN if part == "ffn_down" else HIDDEN, kind=types[part])
         for part in ("attn_q", "attn_k", "attn_v"):
             tensor(f"blk.{i}.{part}.bias", rows[part], scale=0.5)
         tensor(f"blk.{i}.attn_norm.weight", HIDDEN, scale=1.0)
@@ -89,26 +104,83 @@ def write_qwen2_gguf(path) -> None:
     w.close()
 
 
+def converted(root, types: str):
+    write_qwen2_gguf(root / f"{types}.gguf", TYPES[types])
+    return root / f"{types}.gguf", convert(root / f"{types}.gguf", root / types)
+
+
 @pytest.fixture(scope="module")
 def qwen2(tmp_path_factory):
-    root = tmp_path_factory.mktemp("qwen2")
-    write_qwen2_gguf(root / "tiny-qwen2.gguf")
-    return root / "tiny-qwen2.gguf", convert(root / "tiny-qwen2.gguf", root / "converted")
+    return converted(tmp_path_factory.mktemp("qwen2"), "exact")
+
+
+def logits(gguf, directory, quantization="none") -> tuple[torch.Tensor, torch.Tensor]:
+    """(transformers' logits from the GGUF file, ours from the converted directory) on random ids."""
+    from transformers import AutoModelForCausalLM
+
+    ref = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32).eval()
+    ours = load_model(directory, quantization=quantization)
+    ids = torch.randint(0, ref.config.vocab_size, (2, 20), generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        return ref(ids).logits, ours(ids, torch.arange(20)[None].expand(2, 20))
 
 
 def test_qwen2_gguf_logits_equal_transformers_own_gguf_load(qwen2):
-    """Every tensor type dequantized, the biases kept, q and k left unpermuted: the converted model's
-    logits equal those of `transformers` loading the GGUF file itself."""
-    from transformers import AutoModelForCausalLM
+    """Float and 4-bit tensors, the biases kept, q and k left unpermuted: the converted model's logits
+    equal those of `transformers` loading the GGUF file itself; the 4-bit ones stay int4 on disk."""
+    from safetensors import safe_open
 
-    gguf, directory = qwen2
-    ref = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32).eval()
-    ours = load_model(directory)
-    ids = torch.randint(0, ref.config.vocab_size, (2, 20), generator=torch.Generator().manual_seed(3))
-    with torch.inference_mode():
-        want = ref(ids).logits
-        got = ours(ids, torch.arange(20)[None].expand(2, 20))
+    want, got = logits(*qwen2)
     assert_close(got, want, atol=1e-4, rtol=1e-4)
+    with safe_open(str(qwen2[1] / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+    assert {"model.embed_tokens.weight_int4", "model.layers.0.self_attn.q_proj.weight_int4"} <= keys
+    assert "model.layers.0.mlp.down_proj.weight" in keys and "model.embed_tokens.weight" not in keys
+
+
+def test_5_and_8_bit_types_become_int8_rows(tmp_path):
+    """Q8_0, Q5_0 and Q5_1 are re-quantized to int8 rows (beside an int4 sibling in the same merged
+    projection): logits within the int8 rounding of transformers' and the same greedy picks."""
+    want, got = logits(*converted(tmp_path, "int8"))
+    assert (got - want).abs().max() < 0.01 * (want.max() - want.min())
+    assert (got.argmax(-1) == want.argmax(-1)).float().mean() > 0.95
+
+
+@pytest.mark.parametrize("quantization", ["int8", "int4"])
+def test_stored_forms_load_under_every_quantization(qwen2, quantization):
+    """The int4-stored model loads as int4 as it is (the kernel's bf16 rounding only) and as int8
+    re-quantized (FBGEMM's 7-bit activations); the embedding keeps its quantized rows, dequantized on
+    lookup. Random weights have thin margins, so the bounds are loose."""
+    want, got = logits(*qwen2, quantization=quantization)
+    assert (got - want).abs().max() < 0.05 * (want.max() - want.min())
+    assert (got.argmax(-1) == want.argmax(-1)).float().mean() > 0.8
+    model = load_model(qwen2[1], quantization=quantization)
+    assert hasattr(model.model.embed_tokens, "rows") and not hasattr(model.model.embed_tokens, "weight")
+
+
+def test_q4_blocks_split_into_levels_scales_and_offsets():
+    """Our int4 reading of Q4_0, Q4_1 and Q4_K blocks (random bytes, finite fp16 scales) times scale plus
+    offset is gguf's own dequantization, bit for bit."""
+    from gguf.constants import GGML_QUANT_SIZES
+    from gguf.quants import dequantize
+
+    from model.gguf_quant import int4_groups
+
+    rng = np.random.default_rng(0)
+    for kind in (T.Q4_0, T.Q4_1, T.Q4_K):
+        block, size = GGML_QUANT_SIZES[kind]
+        rows, cols = 3, 2 * 256
+        data = rng.integers(0, 256, (rows, cols // block * size), dtype=np.uint8)
+        halves = 2 if kind == T.Q4_K else (1 if kind == T.Q4_0 else 2)  # d [, m or dmin] as fp16
+        for b in range(cols // block):
+            for h in range(halves):
+                data[:, b * size + 2 * h : b * size + 2 * h + 2] = (
+                    rng.uniform(0.001, 0.1, rows).astype(np.float16).view(np.uint8).reshape(rows, 2)
+                )
+        levels, scale, low = int4_groups(data, kind, rows)
+        assert levels.max() <= 15 and scale.shape == (rows, cols // 32)
+        mine = levels.reshape(rows, -1, 32) * scale[..., None] + low[..., None]
+        np.testing.assert_array_equal(mine.reshape(rows, cols), dequantize(data, kind).reshape(rows, cols))
 
 
 def test_qwen2_gguf_tokenizer_and_chat_template(qwen2):

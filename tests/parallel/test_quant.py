@@ -18,8 +18,8 @@ TINY = ["--model", "tiny-random"]
 
 
 def test_int8_matmul_equals_the_dequantized_weight():
-    """Per-row scales round each weight to within half a step, and FBGEMM's product (activations
-    quantized per call to 7 bits) stays within that rounding of the product with the dequantized weight."""
+    """Per-row scales round each weight to within half a step, and the FBGEMM product (its 7-bit
+    activations refined by a second pass) equals the product with the dequantized weight to ~1e-3."""
     torch.manual_seed(0)
     w = torch.randn(96, 64)
     q, scale = quantize_rows(w)
@@ -31,7 +31,20 @@ def test_int8_matmul_equals_the_dequantized_weight():
         want = x.float() @ (q.float() * scale[:, None]).T
         got = layer(x)
         assert got.shape == (3, 5, 96) and got.dtype == dtype
-        torch.testing.assert_close(got.float(), want, rtol=0.03, atol=0.03 * want.abs().max().item())
+        tol = 2e-3 if dtype == torch.float32 else 2e-2
+        torch.testing.assert_close(got.float(), want, rtol=tol, atol=tol * want.abs().max().item())
+
+
+def test_int8_rows_do_not_depend_on_each_other():
+    """Each row is quantized over its own range: a row beside a row of massive activations (a prompt's
+    first token) gets the result it gets alone, for one row, a few (one call) and many (two calls)."""
+    torch.manual_seed(0)
+    layer = Int8Linear(*quantize_rows(torch.randn(64, 96)))
+    for rows in (2, 4, 9):
+        x = torch.randn(rows, 96) + 0.5
+        x[0] *= 300
+        alone = torch.cat([layer(r[None]) for r in x])
+        torch.testing.assert_close(layer(x), alone, rtol=1e-4, atol=1e-4 * alone[1:].abs().max().item())
 
 
 def test_int4_matmul_equals_the_dequantized_weight():

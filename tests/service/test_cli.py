@@ -68,10 +68,15 @@ def test_generate_streams_and_json(capsys):
 
 
 def test_models_lists_names(capsys):
-    """`nlg models` lists exactly the models that resolve without a network."""
+    """`nlg models` lists exactly the named models (made locally or fetched from PyPI wheels)."""
     assert main(["models", "--json"]) == 0
     names = {m["name"] for m in json.loads(capsys.readouterr().out)["models"]}
-    assert names == {"tiny-random", "smollm2-135m-instruct"}
+    assert names == {
+        "tiny-random",
+        "smollm2-135m-instruct",
+        "qwen2.5-coder-0.5b-instruct",
+        "qwen2.5-coder-1.5b-instruct",
+    }
 
 
 @pytest.mark.parametrize(
