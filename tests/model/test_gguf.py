@@ -208,3 +208,20 @@ def test_converted_config_is_qwen2(qwen2):
     cfg = json.loads((qwen2[1] / "config.json").read_text())
     assert cfg["model_type"] == "qwen2" and cfg["architectures"] == ["Qwen2ForCausalLM"]
     assert np.isclose(cfg["rope_theta"], 1e6) and cfg["num_key_value_heads"] == KV
+
+
+@pytest.mark.heavy
+@pytest.mark.parametrize("quantization", ["none", "int4"])
+def test_stored_forms_split_over_tensor_parallel_ranks(qwen2, quantization, capfd):
+    """tp=2 cuts the stored int4 levels, group scales and offsets on group boundaries (row-parallel) and
+    by rows (column-parallel, vocabulary): the same greedy tokens as tp=1."""
+    import json
+
+    from service.cli.parser import main
+
+    args = ["generate", "the hat in the", "--max-tokens", "12", "--json", "--model", str(qwen2[1])]
+    args += ["--quantize", quantization]
+    assert main(args) == 0
+    alone = json.loads(capfd.readouterr().out)
+    assert main([*args, "--tp", "2"]) == 0
+    assert json.loads(capfd.readouterr().out.strip().splitlines()[-1])["token_ids"] == alone["token_ids"]
