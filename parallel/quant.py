@@ -196,9 +196,10 @@ class QuantRows(nn.Module):
 
 
 def quantize(model: nn.Module, mode: str, dtype: torch.dtype = torch.float32) -> nn.Module:
-    """Quantize in place every layer marked `quantizable` (the column- and row-parallel linears, the LM
-    head; a mark of "int8" caps the mode), and finish the layers loaded in a quantized form
-    (`layer.stored`): dequantized to `dtype` for mode "none", an embedding's rows kept quantized."""
+    """Quantize in place every layer marked `quantizable` (the column- and row-parallel linears, the
+    LM head). A mark of "int8" caps the mode: the head's, and the one the loader puts on weights stored
+    as int8. Finish the layers loaded in a quantized form (`layer.stored`): dequantized to `dtype` for
+    mode "none", an embedding's rows kept quantized."""
     if mode not in MODES:
         raise ValueError(f"--quantize {mode!r}: choose one of {', '.join(MODES)}")
     for layer in list(model.modules()):

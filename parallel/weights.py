@@ -90,6 +90,8 @@ def load_into(
 
         parts = [p for p, _ in owner.parts] if hasattr(owner, "parts") else [None]
         forms = {stored_form(key(p), keys) for p in parts}
+        if "int8" in forms and getattr(owner, "quantizable", False):
+            owner.quantizable = "int8"  # stored at 5-8 bits: int4 would lose them (Q4_K_M keeps such at Q6_K)
         form = forms.pop() if len(forms) == 1 else "mixed"
         if form == "mixed":  # merged siblings stored in different forms: each dequantized, then stacked
 

@@ -225,3 +225,16 @@ def test_stored_forms_split_over_tensor_parallel_ranks(qwen2, quantization, capf
     alone = json.loads(capfd.readouterr().out)
     assert main([*args, "--tp", "2"]) == 0
     assert json.loads(capfd.readouterr().out.strip().splitlines()[-1])["token_ids"] == alone["token_ids"]
+
+
+def test_int4_keeps_the_weights_stored_at_more_bits_int8(tmp_path):
+    """--quantize int4 on a model whose 5-8 bit tensors are stored as int8 rows keeps those int8 (as
+    Q4_K_M keeps some at Q6_K), a merged projection with one such part too; 4-bit ones are int4."""
+    from parallel.quant import Int4Linear, Int8Linear
+
+    model = load_model(converted(tmp_path, "int8")[1], quantization="int4")
+    layer = model.model.layers[0]
+    assert isinstance(layer.self_attn.qkv_proj.quantized, Int8Linear)  # q Q8_0, k Q4_0, v Q5_0
+    assert isinstance(layer.mlp.down_proj.quantized, Int8Linear)
+    exact = load_model(converted(tmp_path, "exact")[1], quantization="int4").model.layers[0]
+    assert isinstance(exact.self_attn.qkv_proj.quantized, Int4Linear)
