@@ -78,3 +78,33 @@ def _key_mapper(cfg: ModelConfig, keys: set[str]):
     if cfg.arch == "gpt2" and "transformer.wte.weight" not in keys and "wte.weight" in keys:
         return lambda name: name.removeprefix("transformer.")
     return lambda name: name
+
+
+def transformers_model(directory: str | Path) -> nn.Module:
+    """`transformers`' own model on the same weights, in fp32, for parity checks and benchmarks: the
+    checkpoint as it is, with the tensors stored quantized (`model.gguf_quant`) dequantized as ours are."""
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from parallel.quant import dequantize
+    from parallel.weights import SUFFIXES
+
+    directory = Path(directory)
+    tensors: dict[str, torch.Tensor] = {}
+    for path in sorted(directory.glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as f:
+            tensors |= {k: f.get_tensor(k) for k in f.keys()}
+    state = {}
+    for key, t in tensors.items():
+        form = next((f for f, suffixes in SUFFIXES.items() if key.endswith(suffixes[0])), None)
+        if form is not None:
+            base = key.removesuffix(SUFFIXES[form][0])
+            state[base] = dequantize(form, {s: tensors[base + s] for s in SUFFIXES[form]})
+        elif not key.endswith(("_scale", "_low")):
+            state[key] = t.float()
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(directory)), dtype=torch.float32)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    model.tie_weights()
+    if unexpected or set(missing) - {"lm_head.weight"}:
+        raise ValueError(f"transformers' model does not match {directory}: missing {missing}, unexpected {unexpected}")
+    return model.eval()

@@ -64,10 +64,10 @@ def ours(gen: TextGenerator, prompts: list[list[int]], tokens: int) -> dict:
 
 @torch.inference_mode()
 def hf(directory, prompts: list[list[int]], tokens: int, pad_id: int) -> dict:
-    from transformers import AutoModelForCausalLM
+    from model.loader import transformers_model
 
     start = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=torch.float32).eval()
+    model = transformers_model(directory)
     load_s = time.perf_counter() - start
 
     def run(batch: list[list[int]], n: int) -> tuple[float, torch.Tensor]:

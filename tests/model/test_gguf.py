@@ -238,3 +238,17 @@ def test_int4_keeps_the_weights_stored_at_more_bits_int8(tmp_path):
     assert isinstance(layer.mlp.down_proj.quantized, Int8Linear)
     exact = load_model(converted(tmp_path, "exact")[1], quantization="int4").model.layers[0]
     assert isinstance(exact.self_attn.qkv_proj.quantized, Int4Linear)
+
+
+@pytest.mark.parametrize("types", ["exact", "int8"])
+def test_transformers_gets_the_same_weights(tmp_path, types):
+    """`transformers_model` gives transformers the converted weights (stored forms dequantized as ours
+    are): its logits equal ours to fp32 rounding, on the lossless and the int8-row conversions alike."""
+    from model.loader import transformers_model
+
+    directory = converted(tmp_path, types)[1]
+    ids = torch.randint(0, 200, (2, 16), generator=torch.Generator().manual_seed(5))
+    with torch.inference_mode():
+        want = transformers_model(directory)(ids).logits
+        got = load_model(directory)(ids, torch.arange(16)[None].expand(2, 16))
+    assert_close(got, want, atol=1e-4, rtol=1e-4)

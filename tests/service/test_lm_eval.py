@@ -110,12 +110,11 @@ def test_cli_eval_lambada_and_wikitext(tmp_path, capsys):
 def test_smollm2_lambada_and_wikitext_equal_transformers():
     """The real default model on real data: LAMBADA accuracy identical and every target log-likelihood
     within 1e-3; WikiText token perplexity within 1e-4 relative (fp32 both sides)."""
-    from transformers import AutoModelForCausalLM
-
+    from model.loader import transformers_model
     from service.engine.generator import TextGenerator
 
     smol = TextGenerator.load("smollm2-135m-instruct")
-    hf = AutoModelForCausalLM.from_pretrained(str(smol.directory), dtype=torch.float32).eval()
+    hf = transformers_model(smol.directory)
     records = [json.loads(line) for line in (DATA / "lambada_first20.jsonl").read_text().splitlines()]
     ours = lm_eval.lambada(smol, records)
     correct = []
