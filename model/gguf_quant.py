@@ -4,13 +4,15 @@
   exactly our int4 form (GROUP 32): converted without loss, levels packed two per byte.
   Q4_0: w = (q - 8) d; Q4_1: w = q d + m; Q4_K: super-blocks of 256 with eight 6-bit sub-scales and
   sub-mins, w = d sc q - dmin m.
-- Q5_0, Q5_1, Q5_K, Q6_K, Q8_0: dequantized one tensor at a time and re-quantized to int8 per row
-  (the 5-8 bit levels do not fit 16; per-row int8 is what the CPU kernel reads).
+- Q8_0, Q5_0, Q5_1, Q5_K (groups of 32) and Q6_K (groups of 16): int8 levels with the block's scale and
+  offset per group, also without loss. The levels are read back from gguf's own dequantization and the
+  block headers' scales (level = (w - offset) / scale is exact: each w is one rounding-free product).
 - F32, F16, BF16, and every 1-D tensor: fp32.
 
-Stored keys beside a weight key K: int4 `K_int4` (uint8 (out, in / 2): column 2j in the low nibble,
-2j + 1 in the high one), `K_scale` and `K_low` (fp32 (out, in / 32)); int8 `K_int8` (int8 (out, in))
-and `K_scale` (fp32 (out,)).
+Stored keys beside a weight key K: `K_int4` (uint8 (out, in / 2): column 2j in the low nibble, 2j + 1
+in the high one) or `K_int8` (int8 (out, in)), then `K_scale` and `K_low` (fp32 (out, groups)):
+w = level * scale + low, group by group. The loader re-quantizes an int8 form to one scale per row for
+`--quantize int8` (the CPU kernel's layout) and dequantizes either form for `--quantize none`.
 """
 
 from __future__ import annotations
@@ -20,10 +22,36 @@ import torch
 from gguf import GGMLQuantizationType as T
 from gguf.quants import Q4_K, dequantize
 
-from parallel.quant import GROUP, quantize_rows
-
 INT4 = {T.Q4_0, T.Q4_1, T.Q4_K}
+INT8 = {T.Q8_0, T.Q5_0, T.Q5_1, T.Q5_K, T.Q6_K}
 FLOAT = {T.F32, T.F16, T.BF16}
+
+
+def _f16(b: np.ndarray) -> np.ndarray:
+    return b.copy().view(np.float16).astype(np.float32)
+
+
+def int8_groups(data: np.ndarray, kind: T, shape: list[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(levels int8 (rows, cols), scale, low fp32 (rows, groups)) with levels * scale + low equal to gguf's
+    own dequantization of the 5-8 bit type `kind`."""
+    rows = shape[0]
+    w = dequantize(data, kind).reshape(rows, -1)
+    if kind == T.Q6_K:
+        blocks = data.reshape(-1, 210)
+        scale, low = _f16(blocks[:, 208:210]) * blocks[:, 192:208].copy().view(np.int8).astype(np.float32), 0
+    elif kind == T.Q5_K:
+        blocks = data.reshape(-1, 176)
+        sc, m = Q4_K.get_scale_min(blocks[:, 4:16])
+        scale, low = _f16(blocks[:, 0:2]) * sc.astype(np.float32), -(_f16(blocks[:, 2:4]) * m.astype(np.float32))
+    else:
+        blocks = data.reshape(-1, {T.Q8_0: 34, T.Q5_0: 22, T.Q5_1: 24}[kind])
+        scale, low = _f16(blocks[:, 0:2]), (_f16(blocks[:, 2:4]) if kind == T.Q5_1 else 0)
+    scale = scale.reshape(rows, -1)
+    low = np.broadcast_to(np.asarray(low, dtype=np.float32), (blocks.shape[0], scale.size // blocks.shape[0]))
+    low = low.reshape(rows, -1)
+    per = w.shape[1] // scale.shape[1]
+    grouped = (w.reshape(rows, -1, per) - low[..., None]) / np.where(scale == 0, 1, scale)[..., None]
+    return np.rint(grouped).astype(np.int8).reshape(rows, -1), scale, np.ascontiguousarray(low)
 
 
 def int4_groups(data: np.ndarray, kind: T, rows: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -53,16 +81,14 @@ def pack(levels: np.ndarray) -> np.ndarray:
 def stored(key: str, data: np.ndarray, kind: T, shape: list[int], rows_fn=lambda a: a) -> dict[str, torch.Tensor]:
     """The safetensors entries for GGUF tensor `data` of type `kind` and (rows, cols) `shape` under weight
     key `key`; `rows_fn` reorders rows (llama.cpp's q/k permutation undone) and applies to every form."""
-    if kind in FLOAT or len(shape) == 1 or shape[1] % GROUP:
+    if kind in INT4 and len(shape) == 2:
+        levels, scale, low = (rows_fn(a) for a in int4_groups(data, kind, shape[0]))
+        levels, form = pack(levels), "int4"
+    elif kind in INT8 and len(shape) == 2:
+        levels, scale, low = (rows_fn(a) for a in int8_groups(data, kind, shape))
+        form = "int8"
+    else:
         w = rows_fn(dequantize(data, kind).reshape(shape).astype(np.float32))
         return {key: torch.from_numpy(np.ascontiguousarray(w))}
-    if kind in INT4:
-        levels, scale, low = (rows_fn(a) for a in int4_groups(data, kind, shape[0]))
-        return {
-            f"{key}_int4": torch.from_numpy(np.ascontiguousarray(pack(levels))),
-            f"{key}_scale": torch.from_numpy(np.ascontiguousarray(scale)),
-            f"{key}_low": torch.from_numpy(np.ascontiguousarray(low)),
-        }
-    w = rows_fn(dequantize(data, kind).reshape(shape).astype(np.float32))
-    q, scale = quantize_rows(torch.from_numpy(np.ascontiguousarray(w)))
-    return {f"{key}_int8": q, f"{key}_scale": scale}
+    parts = {f"{key}_{form}": levels, f"{key}_scale": scale, f"{key}_low": low}
+    return {k: torch.from_numpy(np.array(v, order="C")) for k, v in parts.items()}  # a copy: owned, writable

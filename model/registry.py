@@ -44,7 +44,7 @@ NAMES = {
     "(1.1 GB)",
 }
 TINY_VERSION = "v2"  # bump when the tiny model's config or weights change
-GGUF_CONVERSION = "q1"  # bump when model.gguf's output changes (q1: quantized tensors stay quantized)
+GGUF_CONVERSION = "q2"  # bump when model.gguf's output changes (q2: quantized tensors stay quantized, losslessly)
 
 
 class ModelNotFound(LookupError):

@@ -153,7 +153,7 @@ class RowParallelLinear(nn.Module):
         """This rank's columns of a weight, or of a stored quantized form of it (`model.gguf_quant`),
         whose columns may each stand for several input features (packed int4, group scales)."""
         t = get(None)
-        if name == "bias" or len(t.get_shape()) == 1:  # the bias, int8 per-row scales: whole
+        if name == "bias":
             return t[:]
         if self.conv1d:
             return _take(t, self.ranges, 0).t().contiguous()

@@ -158,19 +158,15 @@ def unpack(packed: torch.Tensor) -> torch.Tensor:
 
 
 def dequantize(form: str, t: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The fp32 weight of a stored quantized form (`model.gguf_quant`)."""
-    if form == "int8":
-        return t["_int8"].float() * t["_scale"][:, None]
-    levels = unpack(t["_int4"]).float()
+    """The fp32 weight of a stored quantized form (`model.gguf_quant`): levels * scale + low, per group."""
+    levels = (unpack(t["_int4"]) if form == "int4" else t["_int8"]).float()
     n, k = levels.shape
     w = levels.reshape(n, t["_scale"].shape[1], -1) * t["_scale"][..., None] + t["_low"][..., None]
     return w.reshape(n, k)
 
 
 def from_stored(form: str, t: dict[str, torch.Tensor], mode: str) -> nn.Module:
-    """The `mode` layer for a stored form: taken as it is where the forms agree, else re-quantized."""
-    if form == mode == "int8":
-        return Int8Linear(t["_int8"], t["_scale"])
+    """The `mode` layer for a stored form: int4 groups of GROUP taken as they are, else re-quantized."""
     if form == mode == "int4" and t["_scale"].shape[1] * GROUP == t["_int4"].shape[1] * 2:
         return Int4Linear(unpack(t["_int4"]), t["_scale"], t["_low"])
     return quantized(dequantize(form, t), mode)
@@ -188,10 +184,8 @@ class QuantRows(nn.Module):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         flat = ids.reshape(-1)
-        if self.form == "int8":
-            rows = self.int8[flat].float() * self.scale[flat][:, None]
-        else:
-            rows = dequantize("int4", {"_int4": self.int4[flat], "_scale": self.scale[flat], "_low": self.low[flat]})
+        levels = self.int4[flat] if self.form == "int4" else self.int8[flat]
+        rows = dequantize(self.form, {f"_{self.form}": levels, "_scale": self.scale[flat], "_low": self.low[flat]})
         return rows.to(self.dtype).reshape(*ids.shape, -1)
 
 

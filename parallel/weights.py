@@ -115,7 +115,7 @@ def load_into(
         reader.release()
 
 
-SUFFIXES = {"int4": ("_int4", "_scale", "_low"), "int8": ("_int8", "_scale")}
+SUFFIXES = {"int4": ("_int4", "_scale", "_low"), "int8": ("_int8", "_scale", "_low")}
 
 
 def stored_form(key: str, keys: set[str]) -> str | None:

@@ -1,8 +1,8 @@
 """GGUF files of the Qwen2 architecture (q/k/v biases, no llama.cpp q/k permutation, a byte-level BPE
 tokenizer with a ChatML template), written here with the `gguf` writer in every tensor type the Python
-side can quantize, convert to the model `transformers` builds from the GGUF file itself: exactly where
-the types are float or 4-bit (kept as our int4 without loss), to the int8 rounding where they are 5 or
-8 bits (re-quantized to int8 rows). Q4_K, which gguf-py only reads, is checked block by block."""
+side can quantize, convert without loss (4-bit types as our int4 groups, 5-8 bit ones as int8 groups)
+to the model `transformers` builds from the GGUF file itself. The K-quants, which gguf-py only reads, are
+checked block by block."""
 
 from __future__ import annotations
 
@@ -24,9 +24,9 @@ CHATML = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
-# every type gguf-py can quantize; "exact" holds only the ones converted without loss
+# every type gguf-py can quantize: float and 4-bit ones, then 5 and 8-bit ones
 TYPES = {
-    "exact": {
+    "int4": {
         "token_embd": T.Q4_1,
         "attn_q": T.Q4_0,
         "attn_k": T.Q4_1,
@@ -111,7 +111,7 @@ def converted(root, types: str):
 
 @pytest.fixture(scope="module")
 def qwen2(tmp_path_factory):
-    return converted(tmp_path_factory.mktemp("qwen2"), "exact")
+    return converted(tmp_path_factory.mktemp("qwen2"), "int4")
 
 
 def logits(gguf, directory, quantization="none") -> tuple[torch.Tensor, torch.Tensor]:
@@ -138,12 +138,14 @@ def test_qwen2_gguf_logits_equal_transformers_own_gguf_load(qwen2):
     assert "model.layers.0.mlp.down_proj.weight" in keys and "model.embed_tokens.weight" not in keys
 
 
-def test_5_and_8_bit_types_become_int8_rows(tmp_path):
-    """Q8_0, Q5_0 and Q5_1 are re-quantized to int8 rows (beside an int4 sibling in the same merged
-    projection): logits within the int8 rounding of transformers' and the same greedy picks."""
-    want, got = logits(*converted(tmp_path, "int8"))
-    assert (got - want).abs().max() < 0.01 * (want.max() - want.min())
-    assert (got.argmax(-1) == want.argmax(-1)).float().mean() > 0.95
+def test_5_and_8_bit_types_stay_exact_as_int8_groups(tmp_path):
+    """Q8_0, Q5_0 and Q5_1 (one beside an int4 sibling in the same merged projection) stored as int8
+    groups: the same logits as transformers' own GGUF load; --quantize int8 stays close."""
+    gguf, directory = converted(tmp_path, "int8")
+    want, got = logits(gguf, directory)
+    assert_close(got, want, atol=1e-4, rtol=1e-4)
+    want, got = logits(gguf, directory, "int8")
+    assert (got - want).abs().max() < 0.02 * (want.max() - want.min())
 
 
 @pytest.mark.parametrize("quantization", ["int8", "int4"])
@@ -158,29 +160,38 @@ def test_stored_forms_load_under_every_quantization(qwen2, quantization):
     assert hasattr(model.model.embed_tokens, "rows") and not hasattr(model.model.embed_tokens, "weight")
 
 
-def test_q4_blocks_split_into_levels_scales_and_offsets():
-    """Our int4 reading of Q4_0, Q4_1 and Q4_K blocks (random bytes, finite fp16 scales) times scale plus
-    offset is gguf's own dequantization, bit for bit."""
+# where each type keeps its fp16 scales (d, then m or dmin) in a block: set to sane values in random blocks
+HALVES = {T.Q4_0: [0], T.Q4_1: [0, 2], T.Q4_K: [0, 2], T.Q8_0: [0], T.Q5_0: [0], T.Q5_1: [0, 2]}
+HALVES |= {T.Q5_K: [0, 2], T.Q6_K: [208]}
+
+
+@pytest.mark.parametrize("kind", list(HALVES), ids=lambda k: k.name)
+def test_blocks_split_into_levels_scales_and_offsets(kind):
+    """Every listed type's blocks (random bytes, finite fp16 scales) read as levels, group scales and
+    offsets: levels * scale + offset is gguf's own dequantization, bit for bit."""
     from gguf.constants import GGML_QUANT_SIZES
     from gguf.quants import dequantize
 
-    from model.gguf_quant import int4_groups
+    from model.gguf_quant import INT4, int4_groups, int8_groups
 
     rng = np.random.default_rng(0)
-    for kind in (T.Q4_0, T.Q4_1, T.Q4_K):
-        block, size = GGML_QUANT_SIZES[kind]
-        rows, cols = 3, 2 * 256
-        data = rng.integers(0, 256, (rows, cols // block * size), dtype=np.uint8)
-        halves = 2 if kind == T.Q4_K else (1 if kind == T.Q4_0 else 2)  # d [, m or dmin] as fp16
-        for b in range(cols // block):
-            for h in range(halves):
-                data[:, b * size + 2 * h : b * size + 2 * h + 2] = (
-                    rng.uniform(0.001, 0.1, rows).astype(np.float16).view(np.uint8).reshape(rows, 2)
-                )
+    block, size = GGML_QUANT_SIZES[kind]
+    rows, cols = 3, 2 * 256
+    data = rng.integers(0, 256, (rows, cols // block, size), dtype=np.uint8)
+    for at in HALVES[kind]:
+        data[..., at : at + 2] = (
+            rng.uniform(0.001, 0.1, (rows, cols // block)).astype(np.float16)[..., None].view(np.uint8)
+        )
+    data = data.reshape(rows, -1)
+    if kind in INT4:
         levels, scale, low = int4_groups(data, kind, rows)
-        assert levels.max() <= 15 and scale.shape == (rows, cols // 32)
-        mine = levels.reshape(rows, -1, 32) * scale[..., None] + low[..., None]
-        np.testing.assert_array_equal(mine.reshape(rows, cols), dequantize(data, kind).reshape(rows, cols))
+        assert levels.max() <= 15
+    else:
+        levels, scale, low = int8_groups(data, kind, [rows, cols])
+    per = cols // scale.shape[1]
+    assert per == (16 if kind == T.Q6_K else 32) and levels.shape == (rows, cols)
+    mine = levels.reshape(rows, -1, per).astype(np.float32) * scale[..., None] + low[..., None]
+    np.testing.assert_array_equal(mine.reshape(rows, cols), dequantize(data, kind).reshape(rows, cols))
 
 
 def test_qwen2_gguf_tokenizer_and_chat_template(qwen2):
@@ -236,11 +247,11 @@ def test_int4_keeps_the_weights_stored_at_more_bits_int8(tmp_path):
     layer = model.model.layers[0]
     assert isinstance(layer.self_attn.qkv_proj.quantized, Int8Linear)  # q Q8_0, k Q4_0, v Q5_0
     assert isinstance(layer.mlp.down_proj.quantized, Int8Linear)
-    exact = load_model(converted(tmp_path, "exact")[1], quantization="int4").model.layers[0]
+    exact = load_model(converted(tmp_path, "int4")[1], quantization="int4").model.layers[0]
     assert isinstance(exact.self_attn.qkv_proj.quantized, Int4Linear)
 
 
-@pytest.mark.parametrize("types", ["exact", "int8"])
+@pytest.mark.parametrize("types", ["int4", "int8"])
 def test_transformers_gets_the_same_weights(tmp_path, types):
     """`transformers_model` gives transformers the converted weights (stored forms dequantized as ours
     are): its logits equal ours to fp32 rounding, on the lossless and the int8-row conversions alike."""
