@@ -12,10 +12,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from model.config import ModelConfig
+from model.config import QUANTIZATIONS, ModelConfig
 from model.gpt2 import GPT2LMHeadModel
 from model.llama import LlamaForCausalLM
-from parallel.quant import quantize
+from parallel.quant import finish, quantize
 from parallel.state import get_tp
 from parallel.weights import SafetensorsReader, load_into
 
@@ -56,9 +56,17 @@ def load_model(
     check_weights(directory)
     with torch.device("meta"):
         model = FAMILIES[cfg.arch](cfg)
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(f"--quantize {quantization!r}: choose one of {', '.join(QUANTIZATIONS)}")
+    sources = {model.get_submodule(key.rpartition(".")[0]) for key in model.tied_keys.values()}
+
+    def loaded(layer: nn.Module) -> None:  # quantize as we go, except a tied weight's owner (below)
+        if layer not in sources:
+            finish(layer, quantization, dtype)
+
     reader = SafetensorsReader(directory)
     try:
-        load_into(model, reader, dtype, device, skip=set(model.tied_keys), key_of=_key_mapper(cfg, reader.keys()))
+        load_into(model, reader, dtype, device, set(model.tied_keys), _key_mapper(cfg, reader.keys()), loaded)
     finally:
         reader.close()
     for tied, source in model.tied_keys.items():

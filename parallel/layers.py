@@ -60,6 +60,11 @@ def _take(t, ranges: Ranges, dim: int) -> torch.Tensor:
     return torch.cat(parts, dim=dim) if len(parts) > 1 else parts[0]
 
 
+def _shape(t) -> list[int]:
+    """The shape of a safetensors slice (lazy) or of a tensor."""
+    return list(t.get_shape()) if hasattr(t, "get_shape") else list(t.shape)
+
+
 def _empty(*shape: int) -> nn.Parameter:
     return nn.Parameter(torch.empty(*shape), requires_grad=False)
 
@@ -157,7 +162,7 @@ class RowParallelLinear(nn.Module):
             return t[:]
         if self.conv1d:
             return _take(t, self.ranges, 0).t().contiguous()
-        per = self.in_features // t.get_shape()[1]
+        per = self.in_features // _shape(t)[1]
         (a, b) = self.ranges[0]
         if a % per:
             raise ValueError(f"{name}: this rank's input features {a}..{b} do not fall on the stored groups of {per}")
@@ -183,7 +188,9 @@ class _VocabParallel(nn.Module):
     def shard(self, name: str, get) -> torch.Tensor:
         t = get(None)
         rows = t[self.start : self.end] if self.end > self.start else None
-        out = torch.zeros(self.per_rank, *t.get_shape()[1:], dtype=rows.dtype if rows is not None else torch.float32)
+        if rows is not None and rows.shape[0] == self.per_rank:  # no padding rows: no second copy
+            return rows
+        out = torch.zeros(self.per_rank, *_shape(t)[1:], dtype=rows.dtype if rows is not None else torch.float32)
         if rows is not None:
             out[: rows.shape[0]] = rows
         return out

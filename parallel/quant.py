@@ -92,7 +92,7 @@ class Int8Linear(nn.Module):
                 warnings.simplefilter("ignore")
                 qt = torch._make_per_channel_quantized_tensor(q, scale.double(), zeros, 0)
                 self.packed = torch.ops.quantized.linear_prepack(qt, None)
-            self.register_buffer("row_sums", q.float().sum(dim=1) * scale)
+            self.register_buffer("row_sums", q.sum(dim=1, dtype=torch.float32) * scale)  # exact: |sum| < 2^24
         else:
             self.register_buffer("q", q)
             self.register_buffer("scale", scale)
@@ -137,19 +137,28 @@ class Int4Linear(nn.Module):
         return out.reshape(*x.shape[:-1], self.out_features)
 
 
+CHUNK = 8192  # rows converted at a time: a 151936-row LM head is never whole in fp32 more than once
+
+
 def quantized(weight: torch.Tensor, mode: str) -> nn.Module:
     """The int8 or int4 form of this rank's `weight` (out, in)."""
-    if mode == "int8":
-        return Int8Linear(*quantize_rows(weight))
-    if weight.shape[1] % GROUP:  # a row-parallel split must fall on group boundaries
+    return _quantized_rows(lambda a, b: weight[a:b], weight.shape, mode)
+
+
+def _quantized_rows(rows, shape: torch.Size, mode: str) -> nn.Module:
+    """The int8 or int4 layer of an (out, in) weight whose fp32 rows a..b are `rows(a, b)`."""
+    if mode == "int4" and shape[1] % GROUP:  # a row-parallel split must fall on group boundaries
         tp = get_tp().size
-        full = weight.shape[1] * tp
+        full = shape[1] * tp
         valid = [n for n in range(1, 65) if full % (n * GROUP) == 0]
         raise ValueError(
             f"--quantize int4: {full} input features split {tp} ways do not fall on groups of {GROUP}; "
             f"tensor-parallel sizes that do: {', '.join(map(str, valid)) or 'none'}"
         )
-    return Int4Linear(*quantize_groups(weight))
+    method = quantize_rows if mode == "int8" else quantize_groups
+    parts = [method(rows(a, min(a + CHUNK, shape[0]))) for a in range(0, shape[0], CHUNK)]
+    whole = [torch.cat(p) for p in zip(*parts)]
+    return Int8Linear(*whole) if mode == "int8" else Int4Linear(*whole)
 
 
 def unpack(packed: torch.Tensor) -> torch.Tensor:
@@ -159,6 +168,12 @@ def unpack(packed: torch.Tensor) -> torch.Tensor:
 
 def dequantize(form: str, t: dict[str, torch.Tensor]) -> torch.Tensor:
     """The fp32 weight of a stored quantized form (`model.gguf_quant`): levels * scale + low, per group."""
+    return torch.cat(
+        [_dequantize(form, {k: v[a : a + CHUNK] for k, v in t.items()}) for a in range(0, len(t["_scale"]), CHUNK)]
+    )
+
+
+def _dequantize(form: str, t: dict[str, torch.Tensor]) -> torch.Tensor:
     levels = (unpack(t["_int4"]) if form == "int4" else t["_int8"]).float()
     n, k = levels.shape
     w = levels.reshape(n, t["_scale"].shape[1], -1) * t["_scale"][..., None] + t["_low"][..., None]
@@ -169,7 +184,9 @@ def from_stored(form: str, t: dict[str, torch.Tensor], mode: str) -> nn.Module:
     """The `mode` layer for a stored form: int4 groups of GROUP taken as they are, else re-quantized."""
     if form == mode == "int4" and t["_scale"].shape[1] * GROUP == t["_int4"].shape[1] * 2:
         return Int4Linear(unpack(t["_int4"]), t["_scale"], t["_low"])
-    return quantized(dequantize(form, t), mode)
+    rows = t["_int4" if form == "int4" else "_int8"]
+    shape = (rows.shape[0], rows.shape[1] * (2 if form == "int4" else 1))
+    return _quantized_rows(lambda a, b: _dequantize(form, {k: v[a:b] for k, v in t.items()}), shape, mode)
 
 
 class QuantRows(nn.Module):
@@ -185,31 +202,37 @@ class QuantRows(nn.Module):
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         flat = ids.reshape(-1)
         levels = self.int4[flat] if self.form == "int4" else self.int8[flat]
-        rows = dequantize(self.form, {f"_{self.form}": levels, "_scale": self.scale[flat], "_low": self.low[flat]})
+        rows = _dequantize(self.form, {f"_{self.form}": levels, "_scale": self.scale[flat], "_low": self.low[flat]})
         return rows.to(self.dtype).reshape(*ids.shape, -1)
 
 
 def quantize(model: nn.Module, mode: str, dtype: torch.dtype = torch.float32) -> nn.Module:
-    """Quantize in place every layer marked `quantizable` (the column- and row-parallel linears, the
-    LM head). A mark of "int8" caps the mode: the head's, and the one the loader puts on weights stored
-    as int8. Finish the layers loaded in a quantized form (`layer.stored`): dequantized to `dtype` for
-    mode "none", an embedding's rows kept quantized."""
+    """`finish` every layer of `model` (mode "none": only those loaded in a quantized form)."""
     if mode not in MODES:
         raise ValueError(f"--quantize {mode!r}: choose one of {', '.join(MODES)}")
     for layer in list(model.modules()):
-        mark = getattr(layer, "quantizable", False)
-        stored = layer.__dict__.pop("stored", None)
-        target = "int8" if mark == "int8" else mode
-        if stored is not None and mode == "none":
-            layer.weight = nn.Parameter(dequantize(*stored).to(dtype), requires_grad=False)
-        elif stored is not None and not mark:
-            layer.rows = QuantRows(*stored, dtype)
-        elif stored is not None:
-            layer.quantized = from_stored(*stored, target)
-        elif mark and mode != "none":
-            layer.quantized = quantized(layer.weight.data, target)
-            del layer.weight
+        finish(layer, mode, dtype)
     return model
+
+
+def finish(layer: nn.Module, mode: str, dtype: torch.dtype) -> None:
+    """Quantize a layer marked `quantizable` (the column- and row-parallel linears, the LM head; a mark
+    of "int8" caps the mode: the head's, and the one the loader puts on weights stored as int8), or
+    finish one loaded in a quantized form (`layer.stored`): dequantized to `dtype` for mode "none", an
+    embedding's rows kept quantized. A layer already finished, or not loaded yet, is left as it is."""
+    mark = getattr(layer, "quantizable", False)
+    stored = layer.__dict__.pop("stored", None)
+    target = "int8" if mark == "int8" else mode
+    weight = layer._parameters.get("weight")
+    if stored is not None and mode == "none":
+        layer.weight = nn.Parameter(dequantize(*stored).to(dtype), requires_grad=False)
+    elif stored is not None and not mark:
+        layer.rows = QuantRows(*stored, dtype)
+    elif stored is not None:
+        layer.quantized = from_stored(*stored, target)
+    elif mark and mode != "none" and weight is not None and weight.device.type != "meta":
+        layer.quantized = quantized(weight.data, target)
+        del layer.weight
 
 
 def weight_bytes(model: nn.Module) -> int:

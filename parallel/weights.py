@@ -67,12 +67,14 @@ def load_into(
     device: torch.device | str = "cpu",
     skip: set[str] = frozenset(),
     key_of=lambda name: name,
+    loaded=lambda owner: None,
 ) -> None:
     """Replace every parameter of `module` (named after checkpoint keys) by this rank's slice.
 
     NOTE: `module` is expected to live on the meta device; nothing full-size is ever built.
     Parameters named in `skip` are left alone (the caller ties them); `key_of` maps a parameter
-    name to its checkpoint key where the two differ.
+    name to its checkpoint key where the two differ. `loaded(owner)` runs after each piece is in place
+    (the loader quantizes a layer there, so the whole model is never held unquantized).
     """
     keys = reader.keys()
     for name, param in list(module.named_parameters(remove_duplicate=False)):
@@ -104,6 +106,7 @@ def load_into(
             owner.stored = (form, {s: t.to(device=device, copy=True) for s, t in pieces.items()})
             delattr(owner, leaf)
             reader.release()
+            loaded(owner)
             continue
         value = owner.shard(leaf, get) if hasattr(owner, "shard") else get(None)[:]
         if tuple(value.shape) != tuple(param.shape):
@@ -113,6 +116,7 @@ def load_into(
         # copy=True: a contiguous slice can come back as a view of the mapped file; own the memory.
         setattr(owner, leaf, nn.Parameter(value.to(device=device, dtype=dtype, copy=True), requires_grad=False))
         reader.release()
+        loaded(owner)
 
 
 SUFFIXES = {"int4": ("_int4", "_scale", "_low"), "int8": ("_int8", "_scale", "_low")}

@@ -176,7 +176,7 @@ def parser() -> argparse.ArgumentParser:
         help="JSONL: {id, document, summary} (summarize), {id, question, context, answers} (qa), {text} (lambada); "
         "a text file (wikitext)",
     )
-    e.add_argument("--limit", type=int, help="only the first N examples")
+    e.add_argument("--limit", type=int, help="only the first N examples (wikitext: the first N tokens)")
     e.add_argument("--out", default="eval-out", help="directory for report.json, report.md, scores.png")
     e.add_argument("--length", choices=["short", "medium", "long"], default="medium", help="summary length")
     e.add_argument("--workers", type=int, default=8, help="examples in flight, batched by the engine")

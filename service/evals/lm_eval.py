@@ -73,10 +73,15 @@ def token_nll(gen: TextGenerator, ids: list[int], window: int, stride: int) -> t
     return total, len(ids) - 1
 
 
-def perplexity(gen: TextGenerator, text: str, window: int = 2048, stride: int | None = None) -> dict:
+def perplexity(gen: TextGenerator, text: str, window: int = 2048, stride: int | None = None, limit=None) -> dict:
+    """Token, word and byte perplexity of `text` (its first `limit` tokens, words and bytes counted
+    over the text those tokens spell)."""
     window = min(window, gen.engine.context)
     stride = stride or window - 1
     ids = gen.tokenizer.encode(text)
+    if limit is not None and limit < len(ids):
+        ids = ids[:limit]
+        text = gen.tokenizer.decode(ids)
     if len(ids) < 2:
         raise InvalidRequest("the text has fewer than two tokens: nothing to score")
     nll, tokens = token_nll(gen, ids, window, stride)
@@ -104,7 +109,7 @@ def run(gen: TextGenerator, task: str, data: Path, out_dir: Path, limit=None, wi
         records = [json.loads(line) for line in text.splitlines() if line.strip()][:limit]
         report = {"task": task, "model": gen.name, "data": str(data)} | lambada(gen, records, progress)
     else:
-        report = {"task": task, "model": gen.name, "data": str(data)} | perplexity(gen, text, window, stride)
+        report = {"task": task, "model": gen.name, "data": str(data)} | perplexity(gen, text, window, stride, limit)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "report.json").write_text(json.dumps(report, indent=1, ensure_ascii=False))
     (out_dir / "report.md").write_text(markdown(report))

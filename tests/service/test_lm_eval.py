@@ -93,15 +93,16 @@ def test_bad_stride_and_short_text_are_refused(tiny):
 
 
 def test_cli_eval_lambada_and_wikitext(tmp_path, capsys):
-    """`nlg eval lambada` and `nlg eval wikitext` run on real data files and report their metrics."""
-    for task, data in (("lambada", "lambada_first20.jsonl"), ("wikitext", "wikitext2_test_head.txt")):
+    """`nlg eval lambada` and `nlg eval wikitext` run on real data files and report their metrics;
+    `--limit` counts examples for LAMBADA and tokens for WikiText."""
+    for task, data, limit in (("lambada", "lambada_first20.jsonl", 3), ("wikitext", "wikitext2_test_head.txt", 300)):
         out = tmp_path / task
         args = ["eval", task, "--model", "tiny-random", "--data", str(DATA / data), "--out", str(out), "--quiet"]
-        assert main([*args, "--limit", "3", "--window", "256", "--json"]) == 0
+        assert main([*args, "--limit", str(limit), "--window", "256", "--json"]) == 0
         summary = json.loads(capsys.readouterr().out)
         report = json.loads((out / "report.json").read_text())
         assert summary["task"] == report["task"] == task and (out / "report.md").is_file()
-    assert "examples" not in report and report["window"] == 256
+    assert "examples" not in report and report["window"] == 256 and report["tokens_scored"] == 299
     lam = json.loads((tmp_path / "lambada" / "report.json").read_text())
     assert len(lam["examples"]) == 3 and 0 <= lam["metrics"]["accuracy"]["mean"] <= 1
 
