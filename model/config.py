@@ -8,7 +8,6 @@ from dataclasses import dataclass
 from typing import Any
 
 ARCHS = ("llama", "gpt2")
-QUANTIZATIONS = ("none", "int8", "int4")  # weight forms after loading (parallel.quant)
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.config import QUANTIZATIONS as MODES
+from parallel import QUANTIZATIONS as MODES
 from parallel.state import get_tp
 
 GROUP = 32  # int4 group size: measured against 64 on SmolLM2 (README)

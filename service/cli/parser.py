@@ -10,8 +10,9 @@ import os
 import sys
 from functools import partial
 
-from model.config import PRESETS, QUANTIZATIONS
+from model.config import PRESETS
 from model.registry import DEFAULT_MODEL, NAMES
+from parallel import QUANTIZATIONS
 from service.cli import commands
 
 
