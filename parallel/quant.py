@@ -1,4 +1,4 @@
-"""Weight-only quantization of the tensor-parallel linear layers and the LM head (`--quantize int8|int4`).
+"""Quantized weights for the tensor-parallel linear layers and the LM head (`--quantize int8|int4`).
 
 Each rank quantizes its own shard after loading, so a row-parallel layer's scales are those of its own
 columns (tensor-parallel sizes agree to within the quantization error, not bit for bit). Norms stay in
@@ -28,7 +28,7 @@ from torch import nn
 from parallel import QUANTIZATIONS as MODES
 from parallel.state import get_tp
 
-GROUP = 32  # int4 group size: measured against 64 on SmolLM2 (README)
+GROUP = 32  # int4 group size: GGUF's 4-bit block (Q4_0, Q4_1, Q4_K sub-blocks), so those load as they are
 
 
 def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
