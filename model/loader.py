@@ -15,7 +15,7 @@ from torch import nn
 from model.config import ModelConfig
 from model.gpt2 import GPT2LMHeadModel
 from model.llama import LlamaForCausalLM
-from parallel import QUANTIZATIONS
+from parallel.forms import QUANTIZATIONS
 from parallel.quant import finish, quantize
 from parallel.state import get_tp
 from parallel.weights import SafetensorsReader, load_into

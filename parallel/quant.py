@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from parallel import QUANTIZATIONS as MODES
+from parallel.forms import QUANTIZATIONS as MODES
 from parallel.state import get_tp
 
 GROUP = 32  # int4 group size: GGUF's 4-bit block (Q4_0, Q4_1, Q4_K sub-blocks), so those load as they are

@@ -12,7 +12,7 @@ from functools import partial
 
 from model.config import PRESETS
 from model.registry import DEFAULT_MODEL, NAMES
-from parallel import QUANTIZATIONS
+from parallel.forms import QUANTIZATIONS
 from service.cli import commands
 
 
