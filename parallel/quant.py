@@ -25,7 +25,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from parallel.forms import QUANTIZATIONS as MODES
 from parallel.state import get_tp
 
 GROUP = 32  # int4 group size: GGUF's 4-bit block (Q4_0, Q4_1, Q4_K sub-blocks), so those load as they are
@@ -207,9 +206,8 @@ class QuantRows(nn.Module):
 
 
 def quantize(model: nn.Module, mode: str, dtype: torch.dtype = torch.float32) -> nn.Module:
-    """`finish` every layer of `model` (mode "none": only those loaded in a quantized form)."""
-    if mode not in MODES:
-        raise ValueError(f"--quantize {mode!r}: choose one of {', '.join(MODES)}")
+    """`finish` every layer of `model` (mode "none": only those loaded in a quantized form); the loader
+    has checked `mode` against `parallel.forms.QUANTIZATIONS`."""
     for layer in list(model.modules()):
         finish(layer, mode, dtype)
     return model
