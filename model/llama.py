@@ -124,14 +124,18 @@ class LlamaForCausalLM(nn.Module):
         input_ids: torch.Tensor,
         positions: torch.Tensor,
         cache: KVCache | None = None,
-        slots: torch.Tensor | None = None,
+        blocks: torch.Tensor | None = None,
         logits_index: torch.Tensor | None = None,
-        span: int | None = None,
+        fixed: bool = False,
     ) -> torch.Tensor:
-        """input_ids, positions: (B, T). Returns logits (B, T, V), or (N, V) at `logits_index`
-        (N,): positions in the flattened (B * T) batch, so that each row may ask for one or many.
-        With `span`, rows are cache slots 0..B-1 and nothing is read back to the host (`Batch.fixed`)."""
-        batch = Batch.make(positions, cache, slots) if span is None else Batch.fixed(positions, span)
+        """input_ids, positions: (B, T); blocks: (B, N) each row's block table in `cache`. Returns logits
+        (B, T, V), or (N, V) at `logits_index` (N,): positions in the flattened (B * T) batch, so that
+        each row may ask for one or many. `fixed`: rows read every position of their N blocks and
+        nothing is read back to the host (`Batch.fixed`: a CUDA graph can record it)."""
+        if fixed:
+            batch = Batch.fixed(positions, blocks, cache)
+        else:
+            batch = Batch.make(positions, cache, blocks)
         cos, sin = self.cos[positions].unsqueeze(2), self.sin[positions].unsqueeze(2)  # (B, T, 1, D)
         x = self.model.embed_tokens(input_ids)  # (B, T, hidden)
         for block in self.model.layers:

@@ -1,7 +1,7 @@
 """A model split over tensor-parallel ranks, driven from rank 0.
 
 Rank 0 wraps its shard in `Leader`: every forward is first announced to the other ranks (the step
-plan: token ids, positions, cache slots, which cache), then run locally; the collectives inside the
+plan: token ids, positions, block tables, which cache), then run locally; the collectives inside the
 layers meet the same calls on every rank. Ranks > 0 run `follow`, which repeats each announced
 forward on their own shard and KV cache until rank 0 stops them. Sampling happens on rank 0 only.
 """
@@ -24,18 +24,18 @@ class Leader:
     def parameters(self):
         return self.model.parameters()
 
-    def __call__(self, input_ids, positions, cache: KVCache | None = None, slots=None, logits_index=None):
-        cpu = [None if t is None else t.cpu() for t in (input_ids, positions, slots, logits_index)]
+    def __call__(self, input_ids, positions, cache: KVCache | None = None, blocks=None, logits_index=None):
+        cpu = [None if t is None else t.cpu() for t in (input_ids, positions, blocks, logits_index)]
         send_plan((cache_spec(cache), *cpu))
-        return self.model(input_ids, positions, cache, slots, logits_index)
+        return self.model(input_ids, positions, cache, blocks, logits_index)
 
 
 def cache_spec(cache: KVCache | None) -> tuple | None:
-    """What a follower needs to mirror rank 0's cache: its identity and its shape."""
+    """What a follower needs to mirror rank 0's cache: its identity and its shape (layers, blocks, block
+    size, KV heads, head size)."""
     if cache is None:
         return None
-    k = cache.k[0]
-    return (id(cache), len(cache.k), cache.num_slots, cache.max_seq, k.shape[1], k.shape[3], k.dtype)
+    return (id(cache), *cache.k.shape, cache.k.dtype)
 
 
 def follow(model: nn.Module, device: torch.device) -> None:
@@ -46,9 +46,9 @@ def follow(model: nn.Module, device: torch.device) -> None:
     def run(plan) -> None:
         spec, *tensors = plan
         if spec is not None and spec != mirror["spec"]:
-            _, layers, slots, max_seq, kv_heads, head_dim, dtype = spec
-            mirror["spec"], mirror["cache"] = spec, KVCache(layers, slots, max_seq, kv_heads, head_dim, dtype, device)
-        ids, positions, slots, logits_index = (None if t is None else t.to(device) for t in tensors)
-        model(ids, positions, mirror["cache"] if spec is not None else None, slots, logits_index)
+            _, *shape, dtype = spec
+            mirror["spec"], mirror["cache"] = spec, KVCache(*shape, dtype, device)
+        ids, positions, blocks, logits_index = (None if t is None else t.to(device) for t in tensors)
+        model(ids, positions, mirror["cache"] if spec is not None else None, blocks, logits_index)
 
     follow_plans(run)

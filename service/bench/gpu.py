@@ -119,14 +119,17 @@ def eager_step(engine: Engine):
     """One eager decode step of one sequence: the forward a graph records."""
     cache = engine.new_cache(1, 256)
     zeros = torch.zeros(1, 1, dtype=torch.long, device=engine.device)
-    return lambda: engine.model(zeros, zeros, cache, None, logits_index=zeros[0], span=256)
+    blocks = torch.zeros(1, 256 // cache.block_size, dtype=torch.long, device=engine.device)  # the null block
+    return lambda: engine.model(zeros, zeros, cache, blocks, logits_index=zeros[0], fixed=True)
 
 
 def compiled_step(engine: Engine):
-    """One compiled decode step of one row, outside its graph (after the runs: it writes to slot 0)."""
+    """One compiled decode step of one row, outside its graph (after the runs: the row's table is the
+    null block's)."""
     decoder = engine.graphs
-    ids, positions = decoder._inputs(1)
-    return lambda: decoder.step(decoder.model, ids, positions, decoder.cache, 256)
+    inputs, tables = decoder._inputs(1)
+    tables.zero_()
+    return lambda: decoder.step(decoder.model, inputs, tables, decoder.cache, 256)
 
 
 def check_tiny(tokens: int = 32) -> dict:

@@ -36,6 +36,7 @@ def _load(args):
         quantization=args.quantize,
         compile=args.compile,
         context=args.context,
+        kv_memory=args.kv_cache_memory,
     )
 
 

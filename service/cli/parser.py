@@ -14,6 +14,7 @@ from model.config import PRESETS
 from model.registry import DEFAULT_MODEL, NAMES
 from parallel.forms import QUANTIZATIONS
 from service.cli import commands
+from service.engine.memory import CPU_SHARE, GPU_SHARE, memory_size
 
 
 class Defaults(argparse.HelpFormatter):
@@ -50,6 +51,15 @@ def parser() -> argparse.ArgumentParser:
         metavar="N",
         help="tokens per sequence, prompt plus output (default: the model's context); with --slots it sizes the "
         "KV cache",
+    )
+    common.add_argument(
+        "--kv-cache-memory",
+        type=memory_size,
+        metavar="SIZE",
+        help="bytes of KV cache per rank, e.g. 2GiB or 512MB (default: what --slots sequences of --context tokens "
+        f"need, at most {CPU_SHARE * 100:.0f}%% of the machine's memory on CPUs and {GPU_SHARE * 100:.0f}%% of what is "
+        "free after "
+        "the weights on CUDA); start-up prints how many tokens it holds",
     )
     common.add_argument(
         "--quantize",

@@ -1,7 +1,15 @@
-"""Continuous batching over one KV cache (`Batcher`): each step admits waiting sequences into free cache
-slots, prefills prompt chunks within a per-step token budget (so a long prompt does not stall running
-streams), and decodes one token for every sequence past its prompt; a finished or cancelled sequence
-frees its slot at once.
+"""Continuous batching over one paged KV cache (`Batcher`): each step gives the running sequences the
+blocks their next tokens need, admits waiting sequences while a slot and blocks are free, prefills
+prompt chunks within a per-step token budget (so a long prompt does not stall running streams), and
+decodes one token for every sequence past its prompt.
+
+Blocks (`service.engine.blocks.BlockPool`): a new sequence starts from the cached blocks of its longest
+cached prefix and prefills only the rest; each block it fills enters the prefix cache; a finished or
+cancelled sequence gives its blocks back at once. When a running sequence needs a block and none is
+left, the youngest running sequence is preempted: it gives its blocks back and waits again, and when it
+is admitted again it prefills its prompt and output so far (most of it found in the prefix cache, unless
+evicted meanwhile), as vLLM's recompute preemption does. A request that could never fit the whole cache
+is refused when it is added.
 
 On the CUDA-graph path greedy decode steps are launched ahead (`Engine.launch` returns a `Launched`): a
 step over the same sequences as the step before is started before the host reads that step's tokens,
@@ -20,6 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from model.kv_cache import KVCache
+from service.engine.blocks import BlockPool
 from service.engine.sampler import Sampler
 from service.engine.sequence import Sequence
 from service.errors import ContextOverflow, RequestFailed
@@ -44,24 +53,37 @@ class Launched:
 class Batcher:
     """Continuous batching over one cache: the sequences waiting for a slot and those holding one."""
 
-    def __init__(self, engine, cache: KVCache, step_tokens: int | None = None):
+    def __init__(self, engine, cache: KVCache, slots: int, pool: BlockPool | None = None):
         """`engine`: the `service.engine.runner.Engine` whose model calls each step makes (not imported here:
-        the engine builds batchers, so the import would go in a circle)."""
+        the engine builds batchers, so the import would go in a circle). `pool`: the cache's blocks (a new
+        pool when None: nothing is cached yet)."""
         self.engine, self.cache = engine, cache
-        self.step_tokens = step_tokens or engine.prefill_chunk  # prompt tokens prefilled per step, at most
-        self.free = list(range(cache.num_slots))  # a heap: the lowest slot goes first, so busy slots
-        # tend to form one run that attention reads as a view instead of a gather
+        self.pool = pool or BlockPool(cache.num_blocks, cache.block_size)
+        self.step_tokens = engine.prefill_chunk  # prompt tokens prefilled per step, at most
+        self.slots = slots
+        self.free = list(range(slots))  # a heap: the lowest slot goes first, so that a decode step's rows
+        # are the low slots (the CUDA graphs' row buckets)
         self.waiting: list[Sequence] = []
         self.running: list[Sequence] = []
         self.ahead: Launched | None = None  # the last decode step, when launched ahead of the host
-        self.sampler = Sampler(cache.num_slots)
+        self.sampler = Sampler(slots)
+        self.admissions = 0
+        self.preemptions = 0
+        self.queried = self.hits = 0  # prompt tokens looked up in the prefix cache, and those found
 
     def add(self, s: Sequence) -> None:
         """Queue a sequence; raises `InvalidRequest` for one the model cannot take (checked again here, on
         the engine thread, whatever the caller checked)."""
         self.engine.check_tokens(s.prompt)
-        if s.length + s.params.max_tokens > self.cache.max_seq:
-            raise ContextOverflow.too_long(self.cache.max_seq, s.length, s.params.max_tokens)
+        self.engine.check_fits(s.length, s.params.max_tokens)
+        need, size = s.length + s.params.max_tokens, self.pool.size
+        if -(-need // size) > self.pool.capacity:
+            raise ContextOverflow(
+                f"the request needs {need} tokens of KV cache ({s.length} in the prompt, {s.params.max_tokens} "
+                f"in the completion) and the whole cache holds {self.pool.capacity * size} (--kv-cache-memory): "
+                "shorten the prompt or lower max_tokens",
+                param="messages",
+            )
         self.waiting.append(s)
 
     def busy(self) -> bool:
@@ -69,8 +91,7 @@ class Batcher:
 
     def finish(self, s: Sequence, reason: str | None = None, error: BaseException | None = None) -> None:
         if s in self.running:
-            self.running.remove(s)
-            heapq.heappush(self.free, s.slot)
+            self._evict(s)
         elif s in self.waiting:
             self.waiting.remove(s)
         s.end(reason, error)
@@ -81,31 +102,18 @@ class Batcher:
             self.finish(s, "cancelled")
 
     def step(self) -> None:
-        self.waiting.sort(key=lambda s: (s.priority, s.arrival))
-        while self.free and self.waiting:
-            s = self.waiting.pop(0)
-            s.slot = heapq.heappop(self.free)
-            self.running.append(s)
-        self.running.sort(key=lambda s: s.slot)
-        decoding = [s for s in self.running if s.output]
-        budget, chunks = self.step_tokens, []
-        for s in self.running:
-            left = len(s.prompt) - s.prefilled
-            if left and budget > 0:
-                chunks.append((s, min(left, budget)))
-                budget -= chunks[-1][1]
-        ahead, self.ahead = self.ahead, None
-        if ahead is not None:
-            going_on = any(len(s.output) + 1 < s.params.max_tokens for s in decoding)  # past the token on its way
-            if not chunks and decoding == ahead.seqs and going_on:  # the same sequences decode on: chain
-                self.ahead = self.engine.launch(decoding, self.cache, chained=True)
-            self._take(ahead)
-            if self.ahead is not None:
-                return
-            decoding = [s for s in self.running if s.output]
+        if self.ahead is not None and self._chain():
+            return
+        self._admit()
+        work = self._plan()
+        chunks = [(s, n) for s, n in work if not self._decoding(s)]
+        decoding = [s for s, _ in work if self._decoding(s)]
         if chunks:
+            done = self.engine.prefill(chunks, self.cache)
+            for s, _ in chunks:
+                self._register(s)
             ready = []
-            for s, row in self.engine.prefill(chunks, self.cache):
+            for s, row in done:
                 if s.params.max_tokens == 0:  # the prompt only was to be scored
                     self.finish(s, "length")
                 else:
@@ -115,13 +123,118 @@ class Batcher:
         if decoding and self.engine.chains(decoding):
             self.ahead = self.engine.launch(decoding, self.cache)
         elif decoding:
-            self._advance(decoding, self.engine.decode(decoding, self.cache))
+            logits = self.engine.decode(decoding, self.cache)
+            for s in decoding:
+                s.prefilled = s.length
+                self._register(s)
+            self._advance(decoding, logits)
+
+    @staticmethod
+    def _decoding(s: Sequence) -> bool:
+        """Past its prompt, with every token but the last in the cache: it decodes one token a step."""
+        return bool(s.output) and s.prefilled == s.length - 1
+
+    def _chain(self) -> bool:
+        """Take the tokens of the step launched ahead; first, when every running sequence decodes on, none
+        could be admitted and each has a block for the position the next step writes, launch that step
+        chained to it. Returns whether it did."""
+        ahead, self.ahead = self.ahead, None
+        going_on = any(len(s.output) + 1 < s.params.max_tokens for s in ahead.seqs)  # past the token on its way
+        if (
+            self.running == ahead.seqs
+            and going_on
+            and not (self.waiting and self.free)
+            and all(self._grow(s, s.length + 1, preempt=False) for s in ahead.seqs)
+        ):
+            self.ahead = self.engine.launch(ahead.seqs, self.cache, chained=True)
+        self._take(ahead)
+        return self.ahead is not None
+
+    def _admit(self) -> None:
+        """Give free slots to waiting sequences, first come first served by priority, while the blocks of
+        each one's first chunk are free (past its cached prefix)."""
+        self.waiting.sort(key=lambda s: (s.priority, s.arrival))
+        size = self.pool.size
+        while self.free and self.waiting:
+            s = self.waiting[0]
+            tokens = s.tokens()
+            keys, hit = [], []
+            if s.params.prompt_logprobs is None:  # (prompt log-probabilities need every position's logits)
+                keys = self.pool.keys(tokens[: len(tokens) - 1])  # at least one token is computed
+                hit = self.pool.match(keys)
+            start = len(hit) * size
+            first = min(len(tokens) - start, self.step_tokens)
+            if -(-(start + first) // size) - len(hit) > self.pool.available():
+                self.pool.release(hit)
+                return
+            self.waiting.pop(0)
+            self.queried, self.hits = self.queried + len(tokens), self.hits + start
+            s.blocks, s.keys, s.prefilled = hit, keys[: len(hit)], start
+            s.slot = heapq.heappop(self.free)
+            self.admissions += 1
+            s.admitted = self.admissions
+            self.running.append(s)
+        self.running.sort(key=lambda s: s.slot)
+
+    def _plan(self) -> list[tuple[Sequence, int]]:
+        """The tokens each running sequence feeds this step (1 when it decodes, else a prompt chunk within
+        the step's budget), each with the blocks they need; oldest first, so a shortage preempts the
+        youngest."""
+        budget, work = self.step_tokens, []
+        for s in sorted(self.running, key=lambda s: s.admitted):
+            if s not in self.running:  # preempted meanwhile
+                continue
+            decoding = self._decoding(s)
+            n = 1 if decoding else min(s.length - s.prefilled, budget)
+            if n and self._grow(s, s.prefilled + n):
+                work.append((s, n))
+                budget -= 0 if decoding else n
+        return sorted(((s, n) for s, n in work if s in self.running), key=lambda w: w[0].slot)
+
+    def _grow(self, s: Sequence, tokens: int, preempt: bool = True) -> bool:
+        """Blocks for the first `tokens` positions of `s`; when none is left, preempt the youngest running
+        sequence (or, not `preempt`, give up). False when `s` itself was preempted or it gave up."""
+        while len(s.blocks) * self.pool.size < tokens:
+            block = self.pool.take()
+            if block is not None:
+                s.blocks.append(block)
+                continue
+            if not preempt:
+                return False
+            victim = max(self.running, key=lambda r: r.admitted)
+            self._evict(victim)
+            victim.prefilled = 0
+            if not victim.output:
+                victim.prompt_logprobs.clear()  # computed again from the first token
+            self.waiting.append(victim)
+            self.preemptions += 1
+            if victim is s:
+                return False
+        return True
+
+    def _evict(self, s: Sequence) -> None:
+        """`s` leaves the running sequences: its slot and its blocks are free."""
+        self.running.remove(s)
+        heapq.heappush(self.free, s.slot)
+        self.pool.release(s.blocks)
+        s.blocks, s.keys = [], []
+
+    def _register(self, s: Sequence) -> None:
+        """Put the blocks `s` has filled since the last call into the prefix cache."""
+        full = s.prefilled // self.pool.size
+        if full > len(s.keys):
+            new = self.pool.keys(s.tokens()[: full * self.pool.size], s.keys[-1] if s.keys else b"", len(s.keys))
+            for block, key in zip(s.blocks[len(s.keys) :], new):
+                self.pool.register(block, key)
+            s.keys += new
 
     def _take(self, step: Launched) -> None:
         """Record the tokens of a launched step. A sequence that finished meanwhile (cancelled, or done
         at the step before, when this one was chained) drops its token."""
         for s, token in zip(step.seqs, step.result()):
             if not s.done.is_set():
+                s.prefilled = s.length
+                self._register(s)
                 self._record(s, token)
 
     def _advance(self, seqs: list[Sequence], logits: torch.Tensor) -> None:

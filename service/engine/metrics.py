@@ -39,7 +39,13 @@ class Metrics:
         self.queue = histogram("vllm:request_queue_time_seconds", "Time each sequence waited for a cache slot")
         self.running = gauge("vllm:num_requests_running", "Sequences holding a cache slot")
         self.waiting = gauge("vllm:num_requests_waiting", "Sequences waiting for a cache slot")
-        self.kv_usage = gauge("vllm:kv_cache_usage_perc", "KV cache positions in use (1 means all)")
+        self.kv_usage = gauge("vllm:kv_cache_usage_perc", "Share of the KV cache's blocks held by sequences (1: all)")
+        self.blocks_free = gauge(
+            "nlg_kv_cache_blocks_free", "KV cache blocks a sequence can take now (cached idle included)"
+        )
+        self.preemptions = counter("vllm:num_preemptions", "Sequences preempted for want of KV cache blocks")
+        self.prefix_queries = counter("vllm:prefix_cache_queries", "Prompt tokens looked up in the prefix cache")
+        self.prefix_hits = counter("vllm:prefix_cache_hits", "Prompt tokens found in the prefix cache")
         self.prompt_tokens = counter("vllm:prompt_tokens", "Prompt tokens processed")
         self.generation_tokens = counter("vllm:generation_tokens", "Tokens generated")
         self.request_prompt = histogram("vllm:request_prompt_tokens", "Prompt tokens of each sequence", TOKENS)

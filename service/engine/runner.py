@@ -1,4 +1,4 @@
-"""Generation engine: prefill and decode of token-id sequences over a slot-based KV cache.
+"""Generation engine: prefill and decode of token-id sequences over a paged KV cache.
 
 It knows nothing about text: prompts are token ids and so are the results. The text side (stop
 strings, streaming detokenization) decides per token whether a sequence is done through each
@@ -25,6 +25,7 @@ from model.kv_cache import KVCache
 from parallel.state import get_tp
 from service.engine.batcher import Batcher, Launched
 from service.engine.cuda_graphs import MIN_SPAN, GraphDecoder
+from service.engine.memory import BLOCK_SIZE, CPU_SHARE, GPU_SHARE
 from service.engine.sampler import token_logprobs
 from service.engine.sampling import SamplingParams
 from service.engine.sequence import Completion, Sequence
@@ -34,12 +35,22 @@ OnToken = Callable[[int, int], bool]  # (sequence index, token id) -> True to st
 
 
 class CacheTooLarge(ValueError):
-    """A KV cache bigger than the device's free memory."""
+    """A KV cache bigger than the device's free memory, or too small for one block per sequence."""
 
 
 def free_memory(device: torch.device) -> int | None:
     """Free bytes on a CUDA device; None on a CPU (a cache's pages are only taken as they are written)."""
     return torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
+
+
+def default_kv_memory(device: torch.device) -> int:
+    """The KV cache's bytes on this rank when --kv-cache-memory is not given."""
+    free = free_memory(device)
+    if free is not None:
+        return int(free * GPU_SHARE)
+    import psutil
+
+    return int(psutil.virtual_memory().total * CPU_SHARE / get_tp().size)
 
 
 class Engine:
@@ -54,6 +65,8 @@ class Engine:
         graphs: bool | None = None,
         compile: bool = False,
         overlap: bool = True,
+        kv_memory: int | None = None,
+        block_size: int = BLOCK_SIZE,
     ):
         cfg = model.config
         self.model, self.stop_ids, self.max_batch = model, stop_ids, max_batch
@@ -62,7 +75,9 @@ class Engine:
         self.dtype = next(model.parameters()).dtype
         self.vocab_size = cfg.vocab_size
         self.kv_heads = max(1, cfg.num_kv_heads // get_tp().size)  # this rank's KV heads
-        self.cache: KVCache | None = None  # the calling thread's cache (`run` without a scheduler)
+        self.kv_memory, self.block_size = kv_memory, block_size  # the cache's bytes on this rank (None: default)
+        self.width = -(-self.context // block_size)  # blocks in a sequence's table, at most
+        self.batcher: Batcher | None = None  # the calling thread's (`run` without a scheduler), cache and all
         # Decode through a GraphDecoder: CUDA graphs, on by default on one CUDA device (the collectives of
         # tensor-parallel ranks are not captured). On a CPU the same static forward runs eagerly (tests).
         self.use_graphs = self.device.type == "cuda" and get_tp().size == 1 if graphs is None else graphs
@@ -85,26 +100,44 @@ class Engine:
         if prompt_len + max_tokens > self.context:
             raise ContextOverflow.too_long(self.context, prompt_len, max_tokens)
 
-    def new_cache(self, slots: int, length: int) -> KVCache:
-        """A cache of `slots` sequences of `length` positions (rounded up to 256, at most the context).
-        On a GPU, one that does not fit the free memory is refused with what to change."""
+    def token_bytes(self) -> int:
         cfg = self.model.config
-        length = min(self.context, -(-length // 256) * 256)
-        need = 2 * cfg.num_layers * slots * length * self.kv_heads * cfg.head_dim * self.dtype.itemsize
-        free = free_memory(self.device)
+        return KVCache.token_bytes(cfg.num_layers, self.kv_heads, cfg.head_dim, self.dtype)
+
+    def cache_blocks(self, slots: int, length: int) -> int:
+        """Blocks of the cache `new_cache` makes: as many as --kv-cache-memory holds; by default as many as
+        `slots` sequences of `length` positions need, within the default budget (`default_kv_memory`)."""
+        block = self.token_bytes() * self.block_size
+        if self.kv_memory is not None:
+            return self.kv_memory // block
+        need = slots * -(-min(length, self.context) // self.block_size) + 1  # + the null block
+        return min(need, default_kv_memory(self.device) // block)
+
+    def new_cache(self, slots: int, length: int) -> KVCache:
+        """A paged cache (`cache_blocks`). On a GPU, one that does not fit the free memory is refused with
+        what to change; so is one without a block for each of `slots` sequences."""
+        cfg = self.model.config
+        blocks = self.cache_blocks(slots, length)
+        need, free = blocks * self.block_size * self.token_bytes(), free_memory(self.device)
         if free is not None and need > free:
             raise CacheTooLarge(
-                f"the KV cache of {slots} slots x {length} positions needs {need / 2**30:.2f} GiB and {self.device} "
-                f"has {free / 2**30:.2f} GiB free: lower --slots or --context"
+                f"the KV cache of {blocks} blocks needs {need / 2**30:.2f} GiB and {self.device} has "
+                f"{free / 2**30:.2f} GiB free: lower --kv-cache-memory"
             )
-        return KVCache(cfg.num_layers, slots, length, self.kv_heads, cfg.head_dim, self.dtype, self.device)
+        if blocks < slots + 1:
+            raise CacheTooLarge(
+                f"--kv-cache-memory holds {max(blocks - 1, 0)} blocks of {self.block_size} tokens "
+                f"({self.token_bytes() * self.block_size} bytes each) and {slots} sequences need one each: raise it"
+            )
+        return KVCache(cfg.num_layers, blocks, self.block_size, self.kv_heads, cfg.head_dim, self.dtype, self.device)
 
-    def _cache_for(self, slots: int, length: int) -> KVCache:
-        """The calling thread's cache, reused while it is big enough."""
-        c = self.cache
-        if c is None or c.num_slots < slots or c.max_seq < length:
-            c = self.cache = self.new_cache(max(slots, c.num_slots if c else 0), length)
-        return c
+    def _batcher_for(self, slots: int, length: int) -> Batcher:
+        """The calling thread's batcher, reused (prefix cache and all) while its cache is big enough."""
+        b = self.batcher
+        if b is None or b.slots < slots or b.cache.num_blocks < self.cache_blocks(slots, length):
+            slots = max(slots, b.slots if b else 0)
+            self.batcher = b = Batcher(self, self.new_cache(slots, length), slots)
+        return b
 
     def sequences(
         self,
@@ -127,8 +160,7 @@ class Engine:
     def run(self, seqs: list[Sequence]) -> list[Completion]:
         """Run sequences to the end on a batcher of this thread's own (a `Scheduler` has the same `run`
         for its engine thread)."""
-        slots = min(len(seqs), self.max_batch)
-        batcher = Batcher(self, self._cache_for(slots, max(s.length + s.params.max_tokens for s in seqs)))
+        batcher = self._batcher_for(min(len(seqs), self.max_batch), max(s.length + s.params.max_tokens for s in seqs))
         for s in seqs:
             batcher.add(s)
         while batcher.busy():
@@ -149,25 +181,33 @@ class Engine:
 
     @torch.inference_mode()
     def prefill(self, chunks: list[tuple[Sequence, int]], cache: KVCache) -> list[tuple[Sequence, torch.Tensor]]:
-        """Feed the next `n` prompt tokens of each sequence (right-padded into one batch); returns the
-        last-token logits (V,) of the sequences whose prompt is now complete. A sequence that asks for
-        `prompt_logprobs` gets those of this chunk's tokens from the same forward (logits only at the
-        positions that need them: one per row, plus the scored rows' positions)."""
+        """Feed the next `n` uncached tokens of each sequence (its prompt; after a preemption, its prompt and
+        output so far), right-padded into one batch; returns the last-token logits (V,) of the sequences
+        now wholly in the cache. A sequence that asks for `prompt_logprobs` gets those of this chunk's
+        tokens from the same forward (logits only at the positions that need them: one per row, plus the
+        scored rows' positions). Each sequence holds the blocks of its chunk (`Batcher`)."""
         width = max(n for _, n in chunks)
+        last = self.model.config.max_position - 1
+        clash = [c for c in chunks if c[1] < width and c[0].prefilled + c[1] - 1 == last]
+        if clash:  # a padded row ending at the last position: its padding could only be written over its last token
+            rest = [c for c in chunks if c not in clash]
+            return sum((self.prefill([c], cache) for c in clash), self.prefill(rest, cache) if rest else [])
         ids = torch.zeros(len(chunks), width, dtype=torch.long)
         positions = torch.zeros(len(chunks), width, dtype=torch.long)
         at = [r * width + n - 1 for r, (_, n) in enumerate(chunks)]  # each row's last token, first
         scored = []  # (sequence, the prompt tokens its positions predict, where their logits start in `at`)
         for r, (s, n) in enumerate(chunks):
-            ids[r, :n] = torch.tensor(s.prompt[s.prefilled : s.prefilled + n])
-            positions[r] = (s.prefilled + torch.arange(width)).clamp(max=cache.max_seq - 1)
-            if s.params.prompt_logprobs is not None:
+            ids[r, :n] = torch.tensor(s.tokens()[s.prefilled : s.prefilled + n])
+            positions[r, :n] = s.prefilled + torch.arange(n)
+            # padding: positions past the row's blocks, so that its writes land in the null block
+            positions[r, n:] = (len(s.blocks) * self.block_size + torch.arange(width - n)).clamp(max=last)
+            if s.params.prompt_logprobs is not None and not s.output:
                 following = s.prompt[s.prefilled + 1 : s.prefilled + n + 1]
                 scored.append((s, following, len(at)))
                 at += range(r * width, r * width + len(following))
-        slots = torch.tensor([s.slot for s, _ in chunks])
         d = self.device
-        logits = self.model(ids.to(d), positions.to(d), cache, slots.to(d), logits_index=torch.tensor(at, device=d))
+        blocks = self.tables([s for s, _ in chunks], int(positions.max()) // self.block_size + 1)
+        logits = self.model(ids.to(d), positions.to(d), cache, blocks.to(d), logits_index=torch.tensor(at, device=d))
         for s, following, start in scored:
             if s.prefilled == 0:
                 s.prompt_logprobs.append(None)  # the first token has no context
@@ -177,13 +217,18 @@ class Engine:
         done = []
         for (s, n), row in zip(chunks, logits):
             s.prefilled += n
-            if s.prefilled == len(s.prompt):
+            if s.prefilled == s.length:
                 done.append((s, row))
         return done
 
+    @staticmethod
+    def tables(seqs: list[Sequence], width: int) -> torch.Tensor:
+        """(len(seqs), width) the sequences' block tables, cut or padded with the null block to `width`."""
+        return torch.tensor([(s.blocks + [0] * width)[:width] for s in seqs], dtype=torch.long)
+
     def _decoder(self, cache: KVCache) -> GraphDecoder:
         if self.graphs is None or self.graphs.cache is not cache:
-            self.graphs = GraphDecoder(self.model, cache, self.device.type == "cuda", self.compile)
+            self.graphs = GraphDecoder(self.model, cache, self.width, self.device.type == "cuda", self.compile)
         return self.graphs
 
     @torch.inference_mode()
@@ -198,21 +243,22 @@ class Engine:
         d = self.device
         ids = torch.tensor([[s.output[-1]] for s in seqs], device=d)
         positions = torch.tensor([[s.length - 1] for s in seqs], device=d)
-        slots = torch.tensor([s.slot for s in seqs], device=d)
-        return self.model(ids, positions, cache, slots, logits_index=torch.arange(len(seqs), device=d))
+        blocks = self.tables(seqs, (max(s.length for s in seqs) - 1) // self.block_size + 1).to(d)
+        return self.model(ids, positions, cache, blocks, logits_index=torch.arange(len(seqs), device=d))
 
-    def warm_up(self, cache: KVCache) -> list[tuple[int, int]]:
-        """Capture the decode step of every row bucket at the two shortest spans and the whole cache, so
-        that no request waits for that; the server turns ready after this. With `compile` these are also
-        all the shapes the compiler specializes on (rows 1 or more; a span of 256, any span, the whole
-        cache), so no request waits for a compile either. Touches only free slots: call it before any
-        sequence runs. Returns the (rows, span) buckets warmed up: none off the graph path."""
+    def warm_up(self, cache: KVCache, slots: int) -> list[tuple[int, int]]:
+        """Capture the decode step of every row bucket up to `slots` rows at the two shortest spans and a
+        whole table, so that no request waits for that; the server turns ready after this. With `compile`
+        these are also all the shapes the compiler specializes on (rows 1 or more; a span of 256, any
+        span, a whole table), so no request waits for a compile either. Writes only the null block.
+        Returns the (rows, span) buckets warmed up: none off the graph path."""
         if not self.use_graphs:
             return []
         decoder = self._decoder(cache)
         buckets = []
-        for span in sorted({min(MIN_SPAN, cache.max_seq), min(2 * MIN_SPAN, cache.max_seq), cache.max_seq}):
-            for rows in decoder.rows:
+        whole = decoder.width * self.block_size
+        for span in sorted({min(MIN_SPAN, whole), min(2 * MIN_SPAN, whole), whole}):
+            for rows in decoder.buckets(slots):
                 s = Sequence([0] * (span - 1), SamplingParams(), slot=rows - 1, output=[0])  # position span - 1
                 buckets.append(decoder.bucket([s]))
                 decoder([s])

@@ -46,12 +46,13 @@ class Scheduler:
     ):
         self.engine, self.max_waiting, self.on_fatal = engine, max_waiting, on_fatal
         self.metrics = metrics or Metrics(model_name="")
-        self.batcher = Batcher(engine, engine.new_cache(slots, context or engine.context))
+        self.batcher = Batcher(engine, engine.new_cache(slots, context or engine.context), slots)
         self.cv = threading.Condition()
         self.inbox: list[Sequence] = []
         self.calls: list[tuple[Callable[[], Any], Future]] = []
         self.aborts: set[str] = set()
         self.failure: str | None = None
+        self.counted = (0, 0, 0)  # the batcher's preemptions and prefix-cache queries and hits in the metrics
         self.stopping = False
         self.thread = threading.Thread(target=self._loop, name="nlg-engine", daemon=True)
 
@@ -79,7 +80,7 @@ class Scheduler:
             if queued + len(seqs) > self.max_waiting:
                 raise Overloaded(
                     f"{queued} sequences are already waiting (limit {self.max_waiting}); retry later",
-                    retry_after=max(1, queued // max(1, self.batcher.cache.num_slots)),
+                    retry_after=max(1, queued // self.batcher.slots),
                 )
             self.inbox += seqs
             self.cv.notify()
@@ -159,8 +160,13 @@ class Scheduler:
                 m.queue.observe(now - s.arrival)
         m.running.set(len(self.batcher.running))
         m.waiting.set(len(self.batcher.waiting) + len(self.inbox))
-        cache = self.batcher.cache
-        m.kv_usage.set(sum(s.length for s in self.batcher.running) / (cache.num_slots * cache.max_seq))
+        b = self.batcher
+        m.kv_usage.set(b.pool.used() / b.pool.capacity)
+        m.blocks_free.set(b.pool.available())
+        now_counts = (b.preemptions, b.queried, b.hits)
+        for counter, now, before in zip((m.preemptions, m.prefix_queries, m.prefix_hits), now_counts, self.counted):
+            counter.inc(now - before)
+        self.counted = now_counts
 
     def _fail(self, error: Exception, calls) -> None:
         self.failure = f"engine failed: {type(error).__name__}: {error}"

@@ -43,8 +43,11 @@ class Sequence:
     request: str | None = None  # the request's id: `Scheduler.abort(request)` ends all its sequences
     priority: int = 0  # lower runs first (interactive 0, batch jobs 1)
     on_finish: Callable[[Sequence], None] | None = None  # called once when the sequence ends
-    slot: int = -1
-    prefilled: int = 0  # prompt tokens already in the cache
+    slot: int = -1  # the row it decodes in while it runs
+    blocks: list[int] = field(default_factory=list)  # its block table in the paged KV cache
+    keys: list[bytes] = field(default_factory=list)  # the prefix-cache keys of its first full blocks
+    prefilled: int = 0  # tokens (of the prompt, then of the output) whose keys and values are in the cache
+    admitted: int = 0  # when it last got a slot (a count): the youngest is preempted first
     output: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)  # then the end token's, if one ended it
     prompt_logprobs: list[TokenLogprob | None] = field(default_factory=list)  # the first token's is None
@@ -68,6 +71,10 @@ class Sequence:
     @property
     def length(self) -> int:
         return len(self.prompt) + len(self.output)
+
+    def tokens(self) -> list[int]:
+        """The prompt and the output so far."""
+        return self.prompt + self.output if self.output else self.prompt
 
     def completion(self) -> Completion:
         return Completion(

@@ -70,10 +70,16 @@ def build_app(
     async def lifespan(app: FastAPI):
         scheduler = Scheduler(gen.engine, slots, max_waiting=max_waiting, metrics=metrics, on_fatal=on_fatal)
         app.state.scheduler = scheduler.start()
+        pool = scheduler.batcher.pool
+        tokens, size = pool.capacity * pool.size, pool.capacity * pool.size * gen.engine.token_bytes()
+        print(
+            f"nlg: KV cache: {pool.capacity} blocks of {pool.size} tokens, {tokens} tokens ({size / 2**30:.2f} GiB)",
+            file=sys.stderr,
+        )
         gen.runs_on(scheduler)
         handle = app.state.handle = AsyncEngine(gen, scheduler, request_timeout)
         started = time.perf_counter()
-        warmed = await handle.call(lambda: gen.engine.warm_up(scheduler.batcher.cache))
+        warmed = await handle.call(lambda: gen.engine.warm_up(scheduler.batcher.cache, slots))
         if warmed:
             took = time.perf_counter() - started
             print(f"nlg: decode step warmed up for {len(warmed)} (rows, span) buckets in {took:.1f} s", file=sys.stderr)

@@ -61,10 +61,10 @@ def test_cuda_warm_up_then_steps_launched_ahead_match_cpu():
     prompts = [[5, 17, 42], [9] * 30, [200, 201, 202, 203]]
     params = [SamplingParams(max_tokens=n, ignore_eos=True) for n in (12, 20, 9)]
     want = [c.token_ids for c in Engine(load_model(path), max_batch=4).generate(prompts, params)]
-    engine = Engine(load_model(path, device="cuda"), max_batch=4, device="cuda")
+    engine = Engine(load_model(path, device="cuda"), max_batch=4, device="cuda", context=512)
     cache = engine.new_cache(4, 300)
-    assert len(engine.warm_up(cache)) == len(engine.graphs.graphs) == 6  # rows 1, 2, 4 at spans 256, 512
-    batcher = Batcher(engine, cache)
+    assert len(engine.warm_up(cache, 4)) == len(engine.graphs.graphs) == 6  # rows 1, 2, 4 at spans 256, 512
+    batcher = Batcher(engine, cache, 4)
     seqs = [Sequence(p, sp) for p, sp in zip(prompts, params)]
     seqs[0].on_token = lambda t: len(seqs[0].output) == 5
     for s in seqs:

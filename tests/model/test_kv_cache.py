@@ -3,6 +3,7 @@ its sequences run one by one."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch.testing import assert_close
 
@@ -10,19 +11,24 @@ from model.kv_cache import KVCache
 from service.engine.sampling import SamplingParams
 
 
-def test_cached_decode_equals_full_forward(tiny):
-    """Guards cache writes at the right (slot, position) and the `key_pos <= query_pos` mask."""
-    model = tiny.engine.model
+def cache_of(model, blocks: int = 16, block_size: int = 4) -> KVCache:
     cfg = model.config
+    return KVCache(cfg.num_layers, blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
+
+
+@pytest.mark.parametrize("table", [[3, 4, 5], [7, 2, 9]], ids=["consecutive", "scattered"])
+def test_cached_decode_equals_full_forward(tiny, table):
+    """Guards cache writes at the right (block, offset), the `key_pos <= query_pos` mask, and both reads:
+    a view of consecutive blocks and a gather of scattered ones; positions cross block boundaries."""
+    model = tiny.engine.model
     ids = torch.tensor([[1, 40, 41, 42, 43, 44, 45, 46, 47, 48, 49, 50]])
     positions = torch.arange(ids.shape[1])[None]
-    cache = KVCache(cfg.num_layers, 3, 64, cfg.num_kv_heads, cfg.head_dim)
-    slot = torch.tensor([2])  # not slot 0: exercises the gather path
+    cache, blocks = cache_of(model), torch.tensor([table])
     with torch.inference_mode():
         full = model(ids, positions)[0]
-        steps = [model(ids[:, :5], positions[:, :5], cache, slot)[0]]
+        steps = [model(ids[:, :5], positions[:, :5], cache, blocks)[0]]
         for t in range(5, ids.shape[1]):
-            steps.append(model(ids[:, t : t + 1], positions[:, t : t + 1], cache, slot)[0])
+            steps.append(model(ids[:, t : t + 1], positions[:, t : t + 1], cache, blocks)[0])
     assert_close(torch.cat(steps), full, atol=1e-5, rtol=1e-5)
 
 
@@ -47,19 +53,40 @@ def test_chunked_prefill_equals_single_chunk(tiny):
         tiny.engine.prefill_chunk = chunk
 
 
-def test_scattered_slots_read_through_a_gather(tiny):
-    """Rows in slots (2, 0): not one run, so attention gathers the rows; results equal a full forward."""
+def test_ragged_rows_over_block_tables_equal_full_forwards(tiny):
+    """Two rows of different lengths, each over its own scattered blocks, prefilled right-padded (the
+    padding written to the null block) then decoded across block boundaries: each row equals its own
+    full forward."""
     model = tiny.engine.model
-    cfg = model.config
-    ids = torch.tensor([[1, 40, 41, 42, 43, 44], [1, 50, 51, 52, 53, 54]])
-    positions = torch.arange(6).expand(2, 6)
-    cache = KVCache(cfg.num_layers, 3, 64, cfg.num_kv_heads, cfg.head_dim)
-    slots = torch.tensor([2, 0])
+    rows = [[1, 40, 41, 42, 43, 44, 45, 46, 47, 48], [1, 50, 51, 52, 53, 54, 55]]
+    cache = cache_of(model)
+    blocks = torch.tensor([[9, 2, 6], [5, 11, 0]])  # the second row's third entry: the null block
     with torch.inference_mode():
-        full = model(ids, positions)
-        model(ids[:, :4], positions[:, :4], cache, slots)
-        step = [model(ids[:, t : t + 1], positions[:, t : t + 1], cache, slots) for t in (4, 5)]
-    assert_close(torch.cat(step, dim=1), full[:, 4:], atol=1e-5, rtol=1e-5)
+        full = [model(torch.tensor([r]), torch.arange(len(r))[None])[0] for r in rows]
+        ids = torch.tensor([rows[0][:5], rows[1][:3] + [0, 0]])
+        positions = torch.tensor([[0, 1, 2, 3, 4], [0, 1, 2, 8, 9]])  # padding past the row's two blocks
+        first = model(ids, positions, cache, blocks)
+        assert_close(first[0], full[0][:5], atol=1e-5, rtol=1e-5)
+        assert_close(first[1, :3], full[1][:3], atol=1e-5, rtol=1e-5)
+        got = [[], []]
+        for t in range(4):
+            at = [5 + t, 3 + t]
+            step = model(
+                torch.tensor([[rows[0][at[0]]], [rows[1][at[1]]]]), torch.tensor([[at[0]], [at[1]]]), cache, blocks
+            )
+            for r in (0, 1):
+                got[r].append(step[r, 0])
+    assert_close(torch.stack(got[0]), full[0][5:9], atol=1e-5, rtol=1e-5)
+    assert_close(torch.stack(got[1]), full[1][3:7], atol=1e-5, rtol=1e-5)
+
+
+def test_a_cpu_pool_commits_memory_only_as_blocks_are_used(tiny):
+    """A block is zeroed on its first use, in order, and only then: the pool is taken with `torch.empty`."""
+    cache = cache_of(tiny.engine.model)
+    assert cache.zeroed == 1  # the null block
+    with torch.inference_mode():
+        tiny.engine.model(torch.tensor([[1, 2, 3]]), torch.arange(3)[None], cache, torch.tensor([[3]]))
+    assert cache.zeroed == 4 and cache.k[:, :4].isfinite().all()
 
 
 def test_bfloat16_model_runs_and_stays_close():

@@ -126,16 +126,21 @@ def test_context_bounds_each_sequence(capsys):
     assert main(["generate", "hi", "--max-tokens", "20", "--context", "100", *TINY]) == 0
 
 
-def test_a_cache_bigger_than_free_memory_is_refused(tiny, monkeypatch):
-    """On a GPU the cache is allocated at once: one that cannot fit names its size and what to lower."""
+def test_kv_cache_memory_is_checked_against_the_device(tiny, monkeypatch):
+    """On a GPU the cache is allocated at once: by default it takes a share of the free memory; a
+    --kv-cache-memory that cannot fit, or that holds less than a block per sequence, names its size and
+    what to change."""
     from service.engine import runner as engine_module
     from service.engine.runner import CacheTooLarge, Engine
 
     monkeypatch.setattr(engine_module, "free_memory", lambda device: 3 * 2**20)
     engine = Engine(tiny.engine.model)
-    engine.new_cache(1, 512)  # 4 layers x 2 x 512 x 4 heads x 16 x 4 bytes = 1 MiB
-    with pytest.raises(CacheTooLarge, match=r"16 slots x 512 positions needs 0.02 GiB .* lower --slots or --context"):
-        engine.new_cache(16, 512)
+    block = engine.token_bytes() * engine.block_size  # 4 layers x 2 x 16 positions x 4 heads x 16 x 4 bytes
+    assert engine.new_cache(16, 512).num_blocks == int(3 * 2**20 * 0.9) // block  # not the 16 x 32 blocks asked
+    with pytest.raises(CacheTooLarge, match=r"needs 1.00 GiB and cpu has 0.00 GiB free: lower --kv-cache-memory"):
+        Engine(tiny.engine.model, kv_memory=2**30).new_cache(16, 512)
+    with pytest.raises(CacheTooLarge, match=r"holds 3 blocks of 16 tokens \(\d+ bytes each\) and 16 sequences"):
+        Engine(tiny.engine.model, kv_memory=4 * block).new_cache(16, 512)
 
 
 def test_vllm_flag_names_and_defaults_in_help():

@@ -10,10 +10,17 @@ import torch
 from torch.testing import assert_close
 
 from service.engine.batcher import Batcher
-from service.engine.cuda_graphs import GraphDecoder
+from service.engine.blocks import BlockPool
+from service.engine.cuda_graphs import GraphDecoder, decode_step
 from service.engine.runner import Engine
 from service.engine.sampling import SamplingParams
 from service.engine.sequence import Sequence
+
+
+def hold(pool: BlockPool, seqs: list[Sequence], tokens: int) -> None:
+    """Give each sequence the blocks of its first `tokens` positions, as a batcher does."""
+    for s in seqs:
+        s.blocks = [pool.take() for _ in range(-(-tokens // pool.size))]
 
 
 def run_all(batcher: Batcher, seqs: list[Sequence]) -> None:
@@ -42,20 +49,21 @@ def test_static_step_equals_decode_with_empty_rows(tiny):
     engine = Engine(tiny.engine.model, graphs=False)
     cache = engine.new_cache(4, 64)
     seqs = [Sequence(tiny.tokenizer.encode(t), SamplingParams()) for t in ("first prompt", "the second one")]
+    hold(BlockPool(cache.num_blocks, cache.block_size), seqs, 32)
     for s, slot in zip(seqs, (0, 2)):
         s.slot = slot
     for s, row in engine.prefill([(s, len(s.prompt)) for s in seqs], cache):
         s.output.append(int(row.argmax()))
-    decoder = GraphDecoder(engine.model, cache, capture=False)
-    assert decoder.bucket(seqs) == (4, 256) and decoder.rows == [1, 2, 4]
+    decoder = GraphDecoder(engine.model, cache, engine.width, capture=False)
+    assert decoder.bucket(seqs) == (4, 256) and decoder.buckets(4) == [1, 2, 4]
     for _ in range(5):
         want = engine.decode(seqs, cache)
         logits, tokens = decoder(seqs)
         assert_close(logits[[0, 2]], want, atol=1e-5, rtol=1e-5)
         assert tokens.tolist() == logits.argmax(-1).tolist()
-        ids, positions = decoder.inputs[4][:, :, 0]  # the next step's inputs: each row's token, one further
+        ids, positions = decoder.inputs[4][0][:, :, 0]  # the next step's inputs: each row's token, one further
         assert ids.tolist() == tokens.tolist()
-        assert positions.tolist() == [seqs[0].length, 255, seqs[1].length, 255]
+        assert positions.tolist() == [seqs[0].length, 1, seqs[1].length, 1]  # empty rows: null block, position 0
         for s, row in zip(seqs, want):
             s.output.append(int(row.argmax()))
 
@@ -69,11 +77,12 @@ def test_chained_steps_equal_steps_fed_by_the_host(varied):
     for chained in (False, True):
         cache = engine.new_cache(2, 64)
         seqs = [Sequence(p, SamplingParams()) for p in prompts]
+        hold(BlockPool(cache.num_blocks, cache.block_size), seqs, 32)
         for slot, s in enumerate(seqs):
             s.slot = slot
         for s, row in engine.prefill([(s, len(s.prompt)) for s in seqs], cache):
             s.output.append(int(row.argmax()))
-        decoder = GraphDecoder(engine.model, cache, capture=False)
+        decoder = GraphDecoder(engine.model, cache, engine.width, capture=False)
         logits[chained] = []
         for i in range(6):
             out, tokens = decoder(seqs, chained=chained and i > 0)
@@ -86,7 +95,7 @@ def test_chained_steps_equal_steps_fed_by_the_host(varied):
 
 def test_generation_through_static_decode_equals_eager(tiny, varied):
     """Continuous batching through the static path: slots free and refill while others run, and two
-    sequences fill the cache to its last position but one (the position empty rows write to)."""
+    sequences fill their tables to the last position."""
     prompts = [tiny.tokenizer.encode(t) for t in ("a", "a longer prompt here", "mid length", "z" * 40, "q")]
     params = [SamplingParams(max_tokens=n, ignore_eos=True) for n in (3, 20, 9, 24, 30)]
     eager = Engine(varied, max_batch=3, graphs=False)
@@ -96,10 +105,10 @@ def test_generation_through_static_decode_equals_eager(tiny, varied):
     assert static.graphs is not None and static.graphs.capture is False
 
     full = [tiny.tokenizer.encode("fill " * 20), tiny.tokenizer.encode("up")]
-    cache = static.new_cache(2, 1)  # 256 positions
     out = []
-    for engine in (eager, static):
-        batcher = Batcher(engine, cache)
+    for graphs in (False, True):
+        engine = Engine(varied, graphs=graphs, context=256)
+        batcher = Batcher(engine, engine.new_cache(2, 256), 2)
         seqs = [Sequence(p, SamplingParams(max_tokens=256 - len(p), ignore_eos=True)) for p in full]
         run_all(batcher, seqs)
         out.append([s.output for s in seqs])
@@ -107,16 +116,15 @@ def test_generation_through_static_decode_equals_eager(tiny, varied):
 
 
 def test_buckets_grow_with_slots_and_length(tiny):
-    """Graph buckets cover the highest slot and the longest sequence; a bucket too small reads past the cache."""
-    engine = Engine(tiny.engine.model, graphs=False)
-    cache = engine.new_cache(40, 1000)  # 1024 positions
-    decoder = GraphDecoder(engine.model, cache, capture=False)
-    assert decoder.rows == [1, 2, 4, 8, 16, 32, 40]
+    """Graph buckets cover the highest slot and the longest sequence, up to a whole table."""
+    engine = Engine(tiny.engine.model, graphs=False, context=1000)  # tables of 63 blocks: 1008 positions
+    decoder = GraphDecoder(engine.model, engine.new_cache(40, 1000), engine.width, capture=False)
+    assert decoder.buckets(40) == [1, 2, 4, 8, 16, 32, 64]
     s = Sequence([1] * 300, SamplingParams())
     s.slot = 9
     assert decoder.bucket([s]) == (16, 512)
     s.slot, s.prompt = 39, [1] * 1000
-    assert decoder.bucket([s]) == (40, 1024)
+    assert decoder.bucket([s]) == (64, 1008)
 
 
 def test_steps_launched_ahead_stop_where_the_host_says(varied):
@@ -171,11 +179,11 @@ def test_warm_up_covers_every_row_bucket_and_changes_no_result(varied):
     prompts = torch.randint(0, varied.config.vocab_size, (3, 6), generator=torch.Generator().manual_seed(1)).tolist()
     params = [SamplingParams(max_tokens=n, ignore_eos=True) for n in (5, 9, 7)]
     want = [c.token_ids for c in Engine(varied, max_batch=4, graphs=False).generate(prompts, params)]
-    static = Engine(varied, max_batch=4, graphs=True)
-    cache = static.new_cache(4, 300)  # 512 positions
-    assert static.warm_up(cache) == [(1, 256), (2, 256), (4, 256), (1, 512), (2, 512), (4, 512)]
-    assert Engine(varied).warm_up(cache) == []  # off the graph path: nothing to warm up
-    batcher = Batcher(static, cache)
+    static = Engine(varied, max_batch=4, graphs=True, context=512)
+    cache = static.new_cache(4, 300)
+    assert static.warm_up(cache, 4) == [(1, 256), (2, 256), (4, 256), (1, 512), (2, 512), (4, 512)]
+    assert Engine(varied).warm_up(cache, 4) == []  # off the graph path: nothing to warm up
+    batcher = Batcher(static, cache, 4)
     seqs = [Sequence(p, sp) for p, sp in zip(prompts, params)]
     run_all(batcher, seqs)
     assert [s.output for s in seqs] == want
@@ -188,13 +196,12 @@ def test_chained_steps_cross_into_a_longer_span(varied, monkeypatch):
     params = [SamplingParams(max_tokens=20, ignore_eos=True)]
     want = Engine(varied, graphs=False).generate([prompt], params)[0].token_ids
     buckets = []
-    forward = GraphDecoder._forward
 
-    def spy(self, rows, span):
+    def spy(model, inputs, tables, cache, span):
         buckets.append(span)
-        return forward(self, rows, span)
+        return decode_step(model, inputs, tables, cache, span)
 
-    monkeypatch.setattr(GraphDecoder, "_forward", spy)
+    monkeypatch.setattr("service.engine.cuda_graphs.decode_step", spy)
     assert Engine(varied, graphs=True).generate([prompt], params)[0].token_ids == want
     assert buckets.count(256) == 6 and buckets.count(512) == 13  # positions 250-255, then 256-268
 
@@ -205,7 +212,7 @@ def test_cancelled_while_a_step_is_launched_ahead(varied):
     out = []
     for graphs in (False, True):
         engine = Engine(varied, max_batch=2, graphs=graphs)
-        batcher = Batcher(engine, engine.new_cache(2, 64))
+        batcher = Batcher(engine, engine.new_cache(2, 64), 2)
         seqs = [Sequence(p, SamplingParams(max_tokens=12, ignore_eos=True), request=r) for p, r in zip(prompts, "ab")]
         for s in seqs:
             batcher.add(s)
@@ -226,10 +233,10 @@ def test_compiled_warm_up_meets_every_shape_then_equals_eager(varied):
     compile, and generation through the compiled steps, launched ahead, gives the eager path's tokens."""
     from torch._dynamo.utils import counters
 
-    engine = Engine(varied, max_batch=2, graphs=True, compile=True)
-    cache = engine.new_cache(2, 1000)  # 1024 positions
+    engine = Engine(varied, max_batch=2, graphs=True, compile=True, context=1024)
+    cache = engine.new_cache(2, 1000)
     before = counters["stats"]["unique_graphs"]
-    assert len(engine.warm_up(cache)) == 6  # rows 1, 2 x spans 256, 512, 1024
+    assert len(engine.warm_up(cache, 2)) == 6  # rows 1, 2 x spans 256, 512, 1024
     compiled = counters["stats"]["unique_graphs"]
     assert compiled - before == 6  # rows 1 or more x a span of 256, any span, the whole cache
     for rows, length in [(2, 700), (1, 1024), (2, 300), (1, 1000)]:
@@ -239,7 +246,7 @@ def test_compiled_warm_up_meets_every_shape_then_equals_eager(varied):
     prompts = torch.randint(0, varied.config.vocab_size, (2, 6), generator=torch.Generator().manual_seed(4)).tolist()
     params = [SamplingParams(max_tokens=n, ignore_eos=True) for n in (10, 14)]
     want = [c.token_ids for c in Engine(varied, graphs=False).generate(prompts, params)]
-    batcher = Batcher(engine, cache)
+    batcher = Batcher(engine, cache, 2)
     seqs = [Sequence(p, sp) for p, sp in zip(prompts, params)]
     run_all(batcher, seqs)
     assert [seq.output for seq in seqs] == want
