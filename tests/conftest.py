@@ -3,6 +3,7 @@ compare against) and the project's `tiny-random` model."""
 
 from __future__ import annotations
 
+import copy
 import threading
 import time
 from contextlib import contextmanager
@@ -71,6 +72,19 @@ def hf_pair(request, tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny() -> TextGenerator:
     return TextGenerator.load("tiny-random")
+
+
+@pytest.fixture(scope="session")
+def varied(tiny):
+    """The tiny model with its matrices redrawn at std 0.3: its greedy tokens vary from step to step
+    (the checkpoint's repeat one token), so a token fed at the wrong step shows."""
+    model = copy.deepcopy(tiny.engine.model)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.3, generator=gen)
+    return model
 
 
 @contextmanager

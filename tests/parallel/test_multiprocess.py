@@ -36,7 +36,8 @@ def ragged(prompts):
 
 
 def logits_and_greedy(path: str):
-    """Runs on every rank: rank 0 returns (logits of a ragged batch, 32 greedy tokens per prompt)."""
+    """Runs on every rank: rank 0 returns (logits of a ragged batch, 32 greedy tokens per prompt, and
+    the greedy tokens of prompts sharing a prefix over a cache of 6 blocks: prefix hits and preemptions)."""
     from model.ranks import Leader, follow
     from parallel.launch import init_from_env, shutdown
     from parallel.state import get_tp
@@ -51,7 +52,12 @@ def logits_and_greedy(path: str):
         with torch.inference_mode():
             logits = leader(*ragged(PROMPTS))
         out = Engine(leader).generate(PROMPTS, [SamplingParams(max_tokens=32, ignore_eos=True)] * 2)
-        return logits, [c.token_ids for c in out]
+        small = Engine(leader, max_batch=3)
+        small.kv_memory = 7 * small.token_bytes() * small.block_size  # the null block and 6 more
+        shared = [PROMPTS[0] * 2 + [i] for i in range(3)]  # 19 tokens: its first block is cached
+        pressed = small.generate(shared, [SamplingParams(max_tokens=40, ignore_eos=True)] * 3)
+        assert small.batcher.preemptions and small.batcher.hits
+        return logits, [c.token_ids for c in out], [c.token_ids for c in pressed]
     finally:
         shutdown()
 
@@ -72,10 +78,12 @@ def reference(saved):
 @pytest.mark.parametrize("tp", [2, 4])
 def test_tp_equals_tp1(saved, reference, tp):
     """Guards every shard + collective: column/row splits, bias once after the all-reduce, vocab padding
-    (301 rows), KV-head replication, batch > 1 with different lengths, and rank 0's sampling."""
-    logits, tokens = launch(tp, logits_and_greedy, saved)
+    (301 rows), KV-head replication, batch > 1 with different lengths, rank 0's sampling, and every rank's
+    pool following rank 0's block tables through prefix hits and preemptions."""
+    logits, tokens, pressed = launch(tp, logits_and_greedy, saved)
     assert_close(logits, reference[0], atol=1e-4, rtol=1e-4)
     assert tokens == reference[1]
+    assert pressed == reference[2]
 
 
 def slow_model(tmp_path) -> str:

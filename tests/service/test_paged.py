@@ -1,0 +1,128 @@
+"""The paged KV cache's bookkeeping: blocks taken and given back, the prefix cache, waiting for blocks and
+preemption, each checked against a run without them (same tokens, same log-probabilities)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from service.engine.batcher import Batcher
+from service.engine.blocks import BlockPool
+from service.engine.runner import Engine
+from service.engine.sampling import SamplingParams
+from service.engine.sequence import Sequence
+from service.errors import ContextOverflow
+
+
+def test_pool_hands_out_unused_blocks_in_order_then_free_then_idle_least_recent_first():
+    pool = BlockPool(6, 4)
+    assert pool.capacity == 5 and [pool.take() for _ in range(3)] == [1, 2, 3]  # block 0 is the null block
+    k1, k2 = pool.keys([7] * 8)
+    pool.register(1, k1)
+    pool.register(2, k2)
+    pool.release([1, 2, 3])
+    assert pool.available() == 5 and pool.used() == 0
+    assert [pool.take(), pool.take(), pool.take()] == [3, 4, 5]  # the free block, then never used ones
+    assert pool.match([k1, k2, b"?"]) == [1, 2]  # the cached run, each held again
+    pool.release([2, 1])  # idle again: 2 is now the least recently released
+    assert pool.take() == 2 and pool.match([k1, k2]) == [1]  # evicted, so the run ends at block 1
+    assert pool.take() is None  # 1 to 5 are all held
+
+
+def test_keys_name_the_whole_prefix():
+    pool = BlockPool(4, 2)
+    a, b = pool.keys([1, 2, 3, 4, 5]), pool.keys([9, 9, 3, 4])
+    assert len(a) == 2 and a[1] != b[1]  # the same block after another prefix is another key
+    assert pool.keys([1, 2, 3, 4], a[0], 1) == a[1:]  # keys go on from a parent
+    assert BlockPool(4, 2).keys([1, 2]) != a[:1]  # a key of its own per pool: none can be precomputed
+
+
+def small_engine(model, blocks: int, slots: int = 3) -> Engine:
+    """An engine whose cache is `blocks` blocks of 16 positions (the null block included)."""
+    engine = Engine(model, max_batch=slots)
+    engine.kv_memory = blocks * engine.token_bytes() * engine.block_size
+    return engine
+
+
+PARAMS = SamplingParams(max_tokens=24, ignore_eos=True, logprobs=2)
+
+
+def test_prefix_hits_give_the_tokens_and_logprobs_of_a_fresh_cache(varied):
+    """A second request sharing a 40-token prefix prefills from block 2 on (32 tokens found) and gets the
+    same tokens and log-probabilities as on an engine that computes everything."""
+    rng = torch.Generator().manual_seed(5)
+    prefix = torch.randint(0, varied.config.vocab_size, (40,), generator=rng).tolist()
+    engine = Engine(varied)
+    engine.generate([prefix + [1, 2, 3]], [PARAMS])
+    hits = engine.batcher.hits
+    second = engine.generate([prefix + [4, 5]], [PARAMS])[0]
+    assert engine.batcher.hits - hits == 32
+    fresh = Engine(varied).generate([prefix + [4, 5]], [PARAMS])[0]
+    assert second.token_ids == fresh.token_ids
+    for a, b in zip(second.logprobs, fresh.logprobs):
+        assert a.logprob == pytest.approx(b.logprob, abs=1e-5)
+
+
+def test_a_prompt_all_cached_still_computes_its_last_token(varied):
+    """The same 32-token prompt twice: its last block is cached, but the last token is fed again for
+    its logits (a hit of 16, not 32)."""
+    prompt = list(range(3, 35))
+    engine = Engine(varied)
+    first = engine.generate([prompt], [PARAMS])[0]
+    hits = engine.batcher.hits
+    again = engine.generate([prompt], [PARAMS])[0]
+    assert engine.batcher.hits - hits == 16 and again.token_ids == first.token_ids
+
+
+def test_a_full_pool_makes_requests_wait_and_preempts_without_changing_tokens(varied):
+    """Five sequences (one sampled with a seed, one with prompt log-probabilities) over 5 blocks where
+    each needs 2 to 4: some wait, running ones are preempted and resumed, and every token and
+    log-probability equals an unpressured run; when all is done every block is back."""
+    rng = torch.Generator().manual_seed(6)
+    prompts = [torch.randint(0, varied.config.vocab_size, (n,), generator=rng).tolist() for n in (5, 20, 9, 30, 14)]
+    params = [PARAMS] * 3 + [
+        SamplingParams(max_tokens=24, ignore_eos=True, temperature=0.9, seed=3),
+        SamplingParams(max_tokens=20, ignore_eos=True, prompt_logprobs=1),
+    ]
+    want = Engine(varied, max_batch=5).generate(prompts, params)
+    engine = small_engine(varied, blocks=6)
+    got = engine.generate(prompts, params)
+    b = engine.batcher
+    assert b.preemptions > 0 and b.pool.used() == 0 and b.pool.available() == b.pool.capacity == 5
+    for g, w in zip(got, want):
+        assert g.token_ids == w.token_ids and len(g.logprobs) == len(w.logprobs)
+        assert [x.logprob for x in g.logprobs] == pytest.approx([x.logprob for x in w.logprobs], abs=1e-4)
+    assert len(got[4].prompt_logprobs) == len(prompts[4])  # scored once, though preempted or not
+    assert [x and x.logprob for x in got[4].prompt_logprobs] == pytest.approx(
+        [x and x.logprob for x in want[4].prompt_logprobs], abs=1e-4
+    )
+
+
+def test_cancelled_and_finished_sequences_give_every_block_back(varied):
+    engine = small_engine(varied, blocks=10)
+    batcher = Batcher(engine, engine.new_cache(3, 64), 3)
+    seqs = [
+        Sequence(list(range(1, 1 + n)), SamplingParams(max_tokens=30, ignore_eos=True), request=r)
+        for n, r in ((20, "a"), (3, "b"), (40, "c"))
+    ]
+    for s in seqs:
+        batcher.add(s)
+    for _ in range(4):
+        batcher.step()
+    held = {b for s in batcher.running for b in s.blocks}
+    assert held and batcher.pool.used() == len(held)
+    batcher.abort({"a", "c"})
+    while batcher.busy():
+        batcher.step()
+    assert [s.finish_reason for s in seqs] == ["cancelled", "length", "cancelled"]
+    assert batcher.pool.used() == 0 and all(not s.blocks for s in seqs)
+
+
+def test_a_request_larger_than_the_whole_cache_is_refused_with_the_numbers(varied):
+    engine = small_engine(varied, blocks=4)  # 3 blocks: 48 tokens
+    batcher = Batcher(engine, engine.new_cache(2, 64), 2)
+    with pytest.raises(
+        ContextOverflow, match=r"needs 50 tokens of KV cache \(20 in the prompt, 30 in the completion\) "
+    ):
+        batcher.add(Sequence(list(range(1, 21)), SamplingParams(max_tokens=30)))
+    batcher.add(Sequence(list(range(1, 21)), SamplingParams(max_tokens=28)))  # 48 fits
