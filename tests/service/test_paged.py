@@ -15,6 +15,8 @@ from service.errors import ContextOverflow
 
 
 def test_pool_hands_out_unused_blocks_in_order_then_free_then_idle_least_recent_first():
+    """Never used blocks go out in increasing order (the CPU pool zeros by that order), a block no one
+    holds is reused before an idle cached one, and idle ones are evicted least recently used first."""
     pool = BlockPool(6, 4)
     assert pool.capacity == 5 and [pool.take() for _ in range(3)] == [1, 2, 3]  # block 0 is the null block
     k1, k2 = pool.keys([7] * 8)
@@ -30,6 +32,7 @@ def test_pool_hands_out_unused_blocks_in_order_then_free_then_idle_least_recent_
 
 
 def test_keys_name_the_whole_prefix():
+    """A block's key hashes its parent's key, so equal blocks after different prefixes differ."""
     pool = BlockPool(4, 2)
     a, b = pool.keys([1, 2, 3, 4, 5]), pool.keys([9, 9, 3, 4])
     assert len(a) == 2 and a[1] != b[1]  # the same block after another prefix is another key
@@ -99,6 +102,8 @@ def test_a_full_pool_makes_requests_wait_and_preempts_without_changing_tokens(va
 
 
 def test_cancelled_and_finished_sequences_give_every_block_back(varied):
+    """Blocks held mid-run are exactly those of the running sequences; after two are cancelled and one
+    finishes, the pool holds nothing."""
     engine = small_engine(varied, blocks=10)
     batcher = Batcher(engine, engine.new_cache(3, 64), 3)
     seqs = [
@@ -119,6 +124,7 @@ def test_cancelled_and_finished_sequences_give_every_block_back(varied):
 
 
 def test_a_request_larger_than_the_whole_cache_is_refused_with_the_numbers(varied):
+    """A prompt plus max_tokens past the whole cache could never run: refused (400) naming the numbers."""
     engine = small_engine(varied, blocks=4)  # 3 blocks: 48 tokens
     batcher = Batcher(engine, engine.new_cache(2, 64), 2)
     with pytest.raises(
