@@ -1,21 +1,27 @@
 """Paged key/value cache and the attention core both model families share.
 
-The cache is a pool of blocks of `block_size` positions per layer, shared by every sequence. A row's
-positions live in the blocks of its block table: position p sits in block `table[p // block_size]`
-at offset `p % block_size`. Block 0 is the null block: table entries past a row's own blocks point
-at it, so a padded token's write lands there and a read of it is masked. Which sequence holds which
-block is decided on the host (`service.engine.blocks.BlockPool`); a forward gets each row's table.
+The cache is a pool of blocks of `block_size` positions, shared by every sequence. A row's positions
+live in the blocks of its block table: position p sits in block `table[p // block_size]` at offset
+`p % block_size`. Block 0 is the null block: table entries past a row's own blocks point at it, so a
+padded token's write lands there and a read of it is masked. Which sequence holds which block is
+decided on the host (`service.engine.blocks.BlockPool`); a forward gets each row's table.
+
+The blocks are laid out in regions of `region` consecutive blocks, each region a (KV heads, positions,
+head dim) slab: the layout attention reads fastest. A row whose blocks are the first blocks of one
+region, in order (a sequence in its slot's home region: `BlockPool`), is read as that slab's first
+positions, and a batch of such rows as a view of consecutive regions (or a copy of just those rows).
+Rows anywhere else (a prefix shared from another region, a sequence longer than a region) are
+gathered block by block into that layout, which costs a copy per forward.
 
 Each forward writes the new keys/values at their positions, then attends over the first S positions
-of every row: S covers the largest position in the batch, in whole blocks. One row whose blocks are
-consecutive is read as a view of the pool; otherwise the rows' blocks are gathered. One path serves
-prefill, a chunk of a long prompt, and decode: the mask `key_pos <= query_pos` is built once per
-forward. Shapes are per rank: `num_kv_heads` is this rank's share.
+of every row: S covers the largest position in the batch, in whole blocks. One path serves prefill, a
+chunk of a long prompt, and decode: the mask `key_pos <= query_pos` is built once per forward. Shapes
+are per rank: `num_kv_heads` is this rank's share.
 
 On a CPU the pool is taken with `torch.empty`, so memory is committed only as blocks are written, and
-a block is zeroed when it is first used (the masked positions of a block are still multiplied by
-zero, and 0 x NaN is NaN). Blocks are used for the first time in increasing order (`BlockPool`), so
-every rank zeros the same blocks from the tables alone. On CUDA the pool is zeroed once, up front.
+a block is zeroed when a forward first names it (the masked positions of a block are still multiplied
+by zero, and 0 x NaN is NaN); every rank zeros the same blocks, from the tables alone. On CUDA the
+pool is zeroed once, up front.
 """
 
 from __future__ import annotations
@@ -32,25 +38,36 @@ class KVCache:
         num_layers: int,
         num_blocks: int,
         block_size: int,
+        region: int,
         num_kv_heads: int,
         head_dim: int,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
     ):
+        """`num_blocks` a multiple of `region`."""
+        self.args = (num_layers, num_blocks, block_size, region, num_kv_heads, head_dim, dtype)  # a rank's mirror
         device = torch.device(device)
-        shape = (num_layers, num_blocks, block_size, num_kv_heads, head_dim)
+        shape = (num_layers, num_blocks // region, num_kv_heads, region * block_size, head_dim)
         make = torch.empty if device.type == "cpu" else torch.zeros
         self.k, self.v = make(shape, dtype=dtype, device=device), make(shape, dtype=dtype, device=device)
-        self.num_blocks, self.block_size = num_blocks, block_size
-        self.zeroed = 0 if device.type == "cpu" else num_blocks  # blocks [0, zeroed) hold finite numbers
-        self.zero_below(1)  # the null block
+        self.num_blocks, self.block_size, self.region = num_blocks, block_size, region
+        self.clean = torch.zeros(num_blocks, dtype=torch.bool) if device.type == "cpu" else None  # zeroed yet
+        if self.clean is not None:
+            self.zero(torch.tensor([0]))  # the null block
 
-    def zero_below(self, top: int) -> None:
-        """Zero the blocks below `top` that were never zeroed."""
-        if top > self.zeroed:
-            self.k[:, self.zeroed : top] = 0
-            self.v[:, self.zeroed : top] = 0
-            self.zeroed = top
+    def zero(self, blocks: torch.Tensor) -> None:
+        """Zero the blocks of `blocks` (any shape) never zeroed before (a CPU pool's; a CUDA pool is zeros)."""
+        if self.clean is None:
+            return
+        blocks = blocks.flatten().cpu().unique()
+        blocks = blocks[~self.clean[blocks]]
+        if len(blocks):
+            self.clean[blocks] = True
+            regions, offsets = blocks // self.region, blocks % self.region
+            for t in (self.k, self.v):
+                t.unflatten(3, (self.region, self.block_size))[:, regions, :, offsets] = 0
+            if self.clean.all():
+                self.clean = None  # nothing left to check
 
     @staticmethod
     def token_bytes(num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
@@ -64,8 +81,9 @@ class Batch:
 
     positions: (B, T) position of each token. blocks: (B, N) each row's block table, N blocks
     covering `span` positions, or None for a forward without cache. where: (B, T) index of each new
-    token in the pool's flattened (blocks x block_size) positions. mask: (B, 1, T, S) bool, or None
-    when every key is visible.
+    token among the pool's positions (block x block_size + offset). mask: (B, 1, T, S) bool, or None
+    when every key is visible. home: the regions whose first positions hold the rows (a slice when
+    they are consecutive), or None when the rows' blocks are gathered.
     """
 
     positions: torch.Tensor
@@ -73,39 +91,43 @@ class Batch:
     where: torch.Tensor | None
     mask: torch.Tensor | None
     span: int  # S: keys attended per row
-    run: int | None  # one row whose blocks are run, run + 1, ...: read the cache through a view
+    home: slice | torch.Tensor | None = None
 
     @classmethod
     def make(cls, positions: torch.Tensor, cache: KVCache | None, blocks: torch.Tensor | None) -> Batch:
         if cache is None:
             key_pos = positions[:, None, None, :]  # (B, 1, 1, T)
             mask = key_pos <= positions[:, None, :, None]
-            return cls(positions, None, None, mask, positions.shape[1], None)
-        size = cache.block_size
-        n = int(positions.max()) // size + 1
+            return cls(positions, None, None, mask, positions.shape[1])
+        n = int(positions.max()) // cache.block_size + 1
         if n > blocks.shape[1]:
             raise ValueError(f"position {int(positions.max())} is past the {blocks.shape[1]} blocks of the table")
-        blocks = blocks[:, :n]
-        run = None
-        if len(blocks) == 1 and (n == 1 or bool((blocks[0].diff() == 1).all())):
-            run = int(blocks[0, 0])
-        batch = cls.fixed(positions, blocks, cache)
+        batch = cls.fixed(positions, blocks[:, :n], cache)
         if batch.mask.all():
             batch.mask = None
-        batch.run = run
+        starts, blocks = batch.blocks[:, 0], batch.blocks
+        run = starts[:, None] + torch.arange(n, device=starts.device)  # each row's region from its start
+        own = ((blocks == run) | (blocks == 0)).all(1)  # its blocks, then null entries past them
+        if n <= cache.region and bool((own & (starts % cache.region == 0) & (starts > 0)).all()):
+            cache.zero(run)  # the region's positions past a row's blocks are read (masked): finite numbers
+            regions = starts // cache.region
+            first = int(regions[0])
+            if bool((regions == first + torch.arange(len(regions), device=regions.device)).all()):
+                batch.home = slice(first, first + len(regions))
+            else:
+                batch.home = regions
         return batch
 
     @classmethod
     def fixed(cls, positions: torch.Tensor, blocks: torch.Tensor, cache: KVCache) -> Batch:
-        """Rows read every position of the blocks of `blocks` (B, N) under a mask, and nothing is read
-        back to the host (a CUDA pool is zeroed already): the forward can be captured in a CUDA graph."""
-        if cache.zeroed < cache.num_blocks:
-            cache.zero_below(int(blocks.max()) + 1)
-        block_size = cache.block_size
-        span = blocks.shape[1] * block_size
-        where = blocks.gather(1, positions // block_size) * block_size + positions % block_size
+        """Rows read every position of the blocks of `blocks` (B, N), gathered, under a mask, and nothing
+        is read back to the host (a CUDA pool is zeroed already): a CUDA graph can record the forward."""
+        cache.zero(blocks)
+        size = cache.block_size
+        span = blocks.shape[1] * size
+        where = blocks.gather(1, positions // size) * size + positions % size
         key_pos = torch.arange(span, device=positions.device)[None, None, None, :]
-        return cls(positions, blocks, where, key_pos <= positions[:, None, :, None], span, None)
+        return cls(positions, blocks, where, key_pos <= positions[:, None, :, None], span)
 
 
 def attend(
@@ -117,15 +139,21 @@ def attend(
     if cache is None:
         k, v = k.transpose(1, 2), v.transpose(1, 2)  # (B, Hkv, T, D)
     else:
-        kc, vc = cache.k[layer], cache.v[layer]  # (blocks, block_size, Hkv, D)
-        kc.view(-1, hkv, d)[batch.where] = k
-        vc.view(-1, hkv, d)[batch.where] = v
-        if batch.run is not None:
-            n = batch.span // cache.block_size
-            k, v = kc[batch.run : batch.run + n], vc[batch.run : batch.run + n]
+        kc, vc = cache.k[layer], cache.v[layer]  # (regions, Hkv, region x block_size, D)
+        length = kc.shape[2]
+        regions, at = batch.where // length, batch.where % length  # (B, T) each
+        kc[regions, :, at] = k  # (B, T, Hkv, D) into (region, :, position)
+        vc[regions, :, at] = v
+        if batch.home is not None:
+            k, v = kc[batch.home, :, : batch.span], vc[batch.home, :, : batch.span]  # (B, Hkv, S, D)
         else:
-            k, v = kc[batch.blocks], vc[batch.blocks]  # (B, N, block_size, Hkv, D)
-        k, v = k.reshape(b, batch.span, hkv, d).transpose(1, 2), v.reshape(b, batch.span, hkv, d).transpose(1, 2)
+            regions, offsets = batch.blocks // cache.region, batch.blocks % cache.region  # (B, N) each
+            k, v = (
+                c.unflatten(2, (cache.region, cache.block_size))[regions, :, offsets]  # (B, N, Hkv, block_size, D)
+                .transpose(1, 2)
+                .reshape(b, hkv, batch.span, d)
+                for c in (kc, vc)
+            )
     if t == 1 and h != hkv:  # decode: the query heads sharing a KV head become its rows, no K/V copy
         out = F.scaled_dot_product_attention(q.view(b, hkv, h // hkv, d), k, v, attn_mask=batch.mask)
         return out.reshape(b, 1, h * d)  # (B, Hkv, H/Hkv, D) is (B, H, D) in head order

@@ -31,11 +31,10 @@ class Leader:
 
 
 def cache_spec(cache: KVCache | None) -> tuple | None:
-    """What a follower needs to mirror rank 0's cache: its identity and its shape (layers, blocks, block
-    size, KV heads, head size)."""
+    """What a follower needs to mirror rank 0's cache: its identity and how it was made."""
     if cache is None:
         return None
-    return (id(cache), *cache.k.shape, cache.k.dtype)
+    return (id(cache), *cache.args)
 
 
 def follow(model: nn.Module, device: torch.device) -> None:
@@ -46,8 +45,7 @@ def follow(model: nn.Module, device: torch.device) -> None:
     def run(plan) -> None:
         spec, *tensors = plan
         if spec is not None and spec != mirror["spec"]:
-            _, *shape, dtype = spec
-            mirror["spec"], mirror["cache"] = spec, KVCache(*shape, dtype, device)
+            mirror["spec"], mirror["cache"] = spec, KVCache(*spec[1:], device)
         ids, positions, blocks, logits_index = (None if t is None else t.to(device) for t in tensors)
         model(ids, positions, mirror["cache"] if spec is not None else None, blocks, logits_index)
 

@@ -58,7 +58,7 @@ class Batcher:
         the engine builds batchers, so the import would go in a circle). `pool`: the cache's blocks (a new
         pool when None: nothing is cached yet)."""
         self.engine, self.cache = engine, cache
-        self.pool = pool or BlockPool(cache.num_blocks, cache.block_size)
+        self.pool = pool or BlockPool(cache.num_blocks, cache.block_size, cache.region, slots)
         self.step_tokens = engine.prefill_chunk  # prompt tokens prefilled per step, at most
         self.slots = slots
         self.free = list(range(slots))  # a heap: the lowest slot goes first, so that a decode step's rows
@@ -170,11 +170,21 @@ class Batcher:
             self.waiting.pop(0)
             self.queried, self.hits = self.queried + len(tokens), self.hits + start
             s.blocks, s.keys, s.prefilled = hit, keys[: len(hit)], start
-            s.slot = heapq.heappop(self.free)
+            s.slot = self._slot_for(hit)
             self.admissions += 1
             s.admitted = self.admissions
             self.running.append(s)
         self.running.sort(key=lambda s: s.slot)
+
+    def _slot_for(self, hit: list[int]) -> int:
+        """A free slot: the one whose home starts with the cached prefix found, when free (the sequence is
+        then wholly at home), else the lowest."""
+        slot = hit[0] // self.pool.region - 1 if hit and hit[0] % self.pool.region == 0 else -1
+        if slot in self.free:
+            self.free.remove(slot)
+            heapq.heapify(self.free)
+            return slot
+        return heapq.heappop(self.free)
 
     def _plan(self) -> list[tuple[Sequence, int]]:
         """The tokens each running sequence feeds this step (1 when it decodes, else a prompt chunk within
@@ -195,7 +205,8 @@ class Batcher:
         """Blocks for the first `tokens` positions of `s`; when none is left, preempt the youngest running
         sequence (or, not `preempt`, give up). False when `s` itself was preempted or it gave up."""
         while len(s.blocks) * self.pool.size < tokens:
-            block = self.pool.take()
+            n = len(s.blocks)
+            block = self.pool.take(self.pool.home(s.slot) + n if n < self.pool.region else None)
             if block is not None:
                 s.blocks.append(block)
                 continue

@@ -7,29 +7,45 @@ blocks of its longest cached prefix instead of computing them again (vLLM's auto
 A block is shared by reference count; a block no sequence holds but whose key is cached stays until
 the pool needs it, least recently used first.
 
-Blocks are handed out for the first time in increasing order (`KVCache` zeros a block on its first use
-from that order). Block 0 is the null block (`model.kv_cache`) and is never handed out. The pool lives
-on rank 0's host; the other ranks only see block tables.
+Where a block sits matters to speed (`model.kv_cache`): the blocks come in regions, and slot i's home
+is region i + 1 (region 0 holds the null block, block 0, which is never handed out). A sequence asks
+for the next block of its slot's home; when that one is held by another, it gets a free block outside
+every home first, then the free home block least likely to be wanted soon (the last of its region),
+then the least recently used idle block. A sequence wholly in its home is read without a copy.
+The pool lives on rank 0's host; the other ranks only see block tables.
 """
 
 from __future__ import annotations
 
 import hashlib
+import heapq
 import os
 from collections import OrderedDict
 from collections.abc import Sequence
 
 
 class BlockPool:
-    def __init__(self, num_blocks: int, block_size: int):
-        self.num_blocks, self.size = num_blocks, block_size
-        self.unused = 1  # blocks [unused, num_blocks) were never handed out
-        self.free: list[int] = []  # handed out before, now held by none and not cached
+    def __init__(self, num_blocks: int, block_size: int, region: int, slots: int):
+        self.num_blocks, self.size, self.region, self.slots = num_blocks, block_size, region, slots
+        self.free = set(range(1, num_blocks))  # held by none and not cached
+        self.order = [(self._rank(b), b) for b in self.free]  # a heap over `free` (stale entries skipped)
+        heapq.heapify(self.order)
         self.refs = [0] * num_blocks
         self.cached: dict[bytes, int] = {}  # key -> block, for the full blocks of the prefix cache
         self.key: dict[int, bytes] = {}  # block -> its key in `cached`
         self.idle: OrderedDict[int, None] = OrderedDict()  # cached blocks held by none, least recently used first
         self.secret = os.urandom(16)  # keys a client cannot predict, so no prompt can be made to collide
+
+    def _rank(self, block: int) -> tuple[bool, int]:
+        """Which free block goes first when no particular one is asked for: outside the homes, then the
+        last of a home region."""
+        region, offset = divmod(block, self.region)
+        home = 1 <= region <= self.slots
+        return home, -offset if home else offset
+
+    def home(self, slot: int) -> int:
+        """The first block of a slot's home region."""
+        return (slot + 1) * self.region
 
     @property
     def capacity(self) -> int:
@@ -38,26 +54,35 @@ class BlockPool:
 
     def available(self) -> int:
         """Blocks `take` can hand out now."""
-        return len(self.free) + self.num_blocks - self.unused + len(self.idle)
+        return len(self.free) + len(self.idle)
 
     def used(self) -> int:
         """Blocks held by sequences."""
         return self.capacity - self.available()
 
-    def take(self) -> int | None:
-        """A block for one sequence: a free one, else a never used one, else the least recently used idle
-        one (it leaves the prefix cache); None when every block is held."""
-        if self.free:
-            block = self.free.pop()
-        elif self.unused < self.num_blocks:
-            block, self.unused = self.unused, self.unused + 1
-        elif self.idle:
-            block, _ = self.idle.popitem(last=False)
-            del self.cached[self.key.pop(block)]
+    def take(self, want: int | None = None) -> int | None:
+        """A block for one sequence: `want` when no other holds it (an idle one leaves the prefix cache),
+        else a free one in `_rank` order, else the least recently used idle one; None when every block
+        is held."""
+        if want is not None and want < self.num_blocks and want in self.free:
+            self.free.discard(want)
+        elif want is not None and want < self.num_blocks and want in self.idle:
+            del self.idle[want]
+            del self.cached[self.key.pop(want)]
         else:
-            return None
-        self.refs[block] = 1
-        return block
+            want = None
+            while self.order and want is None:
+                _, block = heapq.heappop(self.order)
+                if block in self.free:
+                    self.free.discard(block)
+                    want = block
+            if want is None and self.idle:
+                want, _ = self.idle.popitem(last=False)
+                del self.cached[self.key.pop(want)]
+            if want is None:
+                return None
+        self.refs[want] = 1
+        return want
 
     def release(self, blocks: Sequence[int]) -> None:
         """A sequence gives its blocks back: cached ones go idle (last in the LRU order), others free."""
@@ -67,7 +92,11 @@ class BlockPool:
                 if block in self.key:
                     self.idle[block] = None
                 else:
-                    self.free.append(block)
+                    self.free.add(block)
+                    heapq.heappush(self.order, (self._rank(block), block))
+        if len(self.order) > 2 * self.num_blocks:  # entries of blocks since taken by name: start afresh
+            self.order = [(self._rank(b), b) for b in self.free]
+            heapq.heapify(self.order)
 
     def keys(self, tokens: Sequence[int], parent: bytes = b"", start: int = 0) -> list[bytes]:
         """The keys of the full blocks of `tokens` from block `start` on, the block before it keyed `parent`."""

@@ -104,20 +104,24 @@ class Engine:
         cfg = self.model.config
         return KVCache.token_bytes(cfg.num_layers, self.kv_heads, cfg.head_dim, self.dtype)
 
-    def cache_blocks(self, slots: int, length: int) -> int:
-        """Blocks of the cache `new_cache` makes: as many as --kv-cache-memory holds; by default as many as
-        `slots` sequences of `length` positions need, within the default budget (`default_kv_memory`)."""
+    def layout(self, slots: int, length: int) -> tuple[int, int]:
+        """(blocks, blocks per region) of the cache `new_cache` makes: as many blocks as --kv-cache-memory
+        holds; by default, within `default_kv_memory`, a home region of `length` positions for each of
+        `slots` sequences and one more region (the null block's). Regions are at most a whole table."""
         block = self.token_bytes() * self.block_size
+        per_sequence = -(-min(length, self.context) // self.block_size)
         if self.kv_memory is not None:
-            return self.kv_memory // block
-        need = slots * -(-min(length, self.context) // self.block_size) + 1  # + the null block
-        return min(need, default_kv_memory(self.device) // block)
+            blocks = self.kv_memory // block
+        else:
+            blocks = min((slots + 1) * per_sequence, default_kv_memory(self.device) // block)
+        region = max(1, min(per_sequence if self.kv_memory is None else self.width, blocks // (slots + 1)))
+        return blocks // region * region, region
 
     def new_cache(self, slots: int, length: int) -> KVCache:
-        """A paged cache (`cache_blocks`). On a GPU, one that does not fit the free memory is refused with
-        what to change; so is one without a block for each of `slots` sequences."""
+        """A paged cache (`layout`). On a GPU, one that does not fit the free memory is refused with what
+        to change; so is one without a block for each of `slots` sequences."""
         cfg = self.model.config
-        blocks = self.cache_blocks(slots, length)
+        blocks, region = self.layout(slots, length)
         need, free = blocks * self.block_size * self.token_bytes(), free_memory(self.device)
         if free is not None and need > free:
             raise CacheTooLarge(
@@ -129,12 +133,15 @@ class Engine:
                 f"--kv-cache-memory holds {max(blocks - 1, 0)} blocks of {self.block_size} tokens "
                 f"({self.token_bytes() * self.block_size} bytes each) and {slots} sequences need one each: raise it"
             )
-        return KVCache(cfg.num_layers, blocks, self.block_size, self.kv_heads, cfg.head_dim, self.dtype, self.device)
+        return KVCache(
+            cfg.num_layers, blocks, self.block_size, region, self.kv_heads, cfg.head_dim, self.dtype, self.device
+        )
 
     def _batcher_for(self, slots: int, length: int) -> Batcher:
         """The calling thread's batcher, reused (prefix cache and all) while its cache is big enough."""
         b = self.batcher
-        if b is None or b.slots < slots or b.cache.num_blocks < self.cache_blocks(slots, length):
+        blocks, region = self.layout(slots, length)
+        if b is None or b.slots < slots or b.cache.num_blocks < blocks or b.cache.region < region:
             slots = max(slots, b.slots if b else 0)
             self.batcher = b = Batcher(self, self.new_cache(slots, length), slots)
         return b

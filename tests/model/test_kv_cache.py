@@ -7,19 +7,19 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from model.kv_cache import KVCache
+from model.kv_cache import Batch, KVCache
 from service.engine.sampling import SamplingParams
 
 
-def cache_of(model, blocks: int = 16, block_size: int = 4) -> KVCache:
+def cache_of(model, blocks: int = 16, block_size: int = 4, region: int = 4) -> KVCache:
     cfg = model.config
-    return KVCache(cfg.num_layers, blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
+    return KVCache(cfg.num_layers, blocks, block_size, region, cfg.num_kv_heads, cfg.head_dim)
 
 
-@pytest.mark.parametrize("table", [[3, 4, 5], [7, 2, 9]], ids=["consecutive", "scattered"])
+@pytest.mark.parametrize("table", [[4, 5, 6], [3, 4, 5], [7, 2, 9]], ids=["home", "across-regions", "scattered"])
 def test_cached_decode_equals_full_forward(tiny, table):
     """Guards cache writes at the right (block, offset), the `key_pos <= query_pos` mask, and both reads:
-    a view of consecutive blocks and a gather of scattered ones; positions cross block boundaries."""
+    a region's first positions (home) and a gather of blocks elsewhere; positions cross block boundaries."""
     model = tiny.engine.model
     ids = torch.tensor([[1, 40, 41, 42, 43, 44, 45, 46, 47, 48, 49, 50]])
     positions = torch.arange(ids.shape[1])[None]
@@ -53,14 +53,22 @@ def test_chunked_prefill_equals_single_chunk(tiny):
         tiny.engine.prefill_chunk = chunk
 
 
-def test_ragged_rows_over_block_tables_equal_full_forwards(tiny):
-    """Two rows of different lengths, each over its own scattered blocks, prefilled right-padded (the
-    padding written to the null block) then decoded across block boundaries: each row equals its own
-    full forward."""
+@pytest.mark.parametrize(
+    "table,home",
+    [([[9, 2, 6], [5, 11, 0]], None), ([[4, 5, 6], [8, 9, 0]], slice(1, 3)), ([[12, 13, 14], [4, 5, 0]], [3, 1])],
+    ids=["scattered", "home-run", "home-apart"],
+)
+def test_ragged_rows_over_block_tables_equal_full_forwards(tiny, table, home):
+    """Two rows of different lengths, over blocks scattered or at the start of their regions (read in
+    place, as one run of regions or two apart), prefilled right-padded (the padding written to the null
+    block) then decoded across block boundaries: each row equals its own full forward."""
     model = tiny.engine.model
     rows = [[1, 40, 41, 42, 43, 44, 45, 46, 47, 48], [1, 50, 51, 52, 53, 54, 55]]
     cache = cache_of(model)
-    blocks = torch.tensor([[9, 2, 6], [5, 11, 0]])  # the second row's third entry: the null block
+    blocks = torch.tensor(table)  # the second row's third entry: the null block
+    positions = torch.tensor([[9], [6]])
+    read = Batch.make(positions, cache, blocks).home
+    assert read == home if not isinstance(read, torch.Tensor) else read.tolist() == home
     with torch.inference_mode():
         full = [model(torch.tensor([r]), torch.arange(len(r))[None])[0] for r in rows]
         ids = torch.tensor([rows[0][:5], rows[1][:3] + [0, 0]])
@@ -81,12 +89,13 @@ def test_ragged_rows_over_block_tables_equal_full_forwards(tiny):
 
 
 def test_a_cpu_pool_commits_memory_only_as_blocks_are_used(tiny):
-    """A block is zeroed on its first use, in order, and only then: the pool is taken with `torch.empty`."""
+    """A block is zeroed when a forward first names it, and only then: the pool is taken with `torch.empty`."""
     cache = cache_of(tiny.engine.model)
-    assert cache.zeroed == 1  # the null block
+    assert cache.clean.tolist() == [True] + [False] * 15  # the null block
     with torch.inference_mode():
-        tiny.engine.model(torch.tensor([[1, 2, 3]]), torch.arange(3)[None], cache, torch.tensor([[3]]))
-    assert cache.zeroed == 4 and cache.k[:, :4].isfinite().all()
+        tiny.engine.model(torch.tensor([[1, 2, 3]]), torch.arange(3)[None], cache, torch.tensor([[9]]))
+    assert cache.clean.nonzero().flatten().tolist() == [0, 9]
+    assert cache.k.unflatten(3, (4, 4))[:, 2, :, 1].isfinite().all()  # block 9: region 2, offset 1
 
 
 def test_bfloat16_model_runs_and_stays_close():

@@ -35,7 +35,7 @@ def test_static_step_equals_decode_with_empty_rows(tiny):
     engine = Engine(tiny.engine.model, graphs=False)
     cache = engine.new_cache(4, 64)
     seqs = [Sequence(tiny.tokenizer.encode(t), SamplingParams()) for t in ("first prompt", "the second one")]
-    hold(BlockPool(cache.num_blocks, cache.block_size), seqs, 32)
+    hold(BlockPool(cache.num_blocks, cache.block_size, cache.region, 4), seqs, 32)
     for s, slot in zip(seqs, (0, 2)):
         s.slot = slot
     for s, row in engine.prefill([(s, len(s.prompt)) for s in seqs], cache):
@@ -63,7 +63,7 @@ def test_chained_steps_equal_steps_fed_by_the_host(varied):
     for chained in (False, True):
         cache = engine.new_cache(2, 64)
         seqs = [Sequence(p, SamplingParams()) for p in prompts]
-        hold(BlockPool(cache.num_blocks, cache.block_size), seqs, 32)
+        hold(BlockPool(cache.num_blocks, cache.block_size, cache.region, 4), seqs, 32)
         for slot, s in enumerate(seqs):
             s.slot = slot
         for s, row in engine.prefill([(s, len(s.prompt)) for s in seqs], cache):

@@ -14,30 +14,34 @@ from service.engine.sequence import Sequence
 from service.errors import ContextOverflow
 
 
-def test_pool_hands_out_unused_blocks_in_order_then_free_then_idle_least_recent_first():
-    """Never used blocks go out in increasing order (the CPU pool zeros by that order), a block no one
-    holds is reused before an idle cached one, and idle ones are evicted least recently used first."""
-    pool = BlockPool(6, 4)
-    assert pool.capacity == 5 and [pool.take() for _ in range(3)] == [1, 2, 3]  # block 0 is the null block
+def test_pool_hands_out_home_blocks_when_asked_else_the_least_wanted_then_idle_ones():
+    """Regions of 4 blocks: region 1 is slot 0's home; 0 (with the null block) and 2 are no one's. A block
+    asked for by name is given when free; otherwise blocks outside the homes go first, then a home's last
+    ones; idle cached blocks only when nothing is free, least recently released first."""
+    pool = BlockPool(12, 4, region=4, slots=1)
+    assert pool.capacity == 11 and pool.home(0) == 4
+    assert pool.take(4) == 4 and pool.take(5) == 5
+    assert [pool.take() for _ in range(9)] == [8, 1, 9, 2, 10, 3, 11, 7, 6]
+    assert pool.take() is None and pool.take(4) is None  # everything is held
     k1, k2 = pool.keys([7] * 8)
-    pool.register(1, k1)
-    pool.register(2, k2)
-    pool.release([1, 2, 3])
-    assert pool.available() == 5 and pool.used() == 0
-    assert [pool.take(), pool.take(), pool.take()] == [3, 4, 5]  # the free block, then never used ones
-    assert pool.match([k1, k2, b"?"]) == [1, 2]  # the cached run, each held again
-    pool.release([2, 1])  # idle again: 2 is now the least recently released
-    assert pool.take() == 2 and pool.match([k1, k2]) == [1]  # evicted, so the run ends at block 1
-    assert pool.take() is None  # 1 to 5 are all held
+    pool.register(4, k1)
+    pool.register(5, k2)
+    pool.release([4, 5, 9])
+    assert pool.available() == 3 and pool.used() == 8
+    assert pool.take() == 9  # free before idle
+    assert pool.match([k1, k2, b"?"]) == [4, 5]  # the cached run, each held again
+    pool.release([4, 5])  # idle again, 4 the least recently released
+    assert pool.take() == 4 and pool.match([k1, k2]) == []  # evicted, so the run is gone
+    assert pool.take(5) == 5 and pool.take() is None  # asked for by name: leaves the cache
 
 
 def test_keys_name_the_whole_prefix():
     """A block's key hashes its parent's key, so equal blocks after different prefixes differ."""
-    pool = BlockPool(4, 2)
+    pool = BlockPool(4, 2, 2, 1)
     a, b = pool.keys([1, 2, 3, 4, 5]), pool.keys([9, 9, 3, 4])
     assert len(a) == 2 and a[1] != b[1]  # the same block after another prefix is another key
     assert pool.keys([1, 2, 3, 4], a[0], 1) == a[1:]  # keys go on from a parent
-    assert BlockPool(4, 2).keys([1, 2]) != a[:1]  # a key of its own per pool: none can be precomputed
+    assert BlockPool(4, 2, 2, 1).keys([1, 2]) != a[:1]  # a key of its own per pool: none can be precomputed
 
 
 def small_engine(model, blocks: int, slots: int = 3) -> Engine:
