@@ -1,14 +1,20 @@
 """`nlg bench`: our engine against `transformers` `generate()` on the same weights, same prompts,
 greedy, in the same run, so the ratios hold on a noisy machine. Also measures this machine's memory
-read bandwidth, and from it the floor a decode step cannot beat: every step reads all weights."""
+read bandwidth, and from it the floor a decode step cannot beat: every step reads all weights.
+
+When `llama-cpp-python` is installed (the `bench` extra: it compiles llama.cpp, 20+ minutes on 2 cores)
+and the model is a named GGUF model, llama.cpp decodes the same first prompt from the same GGUF file
+in the same run, greedy, one stream (its Python binding runs one sequence)."""
 
 from __future__ import annotations
 
+import importlib.util
 import resource
 import time
 
 import torch
 
+from model.registry import GGUF_MODELS, fetch_gguf
 from parallel.quant import weight_bytes
 from service.engine.generator import TextGenerator
 from service.engine.sampling import SamplingParams
@@ -93,6 +99,30 @@ def hf(directory, prompts: list[list[int]], tokens: int, pad_id: int) -> dict:
     }
 
 
+def llama_cpp(path, prompt: list[int], tokens: int) -> dict:
+    """llama.cpp (through llama-cpp-python) on the GGUF file: greedy decode of `prompt`, one stream, with
+    this process's thread count; the decode rate excludes the first token (the prompt's evaluation)."""
+    from llama_cpp import Llama
+
+    start = time.perf_counter()
+    llm = Llama(model_path=str(path), n_ctx=512, n_threads=torch.get_num_threads(), verbose=False)
+    load_s = time.perf_counter() - start
+    out, stamps = [], []
+    for _ in range(2):  # the first run warms up
+        llm.reset()
+        out, stamps = [], []
+        for token in llm.generate(prompt, top_k=1, temp=0.0, reset=True):
+            stamps.append(time.perf_counter())
+            out.append(token)
+            if len(out) == tokens:
+                break
+    return {
+        "llama_cpp_load_s": load_s,
+        "llama_cpp_single_stream_tok_s": (tokens - 1) / (stamps[-1] - stamps[0]),
+        "tokens": out,
+    }
+
+
 def run(model: str, tokens: int = 64, with_hf: bool = True, quantization: str = "none") -> dict:
     bandwidth = read_bandwidth_gbs()
     gen = TextGenerator.load(model, quantization=quantization)
@@ -121,6 +151,13 @@ def run(model: str, tokens: int = 64, with_hf: bool = True, quantization: str = 
         r["baseline_tokens_match"] = mine["tokens"] == base["tokens"]
         r["single_stream_x_baseline"] = r["single_stream_tok_s"] / base["single_stream_tok_s"]
         r["batch8_x_baseline"] = r["batch8_tok_s"] / base["batch8_tok_s"]
+    if model in GGUF_MODELS and importlib.util.find_spec("llama_cpp") is not None:
+        theirs = llama_cpp(fetch_gguf(model), prompts[0], tokens)
+        r |= {k: v for k, v in theirs.items() if k != "tokens"}
+        r["single_stream_x_llama_cpp"] = r["single_stream_tok_s"] / theirs["llama_cpp_single_stream_tok_s"]
+        r["llama_cpp_tokens_agree"] = next(
+            (i for i, (a, b) in enumerate(zip(mine["tokens"], theirs["tokens"])) if a != b), tokens
+        )
     if with_hf:
         theirs = hf(directory, prompts, tokens, pad_id=min(gen.tokenizer.stop_ids, default=0))
         r |= {k: v for k, v in theirs.items() if k != "tokens"}
@@ -144,6 +181,11 @@ def print_report(r: dict) -> str:
             f"unquantized, same run: single-stream {r['baseline_single_stream_tok_s']:.1f} tok/s "
             f"(x{r['single_stream_x_baseline']:.2f}), batch-8 {r['baseline_batch8_tok_s']:.1f} tok/s "
             f"(x{r['batch8_x_baseline']:.2f}), greedy tokens {'match' if r['baseline_tokens_match'] else 'differ'}"
+        )
+    if "llama_cpp_single_stream_tok_s" in r:
+        lines.append(
+            f"llama.cpp on the GGUF file, same run: single-stream {r['llama_cpp_single_stream_tok_s']:.1f} tok/s "
+            f"(ours x{r['single_stream_x_llama_cpp']:.2f}), greedy tokens agree for {r['llama_cpp_tokens_agree']}"
         )
     if "hf_single_stream_tok_s" in r:
         lines += [

@@ -61,7 +61,7 @@ def answer_messages(question: str, passages: list[str]) -> list[dict[str, str]]:
         {"role": "system", "content": ANSWER_SYSTEM},
         {
             "role": "user",
-            "content": f"{context}Question: {question}\n{ANSWER_FROM_CONTEXT if passages else ANSWER_INSTRUCTION}",
+            "content": f"{ANSWER_FROM_CONTEXT if passages else ANSWER_INSTRUCTION}\n\n{context}Question: {question}",
         },
     ]
 

@@ -141,6 +141,29 @@ def test_metrics_count_requests_and_tokens(tiny):
         check_metrics(c)
 
 
+def test_metrics_show_the_prefix_cache_and_blocks(tiny):
+    """Two questions about one passage: the second finds the system prompt, instruction and passage in the
+    prefix cache (the tokens counted as hits), and the blocks held, free and preempted are exported."""
+    import re
+
+    passage = "The river rises in the hills and runs two hundred miles to the sea past three towns. " * 3
+    with TestClient(build_app(tiny)) as c:
+        for question in ("How long is the river?", "Where does it rise?"):
+            assert (
+                c.post("/v1/answer", json={"question": question, "passages": [passage], "max_tokens": 4}).status_code
+                == 200
+            )
+        text = c.get("/metrics").text
+
+    def value(name: str) -> float:
+        return float(re.search(rf'^{name}{{model_name="tiny-random"}} (\S+)$', text, re.M).group(1))
+
+    assert value("vllm:prefix_cache_hits_total") >= 16 * (len(passage) // 16)  # bytes are tokens here
+    assert value("vllm:prefix_cache_queries_total") > value("vllm:prefix_cache_hits_total")
+    assert value("vllm:num_preemptions_total") == 0 and value("vllm:kv_cache_usage_perc") == 0
+    assert value("nlg_kv_cache_blocks_free") > 0
+
+
 def check_metrics(c):
     r = c.post("/v1/answer", json={"question": "Who?", "max_tokens": 5}).json()
     c.post("/v1/completions", json={"model": "tiny-random", "prompt": "hi", "temperature": 9})
