@@ -59,9 +59,10 @@ class KVCache:
         """Zero the blocks of `blocks` (any shape) never zeroed before (a CPU pool's; a CUDA pool is zeros)."""
         if self.clean is None:
             return
-        blocks = blocks.flatten().cpu().unique()
-        blocks = blocks[~self.clean[blocks]]
-        if len(blocks):
+        blocks = blocks.flatten().cpu()
+        if not bool(self.clean[blocks].all()):
+            blocks = blocks.unique()
+            blocks = blocks[~self.clean[blocks]]
             self.clean[blocks] = True
             regions, offsets = blocks // self.region, blocks % self.region
             for t in (self.k, self.v):
@@ -103,8 +104,6 @@ class Batch:
         if n > blocks.shape[1]:
             raise ValueError(f"position {int(positions.max())} is past the {blocks.shape[1]} blocks of the table")
         batch = cls.fixed(positions, blocks[:, :n], cache)
-        if batch.mask.all():
-            batch.mask = None
         starts, blocks = batch.blocks[:, 0], batch.blocks
         run = starts[:, None] + torch.arange(n, device=starts.device)  # each row's region from its start
         own = ((blocks == run) | (blocks == 0)).all(1)  # its blocks, then null entries past them
@@ -116,6 +115,11 @@ class Batch:
                 batch.home = slice(first, first + len(regions))
             else:
                 batch.home = regions
+            batch.span = int(positions.max()) + 1  # read in place: no need to round up to whole blocks
+            key_pos = torch.arange(batch.span, device=positions.device)[None, None, None, :]
+            batch.mask = key_pos <= positions[:, None, :, None]
+        if batch.mask is not None and batch.mask.all():
+            batch.mask = None
         return batch
 
     @classmethod
