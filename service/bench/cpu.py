@@ -129,7 +129,7 @@ def run(model: str, tokens: int = 64, with_hf: bool = True, quantization: str = 
     rss = peak_rss_mb()
     prompts = [gen.tokenizer.encode(p) for p in PROMPTS]
     wbytes = weight_bytes(gen.engine.model)
-    directory = gen.directory
+    directory, pad_id = gen.directory, min(gen.tokenizer.stop_ids, default=0)
     r = {
         "model": model,
         "quantization": quantization,
@@ -159,7 +159,7 @@ def run(model: str, tokens: int = 64, with_hf: bool = True, quantization: str = 
             (i for i, (a, b) in enumerate(zip(mine["tokens"], theirs["tokens"])) if a != b), tokens
         )
     if with_hf:
-        theirs = hf(directory, prompts, tokens, pad_id=min(gen.tokenizer.stop_ids, default=0))
+        theirs = hf(directory, prompts, tokens, pad_id=pad_id)
         r |= {k: v for k, v in theirs.items() if k != "tokens"}
         r["greedy_tokens_match"] = mine["tokens"] == theirs["tokens"]
         r["single_stream_x_hf"] = r["single_stream_tok_s"] / r["hf_single_stream_tok_s"]
