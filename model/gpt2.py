@@ -100,14 +100,8 @@ class GPT2LMHeadModel(nn.Module):
         logits_index: torch.Tensor | None = None,
         fixed: bool = False,
     ) -> torch.Tensor:
-        """input_ids, positions: (B, T); blocks: (B, N) each row's block table in `cache`. Returns logits
-        (B, T, V), or (N, V) at `logits_index` (N,): positions in the flattened (B * T) batch, so that
-        each row may ask for one or many. `fixed`: rows read every position of their N blocks and
-        nothing is read back to the host (`Batch.fixed`: a CUDA graph can record it)."""
-        if fixed:
-            batch = Batch.fixed(positions, blocks, cache)
-        else:
-            batch = Batch.make(positions, cache, blocks)
+        """As `model.llama.LlamaForCausalLM.forward`."""
+        batch = Batch.fixed(positions, blocks, cache) if fixed else Batch.make(positions, cache, blocks)
         x = self.transformer.wte(input_ids) + self.transformer.wpe(positions)  # (B, T, hidden)
         for block in self.transformer.h:
             x = block(x, batch, cache)

@@ -132,10 +132,7 @@ class LlamaForCausalLM(nn.Module):
         (B, T, V), or (N, V) at `logits_index` (N,): positions in the flattened (B * T) batch, so that
         each row may ask for one or many. `fixed`: rows read every position of their N blocks and
         nothing is read back to the host (`Batch.fixed`: a CUDA graph can record it)."""
-        if fixed:
-            batch = Batch.fixed(positions, blocks, cache)
-        else:
-            batch = Batch.make(positions, cache, blocks)
+        batch = Batch.fixed(positions, blocks, cache) if fixed else Batch.make(positions, cache, blocks)
         cos, sin = self.cos[positions].unsqueeze(2), self.sin[positions].unsqueeze(2)  # (B, T, 1, D)
         x = self.model.embed_tokens(input_ids)  # (B, T, hidden)
         for block in self.model.layers:

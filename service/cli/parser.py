@@ -132,7 +132,7 @@ def parser() -> argparse.ArgumentParser:
         "--max-num-seqs",
         type=int,
         default=16,
-        help="sequences decoded together (KV cache slots; default 16)",
+        help="sequences decoded together at most (they share the KV cache: see --kv-cache-memory; default 16)",
     )
     v.add_argument(
         "--served-model-name",

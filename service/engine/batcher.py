@@ -37,7 +37,7 @@ from service.errors import ContextOverflow, RequestFailed
 @dataclass(eq=False)
 class Launched:
     """A greedy decode step on its way: the sequences it runs for, and every row's token, copied to the
-    host once `ready` has passed (row i is cache slot i)."""
+    host once `ready` has passed (row i is slot i)."""
 
     seqs: list[Sequence]
     tokens: torch.Tensor

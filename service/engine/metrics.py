@@ -36,9 +36,9 @@ class Metrics:
         self.ttft = histogram("vllm:time_to_first_token_seconds", "Time to first token of each sequence")
         self.inter_token = histogram("vllm:inter_token_latency_seconds", "Time between two tokens of a sequence")
         self.latency = histogram("vllm:e2e_request_latency_seconds", "End-to-end latency of each successful request")
-        self.queue = histogram("vllm:request_queue_time_seconds", "Time each sequence waited for a cache slot")
-        self.running = gauge("vllm:num_requests_running", "Sequences holding a cache slot")
-        self.waiting = gauge("vllm:num_requests_waiting", "Sequences waiting for a cache slot")
+        self.queue = histogram("vllm:request_queue_time_seconds", "Time each sequence waited for a slot and blocks")
+        self.running = gauge("vllm:num_requests_running", "Sequences holding a slot")
+        self.waiting = gauge("vllm:num_requests_waiting", "Sequences waiting for a slot")
         self.kv_usage = gauge("vllm:kv_cache_usage_perc", "Share of the KV cache's blocks held by sequences (1: all)")
         self.blocks_free = gauge(
             "nlg_kv_cache_blocks_free", "KV cache blocks a sequence can take now (cached idle included)"

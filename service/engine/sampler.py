@@ -4,7 +4,7 @@ The processors of `service.engine.sampling` run over all sampled rows together; 
 exponential race (argmax of p / E with E ~ Exp(1), which picks token i with probability p_i) whose noise
 comes, for a seeded request, from that request's own generator on the logits' device: a seed gives the
 same tokens whatever else is in the batch, on CPU and on CUDA alike. For the penalties the sampler
-keeps, per cache slot, which tokens the prompt holds and how often each was generated, on the device,
+keeps, per slot, which tokens the prompt holds and how often each was generated, on the device,
 updated with each step's tokens instead of rebuilt from the token lists.
 """
 
@@ -38,7 +38,7 @@ def token_logprobs(logits: torch.Tensor, tokens: list[int], top: int) -> list[To
 
 
 class Sampler:
-    """The next token of each sequence of a step, for one batcher's cache slots."""
+    """The next token of each sequence of a step, for one batcher's slots."""
 
     def __init__(self, slots: int):
         self.slots = slots
