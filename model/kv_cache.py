@@ -103,6 +103,7 @@ class Batch:
         n = int(positions.max()) // cache.block_size + 1
         if n > blocks.shape[1]:
             raise ValueError(f"position {int(positions.max())} is past the {blocks.shape[1]} blocks of the table")
+        cache.zero(blocks[:, :n])
         batch = cls.fixed(positions, blocks[:, :n], cache)
         starts, blocks = batch.blocks[:, 0], batch.blocks
         run = starts[:, None] + torch.arange(n, device=starts.device)  # each row's region from its start
@@ -125,8 +126,8 @@ class Batch:
     @classmethod
     def fixed(cls, positions: torch.Tensor, blocks: torch.Tensor, cache: KVCache) -> Batch:
         """Rows read every position of the blocks of `blocks` (B, N), gathered, under a mask, and nothing
-        is read back to the host (a CUDA pool is zeroed already): a CUDA graph can record the forward."""
-        cache.zero(blocks)
+        is read back to the host: a CUDA graph can record the forward, and `torch.compile` trace it. The
+        caller zeros the blocks first (`KVCache.zero`: a no-op on CUDA)."""
         size = cache.block_size
         span = blocks.shape[1] * size
         where = blocks.gather(1, positions // size) * size + positions % size

@@ -51,7 +51,7 @@ def decode_step(model: nn.Module, inputs: torch.Tensor, tables: torch.Tensor, ca
 
 def compile_step():
     """`decode_step` through `torch.compile`. A fullgraph compile fails hard past dynamo's recompile limit
-    (8 per function): one cache takes 6 (rows 1 or more x a span of 256, any span, a whole table), and
+    (8 per function): one cache takes up to 6 (rows 1 or more x a span of 256, any span, a whole table), and
     each new cache or model adds more, so the limit is raised while it runs."""
     step = torch.compile(decode_step, fullgraph=True, options=COMPILE_OPTIONS)
 
@@ -103,6 +103,7 @@ class GraphDecoder:
             step[0, slots, 0] = torch.tensor([s.output[-1] for s in seqs])
             step[1, slots, 0] = torch.tensor([s.length - 1 for s in seqs])
             inputs.copy_(step)
+        self.cache.zero(table)  # a CPU pool's blocks, before their first use (outside what is compiled)
         tables.copy_(table)
         if not self.capture:
             return self.step(self.model, inputs, tables, self.cache, span)
