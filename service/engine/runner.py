@@ -107,14 +107,14 @@ class Engine:
     def layout(self, slots: int, length: int) -> tuple[int, int]:
         """(blocks, blocks per region) of the cache `new_cache` makes: as many blocks as --kv-cache-memory
         holds; by default, within `default_kv_memory`, a home region of `length` positions for each of
-        `slots` sequences and one more region (the null block's). Regions are at most a whole table."""
+        `slots` sequences and one more region (the null block's). A region holds `length` positions at most."""
         block = self.token_bytes() * self.block_size
         per_sequence = -(-min(length, self.context) // self.block_size)
         if self.kv_memory is not None:
             blocks = self.kv_memory // block
         else:
             blocks = min((slots + 1) * per_sequence, default_kv_memory(self.device) // block)
-        region = max(1, min(per_sequence if self.kv_memory is None else self.width, blocks // (slots + 1)))
+        region = max(1, min(per_sequence, blocks // (slots + 1)))
         return blocks // region * region, region
 
     def new_cache(self, slots: int, length: int) -> KVCache:
