@@ -21,6 +21,7 @@ import pickle
 import signal
 import socket
 import sys
+import time
 import uuid
 from collections.abc import Callable
 from datetime import timedelta
@@ -32,6 +33,7 @@ import torch.distributed as dist
 from parallel.state import get_tp, set_tp
 
 DEFAULT_TIMEOUT_S = 60.0
+MONITOR_S = 0.2  # how often the launcher looks for ranks that ended
 STOP = "stop"
 _plan_group: dist.ProcessGroup | None = None
 _ranks: list[tuple[str, int]] = []  # (host, pid) of every rank, gathered at init
@@ -51,7 +53,7 @@ def launch(nproc: int, fn: Callable[..., Any], *args: Any) -> Any:
         rdzv_backend="c10d",
         rdzv_endpoint="127.0.0.1:0",
         max_restarts=0,
-        monitor_interval=0.2,
+        monitor_interval=MONITOR_S,
     )
     return elastic_launch(config, fn)(*args)[0]
 
@@ -115,8 +117,10 @@ def shutdown() -> None:
 
 
 def abort(status: int = 1) -> None:
-    """Kill the other ranks on this machine and exit now, without the stop message or the group's
-    teardown (both wait on peers that may be gone)."""
+    """Kill the other ranks on this machine and exit, without the stop message or the group's teardown
+    (both wait on peers that may be gone). The exit waits for the launcher to look once more: it names
+    only the first rank it finds ended, and that should be the peer that died (or hung) first, not this
+    rank, which only noticed."""
     sys.stdout.flush()
     sys.stderr.flush()
     me = (socket.gethostname(), os.getpid())
@@ -126,4 +130,5 @@ def abort(status: int = 1) -> None:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+    time.sleep(3 * MONITOR_S)
     os._exit(status)
