@@ -37,6 +37,7 @@ def _load(args):
         compile=args.compile,
         context=args.context,
         kv_memory=args.kv_cache_memory,
+        prefix_caching=not args.no_prefix_caching,
     )
 
 

@@ -62,6 +62,13 @@ def parser() -> argparse.ArgumentParser:
         "the weights on CUDA); start-up prints how many tokens it holds",
     )
     common.add_argument(
+        "--no-prefix-caching",
+        "--no-enable-prefix-caching",
+        action="store_true",
+        help="compute every prompt anew instead of reusing the KV cache blocks of earlier prompts' shared "
+        "prefixes (then no request's latency depends on another's prompt)",
+    )
+    common.add_argument(
         "--quantize",
         choices=list(QUANTIZATIONS),
         default="none",

@@ -4,7 +4,8 @@ prompt chunks within a per-step token budget (so a long prompt does not stall ru
 decodes one token for every sequence past its prompt.
 
 Blocks (`service.engine.blocks.BlockPool`): a new sequence starts from the cached blocks of its longest
-cached prefix and prefills only the rest; each block it fills enters the prefix cache; a finished or
+cached prefix and prefills only the rest; each block it fills enters the prefix cache (unless the engine
+runs without prefix caching, or the request wants prompt log-probabilities); a finished or
 cancelled sequence gives its blocks back at once. When a running sequence needs a block and none is
 left, the youngest running sequence is preempted: it gives its blocks back and waits again, and when it
 is admitted again it prefills its prompt and output so far (most of it found in the prefix cache, unless
@@ -159,7 +160,8 @@ class Batcher:
             s = self.waiting[0]
             tokens = s.tokens()
             keys, hit = [], []
-            if s.params.prompt_logprobs is None:  # (prompt log-probabilities need every position's logits)
+            looked = self.engine.prefix_caching and s.params.prompt_logprobs is None  # (those need every logit)
+            if looked:
                 keys = self.pool.keys(tokens[: len(tokens) - 1])  # at least one token is computed
                 hit = self.pool.match(keys)
             start = len(hit) * size
@@ -168,7 +170,7 @@ class Batcher:
                 self.pool.release(hit)
                 return
             self.waiting.pop(0)
-            self.queried, self.hits = self.queried + len(tokens), self.hits + start
+            self.queried, self.hits = self.queried + looked * len(tokens), self.hits + start
             s.blocks, s.keys, s.prefilled = hit, keys[: len(hit)], start
             s.slot = self._slot_for(hit)
             self.admissions += 1
@@ -233,7 +235,7 @@ class Batcher:
     def _register(self, s: Sequence) -> None:
         """Put the blocks `s` has filled since the last call into the prefix cache."""
         full = s.prefilled // self.pool.size
-        if full > len(s.keys):
+        if self.engine.prefix_caching and full > len(s.keys):
             new = self.pool.keys(s.tokens()[: full * self.pool.size], s.keys[-1] if s.keys else b"", len(s.keys))
             for block, key in zip(s.blocks[len(s.keys) :], new):
                 self.pool.register(block, key)

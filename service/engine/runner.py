@@ -67,6 +67,7 @@ class Engine:
         overlap: bool = True,
         kv_memory: int | None = None,
         block_size: int = BLOCK_SIZE,
+        prefix_caching: bool = True,
     ):
         cfg = model.config
         self.model, self.stop_ids, self.max_batch = model, stop_ids, max_batch
@@ -76,6 +77,7 @@ class Engine:
         self.vocab_size = cfg.vocab_size
         self.kv_heads = max(1, cfg.num_kv_heads // get_tp().size)  # this rank's KV heads
         self.kv_memory, self.block_size = kv_memory, block_size  # the cache's bytes on this rank (None: default)
+        self.prefix_caching = prefix_caching  # reuse cached blocks of earlier prompts (`Batcher`)
         self.width = -(-self.context // block_size)  # blocks in a sequence's table, at most
         self.batcher: Batcher | None = None  # the calling thread's (`run` without a scheduler), cache and all
         # Decode through a GraphDecoder: CUDA graphs, on by default on one CUDA device (the collectives of

@@ -70,6 +70,15 @@ def test_prefix_hits_give_the_tokens_and_logprobs_of_a_fresh_cache(varied):
         assert a.logprob == pytest.approx(b.logprob, abs=1e-5)
 
 
+def test_without_prefix_caching_nothing_is_looked_up_or_kept(varied):
+    """`--no-prefix-caching`: the same prompt twice is computed twice, with the same tokens."""
+    prompt = list(range(3, 60))
+    engine = Engine(varied, prefix_caching=False)
+    first, again = (engine.generate([prompt], [PARAMS])[0] for _ in range(2))
+    assert engine.batcher.hits == engine.batcher.queried == 0 and not engine.batcher.pool.cached
+    assert again.token_ids == first.token_ids
+
+
 def test_a_prompt_all_cached_still_computes_its_last_token(varied):
     """The same 32-token prompt twice: its last block is cached, but the last token is fed again for
     its logits (a hit of 16, not 32)."""
