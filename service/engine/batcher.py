@@ -164,6 +164,12 @@ class Batcher:
             if looked:
                 keys = self.pool.keys(tokens[: len(tokens) - 1])  # at least one token is computed
                 hit = self.pool.match(keys)
+            home = self._home_of(hit)
+            if home is None and 2 * len(hit) * size < len(tokens):
+                # a short prefix away from home: computing it again costs less than reading the sequence
+                # (and its batch) through a gather at every step
+                self.pool.release(hit)
+                hit = []
             start = len(hit) * size
             first = min(len(tokens) - start, self.step_tokens)
             if -(-(start + first) // size) - len(hit) > self.pool.available():
@@ -172,21 +178,22 @@ class Batcher:
             self.waiting.pop(0)
             self.queried, self.hits = self.queried + looked * len(tokens), self.hits + start
             s.blocks, s.keys, s.prefilled = hit, keys[: len(hit)], start
-            s.slot = self._slot_for(hit)
+            if home is None:
+                s.slot = heapq.heappop(self.free)
+            else:
+                self.free.remove(home)
+                heapq.heapify(self.free)
+                s.slot = home
             self.admissions += 1
             s.admitted = self.admissions
             self.running.append(s)
         self.running.sort(key=lambda s: s.slot)
 
-    def _slot_for(self, hit: list[int]) -> int:
-        """A free slot: the one whose home starts with the cached prefix found, when free (the sequence is
-        then wholly at home), else the lowest."""
+    def _home_of(self, hit: list[int]) -> int | None:
+        """The free slot whose home region starts with the cached blocks `hit` (a sequence there is read
+        in place), or None."""
         slot = hit[0] // self.pool.region - 1 if hit and hit[0] % self.pool.region == 0 else -1
-        if slot in self.free:
-            self.free.remove(slot)
-            heapq.heapify(self.free)
-            return slot
-        return heapq.heappop(self.free)
+        return slot if slot in self.free else None
 
     def _plan(self) -> list[tuple[Sequence, int]]:
         """The tokens each running sequence feeds this step (1 when it decodes, else a prompt chunk within
