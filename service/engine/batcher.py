@@ -4,13 +4,14 @@ prompt chunks within a per-step token budget (so a long prompt does not stall ru
 decodes one token for every sequence past its prompt.
 
 Blocks (`service.engine.blocks.BlockPool`): a new sequence starts from the cached blocks of its longest
-cached prefix and prefills only the rest; each block it fills enters the prefix cache (unless the engine
-runs without prefix caching, or the request wants prompt log-probabilities); a finished or
-cancelled sequence gives its blocks back at once. When a running sequence needs a block and none is
-left, the youngest running sequence is preempted: it gives its blocks back and waits again, and when it
-is admitted again it prefills its prompt and output so far (most of it found in the prefix cache, unless
-evicted meanwhile), as vLLM's recompute preemption does. A request that could never fit the whole cache
-is refused when it is added.
+cached prefix and prefills only the rest (unless that prefix is short and lies away from any free slot's
+home region, where reading it would cost a gather at every step); each block it fills enters the prefix
+cache (unless the engine runs without prefix caching, or the request wants prompt log-probabilities); a
+finished or cancelled sequence gives its blocks back at once. When a running sequence needs a block and
+none is left, the youngest running sequence is preempted: it gives its blocks back and waits again, and
+when it is admitted again it prefills its prompt and output so far (most of it found in the prefix
+cache, unless evicted meanwhile), as vLLM's recompute preemption does. A request that could never fit
+the whole cache is refused when it is added.
 
 On the CUDA-graph path greedy decode steps are launched ahead (`Engine.launch` returns a `Launched`): a
 step over the same sequences as the step before is started before the host reads that step's tokens,
