@@ -4,14 +4,14 @@ prompt chunks within a per-step token budget (so a long prompt does not stall ru
 decodes one token for every sequence past its prompt.
 
 Blocks (`service.engine.blocks.BlockPool`): a new sequence starts from the cached blocks of its longest
-cached prefix and prefills only the rest (unless that prefix is short and lies away from any free slot's
-home region, where reading it would cost a gather at every step); each block it fills enters the prefix
-cache (unless the engine runs without prefix caching, or the request wants prompt log-probabilities); a
-finished or cancelled sequence gives its blocks back at once. When a running sequence needs a block and
-none is left, the youngest running sequence is preempted: it gives its blocks back and waits again, and
-when it is admitted again it prefills its prompt and output so far (most of it found in the prefix
-cache, unless evicted meanwhile), as vLLM's recompute preemption does. A request that could never fit
-the whole cache is refused when it is added.
+cached prefix and prefills only the rest (unless that prefix is short, under `AWAY_HIT` tokens or half
+the prompt, and lies away from any free slot's home region, where reading it would cost a gather at
+every step); each block it fills enters the prefix cache (unless the engine runs without prefix caching,
+or the request wants prompt log-probabilities); a finished or cancelled sequence gives its blocks back
+at once. When a running sequence needs a block and none is left, the youngest running sequence is
+preempted: it gives its blocks back and waits again, and when it is admitted again it prefills its
+prompt and output so far (most of it found in the prefix cache, unless evicted meanwhile), as vLLM's
+recompute preemption does. A request that could never fit the whole cache is refused when it is added.
 
 On the CUDA-graph path greedy decode steps are launched ahead (`Engine.launch` returns a `Launched`): a
 step over the same sequences as the step before is started before the host reads that step's tokens,
@@ -34,6 +34,8 @@ from service.engine.blocks import BlockPool
 from service.engine.sampler import Sampler
 from service.engine.sequence import Sequence
 from service.errors import ContextOverflow, RequestFailed
+
+AWAY_HIT = 128  # tokens a cached prefix away from a free home must have to be used (and half the prompt)
 
 
 @dataclass(eq=False)
@@ -166,7 +168,7 @@ class Batcher:
                 keys = self.pool.keys(tokens[: len(tokens) - 1])  # at least one token is computed
                 hit = self.pool.match(keys)
             home = self._home_of(hit)
-            if home is None and 2 * len(hit) * size < len(tokens):
+            if home is None and (2 * len(hit) * size < len(tokens) or len(hit) * size < AWAY_HIT):
                 # a short prefix away from home: computing it again costs less than reading the sequence
                 # (and its batch) through a gather at every step
                 self.pool.release(hit)
