@@ -64,9 +64,9 @@ class BlockPool:
         """A block for one sequence: `want` when no other holds it (an idle one leaves the prefix cache),
         else a free one in `_rank` order, else the least recently used idle one; None when every block
         is held."""
-        if want is not None and want < self.num_blocks and want in self.free:
+        if want in self.free:
             self.free.discard(want)
-        elif want is not None and want < self.num_blocks and want in self.idle:
+        elif want in self.idle:
             del self.idle[want]
             del self.cached[self.key.pop(want)]
         else:
