@@ -70,9 +70,10 @@ def _empty(*shape: int) -> nn.Parameter:
 
 
 def _linear(layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x @ layer's weight.T (+ bias): the fp weight, or the quantized one `parallel.quant.quantize` left."""
-    if hasattr(layer, "quantized"):
-        y = layer.quantized(x)
+    """x @ layer's weight.T (+ bias): the fp weight, or the `kernel` that replaced it: a quantized weight
+    (`parallel.quant.quantize`) or a CPU-packed one (`model.cpu_matmul.pack`)."""
+    if hasattr(layer, "kernel"):
+        y = layer.kernel(x)
         return y + bias if bias is not None else y
     return F.linear(x, layer.weight, bias)
 
@@ -85,7 +86,7 @@ class ColumnParallelLinear(nn.Module):
     `gate_up_proj` from `gate_proj`, `up_proj`) is one matmul whose pieces each keep their own split.
     """
 
-    quantizable = True  # parallel.quant may replace the weight by an int8 or int4 one
+    quantizable = True  # parallel.quant may replace the weight by an int8 or int4 one (`kernel`)
 
     def __init__(
         self,

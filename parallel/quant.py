@@ -227,14 +227,15 @@ def finish(layer: nn.Module, mode: str, dtype: torch.dtype) -> None:
     elif stored is not None and not mark:
         layer.rows = QuantRows(*stored, dtype)
     elif stored is not None:
-        layer.quantized = from_stored(*stored, target)
+        layer.kernel = from_stored(*stored, target)
     elif mark and mode != "none" and weight is not None and weight.device.type != "meta":
-        layer.quantized = quantized(weight.data, target)
+        layer.kernel = quantized(weight.data, target)
         del layer.weight
 
 
 def weight_bytes(model: nn.Module) -> int:
-    """Bytes of the weights a step reads: the parameters (tied ones once) and the quantized weights."""
+    """Bytes of the weights a step reads: the parameters (tied ones once) and the kernels' weights (quantized
+    or packed; each kernel module says its `nbytes`)."""
     params = {id(p): p for p in model.parameters()}.values()
-    packed = sum(m.nbytes for m in model.modules() if isinstance(m, (Int8Linear, Int4Linear, QuantRows)))
+    packed = sum(getattr(m, "nbytes", 0) for m in model.modules())
     return sum(p.numel() * p.element_size() for p in params) + packed

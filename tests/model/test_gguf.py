@@ -245,10 +245,10 @@ def test_int4_keeps_the_weights_stored_at_more_bits_int8(tmp_path):
 
     model = load_model(converted(tmp_path, "int8")[1], quantization="int4")
     layer = model.model.layers[0]
-    assert isinstance(layer.self_attn.qkv_proj.quantized, Int8Linear)  # q Q8_0, k Q4_0, v Q5_0
-    assert isinstance(layer.mlp.down_proj.quantized, Int8Linear)
+    assert isinstance(layer.self_attn.qkv_proj.kernel, Int8Linear)  # q Q8_0, k Q4_0, v Q5_0
+    assert isinstance(layer.mlp.down_proj.kernel, Int8Linear)
     exact = load_model(converted(tmp_path, "int4")[1], quantization="int4").model.layers[0]
-    assert isinstance(exact.self_attn.qkv_proj.quantized, Int4Linear)
+    assert isinstance(exact.self_attn.qkv_proj.kernel, Int4Linear)
 
 
 @pytest.mark.parametrize("types", ["int4", "int8"])

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch.testing import assert_close
 
+from model.cpu_matmul import pack
 from model.loader import load_model
 from service.engine.runner import Engine
 from service.engine.sampling import SamplingParams
@@ -12,11 +14,23 @@ from service.engine.sampling import SamplingParams
 PROMPTS = [[5, 17, 42, 99, 3, 250, 7, 8, 11], [200, 1, 64, 33]]  # different lengths: batch > 1
 
 
-def test_logits_match_transformers_for_a_ragged_batch(hf_pair):
+def load(path, packed: bool):
+    """Our model on `path`; `packed`: every linear layer through oneDNN's packed weights (`pack` keeps
+    these tiny weights with F.linear unless forced)."""
+    model = load_model(path)
+    if packed:
+        assert pack(model, measure=False, min_bytes=0)
+        assert all(hasattr(m, "kernel") and not hasattr(m, "weight") for m in model.modules() if getattr(m, "quantizable", False))
+    return model
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["mkl", "onednn"])
+def test_logits_match_transformers_for_a_ragged_batch(hf_pair, packed):
     """Guards the attention mask, RoPE layout, GQA head mapping, q/k/v bias, Conv1D transpose and tied
-    or untied heads: every position of every row must match the unpadded reference."""
+    or untied heads (packed: a tied head's packed copy, the bias added after oneDNN's matmul): every
+    position of every row must match the unpadded reference."""
     hf, path = hf_pair
-    ours = load_model(path)
+    ours = load(path, packed)
     width = max(map(len, PROMPTS))
     ids = torch.zeros(len(PROMPTS), width, dtype=torch.long)
     for i, p in enumerate(PROMPTS):
@@ -29,10 +43,11 @@ def test_logits_match_transformers_for_a_ragged_batch(hf_pair):
             assert_close(got[i, : len(p)], want, atol=1e-4, rtol=1e-4)
 
 
-def test_greedy_tokens_match_transformers(hf_pair):
+@pytest.mark.parametrize("packed", [False, True], ids=["mkl", "onednn"])
+def test_greedy_tokens_match_transformers(hf_pair, packed):
     """32 greedy tokens through our KV-cached engine (batched) equal `generate()` token for token."""
     hf, path = hf_pair
-    engine = Engine(load_model(path), max_batch=4)
+    engine = Engine(load(path, packed), max_batch=4)
     params = SamplingParams(max_tokens=32)
     ours = engine.generate(PROMPTS, [params] * len(PROMPTS))
     for p, c in zip(PROMPTS, ours):

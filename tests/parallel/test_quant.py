@@ -97,7 +97,7 @@ def test_quantized_weights_are_a_quarter_or_an_eighth():
         assert layers.keys() == full.keys() and "lm_head" in layers
         for name, m in layers.items():
             assert not hasattr(m, "weight")
-            assert m.quantized.nbytes < (0.26 if name == "lm_head" else share) * full[name]
+            assert m.kernel.nbytes < (0.26 if name == "lm_head" else share) * full[name]
         assert weight_bytes(model) < 0.5 * weight_bytes(fp32)
 
 

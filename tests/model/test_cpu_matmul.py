@@ -1,0 +1,51 @@
+"""oneDNN's packed weights (`model.cpu_matmul`): the same products as `F.linear`, chosen per shape by
+timing, and never applied where they do not belong (quantized or bf16 layers)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.testing import assert_close
+
+from model.cpu_matmul import PackedLinear, pack
+from model.loader import load_model
+from model.registry import resolve
+from parallel.quant import weight_bytes
+from service.engine.runner import Engine
+from service.engine.sampling import SamplingParams
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 96), (8, 96), (3, 5, 96), (512, 96)])
+def test_packed_linear_equals_f_linear(shape):
+    """One row (decode), several (a batch), a (B, T) prompt chunk and a long one: the packed layout is
+    chosen for 64 rows and must serve every row count."""
+    w, x = torch.randn(200, 96), torch.randn(shape)
+    assert_close(PackedLinear(w)(x), F.linear(x, w), rtol=1e-5, atol=1e-4)
+
+
+def test_pack_measures_each_shape_and_keeps_the_greedy_tokens():
+    """Timed per shape: each shape's layers all take the route chosen for it (a layer keeping its weight
+    and a packed kernel both would read the weights twice), the bytes a step reads stay the same, and the
+    greedy tokens do not change."""
+    path = resolve("tiny-random")
+    plain, timed = load_model(path), load_model(path)
+    pack(plain, measure=False, min_bytes=1 << 40)  # nothing is that large: F.linear everywhere
+    routes = pack(timed, min_bytes=0)
+    layers = [m for m in timed.modules() if getattr(m, "quantizable", False)]
+    assert {tuple(m.kernel.packed.shape if hasattr(m, "kernel") else m.weight.shape) for m in layers} == set(routes)
+    for m in layers:
+        shape = tuple(m.kernel.packed.shape if hasattr(m, "kernel") else m.weight.shape)
+        assert hasattr(m, "kernel") == (routes[shape] == "onednn") != hasattr(m, "weight")
+    assert weight_bytes(timed) == weight_bytes(plain)
+    prompts, params = [[5, 17, 42, 99, 3], [200, 1]], [SamplingParams(max_tokens=16)] * 2
+    want = [c.token_ids for c in Engine(plain).generate(prompts, params)]
+    assert [c.token_ids for c in Engine(timed).generate(prompts, params)] == want
+
+
+@pytest.mark.parametrize("form", ["int8", "bf16"])
+def test_pack_leaves_quantized_and_bf16_layers_alone(form):
+    """Only fp32 weights are packed: an int8 layer has its own kernel, and bf16 packing needs AVX-512."""
+    path = resolve("tiny-random")
+    model = load_model(path, quantization="int8") if form == "int8" else load_model(path, dtype=torch.bfloat16)
+    assert pack(model, measure=False, min_bytes=0) == {}
