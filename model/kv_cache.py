@@ -81,8 +81,9 @@ class Batch:
     """Where the tokens of one forward sit. Built once per forward, read by every layer.
 
     positions: (B, T) position of each token. blocks: (B, N) each row's block table, N blocks
-    covering `span` positions, or None for a forward without cache. where: (B, T) index of each new
-    token among the pool's positions (block x block_size + offset). mask: (B, 1, T, S) bool, or None
+    covering `span` positions, or None for a forward without cache. where: (B x T x Hkv,) the rows that
+    the new tokens' keys (and values) take in a layer's cache seen as (regions x Hkv x region positions,
+    head dim): computed once, written by every layer with one `index_copy_`. mask: (B, 1, T, S) bool, or None
     when every key is visible. home: the regions whose first positions hold the rows (a slice when
     they are consecutive), or None when the rows' blocks are gathered.
     """
@@ -128,9 +129,11 @@ class Batch:
         """Rows read every position of the blocks of `blocks` (B, N), gathered, under a mask, and nothing
         is read back to the host: a CUDA graph can record the forward, and `torch.compile` trace it. The
         caller zeros the blocks first (`KVCache.zero`: a no-op on CUDA)."""
-        size = cache.block_size
+        size, (hkv, length) = cache.block_size, cache.k.shape[2:4]
         span = blocks.shape[1] * size
-        where = blocks.gather(1, positions // size) * size + positions % size
+        at = blocks.gather(1, positions // size) * size + positions % size  # (B, T) among the pool's positions
+        first = at // length * hkv * length + at % length  # (B, T) the row of head 0
+        where = (first[..., None] + torch.arange(hkv, device=at.device) * length).flatten()  # (B x T x Hkv,)
         key_pos = torch.arange(span, device=positions.device)[None, None, None, :]
         return cls(positions, blocks, where, key_pos <= positions[:, None, :, None], span)
 
@@ -145,10 +148,8 @@ def attend(
         k, v = k.transpose(1, 2), v.transpose(1, 2)  # (B, Hkv, T, D)
     else:
         kc, vc = cache.k[layer], cache.v[layer]  # (regions, Hkv, region x block_size, D)
-        length = kc.shape[2]
-        regions, at = batch.where // length, batch.where % length  # (B, T) each
-        kc[regions, :, at] = k  # (B, T, Hkv, D) into (region, :, position)
-        vc[regions, :, at] = v
+        kc.view(-1, d).index_copy_(0, batch.where, k.reshape(-1, d))  # (B, T, Hkv, D) in (b, t, head) order
+        vc.view(-1, d).index_copy_(0, batch.where, v.reshape(-1, d))
         if batch.home is not None:
             k, v = kc[batch.home, :, : batch.span], vc[batch.home, :, : batch.span]  # (B, Hkv, S, D)
         else:
