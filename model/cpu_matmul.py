@@ -9,8 +9,9 @@ the CPU (MKL on Intel) and on the shape (oneDNN's call costs ~25 us more, which 
 so `pack` measures both at load, per weight shape, and keeps the faster.
 
 The packed weight is an opaque oneDNN tensor, a copy: a layer that takes it drops its own weight (a head
-tied to the input embedding drops only its reference: the embedding keeps the tensor for lookups). bf16 packing needs AVX-512
-or AVX-NE-CONVERT; where the CPU lacks them, and for quantized layers, nothing is packed.
+tied to the input embedding drops only its reference: the embedding keeps the tensor for lookups). bf16
+packing needs AVX-512 or AVX-NE-CONVERT; where the CPU lacks them, and for quantized layers, nothing is
+packed.
 """
 
 from __future__ import annotations

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from parallel.layers import VocabParallelEmbedding
 from parallel.state import get_tp
 
 GROUP = 32  # int4 group size: GGUF's 4-bit block (Q4_0, Q4_1, Q4_K sub-blocks), so those load as they are
@@ -234,8 +235,12 @@ def finish(layer: nn.Module, mode: str, dtype: torch.dtype) -> None:
 
 
 def weight_bytes(model: nn.Module) -> int:
-    """Bytes of the weights a step reads: the parameters (tied ones once) and the kernels' weights (quantized
-    or packed; each kernel module says its `nbytes`)."""
-    params = {id(p): p for p in model.parameters()}.values()
-    packed = sum(getattr(m, "nbytes", 0) for m in model.modules())
-    return sum(p.numel() * p.element_size() for p in params) + packed
+    """Bytes of the weights a decode step reads: every layer's parameters (tied ones once) and its kernel's
+    weights (quantized or packed: each kernel says its `nbytes`), but not the input embeddings, of which a
+    step reads one row per token (a head tied to one is counted as the head)."""
+    lookups = {
+        id(m) for e in model.modules() if isinstance(e, (nn.Embedding, VocabParallelEmbedding)) for m in e.modules()
+    }
+    layers = [m for m in model.modules() if id(m) not in lookups]
+    params = {id(p): p for m in layers for p in m.parameters(recurse=False)}.values()
+    return sum(p.numel() * p.element_size() for p in params) + sum(getattr(m, "nbytes", 0) for m in layers)

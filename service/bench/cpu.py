@@ -2,15 +2,15 @@
 greedy, in the same run, so the ratios hold on a noisy machine. Also measures this machine's memory
 read bandwidth, and from it the floor a decode step cannot beat: every step reads all weights.
 
-When `llama-cpp-python` is installed (the `bench` extra: it compiles llama.cpp, 20+ minutes on 2 cores)
-and the model is a named GGUF model, llama.cpp decodes the same first prompt from the same GGUF file
-in the same run, greedy, one stream (its Python binding runs one sequence)."""
+Other engines installed (the `bench` extra; `service.bench.peers`) run the same prompts in the same run,
+greedy, on the same weights: llama.cpp (one stream: its Python binding runs one sequence) on the named
+GGUF model's file, made F32 for the unquantized model; CTranslate2 and ONNX Runtime GenAI in fp32."""
 
 from __future__ import annotations
 
-import importlib.util
 import resource
 import time
+from pathlib import Path
 
 import torch
 
@@ -29,6 +29,13 @@ PROMPTS = [
     "In 1969, the Apollo 11 mission",
     "A good summary of a news article should",
 ]
+
+
+PEER_LABELS = {
+    "llama_cpp": "llama.cpp on the GGUF file",
+    "ctranslate2": "CTranslate2 fp32",
+    "onnxruntime_genai": "ONNX Runtime GenAI fp32",
+}
 
 
 def read_bandwidth_gbs(mb: int = 512, reps: int = 5) -> float:
@@ -99,31 +106,9 @@ def hf(directory, prompts: list[list[int]], tokens: int, pad_id: int) -> dict:
     }
 
 
-def llama_cpp(path, prompt: list[int], tokens: int) -> dict:
-    """llama.cpp (through llama-cpp-python) on the GGUF file: greedy decode of `prompt`, one stream, with
-    this process's thread count; the decode rate excludes the first token (the prompt's evaluation)."""
-    from llama_cpp import Llama
-
-    start = time.perf_counter()
-    llm = Llama(model_path=str(path), n_ctx=512, n_threads=torch.get_num_threads(), verbose=False)
-    load_s = time.perf_counter() - start
-    out, stamps = [], []
-    for _ in range(2):  # the first run warms up
-        llm.reset()
-        out, stamps = [], []
-        for token in llm.generate(prompt, top_k=1, temp=0.0, reset=True):
-            stamps.append(time.perf_counter())
-            out.append(token)
-            if len(out) == tokens:
-                break
-    return {
-        "llama_cpp_load_s": load_s,
-        "llama_cpp_single_stream_tok_s": (tokens - 1) / (stamps[-1] - stamps[0]),
-        "tokens": out,
-    }
-
-
-def run(model: str, tokens: int = 64, with_hf: bool = True, quantization: str = "none") -> dict:
+def run(
+    model: str, tokens: int = 64, with_hf: bool = True, quantization: str = "none", with_peers: bool = True
+) -> dict:
     bandwidth = read_bandwidth_gbs()
     gen = TextGenerator.load(model, quantization=quantization)
     rss = peak_rss_mb()
@@ -151,11 +136,12 @@ def run(model: str, tokens: int = 64, with_hf: bool = True, quantization: str = 
         r["baseline_tokens_match"] = mine["tokens"] == base["tokens"]
         r["single_stream_x_baseline"] = r["single_stream_tok_s"] / base["single_stream_tok_s"]
         r["batch8_x_baseline"] = r["batch8_tok_s"] / base["batch8_tok_s"]
-    if model in GGUF_MODELS and importlib.util.find_spec("llama_cpp") is not None:
-        theirs = llama_cpp(fetch_gguf(model), prompts[0], tokens)
-        r |= {k: v for k, v in theirs.items() if k != "tokens"}
-        r["single_stream_x_llama_cpp"] = r["single_stream_tok_s"] / theirs["llama_cpp_single_stream_tok_s"]
-        r["llama_cpp_tokens_agree"] = next(
+    for name, theirs in _peers(model, directory, quantization, prompts, tokens) if with_peers else []:
+        r |= {f"{name}_{k}": v for k, v in theirs.items() if k != "tokens"}
+        for k in ("single_stream_tok_s", "batch8_tok_s"):
+            if k in theirs:
+                r[f"{k.removesuffix('_tok_s')}_x_{name}"] = r[k] / theirs[k]
+        r[f"{name}_tokens_agree"] = next(
             (i for i, (a, b) in enumerate(zip(mine["tokens"], theirs["tokens"])) if a != b), tokens
         )
     if with_hf:
@@ -165,6 +151,23 @@ def run(model: str, tokens: int = 64, with_hf: bool = True, quantization: str = 
         r["single_stream_x_hf"] = r["single_stream_tok_s"] / r["hf_single_stream_tok_s"]
         r["batch8_x_hf"] = r["batch8_tok_s"] / r["hf_batch8_tok_s"]
     return r
+
+
+def _peers(model: str, directory, quantization: str, prompts: list[list[int]], tokens: int):
+    """(name, report) of each peer engine installed (`service.bench.peers`): llama.cpp on the named model's
+    GGUF file (F32 when unquantized, else the file as it is); unquantized, CTranslate2 and ONNX Runtime
+    GenAI on the same fp32 weights."""
+    from service.bench import peers
+
+    have = peers.installed()
+    if "llama_cpp" in have and model in GGUF_MODELS:
+        path = fetch_gguf(model)
+        yield "llama_cpp", peers.llama_cpp(peers.f32_gguf(path) if quantization == "none" else path, prompts, tokens)
+    if quantization != "none":
+        return
+    for name in ("ctranslate2", "onnxruntime_genai"):
+        if name in have:
+            yield name, getattr(peers, name)(peers.hf_export(directory, Path(directory).name), prompts, tokens)
 
 
 def print_report(r: dict) -> str:
@@ -182,11 +185,15 @@ def print_report(r: dict) -> str:
             f"(x{r['single_stream_x_baseline']:.2f}), batch-8 {r['baseline_batch8_tok_s']:.1f} tok/s "
             f"(x{r['batch8_x_baseline']:.2f}), greedy tokens {'match' if r['baseline_tokens_match'] else 'differ'}"
         )
-    if "llama_cpp_single_stream_tok_s" in r:
-        lines.append(
-            f"llama.cpp on the GGUF file, same run: single-stream {r['llama_cpp_single_stream_tok_s']:.1f} tok/s "
-            f"(ours x{r['single_stream_x_llama_cpp']:.2f}), greedy tokens agree for {r['llama_cpp_tokens_agree']}"
-        )
+    for name, label in PEER_LABELS.items():
+        if f"{name}_single_stream_tok_s" in r:
+            batch = f"{name}_batch8_tok_s"
+            lines.append(
+                f"{label}, same run: single-stream {r[f'{name}_single_stream_tok_s']:.1f} tok/s "
+                f"(ours x{r[f'single_stream_x_{name}']:.2f})"
+                + (f", batch-8 {r[batch]:.1f} tok/s (ours x{r[f'batch8_x_{name}']:.2f})" if batch in r else "")
+                + f", greedy tokens agree for {r[f'{name}_tokens_agree']}"
+            )
     if "hf_single_stream_tok_s" in r:
         lines += [
             f"transformers generate(): single-stream {r['hf_single_stream_tok_s']:.1f} tok/s, "

@@ -308,5 +308,7 @@ def cmd_bench(args) -> None:
         return
     from service.bench.cpu import print_report, run
 
-    report = run(args.model, tokens=args.tokens, with_hf=not args.no_hf, quantization=args.quantize)
+    report = run(
+        args.model, tokens=args.tokens, with_hf=not args.no_hf, quantization=args.quantize, with_peers=not args.no_peers
+    )
     print(json.dumps(report) if args.json else print_report(report))

@@ -176,6 +176,11 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--clients", type=int, default=16, help="bench serve: concurrent clients (default 16)")
     b.add_argument("--tokens", type=int, default=64, help="tokens generated per sequence (default 64)")
     b.add_argument("--no-hf", action="store_true", help="skip the transformers baseline")
+    b.add_argument(
+        "--no-peers",
+        action="store_true",
+        help="skip the other engines installed (llama.cpp, CTranslate2, ONNX Runtime GenAI: the bench extra)",
+    )
     b.add_argument("--save", metavar="FILE", help="--device cuda: also write the JSON report to FILE, shape by shape")
     b.set_defaults(run=commands.cmd_bench)
     j = sub.add_parser("batch", parents=[common], help="summarize or answer every line of a JSONL file (resumable)")

@@ -20,7 +20,11 @@ def load(path, packed: bool):
     model = load_model(path)
     if packed:
         assert pack(model, measure=False, min_bytes=0)
-        assert all(hasattr(m, "kernel") and not hasattr(m, "weight") for m in model.modules() if getattr(m, "quantizable", False))
+        assert all(
+            hasattr(m, "kernel") and not hasattr(m, "weight")
+            for m in model.modules()
+            if getattr(m, "quantizable", False)
+        )
     return model
 
 

@@ -1,0 +1,180 @@
+"""Other CPU engines on the same weights, for `nlg bench --peers`: llama.cpp (an F32 GGUF made from the
+same GGUF file), CTranslate2 and ONNX Runtime GenAI (both converted from the checkpoint `transformers`
+loads, `model.loader.transformers_model`). Each is optional (the `bench` extra); an engine that is not
+installed is skipped. Conversions are made once, under the model cache.
+
+Every engine decodes greedily with the process's threads: the first prompt alone (its decode rate
+excludes the first token, the prompt's evaluation) and, where the engine batches, all prompts at once
+(tokens / wall time, prefill included, as for our batch-8 row). The caller compares the tokens.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from model.registry import cache_dir
+
+PEERS = ("llama_cpp", "ctranslate2", "onnxruntime_genai")
+
+
+def installed() -> list[str]:
+    return [p for p in PEERS if importlib.util.find_spec(p) is not None]
+
+
+def _made(path: Path, make) -> Path:
+    """`path`, made by `make(tmp)` once: built aside, then renamed."""
+    if not path.exists():
+        tmp = path.with_name(path.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+        tmp.parent.mkdir(parents=True, exist_ok=True)
+        make(tmp)
+        tmp.rename(path)
+    return path
+
+
+def f32_gguf(source: Path) -> Path:
+    """`source` with every tensor dequantized to F32 and `general.file_type` F32: the weights our fp32 path
+    runs (ours dequantize the same blocks), in llama.cpp's own layout and metadata."""
+    from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter
+    from gguf.quants import dequantize
+
+    def make(tmp: Path) -> None:
+        reader = GGUFReader(source)
+        arch = reader.fields["general.architecture"].contents()
+        writer = GGUFWriter(tmp, arch)
+        for key, field in reader.fields.items():
+            if key.startswith("GGUF.") or key in ("general.architecture", "general.file_type"):
+                continue
+            sub = field.types[1] if field.types[0] == GGUFValueType.ARRAY else None
+            writer.add_key_value(key, field.contents(), field.types[0], sub)
+        writer.add_file_type(0)  # all F32
+        for t in reader.tensors:
+            shape = [int(x) for x in reversed(t.shape)]
+            data = dequantize(t.data, t.tensor_type).astype(np.float32).reshape(shape)
+            writer.add_tensor(t.name, data, raw_dtype=GGMLQuantizationType.F32)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+
+    return _made(cache_dir() / "bench" / f"{source.stem}-f32.gguf", make)
+
+
+def hf_export(directory: Path, name: str) -> Path:
+    """The checkpoint as `transformers` saves it (stored quantized forms dequantized), with the tokenizer."""
+    from model.loader import transformers_model
+
+    def make(tmp: Path) -> None:
+        transformers_model(directory).save_pretrained(tmp, safe_serialization=True)
+        for f in directory.iterdir():
+            if f.name.startswith(("tokenizer", "special_tokens", "chat_template", "generation")):
+                shutil.copy(f, tmp / f.name)
+
+    return _made(cache_dir() / "bench" / f"{name}-hf", make)
+
+
+def llama_cpp(path: Path, prompts: list[list[int]], tokens: int) -> dict:
+    """llama.cpp through llama-cpp-python (one sequence at a time)."""
+    from llama_cpp import Llama
+
+    start = time.perf_counter()
+    llm = Llama(model_path=str(path), n_ctx=512, n_threads=torch.get_num_threads(), verbose=False)
+    load_s = time.perf_counter() - start
+    out, stamps = [], []
+    for _ in range(2):  # the first run warms up
+        llm.reset()
+        out, stamps = [], []
+        for token in llm.generate(prompts[0], top_k=1, temp=0.0, reset=True):
+            stamps.append(time.perf_counter())
+            out.append(token)
+            if len(out) == tokens:
+                break
+    return {"load_s": load_s, "single_stream_tok_s": (tokens - 1) / (stamps[-1] - stamps[0]), "tokens": out}
+
+
+def ctranslate2(hf: Path, prompts: list[list[int]], tokens: int) -> dict:
+    import ctranslate2
+    from ctranslate2.converters import TransformersConverter
+
+    converted = _made(hf.with_name(hf.name + "-ct2"), lambda tmp: TransformersConverter(str(hf)).convert(str(tmp)))
+    start = time.perf_counter()
+    gen = ctranslate2.Generator(str(converted), device="cpu", intra_threads=torch.get_num_threads())
+    load_s = time.perf_counter() - start
+    vocab = _vocabulary(hf)
+    texts = [[vocab[i] for i in p] for p in prompts]
+    options = {"max_length": tokens, "min_length": tokens, "sampling_topk": 1, "end_token": []}
+    for _ in range(2):
+        stamps, out = [], []
+        for step in gen.generate_tokens(texts[0], **options):
+            stamps.append(time.perf_counter())
+            out.append(step.token_id)
+    start = time.perf_counter()
+    gen.generate_batch(texts, include_prompt_in_result=False, **options)
+    batch_s = time.perf_counter() - start
+    return {
+        "load_s": load_s,
+        "single_stream_tok_s": (tokens - 1) / (stamps[-1] - stamps[0]),
+        "batch8_tok_s": len(prompts) * tokens / batch_s,
+        "tokens": out,
+    }
+
+
+def _vocabulary(hf: Path) -> list[str]:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(hf))
+    return tok.convert_ids_to_tokens(list(range(len(tok))))
+
+
+def onnxruntime_genai(hf: Path, prompts: list[list[int]], tokens: int) -> dict:
+    import onnxruntime_genai as og
+
+    def build(tmp: Path) -> None:
+        cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf), "-o", str(tmp)]
+        cmd += ["-p", "fp32", "-e", "cpu", "-c", str(tmp) + ".cache"]
+        subprocess.run(cmd, check=True, capture_output=True)
+        shutil.rmtree(str(tmp) + ".cache", ignore_errors=True)
+
+    converted = _made(hf.with_name(hf.name + "-ort"), build)
+    start = time.perf_counter()
+    model = og.Model(str(converted))  # its session's threads: one per core
+    load_s = time.perf_counter() - start
+
+    pad = json.loads((converted / "genai_config.json").read_text())["model"]["pad_token_id"]
+
+    def run(batch: list[list[int]]) -> tuple[list[float], list[int]]:
+        """Time after each new token, and the first row's tokens."""
+        params = og.GeneratorParams(model)
+        width = max(map(len, batch))
+        params.set_search_options(
+            max_length=width + tokens, min_length=width + tokens, do_sample=False, batch_size=len(batch)
+        )
+        gen = og.Generator(model, params)
+        gen.append_tokens(np.array([[pad] * (width - len(p)) + p for p in batch], dtype=np.int32))
+        stamps, out = [], []
+        while not gen.is_done():
+            gen.generate_next_token()
+            stamps.append(time.perf_counter())
+            out.append(int(gen.get_next_tokens()[0]))
+        return stamps, out
+
+    run(prompts[:1])
+    stamps, out = run(prompts[:1])
+    start = time.perf_counter()
+    run(prompts)
+    batch_s = time.perf_counter() - start
+    return {
+        "load_s": load_s,
+        "single_stream_tok_s": (tokens - 1) / (stamps[-1] - stamps[0]),
+        "batch8_tok_s": len(prompts) * tokens / batch_s,
+        "tokens": out,
+    }

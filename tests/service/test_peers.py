@@ -1,0 +1,25 @@
+"""`nlg bench`'s peer engines (`service.bench.peers`, the `bench` extra) on tiny-random's weights: each
+converts them and decodes the greedy tokens we do. Skipped where the extra is not installed (CI)."""
+
+from __future__ import annotations
+
+import pytest
+
+from service.bench import peers
+from service.engine.generator import TextGenerator
+from service.engine.sampling import SamplingParams
+
+PROMPTS = [[5, 17, 42, 99, 3, 250, 7, 8, 11], [200, 1, 64, 33]]
+
+
+@pytest.mark.parametrize("name", ["ctranslate2", "onnxruntime_genai"])
+def test_peer_decodes_our_greedy_tokens(name):
+    """A peer's converted weights (the checkpoint transformers loads) give our greedy tokens, so its rate
+    is for the same work."""
+    pytest.importorskip(name)
+    gen = TextGenerator.load("tiny-random")
+    ours = gen.engine.generate(PROMPTS[:1], [SamplingParams(max_tokens=8, ignore_eos=True)])[0].token_ids
+    hf = peers.hf_export(gen.directory, gen.directory.name)
+    report = getattr(peers, name)(hf, PROMPTS, 8)
+    assert report["tokens"] == ours
+    assert report["single_stream_tok_s"] > 0 and report["batch8_tok_s"] > 0
