@@ -38,6 +38,7 @@ def _load(args):
         context=args.context,
         kv_memory=args.kv_cache_memory,
         prefix_caching=not args.no_prefix_caching,
+        prompt_lookup=args.prompt_lookup,
     )
 
 

@@ -13,6 +13,11 @@ preempted: it gives its blocks back and waits again, and when it is admitted aga
 prompt and output so far (most of it found in the prefix cache, unless evicted meanwhile), as vLLM's
 recompute preemption does. A request that could never fit the whole cache is refused when it is added.
 
+Prompt-lookup speculation (`Engine.prompt_lookup`): when every decoding sequence is greedy (processors
+but the count penalties allowed) and wants no log-probabilities, each one's draft
+(`service.engine.lookup`) is verified in one forward and the tokens the model agrees with are taken,
+with its own next token after them: the same output in fewer steps.
+
 On the CUDA-graph path greedy decode steps are launched ahead (`Engine.launch` returns a `Launched`): a
 step over the same sequences as the step before is started before the host reads that step's tokens,
 so the host's work per token (callbacks, stop checks, streaming) runs while the GPU computes the next.
@@ -31,7 +36,9 @@ import torch
 
 from model.kv_cache import KVCache
 from service.engine.blocks import BlockPool
+from service.engine.lookup import draft
 from service.engine.sampler import Sampler
+from service.engine.sampling import MIN_TEMPERATURE
 from service.engine.sequence import Sequence
 from service.errors import ContextOverflow, RequestFailed
 
@@ -74,6 +81,7 @@ class Batcher:
         self.admissions = 0
         self.preemptions = 0
         self.queried = self.hits = 0  # prompt tokens looked up in the prefix cache, and those found
+        self.drafted = self.accepted = 0  # prompt-lookup draft tokens verified, and those taken
 
     def add(self, s: Sequence) -> None:
         """Queue a sequence; raises `InvalidRequest` for one the model cannot take (checked again here, on
@@ -126,12 +134,52 @@ class Batcher:
                 self._advance([s for s, _ in ready], torch.stack([row for _, row in ready]))
         if decoding and self.engine.chains(decoding):
             self.ahead = self.engine.launch(decoding, self.cache)
+        elif decoding and any(drafts := self._drafts(decoding)):
+            self._speculate(list(zip(decoding, drafts)))
         elif decoding:
             logits = self.engine.decode(decoding, self.cache)
             for s in decoding:
                 s.prefilled = s.length
                 self._register(s)
             self._advance(decoding, logits)
+
+    def _drafts(self, decoding: list[Sequence]) -> list[list[int]]:
+        """Each decoding sequence's prompt-lookup draft (`service.engine.lookup`), with the blocks of its
+        positions. All [] when speculation is off (`Engine.prompt_lookup` 0), for steps of more rows than
+        `Engine.lookup_rows` (verifying many rows' drafts costs more than it saves), or when a sequence
+        samples, has a count penalty or wants log-probabilities; [] for a sequence near the end of its
+        context or max_tokens, or when no block is free."""
+        k, engine = self.engine.prompt_lookup, self.engine
+        plain = all(  # greedy, with no processor that needs the sampler's per-slot counts
+            s.params.temperature < MIN_TEMPERATURE and not s.params.counts_tokens and s.params.logprobs is None
+            for s in decoding
+        )
+        if not k or len(decoding) > engine.lookup_rows or not plain:
+            return [[] for _ in decoding]
+        out = []
+        for s in decoding:
+            room = min(k, s.params.max_tokens - len(s.output) - 1)  # the step adds a token after the draft
+            near_end = s.length + 2 * (k + 1 + self.pool.size) >= engine.context  # padding off the last position
+            d = [] if near_end else draft(s.tokens(), room)
+            out.append(d if d and self._grow(s, s.length + len(d), preempt=False) else [])
+        return out
+
+    def _speculate(self, rows: list[tuple[Sequence, list[int]]]) -> None:
+        """Verify the drafts in one forward and take, for each sequence, the draft tokens the model agrees
+        with (`Sampler.verified`), then the model's own next token: 1 to len(draft) + 1 tokens, the same
+        tokens plain decoding gives. The keys and values written for rejected draft tokens lie past the sequence's
+        length, where the next forward writes over them before any query reads them."""
+        for (s, d), logits in zip(rows, self.engine.verify(rows, self.cache)):
+            taken = self.sampler.verified(s, logits, d)
+            agreed = len(taken) - 1
+            self.drafted, self.accepted = self.drafted + len(d), self.accepted + agreed
+            s.prefilled = s.length + agreed  # the fed tokens now in the cache: all but the last one taken
+            for token in taken:
+                self._record(s, token)
+                if s.done.is_set():
+                    break
+            else:
+                self._register(s)
 
     @staticmethod
     def _decoding(s: Sequence) -> bool:

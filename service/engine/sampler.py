@@ -58,6 +58,31 @@ class Sampler:
                 s.logprobs += token_logprobs(row[None], [token], s.params.logprobs)
         return out
 
+    @staticmethod
+    def verified(s: Sequence, logits: torch.Tensor, draft: list[int]) -> list[int]:
+        """The tokens a greedy sequence takes from the logits (1 + len(draft), V) of its verified draft
+        (`Batcher._speculate`): each draft token while it is the token plain decoding would pick there
+        (the argmax after the greedy processors `pick` applies: banned n-gram repeats, logit bias), then
+        that pick where they part, or after the whole draft."""
+        p = s.params
+        if not p.no_repeat_ngram and not p.logit_bias:
+            best = logits.argmax(-1).tolist()
+            agreed = next((i for i, (a, b) in enumerate(zip(draft, best)) if a != b), len(draft))
+            return draft[:agreed] + [best[agreed]]
+        out, device = [], logits.device
+        for row in logits.float():  # out of place: the rows are inference tensors
+            banned = repeated_ngram_tokens(s.output + out, p.no_repeat_ngram)
+            if banned:
+                row = row.index_fill(0, torch.tensor(banned, device=device), float("-inf"))
+            if p.logit_bias:
+                tokens, values = zip(*p.logit_bias)
+                bias = torch.tensor(values, dtype=row.dtype, device=device)
+                row = row.index_put((torch.tensor(tokens, device=device),), bias, accumulate=True)
+            out.append(int(row.argmax()))
+            if len(out) > len(draft) or out[-1] != draft[len(out) - 1]:
+                return out
+        return out
+
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> list[int | RequestFailed]:
         device, vocab = logits.device, logits.shape[1]
         params = [s.params for s in seqs]
