@@ -36,8 +36,9 @@ def ragged(prompts):
 
 
 def logits_and_greedy(path: str):
-    """Runs on every rank: rank 0 returns (logits of a ragged batch, 32 greedy tokens per prompt, and
-    the greedy tokens of prompts sharing a prefix over a cache of 6 blocks: prefix hits and preemptions)."""
+    """Runs on every rank: rank 0 returns (logits of a ragged batch, 32 greedy tokens per prompt, the
+    greedy tokens of prompts sharing a prefix over a cache of 6 blocks: prefix hits and preemptions, and
+    those of a repetitive prompt through prompt-lookup verification forwards)."""
     from model.ranks import Leader, follow
     from parallel.launch import init_from_env, shutdown
     from parallel.state import get_tp
@@ -57,7 +58,10 @@ def logits_and_greedy(path: str):
         shared = [PROMPTS[0] * 2 + [i] for i in range(3)]  # 19 tokens: its first block is cached
         pressed = small.generate(shared, [SamplingParams(max_tokens=40, ignore_eos=True)] * 3)
         assert small.batcher.preemptions and small.batcher.hits
-        return logits, [c.token_ids for c in out], [c.token_ids for c in pressed]
+        speculating = Engine(leader, prompt_lookup=5)
+        looped = speculating.generate([[5, 6, 7, 8, 9] * 8], [SamplingParams(max_tokens=32, ignore_eos=True)])
+        assert speculating.batcher.drafted
+        return logits, [c.token_ids for c in out], [c.token_ids for c in pressed], looped[0].token_ids
     finally:
         shutdown()
 
@@ -79,11 +83,13 @@ def reference(saved):
 def test_tp_equals_tp1(saved, reference, tp):
     """Guards every shard + collective: column/row splits, bias once after the all-reduce, vocab padding
     (301 rows), KV-head replication, batch > 1 with different lengths, rank 0's sampling, and every rank's
-    pool following rank 0's block tables through prefix hits and preemptions."""
-    logits, tokens, pressed = launch(tp, logits_and_greedy, saved)
+    pool following rank 0's block tables through prefix hits and preemptions, and the multi-token
+    forwards that verify prompt-lookup drafts."""
+    logits, tokens, pressed, looped = launch(tp, logits_and_greedy, saved)
     assert_close(logits, reference[0], atol=1e-4, rtol=1e-4)
     assert tokens == reference[1]
     assert pressed == reference[2]
+    assert looped == reference[3]
 
 
 def slow_model(tmp_path) -> str:
