@@ -3,6 +3,8 @@ nothing else decides a status):
 
 - `InvalidRequest` (400): the input cannot work as sent; `ContextOverflow` (too long for the context)
   and `TooLarge` (more sequences than the server ever queues) name the numbers. Retrying cannot help.
+  Files (`service.documents`): `UnsupportedMedia` (415) names the types read, `Unreadable` (422) says
+  what failed (corrupt, encrypted, no text), `FileTooLarge` (413) gives the cap.
 - `Overloaded` (429 with Retry-After): the queue is full now; the same request can succeed later.
 - `RequestFailed` (500): this request failed inside the engine (its sampler, its streaming callback);
   every other request goes on.
@@ -46,6 +48,18 @@ class TooLarge(InvalidRequest):
     """A request of more sequences than the server queues at once: it could never be admitted."""
 
     code = "too_many_sequences"
+
+
+class UnsupportedMedia(InvalidRequest):
+    code = "unsupported_media_type"
+
+
+class Unreadable(InvalidRequest):
+    code = "unreadable_file"
+
+
+class FileTooLarge(InvalidRequest):
+    code = "file_too_large"
 
 
 class Overloaded(RuntimeError):

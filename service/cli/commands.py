@@ -80,10 +80,12 @@ def cmd_summarize(args) -> None:
     if args.file == "-":
         document = sys.stdin.read()
     else:
+        from service.documents import read
+
         path = Path(args.file)
         if not path.is_file():
             raise FileNotFoundError(f"no such file: {path}")
-        document = path.read_text(encoding="utf-8")
+        document = read(path.read_bytes(), path.name).text()  # e-mail, Word, PowerPoint, Excel, PDF, HTML, text
     s = summarize(_load(args), document, args.length, args.max_words)
     _emit(
         args,

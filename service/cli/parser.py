@@ -112,7 +112,14 @@ def parser() -> argparse.ArgumentParser:
     a.set_defaults(run=commands.cmd_answer)
 
     s = sub.add_parser("summarize", parents=[common, as_json], help="summarize a document (file or stdin)")
-    s.add_argument("file", nargs="?", default="-", help="a UTF-8 text file, or - for stdin (default)")
+    s.add_argument(
+        "file",
+        nargs="?",
+        default="-",
+        help="a document: .eml, .docx, .pptx, .xlsx, .pdf, .html, .txt, .md, ... (type from the content and the "
+        "extension; a deck is summarized with its slide labels, a workbook with its sheet names), or - for UTF-8 "
+        "text on stdin (default)",
+    )
     s.add_argument("--length", choices=["short", "medium", "long"], default="medium", help="summary length")
     s.add_argument("--max-words", type=int, help="at most this many words (overrides --length)")
     s.set_defaults(run=commands.cmd_summarize)

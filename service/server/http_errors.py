@@ -15,7 +15,17 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
 
-from service.errors import ClientGone, DeadlineExceeded, EngineFailed, InvalidRequest, Overloaded, RequestFailed
+from service.errors import (
+    ClientGone,
+    DeadlineExceeded,
+    EngineFailed,
+    FileTooLarge,
+    InvalidRequest,
+    Overloaded,
+    RequestFailed,
+    Unreadable,
+    UnsupportedMedia,
+)
 from service.server.invalid import describe
 from service.server.schemas.base import ErrorResponse
 
@@ -25,6 +35,8 @@ TYPES = {
     404: "not_found_error",
     405: "invalid_request_error",
     413: "request_too_large",
+    415: "invalid_request_error",
+    422: "invalid_request_error",
     429: "rate_limit_error",
     500: "server_error",
     503: "unavailable",
@@ -34,7 +46,9 @@ WHEN = {
     400: "The input cannot work as sent (OpenAI's wording, param and code)",
     401: "A missing or wrong API key (with --api-key)",
     404: "A model this server does not serve, or an unknown batch job",
-    413: "The body is over the size limit",
+    413: "The body, or a file in it, is over the size limit",
+    415: "A file of a type the service does not read (the message lists those it does)",
+    422: "A file that cannot be read: corrupt, encrypted, or without text",
     429: "The queue is full: retry after Retry-After seconds",
     500: "This request failed on the engine thread; the service goes on",
     503: "The engine failed (the service exits to be restarted), or it is not ready",
@@ -42,6 +56,9 @@ WHEN = {
 }
 # error classes, most specific first: (class, status, code)
 STATUS = (
+    (UnsupportedMedia, 415, None),
+    (Unreadable, 422, None),
+    (FileTooLarge, 413, None),
     (InvalidRequest, 400, None),
     (Overloaded, 429, "overloaded"),
     (RequestFailed, 500, "request_failed"),
