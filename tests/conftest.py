@@ -4,6 +4,7 @@ compare against) and the project's `tiny-random` model."""
 from __future__ import annotations
 
 import copy
+import io
 import threading
 import time
 from contextlib import contextmanager
@@ -144,3 +145,64 @@ class Submitted:
 def submitted():
     """`submitted(app)`: record what the app's scheduler is handed (call inside `serve(app)`)."""
     return lambda app: Submitted(app.state.scheduler)
+
+
+def _docx() -> bytes:
+    from docx import Document
+
+    d = Document()
+    d.add_heading("Launch", 1)
+    d.add_paragraph("The launch is on Monday in Lyon.")
+    d.add_heading("Budget", 1)
+    d.add_paragraph("The budget is 4 million euros.")
+    out = io.BytesIO()
+    d.save(out)
+    return out.getvalue()
+
+
+def _pptx() -> bytes:
+    from pptx import Presentation
+
+    deck = Presentation()
+    for i in range(1, 5):
+        slide = deck.slides.add_slide(deck.slide_layouts[1])
+        slide.shapes.title.text = f"Quarter {i}"
+        slide.placeholders[1].text = "The code word is walrus." if i == 3 else f"Revenue grew {i} percent."
+    out = io.BytesIO()
+    deck.save(out)
+    return out.getvalue()
+
+
+def _xlsx() -> bytes:
+    from openpyxl import Workbook
+
+    book = Workbook()
+    first = book.active
+    first.title = "Q1"
+    first.append(["region", "sales"])
+    first.append(["north", 10])
+    second = book.create_sheet("Q2")
+    second.append(["region", "sales"])
+    second.append(["south", 4242])
+    out = io.BytesIO()
+    book.save(out)
+    return out.getvalue()
+
+
+def _pdf() -> bytes:
+    from fpdf import FPDF
+
+    doc = FPDF()
+    for text in ("The first page is an introduction.", "The treaty was signed in 1648."):
+        doc.add_page()
+        doc.set_font("helvetica", size=12)
+        doc.cell(text=text)
+    return bytes(doc.output())
+
+
+@pytest.fixture(scope="session")
+def office() -> dict[str, bytes]:
+    """Small documents written here (python-docx, python-pptx, openpyxl, fpdf2): a Word file with sections
+    Launch and Budget, a 4-slide deck with "walrus" on slide 3, a workbook with sheets Q1 and Q2 (4242 on
+    Q2), a 2-page PDF with 1648 on page 2."""
+    return {"docx": _docx(), "pptx": _pptx(), "xlsx": _xlsx(), "pdf": _pdf()}

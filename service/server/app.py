@@ -31,7 +31,7 @@ from service.server import http_errors
 from service.server.auth import ApiKey
 from service.server.inprocess import poster
 from service.server.observe import Observed
-from service.server.routes import batches, files, health, jobs, openai, tasks
+from service.server.routes import batches, files, health, jobs, openai, tasks, uploads
 
 MAX_BODY_BYTES = 2 * 1024 * 1024
 TAGS = [
@@ -105,12 +105,18 @@ def build_app(
     app.state.readiness = health.Readiness(gen, runner)
     bearer = Depends(HTTPBearer(auto_error=False, description="the server's --api-key, when it has one"))
     app.include_router(health.router)
-    for family in (tasks, openai, files, batches, jobs):
+    for family in (tasks, uploads, openai, files, batches, jobs):
         app.include_router(family.router, dependencies=[bearer])
     http_errors.install(app)
     app.add_middleware(
         http_errors.BodyLimit,
-        limit=lambda path: jobs.MAX_JOB_BYTES if path.startswith(("/v1/jobs", "/v1/files")) else MAX_BODY_BYTES,
+        limit=lambda path: (
+            jobs.MAX_JOB_BYTES
+            if path.startswith(("/v1/jobs", "/v1/files"))
+            else uploads.MAX_UPLOAD_BYTES
+            if path.endswith("/files")
+            else MAX_BODY_BYTES
+        ),
     )
 
     if api_key:
@@ -122,12 +128,15 @@ def build_app(
 
 
 def openapi(app: FastAPI, generate) -> dict:
-    """FastAPI's spec without the 422 it declares for every body: validation errors are 400 here."""
+    """FastAPI's spec without the 422 it declares for every body (validation errors are 400 here); a route's
+    own 422 (an unreadable upload) stays."""
     if app.openapi_schema is None:
         spec = generate()
         for path in spec["paths"].values():
             for op in path.values():
-                op.get("responses", {}).pop("422", None)
+                responses = op.get("responses", {})
+                if responses.get("422", {}).get("description") == "Validation Error":
+                    del responses["422"]
         for name in ("HTTPValidationError", "ValidationError"):
             spec.get("components", {}).get("schemas", {}).pop(name, None)
     return app.openapi_schema

@@ -1,6 +1,7 @@
-"""Documents as text in parts (`service.documents`): fixtures written here with python-docx, python-pptx,
-openpyxl, fpdf2 and `email`, never downloaded. Each format keeps its text and its structure (a fact on
-slide 3, sheet Q2 or page 2 is labelled there), and every kind of bad input gets its own error."""
+"""Documents as text in parts (`service.documents`): fixtures written in the tests (the `office` fixture:
+python-docx, python-pptx, openpyxl, fpdf2; `email` here), never downloaded. Each format keeps its text
+and its structure (a fact on slide 3, sheet Q2 or page 2 is labelled there), and every kind of bad
+input gets its own error."""
 
 from __future__ import annotations
 
@@ -17,91 +18,38 @@ from service.documents import read
 from service.errors import FileTooLarge, Unreadable, UnsupportedMedia
 
 
-def docx() -> bytes:
-    from docx import Document
-
-    d = Document()
-    d.add_heading("Launch", 1)
-    d.add_paragraph("The launch is on Monday in Lyon.")
-    d.add_heading("Budget", 1)
-    d.add_paragraph("The budget is 4 million euros.")
-    out = io.BytesIO()
-    d.save(out)
-    return out.getvalue()
-
-
-def pptx() -> bytes:
-    from pptx import Presentation
-
-    deck = Presentation()
-    for i in range(1, 5):
-        slide = deck.slides.add_slide(deck.slide_layouts[1])
-        slide.shapes.title.text = f"Quarter {i}"
-        slide.placeholders[1].text = "The code word is walrus." if i == 3 else f"Revenue grew {i} percent."
-    out = io.BytesIO()
-    deck.save(out)
-    return out.getvalue()
-
-
-def xlsx() -> bytes:
-    from openpyxl import Workbook
-
-    book = Workbook()
-    first = book.active
-    first.title = "Q1"
-    first.append(["region", "sales"])
-    first.append(["north", 10])
-    second = book.create_sheet("Q2")
-    second.append(["region", "sales"])
-    second.append(["south", 4242])
-    out = io.BytesIO()
-    book.save(out)
-    return out.getvalue()
-
-
-def pdf() -> bytes:
-    from fpdf import FPDF
-
-    doc = FPDF()
-    for text in ("The first page is an introduction.", "The treaty was signed in 1648."):
-        doc.add_page()
-        doc.set_font("helvetica", size=12)
-        doc.cell(text=text)
-    return bytes(doc.output())
-
-
-def test_office_and_pdf_keep_their_text_and_parts():
+def test_office_and_pdf_keep_their_text_and_parts(office):
     """Guards the part labels citations will use: sections of a Word file, slides, sheets (header row
     kept) and pages."""
-    word = read(docx(), "plan.docx")
+    word = read(office["docx"], "plan.docx")
     assert [p.label for p in word.parts] == ["section Launch", "section Budget"]
     assert "4 million euros" in word.parts[1].text
-    deck = read(pptx(), "deck.pptx")
+    deck = read(office["pptx"], "deck.pptx")
     assert [p.label for p in deck.parts] == ["slide 1", "slide 2", "slide 3", "slide 4"]
     assert "walrus" in deck.parts[2].text and "[slide 3]" in deck.text()
-    book = read(xlsx(), "sales.xlsx")
+    book = read(office["xlsx"], "sales.xlsx")
     assert [p.label for p in book.parts] == ["sheet Q1", "sheet Q2"]
     assert "region" in book.parts[1].text and "4242" in book.parts[1].text
-    paper = read(pdf(), "paper.pdf")
+    paper = read(office["pdf"], "paper.pdf")
     assert [p.label for p in paper.parts] == ["page 1", "page 2"] and "1648" in paper.parts[1].text
 
 
-def test_type_comes_from_the_content_when_the_name_does_not_say():
+def test_type_comes_from_the_content_when_the_name_does_not_say(office):
     """An upload named without (or with an unknown) extension is read by its bytes."""
-    assert read(pdf(), "upload").kind == "pdf"
-    assert read(pptx(), "upload.bin").kind == "pptx"
+    assert read(office["pdf"], "upload").kind == "pdf"
+    assert read(office["pptx"], "upload.bin").kind == "pptx"
     assert read(b"<!DOCTYPE html><html><body><h1>Hi</h1><p>Plain words.</p></body></html>", "page").kind == "html"
     assert read("Grüße aus Köln.".encode(), "note").parts[0].text == "Grüße aus Köln."
 
 
-def test_email_keeps_who_said_what_and_reads_its_attachments():
+def test_email_keeps_who_said_what_and_reads_its_attachments(office):
     """Headers kept, the text part preferred over the HTML one, attachments converted and labelled;
     an HTML-only message is read as text."""
     msg = EmailMessage()
     msg["From"], msg["To"], msg["Subject"] = "Ann <ann@example.com>", "Bob <bob@example.com>", "Budget"
     msg.set_content("Bob, the budget is final.")
     msg.add_alternative("<p>HTML <b>version</b></p>", subtype="html")
-    msg.add_attachment(docx(), maintype="application", subtype="octet-stream", filename="../plan.docx")
+    msg.add_attachment(office["docx"], maintype="application", subtype="octet-stream", filename="../plan.docx")
     mail = read(bytes(msg), "thread.eml")
     assert mail.parts[0].label == "message"
     assert "From: Ann <ann@example.com>" in mail.parts[0].text and "the budget is final" in mail.parts[0].text
@@ -117,7 +65,7 @@ def test_email_keeps_who_said_what_and_reads_its_attachments():
     assert "The **vote** passed." in text or "The vote passed." in text
 
 
-def test_bad_files_get_their_own_errors(monkeypatch):
+def test_bad_files_get_their_own_errors(office, monkeypatch):
     """415 names the supported types; 422 says what failed; 413 for a file over the cap or a zip that
     would expand past its limit (nothing is unpacked); names never act as paths."""
     with pytest.raises(UnsupportedMedia, match=r"\.docx"):
@@ -132,7 +80,7 @@ def test_bad_files_get_their_own_errors(monkeypatch):
         read(b"\xff\xfe\xfa", "latin.txt")
     monkeypatch.setattr(documents, "MAX_EXPANDED", 1000)
     with pytest.raises(FileTooLarge, match="expands"):
-        read(docx(), "bomb.docx")
+        read(office["docx"], "bomb.docx")
     monkeypatch.setattr(documents, "MAX_BYTES", 100)
     with pytest.raises(FileTooLarge, match="limit"):
         read(b"x" * 101, "big.txt")
@@ -155,11 +103,11 @@ def test_an_encrypted_office_file_is_refused():
         read(bytes(data), "locked.docx")
 
 
-def test_cli_summarizes_a_deck(capsys, tmp_path):
+def test_cli_summarizes_a_deck(office, capsys, tmp_path):
     """`nlg summarize deck.pptx` reads the deck (its slides labelled) and summarizes it; an unsupported
     file is one error line naming the supported types."""
     path = tmp_path / "deck.pptx"
-    path.write_bytes(pptx())
+    path.write_bytes(office["pptx"])
     assert main(["summarize", str(path), "--model", "tiny-random", "--json", "--length", "short"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["prompt_tokens"] > 0 and isinstance(out["summary"], str)

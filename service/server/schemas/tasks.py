@@ -49,10 +49,16 @@ class AnswerRequest(Body):
     evaluate: Evaluate | None = None
 
 
+class Citation(BaseModel):
+    file: str = Field(description="the uploaded file's name")
+    part: str = Field(description='where in it: "slide 3", "sheet Q2", "page 2", "section Budget", "message", ...')
+
+
 class AnswerResponse(BaseModel):
     answer: str
     scores: dict[str, float | list[str]] | None = None
     passage_index: int | None = Field(description="0-based index of the passage the answer drew on, if any")
+    citation: Citation | None = Field(None, description="/v1/answer/files: the file and part the answer drew on")
     model: str
     usage: Usage
 

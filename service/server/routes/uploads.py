@@ -1,0 +1,107 @@
+"""`/v1/summarize/files` and `/v1/answer/files`: the two tasks over uploaded documents (multipart: `files`,
+then the JSON routes' other fields as form fields). Each file is read into parts (`service.documents`:
+e-mail, Word, PowerPoint, Excel, PDF, HTML, text) on a worker thread; an unsupported type gets 415, an
+unreadable file 422, a file over its cap 413 (and the whole body past `MAX_UPLOAD_BYTES`, while it is
+read). An answer names the file and the part (slide, sheet, page, section) it drew on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, File, Form, Request, UploadFile
+
+from service import documents
+from service.errors import InvalidRequest
+from service.server.http_errors import responses
+from service.server.routes.tasks import respond, usage
+from service.server.schemas.tasks import (
+    MAX_PASSAGES,
+    MAX_QUESTION_CHARS,
+    AnswerRequest,
+    AnswerResponse,
+    Citation,
+    SummarizeRequest,
+    SummarizeResponse,
+)
+from service.tasks.answer import Answer, answer_plan, answer_source
+from service.tasks.summarize import Summary, summarize_plan
+
+MAX_FILES = 8  # per request
+MAX_UPLOAD_BYTES = MAX_FILES * documents.MAX_BYTES  # one request's body (`service.server.app`'s BodyLimit)
+STREAMED = {
+    200: {"content": {"text/event-stream": {}}, "description": "JSON, or with stream: server-sent events"}
+} | responses(400, 401, 413, 415, 422, 429, 500, 503, 504)
+FILES = File(description=f"1 to {MAX_FILES} documents: {', '.join(documents.SUPPORTED)} (type from content and name)")
+
+router = APIRouter(prefix="/v1", tags=["Answers and summaries"])
+
+
+async def read_all(files: list[UploadFile]) -> list[documents.Document]:
+    if not 1 <= len(files) <= MAX_FILES:
+        raise InvalidRequest(f"send 1 to {MAX_FILES} files, got {len(files)}", param="files")
+    out = []
+    for f in files:
+        data = await f.read()
+        out.append(await asyncio.to_thread(documents.read, data, f.filename or "upload"))
+    return out
+
+
+@router.post("/summarize/files", response_model=SummarizeResponse, responses=STREAMED)
+async def summarize_files(
+    request: Request,
+    files: Annotated[list[UploadFile], FILES],
+    length: Annotated[Literal["short", "medium", "long"], Form()] = "medium",
+    max_words: Annotated[int | None, Form(ge=1, le=1_000)] = None,
+    temperature: Annotated[float, Form(ge=0.0, le=2.0)] = 0.0,
+    seed: Annotated[int | None, Form()] = None,
+    stream: Annotated[bool, Form()] = False,
+):
+    """An abstractive summary of uploaded documents, read with their structure (a deck's slides, a
+    workbook's sheets with their header rows, an e-mail's headers and attachments, a PDF's pages);
+    past the context, summarized in pieces and then again (map-reduce), as `/v1/summarize` does."""
+    gen = request.app.state.gen
+    text = "\n\n".join(d.text() for d in await read_all(files))
+    plan = summarize_plan(gen, text, length, max_words, temperature, seed)
+    req = SummarizeRequest.model_construct(stream=stream, evaluate=None)
+
+    def shape(s: Summary, scored) -> SummarizeResponse:
+        return SummarizeResponse(
+            summary=s.summary, scores=scored, model=gen.name, usage=usage(s.prompt_tokens, s.completion_tokens)
+        )
+
+    return await respond(req, plan, request, "summarize", text, shape)
+
+
+@router.post("/answer/files", response_model=AnswerResponse, responses=STREAMED)
+async def answer_files(
+    request: Request,
+    question: Annotated[str, Form(min_length=1, max_length=MAX_QUESTION_CHARS)],
+    files: Annotated[list[UploadFile], FILES],
+    max_tokens: Annotated[int, Form(ge=1, le=1_000)] = 80,
+    temperature: Annotated[float, Form(ge=0.0, le=2.0)] = 0.0,
+    seed: Annotated[int | None, Form()] = None,
+    stream: Annotated[bool, Form()] = False,
+):
+    """A direct answer in one full sentence from uploaded documents: each document's parts (slides,
+    sheets, pages, sections, messages) are the passages, the first `MAX_PASSAGES` of them in order, and
+    `citation` names the file and part the answer drew on."""
+    gen = request.app.state.gen
+    parts = [(d.name, p) for d in await read_all(files) for p in d.parts][:MAX_PASSAGES]
+    passages = [p.text for _, p in parts]
+    plan = answer_plan(gen, question, passages, max_tokens, temperature, seed)
+    req = AnswerRequest.model_construct(stream=stream, evaluate=None)
+
+    def shape(a: Answer, scored) -> AnswerResponse:
+        cited = None if a.passage_index is None else parts[a.passage_index]
+        return AnswerResponse(
+            answer=a.answer,
+            scores=scored,
+            passage_index=a.passage_index,
+            citation=Citation(file=cited[0], part=cited[1].label) if cited else None,
+            model=gen.name,
+            usage=usage(a.prompt_tokens, a.completion_tokens),
+        )
+
+    return await respond(req, plan, request, "answer", answer_source(question, passages), shape)
