@@ -60,18 +60,37 @@ def _emit(args, data: dict, text: str) -> None:
 def cmd_answer(args) -> None:
     from service.tasks.answer import answer
 
-    a = answer(_load(args), args.question, args.passage or [], args.max_tokens)
+    found = _file_passages(args.question, args.file or [])
+    passages = (args.passage or []) + [p.text for p in found]
+    a = answer(_load(args), args.question, passages, args.max_tokens)
+    data = {
+        "answer": a.answer,
+        "passage_index": a.passage_index,
+        "prompt_tokens": a.prompt_tokens,
+        "completion_tokens": a.completion_tokens,
+    }
     where = f"\n(drawn from passage {a.passage_index})" if a.passage_index is not None else ""
-    _emit(
-        args,
-        {
-            "answer": a.answer,
-            "passage_index": a.passage_index,
-            "prompt_tokens": a.prompt_tokens,
-            "completion_tokens": a.completion_tokens,
-        },
-        a.answer + where,
-    )
+    cited = a.passage_index - len(args.passage or []) if a.passage_index is not None else -1
+    if cited >= 0:
+        p = found[cited]
+        data["citation"] = {"file": p.file, "part": p.part, "start": p.start, "end": p.end, "passage": p.text}
+        where = f"\n(from {p.file}, {p.part}, characters {p.start}-{p.end})"
+    _emit(args, data, a.answer + where)
+
+
+def _file_passages(question: str, files: list[str]):
+    """The passages of the files ranked best for the question (`service.retrieval`)."""
+    if not files:
+        return []
+    from service import documents, retrieval
+
+    docs = []
+    for name in files:
+        path = Path(name)
+        if not path.is_file():
+            raise FileNotFoundError(f"no such file: {path}")
+        docs.append(documents.read(path.read_bytes(), path.name))
+    return retrieval.rank(question, retrieval.passages(docs))
 
 
 def cmd_summarize(args) -> None:

@@ -108,6 +108,13 @@ def parser() -> argparse.ArgumentParser:
     a = sub.add_parser("answer", parents=[common, as_json], help="answer a question in one full sentence")
     a.add_argument("question")
     a.add_argument("--passage", action="append", metavar="TEXT", help="a context passage (repeatable)")
+    a.add_argument(
+        "--file",
+        action="append",
+        metavar="FILE",
+        help="a document to answer from (repeatable): .eml, .docx, .pptx, .xlsx, .pdf, .html, .txt, ...; its "
+        "passages best ranked for the question are used, and the answer cites file, part and characters",
+    )
     a.add_argument("--max-tokens", type=int, default=80, help="tokens the answer may take")
     a.set_defaults(run=commands.cmd_answer)
 

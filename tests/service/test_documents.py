@@ -115,3 +115,17 @@ def test_cli_summarizes_a_deck(office, capsys, tmp_path):
     tool.write_bytes(b"MZ\x90\x00binary")
     assert main(["summarize", str(tool), "--model", "tiny-random"]) == 2
     assert "supported types are" in capsys.readouterr().err
+
+
+def test_cli_answers_from_files_with_a_citation(office, capsys, tmp_path):
+    """`nlg answer Q --file deck.pptx --file sales.xlsx`: the best passages of both files are answered
+    from; a citation, when the answer drew on one, points into the file's part."""
+    deck, book = tmp_path / "deck.pptx", tmp_path / "sales.xlsx"
+    deck.write_bytes(office["pptx"])
+    book.write_bytes(office["xlsx"])
+    args = ["answer", "What is the code word?", "--file", str(deck), "--file", str(book), "--model", "tiny-random"]
+    assert main([*args, "--json", "--max-tokens", "16"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["prompt_tokens"] > 0
+    if "citation" in out:
+        assert out["citation"]["file"] in ("deck.pptx", "sales.xlsx")

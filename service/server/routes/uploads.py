@@ -2,7 +2,8 @@
 then the JSON routes' other fields as form fields). Each file is read into parts (`service.documents`:
 e-mail, Word, PowerPoint, Excel, PDF, HTML, text) on a worker thread; an unsupported type gets 415, an
 unreadable file 422, a file over its cap 413 (and the whole body past `MAX_UPLOAD_BYTES`, while it is
-read). An answer names the file and the part (slide, sheet, page, section) it drew on.
+read). An answer is drawn from the passages ranked best for the question (`service.retrieval`) and names
+the file, the part (slide, sheet, page, section) and the characters it drew on.
 """
 
 from __future__ import annotations
@@ -12,12 +13,11 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, File, Form, Request, UploadFile
 
-from service import documents
+from service import documents, retrieval
 from service.errors import InvalidRequest
 from service.server.http_errors import responses
 from service.server.routes.tasks import respond, usage
 from service.server.schemas.tasks import (
-    MAX_PASSAGES,
     MAX_QUESTION_CHARS,
     AnswerRequest,
     AnswerResponse,
@@ -84,22 +84,24 @@ async def answer_files(
     seed: Annotated[int | None, Form()] = None,
     stream: Annotated[bool, Form()] = False,
 ):
-    """A direct answer in one full sentence from uploaded documents: each document's parts (slides,
-    sheets, pages, sections, messages) are the passages, the first `MAX_PASSAGES` of them in order, and
-    `citation` names the file and part the answer drew on."""
+    """A direct answer in one full sentence from uploaded documents. They are cut into passages along
+    their structure (slides, sheets, pages, sections, messages; long parts at paragraphs), the passages
+    ranked for the question (BM25, fused with dense embeddings where installed), and the best three
+    answered from as `/v1/answer` does; `citation` names the file, part and characters the answer drew on."""
     gen = request.app.state.gen
-    parts = [(d.name, p) for d in await read_all(files) for p in d.parts][:MAX_PASSAGES]
-    passages = [p.text for _, p in parts]
+    docs = await read_all(files)
+    found = await asyncio.to_thread(lambda: retrieval.rank(question, retrieval.passages(docs)))
+    passages = [p.text for p in found]
     plan = answer_plan(gen, question, passages, max_tokens, temperature, seed)
     req = AnswerRequest.model_construct(stream=stream, evaluate=None)
 
     def shape(a: Answer, scored) -> AnswerResponse:
-        cited = None if a.passage_index is None else parts[a.passage_index]
+        p = None if a.passage_index is None else found[a.passage_index]
         return AnswerResponse(
             answer=a.answer,
             scores=scored,
             passage_index=a.passage_index,
-            citation=Citation(file=cited[0], part=cited[1].label) if cited else None,
+            citation=Citation(file=p.file, part=p.part, start=p.start, end=p.end, passage=p.text) if p else None,
             model=gen.name,
             usage=usage(a.prompt_tokens, a.completion_tokens),
         )

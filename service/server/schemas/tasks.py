@@ -52,6 +52,9 @@ class AnswerRequest(Body):
 class Citation(BaseModel):
     file: str = Field(description="the uploaded file's name")
     part: str = Field(description='where in it: "slide 3", "sheet Q2", "page 2", "section Budget", "message", ...')
+    start: int = Field(description="character offset of the passage in the part's text (as converted)")
+    end: int
+    passage: str = Field(description="the passage's text")
 
 
 class AnswerResponse(BaseModel):
