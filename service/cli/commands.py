@@ -245,9 +245,9 @@ def cmd_batch(args) -> None:
 
     from service.jobs.files import run_job
 
-    src, out = Path(args.input), Path(args.output)
+    src, out = args.input, Path(args.output)
     gen = _load(args)
-    with tqdm(desc=f"{args.task} {src.name}", unit="rec", disable=args.quiet) as bar:
+    with tqdm(desc=f"{args.task} {Path(src).name}", unit="rec", disable=args.quiet) as bar:
 
         def progress(tokens: int) -> None:
             bar.update(1)

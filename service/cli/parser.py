@@ -205,9 +205,17 @@ def parser() -> argparse.ArgumentParser:
     )
     b.add_argument("--save", metavar="FILE", help="--device cuda: also write the JSON report to FILE, shape by shape")
     b.set_defaults(run=commands.cmd_bench)
-    j = sub.add_parser("batch", parents=[common], help="summarize or answer every line of a JSONL file (resumable)")
+    j = sub.add_parser(
+        "batch",
+        parents=[common],
+        help="summarize or answer every line of a JSONL file, or a folder of documents (resumable)",
+    )
     j.add_argument("task", choices=["summarize", "answer"])
-    j.add_argument("input", help="JSONL: {document, length?, max_words?} or {question, passages?}, optional id")
+    j.add_argument(
+        "input",
+        help="JSONL: {document, length?, max_words?} or {question, passages?}, optional id; or, to summarize, a folder "
+        "or a quoted glob of documents ('mail/*.eml'), each result keyed by its file name",
+    )
     j.add_argument("-o", "--output", required=True, help="results JSONL (appended; a rerun resumes)")
     j.add_argument("--workers", type=int, default=8, help="records in flight, batched by the engine (default 8)")
     j.add_argument("--quiet", action="store_true", help="no progress bar")

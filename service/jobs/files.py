@@ -38,8 +38,9 @@ class Summary:
     completion_tokens: int
 
 
-def done_lines(path: Path) -> set[int]:
-    """Line numbers already written to `path`; cuts a torn last line off the file first."""
+def done_lines(path: Path, key: str = "line") -> set:
+    """The `key` (line numbers, or a folder's file names) of every result already written to `path`;
+    cuts a torn last line off the file first."""
     if not path.exists():
         return set()
     data = path.read_bytes()
@@ -47,7 +48,35 @@ def done_lines(path: Path) -> set[int]:
         with path.open("r+b") as f:
             f.truncate(data.rfind(b"\n") + 1)
         data = data[: data.rfind(b"\n") + 1]
-    return {json.loads(line)["line"] for line in data.splitlines() if line.strip()}
+    return {json.loads(line).get(key) for line in data.splitlines() if line.strip()}
+
+
+def named_files(spec: str | Path) -> tuple[Path, list[Path]] | None:
+    """(the folder, its documents in name order) for a folder or a glob (`docs/*.pdf`, `mail/**/*.eml`),
+    every regular file under it; None for a single file (a JSONL of records)."""
+    spec = str(spec)
+    if any(c in spec for c in "*?["):
+        parts = Path(spec).parts
+        cut = next(i for i, p in enumerate(parts) if any(c in p for c in "*?["))
+        root = Path(*parts[:cut]) if cut else Path(".")
+        return root, sorted(p for p in root.glob(str(Path(*parts[cut:]))) if p.is_file())
+    path = Path(spec)
+    if path.is_dir():
+        return path, sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
+    return None
+
+
+def file_records(root: Path, paths: list[Path]) -> Iterator[tuple[str, dict | None, str | None]]:
+    """(the file's name under `root`, a summarize record of its text, a conversion error) per file,
+    read as it is reached (`service.documents`)."""
+    from service.documents import read
+
+    for path in paths:
+        name = path.relative_to(root).as_posix()
+        try:
+            yield name, {"id": name, "document": read(path.read_bytes(), path.name).text()}, None
+        except InvalidRequest as e:
+            yield name, None, str(e)
 
 
 def read_records(path: Path) -> Iterator[tuple[int, dict | None, str | None]]:
@@ -82,30 +111,45 @@ class Appender:
 def run_job(
     gen: TextGenerator,
     task: str,
-    src: Path,
+    src: Path | str,
     out: Path,
     workers: int = 8,
     progress: Callable[[int], None] | None = None,
     on_start: Callable[[int], None] | None = None,
 ) -> Summary:
-    """Process every line of `src` not yet in `out` (or its errors file). `on_start(n)` learns how many
-    records are left to do; `progress(tokens)` is called once per finished record, on this thread."""
+    """Process every line of `src` not yet in `out` (or its errors file); or, for summaries, every document
+    of a folder or glob (`named_files`), each result keyed by its file name instead of a line number.
+    `on_start(n)` learns how many records are left to do; `progress(tokens)` is called once per finished
+    record, on this thread."""
     if task not in ("summarize", "answer"):
         raise InvalidRequest(f"unknown batch task {task!r}: summarize or answer")
-    if not src.is_file():
+    folder = named_files(src)
+    if folder is not None and task != "summarize":
+        raise InvalidRequest("a folder or glob of documents is summarized; answers take a JSONL of questions")
+    if folder is None and not Path(src).is_file():
         raise FileNotFoundError(f"no such file: {src}")
     errors_path = out.with_name(out.name.removesuffix(".jsonl") + ".errors.jsonl")
-    skip = done_lines(out) | done_lines(errors_path)
-    records = list(read_records(src))
+    key = "line" if folder is None else "file"
+    skip = done_lines(out, key) | done_lines(errors_path, key)
+    if folder is None:
+        records = list(read_records(Path(src)))
+    else:
+        names = [p.relative_to(folder[0]).as_posix() for p in folder[1]]
+        records = [(n, None, None) for n in names]  # read when its turn comes (below)
     todo = [(n, r, e) for n, r, e in records if n not in skip]
+    left = len(todo)
+    if folder is not None:
+        wanted = {n for n, _, _ in todo}
+        todo = file_records(folder[0], [p for p in folder[1] if p.relative_to(folder[0]).as_posix() in wanted])
     if on_start:
-        on_start(len(todo))
+        on_start(left)
     results, errors = Appender(out), Appender(errors_path)
     start, counts = time.perf_counter(), {"ok": 0, "error": 0, "tokens": 0}
 
-    def one(item: tuple[int, dict | None, str | None]) -> tuple[str, int]:
+    def one(item: tuple[int | str, dict | None, str | None]) -> tuple[str, int]:
         n, record, parse_error = item
-        key = {"line": n} | ({"id": record["id"]} if isinstance(record, dict) and "id" in record else {})
+        key = {"line": n} if folder is None else {"file": n}
+        key |= {"id": record["id"]} if isinstance(record, dict) and "id" in record else {}
         try:
             if parse_error:
                 raise InvalidRequest(parse_error)
@@ -132,7 +176,7 @@ def run_job(
         errors.close()
     return Summary(
         len(records),
-        len(records) - len(todo),
+        len(records) - left,
         counts["ok"],
         counts["error"],
         time.perf_counter() - start,

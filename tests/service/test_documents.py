@@ -129,3 +129,26 @@ def test_cli_answers_from_files_with_a_citation(office, capsys, tmp_path):
     assert out["prompt_tokens"] > 0
     if "citation" in out:
         assert out["citation"]["file"] in ("deck.pptx", "sales.xlsx")
+
+
+def test_batch_summarizes_a_folder_and_resumes(office, tiny, tmp_path):
+    """`nlg batch summarize DIR`: one result per document keyed by its file name, an unreadable one in the
+    errors file; a rerun with a new file does only that one."""
+    from service.jobs.files import run_job
+
+    docs = tmp_path / "docs"
+    (docs / "mail").mkdir(parents=True)
+    (docs / "deck.pptx").write_bytes(office["pptx"])
+    (docs / "mail" / "note.txt").write_text("The meeting moved to Friday at noon. " * 3)
+    (docs / "tool.exe").write_bytes(b"MZ\x90\x00binary")
+    out = tmp_path / "out.jsonl"
+    first = run_job(tiny, "summarize", docs, out, workers=2)
+    assert (first.succeeded, first.failed) == (2, 1)
+    assert sorted(json.loads(line)["file"] for line in out.read_text().splitlines()) == ["deck.pptx", "mail/note.txt"]
+    errors = [json.loads(line) for line in (tmp_path / "out.errors.jsonl").read_text().splitlines()]
+    assert errors[0]["file"] == "tool.exe" and "supported types" in errors[0]["error"]
+    (docs / "plan.docx").write_bytes(office["docx"])
+    again = run_job(tiny, "summarize", str(docs / "*.docx"), out, workers=2)  # a glob: only the new file
+    assert (again.total, again.succeeded) == (1, 1)
+    rerun = run_job(tiny, "summarize", docs, out, workers=2)
+    assert (rerun.skipped, rerun.succeeded) == (4, 0)
