@@ -290,6 +290,7 @@ def cmd_eval(args) -> None:
             args.length,
             args.workers,
             progress=lambda: bar.update(1),
+            retrieve=args.retrieve,
         )
     if args.json:
         print(json.dumps({k: v for k, v in report.items() if k != "examples"}))

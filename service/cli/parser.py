@@ -230,6 +230,12 @@ def parser() -> argparse.ArgumentParser:
         "a text file (wikitext)",
     )
     e.add_argument("--limit", type=int, help="only the first N examples (wikitext: the first N tokens)")
+    e.add_argument(
+        "--retrieve",
+        action="store_true",
+        help="qa: answer each question from the passages ranked best among every example's context pooled (BM25, "
+        "fused with dense embeddings where installed), not from its own; adds recall_at_3",
+    )
     e.add_argument("--out", default="eval-out", help="directory for report.json, report.md, scores.png")
     e.add_argument("--length", choices=["short", "medium", "long"], default="medium", help="summary length")
     e.add_argument("--workers", type=int, default=8, help="examples in flight, batched by the engine")

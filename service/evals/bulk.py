@@ -14,12 +14,14 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
+from service.documents import Document, Part
 from service.engine.generator import TextGenerator
 from service.errors import InvalidRequest
 from service.evals import factual, fluency
 from service.evals.scoring import aggregate, evaluate, numeric, qa, rouge
 from service.jobs.files import in_flight
 from service.jobs.records import BATCH_PRIORITY
+from service.retrieval import passages, rank
 from service.tasks.answer import answer, answer_source
 from service.tasks.sentences import is_complete, sentences
 from service.tasks.summarize import summarize
@@ -38,7 +40,10 @@ def reference_free() -> list[str]:
     return ["support", "sentence", "fluency"] + (["grammar"] if fluency.grammar_unavailable() is None else [])
 
 
-def score_example(task: str, record: dict, gen: TextGenerator, length: str) -> dict:
+def score_example(task: str, record: dict, gen: TextGenerator, length: str, pool: list | None = None) -> dict:
+    """One example's output and scores. qa with a `pool` (`service.retrieval` passages of every example's
+    context): the question is answered from the passages ranked best for it, not from its own context,
+    and `recall_at_3` says whether its context was among them."""
     if task == "summarize":
         refs = [record["summary"].replace("   ", "\n")]
         s = summarize(gen, record["document"], length, priority=BATCH_PRIORITY)
@@ -48,9 +53,14 @@ def score_example(task: str, record: dict, gen: TextGenerator, length: str) -> d
         scores |= {f"lead3_{k}": v for k, v in rouge(lead3(record["document"]), refs).items()}
         return {"id": record.get("id"), "prediction": s.summary, "references": refs, "scores": scores}
     passages = [record["context"]] if record.get("context") else []
+    recall = {}
+    if pool is not None:
+        found = rank(record["question"], pool)
+        recall = {"recall_at_3": float(any(p.text in record.get("context") or "" for p in found))}
+        passages = [p.text for p in found]
     a = answer(gen, record["question"], passages, priority=BATCH_PRIORITY)
     source = answer_source(record["question"], passages)
-    scores = qa(a.answer, record["answers"]) | evaluate(reference_free(), a.answer, [], source, gen)
+    scores = qa(a.answer, record["answers"]) | recall | evaluate(reference_free(), a.answer, [], source, gen)
     return {"id": record.get("id"), "prediction": a.answer, "references": record["answers"], "scores": scores}
 
 
@@ -63,7 +73,9 @@ def run_eval(
     length: str = "medium",
     workers: int = 8,
     progress: Callable[[], None] | None = None,
+    retrieve: bool = False,
 ) -> dict:
+    """Score every example (`retrieve`: qa over the pooled contexts of all examples, `score_example`)."""
     if task not in MAIN:
         raise InvalidRequest(f"unknown eval task {task!r}: {', '.join(MAIN)}")
     if not data.is_file():
@@ -71,9 +83,15 @@ def run_eval(
     records = [json.loads(line) for line in data.read_text(encoding="utf-8").splitlines() if line.strip()]
     records = records[:limit] if limit else records
     done: list[tuple[int, dict]] = []  # results arrive out of order
+    pool = None
+    if retrieve:
+        if task != "qa":
+            raise InvalidRequest("--retrieve is for qa: questions answered from every example's context pooled")
+        contexts = dict.fromkeys(r["context"] for r in records if r.get("context"))
+        pool = passages([Document(f"context {i}", "txt", [Part("text", c)]) for i, c in enumerate(contexts)])
 
     def one(item: tuple[int, dict]) -> tuple[int, dict]:
-        return item[0], score_example(task, item[1], gen, length)
+        return item[0], score_example(task, item[1], gen, length, pool)
 
     def collect(result: tuple[int, dict]) -> None:
         done.append(result)
@@ -87,6 +105,7 @@ def run_eval(
         "task": task,
         "model": gen.name,
         "data": str(data),
+        "retrieval": retrieve,
         "examples_scored": len(examples),
         "entity_finder": factual.ner_backend(),
         "link_grammar": fluency.grammar_unavailable() or "installed",

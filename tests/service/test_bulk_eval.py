@@ -31,6 +31,33 @@ def test_eval_qa_writes_report_table_and_plot(tiny, tmp_path):
         assert (tmp_path / "out" / name).stat().st_size > 0
 
 
+def test_eval_qa_with_retrieval_answers_from_the_pooled_contexts(tiny, tmp_path):
+    """`nlg eval qa --retrieve`: each question is answered from the passages ranked best among every
+    example's context, and `recall_at_3` says whether its own context was among them (here, with four
+    contexts and three passages given, the lexical cases are found)."""
+    data = tmp_path / "qa.jsonl"
+    facts = [
+        "The Broncos won the final in Denver.",
+        "Paris is the capital of France.",
+        "Water boils at 100 degrees.",
+        "The violin has four strings.",
+    ]
+    questions = [
+        "Who won the final in Denver?",
+        "What is the capital of France?",
+        "When does water boil?",
+        "How many strings has the violin?",
+    ]
+    rows = [
+        {"id": str(i), "question": q, "context": c, "answers": ["x"]} for i, (q, c) in enumerate(zip(questions, facts))
+    ]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    report = run_eval(tiny, "qa", data, tmp_path / "out", workers=2, retrieve=True)
+    assert report["retrieval"] is True
+    assert [e["scores"]["recall_at_3"] for e in report["examples"]] == [1.0] * 4
+    assert report["metrics"]["recall_at_3"]["mean"] == 1.0
+
+
 def test_eval_summarize_scores_lead3_beside(capsys, tmp_path):
     """`nlg eval summarize` scores the Lead-3 baseline beside our summaries from the same references."""
     data = tmp_path / "sum.jsonl"
