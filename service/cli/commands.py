@@ -97,20 +97,21 @@ def cmd_summarize(args) -> None:
     from service.tasks.summarize import summarize
 
     if args.file == "-":
-        document = sys.stdin.read()
+        s = summarize(_load(args), sys.stdin.read(), args.length, args.max_words)
     else:
         from service.documents import read
+        from service.tasks.documents import document_plan
+        from service.tasks.plans import run_plan
 
         path = Path(args.file)
         if not path.is_file():
             raise FileNotFoundError(f"no such file: {path}")
-        document = read(path.read_bytes(), path.name).text()  # e-mail, Word, PowerPoint, Excel, PDF, HTML, text
-    s = summarize(_load(args), document, args.length, args.max_words)
-    _emit(
-        args,
-        {"summary": s.summary, "prompt_tokens": s.prompt_tokens, "completion_tokens": s.completion_tokens},
-        s.summary,
-    )
+        doc = read(path.read_bytes(), path.name)  # e-mail, Word, PowerPoint, Excel, PDF, HTML, text
+        s = run_plan(gen := _load(args), document_plan(gen, [doc], args.length, args.max_words))
+    data = {"summary": s.summary, "prompt_tokens": s.prompt_tokens, "completion_tokens": s.completion_tokens}
+    if s.citations is not None:
+        data["citations"] = s.citations
+    _emit(args, data, s.summary)
 
 
 def cmd_generate(args) -> None:

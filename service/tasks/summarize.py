@@ -38,6 +38,7 @@ class Summary:
     summary: str
     prompt_tokens: int
     completion_tokens: int
+    citations: list[dict] | None = None  # documents (`service.tasks.documents`): each sentence's file and part
 
 
 def summary_messages(document: str, instruction: str, rewrite: bool = False) -> list[dict[str, str]]:

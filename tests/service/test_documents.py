@@ -152,3 +152,33 @@ def test_batch_summarizes_a_folder_and_resumes(office, tiny, tmp_path):
     assert (again.total, again.succeeded) == (1, 1)
     rerun = run_job(tiny, "summarize", docs, out, workers=2)
     assert (rerun.skipped, rerun.succeeded) == (4, 0)
+
+
+def test_a_long_workbook_is_summarized_in_groups_of_parts_with_header_rows(tiny, monkeypatch):
+    """Past the context, whole parts are grouped under their labels; a sheet cut in pieces keeps its
+    header row in each; the summary's sentences cite the parts they share words with."""
+    from service.tasks.documents import _groups, cite, document_plan
+    from service.tasks.plans import run_plan
+
+    rows = "\n".join(f"| region {i} | {i * 7} |" for i in range(300))
+    sheet = f"| region | sales |\n| --- | --- |\n{rows}"
+    pieces = _groups(
+        tiny, [("b.xlsx, sheet Q1", "| a | b |\n| --- | --- |\n| x | 1 |"), ("b.xlsx, sheet Q2", sheet)], 400
+    )
+    assert pieces[0] == "[b.xlsx, sheet Q1]\n| a | b |\n| --- | --- |\n| x | 1 |"
+    assert len(pieces) > 2 and all(
+        p.startswith("[b.xlsx, sheet Q2]\n| region | sales |\n| --- | --- |\n") for p in pieces[1:]
+    )
+    assert all(len(tiny.tokenizer.encode(p)) <= 400 for p in pieces)
+    doc = documents.Document(
+        "b.xlsx", "xlsx", [documents.Part("sheet Q1", "| a | b |"), documents.Part("sheet Q2", sheet)]
+    )
+    monkeypatch.setattr(tiny.engine, "context", 700)
+    s = run_plan(tiny, document_plan(tiny, [doc], "short"))
+    assert s.prompt_tokens > len(tiny.tokenizer.encode(doc.text()))  # every piece was read, then the summaries
+    parts = [
+        ("deck.pptx", "slide 2", "Revenue grew in the north region."),
+        ("deck.pptx", "slide 3", "The code word is walrus."),
+    ]
+    cited = cite("The code word was walrus. Nothing else.", parts)
+    assert [(c["file"], c["part"]) for c in cited] == [("deck.pptx", "slide 3"), (None, None)]

@@ -17,7 +17,8 @@ def client(tiny):
 
 
 def test_a_deck_is_summarized(client, office):
-    """A .pptx upload with form fields as the JSON route's: a summary and its token usage."""
+    """A .pptx upload with form fields as the JSON route's: a summary, its token usage, and each sentence's
+    slide where one shares its words."""
     r = client.post(
         "/v1/summarize/files",
         files=[("files", ("deck.pptx", office["pptx"], "application/octet-stream"))],
@@ -26,6 +27,7 @@ def test_a_deck_is_summarized(client, office):
     assert r.status_code == 200, r.text
     body = r.json()
     assert isinstance(body["summary"], str) and body["usage"]["prompt_tokens"] > 0
+    assert all(c["part"] is None or c["part"].startswith("slide ") for c in body["citations"])
 
 
 def test_an_answer_cites_the_file_and_part_it_drew_on(client, office):

@@ -26,7 +26,8 @@ from service.server.schemas.tasks import (
     SummarizeResponse,
 )
 from service.tasks.answer import Answer, answer_plan, answer_source
-from service.tasks.summarize import Summary, summarize_plan
+from service.tasks.documents import document_plan
+from service.tasks.summarize import Summary
 
 MAX_FILES = 8  # per request
 MAX_UPLOAD_BYTES = MAX_FILES * documents.MAX_BYTES  # one request's body (`service.server.app`'s BodyLimit)
@@ -60,15 +61,21 @@ async def summarize_files(
 ):
     """An abstractive summary of uploaded documents, read with their structure (a deck's slides, a
     workbook's sheets with their header rows, an e-mail's headers and attachments, a PDF's pages);
-    past the context, summarized in pieces and then again (map-reduce), as `/v1/summarize` does."""
+    past the context, groups of whole parts are summarized and then their summaries (map-reduce).
+    `citations` gives each summary sentence's file and part, where one shares its words."""
     gen = request.app.state.gen
-    text = "\n\n".join(d.text() for d in await read_all(files))
-    plan = summarize_plan(gen, text, length, max_words, temperature, seed)
+    docs = await read_all(files)
+    text = "\n\n".join(d.text() for d in docs)
+    plan = document_plan(gen, docs, length, max_words, temperature, seed)
     req = SummarizeRequest.model_construct(stream=stream, evaluate=None)
 
     def shape(s: Summary, scored) -> SummarizeResponse:
         return SummarizeResponse(
-            summary=s.summary, scores=scored, model=gen.name, usage=usage(s.prompt_tokens, s.completion_tokens)
+            summary=s.summary,
+            citations=s.citations,
+            scores=scored,
+            model=gen.name,
+            usage=usage(s.prompt_tokens, s.completion_tokens),
         )
 
     return await respond(req, plan, request, "summarize", text, shape)

@@ -102,8 +102,17 @@ class SummarizeRequest(Body):
         return self.document if self.document is not None else "\n\n".join(self.documents)
 
 
+class SentenceSource(BaseModel):
+    sentence: str
+    file: str | None = Field(description="the uploaded file the sentence draws on, when one part shares its words")
+    part: str | None = Field(description='its part: "slide 3", "sheet Q2", "page 2", "section Budget", ...')
+
+
 class SummarizeResponse(BaseModel):
     summary: str
+    citations: list[SentenceSource] | None = Field(
+        None, description="/v1/summarize/files: each summary sentence with the file and part it draws on"
+    )
     scores: dict[str, float | list[str]] | None = None
     model: str
     usage: Usage

@@ -1,0 +1,99 @@
+"""Summaries of documents along their structure (`service.documents`): a deck slide by slide, a workbook
+sheet by sheet (a sheet cut in pieces keeps its header row in each), a PDF page by page, an e-mail
+message by message, each part under its label. A document that fits the context is summarized whole,
+labels included; a longer one is cut into groups of whole parts (a part longer than the context on its
+own is cut at sentence ends), each group summarized, and those summaries summarized again. Each sentence
+of the summary then cites the part it shares the most content words with, when it shares two or more.
+"""
+
+from __future__ import annotations
+
+from service.documents import Document
+from service.engine.generator import TextGenerator
+from service.engine.sampling import SamplingParams
+from service.tasks.plans import Generate, Plan
+from service.tasks.sentences import sentences
+from service.tasks.summarize import (
+    LENGTHS,
+    MAP_INSTRUCTION,
+    SUMMARY_NO_REPEAT_NGRAM,
+    Summary,
+    summarize_plan,
+    summary_messages,
+)
+from service.tasks.text import content_words, split_to_fit, whole_sentences
+
+MIN_SHARED = 2  # content words a summary sentence must share with a part to cite it
+
+
+def document_plan(
+    gen: TextGenerator,
+    docs: list[Document],
+    length: str = "medium",
+    max_words: int | None = None,
+    temperature: float = 0.0,
+    seed: int | None = None,
+) -> Plan:
+    """The summary of `docs` (`Summary.citations`: each sentence's file and part, where found)."""
+    parts = [(d, p) for d in docs for p in d.parts]
+    whole = "\n\n".join(d.text() for d in docs)
+    chat, context = gen.tokenizer.chat, gen.engine.context
+    _, budget = LENGTHS["medium"]
+    room = context - budget - len(chat(summary_messages(".", MAP_INSTRUCTION)))
+    if len(gen.tokenizer.encode(whole)) <= room or room < 64:
+        s = yield from summarize_plan(gen, whole, length, max_words, temperature, seed)
+    else:
+        params = SamplingParams(
+            max_tokens=budget, temperature=temperature, seed=seed, no_repeat_ngram=SUMMARY_NO_REPEAT_NGRAM
+        )
+        pieces = _groups(gen, [(f"{d.name}, {p.label}", p.text) for d, p in parts], room)
+        partial = yield Generate([chat(summary_messages(p, MAP_INSTRUCTION)) for p in pieces], [params] * len(pieces))
+        joined = "\n".join(whole_sentences(" ".join(r.text.split())) for r in partial if r.text.strip()) or whole
+        final = yield from summarize_plan(gen, joined, length, max_words, temperature, seed)
+        s = Summary(
+            final.summary,
+            final.prompt_tokens + sum(r.prompt_tokens for r in partial),
+            final.completion_tokens + sum(r.completion_tokens for r in partial),
+        )
+    s.citations = cite(s.summary, [(d.name, p.label, p.text) for d, p in parts])
+    return s
+
+
+def _groups(gen: TextGenerator, parts: list[tuple[str, str]], room: int) -> list[str]:
+    """Whole labelled parts packed in order into pieces of at most `room` tokens; a part too long alone is
+    cut at sentence ends, each cut under its label (and, for a table, its header row)."""
+    pieces, current, used = [], [], 0
+    for label, text in parts:
+        block = f"[{label}]\n{text}"
+        n = len(gen.tokenizer.encode(block))
+        if n > room:
+            lines = text.splitlines()
+            header = "\n".join(lines[:2]) + "\n" if len(lines) > 2 and lines[0].startswith("|") else ""
+            head = f"[{label}]\n{header}"
+            cut = split_to_fit(gen, text[len(header) :] if header else text, room - len(gen.tokenizer.encode(head)))
+            pieces += ["\n\n".join(current)] if current else []
+            pieces += [head + c for c in cut]
+            current, used = [], 0
+        elif used + n > room:
+            pieces.append("\n\n".join(current))
+            current, used = [block], n
+        else:
+            current.append(block)
+            used += n
+    return pieces + (["\n\n".join(current)] if current else [])
+
+
+def cite(summary: str, parts: list[tuple[str, str, str]]) -> list[dict]:
+    """Each sentence of `summary` with the (file, part) it shares the most content words with (at least
+    `MIN_SHARED`), else with none."""
+    words = [content_words(text) for _, _, text in parts]
+    out = []
+    for sentence in sentences(summary):
+        mine = content_words(sentence)
+        shared = [len(mine & w) for w in words]
+        best = max(range(len(parts)), key=lambda i: shared[i], default=None)
+        found = best is not None and shared[best] >= MIN_SHARED
+        out.append(
+            {"sentence": sentence, "file": parts[best][0] if found else None, "part": parts[best][1] if found else None}
+        )
+    return out
