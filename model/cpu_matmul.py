@@ -16,6 +16,7 @@ packed.
 
 from __future__ import annotations
 
+import copy
 import ctypes
 import ctypes.util
 import time
@@ -27,7 +28,8 @@ from torch import nn
 
 ROWS_HINT = 64  # the batch size oneDNN's layout is chosen for: any hint above 1 gave the same blocked
 # layout speed for 1 to 512 rows; a hint of 1 gave a layout 1.4x slower at one row and 2x at eight
-MIN_BYTES = 1 << 18  # smaller weights stay with F.linear: the call overhead outweighs the read
+MIN_BYTES = 1 << 20  # smaller weights stay with F.linear: oneDNN's call overhead outweighs the read (and
+# the test model's largest weight, 256 KB, never takes a route that timing noise could flip)
 SAMPLE_BYTES = 64 << 20  # weights of one shape timed, at most (twice the L3 cache of the EPYC measured)
 MARGIN = 0.9  # oneDNN is kept only when it takes under 90% of F.linear's time (noise must not flip it)
 
@@ -44,6 +46,13 @@ class PackedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
+
+    def __deepcopy__(self, memo) -> PackedLinear:
+        """A copy of the packed weight (an opaque tensor has no storage for `copy.deepcopy` to copy)."""
+        new = copy.copy(self)
+        new.__dict__ = copy.deepcopy({k: v for k, v in self.__dict__.items() if k != "packed"}, memo)
+        new.packed = self.packed.clone()
+        return new
 
 
 def _packable(layer: nn.Module, min_bytes: int) -> bool:

@@ -49,3 +49,17 @@ def test_pack_leaves_quantized_and_bf16_layers_alone(form):
     path = resolve("tiny-random")
     model = load_model(path, quantization="int8") if form == "int8" else load_model(path, dtype=torch.bfloat16)
     assert pack(model, measure=False, min_bytes=0) == {}
+
+
+def test_a_packed_model_deep_copies():
+    """`copy.deepcopy` of a packed model (an opaque oneDNN tensor has no storage to copy) gives an
+    independent copy with the same outputs."""
+    import copy
+
+    model = load_model(resolve("tiny-random"))
+    pack(model, measure=False, min_bytes=0)
+    twin = copy.deepcopy(model)
+    ids, positions = torch.tensor([[5, 17, 42]]), torch.arange(3)[None]
+    with torch.inference_mode():
+        assert_close(twin(ids, positions), model(ids, positions))
+    assert twin.lm_head.kernel.packed is not model.lm_head.kernel.packed

@@ -19,11 +19,11 @@ from service.server.http_errors import responses
 from service.server.routes.tasks import respond, usage
 from service.server.schemas.tasks import (
     MAX_QUESTION_CHARS,
+    AnswerFilesResponse,
     AnswerRequest,
-    AnswerResponse,
     Citation,
+    SummarizeFilesResponse,
     SummarizeRequest,
-    SummarizeResponse,
 )
 from service.tasks.answer import Answer, answer_plan, answer_source
 from service.tasks.documents import document_plan
@@ -49,7 +49,7 @@ async def read_all(files: list[UploadFile]) -> list[documents.Document]:
     return out
 
 
-@router.post("/summarize/files", response_model=SummarizeResponse, responses=STREAMED)
+@router.post("/summarize/files", response_model=SummarizeFilesResponse, responses=STREAMED)
 async def summarize_files(
     request: Request,
     files: Annotated[list[UploadFile], FILES],
@@ -69,8 +69,8 @@ async def summarize_files(
     plan = document_plan(gen, docs, length, max_words, temperature, seed)
     req = SummarizeRequest.model_construct(stream=stream, evaluate=None)
 
-    def shape(s: Summary, scored) -> SummarizeResponse:
-        return SummarizeResponse(
+    def shape(s: Summary, scored) -> SummarizeFilesResponse:
+        return SummarizeFilesResponse(
             summary=s.summary,
             citations=s.citations,
             scores=scored,
@@ -81,7 +81,7 @@ async def summarize_files(
     return await respond(req, plan, request, "summarize", text, shape)
 
 
-@router.post("/answer/files", response_model=AnswerResponse, responses=STREAMED)
+@router.post("/answer/files", response_model=AnswerFilesResponse, responses=STREAMED)
 async def answer_files(
     request: Request,
     question: Annotated[str, Form(min_length=1, max_length=MAX_QUESTION_CHARS)],
@@ -102,9 +102,9 @@ async def answer_files(
     plan = answer_plan(gen, question, passages, max_tokens, temperature, seed)
     req = AnswerRequest.model_construct(stream=stream, evaluate=None)
 
-    def shape(a: Answer, scored) -> AnswerResponse:
+    def shape(a: Answer, scored) -> AnswerFilesResponse:
         p = None if a.passage_index is None else found[a.passage_index]
-        return AnswerResponse(
+        return AnswerFilesResponse(
             answer=a.answer,
             scores=scored,
             passage_index=a.passage_index,

@@ -61,9 +61,12 @@ class AnswerResponse(BaseModel):
     answer: str
     scores: dict[str, float | list[str]] | None = None
     passage_index: int | None = Field(description="0-based index of the passage the answer drew on, if any")
-    citation: Citation | None = Field(None, description="/v1/answer/files: the file and part the answer drew on")
     model: str
     usage: Usage
+
+
+class AnswerFilesResponse(AnswerResponse):
+    citation: Citation | None = Field(description="the file, part and passage the answer drew on, if any")
 
 
 class SummarizeRequest(Body):
@@ -110,9 +113,10 @@ class SentenceSource(BaseModel):
 
 class SummarizeResponse(BaseModel):
     summary: str
-    citations: list[SentenceSource] | None = Field(
-        None, description="/v1/summarize/files: each summary sentence with the file and part it draws on"
-    )
     scores: dict[str, float | list[str]] | None = None
     model: str
     usage: Usage
+
+
+class SummarizeFilesResponse(SummarizeResponse):
+    citations: list[SentenceSource] = Field(description="each summary sentence with the file and part it draws on")
