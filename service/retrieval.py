@@ -19,7 +19,8 @@ from dataclasses import dataclass
 from service.documents import Document
 
 PASSAGE_WORDS = 180  # a passage's words at most (a paragraph longer than this is cut at sentence ends)
-TOP = 3  # passages an answer over documents is given, best first
+TOP = 1  # passages an answer over documents is given, best first: SmolLM2's SQuAD dev-200 containment
+# from the pooled contexts was 38.0% with 1 (gold among them 69%), 32.0% with 2 (87%), 29.5% with 3 (92%)
 RRF_K = 60
 _LOADING = threading.Lock()
 

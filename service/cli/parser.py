@@ -234,7 +234,7 @@ def parser() -> argparse.ArgumentParser:
         "--retrieve",
         action="store_true",
         help="qa: answer each question from the passages ranked best among every example's context pooled (BM25, "
-        "fused with dense embeddings where installed), not from its own; adds recall_at_3",
+        "fused with dense embeddings where installed), not from its own; adds retrieved_gold",
     )
     e.add_argument("--out", default="eval-out", help="directory for report.json, report.md, scores.png")
     e.add_argument("--length", choices=["short", "medium", "long"], default="medium", help="summary length")

@@ -42,8 +42,8 @@ def reference_free() -> list[str]:
 
 def score_example(task: str, record: dict, gen: TextGenerator, length: str, pool: list | None = None) -> dict:
     """One example's output and scores. qa with a `pool` (`service.retrieval` passages of every example's
-    context): the question is answered from the passages ranked best for it, not from its own context,
-    and `recall_at_3` says whether its context was among them."""
+    context): the question is answered from the passages ranked best for it (`service.retrieval.TOP`),
+    not from its own context, and `retrieved_gold` says whether its context was among them."""
     if task == "summarize":
         refs = [record["summary"].replace("   ", "\n")]
         s = summarize(gen, record["document"], length, priority=BATCH_PRIORITY)
@@ -56,7 +56,7 @@ def score_example(task: str, record: dict, gen: TextGenerator, length: str, pool
     recall = {}
     if pool is not None:
         found = rank(record["question"], pool)
-        recall = {"recall_at_3": float(any(p.text in record.get("context") or "" for p in found))}
+        recall = {"retrieved_gold": float(any(p.text in record.get("context") or "" for p in found))}
         passages = [p.text for p in found]
     a = answer(gen, record["question"], passages, priority=BATCH_PRIORITY)
     source = answer_source(record["question"], passages)

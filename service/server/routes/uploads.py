@@ -93,8 +93,9 @@ async def answer_files(
 ):
     """A direct answer in one full sentence from uploaded documents. They are cut into passages along
     their structure (slides, sheets, pages, sections, messages; long parts at paragraphs), the passages
-    ranked for the question (BM25, fused with dense embeddings where installed), and the best three
-    answered from as `/v1/answer` does; `citation` names the file, part and characters the answer drew on."""
+    ranked for the question (BM25, fused with dense embeddings where installed), and the best
+    (`service.retrieval.TOP`) answered from as `/v1/answer` does; `citation` names the file, part and
+    characters the answer drew on."""
     gen = request.app.state.gen
     docs = await read_all(files)
     found = await asyncio.to_thread(lambda: retrieval.rank(question, retrieval.passages(docs)))
