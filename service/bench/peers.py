@@ -119,12 +119,17 @@ def ctranslate2(hf: Path, prompts: list[list[int]], tokens: int) -> dict:
             out.append(step.token_id)
     start = time.perf_counter()
     gen.generate_batch(texts, include_prompt_in_result=False, **options)
-    batch_s = time.perf_counter() - start
+    return _report(load_s, stamps, time.perf_counter() - start, len(prompts), out)
+
+
+def _report(load_s: float, stamps: list[float], batch_s: float, rows: int, tokens: list[int]) -> dict:
+    """A batching peer's rates: one stream from the times its tokens arrived (the first excluded), the
+    batch from its wall time."""
     return {
         "load_s": load_s,
-        "single_stream_tok_s": (tokens - 1) / (stamps[-1] - stamps[0]),
-        "batch8_tok_s": len(prompts) * tokens / batch_s,
-        "tokens": out,
+        "single_stream_tok_s": (len(tokens) - 1) / (stamps[-1] - stamps[0]),
+        "batch8_tok_s": rows * len(tokens) / batch_s,
+        "tokens": tokens,
     }
 
 
@@ -171,10 +176,4 @@ def onnxruntime_genai(hf: Path, prompts: list[list[int]], tokens: int) -> dict:
     stamps, out = run(prompts[:1])
     start = time.perf_counter()
     run(prompts)
-    batch_s = time.perf_counter() - start
-    return {
-        "load_s": load_s,
-        "single_stream_tok_s": (tokens - 1) / (stamps[-1] - stamps[0]),
-        "batch8_tok_s": len(prompts) * tokens / batch_s,
-        "tokens": out,
-    }
+    return _report(load_s, stamps, time.perf_counter() - start, len(prompts), out)

@@ -21,7 +21,7 @@ from service.tasks.summarize import (
     summarize_plan,
     summary_messages,
 )
-from service.tasks.text import content_words, split_to_fit, whole_sentences
+from service.tasks.text import content_words, pack, split_to_fit, whole_sentences
 
 MIN_SHARED = 2  # content words a summary sentence must share with a part to cite it
 
@@ -62,25 +62,19 @@ def document_plan(
 def _groups(gen: TextGenerator, parts: list[tuple[str, str]], room: int) -> list[str]:
     """Whole labelled parts packed in order into pieces of at most `room` tokens; a part too long alone is
     cut at sentence ends, each cut under its label (and, for a table, its header row)."""
-    pieces, current, used = [], [], 0
+    blocks = []
     for label, text in parts:
         block = f"[{label}]\n{text}"
         n = len(gen.tokenizer.encode(block))
-        if n > room:
-            lines = text.splitlines()
-            header = "\n".join(lines[:2]) + "\n" if len(lines) > 2 and lines[0].startswith("|") else ""
-            head = f"[{label}]\n{header}"
-            cut = split_to_fit(gen, text[len(header) :] if header else text, room - len(gen.tokenizer.encode(head)))
-            pieces += ["\n\n".join(current)] if current else []
-            pieces += [head + c for c in cut]
-            current, used = [], 0
-        elif used + n > room:
-            pieces.append("\n\n".join(current))
-            current, used = [block], n
-        else:
-            current.append(block)
-            used += n
-    return pieces + (["\n\n".join(current)] if current else [])
+        if n <= room:
+            blocks.append((block, n))
+            continue
+        lines = text.splitlines()
+        header = "\n".join(lines[:2]) + "\n" if len(lines) > 2 and lines[0].startswith("|") else ""
+        head = f"[{label}]\n{header}"
+        cut = split_to_fit(gen, text[len(header) :], room - len(gen.tokenizer.encode(head)))
+        blocks += [(head + c, room) for c in cut]  # each a piece of its own
+    return pack(blocks, room, "\n\n")
 
 
 def cite(summary: str, parts: list[tuple[str, str, str]]) -> list[dict]:

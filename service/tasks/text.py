@@ -43,19 +43,26 @@ def split_to_fit(gen: TextGenerator, text: str, room: int) -> list[str]:
     """Cut `text` into pieces of at most `room` tokens, at sentence ends where possible (a sentence
     longer than `room` is cut between tokens). Nothing is dropped. Sentences are counted one by one,
     so 5% of `room` is kept free for tokens that merge differently across a join."""
-    tok, pieces, current, used = gen.tokenizer, [], [], 0
+    tok, blocks = gen.tokenizer, []
     room -= max(1, room // 20)
     for sentence in sentences(text):
         n = len(tok.encode(" " + sentence))
-        if n > room:
-            ids = tok.encode(sentence)
-            pieces += [" ".join(current)] if current else []
-            pieces += [tok.decode(ids[i : i + room]) for i in range(0, len(ids), room)]
+        if n <= room:
+            blocks.append((sentence, n))
+            continue
+        ids = tok.encode(sentence)
+        blocks += [(tok.decode(ids[i : i + room]), room) for i in range(0, len(ids), room)]  # each a piece
+    return pack(blocks, room, " ")
+
+
+def pack(blocks: list[tuple[str, int]], room: int, sep: str) -> list[str]:
+    """Blocks of (text, tokens), in order, joined by `sep` into pieces of at most `room` tokens (a block
+    of `room` tokens is a piece of its own)."""
+    pieces, current, used = [], [], 0
+    for text, n in blocks:
+        if current and used + n > room:
+            pieces.append(sep.join(current))
             current, used = [], 0
-        elif used + n > room:
-            pieces.append(" ".join(current))
-            current, used = [sentence], n
-        else:
-            current.append(sentence)
-            used += n
-    return pieces + ([" ".join(current)] if current else [])
+        current.append(text)
+        used += n
+    return pieces + ([sep.join(current)] if current else [])
