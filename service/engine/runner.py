@@ -8,8 +8,8 @@ The work is done in steps by a `service.engine.batcher.Batcher` (continuous batc
 drives a batcher of its own on the calling thread; the server's `service.engine.scheduler.Scheduler`
 drives one on its engine thread, which then makes every model call. Token ids the model cannot embed are refused
 with `InvalidRequest` (`check_tokens`) before they reach a forward. The engine holds the model calls
-a step makes: prefill, decode and greedy steps launched ahead of the host (`launch`); each batcher's
-`service.engine.sampler.Sampler` chooses the tokens.
+a step makes: prefill, decode, the verification of prompt-lookup drafts (`verify`) and greedy steps
+launched ahead of the host (`launch`); each batcher's `service.engine.sampler.Sampler` chooses the tokens.
 
 Importable without the HTTP layer (no fastapi here).
 """
