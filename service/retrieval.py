@@ -86,8 +86,11 @@ def _bm25(question: str, texts: list[str]) -> list[int]:
         stemmer = Stemmer.Stemmer("english").stemWords
     except ImportError:
         stemmer = None
+    corpus = bm25s.tokenize(texts, stopwords="en", stemmer=stemmer, show_progress=False)
+    if not corpus.vocab:  # no passage has a word BM25 indexes (single letters, stopwords): their order
+        return list(range(len(texts)))
     index = bm25s.BM25()
-    index.index(bm25s.tokenize(texts, stopwords="en", stemmer=stemmer, show_progress=False), show_progress=False)
+    index.index(corpus, show_progress=False)
     query = bm25s.tokenize([question], stopwords="en", stemmer=stemmer, show_progress=False)
     ids, _ = index.retrieve(query, k=len(texts), show_progress=False)
     return [int(i) for i in ids[0]]

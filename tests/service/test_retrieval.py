@@ -43,3 +43,11 @@ def test_the_passage_holding_the_answer_ranks_first(office, monkeypatch, dense):
     assert rank("How much did the south region sell?", every, 1)[0].part == "sheet Q2"
     assert rank("When was the treaty signed?", every, 1)[0].part == "page 2"
     assert len(rank("anything", every[:2], 3)) == 2  # fewer than k: all of them, in order
+
+
+def test_passages_without_an_indexable_word_keep_their_order(monkeypatch):
+    """Found by the fuzzer: passages of single letters and stopwords left BM25 an empty vocabulary, and
+    ranking them raised (a 500 on /v1/answer/files)."""
+    monkeypatch.setattr(retrieval, "_encoder", lambda: None)
+    found = passages([Document("x.txt", "txt", [Part("a", "a b"), Part("b", "c d"), Part("c", "of the")])])
+    assert [p.part for p in rank("what is it", found, 2)] == ["a", "b"]
