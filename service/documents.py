@@ -86,7 +86,7 @@ def _unsupported(name: str):
 def _office_kind(data: bytes) -> str | None:
     try:
         names = zipfile.ZipFile(io.BytesIO(data)).namelist()
-    except zipfile.BadZipFile:
+    except Exception:  # not a zip zipfile can read (BadZipFile, EOFError, ValueError, ...)
         return None
     for prefix, ext in (("word/", ".docx"), ("ppt/", ".pptx"), ("xl/", ".xlsx")):
         if any(n.startswith(prefix) for n in names):
@@ -103,7 +103,12 @@ def read(data: bytes, name: str = "") -> Document:
     if kind in PLAIN:
         parts = _sections(_decode(data, name))
     elif kind == ".eml":
-        parts = _email(data, name)
+        try:
+            parts = _email(data, name)
+        except InvalidRequest:
+            raise
+        except Exception as e:  # the email package's own failures: a malformed header, an unknown charset
+            raise Unreadable(f"cannot read {name} as e-mail: {type(e).__name__}: {e}"[:400]) from None
     else:
         parts = _markitdown(data, name, kind)
     parts = [p for p in parts if p.text.strip()]
@@ -141,7 +146,7 @@ def _markitdown(data: bytes, name: str, kind: str) -> list[Part]:
 def _check_zip(data: bytes, name: str) -> None:
     try:
         members = zipfile.ZipFile(io.BytesIO(data)).infolist()
-    except zipfile.BadZipFile:
+    except Exception:  # BadZipFile, EOFError, ValueError, ...
         raise Unreadable(f"{name} is not a valid Office file (a corrupt zip container)") from None
     if any(m.flag_bits & 0x1 for m in members):
         raise Unreadable(f"{name} is encrypted: save it without a password first")

@@ -78,6 +78,10 @@ def test_bad_files_get_their_own_errors(office, monkeypatch):
         read(b"   \n", "empty.txt")
     with pytest.raises(Unreadable, match="UTF-8"):
         read(b"\xff\xfe\xfa", "latin.txt")
+    with pytest.raises(Unreadable, match="e-mail"):  # the email package raised LookupError, then IndexError
+        read(b'From: a\nContent-Type: text/plain; charset="bogus"\n\nhello', "charset.eml")
+    with pytest.raises(Unreadable, match="e-mail"):
+        read(b'From: <<@@>>,,;;"\nTo: "\n\nbody', "headers.eml")
     monkeypatch.setattr(documents, "MAX_EXPANDED", 1000)
     with pytest.raises(FileTooLarge, match="expands"):
         read(office["docx"], "bomb.docx")
