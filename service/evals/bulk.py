@@ -56,7 +56,7 @@ def score_example(task: str, record: dict, gen: TextGenerator, length: str, pool
     recall = {}
     if pool is not None:
         found = rank(record["question"], pool)
-        recall = {"retrieved_gold": float(any(p.text in record.get("context") or "" for p in found))}
+        recall = {"retrieved_gold": float(any(p.text in (record.get("context") or "") for p in found))}
         passages = [p.text for p in found]
     a = answer(gen, record["question"], passages, priority=BATCH_PRIORITY)
     source = answer_source(record["question"], passages)

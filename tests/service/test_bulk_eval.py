@@ -34,7 +34,7 @@ def test_eval_qa_writes_report_table_and_plot(tiny, tmp_path):
 def test_eval_qa_with_retrieval_answers_from_the_pooled_contexts(tiny, tmp_path):
     """`nlg eval qa --retrieve`: each question is answered from the passages ranked best among every
     example's context, and `retrieved_gold` says whether its own context was among them (here, with four
-    contexts and distinct facts, every one is found)."""
+    contexts and distinct facts, every one is found; a question without a context has none to find)."""
     data = tmp_path / "qa.jsonl"
     facts = [
         "The Broncos won the final in Denver.",
@@ -51,11 +51,11 @@ def test_eval_qa_with_retrieval_answers_from_the_pooled_contexts(tiny, tmp_path)
     rows = [
         {"id": str(i), "question": q, "context": c, "answers": ["x"]} for i, (q, c) in enumerate(zip(questions, facts))
     ]
+    rows.append({"id": "none", "question": "Who painted it?", "context": None, "answers": ["x"]})
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     report = run_eval(tiny, "qa", data, tmp_path / "out", workers=2, retrieve=True)
     assert report["retrieval"] is True
-    assert [e["scores"]["retrieved_gold"] for e in report["examples"]] == [1.0] * 4
-    assert report["metrics"]["retrieved_gold"]["mean"] == 1.0
+    assert [e["scores"]["retrieved_gold"] for e in report["examples"]] == [1.0] * 4 + [0.0]
 
 
 def test_eval_summarize_scores_lead3_beside(capsys, tmp_path):
