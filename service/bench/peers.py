@@ -34,7 +34,10 @@ def _made(path: Path, make) -> Path:
     """`path`, made by `make(tmp)` once: built aside, then renamed."""
     if not path.exists():
         tmp = path.with_name(path.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+        if tmp.is_dir():
+            shutil.rmtree(tmp)
+        else:
+            tmp.unlink(missing_ok=True)
         tmp.parent.mkdir(parents=True, exist_ok=True)
         make(tmp)
         tmp.rename(path)
