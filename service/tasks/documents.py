@@ -1,8 +1,8 @@
 """Summaries of documents along their structure (`service.documents`): a deck slide by slide, a workbook
 sheet by sheet (a sheet cut in pieces keeps its header row in each), a PDF page by page, an e-mail
 message by message, each part under its label. A document that fits the context is summarized whole,
-labels included; a longer one is cut into groups of whole parts (a part longer than the context on its
-own is cut at sentence ends), each group summarized, and those summaries summarized again. Each sentence
+labels included; a longer one goes through `service.tasks.summarize.map_reduce`, its pieces groups of
+whole parts (a part longer than the context on its own is cut at sentence ends). Each sentence
 of the summary then cites the part it shares the most content words with, when it shares two or more.
 """
 
@@ -11,17 +11,17 @@ from __future__ import annotations
 from service.documents import Document
 from service.engine.generator import TextGenerator
 from service.engine.sampling import SamplingParams
-from service.tasks.plans import Generate, Plan
+from service.tasks.plans import Plan
 from service.tasks.sentences import sentences
 from service.tasks.summarize import (
     LENGTHS,
     MAP_INSTRUCTION,
     SUMMARY_NO_REPEAT_NGRAM,
-    Summary,
+    map_reduce,
     summarize_plan,
     summary_messages,
 )
-from service.tasks.text import content_words, pack, split_to_fit, whole_sentences
+from service.tasks.text import content_words, pack, split_to_fit
 
 MIN_SHARED = 2  # content words a summary sentence must share with a part to cite it
 
@@ -46,15 +46,8 @@ def document_plan(
         params = SamplingParams(
             max_tokens=budget, temperature=temperature, seed=seed, no_repeat_ngram=SUMMARY_NO_REPEAT_NGRAM
         )
-        pieces = _groups(gen, [(f"{d.name}, {p.label}", p.text) for d, p in parts], room)
-        partial = yield Generate([chat(summary_messages(p, MAP_INSTRUCTION)) for p in pieces], [params] * len(pieces))
-        joined = "\n".join(whole_sentences(" ".join(r.text.split())) for r in partial if r.text.strip()) or whole
-        final = yield from summarize_plan(gen, joined, length, max_words, temperature, seed)
-        s = Summary(
-            final.summary,
-            final.prompt_tokens + sum(r.prompt_tokens for r in partial),
-            final.completion_tokens + sum(r.completion_tokens for r in partial),
-        )
+        labelled = [(f"{d.name}, {p.label}", p.text) for d, p in parts]
+        s = yield from map_reduce(gen, whole, length, max_words, params, cut=lambda room: _groups(gen, labelled, room))
     s.citations = cite(s.summary, [(d.name, p.label, p.text) for d, p in parts])
     return s
 

@@ -120,7 +120,7 @@ def summarize_plan(
     )
     chat, context = gen.tokenizer.chat, gen.engine.context
     if len(chat(summary_messages(document, instruction))) + budget > context:
-        return (yield from _map_reduce(gen, document, length, max_words, params))
+        return (yield from map_reduce(gen, document, length, max_words, params))
     key = salient(document, max(5, count + 2))
     ids = chat(summary_messages(key or document, instruction, rewrite=key is not None))
     r = (yield Generate([ids], [params], stop_after(count) if max_words is None else forward))[0]
@@ -134,13 +134,18 @@ def summarize_plan(
     return Summary(text, r.prompt_tokens, r.completion_tokens)
 
 
-def _map_reduce(gen: TextGenerator, document: str, length: str, max_words: int | None, params: SamplingParams) -> Plan:
+def map_reduce(
+    gen: TextGenerator, document: str, length: str, max_words: int | None, params: SamplingParams, cut=None
+) -> Plan:
+    """The pieces of `document` summarized in one generation, then their summaries summarized.
+    `cut(room)` gives the pieces, each of at most `room` tokens (default: at sentence ends,
+    `split_to_fit`; `service.tasks.documents` cuts along a document's parts)."""
     chat, context = gen.tokenizer.chat, gen.engine.context
     _, map_budget = LENGTHS["medium"]
     room = context - map_budget - len(chat(summary_messages(".", MAP_INSTRUCTION)))
     if room < 64:
         gen.engine.check_fits(len(chat(summary_messages(".", MAP_INSTRUCTION))) + 64, map_budget)
-    pieces = split_to_fit(gen, document, room)
+    pieces = cut(room) if cut else split_to_fit(gen, document, room)
     map_params = SamplingParams(
         max_tokens=map_budget, temperature=params.temperature, seed=params.seed, no_repeat_ngram=params.no_repeat_ngram
     )
