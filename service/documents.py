@@ -1,11 +1,12 @@
 """The documents people have, as text in parts: e-mail, Word, PowerPoint, Excel, PDF, HTML and plain text.
 
 `read(data, name)` returns a `Document`: its parts in order, each with a label saying where it sits
-(`slide 3`, `sheet Q2`, `page 2`, `section Budget`, `message`, `attachment notes.docx`), so that a
+(`slide 3`, `sheet Q2`, `page 2`, `section Budget`, `message from Ann`, `attachment notes.docx`), so that a
 summary or an answer can say where a fact came from. Conversion is markitdown's (the `documents`
 extra: .docx, .pptx, .xlsx, .pdf, .html, .msg, .epub, .csv, .json), the standard library's `email`
-for .eml (From/To/Cc/Subject/Date kept, the text part preferred over the HTML one, attachments read
-too), and plain .txt/.md. No macro or script runs: markitdown reads the files' XML and text, never
+for .eml (From/To/Cc/Subject/Date kept, the text part preferred over the HTML one, a thread's quoted
+replies split into one part per message and sender by `mail-parser-reply`, attachments read too), and
+plain .txt/.md. No macro or script runs: markitdown reads the files' XML and text, never
 executes them.
 
 Bad input raises `service.errors`' `UnsupportedMedia` (415: names the supported types), `Unreadable`
@@ -32,6 +33,7 @@ MAX_ATTACHMENTS = 20  # an e-mail's attachments read, at most (the rest are list
 MARKITDOWN = {".docx", ".pptx", ".xlsx", ".pdf", ".html", ".htm", ".msg", ".epub", ".csv", ".json"}
 PLAIN = {".txt", ".md", ".markdown", ".text"}
 SUPPORTED = sorted(MARKITDOWN | PLAIN | {".eml"})
+WROTE = "wrote|schrieb|a écrit|escribió|ha scritto|schreef"  # a reply's header, in the languages `_thread` reads
 LABELLED = {"pptx", "xlsx", "pdf", "eml"}  # kinds whose parts are slides, sheets, pages, messages
 
 
@@ -176,8 +178,9 @@ def _sections(text: str) -> list[Part]:
 
 
 def _email(data: bytes, name: str) -> list[Part]:
-    """The message (its headers, then its text part, or its HTML one as text) and each attachment read
-    as a document of its own type; an attachment that cannot be read is listed, not fatal."""
+    """The message (its headers, then its text part, or its HTML one as text), each earlier message it
+    quotes as a part of its own labelled with its sender (a thread keeps who said what), and each
+    attachment read as a document of its own type; an attachment that cannot be read is listed, not fatal."""
     msg = email.message_from_bytes(data, policy=email.policy.default)
     headers = "\n".join(f"{h}: {msg[h]}" for h in ("From", "To", "Cc", "Date", "Subject") if msg[h])
     body = msg.get_body(preferencelist=("plain", "html"))
@@ -187,7 +190,11 @@ def _email(data: bytes, name: str) -> list[Part]:
         if body.get_content_type() == "text/html":
             content = "\n".join(p.text for p in _markitdown(content.encode(), name, ".html"))
         text = content.strip()
-    parts = [Part("message", f"{headers}\n\n{text}".strip())]
+    addresses = msg["From"].addresses if msg["From"] else ()
+    sender = addresses[0].display_name or addresses[0].addr_spec if addresses else ""
+    (_, latest), *quoted = _thread(text)
+    parts = [Part(f"message from {sender}" if sender else "message", f"{headers}\n\n{latest}".strip())]
+    parts += [Part(f"earlier message from {who}" if who else "earlier message", t) for who, t in quoted]
     for i, attachment in enumerate(msg.iter_attachments()):
         file = PurePath(attachment.get_filename() or f"attachment-{i + 1}").name
         if i >= MAX_ATTACHMENTS:
@@ -203,3 +210,32 @@ def _email(data: bytes, name: str) -> list[Part]:
             for p in inner.parts
         ]
     return parts
+
+
+def _thread(text: str) -> list[tuple[str, str]]:
+    """A body's own text, then (sender, text) for each earlier message it quotes, newest first: the
+    replies `mail-parser-reply` finds at "On <date>, <name> wrote:" and "From: / Sent:" headers, with
+    their quote marks taken off. A body quoting nothing is itself alone."""
+    from mailparser_reply import EmailReplyParser
+
+    replies = EmailReplyParser(languages=["en", "de", "fr", "es", "it", "nl"]).read(text).replies
+    if len(replies) < 2:
+        return [("", text)]
+    out = []
+    for r in replies:
+        body = re.sub(r"^(?:> ?)+", "", r.body, flags=re.M).strip()
+        if body:
+            out.append((_sender(re.sub(r"^(?:> ?)+", "", r.headers, flags=re.M)), body))
+    return out or [("", text)]
+
+
+def _sender(headers: str) -> str:
+    """The name in a reply's header: "From: Bob <bob@x>" or "On <date>, Bob <bob@x> wrote:"; "" if none."""
+    if m := re.search(r"^\s*\*?From:\*?\s*(.+)$", headers, flags=re.M | re.I):
+        who = m.group(1)
+    elif m := re.search(rf"([^,\n]+?)\s*(?:<[^>\n]*>)?\s*(?:{WROTE})\s*:", headers):
+        who = m.group(1)
+    else:
+        return ""
+    who = re.sub(r"<[^>]*>|\[mailto:[^\]]*\]|\"", "", who).strip()
+    return who or re.sub(r"[<>]", "", m.group(1)).strip()

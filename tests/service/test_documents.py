@@ -51,7 +51,7 @@ def test_email_keeps_who_said_what_and_reads_its_attachments(office):
     msg.add_alternative("<p>HTML <b>version</b></p>", subtype="html")
     msg.add_attachment(office["docx"], maintype="application", subtype="octet-stream", filename="../plan.docx")
     mail = read(bytes(msg), "thread.eml")
-    assert mail.parts[0].label == "message"
+    assert mail.parts[0].label == "message from Ann"
     assert "From: Ann <ann@example.com>" in mail.parts[0].text and "the budget is final" in mail.parts[0].text
     assert "HTML" not in mail.parts[0].text
     assert [p.label for p in mail.parts[1:]] == [
@@ -63,6 +63,39 @@ def test_email_keeps_who_said_what_and_reads_its_attachments(office):
     html_only.set_content("<p>The <b>vote</b> passed.</p>", subtype="html")
     text = read(bytes(html_only), "news.eml").parts[0].text
     assert "The **vote** passed." in text or "The vote passed." in text
+
+
+def test_a_thread_is_split_into_its_messages_by_sender():
+    """Quoted replies ("On <date>, <name> wrote:" with > marks, Outlook's "From: / Sent:" block) become
+    one part per earlier message, labelled with who wrote it, quote marks taken off."""
+    msg = EmailMessage()
+    msg["From"], msg["Subject"] = "Alice Wong <alice@example.com>", "Re: launch"
+    msg.set_content(
+        "Thanks Bob, Friday works. The budget is 40,000 euros.\n\nAlice\n\n"
+        "On Tue, 3 Mar 2026 at 10:02, Bob Smith <bob@example.com> wrote:\n"
+        "> Can we move the launch to Friday?\n> The printer is late.\n>\n"
+        "> On Mon, 2 Mar 2026, Carol <carol@example.com> wrote:\n> > The launch is on Wednesday.\n"
+    )
+    mail = read(bytes(msg), "thread.eml")
+    assert [p.label for p in mail.parts] == [
+        "message from Alice Wong",
+        "earlier message from Bob Smith",
+        "earlier message from Carol",
+    ]
+    assert "40,000 euros" in mail.parts[0].text and "Friday?" not in mail.parts[0].text
+    assert mail.parts[1].text == "Can we move the launch to Friday?\nThe printer is late."
+    assert mail.parts[2].text == "The launch is on Wednesday."
+    outlook = EmailMessage()
+    outlook["From"] = "ed@example.com"
+    outlook.set_content(
+        "Sounds good.\n\n-----Original Message-----\nFrom: Dan Brown <dan@example.com>\n"
+        "Sent: Monday, March 2, 2026 9:00 AM\nSubject: plan\n\nThe plan is approved.\n"
+    )
+    parts = read(bytes(outlook), "reply.eml").parts
+    assert [(p.label, p.text.splitlines()[-1]) for p in parts] == [
+        ("message from ed@example.com", "Sounds good."),
+        ("earlier message from Dan Brown", "The plan is approved."),
+    ]
 
 
 def test_bad_files_get_their_own_errors(office, monkeypatch):
