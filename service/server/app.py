@@ -105,16 +105,16 @@ def build_app(
     app.state.readiness = health.Readiness(gen, runner)
     bearer = Depends(HTTPBearer(auto_error=False, description="the server's --api-key, when it has one"))
     app.include_router(health.router)
-    for family in (tasks, uploads, openai, files, batches, jobs):
+    for family in (uploads, tasks, openai, files, batches, jobs):  # uploads first: see Multipart
         app.include_router(family.router, dependencies=[bearer])
     http_errors.install(app)
     app.add_middleware(
         http_errors.BodyLimit,
-        limit=lambda path: (
+        limit=lambda scope: (
             jobs.MAX_JOB_BYTES
-            if path.startswith(("/v1/jobs", "/v1/files"))
+            if scope["path"].startswith(("/v1/jobs", "/v1/files"))
             else uploads.MAX_UPLOAD_BYTES
-            if path.endswith("/files")
+            if uploads.is_multipart(scope)
             else MAX_BODY_BYTES
         ),
     )

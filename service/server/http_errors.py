@@ -135,7 +135,7 @@ def install(app: FastAPI) -> None:
 
 
 class BodyLimit:
-    """ASGI middleware: 413 for a body over `limit(path)` bytes, from its Content-Length at once, or as
+    """ASGI middleware: 413 for a body over `limit(scope)` bytes, from its Content-Length at once, or as
     the bytes of a chunked upload pass the limit (raised from `receive`, so the route's read of the body
     fails into the exception handlers)."""
 
@@ -145,7 +145,7 @@ class BodyLimit:
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        limit = self.limit(scope["path"])
+        limit = self.limit(scope)
         declared = dict(scope["headers"]).get(b"content-length", b"")
         too_large = f"the request body exceeds the limit of {limit} bytes"
         if declared.isdigit() and int(declared) > limit:

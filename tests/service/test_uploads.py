@@ -1,5 +1,6 @@
-"""Uploads over HTTP (`/v1/summarize/files`, `/v1/answer/files`): real multipart requests against the app
-on tiny-random; each bad-input case gets its documented status, and an answer cites a file and part."""
+"""Uploads over HTTP (multipart on `/v1/summarize` and `/v1/answer`): real multipart requests against the
+app on tiny-random; each bad-input case gets its documented status, an answer cites a file and part, and
+the JSON bodies of the same paths work as before."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ def test_a_deck_is_summarized(client, office):
     """A .pptx upload with form fields as the JSON route's: a summary, its token usage, and each sentence's
     slide where one shares its words."""
     r = client.post(
-        "/v1/summarize/files",
+        "/v1/summarize",
         files=[("files", ("deck.pptx", office["pptx"], "application/octet-stream"))],
         data={"length": "short", "max_words": "20"},
     )
@@ -34,7 +35,7 @@ def test_an_answer_cites_the_file_and_part_it_drew_on(client, office):
     """Several files: the best passages for the question are answered from, and the citation names the
     file, part and characters of the one `passage_index` points at."""
     r = client.post(
-        "/v1/answer/files",
+        "/v1/answer",
         files=[("files", ("plan.docx", office["docx"], "")), ("files", ("sales.xlsx", office["xlsx"], ""))],
         data={"question": "How much did the south region sell?", "max_tokens": "24"},
     )
@@ -53,7 +54,7 @@ def test_streamed_summary_of_an_upload(client):
     """`stream` as a form field: server-sent events, ending with [DONE]."""
     with client.stream(
         "POST",
-        "/v1/summarize/files",
+        "/v1/summarize",
         files=[("files", ("a.txt", b"The dam opened in 1936. " * 5, ""))],
         data={"stream": "true", "max_words": "10"},
     ) as r:
@@ -67,13 +68,16 @@ def test_bad_uploads_get_their_status(client, monkeypatch):
     too many; the server answers afterwards."""
 
     def post(*files, **data):
-        return client.post("/v1/summarize/files", files=[("files", f) for f in files], data=data)
+        return client.post("/v1/summarize", files=[("files", f) for f in files], data=data)
 
     r = post(("tool.exe", b"MZ\x90\x00binary", ""))
     assert r.status_code == 415 and ".docx" in r.json()["error"]["message"]
     r = post(("broken.docx", b"PK\x03\x04 not a zip", ""))
     assert r.status_code == 422 and r.json()["error"]["code"] == "unreadable_file"
-    assert client.post("/v1/summarize/files", data={"length": "short"}).status_code == 400
+    r = client.post("/v1/summarize", files=[("length", (None, "short"))])  # multipart, no files
+    assert r.status_code == 400 and r.json()["error"]["param"] == "files", r.text
+    r = post(("a.txt", b"words here", ""), evaluate="rouge")  # a JSON body's field the form does not take
+    assert r.status_code == 400, r.text
     assert post(*[(f"{i}.txt", b"words here", "") for i in range(9)]).status_code == 400
     monkeypatch.setattr(documents, "MAX_BYTES", 50)
     r = post(("big.txt", b"x" * 51, ""))
@@ -86,7 +90,7 @@ def test_openapi_documents_the_uploads(client):
     """Both routes take multipart in the spec and declare 413, 415 and 422 (the route's own 422 survives
     the removal of FastAPI's validation 422)."""
     spec = client.get("/openapi.json").json()
-    for path in ("/v1/summarize/files", "/v1/answer/files"):
+    for path in ("/v1/summarize", "/v1/answer"):
         op = spec["paths"][path]["post"]
         assert "multipart/form-data" in op["requestBody"]["content"]
         assert {"413", "415", "422"} <= set(op["responses"])

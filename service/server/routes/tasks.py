@@ -1,5 +1,6 @@
 """`/v1/answer` and `/v1/summarize`: the tasks' plans driven on the event loop (`TaskRun`), as JSON or
-server-sent events. Everything that can refuse a request (the metrics asked for, the input, the queue)
+server-sent events. Their multipart form (uploaded documents) is handled in `routes.uploads` and declared
+here, beside the JSON body. Everything that can refuse a request (the metrics asked for, the input, the queue)
 does so before the response starts; scores are computed on a worker thread."""
 
 from __future__ import annotations
@@ -11,14 +12,23 @@ from fastapi import APIRouter, Request
 from service.engine.handle import TaskRun
 from service.evals import scoring
 from service.server.http_errors import responses
-from service.server.schemas.tasks import AnswerRequest, AnswerResponse, SummarizeRequest, SummarizeResponse, Usage
+from service.server.schemas.tasks import (
+    AnswerRequest,
+    AnswerResponse,
+    AnswerUpload,
+    SummarizeRequest,
+    SummarizeResponse,
+    SummarizeUpload,
+    Usage,
+    multipart,
+)
 from service.server.streams import sse
 from service.tasks.answer import Answer, answer_plan, answer_source
 from service.tasks.summarize import Summary, summarize_plan
 
 STREAMED = {
     200: {"content": {"text/event-stream": {}}, "description": "JSON, or with stream: server-sent events"}
-} | responses(400, 401, 413, 429, 500, 503, 504)
+} | responses(400, 401, 413, 415, 422, 429, 500, 503, 504)
 # --score-traffic: cheap reference-free hooks per task, and the scores of theirs that are exported
 QUALITY = {
     "answer": (["sentence", "support"], ["full_sentence", "support"]),
@@ -67,10 +77,16 @@ async def respond(req, plan, request: Request, task: str, source: str, shape):
     return sse(events(), on_close=run.abort)
 
 
-@router.post("/answer", response_model=AnswerResponse, responses=STREAMED)
+@router.post("/answer", response_model=AnswerResponse, responses=STREAMED, openapi_extra=multipart(AnswerUpload))
 async def answer(req: AnswerRequest, request: Request):
     """A direct answer in one full sentence, from the model's knowledge or from the passages sent (then
-    `passage_index` says which one supports it). Passages past the context are answered window by window."""
+    `passage_index` says which one supports it). Passages past the context are answered window by window.
+
+    Or, as multipart, from uploaded documents (`files`: e-mail, Word, PowerPoint, Excel, PDF, HTML, text):
+    they are cut into passages along their structure (slides, sheets, pages, sections, messages; long
+    parts at paragraphs), the passages ranked for the question (BM25, fused with dense embeddings where
+    installed), and the best answered from; `citation` names the file, part and characters the answer
+    drew on."""
     gen = request.app.state.gen
     plan = answer_plan(gen, req.question, req.passages, req.max_tokens, req.temperature, req.seed)
 
@@ -86,10 +102,17 @@ async def answer(req: AnswerRequest, request: Request):
     return await respond(req, plan, request, "answer", answer_source(req.question, req.passages), shape)
 
 
-@router.post("/summarize", response_model=SummarizeResponse, responses=STREAMED)
+@router.post(
+    "/summarize", response_model=SummarizeResponse, responses=STREAMED, openapi_extra=multipart(SummarizeUpload)
+)
 async def summarize(req: SummarizeRequest, request: Request):
     """An abstractive summary of one document or several; a document past the context is summarized in
-    pieces, and the pieces' summaries are summarized again (map-reduce)."""
+    pieces, and the pieces' summaries are summarized again (map-reduce).
+
+    Or, as multipart, of uploaded documents (`files`), read with their structure (a deck's slides, a
+    workbook's sheets with their header rows, an e-mail thread's messages by sender and its attachments,
+    a PDF's pages); past the context, groups of whole parts are summarized and then their summaries.
+    `citations` gives each summary sentence's file and part, where one shares its words."""
     gen = request.app.state.gen
     plan = summarize_plan(gen, req.text(), req.length, req.max_words, req.temperature, req.seed)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
+from fastapi import UploadFile
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
 from service.server.schemas.base import MAX_TOKENS, SEED, Body
@@ -11,6 +12,7 @@ from service.server.schemas.base import MAX_TOKENS, SEED, Body
 MAX_QUESTION_CHARS = 4_000
 MAX_PASSAGES = 32
 MAX_TEXT_CHARS = 200_000  # one passage or document; longer input gets 400 before any tokenizing
+MAX_FILES = 8  # documents uploaded in one request
 
 Question = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=MAX_QUESTION_CHARS)]
 Text = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=MAX_TEXT_CHARS)]
@@ -49,6 +51,37 @@ class AnswerRequest(Body):
     evaluate: Evaluate | None = None
 
 
+class Upload(BaseModel):
+    """The multipart form beside a task's JSON body: `files`, and the JSON body's fields as form fields
+    (their text converted as a form's, unlike the strict JSON types; no `evaluate`)."""
+
+    model_config = ConfigDict(extra="forbid")
+    files: list[UploadFile] = Field(
+        min_length=1,
+        max_length=MAX_FILES,
+        description=f"1 to {MAX_FILES} documents: .eml, Word, PowerPoint, Excel, PDF, HTML, text (type from content "
+        "and name)",
+    )
+    temperature: float = Field(0.0, ge=0.0, le=2.0)
+    seed: int | None = SEED
+    stream: bool = Field(False, description="server-sent events: {delta} pieces, then the full response")
+
+
+class AnswerUpload(Upload):
+    question: Question
+    max_tokens: int = Field(80, ge=1, le=MAX_TOKENS)
+
+
+class SummarizeUpload(Upload):
+    length: Literal["short", "medium", "long"] = "medium"
+    max_words: int | None = Field(None, ge=1, le=1_000)
+
+
+def multipart(form: type[Upload]) -> dict:
+    """A route's `openapi_extra` declaring `form` as its multipart body, beside its JSON one."""
+    return {"requestBody": {"content": {"multipart/form-data": {"schema": form.model_json_schema()}}}}
+
+
 class Citation(BaseModel):
     file: str = Field(description="the uploaded file's name")
     part: str = Field(description='where in it: "slide 3", "sheet Q2", "page 2", "section Budget", "message", ...')
@@ -61,12 +94,11 @@ class AnswerResponse(BaseModel):
     answer: str
     scores: dict[str, float | list[str]] | None = None
     passage_index: int | None = Field(description="0-based index of the passage the answer drew on, if any")
+    citation: Citation | None = Field(
+        None, description="uploaded files: the file, part and passage the answer drew on, if any"
+    )
     model: str
     usage: Usage
-
-
-class AnswerFilesResponse(AnswerResponse):
-    citation: Citation | None = Field(description="the file, part and passage the answer drew on, if any")
 
 
 class SummarizeRequest(Body):
@@ -114,9 +146,8 @@ class SentenceSource(BaseModel):
 class SummarizeResponse(BaseModel):
     summary: str
     scores: dict[str, float | list[str]] | None = None
+    citations: list[SentenceSource] | None = Field(
+        None, description="uploaded files: each summary sentence with the file and part it draws on"
+    )
     model: str
     usage: Usage
-
-
-class SummarizeFilesResponse(SummarizeResponse):
-    citations: list[SentenceSource] = Field(description="each summary sentence with the file and part it draws on")
