@@ -29,17 +29,21 @@ def run(args) -> int:
 def _load(args):
     from service.engine.generator import TextGenerator
 
-    return TextGenerator.load(
-        args.model,
-        device=args.device,
-        dtype=dtype_of(args),
-        quantization=args.quantize,
-        compile=args.compile,
-        context=args.context,
-        kv_memory=args.kv_cache_memory,
-        prefix_caching=not args.no_prefix_caching,
-        prompt_lookup=args.prompt_lookup,
-    )
+    return TextGenerator.load(args.model, **load_options(args))
+
+
+def load_options(args) -> dict:
+    """`TextGenerator.load`'s arguments from the command line, but the model's name."""
+    return {
+        "device": args.device,
+        "dtype": dtype_of(args),
+        "quantization": args.quantize,
+        "compile": args.compile,
+        "context": args.context,
+        "kv_memory": args.kv_cache_memory,
+        "prefix_caching": not args.no_prefix_caching,
+        "prompt_lookup": args.prompt_lookup,
+    }
 
 
 def dtype_of(args):
@@ -247,6 +251,8 @@ def cmd_batch(args) -> None:
     from service.jobs.files import run_job
 
     src, out = args.input, Path(args.output)
+    if args.ray:
+        return _batch_on_ray(args)
     gen = _load(args)
     with tqdm(desc=f"{args.task} {Path(src).name}", unit="rec", disable=args.quiet) as bar:
 
@@ -263,6 +269,36 @@ def cmd_batch(args) -> None:
         f"of {s.total} records, in {s.seconds:.1f} s ({s.completion_tokens / max(s.seconds, 1e-9):.1f} tok/s)",
         file=sys.stderr,
     )
+
+
+def _batch_on_ray(args) -> None:
+    from service.jobs.cluster import connect, run_on_ray
+
+    connect(args.ray)
+    if args.tp > 1:
+        raise ValueError("--tp with --ray: not yet; a replica is one process (start more --replicas instead)")
+    out = Path(args.output)
+    s = run_on_ray(
+        args.task,
+        args.input,
+        out,
+        args.model,
+        load_options(args),
+        replicas=args.replicas,
+        replica_cpus=args.replica_cpus,
+        replica_gpus=1 if str(args.device).startswith("cuda") else 0,
+        on_start=lambda n: print(f"{n} records to do on {args.replicas} replicas", file=sys.stderr),
+    )
+    took = max(s.seconds, 1e-9)
+    print(
+        f"{s.succeeded} done, {s.failed} failed (see {out.name.removesuffix('.jsonl')}.errors.jsonl), {s.skipped} "
+        f"already done earlier, of {s.total} records, in {s.seconds:.1f} s ({(s.succeeded + s.failed) / took:.2f} "
+        f"records/s, {s.completion_tokens / took:.1f} tok/s)",
+        file=sys.stderr,
+    )
+    for name, (records, tokens) in sorted(s.replicas.items()):
+        rates = f"{records} records ({records / took:.2f}/s), {tokens / took:.1f} tok/s"
+        print(f"  replica {name}: {rates}", file=sys.stderr)
 
 
 def cmd_eval(args) -> None:

@@ -219,6 +219,22 @@ def parser() -> argparse.ArgumentParser:
     j.add_argument("-o", "--output", required=True, help="results JSONL (appended; a rerun resumes)")
     j.add_argument("--workers", type=int, default=8, help="records in flight, batched by the engine (default 8)")
     j.add_argument("--quiet", action="store_true", help="no progress bar")
+    j.add_argument(
+        "--ray",
+        nargs="?",
+        const="local",
+        metavar="ADDRESS",
+        help="run on a Ray cluster (the ray extra): ADDRESS `auto`, `ray://HOST:10001` or HOST:6379; none starts a "
+        "local one. INPUT is then JSONL: a file, a folder of *.jsonl or a quoted glob; results come back as shards, "
+        "merged into OUTPUT at the end, each record once across reruns",
+    )
+    j.add_argument("--replicas", type=int, default=1, metavar="N", help="--ray: engine replicas (default 1)")
+    j.add_argument(
+        "--replica-cpus",
+        type=float,
+        metavar="N",
+        help="--ray: CPU cores reserved per replica, its torch threads (default: the cluster's cores / replicas)",
+    )
     j.set_defaults(run=commands.cmd_batch)
 
     e = sub.add_parser("eval", parents=[common, as_json], help="run a task over a data set and score it")

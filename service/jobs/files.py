@@ -84,10 +84,29 @@ def read_records(path: Path) -> Iterator[tuple[int, dict | None, str | None]]:
     with path.open(encoding="utf-8") as f:
         for n, line in enumerate(f, start=1):
             if line.strip():
-                try:
-                    yield n, json.loads(line), None
-                except json.JSONDecodeError as e:
-                    yield n, None, f"invalid JSON: {e}"
+                yield n, *parse(line)
+
+
+def parse(line: str) -> tuple[dict | None, str | None]:
+    try:
+        return json.loads(line), None
+    except json.JSONDecodeError as e:
+        return None, f"invalid JSON: {e}"
+
+
+def outcome(gen: TextGenerator, task: str, key: dict, record, parse_error: str | None) -> tuple[dict, bool, int]:
+    """One record's output line (its `key`, its `id`, then its result fields or its error), whether it
+    succeeded, and its completion tokens. Only an engine failure raises."""
+    key = key | ({"id": record["id"]} if isinstance(record, dict) and "id" in record else {})
+    try:
+        if parse_error:
+            raise InvalidRequest(parse_error)
+        fields = run_record(gen, task, record)
+    except EngineFailed:
+        raise
+    except Exception as e:  # this record's own failure: its error row, and the job goes on
+        return key | {"error": str(e) if isinstance(e, InvalidRequest) else f"{type(e).__name__}: {e}"}, False, 0
+    return key | fields, True, fields["completion_tokens"]
 
 
 class Appender:
@@ -148,19 +167,9 @@ def run_job(
 
     def one(item: tuple[int | str, dict | None, str | None]) -> tuple[str, int]:
         n, record, parse_error = item
-        key = {"line": n} if folder is None else {"file": n}
-        key |= {"id": record["id"]} if isinstance(record, dict) and "id" in record else {}
-        try:
-            if parse_error:
-                raise InvalidRequest(parse_error)
-            fields = run_record(gen, task, record)
-        except EngineFailed:
-            raise
-        except Exception as e:  # this record's own failure: its error row, and the job goes on
-            errors.write(key | {"error": str(e) if isinstance(e, InvalidRequest) else f"{type(e).__name__}: {e}"})
-            return "error", 0
-        results.write(key | fields)
-        return "ok", fields["completion_tokens"]
+        row, ok, tokens = outcome(gen, task, {"line": n} if folder is None else {"file": n}, record, parse_error)
+        (results if ok else errors).write(row)
+        return ("ok" if ok else "error"), tokens
 
     def done(outcome: tuple[str, int]) -> None:
         kind, tokens = outcome

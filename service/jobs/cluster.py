@@ -1,0 +1,275 @@
+"""Batch jobs on a Ray cluster: `nlg batch summarize|answer INPUT -o OUT --ray [ADDRESS]`.
+
+Ray Data reads the JSONL input (one file, a folder's `*.jsonl` files, or a quoted glob; every line not
+already in the output), and `map_batches` runs the lines through a pool of engine actors (`--replicas`,
+each a `Replica` with its own model, `--replica-cpus` cores or GPUs reserved through Ray's resources).
+The driver is the one writer: each batch of results that comes back is committed as a shard of
+`OUT.parts/` (written to a temporary name, synced, renamed: a shard is there whole or not at all), and
+when the job ends the shards are merged into `OUT` and `OUT.errors.jsonl`, the files `nlg batch` writes
+on one machine, in the same shape (a result keyed by `line`, and `input` when several files are read).
+
+Exactly once: a record's key (input file, line) is written at most once. A rerun after anything (an
+actor killed, a node lost, the driver SIGKILLed) skips the keys already in `OUT`, its errors file and
+the committed shards. Ray restarts a dead actor and retries its batches, and the driver drops any
+result whose key it has already written (a retried batch can return some twice). An engine failure
+inside a replica is an error of the job, not a death: the job stops, its committed shards kept.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import time
+import uuid
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from service.errors import InvalidRequest
+
+EXTRA = "--ray needs the ray extra: pip install -e '.[ray]'"
+BATCH = 8  # records per batch sent to a replica; two batches run on a replica at once
+BLOCK = 4 * BATCH  # records per block: a replica takes blocks as it finishes them, and returns each whole
+LOCAL_OBJECT_STORE = 512 << 20  # the local cluster's shared memory for blocks in flight
+
+
+class MissingExtra(ValueError):
+    """The CLI's one-line error: `ray` is not installed."""
+
+
+@dataclass
+class ClusterSummary:
+    total: int
+    skipped: int  # done in an earlier run
+    succeeded: int
+    failed: int
+    seconds: float
+    completion_tokens: int
+    replicas: dict[str, list[int]] = field(default_factory=dict)  # name -> [records, tokens]
+
+
+def connect(address: str = "local", cpus: int | None = None) -> None:
+    """Join the cluster at `address` (`auto`, `ray://host:10001`, `host:6379`), or with "local" start
+    one on this machine (`cpus` cores, default all). Raises `MissingExtra` without ray."""
+    try:
+        import ray
+    except ImportError:
+        raise MissingExtra(EXTRA) from None
+    if ray.is_initialized():
+        return
+    if address == "local":
+        ray.init(num_cpus=cpus, include_dashboard=False, object_store_memory=LOCAL_OBJECT_STORE)
+    else:
+        ray.init(address=address)
+
+
+def inputs(spec: str | Path) -> tuple[Path, list[Path]]:
+    """(the root, the JSONL files) of one file, a folder's `*.jsonl` (recursively) or a glob."""
+    spec = str(spec)
+    if any(c in spec for c in "*?["):
+        parts = Path(spec).parts
+        cut = next(i for i, p in enumerate(parts) if any(c in p for c in "*?["))
+        root = Path(*parts[:cut]) if cut else Path(".")
+        files = sorted(p for p in root.glob(str(Path(*parts[cut:]))) if p.is_file())
+    elif Path(spec).is_dir():
+        root, files = Path(spec), sorted(Path(spec).rglob("*.jsonl"))
+    elif Path(spec).is_file():
+        return Path(spec).parent, [Path(spec)]
+    else:
+        raise FileNotFoundError(f"no such file: {spec}")
+    if not files:
+        raise InvalidRequest(f"no JSONL files in {spec} (--ray reads records; a folder of documents runs without it)")
+    return root, files
+
+
+def key_of(row: dict) -> tuple[str, int]:
+    return row.get("input", ""), row["line"]
+
+
+def committed(out: Path) -> set[tuple[str, int]]:
+    """The keys already written: in `out`, its errors file and its committed shards (a torn last line
+    of `out` is cut off first, as `nlg batch` does)."""
+    from service.jobs.files import done_lines
+
+    keys = set()
+    for path in (out, errors_of(out), *sorted(parts_of(out).glob("part-*.jsonl"))):
+        done_lines(path)  # cuts a torn line
+        if path.exists():
+            keys |= {key_of(json.loads(line)) for line in path.read_text(encoding="utf-8").splitlines() if line}
+    return keys
+
+
+def errors_of(out: Path) -> Path:
+    return out.with_name(out.name.removesuffix(".jsonl") + ".errors.jsonl")
+
+
+def parts_of(out: Path) -> Path:
+    return out.with_name(out.name + ".parts")
+
+
+def commit(folder: Path, lines: list[str]) -> None:
+    """One shard, there whole or not at all."""
+    folder.mkdir(parents=True, exist_ok=True)
+    name = f"part-{time.time_ns()}-{uuid.uuid4().hex[:8]}"
+    tmp = folder / f".{name}.tmp"
+    with tmp.open("w", encoding="utf-8") as f:
+        f.write("".join(line + "\n" for line in lines))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, folder / f"{name}.jsonl")
+
+
+def merge(out: Path) -> None:
+    """The committed shards appended to `out` (results) and its errors file, each key once; then the
+    shards are removed. Safe to interrupt: each file is replaced whole, and a rerun merges again."""
+    folder = parts_of(out)
+    if not folder.exists():
+        return
+    rows = [line for p in sorted(folder.glob("part-*.jsonl")) for line in p.read_text(encoding="utf-8").splitlines()]
+    for path, failed in ((out, False), (errors_of(out), True)):
+        old = path.read_text(encoding="utf-8") if path.exists() else ""
+        seen = {key_of(json.loads(line)) for line in old.splitlines() if line}
+        new = []
+        for line in rows:
+            row = json.loads(line)
+            if ("error" in row) == failed and key_of(row) not in seen:
+                seen.add(key_of(row))
+                new.append(line + "\n")
+        if new or not path.exists():
+            tmp = path.with_name(f".{path.name}.tmp")
+            with tmp.open("w", encoding="utf-8") as f:
+                f.write(old + "".join(new))
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+    shutil.rmtree(folder)
+
+
+def lines_datasource(root: Path, files: list[Path], skip: set[tuple[str, int]], several: bool):
+    """A Ray Data source of the input's records not in `skip`: one row per non-empty line, with its
+    input file's name under `root` (when `several`) and its line number."""
+    import pyarrow as pa
+    from ray.data.datasource import FileBasedDatasource
+
+    names = {str(p.resolve()): p.relative_to(root).as_posix() if several else "" for p in files}
+    schema = pa.schema([("input", pa.string()), ("line", pa.int64()), ("text", pa.string())])
+
+    class Lines(FileBasedDatasource):
+        def _read_stream(self, f, path: str):
+            name = names.get(str(Path(path).resolve()), Path(path).name)
+            rows = []
+            for n, line in enumerate(f.readall().decode("utf-8", errors="replace").splitlines(), start=1):
+                if line.strip() and (name, n) not in skip:
+                    rows.append((name, n, line))
+            yield pa.table(list(zip(*rows)) or [[], [], []], schema=schema)
+
+    return Lines([str(p) for p in files])
+
+
+class Replica:
+    """One engine replica in a Ray actor: its own model, its own scheduler batching the records of the
+    batches it is handed (`BATCH` at a time, two batches at once)."""
+
+    def __init__(self, task: str, model: str, options: dict, threads: int):
+        import torch
+
+        from service.engine.generator import TextGenerator
+        from service.engine.scheduler import Scheduler
+
+        torch.set_num_threads(threads)
+        self.task = task
+        self.gen = TextGenerator.load(model, **options)
+        self.gen.runs_on(Scheduler(self.gen.engine, slots=2 * BATCH).start())
+        self.name = f"{socket.gethostname()}:{os.getpid()}"
+
+    def __call__(self, batch: dict) -> dict:
+        from service.jobs.files import outcome, parse
+
+        def one(name, line, text) -> tuple[dict, bool, int]:
+            key = ({"input": str(name)} if name else {}) | {"line": int(line)}
+            return outcome(self.gen, self.task, key, *parse(str(text)))
+
+        rows = list(zip(batch["input"], batch["line"], batch["text"]))
+        with ThreadPoolExecutor(len(rows) or 1) as pool:
+            done = list(pool.map(lambda r: one(*r), rows))
+        return {
+            "row": [json.dumps(row, ensure_ascii=False) for row, _, _ in done],
+            "failed": [not ok for _, ok, _ in done],
+            "tokens": [tokens for _, _, tokens in done],
+            "replica": [self.name] * len(done),
+        }
+
+
+def run_on_ray(
+    task: str,
+    src: str | Path,
+    out: Path,
+    model: str,
+    options: dict,
+    replicas: int = 1,
+    replica_cpus: float | None = None,
+    replica_gpus: float = 0,
+    on_start=None,
+) -> ClusterSummary:
+    """Run every record of `src` not yet written to `out` through `replicas` engine actors on the
+    connected cluster (`connect`), committing results as they come back; then merge (module doc)."""
+    import ray
+    from ray.data import ActorPoolStrategy
+
+    if task not in ("summarize", "answer"):
+        raise InvalidRequest(f"unknown batch task {task!r}: summarize or answer")
+    from model.registry import resolve
+
+    root, files = inputs(src)
+    resolve(model)  # an unknown name fails here, and a local cluster's replicas find the model made
+    several = len(files) > 1 or any(c in str(src) for c in "*?[") or Path(src).is_dir()
+    merge(out)  # an earlier run's shards first: its results then count as written
+    skip = committed(out)
+    names = [p.relative_to(root).as_posix() if several else "" for p in files]
+    keys = [(name, n) for name, p in zip(names, files) for n, line in enumerate(_lines(p), start=1) if line.strip()]
+    total, left = len(keys), sum(k not in skip for k in keys)
+    if on_start:
+        on_start(left)
+    cpus = replica_cpus or max(1.0, ray.cluster_resources().get("CPU", 1) // replicas)
+    start = time.perf_counter()
+    summary = ClusterSummary(total, total - left, 0, 0, 0.0, 0)
+    if left:
+        source = lines_datasource(root, files, skip, several)
+        ds = ray.data.read_datasource(source, num_cpus=0, override_num_blocks=-(-left // BLOCK))
+        ds = ds.map_batches(
+            Replica,
+            fn_constructor_kwargs={"task": task, "model": model, "options": options, "threads": max(1, int(cpus))},
+            compute=ActorPoolStrategy(size=replicas, max_concurrent_calls_per_actor=2, max_tasks_in_flight_per_actor=2),
+            batch_size=BATCH,
+            batch_format="numpy",
+            num_cpus=cpus if not replica_gpus else 1,
+            num_gpus=replica_gpus,
+        )
+        written, per = set(skip), defaultdict(lambda: [0, 0])
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            lines = []
+            for line, failed, tokens, replica in zip(batch["row"], batch["failed"], batch["tokens"], batch["replica"]):
+                key = key_of(json.loads(line))
+                if key in written:  # a retried batch's record, already committed
+                    continue
+                written.add(key)
+                lines.append(str(line))
+                summary.failed += bool(failed)
+                summary.succeeded += not failed
+                summary.completion_tokens += int(tokens)
+                per[str(replica)][0] += 1
+                per[str(replica)][1] += int(tokens)
+            if lines:
+                commit(parts_of(out), lines)
+        summary.replicas = dict(per)
+    merge(out)
+    summary.seconds = time.perf_counter() - start
+    return summary
+
+
+def _lines(path: Path):
+    with path.open(encoding="utf-8", errors="replace") as f:
+        yield from f
