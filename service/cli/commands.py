@@ -209,6 +209,12 @@ def cmd_serve(args) -> None:
     jobs = args.jobs_db or str(cache_dir() / "jobs.sqlite")
     Path(jobs).parent.mkdir(parents=True, exist_ok=True)
     failed = threading.Event()
+    on_ray = None
+    if args.ray:
+        from service.jobs.cluster import connect
+
+        connect(args.ray)
+        on_ray = _replicas(args)
 
     def fatal() -> None:
         """The engine failed (its cause is printed) and every request in flight has its error: let the
@@ -224,7 +230,9 @@ def cmd_serve(args) -> None:
         gen = _load(args)
         gen.name = args.served_model_name or gen.name  # what clients name in "model" and /v1/models lists
         print(f"nlg: {args.model} loaded in {gen.load_s:.1f} s; ready", file=sys.stderr, flush=True)
-        return build_app(gen, fatal, key, args.slots, args.max_waiting, jobs, args.request_timeout, args.score_traffic)
+        return build_app(
+            gen, fatal, key, args.slots, args.max_waiting, jobs, args.request_timeout, args.score_traffic, on_ray
+        )
 
     url = f"http://{args.host}:{args.port}"
     print(
@@ -249,6 +257,7 @@ def cmd_batch(args) -> None:
     from tqdm import tqdm
 
     from service.jobs.files import run_job
+    from service.jobs.jsonl import errors_of
 
     src, out = args.input, Path(args.output)
     if args.ray:
@@ -263,7 +272,7 @@ def cmd_batch(args) -> None:
 
         progress.tokens = 0
         s = run_job(gen, args.task, src, out, args.workers, progress, on_start=lambda n: setattr(bar, "total", n))
-    errors = out.with_name(out.name.removesuffix(".jsonl") + ".errors.jsonl")
+    errors = errors_of(out)
     print(
         f"{s.succeeded} done, {s.failed} failed (see {errors}), {s.skipped} already done earlier, "
         f"of {s.total} records, in {s.seconds:.1f} s ({s.completion_tokens / max(s.seconds, 1e-9):.1f} tok/s)",
@@ -273,25 +282,20 @@ def cmd_batch(args) -> None:
 
 def _batch_on_ray(args) -> None:
     from service.jobs.cluster import connect, run_on_ray
+    from service.jobs.jsonl import errors_of
 
     connect(args.ray)
-    if args.tp > 1:
-        raise ValueError("--tp with --ray: not yet; a replica is one process (start more --replicas instead)")
     out = Path(args.output)
     s = run_on_ray(
         args.task,
         args.input,
         out,
-        args.model,
-        load_options(args),
-        replicas=args.replicas,
-        replica_cpus=args.replica_cpus,
-        replica_gpus=1 if str(args.device).startswith("cuda") else 0,
+        _replicas(args),
         on_start=lambda n: print(f"{n} records to do on {args.replicas} replicas", file=sys.stderr),
     )
     took = max(s.seconds, 1e-9)
     print(
-        f"{s.succeeded} done, {s.failed} failed (see {out.name.removesuffix('.jsonl')}.errors.jsonl), {s.skipped} "
+        f"{s.succeeded} done, {s.failed} failed (see {errors_of(out)}), {s.skipped} "
         f"already done earlier, of {s.total} records, in {s.seconds:.1f} s ({(s.succeeded + s.failed) / took:.2f} "
         f"records/s, {s.completion_tokens / took:.1f} tok/s)",
         file=sys.stderr,
@@ -299,6 +303,16 @@ def _batch_on_ray(args) -> None:
     for name, (records, tokens) in sorted(s.replicas.items()):
         rates = f"{records} records ({records / took:.2f}/s), {tokens / took:.1f} tok/s"
         print(f"  replica {name}: {rates}", file=sys.stderr)
+
+
+def _replicas(args):
+    """--replicas engine actors of --model, loaded as the command line says."""
+    from service.jobs.cluster import Replicas
+
+    if args.tp > 1:
+        raise ValueError("--tp with --ray: a replica is one process; start more --replicas instead")
+    gpus = 1 if str(args.device).startswith("cuda") else 0
+    return Replicas(args.model, load_options(args), args.replicas, args.replica_cpus, gpus)
 
 
 def cmd_eval(args) -> None:
@@ -343,6 +357,14 @@ def cmd_make_random(args) -> None:
 
 
 def cmd_bench(args) -> None:
+    if args.target == "batch":
+        from service.bench.batch import print_report, run
+
+        if not args.data:
+            raise ValueError("bench batch needs --data FILE (JSONL of {document} records)")
+        report = run(args.model, args.data, args.limit)
+        print(json.dumps(report) if args.json else print_report(report))
+        return
     if args.target == "serve":
         from service.bench.serve import print_report, run
 

@@ -177,6 +177,7 @@ def parser() -> argparse.ArgumentParser:
         "histogram nlg_quality_score",
     )
     v.add_argument("--jobs-db", help="SQLite file of batch jobs (default: jobs.sqlite in the model cache)")
+    add_ray(v, "the tasks' jobs (/v1/jobs) run on a Ray cluster (the ray extra), their state kept here: ADDRESS")
     v.set_defaults(run=commands.cmd_serve)
 
     b = sub.add_parser(
@@ -191,10 +192,13 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument(
         "target",
         nargs="?",
-        choices=["engine", "serve"],
+        choices=["engine", "serve", "batch"],
         default="engine",
-        help="engine (default), or serve: concurrent HTTP clients vs one at a time",
+        help="engine (default); serve: concurrent HTTP clients vs one at a time; batch: `nlg batch` on one machine vs "
+        "on a local Ray cluster with 1 and 2 replicas (the ray extra)",
     )
+    b.add_argument("--data", help="bench batch: JSONL of {document} records (e.g. DialogSum's dev.jsonl)")
+    b.add_argument("--limit", type=int, default=64, help="bench batch: the first N records (default 64)")
     b.add_argument("--clients", type=int, default=16, help="bench serve: concurrent clients (default 16)")
     b.add_argument("--tokens", type=int, default=64, help="tokens generated per sequence (default 64)")
     b.add_argument("--no-hf", action="store_true", help="skip the transformers baseline")
@@ -219,21 +223,10 @@ def parser() -> argparse.ArgumentParser:
     j.add_argument("-o", "--output", required=True, help="results JSONL (appended; a rerun resumes)")
     j.add_argument("--workers", type=int, default=8, help="records in flight, batched by the engine (default 8)")
     j.add_argument("--quiet", action="store_true", help="no progress bar")
-    j.add_argument(
-        "--ray",
-        nargs="?",
-        const="local",
-        metavar="ADDRESS",
-        help="run on a Ray cluster (the ray extra): ADDRESS `auto`, `ray://HOST:10001` or HOST:6379; none starts a "
-        "local one. INPUT is then JSONL: a file, a folder of *.jsonl or a quoted glob; results come back as shards, "
-        "merged into OUTPUT at the end, each record once across reruns",
-    )
-    j.add_argument("--replicas", type=int, default=1, metavar="N", help="--ray: engine replicas (default 1)")
-    j.add_argument(
-        "--replica-cpus",
-        type=float,
-        metavar="N",
-        help="--ray: CPU cores reserved per replica, its torch threads (default: the cluster's cores / replicas)",
+    add_ray(
+        j,
+        "run on a Ray cluster (the ray extra); INPUT is then JSONL (a file, a folder of *.jsonl or a quoted glob), "
+        "results come back as shards merged into OUTPUT at the end, each record once across reruns: ADDRESS",
     )
     j.set_defaults(run=commands.cmd_batch)
 
@@ -270,6 +263,23 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--seed", type=int, default=0, help="random seed of the weights")
     r.set_defaults(run=commands.cmd_make_random)
     return p
+
+
+def add_ray(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument(
+        "--ray",
+        nargs="?",
+        const="local",
+        metavar="ADDRESS",
+        help=f"{what} `auto`, `ray://HOST:10001` or HOST:6379; none starts a local cluster",
+    )
+    parser.add_argument("--replicas", type=int, default=1, metavar="N", help="--ray: engine replicas (default 1)")
+    parser.add_argument(
+        "--replica-cpus",
+        type=float,
+        metavar="N",
+        help="--ray: CPU cores reserved per replica, its torch threads (default: the cluster's cores / replicas)",
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

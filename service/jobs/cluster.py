@@ -29,10 +29,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from service.errors import InvalidRequest
+from service.jobs.jsonl import done_lines, errors_of
 
 EXTRA = "--ray needs the ray extra: pip install -e '.[ray]'"
-BATCH = 8  # records per batch sent to a replica; two batches run on a replica at once
-BLOCK = 4 * BATCH  # records per block: a replica takes blocks as it finishes them, and returns each whole
+SLOTS = 16  # sequences a replica's engine runs at once (its scheduler's slots)
+BLOCK = 32  # records per block: a replica takes blocks as it finishes them, and returns each whole
 LOCAL_OBJECT_STORE = 512 << 20  # the local cluster's shared memory for blocks in flight
 
 
@@ -92,18 +93,12 @@ def key_of(row: dict) -> tuple[str, int]:
 def committed(out: Path) -> set[tuple[str, int]]:
     """The keys already written: in `out`, its errors file and its committed shards (a torn last line
     of `out` is cut off first, as `nlg batch` does)."""
-    from service.jobs.files import done_lines
-
     keys = set()
     for path in (out, errors_of(out), *sorted(parts_of(out).glob("part-*.jsonl"))):
         done_lines(path)  # cuts a torn line
         if path.exists():
             keys |= {key_of(json.loads(line)) for line in path.read_text(encoding="utf-8").splitlines() if line}
     return keys
-
-
-def errors_of(out: Path) -> Path:
-    return out.with_name(out.name.removesuffix(".jsonl") + ".errors.jsonl")
 
 
 def parts_of(out: Path) -> Path:
@@ -171,7 +166,8 @@ def lines_datasource(root: Path, files: list[Path], skip: set[tuple[str, int]], 
 
 class Replica:
     """One engine replica in a Ray actor: its own model, its own scheduler batching the records of the
-    batches it is handed (`BATCH` at a time, two batches at once)."""
+    blocks it is handed (two blocks at once, so that one's last records never leave slots idle): every
+    record of a block is submitted at once and the scheduler runs `SLOTS` of them at a time."""
 
     def __init__(self, task: str, model: str, options: dict, threads: int):
         import torch
@@ -182,7 +178,7 @@ class Replica:
         torch.set_num_threads(threads)
         self.task = task
         self.gen = TextGenerator.load(model, **options)
-        self.gen.runs_on(Scheduler(self.gen.engine, slots=2 * BATCH).start())
+        self.gen.runs_on(Scheduler(self.gen.engine, slots=SLOTS).start())
         self.name = f"{socket.gethostname()}:{os.getpid()}"
 
     def __call__(self, batch: dict) -> dict:
@@ -203,28 +199,48 @@ class Replica:
         }
 
 
-def run_on_ray(
-    task: str,
-    src: str | Path,
-    out: Path,
-    model: str,
-    options: dict,
-    replicas: int = 1,
-    replica_cpus: float | None = None,
-    replica_gpus: float = 0,
-    on_start=None,
-) -> ClusterSummary:
-    """Run every record of `src` not yet written to `out` through `replicas` engine actors on the
-    connected cluster (`connect`), committing results as they come back; then merge (module doc)."""
+@dataclass
+class Replicas:
+    """The engine actors a job's records are mapped through: `count` replicas of `model` loaded with
+    `options` (`TextGenerator.load`'s), each with `cpus` cores (default: the cluster's / `count`) for
+    its torch threads, or `gpus` devices."""
+
+    model: str
+    options: dict
+    count: int = 1
+    cpus: float | None = None
+    gpus: float = 0
+
+    def map(self, ds, task: str):
+        """`ds` (rows of `input`, `line`, `text`) mapped to rows of `row` (the output line), `failed`,
+        `tokens` and `replica` (host:pid)."""
+        import ray
+        from ray.data import ActorPoolStrategy
+
+        cpus = self.cpus or max(1.0, ray.cluster_resources().get("CPU", 1) // self.count)
+        pool = ActorPoolStrategy(size=self.count, max_concurrent_calls_per_actor=2, max_tasks_in_flight_per_actor=2)
+        return ds.map_batches(
+            Replica,
+            fn_constructor_kwargs={"task": task, "model": self.model, "options": self.options, "threads": int(cpus)},
+            compute=pool,
+            batch_size=BLOCK,
+            batch_format="numpy",
+            num_cpus=cpus if not self.gpus else 1,
+            num_gpus=self.gpus,
+        )
+
+
+def run_on_ray(task: str, src: str | Path, out: Path, replicas: Replicas, on_start=None) -> ClusterSummary:
+    """Run every record of `src` not yet written to `out` through the `replicas` on the connected
+    cluster (`connect`), committing results as they come back; then merge (module doc)."""
     import ray
-    from ray.data import ActorPoolStrategy
+
+    from model.registry import resolve
 
     if task not in ("summarize", "answer"):
         raise InvalidRequest(f"unknown batch task {task!r}: summarize or answer")
-    from model.registry import resolve
-
     root, files = inputs(src)
-    resolve(model)  # an unknown name fails here, and a local cluster's replicas find the model made
+    resolve(replicas.model)  # an unknown name fails here, and a local cluster's replicas find the model made
     several = len(files) > 1 or any(c in str(src) for c in "*?[") or Path(src).is_dir()
     merge(out)  # an earlier run's shards first: its results then count as written
     skip = committed(out)
@@ -233,23 +249,13 @@ def run_on_ray(
     total, left = len(keys), sum(k not in skip for k in keys)
     if on_start:
         on_start(left)
-    cpus = replica_cpus or max(1.0, ray.cluster_resources().get("CPU", 1) // replicas)
     start = time.perf_counter()
     summary = ClusterSummary(total, total - left, 0, 0, 0.0, 0)
     if left:
         source = lines_datasource(root, files, skip, several)
-        ds = ray.data.read_datasource(source, num_cpus=0, override_num_blocks=-(-left // BLOCK))
-        ds = ds.map_batches(
-            Replica,
-            fn_constructor_kwargs={"task": task, "model": model, "options": options, "threads": max(1, int(cpus))},
-            compute=ActorPoolStrategy(size=replicas, max_concurrent_calls_per_actor=2, max_tasks_in_flight_per_actor=2),
-            batch_size=BATCH,
-            batch_format="numpy",
-            num_cpus=cpus if not replica_gpus else 1,
-            num_gpus=replica_gpus,
-        )
+        ds = replicas.map(ray.data.read_datasource(source, num_cpus=0, override_num_blocks=-(-left // BLOCK)), task)
         written, per = set(skip), defaultdict(lambda: [0, 0])
-        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=0):
             lines = []
             for line, failed, tokens, replica in zip(batch["row"], batch["failed"], batch["tokens"], batch["replica"]):
                 key = key_of(json.loads(line))

@@ -25,6 +25,7 @@ from pathlib import Path
 from service.engine.generator import TextGenerator
 from service.engine.scheduler import Scheduler
 from service.errors import EngineFailed, InvalidRequest
+from service.jobs.jsonl import done_lines, errors_of
 from service.jobs.records import run_record
 
 
@@ -36,19 +37,6 @@ class Summary:
     failed: int
     seconds: float
     completion_tokens: int
-
-
-def done_lines(path: Path, key: str = "line") -> set:
-    """The `key` (line numbers, or a folder's file names) of every result already written to `path`;
-    cuts a torn last line off the file first."""
-    if not path.exists():
-        return set()
-    data = path.read_bytes()
-    if data and not data.endswith(b"\n"):
-        with path.open("r+b") as f:
-            f.truncate(data.rfind(b"\n") + 1)
-        data = data[: data.rfind(b"\n") + 1]
-    return {json.loads(line).get(key) for line in data.splitlines() if line.strip()}
 
 
 def named_files(spec: str | Path) -> tuple[Path, list[Path]] | None:
@@ -147,7 +135,7 @@ def run_job(
         raise InvalidRequest("a folder or glob of documents is summarized; answers take a JSONL of questions")
     if folder is None and not Path(src).is_file():
         raise FileNotFoundError(f"no such file: {src}")
-    errors_path = out.with_name(out.name.removesuffix(".jsonl") + ".errors.jsonl")
+    errors_path = errors_of(out)
     key = "line" if folder is None else "file"
     skip = done_lines(out, key) | done_lines(errors_path, key)
     if folder is None:

@@ -1,5 +1,6 @@
 """The jobs thread of `nlg serve`: feeds pending records of the SQLite store to the engine at batch
-priority (interactive requests go first). A crash loses only the records in flight, which run again
+priority (interactive requests go first); with `--ray`, only OpenAI batches' (`cluster_runner` runs the
+tasks' jobs). A crash loses only the records in flight, which run again
 after the restart. A record that fails for any reason gets its error row (with its `id`) and the runner
 goes on; one refused because the engine's queue is full (`Overloaded`, from interactive load) stays
 pending and is tried again after the Retry-After; after an engine failure the runner stops, leaving the
@@ -29,8 +30,8 @@ from service.jobs.store import JobStore, record_id
 class JobRunner:
     """Feeds pending records to the engine, `workers` at a time, until stopped."""
 
-    def __init__(self, gen: TextGenerator, store: JobStore, workers: int = 4):
-        self.gen, self.store, self.workers = gen, store, workers
+    def __init__(self, gen: TextGenerator, store: JobStore, workers: int = 4, batches_only: bool = False):
+        self.gen, self.store, self.workers, self.batches_only = gen, store, workers, batches_only
         # (endpoint, body) -> (status, headers, body): the server's own handling of an OpenAI batch line
         self.post: Callable[[str, dict], tuple[int, dict, dict]] | None = None
         self.wake = threading.Event()
@@ -55,7 +56,8 @@ class JobRunner:
                     for key in [k for k, f in in_flight.items() if f.done()]:
                         in_flight.pop(key)
                     room = self.workers - len(in_flight) if time.monotonic() >= self.resume_at else 0
-                    for job, task, line, text in self.store.pending(room, set(in_flight)) if room else []:
+                    pending = self.store.pending(room, set(in_flight), self.batches_only) if room else []
+                    for job, task, line, text in pending:
                         in_flight[(job, line)] = pool.submit(self._one, job, task, line, text)
                 except Exception as e:  # the store itself (a full disk): say so, try again shortly
                     print(f"nlg: error: batch jobs: {type(e).__name__}: {e}", file=sys.stderr)

@@ -84,16 +84,33 @@ class JobStore:
             )
         return self.status(job)
 
-    def pending(self, limit: int, exclude: set[tuple[str, int]]) -> list[tuple[str, str, int, str]]:
-        """(job, task, line, input) of records without a result, oldest job first."""
+    def pending(
+        self, limit: int, exclude: set[tuple[str, int]], batches_only: bool = False
+    ) -> list[tuple[str, str, int, str]]:
+        """(job, task, line, input) of records without a result, oldest job first; with `batches_only`,
+        only OpenAI batches' (the tasks' jobs then run elsewhere: `cluster_runner`)."""
+        only = "AND j.task LIKE '/v1/%' " if batches_only else ""
         with self.lock:
             rows = self.db.execute(
                 "SELECT r.job, j.task, r.line, r.input FROM records r JOIN jobs j ON j.id = r.job "
-                "WHERE j.state IN ('queued', 'running') AND r.result IS NULL AND r.error IS NULL "
+                f"WHERE j.state IN ('queued', 'running') AND r.result IS NULL AND r.error IS NULL {only}"
                 "ORDER BY j.created, r.line LIMIT ?",
                 (limit + len(exclude),),
             ).fetchall()
         return [r for r in rows if (r[0], r[2]) not in exclude][:limit]
+
+    def pending_tasks(self, limit: int) -> tuple[str, list[tuple[str, int, str]]]:
+        """The task of the oldest tasks' job (not an OpenAI batch) with records left, and up to `limit`
+        (job, line, input) of the records left in jobs of that task, oldest job first."""
+        with self.lock:
+            rows = self.db.execute(
+                "SELECT r.job, j.task, r.line, r.input FROM records r JOIN jobs j ON j.id = r.job "
+                "WHERE j.state IN ('queued', 'running') AND r.result IS NULL AND r.error IS NULL "
+                "AND j.task NOT LIKE '/v1/%' ORDER BY j.created, r.line LIMIT ?",
+                (limit,),
+            ).fetchall()
+        task = rows[0][1] if rows else ""
+        return task, [(job, line, text) for job, t, line, text in rows if t == task]
 
     def save(self, job: str, line: int, result: dict | None, error: str | None) -> None:
         with self.lock:

@@ -25,6 +25,8 @@ from service.engine.generator import TextGenerator
 from service.engine.handle import AsyncEngine
 from service.engine.metrics import Metrics
 from service.engine.scheduler import Scheduler
+from service.jobs.cluster import Replicas
+from service.jobs.cluster_runner import ClusterRunner
 from service.jobs.runner import JobRunner
 from service.jobs.store import JobStore
 from service.server import http_errors
@@ -53,6 +55,7 @@ def build_app(
     jobs_db: str = ":memory:",
     request_timeout: float | None = 600.0,
     score_traffic: bool = False,
+    ray_replicas: Replicas | None = None,
 ) -> FastAPI:
     """The lifespan starts the engine thread (`slots` sequences at once, `max_waiting` queued before
     429), warms up the decode step (CUDA graphs captured, and compiled with `--compile`) before the app
@@ -63,7 +66,8 @@ def build_app(
     tasks' jobs, OpenAI batches and their files) live in the SQLite file `jobs_db`. A request running
     longer than `request_timeout` seconds is stopped and gets 504 (a stream: a last error event). With
     `score_traffic`, every answer and summary is scored by the cheap reference-free hooks
-    (`routes.tasks.QUALITY`) into the Prometheus histogram `nlg_quality_score{task, metric}`."""
+    (`routes.tasks.QUALITY`) into the Prometheus histogram `nlg_quality_score{task, metric}`. With
+    `ray_replicas`, the tasks' jobs run on the connected Ray cluster (`jobs.cluster_runner`)."""
     metrics = gen.metrics = Metrics(gen.name)
 
     @asynccontextmanager
@@ -84,7 +88,11 @@ def build_app(
             took = time.perf_counter() - started
             print(f"nlg: decode step warmed up for {len(warmed)} (rows, span) buckets in {took:.1f} s", file=sys.stderr)
         runner.start()
+        if on_ray:
+            on_ray.start()
         yield
+        if on_ray:
+            on_ray.stop()
         runner.stop()
         scheduler.stop()
         gen.runs_on(None)
@@ -99,7 +107,8 @@ def build_app(
         lifespan=lifespan,
     )
     store = JobStore(jobs_db)
-    runner = JobRunner(gen, store)
+    runner = JobRunner(gen, store, batches_only=ray_replicas is not None)
+    on_ray = ClusterRunner(store, ray_replicas) if ray_replicas else None
     app.state.gen, app.state.metrics, app.state.score_traffic = gen, metrics, score_traffic
     app.state.jobs, app.state.runner = store, runner
     app.state.readiness = health.Readiness(gen, runner)

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from service.jobs.files import done_lines, run_job
+from service.jobs.files import run_job
+from service.jobs.jsonl import done_lines
 
 
 def write_input(path: Path, n: int, length: str = "short") -> None:

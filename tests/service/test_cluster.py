@@ -22,6 +22,7 @@ from service.jobs.files import run_job
 pytestmark = pytest.mark.heavy
 ray = pytest.importorskip("ray")
 RECORDS = 200
+TINY = cluster.Replicas("tiny-random", {}, count=2)
 
 
 @pytest.fixture
@@ -66,7 +67,7 @@ def test_two_replicas_write_each_record_once_as_one_machine_does(local_ray, tiny
     """200 records over two actors: one line per record, both replicas worked, and the lines equal
     `nlg batch`'s on one machine (greedy), the bad line's error included."""
     src = write_input(tmp_path / "in.jsonl")
-    s = cluster.run_on_ray("summarize", src, tmp_path / "ray.jsonl", "tiny-random", {}, replicas=2)
+    s = cluster.run_on_ray("summarize", src, tmp_path / "ray.jsonl", TINY)
     assert (s.total, s.succeeded, s.failed) == (RECORDS, RECORDS - 1, 1)
     assert len(s.replicas) == 2 and all(n > 0 for n, _ in s.replicas.values()), s.replicas
     assert sorted(keys(tmp_path / "ray.jsonl")) == list(range(1, RECORDS + 1))
@@ -74,7 +75,7 @@ def test_two_replicas_write_each_record_once_as_one_machine_does(local_ray, tiny
     run_job(tiny, "summarize", src, tmp_path / "one.jsonl")
     assert sorted_lines(tmp_path / "ray.jsonl") == sorted_lines(tmp_path / "one.jsonl")
     assert sorted_lines(tmp_path / "ray.errors.jsonl") == sorted_lines(tmp_path / "one.errors.jsonl")
-    again = cluster.run_on_ray("summarize", src, tmp_path / "ray.jsonl", "tiny-random", {}, replicas=2)
+    again = cluster.run_on_ray("summarize", src, tmp_path / "ray.jsonl", TINY)
     assert (again.skipped, again.succeeded + again.failed) == (RECORDS, 0)
 
 
@@ -83,9 +84,7 @@ def test_a_killed_replica_loses_nothing_and_repeats_nothing(local_ray, tmp_path)
     retries its batches; the job still ends with exactly one line per record."""
     src, out = write_input(tmp_path / "in.jsonl"), tmp_path / "out.jsonl"
     result = {}
-    job = threading.Thread(
-        target=lambda: result.update(s=cluster.run_on_ray("summarize", src, out, "tiny-random", {}, replicas=2))
-    )
+    job = threading.Thread(target=lambda: result.update(s=cluster.run_on_ray("summarize", src, out, TINY)))
     job.start()
     done_at_kill = first_shard(out)
     workers = [p for p in psutil.process_iter(["cmdline"]) if "MapWorker" in " ".join(p.info["cmdline"] or [])]
@@ -116,6 +115,28 @@ def test_a_killed_driver_reruns_to_exactly_once(tiny, tmp_path):
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert "already done earlier" in rerun.stderr and " 0 already done" not in rerun.stderr
     assert sorted(keys(out)) == list(range(1, RECORDS + 1))
+
+
+def test_a_server_hands_its_jobs_to_ray(local_ray, tiny, tmp_path):
+    """`nlg serve --ray`: a job posted over HTTP runs on the cluster's replica, its state and results kept
+    in the server's store, equal to the results of a server running it on its own engine."""
+    from fastapi.testclient import TestClient
+
+    from service.server.app import build_app
+
+    body = write_input(tmp_path / "in.jsonl", 24).read_text()
+
+    def results(**ray) -> list[dict]:
+        with TestClient(build_app(tiny, jobs_db=str(tmp_path / f"{len(ray)}.sqlite"), **ray)) as c:
+            job = c.post("/v1/jobs?task=summarize", content=body).json()["id"]
+            deadline = time.monotonic() + 120
+            while c.get(f"/v1/jobs/{job}").json()["state"] != "completed":
+                assert time.monotonic() < deadline, c.get(f"/v1/jobs/{job}").json()
+                time.sleep(0.2)
+            assert c.get(f"/v1/jobs/{job}").json()["counts"] == {"total": 24, "succeeded": 23, "failed": 1}
+            return c.get(f"/v1/jobs/{job}/results").text.splitlines()
+
+    assert results(ray_replicas=cluster.Replicas("tiny-random", {}, count=1)) == results()
 
 
 def test_merge_keeps_one_line_per_key_and_ignores_unfinished_shards(tmp_path):
