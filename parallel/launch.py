@@ -58,6 +58,13 @@ def launch(nproc: int, fn: Callable[..., Any], *args: Any) -> Any:
     return elastic_launch(config, fn)(*args)[0]
 
 
+def free_port() -> int:
+    """A TCP port free on this machine now (for a rendezvous, or a server in a test)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def init_from_env(timeout_s: float | None = None) -> torch.device:
     """Join the process group torchrun describes (no-op at WORLD_SIZE 1); returns this rank's device."""
     global _plan_group, _timeout

@@ -93,7 +93,7 @@ def live_server(app):
     """Serve `app` with uvicorn on a free loopback port, on a thread; yields its base URL."""
     import uvicorn
 
-    from service.bench.serve import free_port
+    from parallel.launch import free_port
 
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))

@@ -3,7 +3,6 @@ at a time, in one run: aggregate generated tokens/s, p50/p99 latency, p99 time t
 
 from __future__ import annotations
 
-import socket
 import statistics
 import subprocess
 import sys
@@ -13,6 +12,7 @@ from contextlib import contextmanager
 
 import httpx
 
+from parallel.launch import free_port
 from service.bench.cpu import PROMPTS
 
 
@@ -42,12 +42,6 @@ def one_request(url: str, model: str, prompt: str, tokens: int) -> dict:
 
 def percentile(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[q - 1] if len(values) > 1 else values[0]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextmanager

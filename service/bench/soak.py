@@ -24,7 +24,7 @@ import time
 import httpx
 import psutil
 
-from service.bench.serve import free_port
+from parallel.launch import free_port
 
 REQUESTS = [
     ("/v1/completions", {"prompt": "Once upon a time", "max_tokens": 48}),

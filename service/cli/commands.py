@@ -307,12 +307,12 @@ def _batch_on_ray(args) -> None:
 
 def _replicas(args):
     """--replicas engine actors of --model, loaded as the command line says."""
+    from service.cli.launcher import check
     from service.jobs.cluster import Replicas
 
-    if args.tp > 1:
-        raise ValueError("--tp with --ray: a replica is one process; start more --replicas instead")
-    gpus = 1 if str(args.device).startswith("cuda") else 0
-    return Replicas(args.model, load_options(args), args.replicas, args.replica_cpus, gpus)
+    check(args.model, args.tp)  # an impossible split fails here, not in every actor
+    gpus = str(args.device).startswith("cuda")
+    return Replicas(args.model, load_options(args), args.replicas, args.replica_cpus, gpus, args.tp)
 
 
 def cmd_eval(args) -> None:

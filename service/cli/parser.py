@@ -285,7 +285,12 @@ def add_ray(parser: argparse.ArgumentParser, what: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser().parse_args(argv)
-    if args.command != "bench" and (getattr(args, "tp", 1) > 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1):
+    on_ray = args.command == "batch" and args.ray  # then each replica starts its own ranks (`jobs.ranks`)
+    if (
+        args.command != "bench"
+        and not on_ray
+        and (getattr(args, "tp", 1) > 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1)
+    ):
         from service.cli.launcher import run_tensor_parallel
 
         return run_tensor_parallel(args)

@@ -169,13 +169,15 @@ class Replica:
     blocks it is handed (two blocks at once, so that one's last records never leave slots idle): every
     record of a block is submitted at once and the scheduler runs `SLOTS` of them at a time."""
 
-    def __init__(self, task: str, model: str, options: dict, threads: int):
+    def __init__(self, task: str, model: str, options: dict, threads: int, tp: int = 1):
         import torch
 
         from service.engine.generator import TextGenerator
         from service.engine.scheduler import Scheduler
+        from service.jobs import ranks
 
         torch.set_num_threads(threads)
+        self.ranks = ranks.start(tp, model, options, max(1, threads // tp)) if tp > 1 else []
         self.task = task
         self.gen = TextGenerator.load(model, **options)
         self.gen.runs_on(Scheduler(self.gen.engine, slots=SLOTS).start())
@@ -202,14 +204,16 @@ class Replica:
 @dataclass
 class Replicas:
     """The engine actors a job's records are mapped through: `count` replicas of `model` loaded with
-    `options` (`TextGenerator.load`'s), each with `cpus` cores (default: the cluster's / `count`) for
-    its torch threads, or `gpus` devices."""
+    `options` (`TextGenerator.load`'s), each split over `tp` tensor-parallel ranks on one node
+    (`ranks`), with `cpus` cores (default: the cluster's / `count`) for its torch threads, or one GPU
+    per rank when `gpus`."""
 
     model: str
     options: dict
     count: int = 1
     cpus: float | None = None
-    gpus: float = 0
+    gpus: bool = False
+    tp: int = 1
 
     def map(self, ds, task: str):
         """`ds` (rows of `input`, `line`, `text`) mapped to rows of `row` (the output line), `failed`,
@@ -221,12 +225,18 @@ class Replicas:
         pool = ActorPoolStrategy(size=self.count, max_concurrent_calls_per_actor=2, max_tasks_in_flight_per_actor=2)
         return ds.map_batches(
             Replica,
-            fn_constructor_kwargs={"task": task, "model": self.model, "options": self.options, "threads": int(cpus)},
+            fn_constructor_kwargs={
+                "task": task,
+                "model": self.model,
+                "options": self.options,
+                "threads": int(cpus),
+                "tp": self.tp,
+            },
             compute=pool,
             batch_size=BLOCK,
             batch_format="numpy",
-            num_cpus=cpus if not self.gpus else 1,
-            num_gpus=self.gpus,
+            num_cpus=cpus if not self.gpus else self.tp,
+            num_gpus=self.tp if self.gpus else 0,
         )
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from service.jobs import cluster
+from service.jobs import cluster, ranks
 from service.jobs.files import run_job
 
 pytestmark = pytest.mark.heavy
@@ -137,6 +137,19 @@ def test_a_server_hands_its_jobs_to_ray(local_ray, tiny, tmp_path):
             return c.get(f"/v1/jobs/{job}/results").text.splitlines()
 
     assert results(ray_replicas=cluster.Replicas("tiny-random", {}, count=1)) == results()
+
+
+def test_a_replica_split_over_two_ranks_writes_what_one_process_does(local_ray, tmp_path):
+    """`--tp 2` with `--ray`: the actor is rank 0 of two local ranks, and its lines equal a one-rank
+    replica's; its other rank is gone when the job ends."""
+    src = write_input(tmp_path / "in.jsonl", 24)
+    cluster.run_on_ray("summarize", src, tmp_path / "one.jsonl", cluster.Replicas("tiny-random", {}, count=1))
+    cluster.run_on_ray("summarize", src, tmp_path / "two.jsonl", cluster.Replicas("tiny-random", {}, count=1, tp=2))
+    assert sorted_lines(tmp_path / "two.jsonl") == sorted_lines(tmp_path / "one.jsonl")
+    time.sleep(2 * ranks.WATCH_S)
+    assert not [
+        p for p in psutil.process_iter(["cmdline"]) if "service.jobs.ranks" in " ".join(p.info["cmdline"] or [])
+    ]
 
 
 def test_merge_keeps_one_line_per_key_and_ignores_unfinished_shards(tmp_path):
