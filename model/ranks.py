@@ -50,3 +50,11 @@ def follow(model: nn.Module, device: torch.device) -> None:
         model(ids, positions, mirror["cache"] if spec is not None else None, blocks, logits_index)
 
     follow_plans(run)
+
+
+def follow_named(model: str, device: torch.device, dtype: torch.dtype, quantization: str = "none") -> None:
+    """Ranks > 0 of the named model (or directory): load this rank's shard, then `follow`."""
+    from model.loader import load_model
+    from model.registry import resolve
+
+    follow(load_model(resolve(model), dtype=dtype, device=device, quantization=quantization), device)

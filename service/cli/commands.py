@@ -307,10 +307,8 @@ def _batch_on_ray(args) -> None:
 
 def _replicas(args):
     """--replicas engine actors of --model, loaded as the command line says."""
-    from service.cli.launcher import check
     from service.jobs.cluster import Replicas
 
-    check(args.model, args.tp)  # an impossible split fails here, not in every actor
     gpus = str(args.device).startswith("cuda")
     return Replicas(args.model, load_options(args), args.replicas, args.replica_cpus, gpus, args.tp)
 

@@ -66,6 +66,7 @@ def check(model: str, tp: int) -> None:
 
 def rank_main(args: argparse.Namespace) -> int:
     """The entry point of every rank."""
+    from model.ranks import follow_named
     from parallel.launch import init_from_env, shutdown
     from parallel.state import get_tp
     from service.cli.commands import dtype_of, run
@@ -78,18 +79,10 @@ def rank_main(args: argparse.Namespace) -> int:
             return run(args)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # rank 0 decides when to stop (see the module doc)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
-        follower(args.model, device, dtype_of(args), args.quantize)
+        follow_named(args.model, device, dtype_of(args), args.quantize)
         return 0
     finally:
         shutdown()
-
-
-def follower(model: str, device: torch.device, dtype: torch.dtype, quantization: str = "none") -> None:
-    from model.loader import load_model
-    from model.ranks import follow
-    from model.registry import resolve
-
-    follow(load_model(resolve(model), dtype=dtype, device=device, quantization=quantization), device)
 
 
 def _fail(message: str, status: int = 2) -> int:

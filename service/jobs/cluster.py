@@ -245,12 +245,14 @@ def run_on_ray(task: str, src: str | Path, out: Path, replicas: Replicas, on_sta
     cluster (`connect`), committing results as they come back; then merge (module doc)."""
     import ray
 
+    from model.loader import read_config
     from model.registry import resolve
 
     if task not in ("summarize", "answer"):
         raise InvalidRequest(f"unknown batch task {task!r}: summarize or answer")
     root, files = inputs(src)
-    resolve(replicas.model)  # an unknown name fails here, and a local cluster's replicas find the model made
+    # an unknown name or an impossible split fails here, and a local cluster's replicas find the model made
+    read_config(resolve(replicas.model)).check_tp(replicas.tp)
     several = len(files) > 1 or any(c in str(src) for c in "*?[") or Path(src).is_dir()
     merge(out)  # an earlier run's shards first: its results then count as written
     skip = committed(out)

@@ -45,14 +45,14 @@ def start(tp: int, model: str, options: dict, threads: int) -> list[subprocess.P
 
 def follow(model: str, device: str, dtype: str, quantization: str, threads: str) -> None:
     """A rank > 0: its shard, then rank 0's plans until the stop message or rank 0's end."""
+    from model.ranks import follow_named
     from parallel.launch import init_from_env
-    from service.cli.launcher import follower
 
     parent = os.getppid()
     threading.Thread(target=_watch, args=(parent,), daemon=True).start()
     here = init_from_env()
     torch.set_num_threads(int(threads))
-    follower(model, here if device != "cpu" else torch.device("cpu"), getattr(torch, dtype), quantization)
+    follow_named(model, here if device != "cpu" else torch.device("cpu"), getattr(torch, dtype), quantization)
 
 
 def _watch(parent: int) -> None:

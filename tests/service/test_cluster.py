@@ -1,6 +1,7 @@
 """Batch jobs on Ray (`service.jobs.cluster`): a real local Ray cluster of 2 CPUs, tiny-random replicas.
 Every job ends with exactly one line per record, whatever dies on the way (an actor SIGKILLed mid-job, the
-driver SIGKILLed and the same command run again), and the output is the one-machine `nlg batch` output."""
+driver SIGKILLed and the same command run again), and its output is the one-machine `nlg batch` output;
+a replica split over two ranks writes the same lines, and a server hands its jobs to the cluster."""
 
 from __future__ import annotations
 
