@@ -25,11 +25,11 @@ import time
 import uuid
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from service.errors import InvalidRequest
-from service.jobs.jsonl import done_lines, errors_of
+from service.jobs.jsonl import Summary, done_lines, errors_of
 
 EXTRA = "--ray needs the ray extra: pip install -e '.[ray]'"
 SLOTS = 16  # sequences a replica's engine runs at once (its scheduler's slots)
@@ -39,17 +39,6 @@ LOCAL_OBJECT_STORE = 512 << 20  # the local cluster's shared memory for blocks i
 
 class MissingExtra(ValueError):
     """The CLI's one-line error: `ray` is not installed."""
-
-
-@dataclass
-class ClusterSummary:
-    total: int
-    skipped: int  # done in an earlier run
-    succeeded: int
-    failed: int
-    seconds: float
-    completion_tokens: int
-    replicas: dict[str, list[int]] = field(default_factory=dict)  # name -> [records, tokens]
 
 
 def connect(address: str = "local", cpus: int | None = None) -> None:
@@ -240,7 +229,7 @@ class Replicas:
         )
 
 
-def run_on_ray(task: str, src: str | Path, out: Path, replicas: Replicas, on_start=None) -> ClusterSummary:
+def run_on_ray(task: str, src: str | Path, out: Path, replicas: Replicas, on_start=None) -> Summary:
     """Run every record of `src` not yet written to `out` through the `replicas` on the connected
     cluster (`connect`), committing results as they come back; then merge (module doc)."""
     import ray
@@ -262,7 +251,7 @@ def run_on_ray(task: str, src: str | Path, out: Path, replicas: Replicas, on_sta
     if on_start:
         on_start(left)
     start = time.perf_counter()
-    summary = ClusterSummary(total, total - left, 0, 0, 0.0, 0)
+    summary = Summary(total, total - left, 0, 0, 0.0, 0)
     if left:
         source = lines_datasource(root, files, skip, several)
         ds = replicas.map(ray.data.read_datasource(source, num_cpus=0, override_num_blocks=-(-left // BLOCK)), task)

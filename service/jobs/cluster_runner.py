@@ -14,30 +14,19 @@ from __future__ import annotations
 
 import json
 import sys
-import threading
 
 from service.jobs.cluster import BLOCK, Replicas
+from service.jobs.runner import Loop
 from service.jobs.store import JobStore
 
 CHUNK = 1024  # records per pipeline run: the grain of cancelling a job
 RETRY_S = 5.0
 
 
-class ClusterRunner:
+class ClusterRunner(Loop):
     def __init__(self, store: JobStore, replicas: Replicas):
+        super().__init__("nlg-ray-jobs")
         self.store, self.replicas = store, replicas
-        self.wake = threading.Event()
-        self.stopping = False
-        self.thread = threading.Thread(target=self._loop, name="nlg-ray-jobs", daemon=True)
-
-    def start(self) -> ClusterRunner:
-        self.thread.start()
-        return self
-
-    def stop(self) -> None:
-        self.stopping = True
-        self.wake.set()
-        self.thread.join(60)
 
     def _loop(self) -> None:
         while not self.stopping:

@@ -19,24 +19,13 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass
 from pathlib import Path
 
 from service.engine.generator import TextGenerator
 from service.engine.scheduler import Scheduler
 from service.errors import EngineFailed, InvalidRequest
-from service.jobs.jsonl import done_lines, errors_of
+from service.jobs.jsonl import Summary, done_lines, errors_of
 from service.jobs.records import run_record
-
-
-@dataclass
-class Summary:
-    total: int
-    skipped: int  # done in an earlier run
-    succeeded: int
-    failed: int
-    seconds: float
-    completion_tokens: int
 
 
 def named_files(spec: str | Path) -> tuple[Path, list[Path]] | None:

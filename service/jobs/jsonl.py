@@ -1,9 +1,22 @@
-"""The JSONL files a batch job writes: its results, and its errors beside them (`OUT.errors.jsonl`)."""
+"""The JSONL files a batch job writes (its results, and its errors beside them: `OUT.errors.jsonl`), and
+what it reports when it ends."""
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
+
+
+@dataclass
+class Summary:
+    total: int
+    skipped: int  # done in an earlier run
+    succeeded: int
+    failed: int
+    seconds: float
+    completion_tokens: int
+    replicas: dict[str, list[int]] = field(default_factory=dict)  # on Ray: replica -> [records, tokens]
 
 
 def errors_of(out: Path) -> Path:

@@ -27,18 +27,15 @@ from service.jobs.records import run_record
 from service.jobs.store import JobStore, record_id
 
 
-class JobRunner:
-    """Feeds pending records to the engine, `workers` at a time, until stopped."""
+class Loop:
+    """A daemon thread named `name` running `_loop` from `start` until `stop`; `wake` cuts its waits short."""
 
-    def __init__(self, gen: TextGenerator, store: JobStore, workers: int = 4, batches_only: bool = False):
-        self.gen, self.store, self.workers, self.batches_only = gen, store, workers, batches_only
-        # (endpoint, body) -> (status, headers, body): the server's own handling of an OpenAI batch line
-        self.post: Callable[[str, dict], tuple[int, dict, dict]] | None = None
+    def __init__(self, name: str):
         self.wake = threading.Event()
         self.stopping = False
-        self.thread = threading.Thread(target=self._loop, name="nlg-jobs", daemon=True)
+        self.thread = threading.Thread(target=self._loop, name=name, daemon=True)
 
-    def start(self) -> JobRunner:
+    def start(self):
         self.thread.start()
         return self
 
@@ -46,6 +43,19 @@ class JobRunner:
         self.stopping = True
         self.wake.set()
         self.thread.join(60)
+
+    def _loop(self) -> None:
+        raise NotImplementedError
+
+
+class JobRunner(Loop):
+    """Feeds pending records to the engine, `workers` at a time, until stopped."""
+
+    def __init__(self, gen: TextGenerator, store: JobStore, workers: int = 4, batches_only: bool = False):
+        super().__init__("nlg-jobs")
+        self.gen, self.store, self.workers, self.batches_only = gen, store, workers, batches_only
+        # (endpoint, body) -> (status, headers, body): the server's own handling of an OpenAI batch line
+        self.post: Callable[[str, dict], tuple[int, dict, dict]] | None = None
 
     def _loop(self) -> None:
         in_flight: dict[tuple[str, int], Future] = {}
