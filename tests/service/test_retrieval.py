@@ -47,7 +47,7 @@ def test_the_passage_holding_the_answer_ranks_first(office, monkeypatch, dense):
 
 def test_passages_without_an_indexable_word_keep_their_order(monkeypatch):
     """Found by the fuzzer: passages of single letters and stopwords left BM25 an empty vocabulary, and
-    ranking them raised (a 500 on /v1/answer/files)."""
+    ranking them raised (a 500 on an upload to /v1/answer)."""
     monkeypatch.setattr(retrieval, "_encoder", lambda: None)
     found = passages([Document("x.txt", "txt", [Part("a", "a b"), Part("b", "c d"), Part("c", "of the")])])
     assert [p.part for p in rank("what is it", found, 2)] == ["a", "b"]
