@@ -33,7 +33,7 @@ from service.jobs.jsonl import Summary, done_lines, errors_of
 
 EXTRA = "--ray needs the ray extra: pip install -e '.[ray]'"
 SLOTS = 16  # sequences a replica's engine runs at once (its scheduler's slots)
-BLOCK = 32  # records per block: a replica takes blocks as it finishes them, and returns each whole
+BLOCK = 32  # records per block, about (Ray splits evenly); a replica takes one as it finishes one, returns it whole
 LOCAL_OBJECT_STORE = 512 << 20  # the local cluster's shared memory for blocks in flight
 
 
@@ -222,7 +222,7 @@ class Replicas:
                 "tp": self.tp,
             },
             compute=pool,
-            batch_size=BLOCK,
+            batch_size=None,  # a block is one batch (no bundling of blocks): the grain of a commit
             batch_format="numpy",
             num_cpus=cpus if not self.gpus else self.tp,
             num_gpus=self.tp if self.gpus else 0,
