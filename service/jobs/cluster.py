@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from service.errors import InvalidRequest
-from service.jobs.jsonl import Summary, done_lines, errors_of
+from service.jobs.jsonl import Summary, errors_of, whole_lines
 
 EXTRA = "--ray needs the ray extra: pip install -e '.[ray]'"
 SLOTS = 16  # sequences a replica's engine runs at once (its scheduler's slots)
@@ -80,14 +80,10 @@ def key_of(row: dict) -> tuple[str, int]:
 
 
 def committed(out: Path) -> set[tuple[str, int]]:
-    """The keys already written: in `out`, its errors file and its committed shards (a torn last line
-    of `out` is cut off first, as `nlg batch` does)."""
-    keys = set()
-    for path in (out, errors_of(out), *sorted(parts_of(out).glob("part-*.jsonl"))):
-        done_lines(path)  # cuts a torn line
-        if path.exists():
-            keys |= {key_of(json.loads(line)) for line in path.read_text(encoding="utf-8").splitlines() if line}
-    return keys
+    """The keys already written: in `out`, its errors file and its committed shards (a torn last line is
+    cut off first, as `nlg batch` does)."""
+    paths = (out, errors_of(out), *sorted(parts_of(out).glob("part-*.jsonl")))
+    return {key_of(json.loads(line)) for path in paths for line in whole_lines(path) if line}
 
 
 def parts_of(out: Path) -> Path:
@@ -107,28 +103,24 @@ def commit(folder: Path, lines: list[str]) -> None:
 
 
 def merge(out: Path) -> None:
-    """The committed shards appended to `out` (results) and its errors file, each key once; then the
-    shards are removed. Safe to interrupt: each file is replaced whole, and a rerun merges again."""
+    """The committed shards' lines appended to `out` (results) and its errors file, each key once; then
+    the shards are removed. Safe to interrupt: a torn line is cut off and the rerun merges again."""
     folder = parts_of(out)
     if not folder.exists():
         return
-    rows = [line for p in sorted(folder.glob("part-*.jsonl")) for line in p.read_text(encoding="utf-8").splitlines()]
+    rows = [line for p in sorted(folder.glob("part-*.jsonl")) for line in whole_lines(p)]
     for path, failed in ((out, False), (errors_of(out), True)):
-        old = path.read_text(encoding="utf-8") if path.exists() else ""
-        seen = {key_of(json.loads(line)) for line in old.splitlines() if line}
+        seen = {key_of(json.loads(line)) for line in whole_lines(path) if line}
         new = []
         for line in rows:
             row = json.loads(line)
             if ("error" in row) == failed and key_of(row) not in seen:
                 seen.add(key_of(row))
                 new.append(line + "\n")
-        if new or not path.exists():
-            tmp = path.with_name(f".{path.name}.tmp")
-            with tmp.open("w", encoding="utf-8") as f:
-                f.write(old + "".join(new))
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
+        with path.open("a", encoding="utf-8") as f:
+            f.write("".join(new))
+            f.flush()
+            os.fsync(f.fileno())
     shutil.rmtree(folder)
 
 

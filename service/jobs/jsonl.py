@@ -27,11 +27,17 @@ def errors_of(out: Path) -> Path:
 def done_lines(path: Path, key: str = "line") -> set:
     """The `key` (line numbers, or a folder's file names) of every result already written to `path`;
     cuts a torn last line off the file first."""
+    return {json.loads(line).get(key) for line in whole_lines(path) if line.strip()}
+
+
+def whole_lines(path: Path) -> list[str]:
+    """The lines of `path` (none where it is missing), after cutting off a last line that a kill tore
+    in the middle of its write."""
     if not path.exists():
-        return set()
+        return []
     data = path.read_bytes()
     if data and not data.endswith(b"\n"):
         with path.open("r+b") as f:
             f.truncate(data.rfind(b"\n") + 1)
         data = data[: data.rfind(b"\n") + 1]
-    return {json.loads(line).get(key) for line in data.splitlines() if line.strip()}
+    return data.decode("utf-8").splitlines()
