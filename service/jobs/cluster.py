@@ -17,6 +17,7 @@ inside a replica is an error of the job, not a death: the job stops, its committ
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -29,11 +30,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from service.errors import InvalidRequest
-from service.jobs.jsonl import Summary, errors_of, whole_lines
+from service.jobs.jsonl import Summary, errors_of, numbered, whole_lines
 
 EXTRA = "--ray needs the ray extra: pip install -e '.[ray]'"
 SLOTS = 16  # sequences a replica's engine runs at once (its scheduler's slots)
 BLOCK = 32  # records per block, about (Ray splits evenly); a replica takes one as it finishes one, returns it whole
+READ_ROWS = 4096  # rows a read task holds before handing them on (Ray cuts them into blocks)
 LOCAL_OBJECT_STORE = 512 << 20  # the local cluster's shared memory for blocks in flight
 
 
@@ -124,25 +126,29 @@ def merge(out: Path) -> None:
     shutil.rmtree(folder)
 
 
-def lines_datasource(root: Path, files: list[Path], skip: set[tuple[str, int]], several: bool):
-    """A Ray Data source of the input's records not in `skip`: one row per non-empty line, with its
-    input file's name under `root` (when `several`) and its line number."""
+def lines_datasource(names: dict[str, str], skip: set[tuple[str, int]]):
+    """A Ray Data source of the records of the files `names` maps (resolved path -> name in the
+    output) not in `skip`: one row per non-empty line, with its file's name and its line number."""
     import pyarrow as pa
     from ray.data.datasource import FileBasedDatasource
 
-    names = {str(p.resolve()): p.relative_to(root).as_posix() if several else "" for p in files}
     schema = pa.schema([("input", pa.string()), ("line", pa.int64()), ("text", pa.string())])
+
+    def table(rows: list[tuple]) -> pa.Table:
+        return pa.table(list(zip(*rows)) or [[], [], []], schema=schema)
 
     class Lines(FileBasedDatasource):
         def _read_stream(self, f, path: str):
-            name = names.get(str(Path(path).resolve()), Path(path).name)
-            rows = []
-            for n, line in enumerate(f.readall().decode("utf-8", errors="replace").splitlines(), start=1):
-                if line.strip() and (name, n) not in skip:
+            name, rows = names[str(Path(path).resolve())], []
+            for n, line in numbered(io.TextIOWrapper(f, encoding="utf-8", errors="replace")):
+                if (name, n) not in skip:
                     rows.append((name, n, line))
-            yield pa.table(list(zip(*rows)) or [[], [], []], schema=schema)
+                if len(rows) == READ_ROWS:
+                    yield table(rows)
+                    rows = []
+            yield table(rows)
 
-    return Lines([str(p) for p in files])
+    return Lines(list(names))
 
 
 class Replica:
@@ -235,17 +241,20 @@ def run_on_ray(task: str, src: str | Path, out: Path, replicas: Replicas, on_sta
     # an unknown name or an impossible split fails here, and a local cluster's replicas find the model made
     read_config(resolve(replicas.model)).check_tp(replicas.tp)
     several = len(files) > 1 or any(c in str(src) for c in "*?[") or Path(src).is_dir()
+    names = {str(p.resolve()): p.relative_to(root).as_posix() if several else "" for p in files}
     merge(out)  # an earlier run's shards first: its results then count as written
     skip = committed(out)
-    names = [p.relative_to(root).as_posix() if several else "" for p in files]
-    keys = [(name, n) for name, p in zip(names, files) for n, line in enumerate(_lines(p), start=1) if line.strip()]
+    keys = []
+    for path, name in names.items():
+        with open(path, encoding="utf-8", errors="replace") as f:
+            keys += [(name, n) for n, _ in numbered(f)]
     total, left = len(keys), sum(k not in skip for k in keys)
     if on_start:
         on_start(left)
     start = time.perf_counter()
     summary = Summary(total, total - left, 0, 0, 0.0, 0)
     if left:
-        source = lines_datasource(root, files, skip, several)
+        source = lines_datasource(names, skip)
         ds = replicas.map(ray.data.read_datasource(source, num_cpus=0, override_num_blocks=-(-left // BLOCK)), task)
         written, per = set(skip), defaultdict(lambda: [0, 0])
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=0):
@@ -267,8 +276,3 @@ def run_on_ray(task: str, src: str | Path, out: Path, replicas: Replicas, on_sta
     merge(out)
     summary.seconds = time.perf_counter() - start
     return summary
-
-
-def _lines(path: Path):
-    with path.open(encoding="utf-8", errors="replace") as f:
-        yield from f

@@ -24,7 +24,7 @@ from pathlib import Path
 from service.engine.generator import TextGenerator
 from service.engine.scheduler import Scheduler
 from service.errors import EngineFailed, InvalidRequest
-from service.jobs.jsonl import Summary, done_lines, errors_of
+from service.jobs.jsonl import Summary, done_lines, errors_of, numbered
 from service.jobs.records import run_record
 
 
@@ -59,9 +59,8 @@ def file_records(root: Path, paths: list[Path]) -> Iterator[tuple[str, dict | No
 def read_records(path: Path) -> Iterator[tuple[int, dict | None, str | None]]:
     """(line number, record, parse error) for every non-empty line."""
     with path.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, start=1):
-            if line.strip():
-                yield n, *parse(line)
+        for n, line in numbered(f):
+            yield n, *parse(line)
 
 
 def parse(line: str) -> tuple[dict | None, str | None]:

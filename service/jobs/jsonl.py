@@ -4,6 +4,7 @@ what it reports when it ends."""
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,6 +23,11 @@ class Summary:
 def errors_of(out: Path) -> Path:
     """Where the records that failed go, beside the results file `out`."""
     return out.with_name(out.name.removesuffix(".jsonl") + ".errors.jsonl")
+
+
+def numbered(lines: Iterable[str]) -> Iterator[tuple[int, str]]:
+    """(line number from 1, line) of each line that is not blank: how a JSONL input's records are keyed."""
+    return ((n, line) for n, line in enumerate(lines, start=1) if line.strip())
 
 
 def done_lines(path: Path, key: str = "line") -> set:
