@@ -41,6 +41,8 @@ def write_input(path: Path, n: int = RECORDS) -> Path:
         for i in range(n)
     ]
     lines[7] = "not json"  # a record's own failure goes to the errors file, once too
+    # a line separator inside a string, written raw: one record still, numbered as one line
+    lines[3] = json.dumps({"id": "r3", "document": "The dam opened.\u2028It cost a lot."}, ensure_ascii=False)
     path.write_text("\n".join(lines) + "\n")
     return path
 
