@@ -12,13 +12,15 @@ import tempfile
 import time
 from pathlib import Path
 
+from service.jobs.jsonl import split_lines, whole_lines
+
 WORKERS = 16  # records in flight on one machine: as many as a replica's scheduler runs at once (`cluster.SLOTS`)
 
 
 def run(model: str, data: str, limit: int, replicas: tuple[int, ...] = (1, 2), length: str = "short") -> dict:
     with tempfile.TemporaryDirectory(prefix="nlg-bench-batch-") as tmp:
         src = Path(tmp) / "in.jsonl"
-        records = [json.loads(line) for line in Path(data).read_text(encoding="utf-8").splitlines() if line][:limit]
+        records = [json.loads(line) for line in split_lines(Path(data).read_text(encoding="utf-8")) if line][:limit]
         wanted = [{"id": r.get("id"), "document": r["document"], "length": length} for r in records]
         src.write_text("".join(json.dumps(r) + "\n" for r in wanted))
         base = [sys.executable, "-m", "service.cli", "batch", "summarize", str(src), "--model", model, "--quiet"]
@@ -31,7 +33,7 @@ def run(model: str, data: str, limit: int, replicas: tuple[int, ...] = (1, 2), l
             seconds = time.perf_counter() - start
             if done.returncode:
                 raise RuntimeError(f"{' '.join(command)} failed: {done.stderr[-2000:]}")
-            lines = sorted(out.read_text(encoding="utf-8").splitlines(), key=lambda line: json.loads(line)["line"])
+            lines = sorted(whole_lines(out), key=lambda line: json.loads(line)["line"])
             rows.append({"replicas": n, "seconds": seconds, "records_per_s": len(lines) / seconds, "lines": lines})
     reference, rate = rows[0]["lines"], rows[0]["records_per_s"]
     for r in rows:

@@ -20,6 +20,7 @@ from service.errors import InvalidRequest
 from service.evals import factual, fluency
 from service.evals.scoring import aggregate, evaluate, numeric, qa, rouge
 from service.jobs.files import in_flight
+from service.jobs.jsonl import split_lines
 from service.jobs.records import BATCH_PRIORITY
 from service.retrieval import passages, rank
 from service.tasks.answer import answer, answer_source
@@ -80,7 +81,7 @@ def run_eval(
         raise InvalidRequest(f"unknown eval task {task!r}: {', '.join(MAIN)}")
     if not data.is_file():
         raise FileNotFoundError(f"no such file: {data}")
-    records = [json.loads(line) for line in data.read_text(encoding="utf-8").splitlines() if line.strip()]
+    records = [json.loads(line) for line in split_lines(data.read_text(encoding="utf-8")) if line.strip()]
     records = records[:limit] if limit else records
     done: list[tuple[int, dict]] = []  # results arrive out of order
     pool = None

@@ -24,6 +24,7 @@ from pathlib import Path
 from service.engine.generator import TextGenerator
 from service.errors import InvalidRequest
 from service.evals.scoring import aggregate
+from service.jobs.jsonl import split_lines
 
 
 def lambada_pair(tokenizer, text: str) -> tuple[list[int], list[int]]:
@@ -106,7 +107,7 @@ def run(gen: TextGenerator, task: str, data: Path, out_dir: Path, limit=None, wi
         raise FileNotFoundError(f"no such file: {data}")
     text = data.read_text(encoding="utf-8")
     if task == "lambada":
-        records = [json.loads(line) for line in text.splitlines() if line.strip()][:limit]
+        records = [json.loads(line) for line in split_lines(text) if line.strip()][:limit]
         report = {"task": task, "model": gen.name, "data": str(data)} | lambada(gen, records, progress)
     else:
         report = {"task": task, "model": gen.name, "data": str(data)} | perplexity(gen, text, window, stride, limit)

@@ -25,6 +25,13 @@ def errors_of(out: Path) -> Path:
     return out.with_name(out.name.removesuffix(".jsonl") + ".errors.jsonl")
 
 
+def split_lines(text: str) -> list[str]:
+    """A JSONL text cut at its newlines only: `str.splitlines` also cuts at U+2028, U+0085 and the other
+    separators a JSON string may hold unescaped (`ensure_ascii=False` writes them raw), cutting a record
+    in two."""
+    return text.split("\n")
+
+
 def numbered(lines: Iterable[str]) -> Iterator[tuple[int, str]]:
     """(line number from 1, line) of each line that is not blank: how a JSONL input's records are keyed."""
     return ((n, line) for n, line in enumerate(lines, start=1) if line.strip())
@@ -46,4 +53,4 @@ def whole_lines(path: Path) -> list[str]:
         with path.open("r+b") as f:
             f.truncate(data.rfind(b"\n") + 1)
         data = data[: data.rfind(b"\n") + 1]
-    return data.decode("utf-8").splitlines()
+    return split_lines(data.decode("utf-8"))[:-1]  # the text after the last newline: none

@@ -15,6 +15,8 @@ import time
 import uuid
 from pathlib import Path
 
+from service.jobs.jsonl import split_lines
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (id TEXT PRIMARY KEY, task TEXT NOT NULL, state TEXT NOT NULL,
                                  created REAL NOT NULL, finished REAL);
@@ -188,7 +190,7 @@ class JobStore:
 
     def create_batch(self, input_file: str, endpoint: str, window: str, metadata: dict | None) -> dict:
         """An OpenAI batch of the input file's lines (checked by the caller), each sent to `endpoint`."""
-        lines = self.content(input_file).decode("utf-8").splitlines()
+        lines = split_lines(self.content(input_file).decode("utf-8"))
         job = self.create(endpoint, lines, prefix="batch")
         with self.lock:
             self.db.execute(

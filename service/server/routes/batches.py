@@ -15,6 +15,7 @@ from fastapi import APIRouter, Query, Request
 from pydantic import Field
 
 from service.errors import InvalidRequest
+from service.jobs.jsonl import split_lines
 from service.server.http_errors import found, responses
 from service.server.schemas.base import Body
 
@@ -33,7 +34,7 @@ class BatchRequest(Body):
 def check_lines(content: bytes, endpoint: str) -> None:
     """Every line a request to `endpoint` with a unique custom_id and a JSON body that does not stream."""
     try:
-        lines = content.decode("utf-8").splitlines()
+        lines = split_lines(content.decode("utf-8"))
     except UnicodeDecodeError:
         raise InvalidRequest("the input file is not UTF-8 text", param="input_file_id") from None
     seen = set()

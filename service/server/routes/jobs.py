@@ -13,6 +13,7 @@ import json
 from fastapi import APIRouter, HTTPException, Query, Request
 from fastapi.responses import Response
 
+from service.jobs.jsonl import split_lines
 from service.server.http_errors import found, responses
 
 MAX_JOB_BYTES = 64 * 1024 * 1024
@@ -28,7 +29,7 @@ async def create(request: Request, task: str = Query(pattern="^(summarize|answer
     if not body.strip():
         raise HTTPException(400, "the batch is empty: send JSONL, one record per line")
     try:
-        lines = body.decode("utf-8").splitlines()
+        lines = split_lines(body.decode("utf-8"))
     except UnicodeDecodeError:
         raise HTTPException(400, "the batch is not UTF-8 text") from None
     store = request.app.state.jobs
