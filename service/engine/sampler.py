@@ -37,6 +37,24 @@ def token_logprobs(logits: torch.Tensor, tokens: list[int], top: int) -> list[To
     return [TokenLogprob(c, p) for c, p in zip(chosen, pairs)]
 
 
+def biased(logits: torch.Tensor, outputs: list[list[int]], params: list) -> torch.Tensor:
+    """`logits` (rows, V), out of place, after the processors that need no per-slot counts: each row's
+    tokens that would repeat an n-gram of its output so far (`no_repeat_ngram`) at -inf, and its
+    `logit_bias` added."""
+    device = logits.device
+    pairs = enumerate(zip(outputs, params))
+    banned = [(r, t) for r, (made, p) in pairs for t in repeated_ngram_tokens(made, p.no_repeat_ngram)]
+    if banned:
+        at = tuple(torch.tensor(banned, device=device).T)
+        logits = logits.index_put(at, torch.tensor(float("-inf"), device=device))
+    added = [(r, t, v) for r, p in enumerate(params) for t, v in p.logit_bias]
+    if added:
+        rows, cols, values = zip(*added)
+        at = (torch.tensor(rows, device=device), torch.tensor(cols, device=device))
+        logits = logits.index_put(at, torch.tensor(values, device=device), accumulate=True)
+    return logits
+
+
 class Sampler:
     """The next token of each sequence of a step, for one batcher's slots."""
 
@@ -62,23 +80,16 @@ class Sampler:
     def verified(s: Sequence, logits: torch.Tensor, draft: list[int]) -> list[int]:
         """The tokens a greedy sequence takes from the logits (1 + len(draft), V) of its verified draft
         (`Batcher._speculate`): each draft token while it is the token plain decoding would pick there
-        (the argmax after the greedy processors `pick` applies: banned n-gram repeats, logit bias), then
+        (the argmax after `biased`: banned n-gram repeats, logit bias, as in `pick`), then
         that pick where they part, or after the whole draft."""
         p = s.params
         if not p.no_repeat_ngram and not p.logit_bias:
             best = logits.argmax(-1).tolist()
             agreed = next((i for i, (a, b) in enumerate(zip(draft, best)) if a != b), len(draft))
             return draft[:agreed] + [best[agreed]]
-        out, device = [], logits.device
-        for row in logits.float():  # out of place: the rows are inference tensors
-            banned = repeated_ngram_tokens(s.output + out, p.no_repeat_ngram)
-            if banned:
-                row = row.index_fill(0, torch.tensor(banned, device=device), float("-inf"))
-            if p.logit_bias:
-                tokens, values = zip(*p.logit_bias)
-                bias = torch.tensor(values, dtype=row.dtype, device=device)
-                row = row.index_put((torch.tensor(tokens, device=device),), bias, accumulate=True)
-            out.append(int(row.argmax()))
+        out = []
+        for row in logits.float():
+            out.append(int(biased(row[None], [s.output + out], [p])[0].argmax()))
             if len(out) > len(draft) or out[-1] != draft[len(out) - 1]:
                 return out
         return out
@@ -86,15 +97,7 @@ class Sampler:
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> list[int | RequestFailed]:
         device, vocab = logits.device, logits.shape[1]
         params = [s.params for s in seqs]
-        banned = [(r, t) for r, s in enumerate(seqs) for t in repeated_ngram_tokens(s.output, s.params.no_repeat_ngram)]
-        if banned:
-            at = tuple(torch.tensor(banned, device=device).T)
-            logits = logits.index_put(at, torch.tensor(float("-inf"), device=device))
-        biased = [(r, t, v) for r, p in enumerate(params) for t, v in p.logit_bias]
-        if biased:
-            rows, cols, values = zip(*biased)
-            at = (torch.tensor(rows, device=device), torch.tensor(cols, device=device))
-            logits = logits.index_put(at, torch.tensor(values, device=device), accumulate=True)
+        logits = biased(logits, [s.output for s in seqs], params)
         penalized = [r for r, p in enumerate(params) if p.counts_tokens]
         if penalized:
             at = torch.tensor(penalized, device=device)
