@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from service.errors import InvalidRequest
-from service.jobs.jsonl import Summary, errors_of, numbered, whole_lines
+from service.jobs.jsonl import Summary, errors_of, glob_files, numbered, whole_lines
 
 EXTRA = "--ray needs the ray extra: pip install -e '.[ray]'"
 SLOTS = 16  # sequences a replica's engine runs at once (its scheduler's slots)
@@ -58,23 +58,21 @@ def connect(address: str = "local", cpus: int | None = None) -> None:
         ray.init(address=address)
 
 
-def inputs(spec: str | Path) -> tuple[Path, list[Path]]:
-    """(the root, the JSONL files) of one file, a folder's `*.jsonl` (recursively) or a glob."""
+def inputs(spec: str | Path) -> dict[str, str]:
+    """The JSONL files of one file, a folder's `*.jsonl` (recursively) or a glob: each resolved path ->
+    its name in the output's `input` field (its path under the folder; "" for a single file)."""
     spec = str(spec)
-    if any(c in spec for c in "*?["):
-        parts = Path(spec).parts
-        cut = next(i for i, p in enumerate(parts) if any(c in p for c in "*?["))
-        root = Path(*parts[:cut]) if cut else Path(".")
-        files = sorted(p for p in root.glob(str(Path(*parts[cut:]))) if p.is_file())
+    if globbed := glob_files(spec):
+        root, files = globbed
     elif Path(spec).is_dir():
         root, files = Path(spec), sorted(Path(spec).rglob("*.jsonl"))
     elif Path(spec).is_file():
-        return Path(spec).parent, [Path(spec)]
+        return {str(Path(spec).resolve()): ""}
     else:
         raise FileNotFoundError(f"no such file: {spec}")
     if not files:
         raise InvalidRequest(f"no JSONL files in {spec} (--ray reads records; a folder of documents runs without it)")
-    return root, files
+    return {str(p.resolve()): p.relative_to(root).as_posix() for p in files}
 
 
 def key_of(row: dict) -> tuple[str, int]:
@@ -237,11 +235,9 @@ def run_on_ray(task: str, src: str | Path, out: Path, replicas: Replicas, on_sta
 
     if task not in ("summarize", "answer"):
         raise InvalidRequest(f"unknown batch task {task!r}: summarize or answer")
-    root, files = inputs(src)
+    names = inputs(src)
     # an unknown name or an impossible split fails here, and a local cluster's replicas find the model made
     read_config(resolve(replicas.model)).check_tp(replicas.tp)
-    several = len(files) > 1 or any(c in str(src) for c in "*?[") or Path(src).is_dir()
-    names = {str(p.resolve()): p.relative_to(root).as_posix() if several else "" for p in files}
     merge(out)  # an earlier run's shards first: its results then count as written
     skip = committed(out)
     keys = []

@@ -24,19 +24,15 @@ from pathlib import Path
 from service.engine.generator import TextGenerator
 from service.engine.scheduler import Scheduler
 from service.errors import EngineFailed, InvalidRequest
-from service.jobs.jsonl import Summary, done_lines, errors_of, numbered
+from service.jobs.jsonl import Summary, done_lines, errors_of, glob_files, numbered
 from service.jobs.records import run_record
 
 
 def named_files(spec: str | Path) -> tuple[Path, list[Path]] | None:
     """(the folder, its documents in name order) for a folder or a glob (`docs/*.pdf`, `mail/**/*.eml`),
     every regular file under it; None for a single file (a JSONL of records)."""
-    spec = str(spec)
-    if any(c in spec for c in "*?["):
-        parts = Path(spec).parts
-        cut = next(i for i, p in enumerate(parts) if any(c in p for c in "*?["))
-        root = Path(*parts[:cut]) if cut else Path(".")
-        return root, sorted(p for p in root.glob(str(Path(*parts[cut:]))) if p.is_file())
+    if globbed := glob_files(str(spec)):
+        return globbed
     path = Path(spec)
     if path.is_dir():
         return path, sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))

@@ -25,6 +25,17 @@ def errors_of(out: Path) -> Path:
     return out.with_name(out.name.removesuffix(".jsonl") + ".errors.jsonl")
 
 
+def glob_files(spec: str) -> tuple[Path, list[Path]] | None:
+    """(the folder before the first wildcard, the files matching, in order) for a glob such as
+    `docs/*.pdf` or `mail/**/*.eml`; None when `spec` has no wildcard."""
+    parts = Path(spec).parts
+    cut = next((i for i, p in enumerate(parts) if any(c in p for c in "*?[")), None)
+    if cut is None:
+        return None
+    root = Path(*parts[:cut]) if cut else Path(".")
+    return root, sorted(p for p in root.glob(str(Path(*parts[cut:]))) if p.is_file())
+
+
 def split_lines(text: str) -> list[str]:
     """A JSONL text cut at its newlines only: `str.splitlines` also cuts at U+2028, U+0085 and the other
     separators a JSON string may hold unescaped (`ensure_ascii=False` writes them raw), cutting a record
