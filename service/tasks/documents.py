@@ -8,19 +8,13 @@ of the summary then cites the part it shares the most content words with, when i
 
 from __future__ import annotations
 
+from functools import partial
+
 from service.documents import Document
 from service.engine.generator import TextGenerator
-from service.engine.sampling import SamplingParams
 from service.tasks.plans import Plan
 from service.tasks.sentences import sentences
-from service.tasks.summarize import (
-    LENGTHS,
-    MAP_INSTRUCTION,
-    SUMMARY_NO_REPEAT_NGRAM,
-    map_reduce,
-    summarize_plan,
-    summary_messages,
-)
+from service.tasks.summarize import map_reduce, map_room, summarize_plan
 from service.tasks.text import content_words, pack, split_to_fit
 
 MIN_SHARED = 2  # content words a summary sentence must share with a part to cite it
@@ -37,17 +31,12 @@ def document_plan(
     """The summary of `docs` (`Summary.citations`: each sentence's file and part, where found)."""
     parts = [(d, p) for d in docs for p in d.parts]
     whole = "\n\n".join(d.text() for d in docs)
-    chat, context = gen.tokenizer.chat, gen.engine.context
-    _, budget = LENGTHS["medium"]
-    room = context - budget - len(chat(summary_messages(".", MAP_INSTRUCTION)))
+    room = map_room(gen)
     if len(gen.tokenizer.encode(whole)) <= room or room < 64:
         s = yield from summarize_plan(gen, whole, length, max_words, temperature, seed)
     else:
-        params = SamplingParams(
-            max_tokens=budget, temperature=temperature, seed=seed, no_repeat_ngram=SUMMARY_NO_REPEAT_NGRAM
-        )
         labelled = [(f"{d.name}, {p.label}", p.text) for d, p in parts]
-        s = yield from map_reduce(gen, whole, length, max_words, params, cut=lambda room: _groups(gen, labelled, room))
+        s = yield from map_reduce(gen, whole, length, max_words, temperature, seed, cut=partial(_groups, gen, labelled))
     s.citations = cite(s.summary, [(d.name, p.label, p.text) for d, p in parts])
     return s
 

@@ -120,7 +120,7 @@ def summarize_plan(
     )
     chat, context = gen.tokenizer.chat, gen.engine.context
     if len(chat(summary_messages(document, instruction))) + budget > context:
-        return (yield from map_reduce(gen, document, length, max_words, params))
+        return (yield from map_reduce(gen, document, length, max_words, temperature, seed))
     key = salient(document, max(5, count + 2))
     ids = chat(summary_messages(key or document, instruction, rewrite=key is not None))
     r = (yield Generate([ids], [params], stop_after(count) if max_words is None else forward))[0]
@@ -134,27 +134,39 @@ def summarize_plan(
     return Summary(text, r.prompt_tokens, r.completion_tokens)
 
 
+def map_room(gen: TextGenerator) -> int:
+    """Tokens of text one map step of `map_reduce` takes: the context less the map prompt and its summary."""
+    _, map_budget = LENGTHS["medium"]
+    return gen.engine.context - map_budget - len(gen.tokenizer.chat(summary_messages(".", MAP_INSTRUCTION)))
+
+
 def map_reduce(
-    gen: TextGenerator, document: str, length: str, max_words: int | None, params: SamplingParams, cut=None
+    gen: TextGenerator,
+    document: str,
+    length: str,
+    max_words: int | None,
+    temperature: float,
+    seed: int | None,
+    cut=None,
 ) -> Plan:
     """The pieces of `document` summarized in one generation, then their summaries summarized.
-    `cut(room)` gives the pieces, each of at most `room` tokens (default: at sentence ends,
+    `cut(room)` gives the pieces, each of at most `room` tokens (`map_room`; default: at sentence ends,
     `split_to_fit`; `service.tasks.documents` cuts along a document's parts)."""
-    chat, context = gen.tokenizer.chat, gen.engine.context
+    chat = gen.tokenizer.chat
     _, map_budget = LENGTHS["medium"]
-    room = context - map_budget - len(chat(summary_messages(".", MAP_INSTRUCTION)))
+    room = map_room(gen)
     if room < 64:
         gen.engine.check_fits(len(chat(summary_messages(".", MAP_INSTRUCTION))) + 64, map_budget)
     pieces = cut(room) if cut else split_to_fit(gen, document, room)
     map_params = SamplingParams(
-        max_tokens=map_budget, temperature=params.temperature, seed=params.seed, no_repeat_ngram=params.no_repeat_ngram
+        max_tokens=map_budget, temperature=temperature, seed=seed, no_repeat_ngram=SUMMARY_NO_REPEAT_NGRAM
     )
     prompts = [chat(summary_messages(p, MAP_INSTRUCTION)) for p in pieces]
     partial = yield Generate(prompts, [map_params] * len(prompts))
     joined = "\n".join(whole_sentences(" ".join(r.text.split())) for r in partial if r.text.strip())
     if not joined or len(gen.tokenizer.encode(joined)) >= len(gen.tokenizer.encode(document)):
         raise ContextOverflow("the document does not get shorter when summarized in pieces; send less text")
-    final = yield from summarize_plan(gen, joined, length, max_words, params.temperature, params.seed)
+    final = yield from summarize_plan(gen, joined, length, max_words, temperature, seed)
     return Summary(
         final.summary,
         final.prompt_tokens + sum(r.prompt_tokens for r in partial),
