@@ -21,9 +21,10 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from pathlib import Path
 
+from service import nesting
 from service.engine.generator import TextGenerator
 from service.engine.scheduler import Scheduler
-from service.errors import EngineFailed, InvalidRequest
+from service.errors import DeadlineExceeded, EngineFailed, InvalidRequest
 from service.jobs.jsonl import Summary, done_lines, errors_of, glob_files, numbered
 from service.jobs.records import run_record
 
@@ -41,14 +42,14 @@ def named_files(spec: str | Path) -> tuple[Path, list[Path]] | None:
 
 def file_records(root: Path, paths: list[Path]) -> Iterator[tuple[str, dict | None, str | None]]:
     """(the file's name under `root`, a summarize record of its text, a conversion error) per file,
-    read as it is reached (`service.documents`)."""
-    from service.documents import read
+    read as it is reached, each in a child process bounded in memory and time (`service.convert`)."""
+    from service.convert import TIMEOUT_S, convert
 
     for path in paths:
         name = path.relative_to(root).as_posix()
         try:
-            yield name, {"id": name, "document": read(path.read_bytes(), path.name).text()}, None
-        except InvalidRequest as e:
+            yield name, {"id": name, "document": convert(path.read_bytes(), path.name, TIMEOUT_S).text()}, None
+        except (InvalidRequest, DeadlineExceeded) as e:
             yield name, None, str(e)
 
 
@@ -61,9 +62,9 @@ def read_records(path: Path) -> Iterator[tuple[int, dict | None, str | None]]:
 
 def parse(line: str) -> tuple[dict | None, str | None]:
     try:
-        return json.loads(line), None
-    except json.JSONDecodeError as e:
-        return None, f"invalid JSON: {e}"
+        return nesting.loads(line), None
+    except InvalidRequest as e:  # not JSON, or nested too deep to write back
+        return None, str(e)
 
 
 def outcome(gen: TextGenerator, task: str, key: dict, record, parse_error: str | None) -> tuple[dict, bool, int]:

@@ -21,6 +21,7 @@ import uuid
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 
+from service import nesting
 from service.engine.generator import TextGenerator
 from service.errors import EngineFailed, InvalidRequest, Overloaded
 from service.jobs.records import run_record
@@ -77,16 +78,11 @@ class JobRunner(Loop):
     def _one(self, job: str, task: str, line: int, text: str) -> None:
         """Run one record and store its result or its error; never raises."""
         try:
-            try:
-                record = json.loads(text)
-            except ValueError as e:
-                raise InvalidRequest(f"invalid JSON: {e}") from None
+            record = nesting.loads(text)
             if task.startswith("/v1/"):
                 result, error = self._request(task, record)
-                self._save(job, line, result, error)
-                self.wake.set()
-                return
-            result = record_id(text) | run_record(self.gen, task, record)
+            else:
+                result, error = record_id(text) | run_record(self.gen, task, record), None
         except Overloaded as e:  # interactive load fills the queue: the record waits its turn
             self.resume_at = time.monotonic() + e.retry_after
             return
@@ -94,15 +90,19 @@ class JobRunner(Loop):
             self.stopping = True
             return
         except Exception as e:  # anything else is this record's own failure
-            message = str(e) if isinstance(e, InvalidRequest) else f"{type(e).__name__}: {e}"
-            if task.startswith("/v1/"):  # an OpenAI batch's error file holds JSON lines
-                custom_id = json.loads(text).get("custom_id")
-                error = {"code": "request_failed", "message": message}
-                message = json.dumps({"id": None, "custom_id": custom_id, "response": None, "error": error})
-            self._save(job, line, None, message)
-        else:
-            self._save(job, line, result, None)
+            result, error = None, self._error(task, text, e)
+        self._save(job, task, line, text, result, error)
         self.wake.set()
+
+    @staticmethod
+    def _error(task: str, text: str, e: Exception) -> str:
+        """A record's error row: the message, or for an OpenAI batch's error file a JSON line with it."""
+        message = str(e) if isinstance(e, InvalidRequest) else f"{type(e).__name__}: {e}"
+        if not task.startswith("/v1/"):
+            return message
+        error = {"code": "request_failed", "message": message}
+        custom_id = record_id(text, "custom_id").get("custom_id")
+        return json.dumps({"id": None, "custom_id": custom_id, "response": None, "error": error})
 
     def _request(self, endpoint: str, record: dict) -> tuple[dict | None, str | None]:
         """One OpenAI batch line through the server: (output line, None) or (None, error line as JSON).
@@ -120,8 +120,11 @@ class JobRunner(Loop):
         }
         return (out, None) if status < 300 else (None, json.dumps(out))
 
-    def _save(self, job: str, line: int, result: dict | None, error: str | None) -> None:
+    def _save(self, job: str, task: str, line: int, text: str, result: dict | None, error: str | None) -> None:
         try:
-            self.store.save(job, line, result, error)
+            try:
+                self.store.save(job, line, result, error)
+            except (ValueError, TypeError, RecursionError) as e:  # a result JSON cannot write: its error instead
+                self.store.save(job, line, None, self._error(task, text, e))
         except Exception as e:
             print(f"nlg: error: batch jobs: saving {job} line {line}: {type(e).__name__}: {e}", file=sys.stderr)

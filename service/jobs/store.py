@@ -4,7 +4,9 @@ records, each record's result or error stored in its own transaction (a record n
 Two kinds of job share the records: the tasks' jobs (`task` answer or summarize, ids `job_...`) and
 OpenAI's batches (`task` the endpoint each line is sent to, ids `batch_...`, with their input file and
 window in `batches`). Files uploaded for OpenAI's Batch API are kept here too; a batch's output and error
-files are made from its records when read (`file-<batch>-output`, `file-<batch>-errors`)."""
+files are made from its records when read (`file-<batch>-output`, `file-<batch>-errors`), and a deleted one
+is remembered in `deleted_outputs`. Writes of more than one row are one transaction, rolled back whole on
+any error."""
 
 from __future__ import annotations
 
@@ -13,19 +15,25 @@ import sqlite3
 import threading
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
-from service.jobs.jsonl import split_lines
+from service import nesting
+from service.errors import InvalidRequest
+from service.jobs.jsonl import numbered, split_lines
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (id TEXT PRIMARY KEY, task TEXT NOT NULL, state TEXT NOT NULL,
                                  created REAL NOT NULL, finished REAL);
 CREATE TABLE IF NOT EXISTS records (job TEXT NOT NULL, line INTEGER NOT NULL, input TEXT NOT NULL,
                                     result TEXT, error TEXT, PRIMARY KEY (job, line));
+CREATE INDEX IF NOT EXISTS open_records ON records (job, line) WHERE result IS NULL AND error IS NULL;
 CREATE TABLE IF NOT EXISTS files (id TEXT PRIMARY KEY, filename TEXT NOT NULL, purpose TEXT NOT NULL,
                                   created REAL NOT NULL, content BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS batches (id TEXT PRIMARY KEY, input_file TEXT NOT NULL, window TEXT NOT NULL,
                                     metadata TEXT);
+CREATE TABLE IF NOT EXISTS deleted_outputs (id TEXT PRIMARY KEY);
 """
 OUTPUTS = ("output", "errors")  # the files a batch makes: its successes and its failures
 
@@ -37,17 +45,32 @@ class JobStore:
         self.db.executescript(SCHEMA)
         self.lock = threading.Lock()
 
-    def create(self, task: str, lines: list[str], prefix: str = "job") -> str:
-        job = f"{prefix}_{uuid.uuid4().hex}"
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        """The store's lock and one transaction: committed at the end, rolled back by any exception (the
+        connection is never left inside a transaction, which would fail every later BEGIN)."""
         with self.lock:
             self.db.execute("BEGIN")
-            self.db.execute("INSERT INTO jobs VALUES (?, ?, 'queued', ?, NULL)", (job, task, time.time()))
-            self.db.executemany(
-                "INSERT INTO records (job, line, input) VALUES (?, ?, ?)",
-                [(job, n, line) for n, line in enumerate(lines, start=1) if line.strip()],
-            )
+            try:
+                yield
+            except BaseException:
+                self.db.execute("ROLLBACK")
+                raise
             self.db.execute("COMMIT")
+
+    def create(self, task: str, lines: list[str], prefix: str = "job") -> str:
+        """A job of the non-blank lines (`InvalidRequest` when there are none)."""
+        records = list(numbered(lines))
+        if not records:
+            raise InvalidRequest("the batch has no records: send JSONL, one record per line")
+        job = f"{prefix}_{uuid.uuid4().hex}"
+        with self.transaction():
+            self._add_job(job, task, records)
         return job
+
+    def _add_job(self, job: str, task: str, records: list[tuple[int, str]]) -> None:
+        self.db.execute("INSERT INTO jobs VALUES (?, ?, 'queued', ?, NULL)", (job, task, time.time()))
+        self.db.executemany("INSERT INTO records (job, line, input) VALUES (?, ?, ?)", [(job, *r) for r in records])
 
     def status(self, job: str) -> dict:
         with self.lock:
@@ -75,7 +98,7 @@ class JobStore:
                 "(result IS NOT NULL OR error IS NOT NULL) ORDER BY line",
                 (job,),
             ).fetchall()
-        return [{"line": n} | (json.loads(r) if r else record_id(text) | {"error": e}) for n, text, r, e in rows]
+        return [{"line": n} | (_stored(r) if r else record_id(text) | {"error": e}) for n, text, r, e in rows]
 
     def cancel(self, job: str) -> dict:
         self.status(job)
@@ -89,17 +112,27 @@ class JobStore:
     def pending(
         self, limit: int, exclude: set[tuple[str, int]], batches_only: bool = False
     ) -> list[tuple[str, str, int, str]]:
-        """(job, task, line, input) of records without a result, oldest job first; with `batches_only`,
-        only OpenAI batches' (the tasks' jobs then run elsewhere: `cluster_runner`)."""
-        only = "AND j.task LIKE '/v1/%' " if batches_only else ""
+        """(job, task, line, input) of up to `limit` records without a result, not in `exclude` (those in
+        flight), shared fairly between the jobs with records left: the next slot goes to the job with the
+        fewest records in flight, the oldest job first among equals, so a job created behind a long one
+        starts at once. With `batches_only`, only OpenAI batches' (the tasks' jobs then run elsewhere:
+        `cluster_runner`)."""
+        only = "AND task LIKE '/v1/%' " if batches_only else ""
+        ranked = []
         with self.lock:
-            rows = self.db.execute(
-                "SELECT r.job, j.task, r.line, r.input FROM records r JOIN jobs j ON j.id = r.job "
-                f"WHERE j.state IN ('queued', 'running') AND r.result IS NULL AND r.error IS NULL {only}"
-                "ORDER BY j.created, r.line LIMIT ?",
-                (limit + len(exclude),),
+            jobs = self.db.execute(
+                f"SELECT id, task FROM jobs WHERE state IN ('queued', 'running') {only}ORDER BY created"
             ).fetchall()
-        return [r for r in rows if (r[0], r[2]) not in exclude][:limit]
+            for age, (job, task) in enumerate(jobs):
+                busy = sum(j == job for j, _ in exclude)
+                rows = self.db.execute(
+                    "SELECT line, input FROM records WHERE job = ? AND result IS NULL AND error IS NULL "
+                    "ORDER BY line LIMIT ?",
+                    (job, limit + busy),
+                ).fetchall()
+                free = [(line, text) for line, text in rows if (job, line) not in exclude]
+                ranked += [(busy + k, age, job, task, line, text) for k, (line, text) in enumerate(free)]
+        return [(job, task, line, text) for *_, job, task, line, text in sorted(ranked)[:limit]]
 
     def pending_tasks(self, limit: int) -> tuple[str, list[tuple[str, int, str]]]:
         """The task of the oldest tasks' job (not an OpenAI batch) with records left, and up to `limit`
@@ -115,11 +148,12 @@ class JobStore:
         return task, [(job, line, text) for job, t, line, text in rows if t == task]
 
     def save(self, job: str, line: int, result: dict | None, error: str | None) -> None:
-        with self.lock:
-            self.db.execute("BEGIN")
+        """Store a record's result or error. A result JSON cannot write raises (ValueError, TypeError,
+        RecursionError) before anything is changed: the caller stores an error instead."""
+        encoded = json.dumps(result) if result is not None else None
+        with self.transaction():
             self.db.execute(
-                "UPDATE records SET result = ?, error = ? WHERE job = ? AND line = ?",
-                (json.dumps(result) if result is not None else None, error, job, line),
+                "UPDATE records SET result = ?, error = ? WHERE job = ? AND line = ?", (encoded, error, job, line)
             )
             left = self.db.execute(
                 "SELECT COUNT(*) FROM records WHERE job = ? AND result IS NULL AND error IS NULL", (job,)
@@ -130,7 +164,6 @@ class JobStore:
                 "WHERE id = ? AND state IN ('queued', 'running')",
                 (state, state, time.time(), job),
             )
-            self.db.execute("COMMIT")
 
     def add_file(self, filename: str, purpose: str, content: bytes) -> dict:
         file = f"file-{uuid.uuid4().hex}"
@@ -141,9 +174,12 @@ class JobStore:
     def _output(self, file: str) -> tuple[dict, str] | None:
         """(the batch, "output" or "errors") for one of a batch's made files; None for any other id.
         Raises KeyError for the files of a batch that does not exist."""
-        if not (file.startswith("file-batch_") and file.rsplit("-", 1)[-1] in OUTPUTS):
+        if not _made(file):
             return None
         job, kind = file[len("file-") :].rsplit("-", 1)
+        with self.lock:
+            if self.db.execute("SELECT 1 FROM deleted_outputs WHERE id = ?", (file,)).fetchone():
+                raise KeyError(file)
         return self.batch(job), kind
 
     def file(self, file: str) -> dict:
@@ -183,16 +219,21 @@ class JobStore:
         return [self.file(i) for i in ids]
 
     def delete_file(self, file: str) -> dict:
+        """Delete an upload, or a batch's output or error file (KeyError for an unknown one)."""
         self.file(file)
         with self.lock:
-            self.db.execute("DELETE FROM files WHERE id = ?", (file,))
+            if _made(file):  # made from the records when read: remembered as deleted
+                self.db.execute("INSERT OR IGNORE INTO deleted_outputs VALUES (?)", (file,))
+            else:
+                self.db.execute("DELETE FROM files WHERE id = ?", (file,))
         return {"id": file, "object": "file", "deleted": True}
 
     def create_batch(self, input_file: str, endpoint: str, window: str, metadata: dict | None) -> dict:
         """An OpenAI batch of the input file's lines (checked by the caller), each sent to `endpoint`."""
-        lines = split_lines(self.content(input_file).decode("utf-8"))
-        job = self.create(endpoint, lines, prefix="batch")
-        with self.lock:
+        records = list(numbered(split_lines(self.content(input_file).decode("utf-8"))))
+        job = f"batch_{uuid.uuid4().hex}"
+        with self.transaction():  # the job and its batch row together, or neither
+            self._add_job(job, endpoint, records)
             self.db.execute(
                 "INSERT INTO batches VALUES (?, ?, ?, ?)",
                 (job, input_file, window, json.dumps(metadata) if metadata is not None else None),
@@ -238,6 +279,11 @@ class JobStore:
         return [self.batch(i) for i in ids]
 
 
+def _made(file: str) -> bool:
+    """Whether `file` names a batch's output or error file (made from its records, never uploaded)."""
+    return file.startswith("file-batch_") and file.rsplit("-", 1)[-1] in OUTPUTS
+
+
 def _file(file: str, filename: str, purpose: str, created: float, size: int) -> dict:
     return {
         "id": file,
@@ -250,10 +296,19 @@ def _file(file: str, filename: str, purpose: str, created: float, size: int) -> 
     }
 
 
-def record_id(text: str) -> dict:
-    """`{"id": ...}` of a record's input line when it is an object with one, else `{}`."""
+def record_id(text: str, key: str = "id") -> dict:
+    """`{key: ...}` of a record's input line when it is an object with one, else `{}` (also for a line
+    that is not JSON or nests too deep)."""
     try:
-        record = json.loads(text)
-    except ValueError:
+        record = nesting.loads(text)
+    except InvalidRequest:
         return {}
-    return {"id": record["id"]} if isinstance(record, dict) and "id" in record else {}
+    return {key: record[key]} if isinstance(record, dict) and key in record else {}
+
+
+def _stored(text: str) -> dict:
+    """A stored result's fields (an error for one written before results were bounded that no longer reads)."""
+    try:
+        return nesting.loads(text)
+    except InvalidRequest as e:
+        return {"error": f"the stored result cannot be read: {e}"}

@@ -123,7 +123,7 @@ def build_app(
             jobs.MAX_JOB_BYTES
             if scope["path"].startswith(("/v1/jobs", "/v1/files"))
             else uploads.MAX_UPLOAD_BYTES
-            if uploads.is_multipart(scope)
+            if uploads.is_upload(scope)
             else MAX_BODY_BYTES
         ),
     )

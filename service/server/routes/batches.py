@@ -8,12 +8,12 @@ file is checked when the batch is created: a line that could never run is a 400 
 
 from __future__ import annotations
 
-import json
 from typing import Literal
 
 from fastapi import APIRouter, Query, Request
 from pydantic import Field
 
+from service import nesting
 from service.errors import InvalidRequest
 from service.jobs.jsonl import split_lines
 from service.server.http_errors import found, responses
@@ -42,9 +42,9 @@ def check_lines(content: bytes, endpoint: str) -> None:
         if not text.strip():
             continue
         try:
-            line = json.loads(text)
-        except ValueError as e:
-            raise InvalidRequest(f"line {n} of the input file is not JSON: {e}", param="input_file_id") from None
+            line = nesting.loads(text)
+        except InvalidRequest as e:
+            raise InvalidRequest(f"line {n} of the input file: {e}", param="input_file_id") from None
         if (
             not isinstance(line, dict)
             or not isinstance(line.get("custom_id"), str)
@@ -79,7 +79,7 @@ def create(req: BatchRequest, request: Request) -> dict:
     return batch
 
 
-@router.get("", responses=responses(401))
+@router.get("", responses=responses(400, 401))
 def listing(request: Request, limit: int = Query(20, ge=1, le=100), after: str | None = None) -> dict:
     """The batches, newest first (`after` a batch id, at most `limit`)."""
     data = request.app.state.jobs.batches()

@@ -1,6 +1,6 @@
 """What every request body shares: strict types (`"16"` or `true` is not a number, `"yes"` is not a
-boolean, as in OpenAI's API), valid Unicode (a lone surrogate such as `"\\ud800"` gets 400), the token
-and seed limits; and the one error shape.
+boolean, as in OpenAI's API), valid Unicode (a lone surrogate such as `"\\ud800"` gets 400), at most
+`MAX_DEPTH` levels of nesting (deeper gets 400), the token and seed limits; and the one error shape.
 """
 
 from __future__ import annotations
@@ -10,21 +10,26 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic_core import PydanticCustomError
 
+from service.nesting import MAX_DEPTH, too_deep
+
 MAX_TOKENS = 1_024
 SEED = Field(None, ge=-(2**63), le=2**63 - 1, description="a 64-bit integer: the same seed gives the same sample")
 
 
-def _surrogate(value: Any, where: str) -> str | None:
-    """The path of the first string in `value` that is not valid Unicode, or None."""
-    if isinstance(value, str):
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:
-            return where or "the body"
-    elif isinstance(value, dict):
-        return next((w for k, v in value.items() if (w := _surrogate(v, f"{where}.{k}".lstrip(".")))), None)
-    elif isinstance(value, list):
-        return next((w for i, v in enumerate(value) if (w := _surrogate(v, f"{where}.{i}".lstrip(".")))), None)
+def _surrogate(value: Any) -> str | None:
+    """The path of the first string in `value` that is not valid Unicode, or None (a loop, not a recursion:
+    `nesting.too_deep` has bounded the depth, but a deep walk must not spend the interpreter's stack)."""
+    stack = [(value, "")]
+    while stack:
+        item, where = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                return where or "the body"
+        elif isinstance(item, dict | list):
+            pairs = item.items() if isinstance(item, dict) else enumerate(item)
+            stack.extend(reversed([(v, f"{where}.{k}".lstrip(".")) for k, v in pairs]))
     return None
 
 
@@ -38,14 +43,16 @@ def unsupported(param: str, what: str) -> PydanticCustomError:
 
 
 class Body(BaseModel):
-    """A request body: strict types, valid Unicode."""
+    """A request body: strict types, valid Unicode, bounded nesting."""
 
     model_config = ConfigDict(strict=True)
 
     @model_validator(mode="before")
     @classmethod
-    def valid_unicode(cls, data: Any) -> Any:
-        where = _surrogate(data, "")
+    def checked(cls, data: Any) -> Any:
+        if too_deep(data):
+            raise PydanticCustomError("too_deep", f"the body nests more than {MAX_DEPTH} levels deep")
+        where = _surrogate(data)
         if where is not None:
             raise PydanticCustomError(
                 "invalid_unicode", f"{where}: text is not valid Unicode (a lone surrogate escape such as \\ud800)"

@@ -10,6 +10,7 @@ what they are, labels for the caller's own records.
 
 from __future__ import annotations
 
+import re
 from typing import Any, Literal
 
 from pydantic import ConfigDict, Field, field_validator, model_validator
@@ -20,6 +21,7 @@ from service.errors import InvalidRequest
 from service.server.schemas.base import SEED, Body, unsupported
 
 MAX_CHOICES = 16
+TOKEN_ID = r"^[0-9]{1,9}$"  # a logit_bias key: ASCII digits, no more than any vocabulary needs
 # Parameters OpenAI defines that this server does not implement: refused when set to anything but a no-op.
 UNSUPPORTED = {
     "tools": "tool calls",
@@ -72,7 +74,11 @@ class Sampling(OpenAIBody):
     repetition_penalty: float = Field(1.0, ge=REPETITION_PENALTY_RANGE[0], le=REPETITION_PENALTY_RANGE[1])
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="subtracted once from a generated token")
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="subtracted per time a token was generated")
-    logit_bias: dict[str, float] | None = Field(None, description="token id (as a string) -> bias in [-100, 100]")
+    logit_bias: dict[str, float] | None = Field(
+        None,
+        description="token id (as a string of ASCII digits) -> bias in [-100, 100]",
+        json_schema_extra={"propertyNames": {"pattern": TOKEN_ID}},
+    )
     seed: int | None = SEED
     stop: str | list[str] | None = Field(None, description="up to 4 stop strings; never part of the output")
     n: int = Field(1, ge=1, le=MAX_CHOICES, description="choices per prompt")
@@ -84,7 +90,7 @@ class Sampling(OpenAIBody):
     @classmethod
     def bias_range(cls, bias: dict[str, float] | None) -> dict[str, float] | None:
         for token, value in (bias or {}).items():
-            if not token.isdigit():
+            if not re.fullmatch(TOKEN_ID, token):  # not str.isdigit: "²" is a digit int() refuses
                 raise ValueError(f"keys are token ids, got {token!r}")
             if not -100 <= value <= 100:
                 raise ValueError(f"biases are between -100 and 100, got {value} for token {token}")

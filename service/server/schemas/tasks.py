@@ -7,6 +7,7 @@ from typing import Annotated, Literal
 from fastapi import UploadFile
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
+from service.evals.scoring import MAX_REFERENCE_CHARS, MAX_REFERENCES_CHARS
 from service.server.schemas.base import MAX_TOKENS, SEED, Body
 
 MAX_QUESTION_CHARS = 4_000
@@ -27,7 +28,11 @@ class Usage(BaseModel):
 class Evaluate(Body):
     """Score the output with quality hooks (see service.evals.scoring)."""
 
-    references: list[str] = Field(default_factory=list, max_length=MAX_PASSAGES)
+    references: list[Annotated[str, StringConstraints(max_length=MAX_REFERENCE_CHARS)]] = Field(
+        default_factory=list,
+        max_length=MAX_PASSAGES,
+        description=f"at most {MAX_REFERENCES_CHARS} characters in all (scoring is bounded before anything runs)",
+    )
     metrics: list[str] = Field(min_length=1, max_length=8)
 
 
