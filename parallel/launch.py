@@ -32,7 +32,7 @@ import torch.distributed as dist
 
 from parallel.state import get_tp, set_tp
 
-DEFAULT_TIMEOUT_S = 60.0
+DEFAULT_TIMEOUT_S = 10.0  # a hung rank is seen in seconds (a health check's ~15 s), not minutes
 MONITOR_S = 0.2  # how often the launcher looks for ranks that ended
 STOP = "stop"
 _plan_group: dist.ProcessGroup | None = None

@@ -96,9 +96,15 @@ def _office_kind(data: bytes) -> str | None:
     return ".epub" if "META-INF/container.xml" in names else None
 
 
+def label(name: str) -> str:
+    """What a file is called in parts and messages: its name without any folder (never used as a path)."""
+    return PurePath(name or "document").name
+
+
 def read(data: bytes, name: str = "") -> Document:
-    """`data` (the bytes of a file called `name`) as a `Document`."""
-    name = PurePath(name or "document").name  # a label, never a path
+    """`data` (the bytes of a file called `name`) as a `Document` (in this process: `service.convert` reads a
+    client's file in a child bounded in memory and time)."""
+    name = label(name)
     if len(data) > MAX_BYTES:
         raise FileTooLarge(f"{name} is {len(data)} bytes; the limit is {MAX_BYTES} per file")
     kind = kind_of(data, name)
@@ -107,7 +113,7 @@ def read(data: bytes, name: str = "") -> Document:
     elif kind == ".eml":
         try:
             parts = _email(data, name)
-        except InvalidRequest:
+        except (InvalidRequest, MemoryError):
             raise
         except Exception as e:  # the email package's own failures: a malformed header, an unknown charset
             raise Unreadable(f"cannot read {name} as e-mail: {type(e).__name__}: {e}"[:400]) from None
@@ -140,6 +146,8 @@ def _markitdown(data: bytes, name: str, kind: str) -> list[Part]:
     try:
         text = MarkItDown(enable_plugins=False).convert_stream(io.BytesIO(data), file_extension=kind).markdown
     except Exception as e:  # every converter's own failure: a corrupt or encrypted file
+        if isinstance(e, MemoryError) or "threw MemoryError" in str(e):  # markitdown wraps it: say what it was
+            raise MemoryError(f"reading {name} ran out of memory") from None
         reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
         raise Unreadable(f"cannot read {name} as {kind}: {reason[:300]}") from None
     return _parts(text, kind)

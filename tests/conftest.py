@@ -90,13 +90,15 @@ def varied(tiny):
 
 @contextmanager
 def live_server(app):
-    """Serve `app` with uvicorn on a free loopback port, on a thread; yields its base URL."""
+    """Serve `app` with uvicorn on a free loopback port, on a thread, with `nlg serve`'s connection limits;
+    yields its base URL."""
     import uvicorn
 
     from parallel.launch import free_port
+    from service.server.connections import guarded
 
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", **guarded()))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.time() + 30

@@ -202,6 +202,7 @@ def cmd_serve(args) -> None:
     from model.registry import cache_dir, resolve
     from parallel.launch import abort
     from service.server.app import build_app
+    from service.server.connections import guarded
     from service.server.loading import Loading
 
     resolve(args.model)  # fetch/convert first: a missing model is an error now, not a 503 later
@@ -246,6 +247,7 @@ def cmd_serve(args) -> None:
         port=args.port,
         log_level="info",
         timeout_graceful_shutdown=SHUTDOWN_GRACE_S,
+        **guarded(),  # a deadline for request heads, a cap on connections
     )
     server = uvicorn.Server(config)
     server.run()

@@ -22,16 +22,22 @@ from __future__ import annotations
 import collections
 import re
 import string
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 
-from service.errors import InvalidRequest
+from service.errors import DeadlineExceeded, InvalidRequest
 from service.evals import factual, fluency
 from service.tasks.sentences import sentences
 
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL", "rougeLsum")
+MAX_REFERENCE_CHARS = 10_000  # one reference (ROUGE-L is quadratic: ~0.3 s at this size)
+MAX_REFERENCES_CHARS = 20_000  # all of one output's references
+# One output scored at a time in the process: scoring is pure Python, and each thread doing it takes a
+# share of the GIL from the engine thread (six at once starved generation for minutes).
+_one_at_a_time = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -142,7 +148,13 @@ def aggregate(values: list[float], seed: int = 0, samples: int = 1000, level: fl
 
 def check(metrics: list[str], references: list[str]) -> None:
     """Refuse unknown metrics, metrics without the references they need, or ones that cannot run here,
-    before any generation."""
+    and references past the size bounds, before any generation."""
+    longest = max(map(len, references), default=0)
+    if longest > MAX_REFERENCE_CHARS or sum(map(len, references)) > MAX_REFERENCES_CHARS:
+        raise InvalidRequest(
+            f"references are at most {MAX_REFERENCE_CHARS} characters each and {MAX_REFERENCES_CHARS} in all",
+            param="evaluate.references",
+        )
     for name in metrics:
         h = hook(name)
         if h.needs_references and not references:
@@ -152,13 +164,26 @@ def check(metrics: list[str], references: list[str]) -> None:
             raise InvalidRequest(why)
 
 
-def evaluate(metrics: list[str], prediction: str, references: list[str], source: str | None = None, gen=None) -> dict:
-    """Every metric's scores for one output; `gen` (the TextGenerator) for hooks that need the model."""
+def evaluate(
+    metrics: list[str],
+    prediction: str,
+    references: list[str],
+    source: str | None = None,
+    gen=None,
+    wait: float | None = None,
+) -> dict:
+    """Every metric's scores for one output; `gen` (the TextGenerator) for hooks that need the model. One
+    output is scored at a time; `DeadlineExceeded` when the turn has not come within `wait` seconds."""
     check(metrics, references)
-    out: dict = {}
-    for name in metrics:
-        out |= hook(name).score(prediction, references, source, gen)
-    return out
+    if not _one_at_a_time.acquire(timeout=-1 if wait is None else max(wait, 0.0)):
+        raise DeadlineExceeded("scoring did not start before the request's deadline (--request-timeout)")
+    try:
+        out: dict = {}
+        for name in metrics:
+            out |= hook(name).score(prediction, references, source, gen)
+        return out
+    finally:
+        _one_at_a_time.release()
 
 
 def numeric(scores: dict) -> dict[str, float]:

@@ -1,11 +1,13 @@
 """One error shape, `{"error": {"message", "type", "param", "code"}}`, and the status of every error
 class (`service.errors`): the exception handlers of the app and the error events of streams both come
 from `error_body`. A body that cannot be encoded (a lone surrogate in a message) is escaped, never a
-plain-text 500. `BodyLimit` refuses an oversized body with 413 while it is read, chunked or not.
+plain-text 500. `BodyLimit` refuses an oversized body with 413 while it is read, chunked or not, and a
+stalled one with 408.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sys
 import traceback
@@ -14,6 +16,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
+from starlette.routing import Match
 
 from service.errors import (
     ClientGone,
@@ -26,6 +29,7 @@ from service.errors import (
     Unreadable,
     UnsupportedMedia,
 )
+from service.server.connections import BODY_TIMEOUT_S
 from service.server.invalid import describe
 from service.server.schemas.base import ErrorResponse
 
@@ -34,6 +38,7 @@ TYPES = {
     401: "authentication_error",
     404: "not_found_error",
     405: "invalid_request_error",
+    408: "timeout",
     413: "request_too_large",
     415: "invalid_request_error",
     422: "invalid_request_error",
@@ -54,6 +59,7 @@ WHEN = {
     503: "The engine failed (the service exits to be restarted), or it is not ready",
     504: "The request ran past --request-timeout",
 }
+METHODS = ("DELETE", "GET", "HEAD", "PATCH", "POST", "PUT")  # those a 405's Allow may name
 # error classes, most specific first: (class, status, code)
 STATUS = (
     (UnsupportedMedia, 415, None),
@@ -87,6 +93,14 @@ def found(lookup, key: str, what: str):
         raise HTTPException(404, f"No such {what}: {key}") from None
 
 
+def allowed(request: Request) -> str:
+    """Every method some route of this path takes (Starlette's 405 names only the first route's)."""
+    routes = request.app.router.routes
+    return ", ".join(
+        m for m in METHODS if any(r.matches({**request.scope, "method": m})[0] is Match.FULL for r in routes)
+    )
+
+
 def body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict:
     return {"error": {"message": message, "type": TYPES.get(status, "server_error"), "param": param, "code": code}}
 
@@ -112,7 +126,8 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException):
-        return error(exc.status_code, str(exc.detail), headers=exc.headers)
+        headers = {"Allow": allowed(request)} if exc.status_code == 405 else exc.headers
+        return error(exc.status_code, str(exc.detail), headers=headers)
 
     @app.exception_handler(ClientGone)
     async def gone(request: Request, exc: ClientGone):
@@ -136,8 +151,8 @@ def install(app: FastAPI) -> None:
 
 class BodyLimit:
     """ASGI middleware: 413 for a body over `limit(scope)` bytes, from its Content-Length at once, or as
-    the bytes of a chunked upload pass the limit (raised from `receive`, so the route's read of the body
-    fails into the exception handlers)."""
+    the bytes of a chunked upload pass the limit; 408 for a body that sends nothing for `BODY_TIMEOUT_S`
+    (both raised from `receive`, so the route's read of the body fails into the exception handlers)."""
 
     def __init__(self, app, limit):
         self.app, self.limit = app, limit
@@ -150,15 +165,21 @@ class BodyLimit:
         too_large = f"the request body exceeds the limit of {limit} bytes"
         if declared.isdigit() and int(declared) > limit:
             return await error(413, f"{too_large} (Content-Length {int(declared)})")(scope, receive, send)
-        seen = 0
+        seen, done = 0, False
 
         async def limited():
-            nonlocal seen
-            message = await receive()
+            nonlocal seen, done
+            if done:  # the body is in: what follows (a disconnect) may take as long as it takes
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), BODY_TIMEOUT_S)
+            except asyncio.TimeoutError:
+                raise HTTPException(408, f"the request body sent nothing for {BODY_TIMEOUT_S:g} s") from None
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > limit:
                     raise HTTPException(413, too_large)
+                done = not message.get("more_body", False)
             return message
 
         await self.app(scope, limited, send)

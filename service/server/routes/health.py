@@ -1,5 +1,6 @@
 """`/health` (the process is up), `/ready` (a real forward on every rank, at most once per
-`READY_TTL_S` however often it is called) and `/metrics` (Prometheus)."""
+`READY_TTL_S` however often it is called, answered within about `READY_WAIT_S`) and `/metrics`
+(Prometheus)."""
 
 from __future__ import annotations
 
@@ -16,38 +17,46 @@ from service.jobs.runner import JobRunner
 from service.server.http_errors import error, responses
 
 READY_TTL_S = 1.0  # /ready probes the engine at most this often; callers in between get the last answer
-PROBE_TIMEOUT_S = 10.0  # a probe the engine has not answered by then makes /ready 503
+READY_WAIT_S = 0.5  # /ready waits this long for a probe it started, then answers with what it knows
+PROBE_TIMEOUT_S = 5.0  # a probe the engine has not answered by then makes /ready 503
 
 router = APIRouter(tags=["Health"])
 
 
 class Readiness:
-    """/ready's answer: a one-token forward on every rank, shared by the callers of one `READY_TTL_S`."""
+    """/ready's answer: a one-token forward on every rank, at most one at a time and one per `READY_TTL_S`.
+    /ready never waits for the engine longer than `READY_WAIT_S`: a probe still running then keeps running
+    in the background and the last answer stands, until the probe is `PROBE_TIMEOUT_S` old (a stopped
+    rank, a step that never ends), which is a 503 at once."""
 
     def __init__(self, gen: TextGenerator, runner: JobRunner):
         self.gen, self.runner = gen, runner
-        self.lock = asyncio.Lock()
         self.checked = -1e9
         self.problem: str | None = None
+        self.probe: asyncio.Task | None = None
+        self.probe_started = 0.0
 
     async def check(self, handle: AsyncEngine) -> str | None:
         """None when ready, else what is wrong."""
         if handle.scheduler.failure:
             return handle.scheduler.failure
-        async with self.lock:
-            if time.monotonic() - self.checked < READY_TTL_S:
-                return self.problem
-            self.problem = None
-            try:
-                await asyncio.wait_for(handle.call(self.gen.engine.tiny_forward), PROBE_TIMEOUT_S)
-            except asyncio.TimeoutError:
-                self.problem = f"the engine did not answer a probe within {PROBE_TIMEOUT_S:g} s"
-            except Exception as e:
-                self.problem = str(e)
-            if self.problem is None and not self.runner.thread.is_alive():
-                self.problem = "the batch jobs thread has stopped"
-            self.checked = time.monotonic()
-            return self.problem
+        now = time.monotonic()
+        if self.probe is None and now - self.checked >= READY_TTL_S:
+            self.probe = asyncio.create_task(self._probe(handle))
+            self.probe_started = now
+        if self.probe is not None:
+            await asyncio.wait({self.probe}, timeout=READY_WAIT_S)
+            if self.probe is not None and time.monotonic() - self.probe_started > PROBE_TIMEOUT_S:
+                return f"the engine did not answer a probe within {PROBE_TIMEOUT_S:g} s"
+        return self.problem
+
+    async def _probe(self, handle: AsyncEngine) -> None:
+        try:
+            await handle.call(self.gen.engine.tiny_forward)
+            problem = None if self.runner.thread.is_alive() else "the batch jobs thread has stopped"
+        except Exception as e:
+            problem = str(e)
+        self.problem, self.checked, self.probe = problem, time.monotonic(), None
 
 
 @router.get("/health")
@@ -58,8 +67,8 @@ def health(request: Request) -> dict:
 
 @router.get("/ready", responses=responses(503))
 async def ready(request: Request):
-    """A real one-token forward on every rank (at most one per second); 503 once the engine has failed,
-    or when it does not answer in time."""
+    """A real one-token forward on every rank (at most one per second; the answer comes within a second);
+    503 once the engine has failed, or while a probe has gone unanswered for 5 s."""
     state = request.app.state
     problem = await state.readiness.check(state.handle)
     if problem is not None:

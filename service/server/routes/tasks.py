@@ -42,15 +42,16 @@ def usage(prompt: int, completion: int) -> Usage:
     return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
 
 
-def scores(state, task: str, ev, prediction: str, source: str) -> dict | None:
+def scores(state, task: str, ev, prediction: str, source: str, wait: float | None) -> dict | None:
     """The scores asked for, on the calling worker thread (a hook that needs the model waits for the
-    engine thread there, not on the event loop); with --score-traffic, the histograms too."""
+    engine thread there, not on the event loop), waiting at most `wait` s for scoring's turn (504 past
+    it); with --score-traffic, the histograms too."""
     if state.score_traffic:
         hooks, exported = QUALITY[task]
-        values = scoring.evaluate(hooks, prediction, [], source)
+        values = scoring.evaluate(hooks, prediction, [], source, wait=wait)
         for name in exported:
             state.metrics.quality.labels(state.metrics.model_name, task, name).observe(values[name])
-    return scoring.evaluate(ev.metrics, prediction, ev.references, source, state.gen) if ev else None
+    return scoring.evaluate(ev.metrics, prediction, ev.references, source, state.gen, wait) if ev else None
 
 
 async def respond(req, plan, request: Request, task: str, source: str, shape):
@@ -64,7 +65,8 @@ async def respond(req, plan, request: Request, task: str, source: str, shape):
 
     async def finish(value: Answer | Summary):
         text = value.answer if isinstance(value, Answer) else value.summary
-        return shape(value, await asyncio.to_thread(scores, state, task, req.evaluate, text, source))
+        wait = None if run.deadline is None else run.deadline - asyncio.get_running_loop().time()
+        return shape(value, await asyncio.to_thread(scores, state, task, req.evaluate, text, source, wait))
 
     if not req.stream:
         return await finish(await run.wait(request.is_disconnected))
