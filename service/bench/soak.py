@@ -1,9 +1,11 @@
 """`make soak`: N clients for M minutes against a live `nlg serve` whose queue bound they exceed, mixing
-plain and streaming completions, chat, answers and summaries, with bad requests and clients that hang up
-mid-stream among them. Counts every status, the responses lost (a reset, a 200 stream without [DONE])
-and the incoherent ones (a 200 without its fields, an error event in a stream for anything but a
-deadline), whether the server died, and its RSS over time. Clients honour Retry-After (at most 2 s).
-Not a test: a report.
+plain and streaming completions, chat, answers and summaries, answers scored with `evaluate`, uploaded
+documents (.docx, .txt) and batch jobs, with bad requests and clients that hang up mid-stream among them.
+Counts every status, the responses lost (a reset, a 200 stream without [DONE], a job whose records do
+not all come back) and the incoherent ones (a 200 without its fields, an error event in a stream for
+anything but a deadline), whether the server died, and its RSS over time (per minute in the report; with
+its children's, the document converters' among them, beside it).
+Clients honour Retry-After (at most 2 s). Not a test: a report.
 
     python -m service.bench.soak --clients 24 --minutes 3 [--model tiny-random] [--slots 4 --max-waiting 8]
 """
@@ -36,14 +38,60 @@ REQUESTS = [
     ("/v1/completions", {"prompt": [999999999], "max_tokens": 4}),  # bad: out of the vocabulary
     ("/v1/completions", {"prompt": "x", "temperature": 1e-300, "max_tokens": 4}),  # tiny temperature: greedy
     ("/v1/completions", {"prompt": "x", "seed": 10**30}),  # bad: seed beyond int64
+    (
+        "/v1/answer",
+        {
+            "question": "Who?",
+            "passages": ["Ann did."],
+            "evaluate": {"metrics": ["rouge", "qa", "support"], "references": ["Ann did it."] * 4},
+        },
+    ),
+    ("upload", {}),  # a document to /v1/summarize as multipart
+    ("job", {}),  # a batch job of three records, checked at the end
 ]
+JOB = "".join(json.dumps({"id": i, "question": "Who?", "passages": ["Bo did."]}) + "\n" for i in range(3))
 
 
-def one(client: httpx.Client, url: str, model: str, rng: random.Random, counts: collections.Counter) -> None:
+def documents() -> list[tuple[str, bytes]]:
+    """The files the clients upload: a small .docx (python-docx, where installed) and a text file."""
+    files = [("notes.txt", b"The council approved the park. Work starts in May.\n" * 20)]
+    try:
+        import io
+
+        from docx import Document
+
+        d = Document()
+        d.add_heading("Park", 1)
+        d.add_paragraph("The council approved the park. Work starts in May.")
+        out = io.BytesIO()
+        d.save(out)
+        files.append(("park.docx", out.getvalue()))
+    except ImportError:
+        pass
+    return files
+
+
+DOCUMENTS = documents()
+
+
+def one(client: httpx.Client, url: str, model: str, rng: random.Random, counts: collections.Counter, jobs: list):
     path, body = rng.choice(REQUESTS)
     body = ({"model": model} if "/v1/c" in path else {}) | body
     hang_up = body.get("stream") and rng.random() < 0.2
     try:
+        if path == "upload":
+            r = client.post(f"{url}/v1/summarize", files={"files": rng.choice(DOCUMENTS)})
+            counts[r.status_code] += 1
+            back_off(r, rng)
+            if r.status_code == 200 and "summary" not in r.json():
+                counts["incoherent"] += 1
+            return
+        if path == "job":
+            r = client.post(f"{url}/v1/jobs?task=answer", content=JOB)
+            counts[r.status_code] += 1
+            if r.status_code == 200:
+                jobs.append(r.json()["id"])
+            return
         if not body.get("stream"):
             r = client.post(f"{url}{path}", json=body)
             counts[r.status_code] += 1
@@ -78,9 +126,21 @@ def back_off(r: httpx.Response, rng: random.Random) -> None:
         time.sleep(min(2.0, float(r.headers.get("retry-after", 1))) * rng.uniform(0.5, 1.0))
 
 
-def rss_mb(proc: psutil.Process) -> float:
+def jobs_lost(url: str, jobs: list[str], wait_s: float = 300) -> int:
+    """After the load: the jobs whose records do not all come back (result or error) within `wait_s`."""
+    end, lost = time.time() + wait_s, 0
+    for job in jobs:
+        while time.time() < end and httpx.get(f"{url}/v1/jobs/{job}", timeout=30).json()["state"] != "completed":
+            time.sleep(0.5)
+        lost += len(httpx.get(f"{url}/v1/jobs/{job}/results", timeout=30).text.splitlines()) != 3
+    return lost
+
+
+def rss_mb(proc: psutil.Process) -> tuple[float, float]:
+    """(the server process's RSS, with its children's: ranks, the document converters' forkserver and children)."""
     tree = [proc, *proc.children(recursive=True)]
-    return sum(p.memory_info().rss for p in tree if p.is_running()) / 2**20
+    own = proc.memory_info().rss
+    return own / 2**20, sum(p.memory_info().rss for p in tree if p.is_running()) / 2**20
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -103,6 +163,7 @@ def main(argv: list[str] | None = None) -> int:
         time.sleep(0.3)
     proc = psutil.Process(server.pid)
     counts: collections.Counter = collections.Counter()
+    jobs: list[str] = []
     rss = [(0.0, rss_mb(proc))]
     end, start = time.time() + 60 * args.minutes, time.time()
 
@@ -112,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
             for _ in itertools.count():
                 if time.time() > end or server.poll() is not None:
                     return
-                one(c, url, args.model, rng, counts)
+                one(c, url, args.model, rng, counts, jobs)
 
     threads = [threading.Thread(target=client, args=(i,)) for i in range(args.clients)]
     for t in threads:
@@ -122,6 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         if server.poll() is None:
             rss.append((time.time() - start, rss_mb(proc)))
     died = server.poll() is not None
+    lost_jobs = jobs_lost(url, jobs) if not died else len(jobs)
     alive_after = not died and _ready(url)
     server.terminate()
     server.wait(60)
@@ -138,18 +200,27 @@ def main(argv: list[str] | None = None) -> int:
         "requests": total,
         "statuses": {str(k): v for k, v in sorted(counts.items(), key=str) if isinstance(k, int)},
         "hung_up": counts["hung up"],
+        "jobs": len(jobs),
+        "jobs_lost": lost_jobs,
         "lost": counts["lost"],
         "incoherent": counts["incoherent"],
         "deaths": int(died),
         "ready_after": alive_after,
-        "rss_mb_start": round(rss[0][1], 1),
-        "rss_mb_peak": round(max(v for _, v in rss), 1),
-        "rss_mb_end": round(rss[-1][1], 1),
+        "rss_mb_start": round(rss[0][1][0], 1),
+        "rss_mb_peak": round(max(v[0] for _, v in rss), 1),
+        "rss_mb_end": round(rss[-1][1][0], 1),
+        "rss_mb_per_minute": [round(v[0]) for t, v in rss if t == 0 or int(t / 60) != int((t - 5) / 60)],
+        "rss_mb_with_children_start_peak_end": [
+            round(rss[0][1][1]),
+            round(max(v[1] for _, v in rss)),
+            round(rss[-1][1][1]),
+        ],
         "transport_errors": {k: v for k, v in counts.items() if str(k).startswith("transport")},
         "server_log": log.name,
     }
     print(json.dumps(report, indent=2))
-    return 0 if not died and not counts["lost"] and not counts["incoherent"] and alive_after else 1
+    ok = not died and not counts["lost"] and not lost_jobs and not counts["incoherent"] and alive_after
+    return 0 if ok else 1
 
 
 def _ready(url: str) -> bool:

@@ -1,10 +1,10 @@
 """The jobs thread of `nlg serve`: feeds pending records of the SQLite store to the engine at batch
-priority (interactive requests go first); with `--ray`, only OpenAI batches' (`cluster_runner` runs the
-tasks' jobs). A crash loses only the records in flight, which run again
-after the restart. A record that fails for any reason gets its error row (with its `id`) and the runner
-goes on; one refused because the engine's queue is full (`Overloaded`, from interactive load) stays
-pending and is tried again after the Retry-After; after an engine failure the runner stops, leaving the
-records in flight pending.
+priority (interactive requests go first), shared fairly between jobs (`JobStore.pending`); with `--ray`,
+only OpenAI batches' (`cluster_runner` runs the tasks' jobs). A crash loses only the records in flight,
+which run again after the restart. A record that fails for any reason (not JSON, nested too deep, a
+result JSON cannot write) gets its error row (with its `id`) and the runner goes on; one refused because
+the engine's queue is full (`Overloaded`, from interactive load) stays pending and is tried again after
+the Retry-After; after an engine failure the runner stops, leaving the records in flight pending.
 
 An OpenAI batch's line (`{custom_id, method, url, body}`) is sent as a request to the server's own
 endpoint (`post`, in process, through the same validation and handlers as any client's request): a 2xx

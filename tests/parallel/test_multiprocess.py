@@ -258,6 +258,39 @@ def test_a_hung_rank_fails_fast_and_answers_in_flight_requests(tmp_path):
             proc.kill()
 
 
+def test_a_stopped_rank_shows_on_ready_within_seconds_at_the_default_timeout(tmp_path):
+    """An idle `--tp 2` server whose rank 1 is SIGSTOPped, at the default collective timeout: /ready
+    answers every call within a second, turns 503 within 15 s (it took > 5 s per call and ~60 s in all),
+    and the service exits non-zero."""
+    import httpx
+
+    proc, url, ranks = start_serve(tmp_path)
+    try:
+        start = time.time()
+        ranks[1].send_signal(signal.SIGSTOP)
+        statuses = []
+        while time.time() - start < 15 and 503 not in statuses:
+            began = time.time()
+            try:
+                statuses.append(httpx.get(f"{url}/ready", timeout=5).status_code)
+            except httpx.TransportError:  # the service already exited
+                statuses.append(None)
+                break
+            assert time.time() - began < 1.5, statuses
+            time.sleep(0.5)
+        assert statuses[-1] in (503, None) and time.time() - start < 15, statuses
+        proc.communicate(timeout=30)
+        assert proc.returncode != 0
+    finally:
+        for r in ranks:
+            try:
+                r.kill()
+            except psutil.NoSuchProcess:
+                pass
+        if proc.poll() is None:
+            proc.kill()
+
+
 def test_sigterm_drains_streams_at_tp_2(tmp_path):
     """SIGTERM to `nlg serve --tp 2` drains like tp=1: the stream in flight ends with [DONE] and its
     finish reason, no error event, and the service exits 0 (it cut streams and exited 1 with a

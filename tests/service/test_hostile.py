@@ -352,6 +352,10 @@ def test_the_lock_pins_every_installed_package():
     lock = Path(__file__).resolve().parents[2] / ".ci" / "constraints.txt"
     pins = dict(line.strip().split("==") for line in lock.read_text().splitlines() if not line.startswith("#"))
     pins = {canonicalize_name(name): version for name, version in pins.items()}
-    installed = {canonicalize_name(d.metadata["Name"]): d.version.split("+")[0] for d in distributions()}
+    installed = {  # not the copies setuptools vendors and puts on sys.path (setuptools/_vendor)
+        canonicalize_name(d.metadata["Name"]): d.version.split("+")[0]
+        for d in distributions()
+        if "_vendor" not in Path(str(d.locate_file(""))).parts
+    }
     missing = {n: v for n, v in installed.items() if n not in UNPINNED and pins.get(n) != v}
     assert not missing, f"not in {lock} at these versions: {missing}"

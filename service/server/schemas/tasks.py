@@ -109,16 +109,17 @@ class AnswerResponse(BaseModel):
 class SummarizeRequest(Body):
     model_config = ConfigDict(
         json_schema_extra={
+            "oneOf": [{"required": ["document"]}, {"required": ["documents"]}],  # exactly one of the two
             "examples": [
                 {
                     "document": "The city council approved the new park on Monday. Construction starts in May and "
                     "the park opens next spring. Residents had asked for green space for a decade.",
                     "length": "short",
                 }
-            ]
+            ],
         }
     )
-    document: Text | None = None
+    document: Text | None = Field(None, description="the text to summarize (or documents: one of the two)")
     documents: list[Text] | None = Field(
         None,
         min_length=1,
