@@ -1,8 +1,9 @@
 """The jobs thread of `nlg serve --ray ADDRESS`: the tasks' jobs (`POST /v1/jobs`) run on the Ray cluster
 instead of the server's engine, their state still in the server's SQLite store.
 
-Pending records are taken in chunks of `CHUNK` (those of the oldest job's task: one engine actor pool per
-chunk, `cluster.Replicas`) and mapped through the replicas; each result is stored as it comes back, in
+Pending records are taken in chunks of `CHUNK` (the store's fair order, records of one task: one engine
+actor pool per chunk, `cluster.Replicas`; a job created behind a long one has its records in the next
+chunk) and mapped through the replicas; each result is stored as it comes back, in
 its own transaction keyed by (job, line), so a record has one result however often a retried batch
 returns it. A cancelled job stops at the end of its chunk; after a restart the records that were in
 flight are pending and run again. A cluster that fails (unreachable, a job error) is reported and tried

@@ -67,7 +67,11 @@ class JobRunner(Loop):
                     for key in [k for k, f in in_flight.items() if f.done()]:
                         in_flight.pop(key)
                     room = self.workers - len(in_flight) if time.monotonic() >= self.resume_at else 0
-                    pending = self.store.pending(room, set(in_flight), self.batches_only) if room else []
+                    pending = (
+                        self.store.pending(room, set(in_flight), "batches" if self.batches_only else None)
+                        if room
+                        else []
+                    )
                     for job, task, line, text in pending:
                         in_flight[(job, line)] = pool.submit(self._one, job, task, line, text)
                 except Exception as e:  # the store itself (a full disk): say so, try again shortly

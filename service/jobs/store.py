@@ -110,18 +110,18 @@ class JobStore:
         return self.status(job)
 
     def pending(
-        self, limit: int, exclude: set[tuple[str, int]], batches_only: bool = False
+        self, limit: int, exclude: set[tuple[str, int]], only: str | None = None
     ) -> list[tuple[str, str, int, str]]:
         """(job, task, line, input) of up to `limit` records without a result, not in `exclude` (those in
         flight), shared fairly between the jobs with records left: the next slot goes to the job with the
         fewest records in flight, the oldest job first among equals, so a job created behind a long one
-        starts at once. With `batches_only`, only OpenAI batches' (the tasks' jobs then run elsewhere:
-        `cluster_runner`)."""
-        only = "AND task LIKE '/v1/%' " if batches_only else ""
+        starts at once. `only`: "batches" (OpenAI batches', when the tasks' jobs run on Ray:
+        `cluster_runner`) or "tasks" (the tasks' jobs')."""
+        where = {None: "", "batches": "AND task LIKE '/v1/%' ", "tasks": "AND task NOT LIKE '/v1/%' "}[only]
         ranked = []
         with self.lock:
             jobs = self.db.execute(
-                f"SELECT id, task FROM jobs WHERE state IN ('queued', 'running') {only}ORDER BY created"
+                f"SELECT id, task FROM jobs WHERE state IN ('queued', 'running') {where}ORDER BY created"
             ).fetchall()
             for age, (job, task) in enumerate(jobs):
                 busy = sum(j == job for j, _ in exclude)
@@ -135,15 +135,9 @@ class JobStore:
         return [(job, task, line, text) for *_, job, task, line, text in sorted(ranked)[:limit]]
 
     def pending_tasks(self, limit: int) -> tuple[str, list[tuple[str, int, str]]]:
-        """The task of the oldest tasks' job (not an OpenAI batch) with records left, and up to `limit`
-        (job, line, input) of the records left in jobs of that task, oldest job first."""
-        with self.lock:
-            rows = self.db.execute(
-                "SELECT r.job, j.task, r.line, r.input FROM records r JOIN jobs j ON j.id = r.job "
-                "WHERE j.state IN ('queued', 'running') AND r.result IS NULL AND r.error IS NULL "
-                "AND j.task NOT LIKE '/v1/%' ORDER BY j.created, r.line LIMIT ?",
-                (limit,),
-            ).fetchall()
+        """The task of the next tasks' job (not an OpenAI batch) in `pending`'s fair order, and up to
+        `limit` (job, line, input) of the records left in jobs of that task, in that order."""
+        rows = self.pending(limit, set(), only="tasks")
         task = rows[0][1] if rows else ""
         return task, [(job, line, text) for job, t, line, text in rows if t == task]
 
