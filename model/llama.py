@@ -4,7 +4,9 @@ RMSNorm, rotary embeddings (`rope_theta`), grouped-query attention, SwiGLU MLP, 
 LM head. Parameter names are the Hugging Face checkpoint keys, so `parallel.weights.load_into`
 needs no rename table; the two merged projections (`qkv_proj`, `gate_up_proj`) name the keys they
 stack. Linear, embedding and head layers come from `parallel.layers`: at tensor-parallel size 1
-they are plain layers; at size N each holds its shard (see DESIGN.md's table).
+they are plain layers; at size N each holds its shard: q/k/v, gate and up split by output rows
+(`ColumnParallelLinear`), o and down by input columns with an all-reduce (`RowParallelLinear`), the
+embedding and head by vocabulary rows (`parallel.layers`).
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Holds which rank this process is and how many ranks share the model. At world size 1 (the default,
 no process group) every collective in `parallel.comm` returns its input unchanged, so the plain
-model needs no `torch.distributed` at all. Starting real groups is `init_tensor_parallel`'s job.
+model needs no `torch.distributed` at all. Starting real groups is `parallel.launch.init_from_env`'s job.
 """
 
 from __future__ import annotations

@@ -191,9 +191,6 @@ def cmd_models(args) -> None:
     print(f"\nor any local Hugging Face directory (safetensors). Cache: {cache_dir()}")
 
 
-SHUTDOWN_GRACE_S = 20  # seconds `serve` gives requests in flight to finish when it stops (under the TP launcher's 30)
-
-
 def cmd_serve(args) -> None:
     import threading
 
@@ -204,6 +201,7 @@ def cmd_serve(args) -> None:
     from service.server.app import build_app
     from service.server.connections import guarded
     from service.server.loading import Loading
+    from service.server.streams import DRAIN_S
 
     resolve(args.model)  # fetch/convert first: a missing model is an error now, not a 503 later
     key = args.api_key or os.environ.get("NLG_API_KEY")
@@ -223,7 +221,7 @@ def cmd_serve(args) -> None:
         print("nlg: error: the engine failed; answering the requests in flight, then exiting", file=sys.stderr)
         failed.set()
         server.should_exit = True
-        timer = threading.Timer(SHUTDOWN_GRACE_S + 5, abort)
+        timer = threading.Timer(DRAIN_S + 5, abort)
         timer.daemon = True
         timer.start()
 
@@ -246,7 +244,7 @@ def cmd_serve(args) -> None:
         host=args.host,
         port=args.port,
         log_level="info",
-        timeout_graceful_shutdown=SHUTDOWN_GRACE_S,
+        timeout_graceful_shutdown=DRAIN_S,  # the streams' own grace: one number for both
         **guarded(),  # a deadline for request heads, a cap on connections
     )
     server = uvicorn.Server(config)

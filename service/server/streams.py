@@ -22,7 +22,8 @@ from sse_starlette import EventSourceResponse
 from service.server.http_errors import error_body
 
 PING_S = 15
-DRAIN_S = 20  # sse-starlette cancels streams at shutdown after this: service.cli.commands.SHUTDOWN_GRACE_S
+DRAIN_S = 20  # seconds requests in flight get when the server stops: sse-starlette's grace for streams and
+# uvicorn's for the rest (`nlg serve`), under the tensor-parallel launcher's 30 s kill timeout
 
 
 class EventStream(EventSourceResponse):
