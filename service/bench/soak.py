@@ -132,10 +132,10 @@ def jobs_left(url: str, jobs: list[str], wait_s: float = 300) -> tuple[int, int]
     lost, jobs not completed: still behind, as batch work runs after interactive requests)."""
     end, lost, behind = time.time() + wait_s, 0, 0
     for job in jobs:
-        state = httpx.get(f"{url}/v1/jobs/{job}", timeout=30).json()["state"]
-        while state != "completed" and time.time() < end:
+        while (state := httpx.get(f"{url}/v1/jobs/{job}", timeout=30).json()["state"]) != "completed":
+            if time.time() >= end:
+                break
             time.sleep(0.5)
-            state = httpx.get(f"{url}/v1/jobs/{job}", timeout=30).json()["state"]
         if state != "completed":
             behind += 1
         elif len(httpx.get(f"{url}/v1/jobs/{job}/results", timeout=30).text.splitlines()) != 3:

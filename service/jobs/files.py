@@ -25,7 +25,7 @@ from service import nesting
 from service.engine.generator import TextGenerator
 from service.engine.scheduler import Scheduler
 from service.errors import DeadlineExceeded, EngineFailed, InvalidRequest
-from service.jobs.jsonl import Summary, done_lines, errors_of, glob_files, numbered
+from service.jobs.jsonl import Summary, done_lines, errors_of, field, glob_files, numbered
 from service.jobs.records import run_record
 
 
@@ -70,7 +70,7 @@ def parse(line: str) -> tuple[dict | None, str | None]:
 def outcome(gen: TextGenerator, task: str, key: dict, record, parse_error: str | None) -> tuple[dict, bool, int]:
     """One record's output line (its `key`, its `id`, then its result fields or its error), whether it
     succeeded, and its completion tokens. Only an engine failure raises."""
-    key = key | ({"id": record["id"]} if isinstance(record, dict) and "id" in record else {})
+    key = key | field(record)
     try:
         if parse_error:
             raise InvalidRequest(parse_error)

@@ -20,6 +20,11 @@ class Summary:
     replicas: dict[str, list[int]] = field(default_factory=dict)  # on Ray: replica -> [records, tokens]
 
 
+def field(record, key: str = "id") -> dict:
+    """`{key: ...}` of a parsed record when it is an object with that key, else `{}`."""
+    return {key: record[key]} if isinstance(record, dict) and key in record else {}
+
+
 def errors_of(out: Path) -> Path:
     """Where the records that failed go, beside the results file `out`."""
     return out.with_name(out.name.removesuffix(".jsonl") + ".errors.jsonl")

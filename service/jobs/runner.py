@@ -24,6 +24,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from service import nesting
 from service.engine.generator import TextGenerator
 from service.errors import EngineFailed, InvalidRequest, Overloaded
+from service.jobs.jsonl import field
 from service.jobs.records import run_record
 from service.jobs.store import JobStore, record_id
 
@@ -54,7 +55,8 @@ class JobRunner(Loop):
 
     def __init__(self, gen: TextGenerator, store: JobStore, workers: int = 4, batches_only: bool = False):
         super().__init__("nlg-jobs")
-        self.gen, self.store, self.workers, self.batches_only = gen, store, workers, batches_only
+        self.gen, self.store, self.workers = gen, store, workers
+        self.only = "batches" if batches_only else None  # which jobs' records `JobStore.pending` hands out
         # (endpoint, body) -> (status, headers, body): the server's own handling of an OpenAI batch line
         self.post: Callable[[str, dict], tuple[int, dict, dict]] | None = None
 
@@ -67,11 +69,7 @@ class JobRunner(Loop):
                     for key in [k for k, f in in_flight.items() if f.done()]:
                         in_flight.pop(key)
                     room = self.workers - len(in_flight) if time.monotonic() >= self.resume_at else 0
-                    pending = (
-                        self.store.pending(room, set(in_flight), "batches" if self.batches_only else None)
-                        if room
-                        else []
-                    )
+                    pending = self.store.pending(room, set(in_flight), self.only) if room else []
                     for job, task, line, text in pending:
                         in_flight[(job, line)] = pool.submit(self._one, job, task, line, text)
                 except Exception as e:  # the store itself (a full disk): say so, try again shortly
@@ -86,7 +84,7 @@ class JobRunner(Loop):
             if task.startswith("/v1/"):
                 result, error = self._request(task, record)
             else:
-                result, error = record_id(text) | run_record(self.gen, task, record), None
+                result, error = field(record) | run_record(self.gen, task, record), None
         except Overloaded as e:  # interactive load fills the queue: the record waits its turn
             self.resume_at = time.monotonic() + e.retry_after
             return

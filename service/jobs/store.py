@@ -21,7 +21,7 @@ from pathlib import Path
 
 from service import nesting
 from service.errors import InvalidRequest
-from service.jobs.jsonl import numbered, split_lines
+from service.jobs.jsonl import field, numbered, split_lines
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (id TEXT PRIMARY KEY, task TEXT NOT NULL, state TEXT NOT NULL,
@@ -294,10 +294,9 @@ def record_id(text: str, key: str = "id") -> dict:
     """`{key: ...}` of a record's input line when it is an object with one, else `{}` (also for a line
     that is not JSON or nests too deep)."""
     try:
-        record = nesting.loads(text)
+        return field(nesting.loads(text), key)
     except InvalidRequest:
         return {}
-    return {key: record[key]} if isinstance(record, dict) and key in record else {}
 
 
 def _stored(text: str) -> dict:

@@ -193,6 +193,17 @@ def start_serve(tmp_path, extra_env: dict | None = None):
         time.sleep(0.3)
 
 
+def kill_all(proc, ranks) -> None:
+    """The server and its ranks, stopped or not, gone at the end of a test."""
+    for r in ranks:
+        try:
+            r.kill()
+        except psutil.NoSuchProcess:
+            pass
+    if proc.poll() is None:
+        proc.kill()
+
+
 def open_stream(url: str):
     """A long stream, started and past its first event: (response context, its line iterator)."""
     import httpx
@@ -249,13 +260,7 @@ def test_a_hung_rank_fails_fast_and_answers_in_flight_requests(tmp_path):
         assert time.time() - start < 20 and proc.returncode != 0, time.time() - start
         assert not left_behind(everyone)
     finally:
-        for r in ranks:
-            try:
-                r.kill()
-            except psutil.NoSuchProcess:
-                pass
-        if proc.poll() is None:
-            proc.kill()
+        kill_all(proc, ranks)
 
 
 def test_a_stopped_rank_shows_on_ready_within_seconds_at_the_default_timeout(tmp_path):
@@ -282,13 +287,7 @@ def test_a_stopped_rank_shows_on_ready_within_seconds_at_the_default_timeout(tmp
         proc.communicate(timeout=30)
         assert proc.returncode != 0
     finally:
-        for r in ranks:
-            try:
-                r.kill()
-            except psutil.NoSuchProcess:
-                pass
-        if proc.poll() is None:
-            proc.kill()
+        kill_all(proc, ranks)
 
 
 def test_sigterm_drains_streams_at_tp_2(tmp_path):
