@@ -15,6 +15,7 @@ from torch import nn
 from model.config import ModelConfig
 from model.cpu_matmul import pack
 from model.gpt2 import GPT2LMHeadModel
+from model.kernels import load as load_kernels
 from model.llama import LlamaForCausalLM
 from parallel.forms import QUANTIZATIONS
 from parallel.quant import finish, quantize
@@ -51,7 +52,8 @@ def load_model(
 ) -> nn.Module:
     """Load this rank's shard of the model in `directory` (at tensor-parallel size 1, all of it), its
     linear layers quantized after loading with `quantization` int8 or int4 (`parallel.quant`); weights
-    stored quantized are dequantized to `dtype` for "none". On a CPU, fp32 linear layers take oneDNN's
+    stored quantized are dequantized to `dtype` for "none". On a CPU, int4 layers run our kernels
+    (`model.kernels`, built on first use), and fp32 linear layers take oneDNN's
     packed weights where that measures faster (`model.cpu_matmul`; the routes in `model.matmul_routes`)."""
     directory = Path(directory)
     cfg = read_config(directory)
@@ -61,6 +63,8 @@ def load_model(
         model = FAMILIES[cfg.arch](cfg)
     if quantization not in QUANTIZATIONS:
         raise ValueError(f"--quantize {quantization!r}: choose one of {', '.join(QUANTIZATIONS)}")
+    if torch.device(device).type == "cpu":
+        load_kernels()
     sources = {model.get_submodule(key.rpartition(".")[0]) for key in model.tied_keys.values()}
 
     def loaded(layer: nn.Module) -> None:  # quantize as we go, except a tied weight's owner (below)

@@ -12,8 +12,10 @@ the compute dtype, and so does the input embedding unless the checkpoint stores 
   fp32 on a 1.5B model's matrices but slower on the 135M model's small ones, where the extra elementwise
   work dominates; `aten._weight_int8pack_mm` and `aten._int_mm` were slower than fp32 everywhere
   (README, issue 15). torch marks its quantized tensor type deprecated; torch is pinned.
-- int4: groups of `GROUP` input columns share a scale and an offset (asymmetric, 16 levels), through
-  `aten._weight_int4pack_mm_for_cpu` with bf16 activations (its vectorized path on AVX2).
+- int4: groups of `GROUP` input columns share a scale and an offset (asymmetric, 16 levels). On CPU the
+  matmul is our own kernel (`model.kernels`: int8 activations, integer dot products, AVX-512 VNNI or AVX2
+  chosen at run time) once `use_native` has named its instruction set; without it (no C++ compiler),
+  `aten._weight_int4pack_mm_for_cpu` with bf16 activations, 2-3x slower.
 On other devices both dequantize inside the matmul (the compiled CUDA step fuses it).
 """
 
@@ -29,6 +31,15 @@ from parallel.layers import VocabParallelEmbedding
 from parallel.state import get_tp
 
 GROUP = 32  # int4 group size: GGUF's 4-bit block (Q4_0, Q4_1, Q4_K sub-blocks), so those load as they are
+FP16_MAX = 65504.0  # our kernel keeps scales and lows in fp16
+_native: str | None = None  # instruction set of our int4 kernel (`torch.ops.nlg`), None until `use_native`
+
+
+def use_native(isa: str | None) -> None:
+    """Route the int4 layers made from now on to our kernel (`model.kernels`, loaded as `torch.ops.nlg`) with
+    instruction set `isa`, or to torch's kernel (None)."""
+    global _native
+    _native = isa
 
 
 def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -112,7 +123,11 @@ class Int4Linear(nn.Module):
     def __init__(self, levels: torch.Tensor, scale: torch.Tensor, low: torch.Tensor):
         super().__init__()
         self.out_features, self.group = levels.shape[0], levels.shape[1] // scale.shape[1]
-        if levels.device.type == "cpu":
+        cpu = levels.device.type == "cpu"
+        if cpu and _native and self.group == GROUP and max(scale.abs().max(), low.abs().max()) < FP16_MAX:
+            self.isa = _native
+            self.register_buffer("tiles", torch.ops.nlg.pack_int4(levels, scale, low))
+        elif cpu:
             # the kernel's form: w = (level - 8) * scale + zero, scales and zeros as (groups, out, 2)
             packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(levels.to(torch.int32), 1)
             zero = low + 8 * scale
@@ -126,7 +141,9 @@ class Int4Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
-        if hasattr(self, "packed"):
+        if hasattr(self, "tiles"):
+            out = torch.ops.nlg.int4_mm(flat, self.tiles, self.out_features, self.isa).to(x.dtype)
+        elif hasattr(self, "packed"):
             out = torch.ops.aten._weight_int4pack_mm_for_cpu(flat.bfloat16(), self.packed, self.group, self.scale_zero)
             out = out.to(x.dtype)
         else:
