@@ -16,6 +16,9 @@ the compute dtype, and so does the input embedding unless the checkpoint stores 
   matmul is our own kernel (`model.kernels`: int8 activations, integer dot products, AVX-512 VNNI or AVX2
   chosen at run time) once `use_native` has named its instruction set; without it (no C++ compiler),
   `aten._weight_int4pack_mm_for_cpu` with bf16 activations, 2-3x slower.
+- int6 (our kernel only): weights stored at 5-6 bits (GGUF's Q6_K, Q5_0, Q5_1, Q5_K: `model.gguf_quant`'s
+  int8 form) keep their levels, group scales and offsets as they are, 64 levels per group of 16; without
+  our kernel they are re-quantized to int8 rows.
 On other devices both dequantize inside the matmul (the compiled CUDA step fuses it).
 """
 
@@ -124,9 +127,9 @@ class Int4Linear(nn.Module):
         super().__init__()
         self.out_features, self.group = levels.shape[0], levels.shape[1] // scale.shape[1]
         cpu = levels.device.type == "cpu"
-        if cpu and _native and self.group == GROUP and max(scale.abs().max(), low.abs().max()) < FP16_MAX:
+        if cpu and _native and self.group == GROUP and _fits_fp16(scale, low):
             self.isa = _native
-            self.register_buffer("tiles", torch.ops.nlg.pack_int4(levels, scale, low))
+            self.register_buffer("tiles", torch.ops.nlg.pack(levels, scale, low, 4))
         elif cpu:
             # the kernel's form: w = (level - 8) * scale + zero, scales and zeros as (groups, out, 2)
             packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(levels.to(torch.int32), 1)
@@ -142,7 +145,7 @@ class Int4Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
         if hasattr(self, "tiles"):
-            out = torch.ops.nlg.int4_mm(flat, self.tiles, self.out_features, self.isa).to(x.dtype)
+            out = torch.ops.nlg.matmul(flat, self.tiles, self.out_features, self.isa).to(x.dtype)
         elif hasattr(self, "packed"):
             out = torch.ops.aten._weight_int4pack_mm_for_cpu(flat.bfloat16(), self.packed, self.group, self.scale_zero)
             out = out.to(x.dtype)
@@ -151,6 +154,44 @@ class Int4Linear(nn.Module):
             w = self.levels.reshape(n, k // self.group, self.group).to(flat.dtype)
             w = w * self.scale.to(flat.dtype)[..., None] + self.low.to(flat.dtype)[..., None]
             out = F.linear(flat, w.reshape(n, k))
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+
+def _fits_fp16(scale: torch.Tensor, low: torch.Tensor) -> bool:
+    return bool(max(scale.abs().max(), low.abs().max()) < FP16_MAX)
+
+
+class Int6Linear(nn.Module):
+    """x @ (levels * scale + low).T for levels 0..63, 16 input columns per scale, on our kernel (CPU)."""
+
+    SPAN = 16
+
+    def __init__(self, levels: torch.Tensor, scale: torch.Tensor, low: torch.Tensor):
+        super().__init__()
+        self.out_features, self.isa = levels.shape[0], _native
+        self.register_buffer("tiles", torch.ops.nlg.pack(levels, scale, low, 6))
+        self.nbytes = self.tiles.numel()
+
+    @classmethod
+    def fits(cls, levels: torch.Tensor, scale: torch.Tensor, low: torch.Tensor) -> tuple | None:
+        """(levels 0..63, scale, low per 16 columns) for a stored int8 form of groups of 16 or 32 whose levels
+        span at most 64 values (their least folded into the lows), or None (then not this layer's form)."""
+        group = levels.shape[1] // scale.shape[1]
+        if not _native or levels.device.type != "cpu" or group not in (16, 32) or levels.shape[1] % GROUP:
+            return None
+        least, most = (int(v) for v in levels.aminmax())
+        if most - least > 63:
+            return None
+        repeat = group // cls.SPAN
+        scale, low = scale.repeat_interleave(repeat, 1), low.repeat_interleave(repeat, 1)
+        low = low + least * scale
+        if not _fits_fp16(scale, low):
+            return None
+        return (levels.to(torch.int16) - least).to(torch.uint8), scale, low
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1])
+        out = torch.ops.nlg.matmul(flat, self.tiles, self.out_features, self.isa).to(x.dtype)
         return out.reshape(*x.shape[:-1], self.out_features)
 
 
@@ -198,9 +239,14 @@ def _dequantize(form: str, t: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 def from_stored(form: str, t: dict[str, torch.Tensor], mode: str) -> nn.Module:
-    """The `mode` layer for a stored form: int4 groups of GROUP taken as they are, else re-quantized."""
-    if form == mode == "int4" and t["_scale"].shape[1] * GROUP == t["_int4"].shape[1] * 2:
+    """The `mode` layer for a stored form: taken as it is where a kernel computes it (int4 groups of GROUP
+    for mode int4, or any mode on our kernel; 5-6 bit int8 forms as int6 on our kernel), else re-quantized."""
+    int4_groups = form == "int4" and t["_scale"].shape[1] * GROUP == t["_int4"].shape[1] * 2
+    if int4_groups and (mode == "int4" or _native):
         return Int4Linear(unpack(t["_int4"]), t["_scale"], t["_low"])
+    six = Int6Linear.fits(t["_int8"], t["_scale"], t["_low"]) if form == "int8" else None
+    if six is not None:
+        return Int6Linear(*six)
     rows = t["_int4" if form == "int4" else "_int8"]
     shape = (rows.shape[0], rows.shape[1] * (2 if form == "int4" else 1))
     return _quantized_rows(lambda a, b: _dequantize(form, {k: v[a:b] for k, v in t.items()}), shape, mode)

@@ -1,9 +1,9 @@
-"""Our native CPU kernels (`int4.cpp`), compiled once per machine and cached, registered as `torch.ops.nlg`.
+"""Our native CPU kernels (`matmul.cpp`), compiled once per machine and cached, registered as `torch.ops.nlg`.
 
 `load()` builds them with torch's C++ extension API (g++ and ninja; the ninja wheel is a dependency)
 into the model cache (`model.registry.cache_dir() / "kernels"`, keyed by torch's version and the
-sources' hash, so a changed source rebuilds), loads them into this process and routes the int4 layers
-made after it to them (`parallel.quant.use_native`). Where no compiler is found or the build fails, one line on
+sources' hash, so a changed source rebuilds), loads them into this process and routes the quantized
+layers made after it to them (`parallel.quant.use_native`). Where no compiler is found or the build fails, one line on
 stderr says so and torch's own kernels run (slower). `NLG_KERNELS=off` skips the build.
 """
 
@@ -20,7 +20,7 @@ import torch
 
 from parallel.quant import use_native
 
-SOURCES = [Path(__file__).with_name("int4.cpp")]
+SOURCES = [Path(__file__).with_name("matmul.cpp")]
 
 
 def _build_dir() -> Path:

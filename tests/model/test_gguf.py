@@ -238,15 +238,17 @@ def test_stored_forms_split_over_tensor_parallel_ranks(qwen2, quantization, capf
     assert json.loads(capfd.readouterr().out.strip().splitlines()[-1])["token_ids"] == alone["token_ids"]
 
 
-def test_int4_keeps_the_weights_stored_at_more_bits_int8(tmp_path):
-    """--quantize int4 on a model whose 5-8 bit tensors are stored as int8 rows keeps those int8 (as
-    Q4_K_M keeps some at Q6_K), a merged projection with one such part too; 4-bit ones are int4."""
-    from parallel.quant import Int4Linear, Int8Linear
+def test_int4_keeps_the_weights_stored_at_more_bits(tmp_path):
+    """--quantize int4 on a model whose 5-8 bit tensors are stored in the int8 form keeps their bits (as
+    Q4_K_M keeps some at Q6_K): 5-6 bit ones as they are on our kernel (int6), else as int8 rows, and a
+    merged projection with an 8-bit part as int8 rows; 4-bit ones are int4."""
+    from parallel import quant
+    from parallel.quant import Int4Linear, Int6Linear, Int8Linear
 
     model = load_model(converted(tmp_path, "int8")[1], quantization="int4")
     layer = model.model.layers[0]
     assert isinstance(layer.self_attn.qkv_proj.kernel, Int8Linear)  # q Q8_0, k Q4_0, v Q5_0
-    assert isinstance(layer.mlp.down_proj.kernel, Int8Linear)
+    assert isinstance(layer.mlp.down_proj.kernel, Int6Linear if quant._native else Int8Linear)  # Q5_0
     exact = load_model(converted(tmp_path, "int4")[1], quantization="int4").model.layers[0]
     assert isinstance(exact.self_attn.qkv_proj.kernel, Int4Linear)
 

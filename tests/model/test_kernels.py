@@ -1,5 +1,6 @@
-"""Our native int4 kernel (`model.kernels`, `torch.ops.nlg`) against an fp32 reference, on every instruction
-set this CPU runs, for the row counts and shapes that take the kernel's edge paths."""
+"""Our native kernels (`model.kernels`, `torch.ops.nlg`) against an fp64 reference, on every instruction set
+this CPU runs, for both weight forms (int4, int6) and the row counts and shapes that take the kernel's edge
+paths; and the layers that route to them."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import torch
 
 from model import kernels
 from parallel import quant
-from parallel.quant import GROUP, Int4Linear, quantize_groups
+from parallel.quant import GROUP, Int4Linear, Int6Linear, quantize_groups
 
 ORDER = ["portable", "avx2", "avx512vnni"]
 
@@ -29,7 +30,7 @@ def runnable(best: str) -> list[str]:
 
 
 def reference(x: torch.Tensor, levels: torch.Tensor, scale: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
-    """The kernel's arithmetic in float64: activations rounded to int8 per block of 32 (d = absmax / 127,
+    """The kernels' arithmetic in float64: activations rounded to int8 per block of 32 (d = absmax / 127,
     as llama.cpp's Q8_0), scales and lows rounded to fp16 (the packed layout's), weights exact."""
     m, k = x.shape
     blocks = x.reshape(m, k // GROUP, GROUP)
@@ -38,26 +39,47 @@ def reference(x: torch.Tensor, levels: torch.Tensor, scale: torch.Tensor, low: t
     xq = (q * (amax / 127)).reshape(m, k).double()
     s, lo = scale.half().double(), low.half().double()
     n = levels.shape[0]
-    w = (levels.double().reshape(n, -1, GROUP) * s[..., None] + lo[..., None]).reshape(n, k)
+    w = (levels.double().reshape(n, s.shape[1], -1) * s[..., None] + lo[..., None]).reshape(n, k)
     return (xq @ w.T).float()
 
 
+def weights(bits: int, n: int, k: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Random levels 0..2^bits - 1 with scales and lows per 32 (int4) or 16 (int6) columns."""
+    per = 32 if bits == 4 else 16
+    levels = torch.randint(0, 2**bits, (n, k), generator=g, dtype=torch.uint8)
+    scale = torch.rand(n, k // per, generator=g) / 2**bits
+    return levels, scale, -scale * 2 ** (bits - 1) + torch.randn(n, k // per, generator=g) * 0.01
+
+
+@pytest.mark.parametrize("bits", [4, 6])
 @pytest.mark.parametrize("rows", [1, 2, 3, 5, 8, 9, 17, 64, 70])
 @pytest.mark.parametrize("n,k", [(1, 32), (15, 64), (16, 96), (17, 32), (40, 320)])
-def test_int4_kernel_equals_the_reference_on_every_instruction_set(best, rows, n, k):
-    """Guards the packed layout, the tile edges (output rows off a multiple of 16: masked stores), the row
-    passes (1-8 activation rows per weight read, and the 64-row chunks) and each ISA's own code path: all
-    give the product of the int8-rounded activations with the dequantized weight."""
-    g = torch.Generator().manual_seed(rows * 1000 + n + k)
-    w = torch.randn(n, k, generator=g)
+def test_kernel_equals_the_reference_on_every_instruction_set(best, bits, rows, n, k):
+    """Guards the packed layouts (nibbles, int6's 2-bit plane, its two scale groups per block), the tile
+    edges (output rows off a multiple of 16: masked stores), the row passes (1-8 activation rows per
+    weight read, and the 64-row chunks) and each ISA's own code path: all give the product of the
+    int8-rounded activations with the dequantized weight."""
+    g = torch.Generator().manual_seed(rows * 1000 + n + k + bits)
+    levels, scale, low = weights(bits, n, k, g)
     x = torch.randn(rows, k, generator=g) * torch.rand(rows, 1, generator=g) * 10
     x[0, :GROUP] = 0  # a block of zeros: scale 0, no division by it
-    levels, scale, low = quantize_groups(w)
-    packed = torch.ops.nlg.pack_int4(levels, scale, low)
+    packed = torch.ops.nlg.pack(levels, scale, low, bits)
     want = reference(x, levels, scale, low)
     for isa in runnable(best):
-        got = torch.ops.nlg.int4_mm(x, packed, n, isa)
+        got = torch.ops.nlg.matmul(x, packed, n, isa)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item(), msg=isa)
+
+
+def test_packing_refuses_what_the_layout_cannot_hold(best):
+    """Levels past the form's range, scales past fp16 and widths off the blocks are refused, not wrapped."""
+    g = torch.Generator().manual_seed(0)
+    levels, scale, low = weights(6, 16, 64, g)
+    with pytest.raises(RuntimeError, match="levels above 15"):
+        torch.ops.nlg.pack(levels, scale[:, ::2], low[:, ::2], 4)
+    with pytest.raises(RuntimeError, match="fp16"):
+        torch.ops.nlg.pack(levels, scale * 1e8, low, 6)
+    with pytest.raises(RuntimeError, match="multiple of 32"):
+        torch.ops.nlg.pack(levels[:, :48], scale[:, :3], low[:, :3], 6)
 
 
 def test_int4_layer_routes_to_the_kernel_and_back(best):
@@ -82,3 +104,22 @@ def test_int4_layer_routes_to_the_kernel_and_back(best):
         assert hasattr(Int4Linear(levels, scale, low), "packed")
     finally:
         quant.use_native(before)
+
+
+@pytest.mark.parametrize("group,lo,hi", [(16, -32, 31), (32, 0, 31), (32, -16, 15)])
+def test_stored_5_and_6_bit_forms_run_as_int6_without_loss(best, group, lo, hi):
+    """Q6_K (levels -32..31, groups of 16), Q5_1/Q5_K (0..31) and Q5_0 (-16..15, groups of 32) in their stored
+    int8 form become int6 layers computing the same dequantized weight (the least level folded into the
+    lows); a form spanning more than 64 levels (Q8_0) is not int6."""
+    g = torch.Generator().manual_seed(group + lo)
+    n, k = 24, 128
+    levels = torch.randint(lo, hi + 1, (n, k), generator=g, dtype=torch.int8)
+    scale = torch.rand(n, k // group, generator=g) * 0.01
+    low = torch.randn(n, k // group, generator=g) * 0.01
+    deq = (levels.double().reshape(n, -1, group) * scale.double()[..., None] + low.double()[..., None]).reshape(n, k)
+    layer = Int6Linear(*Int6Linear.fits(levels, scale, low))
+    x = torch.randn(3, k, generator=g)
+    want = x.double() @ deq.T
+    torch.testing.assert_close(layer(x).double(), want, rtol=0.02, atol=0.01 * want.abs().max().item())
+    wide = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
+    assert Int6Linear.fits(wide, scale, low) is None

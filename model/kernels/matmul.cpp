@@ -1,0 +1,445 @@
+// Quantized weights x int8 activations on a CPU: the matmuls of parallel.quant's int4 and int6 layers
+// (ops nlg::*).
+//
+// Two weight forms, both w = level * scale + low per group of columns:
+//   int4: levels 0..15, one scale and low per 32 columns (Q4_0, Q4_1 and Q4_K's sub-blocks, without loss);
+//   int6: levels 0..63, one scale and low per 16 columns (Q6_K, and Q5_0, Q5_1, Q5_K, without loss).
+//
+// Packed layout, made once at load (`pack`): output rows in tiles of 16 (the last one padded with zero
+// rows); for each tile, block of 32 columns after block, contiguous so a thread streams its weights:
+//   256 bytes: the levels' low 4 bits in four 64-byte chunks. In chunk j, bytes 4r..4r+3 hold row r's
+//     columns 4j..4j+3 in their low nibbles and columns 16+4j..16+4j+3 in their high nibbles, so one load
+//     and a mask give a register whose 32-bit lane r holds four levels of row r: one AVX-512 VNNI
+//     `dpbusd` against four activation bytes broadcast to every lane adds four products for 16 rows at
+//     once, and each row's sum stays in its lane (no horizontal reduction anywhere);
+//   int6 only, 128 bytes: the levels' top 2 bits, in two 64-byte chunks laid out as the nibble chunks:
+//     chunk c, bits 2f..2f+1 of byte 4r+p: the level whose low bits are in nibble register 4c+f (0-3 the
+//     four low-nibble registers, i.e. columns 0..15; 4-7 the high-nibble ones, columns 16..31);
+//   fp16 scales then fp16 lows of the 16 rows: int4 16 + 16, int6 2 x 16 + 2 x 16 (columns 0..15, 16..31).
+//
+// Activations are quantized per row and block of 32 to int8 (q, x ~ q * d, as llama.cpp's Q8_0). Then
+//   sum(w * x) over a group = s * d * sum(level * q) + m * d * sum(q),
+// the first sum in integer registers, the scales applied in fp32 once per group. Levels are unsigned, so
+// AVX2's `maddubs` (u8 x s8 pairs into int16) needs no sign trick, and int4's eight pairs of products per
+// lane add in int16 before widening without saturating (8 * 2 * 15 * 127 = 30480 < 32767; int6 adds two).
+//
+// Work is split over torch's threads by tiles of output rows. Each weight tile is read once for up to
+// ROWS_PER_PASS activation rows (their accumulators stay in registers), and activation rows go in
+// chunks of ROW_CHUNK so a chunk's int8 rows stay in cache while a thread walks its tiles.
+//
+// The instruction set is picked at run time (GCC's target attributes, `__builtin_cpu_supports`):
+// AVX-512 VNNI, else AVX2 + FMA + F16C, else portable C++ (what an ARM laptop gets, autovectorized).
+
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+#include <torch/torch.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <string>
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
+namespace {
+
+constexpr int64_t BLOCK = 32;        // input columns per activation scale and per weight block
+constexpr int64_t TILE = 16;         // output rows per tile
+constexpr int ROWS_PER_PASS = 8;     // activation rows per pass over a weight tile
+constexpr int64_t ROW_CHUNK = 64;    // activation rows kept in cache while a thread walks its tiles
+constexpr int64_t PREFETCH = 4096;   // bytes ahead of the weight stream read into L1 (measured: 1.1x at 1 row)
+
+// Bytes of one tile's block, and where its parts start, for int4 (SIX false) and int6.
+template <bool SIX>
+struct Layout {
+  static constexpr int64_t high = 256;                 // the 2-bit plane (int6)
+  static constexpr int64_t scales = SIX ? 384 : 256;   // fp16 scales, then lows
+  static constexpr int64_t groups = SIX ? 2 : 1;       // scale/low groups per block
+  static constexpr int64_t bytes = scales + groups * 2 * TILE * 2;  // 320 or 512
+};
+
+#define AVX2 __attribute__((target("avx2,fma,f16c")))
+#define VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")))
+
+// One row of quantized activations: q (K int8); per block d; d * sum(q) per block (`dsum`) and per
+// half-block of 16 (`dhalf`, two per block).
+struct Quantized {
+  const int8_t* q;
+  const float* d;
+  const float* dsum;
+  const float* dhalf;
+};
+
+float half_to_float(uint16_t h) {
+  return static_cast<float>(c10::Half(h, c10::Half::from_bits()));
+}
+
+void quantize_row(const float* x, int64_t k, int8_t* q, float* d, float* dsum, float* dhalf) {
+  for (int64_t b = 0; b < k / BLOCK; ++b) {
+    const float* xb = x + b * BLOCK;
+    float amax = 0.f;
+    for (int i = 0; i < BLOCK; ++i) amax = std::max(amax, std::fabs(xb[i]));
+    const float scale = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
+    int sums[2] = {0, 0};
+    for (int i = 0; i < BLOCK; ++i) {
+      const int v = static_cast<int>(std::nearbyint(xb[i] * inv));
+      q[b * BLOCK + i] = static_cast<int8_t>(v);
+      sums[i / 16] += v;
+    }
+    d[b] = scale;
+    dsum[b] = scale * static_cast<float>(sums[0] + sums[1]);
+    dhalf[2 * b] = scale * static_cast<float>(sums[0]);
+    dhalf[2 * b + 1] = scale * static_cast<float>(sums[1]);
+  }
+}
+
+// Level of row o, column c (0..31) of a tile's block.
+template <bool SIX>
+int level(const uint8_t* wb, int o, int c) {
+  const int half = c / 16, j = (c % 16) / 4, p = c % 4;
+  const uint8_t byte = wb[64 * j + 4 * o + p];
+  int l = half ? byte >> 4 : byte & 0x0F;
+  if (SIX) l |= ((wb[Layout<SIX>::high + 64 * half + 4 * o + p] >> (2 * j)) & 3) << 4;
+  return l;
+}
+
+// One tile, `rows` activation rows (1..ROWS_PER_PASS), portable C++.
+template <bool SIX>
+void tile_portable(const uint8_t* w, int64_t nb, const Quantized* a, int rows, float* y, int64_t ystride,
+                   int valid) {
+  using L = Layout<SIX>;
+  float acc[ROWS_PER_PASS][TILE] = {};
+  for (int64_t b = 0; b < nb; ++b) {
+    const uint8_t* wb = w + b * L::bytes;
+    const uint16_t* sm = reinterpret_cast<const uint16_t*>(wb + L::scales);
+    for (int r = 0; r < rows; ++r) {
+      const int8_t* qb = a[r].q + b * BLOCK;
+      for (int o = 0; o < TILE; ++o) {
+        int sums[2] = {0, 0};
+        for (int c = 0; c < BLOCK; ++c) sums[c / 16] += level<SIX>(wb, o, c) * qb[c];
+        float total = 0.f;
+        if (SIX) {
+          for (int g = 0; g < 2; ++g) {
+            total += half_to_float(sm[TILE * g + o]) * a[r].d[b] * static_cast<float>(sums[g]) +
+                     half_to_float(sm[TILE * (2 + g) + o]) * a[r].dhalf[2 * b + g];
+          }
+        } else {
+          total = half_to_float(sm[o]) * a[r].d[b] * static_cast<float>(sums[0] + sums[1]) +
+                  half_to_float(sm[TILE + o]) * a[r].dsum[b];
+        }
+        acc[r][o] += total;
+      }
+    }
+  }
+  for (int r = 0; r < rows; ++r) std::memcpy(y + r * ystride, acc[r], valid * sizeof(float));
+}
+
+#if defined(__x86_64__)
+
+AVX2 inline __m256i bcast4(const int8_t* p) {
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  return _mm256_set1_epi32(v);
+}
+
+// Eight fp16 values as fp32.
+AVX2 inline __m256 half8(const uint8_t* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+
+// The top 2 bits of register f of a plane chunk, at bits 4-5 of each byte (see the layout).
+template <int F>
+AVX2 inline __m256i top_bits(__m256i plane, __m256i mask) {
+  if (F == 0) return _mm256_and_si256(_mm256_slli_epi16(plane, 4), mask);
+  if (F == 1) return _mm256_and_si256(_mm256_slli_epi16(plane, 2), mask);
+  if (F == 2) return _mm256_and_si256(plane, mask);
+  return _mm256_and_si256(_mm256_srli_epi16(plane, 2), mask);
+}
+
+// Rows 0-7 of a tile are bytes 0..31 of each 64-byte chunk, rows 8-15 bytes 32..63: two 8-lane halves.
+template <bool SIX, int R>
+AVX2 void tile_avx2(const uint8_t* w, int64_t nb, const Quantized* a, float* y, int64_t ystride, int valid) {
+  using L = Layout<SIX>;
+  const __m256i mask = _mm256_set1_epi8(0x0F), top = _mm256_set1_epi8(0x30), ones = _mm256_set1_epi16(1);
+  __m256 acc[R][2];
+  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b) {
+    const uint8_t* wb = w + b * L::bytes;
+    _mm_prefetch(reinterpret_cast<const char*>(wb + PREFETCH), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(wb + PREFETCH + 64), _MM_HINT_T0);
+    for (int h = 0; h < 2; ++h) {
+      __m256i v[8];
+      for (int j = 0; j < 4; ++j) {
+        const __m256i c = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + 64 * j + 32 * h));
+        v[j] = _mm256_and_si256(c, mask);
+        v[4 + j] = _mm256_and_si256(_mm256_srli_epi16(c, 4), mask);
+      }
+      if (SIX) {
+        for (int c = 0; c < 2; ++c) {
+          const __m256i p = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + L::high + 64 * c + 32 * h));
+          v[4 * c] = _mm256_or_si256(v[4 * c], top_bits<0>(p, top));
+          v[4 * c + 1] = _mm256_or_si256(v[4 * c + 1], top_bits<1>(p, top));
+          v[4 * c + 2] = _mm256_or_si256(v[4 * c + 2], top_bits<2>(p, top));
+          v[4 * c + 3] = _mm256_or_si256(v[4 * c + 3], top_bits<3>(p, top));
+        }
+      }
+      for (int r = 0; r < R; ++r) {
+        const int8_t* qb = a[r].q + b * BLOCK;
+        __m256i p[8];
+        for (int i = 0; i < 8; ++i) p[i] = _mm256_maddubs_epi16(v[i], bcast4(qb + 4 * i));
+        if (SIX) {  // int16 holds two pairs of 6-bit products: 2 * 2 * 63 * 127 = 32004
+          for (int g = 0; g < 2; ++g) {
+            const __m256i i32 = _mm256_add_epi32(_mm256_madd_epi16(_mm256_add_epi16(p[4 * g], p[4 * g + 1]), ones),
+                                                 _mm256_madd_epi16(_mm256_add_epi16(p[4 * g + 2], p[4 * g + 3]), ones));
+            const __m256 s = half8(wb + L::scales + 32 * g + 16 * h), m = half8(wb + L::scales + 64 + 32 * g + 16 * h);
+            acc[r][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i32), _mm256_mul_ps(s, _mm256_set1_ps(a[r].d[b])), acc[r][h]);
+            acc[r][h] = _mm256_fmadd_ps(m, _mm256_set1_ps(a[r].dhalf[2 * b + g]), acc[r][h]);
+          }
+        } else {
+          for (int i = 1; i < 8; ++i) p[0] = _mm256_add_epi16(p[0], p[i]);
+          const __m256i i32 = _mm256_madd_epi16(p[0], ones);
+          const __m256 s = half8(wb + L::scales + 16 * h), m = half8(wb + L::scales + 32 + 16 * h);
+          acc[r][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i32), _mm256_mul_ps(s, _mm256_set1_ps(a[r].d[b])), acc[r][h]);
+          acc[r][h] = _mm256_fmadd_ps(m, _mm256_set1_ps(a[r].dsum[b]), acc[r][h]);
+        }
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    alignas(32) float out[TILE];
+    _mm256_store_ps(out, acc[r][0]);
+    _mm256_store_ps(out + 8, acc[r][1]);
+    std::memcpy(y + r * ystride, out, valid * sizeof(float));
+  }
+}
+
+VNNI inline __m512i bcast4_512(const int8_t* p) {
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  return _mm512_set1_epi32(v);
+}
+
+VNNI inline __m512 half16(const uint8_t* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+
+template <int F>
+VNNI inline __m512i top_bits_512(__m512i plane, __m512i mask) {
+  if (F == 0) return _mm512_and_si512(_mm512_slli_epi16(plane, 4), mask);
+  if (F == 1) return _mm512_and_si512(_mm512_slli_epi16(plane, 2), mask);
+  if (F == 2) return _mm512_and_si512(plane, mask);
+  return _mm512_and_si512(_mm512_srli_epi16(plane, 2), mask);
+}
+
+template <bool SIX, int R>
+VNNI void tile_vnni(const uint8_t* w, int64_t nb, const Quantized* a, float* y, int64_t ystride, int valid) {
+  using L = Layout<SIX>;
+  const __m512i mask = _mm512_set1_epi8(0x0F), top = _mm512_set1_epi8(0x30);
+  __m512 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b) {
+    const uint8_t* wb = w + b * L::bytes;
+    for (int64_t line = 0; line < L::bytes; line += 64) {
+      _mm_prefetch(reinterpret_cast<const char*>(wb + PREFETCH + line), _MM_HINT_T0);
+    }
+    __m512i v[8];
+    for (int j = 0; j < 4; ++j) {
+      const __m512i c = _mm512_loadu_si512(wb + 64 * j);
+      v[j] = _mm512_and_si512(c, mask);
+      v[4 + j] = _mm512_and_si512(_mm512_srli_epi16(c, 4), mask);
+    }
+    if (SIX) {
+      for (int c = 0; c < 2; ++c) {
+        const __m512i p = _mm512_loadu_si512(wb + L::high + 64 * c);
+        v[4 * c] = _mm512_or_si512(v[4 * c], top_bits_512<0>(p, top));
+        v[4 * c + 1] = _mm512_or_si512(v[4 * c + 1], top_bits_512<1>(p, top));
+        v[4 * c + 2] = _mm512_or_si512(v[4 * c + 2], top_bits_512<2>(p, top));
+        v[4 * c + 3] = _mm512_or_si512(v[4 * c + 3], top_bits_512<3>(p, top));
+      }
+    }
+    const __m512 s0 = half16(wb + L::scales), m0 = half16(wb + L::scales + 32 * L::groups);
+    const __m512 s1 = SIX ? half16(wb + L::scales + 32) : s0, m1 = SIX ? half16(wb + L::scales + 96) : m0;
+    for (int r = 0; r < R; ++r) {
+      const int8_t* qb = a[r].q + b * BLOCK;
+      __m512i i0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), v[0], bcast4_512(qb));
+      __m512i i1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), v[4], bcast4_512(qb + 16));
+      for (int j = 1; j < 4; ++j) {
+        i0 = _mm512_dpbusd_epi32(i0, v[j], bcast4_512(qb + 4 * j));
+        i1 = _mm512_dpbusd_epi32(i1, v[4 + j], bcast4_512(qb + 16 + 4 * j));
+      }
+      const __m512 d = _mm512_set1_ps(a[r].d[b]);
+      if (SIX) {
+        acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i0), _mm512_mul_ps(s0, d), acc[r]);
+        acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i1), _mm512_mul_ps(s1, d), acc[r]);
+        acc[r] = _mm512_fmadd_ps(m0, _mm512_set1_ps(a[r].dhalf[2 * b]), acc[r]);
+        acc[r] = _mm512_fmadd_ps(m1, _mm512_set1_ps(a[r].dhalf[2 * b + 1]), acc[r]);
+      } else {
+        acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(i0, i1)), _mm512_mul_ps(s0, d), acc[r]);
+        acc[r] = _mm512_fmadd_ps(m0, _mm512_set1_ps(a[r].dsum[b]), acc[r]);
+      }
+    }
+  }
+  const __mmask16 keep = static_cast<__mmask16>((1u << valid) - 1);
+  for (int r = 0; r < R; ++r) _mm512_mask_storeu_ps(y + r * ystride, keep, acc[r]);
+}
+
+#endif
+
+enum class Isa { portable, avx2, avx512vnni };
+
+Isa parse(const std::string& isa) {
+  if (isa == "avx512vnni") return Isa::avx512vnni;
+  if (isa == "avx2") return Isa::avx2;
+  TORCH_CHECK(isa == "portable", "isa: avx512vnni, avx2 or portable, not ", isa);
+  return Isa::portable;
+}
+
+template <bool SIX, int R>
+void tile_rows(Isa isa, const uint8_t* w, int64_t nb, const Quantized* a, float* y, int64_t ystride, int valid) {
+#if defined(__x86_64__)
+  if (isa == Isa::avx512vnni) return tile_vnni<SIX, R>(w, nb, a, y, ystride, valid);
+  if (isa == Isa::avx2) return tile_avx2<SIX, R>(w, nb, a, y, ystride, valid);
+#endif
+  tile_portable<SIX>(w, nb, a, R, y, ystride, valid);
+}
+
+template <bool SIX>
+void tile(Isa isa, const uint8_t* w, int64_t nb, const Quantized* a, int rows, float* y, int64_t ystride,
+          int valid) {
+  switch (rows) {
+    case 1: return tile_rows<SIX, 1>(isa, w, nb, a, y, ystride, valid);
+    case 2: return tile_rows<SIX, 2>(isa, w, nb, a, y, ystride, valid);
+    case 3: return tile_rows<SIX, 3>(isa, w, nb, a, y, ystride, valid);
+    case 4: return tile_rows<SIX, 4>(isa, w, nb, a, y, ystride, valid);
+    case 5: return tile_rows<SIX, 5>(isa, w, nb, a, y, ystride, valid);
+    case 6: return tile_rows<SIX, 6>(isa, w, nb, a, y, ystride, valid);
+    case 7: return tile_rows<SIX, 7>(isa, w, nb, a, y, ystride, valid);
+    default: return tile_rows<SIX, 8>(isa, w, nb, a, y, ystride, valid);
+  }
+}
+
+template <bool SIX>
+at::Tensor pack_form(const at::Tensor& levels, const at::Tensor& scale, const at::Tensor& low) {
+  using L = Layout<SIX>;
+  const int64_t per = SIX ? 16 : 32, top = SIX ? 63 : 15;
+  TORCH_CHECK(levels.dim() == 2 && levels.scalar_type() == at::kByte, "levels: (N, K) uint8");
+  const int64_t n = levels.size(0), k = levels.size(1), nb = k / BLOCK, tiles = (n + TILE - 1) / TILE;
+  TORCH_CHECK(k % BLOCK == 0, "K must be a multiple of 32, not ", k);
+  TORCH_CHECK(scale.sizes() == low.sizes() && scale.size(0) == n && scale.size(1) == k / per,
+              "scale, low: (N, K / ", per, ")");
+  const auto l = levels.contiguous();
+  TORCH_CHECK(l.max().item<int64_t>() <= top, "levels above ", top);
+  const auto s = scale.to(at::kFloat).contiguous(), m = low.to(at::kFloat).contiguous();
+  TORCH_CHECK(s.abs().max().item<float>() < 65504.f && m.abs().max().item<float>() < 65504.f,
+              "scales and lows must fit fp16");
+  at::Tensor packed = at::zeros({tiles, nb, L::bytes}, at::kByte);
+  const uint8_t* lp = l.data_ptr<uint8_t>();
+  const float* sp = s.data_ptr<float>();
+  const float* mp = m.data_ptr<float>();
+  uint8_t* out = packed.data_ptr<uint8_t>();
+  at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      for (int64_t b = 0; b < nb; ++b) {
+        uint8_t* wb = out + (t * nb + b) * L::bytes;
+        uint16_t* sm = reinterpret_cast<uint16_t*>(wb + L::scales);
+        for (int64_t o = 0; o < TILE && t * TILE + o < n; ++o) {
+          const int64_t row = t * TILE + o;
+          const uint8_t* lb = lp + row * k + b * BLOCK;
+          for (int c = 0; c < BLOCK; ++c) {
+            const int half = c / 16, j = (c % 16) / 4, p = c % 4;
+            wb[64 * j + 4 * o + p] |= static_cast<uint8_t>((lb[c] & 0x0F) << (4 * half));
+            if (SIX) wb[L::high + 64 * half + 4 * o + p] |= static_cast<uint8_t>((lb[c] >> 4) << (2 * j));
+          }
+          for (int g = 0; g < L::groups; ++g) {
+            const int64_t at = row * (k / per) + b * L::groups + g;
+            sm[TILE * g + o] = c10::Half(sp[at]).x;
+            sm[TILE * (L::groups + g) + o] = c10::Half(mp[at]).x;
+          }
+        }
+      }
+    }
+  });
+  return packed;
+}
+
+}  // namespace
+
+// The best instruction set this CPU runs: "avx512vnni", "avx2" or "portable".
+std::string best_isa() {
+#if defined(__x86_64__)
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("f16c")) {
+    return "avx512vnni";
+  }
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c")) return "avx2";
+#endif
+  return "portable";
+}
+
+// bits 4: levels (N, K) uint8 0..15, scale and low (N, K / 32); bits 6: levels 0..63, scale and low
+// (N, K / 16); fp32 -> the packed layout, (ceil(N / 16), K / 32, 320 or 512) bytes.
+at::Tensor pack(const at::Tensor& levels, const at::Tensor& scale, const at::Tensor& low, int64_t bits) {
+  TORCH_CHECK(bits == 4 || bits == 6, "bits: 4 or 6");
+  return bits == 6 ? pack_form<true>(levels, scale, low) : pack_form<false>(levels, scale, low);
+}
+
+// x (M, K) @ W.T for W (n, K) in a packed layout -> (M, n) fp32.
+at::Tensor matmul(const at::Tensor& x_in, const at::Tensor& packed, int64_t n, const std::string& isa_name) {
+  TORCH_CHECK(x_in.dim() == 2, "x: (M, K)");
+  const bool six = packed.dim() == 3 && packed.size(2) == Layout<true>::bytes;
+  TORCH_CHECK(packed.dim() == 3 && packed.scalar_type() == at::kByte && (six || packed.size(2) == Layout<false>::bytes),
+              "packed: (tiles, blocks, 320 or 512) uint8");
+  const Isa isa = parse(isa_name);
+  const auto x = x_in.to(at::kFloat).contiguous();
+  const int64_t rows = x.size(0), k = x.size(1), nb = k / BLOCK, tiles = packed.size(0);
+  TORCH_CHECK(packed.size(1) == nb && k % BLOCK == 0, "x has ", k, " columns; the weight ", packed.size(1) * BLOCK);
+  TORCH_CHECK(n > (tiles - 1) * TILE && n <= tiles * TILE, "n does not match the packed tiles");
+  auto q = at::empty({rows, k}, at::kChar);
+  auto scales = at::empty({rows, 4, nb}, at::kFloat);  // d, dsum, dhalf (two per block)
+  const float* xp = x.data_ptr<float>();
+  int8_t* qp = q.data_ptr<int8_t>();
+  float* dp = scales.data_ptr<float>();
+  at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      float* row = dp + r * 4 * nb;
+      quantize_row(xp + r * k, k, qp + r * k, row, row + nb, row + 2 * nb);
+    }
+  });
+  auto y = at::empty({rows, n}, at::kFloat);
+  float* yp = y.data_ptr<float>();
+  const uint8_t* wp = packed.data_ptr<uint8_t>();
+  const int64_t tile_bytes = nb * packed.size(2);
+  at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
+    Quantized a[ROWS_PER_PASS];
+    for (int64_t c = 0; c < rows; c += ROW_CHUNK) {
+      const int64_t c1 = std::min(rows, c + ROW_CHUNK);
+      for (int64_t t = t0; t < t1; ++t) {
+        const int valid = static_cast<int>(std::min<int64_t>(TILE, n - t * TILE));
+        for (int64_t r = c; r < c1; r += ROWS_PER_PASS) {
+          const int count = static_cast<int>(std::min<int64_t>(ROWS_PER_PASS, c1 - r));
+          for (int i = 0; i < count; ++i) {
+            const float* row = dp + (r + i) * 4 * nb;
+            a[i] = {qp + (r + i) * k, row, row + nb, row + 2 * nb};
+          }
+          float* out = yp + r * n + t * TILE;
+          if (six) {
+            tile<true>(isa, wp + t * tile_bytes, nb, a, count, out, n, valid);
+          } else {
+            tile<false>(isa, wp + t * tile_bytes, nb, a, count, out, n, valid);
+          }
+        }
+      }
+    }
+  });
+  return y;
+}
+
+TORCH_LIBRARY(nlg, m) {
+  m.def("best_isa() -> str", &best_isa);
+  m.def("pack(Tensor levels, Tensor scale, Tensor low, int bits) -> Tensor", &pack);
+  m.def("matmul(Tensor x, Tensor packed, int n, str isa) -> Tensor", &matmul);
+}
