@@ -123,17 +123,21 @@ def qkv_parallel_linear(
 ) -> ColumnParallelLinear:
     """One [q | k | v] projection, each of q, k, v split by heads on its own (cutting a fused tensor in
     one contiguous piece would hand rank 0 all of q and none of v). Reads a fused checkpoint tensor
-    (GPT-2 `c_attn`), or with `separate` the sibling q_proj, k_proj and v_proj, stacked."""
+    (GPT-2 `c_attn`), or with `separate` the sibling q_proj, k_proj and v_proj, stacked. Quantized on our
+    kernel, its activations keep ~15 bits instead of 8 (`precise_inputs`): measured on SmolLM2 Q4_1, int8
+    rounding there alone moved WikiText perplexity +0.43%, and +0.62% with every layer's rounded."""
     q, kv = num_heads * head_dim, num_kv_heads * head_dim
     q_rows = head_split(num_heads, head_dim, what="attention heads")
     if not separate:
         k_rows = head_split(num_kv_heads, head_dim, q, "key/value heads")
         v_rows = head_split(num_kv_heads, head_dim, q + kv, "key/value heads")
-        return ColumnParallelLinear(hidden, bias=bias, conv1d=conv1d, parts=[(None, q_rows + k_rows + v_rows)])
-    kv_rows = head_split(num_kv_heads, head_dim, what="key/value heads")
-    return ColumnParallelLinear(
-        hidden, bias=bias, conv1d=conv1d, parts=[("q_proj", q_rows), ("k_proj", kv_rows), ("v_proj", kv_rows)]
-    )
+        parts = [(None, q_rows + k_rows + v_rows)]
+    else:
+        kv_rows = head_split(num_kv_heads, head_dim, what="key/value heads")
+        parts = [("q_proj", q_rows), ("k_proj", kv_rows), ("v_proj", kv_rows)]
+    layer = ColumnParallelLinear(hidden, bias=bias, conv1d=conv1d, parts=parts)
+    layer.precise_inputs = True
+    return layer
 
 
 def merged_column_parallel_linear(in_features: int, out_features: int, names: list[str]) -> ColumnParallelLinear:

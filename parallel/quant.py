@@ -128,7 +128,7 @@ class Int4Linear(nn.Module):
         self.out_features, self.group = levels.shape[0], levels.shape[1] // scale.shape[1]
         cpu = levels.device.type == "cpu"
         if cpu and _native and self.group == GROUP and _fits_fp16(scale, low):
-            self.isa = _native
+            self.isa, self.precise = _native, False
             self.register_buffer("tiles", torch.ops.nlg.pack(levels, scale, low, 4))
         elif cpu:
             # the kernel's form: w = (level - 8) * scale + zero, scales and zeros as (groups, out, 2)
@@ -145,7 +145,7 @@ class Int4Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
         if hasattr(self, "tiles"):
-            out = torch.ops.nlg.matmul(flat, self.tiles, self.out_features, self.isa).to(x.dtype)
+            out = torch.ops.nlg.matmul(flat, self.tiles, self.out_features, self.isa, self.precise).to(x.dtype)
         elif hasattr(self, "packed"):
             out = torch.ops.aten._weight_int4pack_mm_for_cpu(flat.bfloat16(), self.packed, self.group, self.scale_zero)
             out = out.to(x.dtype)
@@ -168,7 +168,7 @@ class Int6Linear(nn.Module):
 
     def __init__(self, levels: torch.Tensor, scale: torch.Tensor, low: torch.Tensor):
         super().__init__()
-        self.out_features, self.isa = levels.shape[0], _native
+        self.out_features, self.isa, self.precise = levels.shape[0], _native, False
         self.register_buffer("tiles", torch.ops.nlg.pack(levels, scale, low, 6))
         self.nbytes = self.tiles.numel()
 
@@ -191,7 +191,7 @@ class Int6Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
-        out = torch.ops.nlg.matmul(flat, self.tiles, self.out_features, self.isa).to(x.dtype)
+        out = torch.ops.nlg.matmul(flat, self.tiles, self.out_features, self.isa, self.precise).to(x.dtype)
         return out.reshape(*x.shape[:-1], self.out_features)
 
 
@@ -222,6 +222,19 @@ def _quantized_rows(rows, shape: torch.Size, mode: str) -> nn.Module:
 def unpack(packed: torch.Tensor) -> torch.Tensor:
     """int4 levels stored two per byte (column 2j low nibble, 2j + 1 high) as one uint8 per level."""
     return torch.stack([packed & 0x0F, packed >> 4], dim=-1).reshape(packed.shape[0], -1)
+
+
+def int8_form(form: str, t: dict[str, torch.Tensor], span: int = 16) -> dict[str, torch.Tensor]:
+    """A stored form (`model.gguf_quant`) as the int8 form with a scale and low per `span` columns, the same
+    weights exactly: int4 levels 0..15 are int8 levels, and a group's scale and low repeat over its spans.
+    Siblings stored in different forms (Q4_K_M's q, k at 4 bits and v at 6) stack this way without loss."""
+    levels = unpack(t["_int4"]).to(torch.int8) if form == "int4" else t["_int8"]
+    repeat = levels.shape[1] // t["_scale"].shape[1] // span
+    return {
+        "_int8": levels,
+        "_scale": t["_scale"].repeat_interleave(repeat, 1),
+        "_low": t["_low"].repeat_interleave(repeat, 1),
+    }
 
 
 def dequantize(form: str, t: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -281,7 +294,8 @@ def finish(layer: nn.Module, mode: str, dtype: torch.dtype) -> None:
     """Quantize a layer marked `quantizable` (the column- and row-parallel linears, the LM head; a mark
     of "int8" caps the mode: the head's, and the one the loader puts on weights stored as int8), or
     finish one loaded in a quantized form (`layer.stored`): dequantized to `dtype` for mode "none", an
-    embedding's rows kept quantized. A layer already finished, or not loaded yet, is left as it is."""
+    embedding's rows kept quantized. A layer already finished, or not loaded yet, is left as it is. A layer
+    marked `precise_inputs` (q/k/v) has our kernel multiply its activations' int8 rounding too."""
     mark = getattr(layer, "quantizable", False)
     stored = layer.__dict__.pop("stored", None)
     target = "int8" if mark == "int8" else mode
@@ -295,6 +309,8 @@ def finish(layer: nn.Module, mode: str, dtype: torch.dtype) -> None:
     elif mark and mode != "none" and weight is not None and weight.device.type != "meta":
         layer.kernel = quantized(weight.data, target)
         del layer.weight
+    if hasattr(layer, "kernel") and hasattr(layer.kernel, "precise"):
+        layer.kernel.precise = getattr(layer, "precise_inputs", False)
 
 
 def weight_bytes(model: nn.Module) -> int:

@@ -18,7 +18,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from parallel.quant import dequantize
+from parallel.quant import dequantize, int8_form
 
 
 class SafetensorsReader:
@@ -94,8 +94,15 @@ def load_into(
         forms = {stored_form(key(p), keys) for p in parts}
         if "int8" in forms and getattr(owner, "quantizable", False):
             owner.quantizable = "int8"  # stored at 5-8 bits: int4 would lose them (Q4_K_M keeps such at Q6_K)
-        form = forms.pop() if len(forms) == 1 else "mixed"
-        if form == "mixed":  # merged siblings stored in different forms: each dequantized, then stacked
+        both = forms == {"int4", "int8"}
+        form = "int8" if both else forms.pop() if len(forms) == 1 else "mixed"
+        if both:  # siblings stored in int4 and int8 forms: stacked in the int8 one, without loss
+
+            def get(part: str | None, suffix: str, get=get, key=key) -> torch.Tensor:
+                f = stored_form(key(part), keys)
+                return int8_form(f, {s: get(part, s)[:] for s in SUFFIXES[f]})[suffix]
+
+        if form == "mixed":  # merged siblings, some stored quantized and some not: each dequantized, then stacked
 
             def get(part: str | None, get=get, key=key) -> torch.Tensor:
                 f = stored_form(key(part), keys)

@@ -39,6 +39,7 @@
 #include <cstdint>
 #include <cstring>
 #include <string>
+#include <vector>
 
 #if defined(__x86_64__)
 #include <immintrin.h>
@@ -387,9 +388,35 @@ at::Tensor pack(const at::Tensor& levels, const at::Tensor& scale, const at::Ten
   return bits == 6 ? pack_form<true>(levels, scale, low) : pack_form<false>(levels, scale, low);
 }
 
-// x (M, K) @ W.T for W (n, K) in a packed layout -> (M, n) fp32.
-at::Tensor matmul(const at::Tensor& x_in, const at::Tensor& packed, int64_t n, const std::string& isa_name) {
+// The rounding `quantize_row` leaves in each row of x (M, K): x - q * d.
+at::Tensor residual(const at::Tensor& x) {
+  const int64_t rows = x.size(0), k = x.size(1), nb = k / BLOCK;
+  auto r = at::empty_like(x);
+  const float* xp = x.data_ptr<float>();
+  float* rp = r.data_ptr<float>();
+  at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
+    std::vector<int8_t> q(k);
+    std::vector<float> d(4 * nb);
+    for (int64_t row = r0; row < r1; ++row) {
+      quantize_row(xp + row * k, k, q.data(), d.data(), d.data() + nb, d.data() + 2 * nb);
+      for (int64_t i = 0; i < k; ++i) rp[row * k + i] = xp[row * k + i] - q[i] * d[i / BLOCK];
+    }
+  });
+  return r;
+}
+
+// x (M, K) @ W.T for W (n, K) in a packed layout -> (M, n) fp32. With `precise`, the rounding of the
+// activations to int8 is multiplied in a second pass (x = q * d + rest, rest rounded the same way): about
+// 15 bits of each activation, for the price of a second activation row per weight read.
+at::Tensor matmul(const at::Tensor& x_in, const at::Tensor& packed, int64_t n, const std::string& isa_name,
+                  bool precise) {
   TORCH_CHECK(x_in.dim() == 2, "x: (M, K)");
+  if (precise) {
+    const auto x = x_in.to(at::kFloat).contiguous();
+    TORCH_CHECK(x.size(1) % BLOCK == 0, "K must be a multiple of 32");
+    const auto both = matmul(at::cat({x, residual(x)}), packed, n, isa_name, false);
+    return both.narrow(0, 0, x.size(0)) + both.narrow(0, x.size(0), x.size(0));
+  }
   const bool six = packed.dim() == 3 && packed.size(2) == Layout<true>::bytes;
   TORCH_CHECK(packed.dim() == 3 && packed.scalar_type() == at::kByte && (six || packed.size(2) == Layout<false>::bytes),
               "packed: (tiles, blocks, 320 or 512) uint8");
@@ -441,5 +468,5 @@ at::Tensor matmul(const at::Tensor& x_in, const at::Tensor& packed, int64_t n, c
 TORCH_LIBRARY(nlg, m) {
   m.def("best_isa() -> str", &best_isa);
   m.def("pack(Tensor levels, Tensor scale, Tensor low, int bits) -> Tensor", &pack);
-  m.def("matmul(Tensor x, Tensor packed, int n, str isa) -> Tensor", &matmul);
+  m.def("matmul(Tensor x, Tensor packed, int n, str isa, bool precise=False) -> Tensor", &matmul);
 }

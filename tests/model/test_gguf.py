@@ -46,6 +46,16 @@ TYPES = {
         "ffn_up": T.Q8_0,
         "ffn_down": T.Q5_0,
     },
+    "mixed": {  # as Q4_K_M mixes them: q and k at 4 bits, v and down at 5-6
+        "token_embd": T.Q4_0,
+        "attn_q": T.Q4_0,
+        "attn_k": T.Q4_1,
+        "attn_v": T.Q5_1,
+        "attn_output": T.Q4_0,
+        "ffn_gate": T.Q4_1,
+        "ffn_up": T.Q4_0,
+        "ffn_down": T.Q5_0,
+    },
 }
 
 
@@ -251,6 +261,23 @@ def test_int4_keeps_the_weights_stored_at_more_bits(tmp_path):
     assert isinstance(layer.mlp.down_proj.kernel, Int6Linear if quant._native else Int8Linear)  # Q5_0
     exact = load_model(converted(tmp_path, "int4")[1], quantization="int4").model.layers[0]
     assert isinstance(exact.self_attn.qkv_proj.kernel, Int4Linear)
+
+
+def test_int4_and_5_bit_siblings_stack_without_loss(tmp_path):
+    """q and k stored at 4 bits and v at 5 stack into one int8 form (a scale and low per 16 columns): the
+    logits equal transformers' reading of the GGUF file to fp32 rounding, and on our kernel the merged
+    projection runs as it is stored (int6), within the activations' int8 rounding."""
+    from parallel import quant
+    from parallel.quant import Int6Linear
+
+    gguf, directory = converted(tmp_path, "mixed")
+    want, got = logits(gguf, directory)
+    assert_close(got, want, atol=1e-4, rtol=1e-4)
+    model = load_model(directory, quantization="int4")
+    if quant._native:
+        assert isinstance(model.model.layers[0].self_attn.qkv_proj.kernel, Int6Linear)
+    want, got = logits(gguf, directory, quantization="int4")
+    assert (got - want).abs().max() < 0.05 * (want.max() - want.min())
 
 
 @pytest.mark.parametrize("types", ["int4", "int8"])

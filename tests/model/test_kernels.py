@@ -29,14 +29,20 @@ def runnable(best: str) -> list[str]:
     return ORDER[: ORDER.index(best) + 1]
 
 
-def reference(x: torch.Tensor, levels: torch.Tensor, scale: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
-    """The kernels' arithmetic in float64: activations rounded to int8 per block of 32 (d = absmax / 127,
-    as llama.cpp's Q8_0), scales and lows rounded to fp16 (the packed layout's), weights exact."""
+def rounded(x: torch.Tensor) -> torch.Tensor:
+    """x rounded to int8 per block of 32 (d = absmax / 127, as llama.cpp's Q8_0), as the kernels round it."""
     m, k = x.shape
     blocks = x.reshape(m, k // GROUP, GROUP)
     amax = blocks.abs().amax(-1, keepdim=True)
     q = torch.round(blocks * torch.where(amax > 0, 127 / amax, 0))
-    xq = (q * (amax / 127)).reshape(m, k).double()
+    return (q * (amax / 127)).reshape(m, k)
+
+
+def reference(x: torch.Tensor, levels: torch.Tensor, scale: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
+    """The kernels' arithmetic in float64: activations as given (rounded by the caller), scales and lows
+    rounded to fp16 (the packed layout's), weights exact."""
+    m, k = x.shape
+    xq = x.double()
     s, lo = scale.half().double(), low.half().double()
     n = levels.shape[0]
     w = (levels.double().reshape(n, s.shape[1], -1) * s[..., None] + lo[..., None]).reshape(n, k)
@@ -58,16 +64,20 @@ def test_kernel_equals_the_reference_on_every_instruction_set(best, bits, rows, 
     """Guards the packed layouts (nibbles, int6's 2-bit plane, its two scale groups per block), the tile
     edges (output rows off a multiple of 16: masked stores), the row passes (1-8 activation rows per
     weight read, and the 64-row chunks) and each ISA's own code path: all give the product of the
-    int8-rounded activations with the dequantized weight."""
+    int8-rounded activations with the dequantized weight, and with `precise` that of the activations
+    as they are."""
     g = torch.Generator().manual_seed(rows * 1000 + n + k + bits)
     levels, scale, low = weights(bits, n, k, g)
     x = torch.randn(rows, k, generator=g) * torch.rand(rows, 1, generator=g) * 10
     x[0, :GROUP] = 0  # a block of zeros: scale 0, no division by it
     packed = torch.ops.nlg.pack(levels, scale, low, bits)
-    want = reference(x, levels, scale, low)
+    want = reference(rounded(x), levels, scale, low)
+    exact = reference(x, levels, scale, low)
     for isa in runnable(best):
         got = torch.ops.nlg.matmul(x, packed, n, isa)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item(), msg=isa)
+        precise = torch.ops.nlg.matmul(x, packed, n, isa, True)  # the rounding multiplied in a second pass
+        torch.testing.assert_close(precise, exact, rtol=1e-4, atol=1e-4 * exact.abs().max().item(), msg=isa)
 
 
 def test_packing_refuses_what_the_layout_cannot_hold(best):
