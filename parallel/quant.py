@@ -187,7 +187,7 @@ class Int6Linear(nn.Module):
         low = low + least * scale
         if not _fits_fp16(scale, low):
             return None
-        return (levels.to(torch.int16) - least).to(torch.uint8), scale, low
+        return levels.sub(least).view(torch.uint8), scale, low  # int8 wraps: the difference is 0..63 mod 256
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])

@@ -1,10 +1,11 @@
 """Our native CPU kernels (`matmul.cpp`), compiled once per machine and cached, registered as `torch.ops.nlg`.
 
-`load()` builds them with torch's C++ extension API (g++ and ninja; the ninja wheel is a dependency)
-into the model cache (`model.registry.cache_dir() / "kernels"`, keyed by torch's version and the
-sources' hash, so a changed source rebuilds), loads them into this process and routes the quantized
-layers made after it to them (`parallel.quant.use_native`). Where no compiler is found or the build fails, one line on
-stderr says so and torch's own kernels run (slower). `NLG_KERNELS=off` skips the build.
+`load()` builds them with torch's C++ extension API (a C++ compiler and ninja; the ninja wheel is a
+dependency) into the model cache (`model.registry.cache_dir() / "kernels"`, keyed by torch's version and
+the hash of the sources and flags, so a change rebuilds; a library already built there loads without a compiler,
+as in the CPU image), loads them into this process and routes the quantized layers made after it to them
+(`parallel.quant.use_native`). Where no compiler is found or the build fails, one line on stderr says so
+and torch's own kernels run (slower). `NLG_KERNELS=off` skips them.
 """
 
 from __future__ import annotations
@@ -21,12 +22,17 @@ import torch
 from parallel.quant import use_native
 
 SOURCES = [Path(__file__).with_name("matmul.cpp")]
+# -fopenmp: at::parallel_for splits work over threads only so; the library then needs libgomp.so.1, which
+# resolves to the copy torch has loaded already (one thread pool, sized by torch.set_num_threads)
+CFLAGS = ["-O3", "-std=c++17", "-fopenmp"]
+LDFLAGS = ["-fopenmp"]
 
 
 def _build_dir() -> Path:
     from model.registry import cache_dir
 
-    digest = hashlib.sha256(b"".join(p.read_bytes() for p in SOURCES)).hexdigest()[:16]
+    digest = hashlib.sha256(b"".join(p.read_bytes() for p in SOURCES) + " ".join(CFLAGS + LDFLAGS).encode())
+    digest = digest.hexdigest()[:16]
     return cache_dir() / "kernels" / f"torch{torch.__version__.replace('+', '-')}-{digest}"
 
 
@@ -36,6 +42,18 @@ def load() -> str | None:
     lower one than the CPU's best, for tests and benches), or None when they are absent."""
     if os.environ.get("NLG_KERNELS") == "off":
         return None
+    build = _build_dir()
+    library = build / "nlg_kernels.so"
+    if library.exists() and not (build / "lock").exists():  # built, and no build under way (torch's lock file)
+        torch.ops.load_library(str(library))
+    elif not _build(build):
+        return None
+    isa = os.environ.get("NLG_ISA") or torch.ops.nlg.best_isa()
+    use_native(isa)
+    return isa
+
+
+def _build(build: Path) -> bool:
     try:
         import ninja
 
@@ -45,23 +63,24 @@ def load() -> str | None:
     compiler = os.environ.get("CXX", "c++")
     if shutil.which(compiler) is None or shutil.which("ninja") is None:
         print(f"no C++ compiler ({compiler}) or ninja: int4 matmuls run torch's kernel, 2-3x slower", file=sys.stderr)
-        return None
+        return False
     from torch.utils import cpp_extension
 
-    build = _build_dir()
     build.mkdir(parents=True, exist_ok=True)
     try:
         cpp_extension.load(
             name="nlg_kernels",
             sources=[str(p) for p in SOURCES],
-            extra_cflags=["-O3", "-std=c++17"],
+            extra_cflags=CFLAGS,
+            extra_ldflags=LDFLAGS,
             build_directory=str(build),
             is_python_module=False,
             verbose=False,
         )
     except Exception as e:  # a failed build leaves torch's kernels, said once
         print(f"our kernels did not build ({type(e).__name__}: {str(e)[-300:]}); torch's run, slower", file=sys.stderr)
-        return None
-    isa = os.environ.get("NLG_ISA") or torch.ops.nlg.best_isa()  # NLG_ISA: a lower one, for tests and benches
-    use_native(isa)
-    return isa
+        return False
+    for old in build.parent.glob("torch*"):  # builds of earlier sources
+        if old != build:
+            shutil.rmtree(old, ignore_errors=True)
+    return True

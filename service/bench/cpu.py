@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from model.registry import GGUF_MODELS, fetch_gguf
+from parallel import quant
 from parallel.quant import weight_bytes
 from service.engine.generator import TextGenerator
 from service.engine.runner import PROMPT_LOOKUP
@@ -57,8 +58,12 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
+PREFILL = 512  # prompt tokens of the prefill measurement (fewer where the context is shorter)
+
+
 def ours(gen: TextGenerator, prompts: list[list[int]], tokens: int) -> dict:
-    """Our decode step (prompt lookup off), then single-stream again with prompt-lookup speculation."""
+    """Our decode step (prompt lookup off), a PREFILL-token prompt's prefill, then single-stream again with
+    prompt-lookup speculation."""
     params, engine = SamplingParams(max_tokens=tokens, ignore_eos=True), gen.engine
     lookup, engine.prompt_lookup = engine.prompt_lookup, 0
     engine.generate([prompts[0]], [params])  # warm-up
@@ -70,6 +75,11 @@ def ours(gen: TextGenerator, prompts: list[list[int]], tokens: int) -> dict:
     start = time.perf_counter()
     engine.generate(prompts, [params] * len(prompts))
     batch_s = time.perf_counter() - start
+    size = min(PREFILL, engine.context - 1)
+    long = (prompts[3][2:] + sum(prompts, []) * PREFILL)[:size]  # a prefix no earlier prompt cached
+    start = time.perf_counter()
+    engine.generate([long], [SamplingParams(max_tokens=1)])
+    prefill_s = time.perf_counter() - start
     engine.prompt_lookup = lookup or PROMPT_LOOKUP
     stamps: list[float] = []
     spec = engine.generate([prompts[0]], [params], on_token=lambda i, t: stamps.append(time.perf_counter()) and False)
@@ -78,6 +88,8 @@ def ours(gen: TextGenerator, prompts: list[list[int]], tokens: int) -> dict:
         "ttft_s": ttft,
         "single_stream_tok_s": (tokens - 1) / (end - first[0]),
         "batch8_tok_s": len(prompts) * tokens / batch_s,
+        "prefill_tokens": size,
+        "prefill_tok_s": size / prefill_s,
         "lookup_single_stream_tok_s": (tokens - 1) / (stamps[-1] - stamps[0]),
         "lookup_tokens_match": spec[0].token_ids == out[0].token_ids,
         "tokens": out[0].token_ids,
@@ -128,6 +140,7 @@ def run(
         "model": model,
         "quantization": quantization,
         "threads": torch.get_num_threads(),
+        "kernels": quant._native or "torch",
         "load_s": gen.load_s,
         "peak_rss_mb": rss,
         "weights_mb": wbytes / 1e6,
@@ -182,11 +195,13 @@ def _peers(model: str, directory, quantization: str, prompts: list[list[int]], t
 def print_report(r: dict) -> str:
     lines = [
         f"model {r['model']}, {r['quantization']}  ({r['weights_mb']:.0f} MB of weights, {r['threads']} threads, "
-        f"{r['tokens_per_sequence']} tokens per sequence)",
+        f"{r['tokens_per_sequence']} tokens per sequence; quantized matmuls: "
+        + (f"our kernels, {r['kernels']})" if r["kernels"] != "torch" else "torch's kernels)"),
         f"memory read bandwidth {r['bandwidth_gbs']:.1f} GB/s -> floor {r['floor_tok_s']:.1f} tok/s single-stream",
         f"load {r['load_s']:.2f} s, peak RSS {r['peak_rss_mb']:.0f} MB, time to first token {r['ttft_s'] * 1e3:.0f} ms",
         f"single-stream {r['single_stream_tok_s']:.1f} tok/s ({100 * r['floor_fraction']:.0f}% of floor)",
         f"batch-8       {r['batch8_tok_s']:.1f} tok/s",
+        f"prefill of {r['prefill_tokens']} tokens {r['prefill_tok_s']:.1f} tok/s",
         f"single-stream with prompt lookup {r['lookup_single_stream_tok_s']:.1f} tok/s (these prompts copy little: "
         f"the SQuAD and CNN/DM figures are in the README), greedy tokens "
         f"{'match' if r['lookup_tokens_match'] else 'DIFFER'}",
@@ -195,7 +210,8 @@ def print_report(r: dict) -> str:
         lines.append(
             f"unquantized, same run: single-stream {r['baseline_single_stream_tok_s']:.1f} tok/s "
             f"(x{r['single_stream_x_baseline']:.2f}), batch-8 {r['baseline_batch8_tok_s']:.1f} tok/s "
-            f"(x{r['batch8_x_baseline']:.2f}), greedy tokens {'match' if r['baseline_tokens_match'] else 'differ'}"
+            f"(x{r['batch8_x_baseline']:.2f}), prefill {r['baseline_prefill_tok_s']:.1f} tok/s, "
+            f"greedy tokens {'match' if r['baseline_tokens_match'] else 'differ'}"
         )
     for name, label in PEER_LABELS.items():
         if f"{name}_single_stream_tok_s" in r:

@@ -21,14 +21,16 @@ FIELDS = {
     "peak_rss_mb",
     "bandwidth_gbs",
     "floor_fraction",
+    "prefill_tok_s",
 }
 
 
 def test_bench_json_report(capsys):
-    """`nlg bench --json` reports every field, positive, and its greedy tokens match the reference path."""
+    """`nlg bench --json` reports every field, positive, and which kernels ran, and its greedy tokens match
+    the reference path."""
     assert main(["bench", "--model", "tiny-random", "--tokens", "8", "--json", "--no-peers"]) == 0
     report = json.loads(capsys.readouterr().out)
-    assert FIELDS <= set(report)
+    assert FIELDS <= set(report) and report["kernels"] in ("torch", "portable", "avx2", "avx512vnni")
     assert report["greedy_tokens_match"] is True
     assert all(report[k] > 0 for k in FIELDS)
 
