@@ -349,10 +349,17 @@ at::Tensor pack_form(const at::Tensor& levels, const at::Tensor& scale, const at
         for (int64_t o = 0; o < TILE && t * TILE + o < n; ++o) {
           const int64_t row = t * TILE + o;
           const uint8_t* lb = lp + row * k + b * BLOCK;
-          for (int c = 0; c < BLOCK; ++c) {
-            const int half = c / 16, j = (c % 16) / 4, p = c % 4;
-            wb[64 * j + 4 * o + p] |= static_cast<uint8_t>((lb[c] & 0x0F) << (4 * half));
-            if (SIX) wb[L::high + 64 * half + 4 * o + p] |= static_cast<uint8_t>((lb[c] >> 4) << (2 * j));
+          for (int j = 0; j < 4; ++j) {
+            for (int p = 0; p < 4; ++p) {
+              wb[64 * j + 4 * o + p] = static_cast<uint8_t>((lb[4 * j + p] & 0x0F) | (lb[16 + 4 * j + p] << 4));
+            }
+          }
+          for (int half = 0; half < (SIX ? 2 : 0); ++half) {
+            const uint8_t* lh = lb + 16 * half;
+            for (int p = 0; p < 4; ++p) {
+              wb[L::high + 64 * half + 4 * o + p] = static_cast<uint8_t>(
+                  (lh[p] >> 4) | ((lh[4 + p] >> 4) << 2) | ((lh[8 + p] >> 4) << 4) | ((lh[12 + p] >> 4) << 6));
+            }
           }
           for (int g = 0; g < L::groups; ++g) {
             const int64_t at = row * (k / per) + b * L::groups + g;
