@@ -48,7 +48,7 @@ def load() -> str | None:
         torch.ops.load_library(str(library))
     elif not _build(build):
         return None
-    isa = os.environ.get("NLG_ISA") or torch.ops.nlg.best_isa()
+    isa = os.environ.get("NLG_ISA") or torch.ops.nlg.isas()[-1]
     use_native(isa)
     return isa
 

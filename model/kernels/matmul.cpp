@@ -28,7 +28,8 @@
 // chunks of ROW_CHUNK so a chunk's int8 rows stay in cache while a thread walks its tiles.
 //
 // The instruction set is picked at run time (GCC's target attributes, `__builtin_cpu_supports`):
-// AVX-512 VNNI, else AVX2 + FMA + F16C, else portable C++ (what an ARM laptop gets, autovectorized).
+// AVX-512 VNNI, else AVX-VNNI (256-bit), else AVX2 + FMA + F16C, else portable C++ (what an ARM laptop
+// gets, autovectorized).
 
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -63,6 +64,7 @@ struct Layout {
 };
 
 #define AVX2 __attribute__((target("avx2,fma,f16c")))
+#define AVXVNNI __attribute__((target("avx2,fma,f16c,avxvnni")))
 #define VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")))
 
 // One row of quantized activations: q (K int8); per block d; d * sum(q) per block (`dsum`) and per
@@ -217,6 +219,85 @@ AVX2 void tile_avx2(const uint8_t* w, int64_t nb, const Quantized* a, float* y, 
   }
 }
 
+AVXVNNI inline __m256i bcast4_vnni(const int8_t* p) {
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  return _mm256_set1_epi32(v);
+}
+
+template <int F>
+AVXVNNI inline __m256i top_bits_vnni(__m256i plane, __m256i mask) {
+  if (F == 0) return _mm256_and_si256(_mm256_slli_epi16(plane, 4), mask);
+  if (F == 1) return _mm256_and_si256(_mm256_slli_epi16(plane, 2), mask);
+  if (F == 2) return _mm256_and_si256(plane, mask);
+  return _mm256_and_si256(_mm256_srli_epi16(plane, 2), mask);
+}
+
+AVXVNNI inline __m256 half8_vnni(const uint8_t* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+
+// AVX-VNNI (256-bit `dpbusd` without AVX-512: Intel's laptop cores since Alder Lake): AVX2's two 8-row
+// halves, each four levels x four activations per instruction as with AVX-512 VNNI.
+template <bool SIX, int R>
+AVXVNNI void tile_avxvnni(const uint8_t* w, int64_t nb, const Quantized* a, float* y, int64_t ystride, int valid) {
+  using L = Layout<SIX>;
+  const __m256i mask = _mm256_set1_epi8(0x0F), top = _mm256_set1_epi8(0x30);
+  __m256 acc[R][2];
+  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b) {
+    const uint8_t* wb = w + b * L::bytes;
+    for (int64_t line = 0; line < L::bytes; line += 64) {
+      _mm_prefetch(reinterpret_cast<const char*>(wb + PREFETCH + line), _MM_HINT_T0);
+    }
+    for (int h = 0; h < 2; ++h) {
+      __m256i v[8];
+      for (int j = 0; j < 4; ++j) {
+        const __m256i c = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + 64 * j + 32 * h));
+        v[j] = _mm256_and_si256(c, mask);
+        v[4 + j] = _mm256_and_si256(_mm256_srli_epi16(c, 4), mask);
+      }
+      if (SIX) {
+        for (int c = 0; c < 2; ++c) {
+          const __m256i p = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + L::high + 64 * c + 32 * h));
+          v[4 * c] = _mm256_or_si256(v[4 * c], top_bits_vnni<0>(p, top));
+          v[4 * c + 1] = _mm256_or_si256(v[4 * c + 1], top_bits_vnni<1>(p, top));
+          v[4 * c + 2] = _mm256_or_si256(v[4 * c + 2], top_bits_vnni<2>(p, top));
+          v[4 * c + 3] = _mm256_or_si256(v[4 * c + 3], top_bits_vnni<3>(p, top));
+        }
+      }
+      const __m256 s0 = half8_vnni(wb + L::scales + 16 * h), m0 = half8_vnni(wb + L::scales + 32 * L::groups + 16 * h);
+      const __m256 s1 = SIX ? half8_vnni(wb + L::scales + 32 + 16 * h) : s0;
+      const __m256 m1 = SIX ? half8_vnni(wb + L::scales + 96 + 16 * h) : m0;
+      for (int r = 0; r < R; ++r) {
+        const int8_t* qb = a[r].q + b * BLOCK;
+        __m256i i0 = _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), v[0], bcast4_vnni(qb));
+        __m256i i1 = _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), v[4], bcast4_vnni(qb + 16));
+        for (int j = 1; j < 4; ++j) {
+          i0 = _mm256_dpbusd_avx_epi32(i0, v[j], bcast4_vnni(qb + 4 * j));
+          i1 = _mm256_dpbusd_avx_epi32(i1, v[4 + j], bcast4_vnni(qb + 16 + 4 * j));
+        }
+        const __m256 d = _mm256_set1_ps(a[r].d[b]);
+        if (SIX) {
+          acc[r][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i0), _mm256_mul_ps(s0, d), acc[r][h]);
+          acc[r][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i1), _mm256_mul_ps(s1, d), acc[r][h]);
+          acc[r][h] = _mm256_fmadd_ps(m0, _mm256_set1_ps(a[r].dhalf[2 * b]), acc[r][h]);
+          acc[r][h] = _mm256_fmadd_ps(m1, _mm256_set1_ps(a[r].dhalf[2 * b + 1]), acc[r][h]);
+        } else {
+          acc[r][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(i0, i1)), _mm256_mul_ps(s0, d), acc[r][h]);
+          acc[r][h] = _mm256_fmadd_ps(m0, _mm256_set1_ps(a[r].dsum[b]), acc[r][h]);
+        }
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    alignas(32) float out[TILE];
+    _mm256_store_ps(out, acc[r][0]);
+    _mm256_store_ps(out + 8, acc[r][1]);
+    std::memcpy(y + r * ystride, out, valid * sizeof(float));
+  }
+}
+
 VNNI inline __m512i bcast4_512(const int8_t* p) {
   int32_t v;
   std::memcpy(&v, p, 4);
@@ -289,12 +370,13 @@ VNNI void tile_vnni(const uint8_t* w, int64_t nb, const Quantized* a, float* y, 
 
 #endif
 
-enum class Isa { portable, avx2, avx512vnni };
+enum class Isa { portable, avx2, avxvnni, avx512vnni };
 
 Isa parse(const std::string& isa) {
   if (isa == "avx512vnni") return Isa::avx512vnni;
+  if (isa == "avxvnni") return Isa::avxvnni;
   if (isa == "avx2") return Isa::avx2;
-  TORCH_CHECK(isa == "portable", "isa: avx512vnni, avx2 or portable, not ", isa);
+  TORCH_CHECK(isa == "portable", "isa: avx512vnni, avxvnni, avx2 or portable, not ", isa);
   return Isa::portable;
 }
 
@@ -302,6 +384,7 @@ template <bool SIX, int R>
 void tile_rows(Isa isa, const uint8_t* w, int64_t nb, const Quantized* a, float* y, int64_t ystride, int valid) {
 #if defined(__x86_64__)
   if (isa == Isa::avx512vnni) return tile_vnni<SIX, R>(w, nb, a, y, ystride, valid);
+  if (isa == Isa::avxvnni) return tile_avxvnni<SIX, R>(w, nb, a, y, ystride, valid);
   if (isa == Isa::avx2) return tile_avx2<SIX, R>(w, nb, a, y, ystride, valid);
 #endif
   tile_portable<SIX>(w, nb, a, R, y, ystride, valid);
@@ -375,17 +458,21 @@ at::Tensor pack_form(const at::Tensor& levels, const at::Tensor& scale, const at
 
 }  // namespace
 
-// The best instruction set this CPU runs: "avx512vnni", "avx2" or "portable".
-std::string best_isa() {
+// The instruction sets this CPU runs, from the least: "portable", then "avx2", "avxvnni", "avx512vnni".
+std::vector<std::string> isas() {
+  std::vector<std::string> out = {"portable"};
 #if defined(__x86_64__)
   __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512bw") &&
-      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("f16c")) {
-    return "avx512vnni";
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c")) {
+    out.push_back("avx2");
+    if (__builtin_cpu_supports("avxvnni")) out.push_back("avxvnni");
+    if (__builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512bw") &&
+        __builtin_cpu_supports("avx512vl")) {
+      out.push_back("avx512vnni");
+    }
   }
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c")) return "avx2";
 #endif
-  return "portable";
+  return out;
 }
 
 // bits 4: levels (N, K) uint8 0..15, scale and low (N, K / 32); bits 6: levels 0..63, scale and low
@@ -473,7 +560,7 @@ at::Tensor matmul(const at::Tensor& x_in, const at::Tensor& packed, int64_t n, c
 }
 
 TORCH_LIBRARY(nlg, m) {
-  m.def("best_isa() -> str", &best_isa);
+  m.def("isas() -> str[]", &isas);
   m.def("pack(Tensor levels, Tensor scale, Tensor low, int bits) -> Tensor", &pack);
   m.def("matmul(Tensor x, Tensor packed, int n, str isa, bool precise=False) -> Tensor", &matmul);
 }
