@@ -121,16 +121,21 @@ class Int8Linear(nn.Module):
 
 
 class Int4Linear(nn.Module):
-    """x @ (levels * scale + low).T, `GROUP` input columns per scale."""
+    """x @ (levels * scale + low).T, `GROUP` input columns per scale; `levels` one per byte (out, in), or
+    with `two_per_byte` as stored (out, in / 2; `unpack`), which our kernel packs without unpacking."""
 
-    def __init__(self, levels: torch.Tensor, scale: torch.Tensor, low: torch.Tensor):
+    def __init__(self, levels: torch.Tensor, scale: torch.Tensor, low: torch.Tensor, two_per_byte: bool = False):
         super().__init__()
-        self.out_features, self.group = levels.shape[0], levels.shape[1] // scale.shape[1]
+        self.out_features = levels.shape[0]
+        self.group = levels.shape[1] * (2 if two_per_byte else 1) // scale.shape[1]
         cpu = levels.device.type == "cpu"
         if cpu and _native and self.group == GROUP and _fits_fp16(scale, low):
             self.isa, self.precise = _native, False
             self.register_buffer("tiles", torch.ops.nlg.pack(levels, scale, low, 4))
-        elif cpu:
+            self.nbytes = self.tiles.numel()
+            return
+        levels = unpack(levels) if two_per_byte else levels
+        if cpu:
             # the kernel's form: w = (level - 8) * scale + zero, scales and zeros as (groups, out, 2)
             packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(levels.to(torch.int32), 1)
             zero = low + 8 * scale
@@ -256,7 +261,7 @@ def from_stored(form: str, t: dict[str, torch.Tensor], mode: str) -> nn.Module:
     for mode int4, or any mode on our kernel; 5-6 bit int8 forms as int6 on our kernel), else re-quantized."""
     int4_groups = form == "int4" and t["_scale"].shape[1] * GROUP == t["_int4"].shape[1] * 2
     if int4_groups and (mode == "int4" or _native):
-        return Int4Linear(unpack(t["_int4"]), t["_scale"], t["_low"])
+        return Int4Linear(t["_int4"], t["_scale"], t["_low"], two_per_byte=True)
     six = Int6Linear.fits(t["_int8"], t["_scale"], t["_low"]) if form == "int8" else None
     if six is not None:
         return Int6Linear(*six)

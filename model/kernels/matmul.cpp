@@ -410,12 +410,15 @@ at::Tensor pack_form(const at::Tensor& levels, const at::Tensor& scale, const at
   using L = Layout<SIX>;
   const int64_t per = SIX ? 16 : 32, top = SIX ? 63 : 15;
   TORCH_CHECK(levels.dim() == 2 && levels.scalar_type() == at::kByte, "levels: (N, K) uint8");
-  const int64_t n = levels.size(0), k = levels.size(1), nb = k / BLOCK, tiles = (n + TILE - 1) / TILE;
+  // int4 levels may come two per byte (the stored form: column 2i in the low nibble, 2i + 1 the high one)
+  const bool nibbles = !SIX && scale.dim() == 2 && levels.size(1) * 2 == scale.size(1) * per;
+  const int64_t n = levels.size(0), k = levels.size(1) * (nibbles ? 2 : 1), nb = k / BLOCK;
+  const int64_t tiles = (n + TILE - 1) / TILE;
   TORCH_CHECK(k % BLOCK == 0, "K must be a multiple of 32, not ", k);
   TORCH_CHECK(scale.sizes() == low.sizes() && scale.size(0) == n && scale.size(1) == k / per,
               "scale, low: (N, K / ", per, ")");
   const auto l = levels.contiguous();
-  TORCH_CHECK(l.max().item<int64_t>() <= top, "levels above ", top);
+  TORCH_CHECK(nibbles || l.max().item<int64_t>() <= top, "levels above ", top);
   const auto s = scale.to(at::kFloat).contiguous(), m = low.to(at::kFloat).contiguous();
   TORCH_CHECK(s.abs().max().item<float>() < 65504.f && m.abs().max().item<float>() < 65504.f,
               "scales and lows must fit fp16");
@@ -431,7 +434,16 @@ at::Tensor pack_form(const at::Tensor& levels, const at::Tensor& scale, const at
         uint16_t* sm = reinterpret_cast<uint16_t*>(wb + L::scales);
         for (int64_t o = 0; o < TILE && t * TILE + o < n; ++o) {
           const int64_t row = t * TILE + o;
-          const uint8_t* lb = lp + row * k + b * BLOCK;
+          uint8_t lb[BLOCK];  // this row's levels of the block, one per byte
+          const uint8_t* src = lp + (row * k + b * BLOCK) / (nibbles ? 2 : 1);
+          if (nibbles) {
+            for (int c = 0; c < BLOCK / 2; ++c) {
+              lb[2 * c] = src[c] & 0x0F;
+              lb[2 * c + 1] = src[c] >> 4;
+            }
+          } else {
+            std::memcpy(lb, src, BLOCK);
+          }
           for (int j = 0; j < 4; ++j) {
             for (int p = 0; p < 4; ++p) {
               wb[64 * j + 4 * o + p] = static_cast<uint8_t>((lb[4 * j + p] & 0x0F) | (lb[16 + 4 * j + p] << 4));
@@ -475,8 +487,9 @@ std::vector<std::string> isas() {
   return out;
 }
 
-// bits 4: levels (N, K) uint8 0..15, scale and low (N, K / 32); bits 6: levels 0..63, scale and low
-// (N, K / 16); fp32 -> the packed layout, (ceil(N / 16), K / 32, 320 or 512) bytes.
+// bits 4: levels (N, K) uint8 0..15, or (N, K / 2) two per byte (the stored form), scale and low
+// (N, K / 32); bits 6: levels 0..63, scale and low (N, K / 16); fp32 -> the packed layout,
+// (ceil(N / 16), K / 32, 320 or 512) bytes.
 at::Tensor pack(const at::Tensor& levels, const at::Tensor& scale, const at::Tensor& low, int64_t bits) {
   TORCH_CHECK(bits == 4 || bits == 6, "bits: 4 or 6");
   return bits == 6 ? pack_form<true>(levels, scale, low) : pack_form<false>(levels, scale, low);

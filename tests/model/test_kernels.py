@@ -55,7 +55,8 @@ def weights(bits: int, n: int, k: int, g: torch.Generator) -> tuple[torch.Tensor
 @pytest.mark.parametrize("rows", [1, 2, 3, 5, 8, 9, 17, 64, 70])
 @pytest.mark.parametrize("n,k", [(1, 32), (15, 64), (16, 96), (17, 32), (40, 320)])
 def test_kernel_equals_the_reference_on_every_instruction_set(best, bits, rows, n, k):
-    """Guards the packed layouts (nibbles, int6's 2-bit plane, its two scale groups per block), the tile
+    """Guards the packed layouts (nibbles, from levels one or two per byte; int6's 2-bit plane, its two scale
+    groups per block), the tile
     edges (output rows off a multiple of 16: masked stores), the row passes (1-8 activation rows per
     weight read, and the 64-row chunks) and each ISA's own code path: all give the product of the
     int8-rounded activations with the dequantized weight, and with `precise` that of the activations
@@ -65,6 +66,8 @@ def test_kernel_equals_the_reference_on_every_instruction_set(best, bits, rows, 
     x = torch.randn(rows, k, generator=g) * torch.rand(rows, 1, generator=g) * 10
     x[0, :GROUP] = 0  # a block of zeros: scale 0, no division by it
     packed = torch.ops.nlg.pack(levels, scale, low, bits)
+    if bits == 4:  # the stored form, two levels per byte, packs to the same tiles
+        assert torch.equal(torch.ops.nlg.pack(levels[:, 0::2] | (levels[:, 1::2] << 4), scale, low, 4), packed)
     want = reference(rounded(x), levels, scale, low)
     exact = reference(x, levels, scale, low)
     for isa in torch.ops.nlg.isas():  # every instruction set this CPU runs
