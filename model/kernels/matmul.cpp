@@ -219,26 +219,9 @@ AVX2 void tile_avx2(const uint8_t* w, int64_t nb, const Quantized* a, float* y, 
   }
 }
 
-AVXVNNI inline __m256i bcast4_vnni(const int8_t* p) {
-  int32_t v;
-  std::memcpy(&v, p, 4);
-  return _mm256_set1_epi32(v);
-}
-
-template <int F>
-AVXVNNI inline __m256i top_bits_vnni(__m256i plane, __m256i mask) {
-  if (F == 0) return _mm256_and_si256(_mm256_slli_epi16(plane, 4), mask);
-  if (F == 1) return _mm256_and_si256(_mm256_slli_epi16(plane, 2), mask);
-  if (F == 2) return _mm256_and_si256(plane, mask);
-  return _mm256_and_si256(_mm256_srli_epi16(plane, 2), mask);
-}
-
-AVXVNNI inline __m256 half8_vnni(const uint8_t* p) {
-  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-}
-
 // AVX-VNNI (256-bit `dpbusd` without AVX-512: Intel's laptop cores since Alder Lake): AVX2's two 8-row
-// halves, each four levels x four activations per instruction as with AVX-512 VNNI.
+// halves (and its helpers: their instruction set is a subset of this one, so they inline), each
+// instruction four levels x four activations as with AVX-512 VNNI.
 template <bool SIX, int R>
 AVXVNNI void tile_avxvnni(const uint8_t* w, int64_t nb, const Quantized* a, float* y, int64_t ystride, int valid) {
   using L = Layout<SIX>;
@@ -260,22 +243,22 @@ AVXVNNI void tile_avxvnni(const uint8_t* w, int64_t nb, const Quantized* a, floa
       if (SIX) {
         for (int c = 0; c < 2; ++c) {
           const __m256i p = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + L::high + 64 * c + 32 * h));
-          v[4 * c] = _mm256_or_si256(v[4 * c], top_bits_vnni<0>(p, top));
-          v[4 * c + 1] = _mm256_or_si256(v[4 * c + 1], top_bits_vnni<1>(p, top));
-          v[4 * c + 2] = _mm256_or_si256(v[4 * c + 2], top_bits_vnni<2>(p, top));
-          v[4 * c + 3] = _mm256_or_si256(v[4 * c + 3], top_bits_vnni<3>(p, top));
+          v[4 * c] = _mm256_or_si256(v[4 * c], top_bits<0>(p, top));
+          v[4 * c + 1] = _mm256_or_si256(v[4 * c + 1], top_bits<1>(p, top));
+          v[4 * c + 2] = _mm256_or_si256(v[4 * c + 2], top_bits<2>(p, top));
+          v[4 * c + 3] = _mm256_or_si256(v[4 * c + 3], top_bits<3>(p, top));
         }
       }
-      const __m256 s0 = half8_vnni(wb + L::scales + 16 * h), m0 = half8_vnni(wb + L::scales + 32 * L::groups + 16 * h);
-      const __m256 s1 = SIX ? half8_vnni(wb + L::scales + 32 + 16 * h) : s0;
-      const __m256 m1 = SIX ? half8_vnni(wb + L::scales + 96 + 16 * h) : m0;
+      const __m256 s0 = half8(wb + L::scales + 16 * h), m0 = half8(wb + L::scales + 32 * L::groups + 16 * h);
+      const __m256 s1 = SIX ? half8(wb + L::scales + 32 + 16 * h) : s0;
+      const __m256 m1 = SIX ? half8(wb + L::scales + 96 + 16 * h) : m0;
       for (int r = 0; r < R; ++r) {
         const int8_t* qb = a[r].q + b * BLOCK;
-        __m256i i0 = _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), v[0], bcast4_vnni(qb));
-        __m256i i1 = _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), v[4], bcast4_vnni(qb + 16));
+        __m256i i0 = _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), v[0], bcast4(qb));
+        __m256i i1 = _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), v[4], bcast4(qb + 16));
         for (int j = 1; j < 4; ++j) {
-          i0 = _mm256_dpbusd_avx_epi32(i0, v[j], bcast4_vnni(qb + 4 * j));
-          i1 = _mm256_dpbusd_avx_epi32(i1, v[4 + j], bcast4_vnni(qb + 16 + 4 * j));
+          i0 = _mm256_dpbusd_avx_epi32(i0, v[j], bcast4(qb + 4 * j));
+          i1 = _mm256_dpbusd_avx_epi32(i1, v[4 + j], bcast4(qb + 16 + 4 * j));
         }
         const __m256 d = _mm256_set1_ps(a[r].d[b]);
         if (SIX) {
