@@ -13,8 +13,8 @@ the compute dtype, and so does the input embedding unless the checkpoint stores 
   work dominates; `aten._weight_int8pack_mm` and `aten._int_mm` were slower than fp32 everywhere
   (README, issue 15). torch marks its quantized tensor type deprecated; torch is pinned.
 - int4: groups of `GROUP` input columns share a scale and an offset (asymmetric, 16 levels). On CPU the
-  matmul is our own kernel (`model.kernels`: int8 activations, integer dot products, AVX-512 VNNI or AVX2
-  chosen at run time) once `use_native` has named its instruction set; without it (no C++ compiler),
+  matmul is our own kernel (`model.kernels`: int8 activations, integer dot products, AVX-512 VNNI,
+  AVX-VNNI or AVX2 chosen at run time) once `use_native` has named its instruction set; without it (no C++ compiler),
   `aten._weight_int4pack_mm_for_cpu` with bf16 activations, 2-3x slower.
 - int6 (our kernel only): weights stored at 5-6 bits (GGUF's Q6_K, Q5_0, Q5_1, Q5_K: `model.gguf_quant`'s
   int8 form) keep their levels, group scales and offsets as they are, 64 levels per group of 16; without
@@ -35,12 +35,12 @@ from parallel.state import get_tp
 
 GROUP = 32  # int4 group size: GGUF's 4-bit block (Q4_0, Q4_1, Q4_K sub-blocks), so those load as they are
 FP16_MAX = 65504.0  # our kernel keeps scales and lows in fp16
-_native: str | None = None  # instruction set of our int4 kernel (`torch.ops.nlg`), None until `use_native`
+_native: str | None = None  # instruction set of our kernels (`torch.ops.nlg`), None until `use_native`
 
 
 def use_native(isa: str | None) -> None:
-    """Route the int4 layers made from now on to our kernel (`model.kernels`, loaded as `torch.ops.nlg`) with
-    instruction set `isa`, or to torch's kernel (None)."""
+    """Route the int4 and int6 layers made from now on to our kernels (`model.kernels`, loaded as
+    `torch.ops.nlg`) with instruction set `isa`, or (None) int4 to torch's kernel and 5-6 bit forms to int8."""
     global _native
     _native = isa
 
