@@ -15,7 +15,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model import kernels
 from model.config import ModelConfig
 from model.kv_cache import Batch, KVCache, attend
 from parallel.layers import (
@@ -29,17 +28,12 @@ from parallel.state import get_tp
 
 
 class RMSNorm(nn.Module):
-    """On a CPU in fp32, one call of our kernel (`model.kernels`: 3 us against torch's 12 for a decode row,
-    twice a layer); elsewhere, and under torch.compile, torch's."""
-
     def __init__(self, dim: int, eps: float):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(dim), requires_grad=False)
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if kernels.runs(x):
-            return torch.ops.nlg.rms_norm(x, self.weight, self.eps)
         return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
 
 

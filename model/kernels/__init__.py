@@ -51,29 +51,14 @@ def load() -> str | None:
     isa = os.environ.get("NLG_ISA") or torch.ops.nlg.isas()[-1]
     _register_fakes()
     use_native(isa)
-    global _isa
-    _isa = isa
     return isa
 
 
-_isa: str | None = None  # set once `load` has succeeded
-
-
-def runs(x: torch.Tensor) -> bool:
-    """Whether our fused CPU ops (`rms_norm`) take `x`: loaded, fp32 on a CPU, and not being
-    traced by torch.compile (whose own fusions do better there). Never builds."""
-    cpu_fp32 = x.device.type == "cpu" and x.dtype == torch.float32
-    return _isa is not None and cpu_fp32 and not torch.compiler.is_compiling()
-
-
 def _register_fakes() -> None:
-    """Output shapes of the ops for torch.compile's tracing (the C++ registers CPU kernels only)."""
-    fakes = {
-        "nlg::matmul": lambda x, packed, n, isa, precise=False: x.new_empty(x.shape[0], n, dtype=torch.float32),
-        "nlg::rms_norm": lambda x, w, eps: torch.empty_like(x),
-    }
-    for name, fake in fakes.items():
-        torch.library.register_fake(name)(fake)
+    """The matmul's output shape for torch.compile's tracing (the C++ registers CPU kernels only)."""
+    torch.library.register_fake("nlg::matmul")(
+        lambda x, packed, n, isa, precise=False: x.new_empty(x.shape[0], n, dtype=torch.float32)
+    )
 
 
 def _build(build: Path) -> bool:

@@ -1,5 +1,5 @@
 // Quantized weights x int8 activations on a CPU: the matmuls of parallel.quant's int4 and int6 layers
-// (ops nlg::*); and model.llama's RMSNorm in one call (nlg::rms_norm, at the end).
+// (ops nlg::*).
 //
 // Two weight forms, both w = level * scale + low per group of columns:
 //   int4: levels 0..15, one scale and low per 32 columns (Q4_0, Q4_1 and Q4_K's sub-blocks, without loss);
@@ -555,45 +555,14 @@ at::Tensor matmul(const at::Tensor& x_in, const at::Tensor& packed, int64_t n, c
   return y;
 }
 
-// x * w / sqrt(mean(x^2) + eps) over the last dimension of fp32 x: one call where torch's CPU rms_norm
-// takes ~15 us in small ops for a decode row (measured: 60 of them a SmolLM2 step).
-at::Tensor rms_norm(const at::Tensor& x_in, const at::Tensor& w_in, double eps) {
-  TORCH_CHECK(x_in.scalar_type() == at::kFloat && w_in.scalar_type() == at::kFloat, "rms_norm: fp32");
-  const auto x = x_in.contiguous(), w = w_in.contiguous();
-  const int64_t h = x.size(-1), rows = x.numel() / h;
-  TORCH_CHECK(w.numel() == h, "rms_norm: weight of ", w.numel(), " for rows of ", h);
-  auto y = at::empty_like(x);
-  const float* xp = x.data_ptr<float>();
-  const float* wp = w.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
-  at::parallel_for(0, rows, 64, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      const float* xr = xp + r * h;
-      float lanes[16] = {};  // independent partial sums: the compiler vectorizes them
-      int64_t i = 0;
-      for (; i + 16 <= h; i += 16) {
-        for (int l = 0; l < 16; ++l) lanes[l] += xr[i + l] * xr[i + l];
-      }
-      float sum = 0.f;
-      for (; i < h; ++i) sum += xr[i] * xr[i];
-      for (int l = 0; l < 16; ++l) sum += lanes[l];
-      const float inv = 1.f / std::sqrt(sum / static_cast<float>(h) + static_cast<float>(eps));
-      for (int64_t j = 0; j < h; ++j) yp[r * h + j] = xr[j] * inv * wp[j];
-    }
-  });
-  return y;
-}
-
 TORCH_LIBRARY(nlg, m) {
   m.def("isas() -> str[]", &isas);
   m.def("pack(Tensor levels, Tensor scale, Tensor low, int bits) -> Tensor");
   m.def("matmul(Tensor x, Tensor packed, int n, str isa, bool precise=False) -> Tensor");
-  m.def("rms_norm(Tensor x, Tensor w, float eps) -> Tensor");
 }
 
 // CPU kernels only: shapes for tracing (torch.compile) come from `model.kernels` (register_fake).
 TORCH_LIBRARY_IMPL(nlg, CPU, m) {
   m.impl("pack", &pack);
   m.impl("matmul", &matmul);
-  m.impl("rms_norm", &rms_norm);
 }
