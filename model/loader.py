@@ -52,8 +52,8 @@ def load_model(
 ) -> nn.Module:
     """Load this rank's shard of the model in `directory` (at tensor-parallel size 1, all of it), its
     linear layers quantized after loading with `quantization` int8 or int4 (`parallel.quant`); weights
-    stored quantized are dequantized to `dtype` for "none". On a CPU, int4 layers run our kernels
-    (`model.kernels`, built on first use), and fp32 linear layers take oneDNN's
+    stored quantized are dequantized to `dtype` for "none". On a CPU, quantized layers run our kernels
+    where they can (`model.kernels`, built on first use), and fp32 linear layers take oneDNN's
     packed weights where that measures faster (`model.cpu_matmul`; the routes in `model.matmul_routes`)."""
     directory = Path(directory)
     cfg = read_config(directory)
@@ -63,7 +63,7 @@ def load_model(
         model = FAMILIES[cfg.arch](cfg)
     if quantization not in QUANTIZATIONS:
         raise ValueError(f"--quantize {quantization!r}: choose one of {', '.join(QUANTIZATIONS)}")
-    if torch.device(device).type == "cpu":
+    if torch.device(device).type == "cpu" and quantization != "none":  # "none" dequantizes every stored form
         load_kernels()
     sources = {model.get_submodule(key.rpartition(".")[0]) for key in model.tied_keys.values()}
 

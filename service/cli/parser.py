@@ -81,8 +81,8 @@ def parser() -> argparse.ArgumentParser:
         choices=list(QUANTIZATIONS),
         default="none",
         help="quantize the linear layers' weights after loading: int8 per row (a quarter of their fp32 bytes; "
-        "on CPU through FBGEMM, the fastest here), int4 in groups of 32 (an eighth; slower than int8 on AVX2 CPUs); "
-        "the LM head is int8 in both. See README",
+        "on CPU through FBGEMM), int4 in groups of 32 (an eighth; on CPU our own kernels, the fastest, built once "
+        "on first use; a GGUF's 5-6 bit tensors stay as stored); the LM head is int8 at most. See README",
     )
     common.add_argument(
         "--compile",
