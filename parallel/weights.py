@@ -97,10 +97,13 @@ def load_into(
         both = forms == {"int4", "int8"}
         form = "int8" if both else forms.pop() if len(forms) == 1 else "mixed"
         if both:  # siblings stored in int4 and int8 forms: stacked in the int8 one, without loss
+            as_int8: dict[str | None, dict[str, torch.Tensor]] = {}  # each part read and converted once
 
-            def get(part: str | None, suffix: str, get=get, key=key) -> torch.Tensor:
-                f = stored_form(key(part), keys)
-                return int8_form(f, {s: get(part, s)[:] for s in SUFFIXES[f]})[suffix]
+            def get(part: str | None, suffix: str, get=get, key=key, as_int8=as_int8) -> torch.Tensor:
+                if part not in as_int8:
+                    f = stored_form(key(part), keys)
+                    as_int8[part] = int8_form(f, {s: get(part, s)[:] for s in SUFFIXES[f]})
+                return as_int8[part][suffix]
 
         if form == "mixed":  # merged siblings, some stored quantized and some not: each dequantized, then stacked
 

@@ -142,6 +142,14 @@ void tile_portable(const uint8_t* w, int64_t nb, const Quantized* a, int rows, f
 
 #if defined(__x86_64__)
 
+// Every cache line of the block PREFETCH bytes ahead of `wb` into L1.
+template <bool SIX>
+inline void prefetch_ahead(const uint8_t* wb) {
+  for (int64_t line = 0; line < Layout<SIX>::bytes; line += 64) {
+    _mm_prefetch(reinterpret_cast<const char*>(wb + PREFETCH + line), _MM_HINT_T0);
+  }
+}
+
 AVX2 inline __m256i bcast4(const int8_t* p) {
   int32_t v;
   std::memcpy(&v, p, 4);
@@ -163,32 +171,49 @@ AVX2 inline __m256i top_bits(__m256i plane, __m256i mask) {
 }
 
 // Rows 0-7 of a tile are bytes 0..31 of each 64-byte chunk, rows 8-15 bytes 32..63: two 8-lane halves.
+// The levels of half `h` of a tile's block: v[j] four per row for columns 4j..4j+3, v[4 + j] for 16+4j...
+template <bool SIX>
+AVX2 inline void half_levels(const uint8_t* wb, int h, __m256i v[8]) {
+  const __m256i mask = _mm256_set1_epi8(0x0F), top = _mm256_set1_epi8(0x30);
+  for (int j = 0; j < 4; ++j) {
+    const __m256i c = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + 64 * j + 32 * h));
+    v[j] = _mm256_and_si256(c, mask);
+    v[4 + j] = _mm256_and_si256(_mm256_srli_epi16(c, 4), mask);
+  }
+  if (SIX) {
+    for (int c = 0; c < 2; ++c) {
+      const __m256i p = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + Layout<SIX>::high + 64 * c + 32 * h));
+      v[4 * c] = _mm256_or_si256(v[4 * c], top_bits<0>(p, top));
+      v[4 * c + 1] = _mm256_or_si256(v[4 * c + 1], top_bits<1>(p, top));
+      v[4 * c + 2] = _mm256_or_si256(v[4 * c + 2], top_bits<2>(p, top));
+      v[4 * c + 3] = _mm256_or_si256(v[4 * c + 3], top_bits<3>(p, top));
+    }
+  }
+}
+
+// The `valid` outputs of R rows, each accumulated in two 8-lane halves.
+template <int R>
+AVX2 inline void store_halves(const __m256 (&acc)[R][2], float* y, int64_t ystride, int valid) {
+  for (int r = 0; r < R; ++r) {
+    alignas(32) float out[TILE];
+    _mm256_store_ps(out, acc[r][0]);
+    _mm256_store_ps(out + 8, acc[r][1]);
+    std::memcpy(y + r * ystride, out, valid * sizeof(float));
+  }
+}
+
 template <bool SIX, int R>
 AVX2 void tile_avx2(const uint8_t* w, int64_t nb, const Quantized* a, float* y, int64_t ystride, int valid) {
   using L = Layout<SIX>;
-  const __m256i mask = _mm256_set1_epi8(0x0F), top = _mm256_set1_epi8(0x30), ones = _mm256_set1_epi16(1);
+  const __m256i ones = _mm256_set1_epi16(1);
   __m256 acc[R][2];
   for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
   for (int64_t b = 0; b < nb; ++b) {
     const uint8_t* wb = w + b * L::bytes;
-    _mm_prefetch(reinterpret_cast<const char*>(wb + PREFETCH), _MM_HINT_T0);
-    _mm_prefetch(reinterpret_cast<const char*>(wb + PREFETCH + 64), _MM_HINT_T0);
+    prefetch_ahead<SIX>(wb);
     for (int h = 0; h < 2; ++h) {
       __m256i v[8];
-      for (int j = 0; j < 4; ++j) {
-        const __m256i c = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + 64 * j + 32 * h));
-        v[j] = _mm256_and_si256(c, mask);
-        v[4 + j] = _mm256_and_si256(_mm256_srli_epi16(c, 4), mask);
-      }
-      if (SIX) {
-        for (int c = 0; c < 2; ++c) {
-          const __m256i p = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + L::high + 64 * c + 32 * h));
-          v[4 * c] = _mm256_or_si256(v[4 * c], top_bits<0>(p, top));
-          v[4 * c + 1] = _mm256_or_si256(v[4 * c + 1], top_bits<1>(p, top));
-          v[4 * c + 2] = _mm256_or_si256(v[4 * c + 2], top_bits<2>(p, top));
-          v[4 * c + 3] = _mm256_or_si256(v[4 * c + 3], top_bits<3>(p, top));
-        }
-      }
+      half_levels<SIX>(wb, h, v);
       for (int r = 0; r < R; ++r) {
         const int8_t* qb = a[r].q + b * BLOCK;
         __m256i p[8];
@@ -211,12 +236,7 @@ AVX2 void tile_avx2(const uint8_t* w, int64_t nb, const Quantized* a, float* y, 
       }
     }
   }
-  for (int r = 0; r < R; ++r) {
-    alignas(32) float out[TILE];
-    _mm256_store_ps(out, acc[r][0]);
-    _mm256_store_ps(out + 8, acc[r][1]);
-    std::memcpy(y + r * ystride, out, valid * sizeof(float));
-  }
+  store_halves<R>(acc, y, ystride, valid);
 }
 
 // AVX-VNNI (256-bit `dpbusd` without AVX-512: Intel's laptop cores since Alder Lake): AVX2's two 8-row
@@ -225,30 +245,14 @@ AVX2 void tile_avx2(const uint8_t* w, int64_t nb, const Quantized* a, float* y, 
 template <bool SIX, int R>
 AVXVNNI void tile_avxvnni(const uint8_t* w, int64_t nb, const Quantized* a, float* y, int64_t ystride, int valid) {
   using L = Layout<SIX>;
-  const __m256i mask = _mm256_set1_epi8(0x0F), top = _mm256_set1_epi8(0x30);
   __m256 acc[R][2];
   for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
   for (int64_t b = 0; b < nb; ++b) {
     const uint8_t* wb = w + b * L::bytes;
-    for (int64_t line = 0; line < L::bytes; line += 64) {
-      _mm_prefetch(reinterpret_cast<const char*>(wb + PREFETCH + line), _MM_HINT_T0);
-    }
+    prefetch_ahead<SIX>(wb);
     for (int h = 0; h < 2; ++h) {
       __m256i v[8];
-      for (int j = 0; j < 4; ++j) {
-        const __m256i c = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + 64 * j + 32 * h));
-        v[j] = _mm256_and_si256(c, mask);
-        v[4 + j] = _mm256_and_si256(_mm256_srli_epi16(c, 4), mask);
-      }
-      if (SIX) {
-        for (int c = 0; c < 2; ++c) {
-          const __m256i p = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + L::high + 64 * c + 32 * h));
-          v[4 * c] = _mm256_or_si256(v[4 * c], top_bits<0>(p, top));
-          v[4 * c + 1] = _mm256_or_si256(v[4 * c + 1], top_bits<1>(p, top));
-          v[4 * c + 2] = _mm256_or_si256(v[4 * c + 2], top_bits<2>(p, top));
-          v[4 * c + 3] = _mm256_or_si256(v[4 * c + 3], top_bits<3>(p, top));
-        }
-      }
+      half_levels<SIX>(wb, h, v);
       const __m256 s0 = half8(wb + L::scales + 16 * h), m0 = half8(wb + L::scales + 32 * L::groups + 16 * h);
       const __m256 s1 = SIX ? half8(wb + L::scales + 32 + 16 * h) : s0;
       const __m256 m1 = SIX ? half8(wb + L::scales + 96 + 16 * h) : m0;
@@ -273,12 +277,7 @@ AVXVNNI void tile_avxvnni(const uint8_t* w, int64_t nb, const Quantized* a, floa
       }
     }
   }
-  for (int r = 0; r < R; ++r) {
-    alignas(32) float out[TILE];
-    _mm256_store_ps(out, acc[r][0]);
-    _mm256_store_ps(out + 8, acc[r][1]);
-    std::memcpy(y + r * ystride, out, valid * sizeof(float));
-  }
+  store_halves<R>(acc, y, ystride, valid);
 }
 
 VNNI inline __m512i bcast4_512(const int8_t* p) {
@@ -307,9 +306,7 @@ VNNI void tile_vnni(const uint8_t* w, int64_t nb, const Quantized* a, float* y, 
   for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
   for (int64_t b = 0; b < nb; ++b) {
     const uint8_t* wb = w + b * L::bytes;
-    for (int64_t line = 0; line < L::bytes; line += 64) {
-      _mm_prefetch(reinterpret_cast<const char*>(wb + PREFETCH + line), _MM_HINT_T0);
-    }
+    prefetch_ahead<SIX>(wb);
     __m512i v[8];
     for (int j = 0; j < 4; ++j) {
       const __m512i c = _mm512_loadu_si512(wb + 64 * j);
@@ -478,54 +475,46 @@ at::Tensor pack(const at::Tensor& levels, const at::Tensor& scale, const at::Ten
   return bits == 6 ? pack_form<true>(levels, scale, low) : pack_form<false>(levels, scale, low);
 }
 
-// The rounding `quantize_row` leaves in each row of x (M, K): x - q * d.
-at::Tensor residual(const at::Tensor& x) {
-  const int64_t rows = x.size(0), k = x.size(1), nb = k / BLOCK;
-  auto r = at::empty_like(x);
-  const float* xp = x.data_ptr<float>();
-  float* rp = r.data_ptr<float>();
+// Rows of x (rows, k) quantized into q (rows, k) and their scales (rows, 4, nb: d, dsum, dhalf twice).
+void quantize_rows(const float* x, int64_t rows, int64_t k, int8_t* q, float* scales) {
+  const int64_t nb = k / BLOCK;
   at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
-    std::vector<int8_t> q(k);
-    std::vector<float> d(4 * nb);
-    for (int64_t row = r0; row < r1; ++row) {
-      quantize_row(xp + row * k, k, q.data(), d.data(), d.data() + nb, d.data() + 2 * nb);
-      for (int64_t i = 0; i < k; ++i) rp[row * k + i] = xp[row * k + i] - q[i] * d[i / BLOCK];
+    for (int64_t r = r0; r < r1; ++r) {
+      float* row = scales + r * 4 * nb;
+      quantize_row(x + r * k, k, q + r * k, row, row + nb, row + 2 * nb);
     }
   });
-  return r;
 }
 
 // x (M, K) @ W.T for W (n, K) in a packed layout -> (M, n) fp32. With `precise`, the rounding of the
-// activations to int8 is multiplied in a second pass (x = q * d + rest, rest rounded the same way): about
-// 15 bits of each activation, for the price of a second activation row per weight read.
+// activations to int8 is multiplied in a second pass (x = q * d + rest, rest rounded the same way, as M
+// more rows): about 15 bits of each activation, for the price of a second activation row per weight read.
 at::Tensor matmul(const at::Tensor& x_in, const at::Tensor& packed, int64_t n, const std::string& isa_name,
                   bool precise) {
   TORCH_CHECK(x_in.dim() == 2, "x: (M, K)");
-  if (precise) {
-    const auto x = x_in.to(at::kFloat).contiguous();
-    TORCH_CHECK(x.size(1) % BLOCK == 0, "K must be a multiple of 32");
-    const auto both = matmul(at::cat({x, residual(x)}), packed, n, isa_name, false);
-    return both.narrow(0, 0, x.size(0)) + both.narrow(0, x.size(0), x.size(0));
-  }
   const bool six = packed.dim() == 3 && packed.size(2) == Layout<true>::bytes;
   TORCH_CHECK(packed.dim() == 3 && packed.scalar_type() == at::kByte && (six || packed.size(2) == Layout<false>::bytes),
               "packed: (tiles, blocks, 320 or 512) uint8");
   const Isa isa = parse(isa_name);
   const auto x = x_in.to(at::kFloat).contiguous();
-  const int64_t rows = x.size(0), k = x.size(1), nb = k / BLOCK, tiles = packed.size(0);
+  const int64_t m = x.size(0), k = x.size(1), nb = k / BLOCK, tiles = packed.size(0);
   TORCH_CHECK(packed.size(1) == nb && k % BLOCK == 0, "x has ", k, " columns; the weight ", packed.size(1) * BLOCK);
   TORCH_CHECK(n > (tiles - 1) * TILE && n <= tiles * TILE, "n does not match the packed tiles");
+  const int64_t rows = precise ? 2 * m : m;
   auto q = at::empty({rows, k}, at::kChar);
-  auto scales = at::empty({rows, 4, nb}, at::kFloat);  // d, dsum, dhalf (two per block)
+  auto scales = at::empty({rows, 4, nb}, at::kFloat);
   const float* xp = x.data_ptr<float>();
   int8_t* qp = q.data_ptr<int8_t>();
   float* dp = scales.data_ptr<float>();
-  at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      float* row = dp + r * 4 * nb;
-      quantize_row(xp + r * k, k, qp + r * k, row, row + nb, row + 2 * nb);
-    }
-  });
+  quantize_rows(xp, m, k, qp, dp);
+  if (precise) {
+    auto rest = at::empty({m, k}, at::kFloat);
+    float* rp = rest.data_ptr<float>();
+    at::parallel_for(0, m, 16, [&](int64_t r0, int64_t r1) {
+      for (int64_t i = r0 * k; i < r1 * k; ++i) rp[i] = xp[i] - qp[i] * dp[(i / k) * 4 * nb + (i % k) / BLOCK];
+    });
+    quantize_rows(rp, m, k, qp + m * k, dp + m * 4 * nb);
+  }
   auto y = at::empty({rows, n}, at::kFloat);
   float* yp = y.data_ptr<float>();
   const uint8_t* wp = packed.data_ptr<uint8_t>();
@@ -552,7 +541,7 @@ at::Tensor matmul(const at::Tensor& x_in, const at::Tensor& packed, int64_t n, c
       }
     }
   });
-  return y;
+  return precise ? y.narrow(0, 0, m) + y.narrow(0, m, m) : y;
 }
 
 TORCH_LIBRARY(nlg, m) {
