@@ -146,11 +146,26 @@ def _markitdown(data: bytes, name: str, kind: str) -> list[Part]:
     try:
         text = MarkItDown(enable_plugins=False).convert_stream(io.BytesIO(data), file_extension=kind).markdown
     except Exception as e:  # every converter's own failure: a corrupt or encrypted file
-        if isinstance(e, MemoryError) or "threw MemoryError" in str(e):  # markitdown wraps it: say what it was
+        if _out_of_memory(e):
             raise MemoryError(f"reading {name} ran out of memory") from None
         reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
         raise Unreadable(f"cannot read {name} as {kind}: {reason[:300]}") from None
     return _parts(text, kind)
+
+
+def _out_of_memory(e: BaseException) -> bool:
+    """Whether a MemoryError lies behind `e`: markitdown wraps each converter's failure (its `attempts`), and
+    a converter may fail again while cleaning up after one (a zip closed mid-write: ValueError)."""
+    seen, todo = set(), [e]
+    while todo:
+        x = todo.pop()
+        if x is None or id(x) in seen:
+            continue
+        if isinstance(x, MemoryError):
+            return True
+        seen.add(id(x))
+        todo += [x.__cause__, x.__context__] + [a.exc_info[1] for a in getattr(x, "attempts", None) or []]
+    return False
 
 
 def _check_zip(data: bytes, name: str) -> None:

@@ -6,14 +6,29 @@ The engine's metrics carry vLLM's names and its `model_name` label (`finished_re
 engine runs sequences: a completion with `n` choices, or an answer over several windows, is several. Each
 HTTP request is counted once by route and status (`nlg_http_requests_total`: 429s, 4xx and 5xx
 included) and, when it succeeds, its end-to-end latency is observed once
-(`vllm:e2e_request_latency_seconds`). The process's own metrics (`process_resident_memory_bytes`, CPU
+(`vllm:e2e_request_latency_seconds`). The engine's state (sequences running and waiting, KV cache blocks,
+preemptions, prefix-cache lookups) is read when /metrics is scraped (`Metrics.watch`): a client that got its
+answer and then scrapes sees the blocks it held free. The process's own metrics (`process_resident_memory_bytes`, CPU
 seconds, open files) come from prometheus_client's collector.
 """
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
+from collections.abc import Callable, Iterator
 
+from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+STATE = {  # what `Metrics.watch`'s reader returns, by name: (kind, help)
+    "vllm:num_requests_running": ("gauge", "Sequences holding a slot"),
+    "vllm:num_requests_waiting": ("gauge", "Sequences waiting for a slot"),
+    "vllm:kv_cache_usage_perc": ("gauge", "Share of the KV cache's blocks held by sequences (1: all)"),
+    "nlg_kv_cache_blocks_free": ("gauge", "KV cache blocks a sequence can take now (cached idle included)"),
+    "vllm:num_preemptions": ("counter", "Sequences preempted for want of KV cache blocks"),
+    "vllm:prefix_cache_queries": ("counter", "Prompt tokens looked up in the prefix cache"),
+    "vllm:prefix_cache_hits": ("counter", "Prompt tokens found in the prefix cache"),
+}
 LATENCY = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 TOKENS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
 
@@ -27,9 +42,6 @@ class Metrics:
         def histogram(key: str, text: str, buckets=LATENCY):
             return Histogram(key, text, ["model_name"], buckets=buckets, registry=r).labels(**name)
 
-        def gauge(key: str, text: str):
-            return Gauge(key, text, ["model_name"], registry=r).labels(**name)
-
         def counter(key: str, text: str):
             return Counter(key, text, ["model_name"], registry=r).labels(**name)
 
@@ -37,15 +49,6 @@ class Metrics:
         self.inter_token = histogram("vllm:inter_token_latency_seconds", "Time between two tokens of a sequence")
         self.latency = histogram("vllm:e2e_request_latency_seconds", "End-to-end latency of each successful request")
         self.queue = histogram("vllm:request_queue_time_seconds", "Time each sequence waited for a slot and blocks")
-        self.running = gauge("vllm:num_requests_running", "Sequences holding a slot")
-        self.waiting = gauge("vllm:num_requests_waiting", "Sequences waiting for a slot")
-        self.kv_usage = gauge("vllm:kv_cache_usage_perc", "Share of the KV cache's blocks held by sequences (1: all)")
-        self.blocks_free = gauge(
-            "nlg_kv_cache_blocks_free", "KV cache blocks a sequence can take now (cached idle included)"
-        )
-        self.preemptions = counter("vllm:num_preemptions", "Sequences preempted for want of KV cache blocks")
-        self.prefix_queries = counter("vllm:prefix_cache_queries", "Prompt tokens looked up in the prefix cache")
-        self.prefix_hits = counter("vllm:prefix_cache_hits", "Prompt tokens found in the prefix cache")
         self.prompt_tokens = counter("vllm:prompt_tokens", "Prompt tokens processed")
         self.generation_tokens = counter("vllm:generation_tokens", "Tokens generated")
         self.request_prompt = histogram("vllm:request_prompt_tokens", "Prompt tokens of each sequence", TOKENS)
@@ -70,6 +73,10 @@ class Metrics:
             registry=r,
         )
 
+    def watch(self, read: Callable[[], dict[str, float]]) -> None:
+        """Export the engine's state (`STATE`'s names) as `read()` gives it at each scrape."""
+        _State(self.model_name, read, self.registry)
+
     def finish(self, reason: str, prompt_tokens: int, generated: int) -> None:
         """One sequence ended: its finish reason and token counts."""
         self.finished.labels(self.model_name, reason).inc()
@@ -77,3 +84,16 @@ class Metrics:
         self.generation_tokens.inc(generated)
         self.request_prompt.observe(prompt_tokens)
         self.request_generation.observe(generated)
+
+
+class _State(Collector):
+    def __init__(self, model_name: str, read: Callable[[], dict[str, float]], registry: CollectorRegistry):
+        self.model_name, self.read = model_name, read
+        registry.register(self)
+
+    def collect(self) -> Iterator[Metric]:
+        values = self.read()
+        for key, (kind, text) in STATE.items():
+            family = (GaugeMetricFamily if kind == "gauge" else CounterMetricFamily)(key, text, labels=["model_name"])
+            family.add_metric([self.model_name], values[key])
+            yield family

@@ -47,12 +47,12 @@ class Scheduler:
         self.engine, self.max_waiting, self.on_fatal = engine, max_waiting, on_fatal
         self.metrics = metrics or Metrics(model_name="")
         self.batcher = Batcher(engine, engine.new_cache(slots, context or engine.context), slots)
+        self.metrics.watch(self.state)
         self.cv = threading.Condition()
         self.inbox: list[Sequence] = []
         self.calls: list[tuple[Callable[[], Any], Future]] = []
         self.aborts: set[str] = set()
         self.failure: str | None = None
-        self.counted = (0, 0, 0)  # the batcher's preemptions and prefix-cache queries and hits in the metrics
         self.stopping = False
         self.thread = threading.Thread(target=self._loop, name="nlg-engine", daemon=True)
 
@@ -158,15 +158,19 @@ class Scheduler:
         for s in self.batcher.running:
             if id(s) in waiting_before:  # admitted this step
                 m.queue.observe(now - s.arrival)
-        m.running.set(len(self.batcher.running))
-        m.waiting.set(len(self.batcher.waiting) + len(self.inbox))
+
+    def state(self) -> dict[str, float]:
+        """The engine's state as `Metrics.watch` exports it (read from another thread: lengths only)."""
         b = self.batcher
-        m.kv_usage.set(b.pool.used() / b.pool.capacity)
-        m.blocks_free.set(b.pool.available())
-        now_counts = (b.preemptions, b.queried, b.hits)
-        for counter, now, before in zip((m.preemptions, m.prefix_queries, m.prefix_hits), now_counts, self.counted):
-            counter.inc(now - before)
-        self.counted = now_counts
+        return {
+            "vllm:num_requests_running": len(b.running),
+            "vllm:num_requests_waiting": len(b.waiting) + len(self.inbox),
+            "vllm:kv_cache_usage_perc": b.pool.used() / b.pool.capacity,
+            "nlg_kv_cache_blocks_free": b.pool.available(),
+            "vllm:num_preemptions": b.preemptions,
+            "vllm:prefix_cache_queries": b.queried,
+            "vllm:prefix_cache_hits": b.hits,
+        }
 
     def _fail(self, error: Exception, calls) -> None:
         self.failure = f"engine failed: {type(error).__name__}: {error}"

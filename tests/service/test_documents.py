@@ -124,6 +124,21 @@ def test_bad_files_get_their_own_errors(office, monkeypatch):
     assert read(b"hello", "../../etc/notes.txt").name == "notes.txt"
 
 
+def test_running_out_of_memory_inside_a_converter_is_said_as_such(office, monkeypatch):
+    """markitdown's .docx converter rewrites the zip; a MemoryError in that write made the close fail too
+    (ValueError: I/O operation on closed file), and the file got a 422 instead of the 413 it is owed."""
+
+    def full(self, data):  # what the close did after the write ran out
+        try:
+            raise MemoryError
+        except MemoryError:
+            raise ValueError("I/O operation on closed file.") from None
+
+    monkeypatch.setattr(zipfile._ZipWriteFile, "write", full)
+    with pytest.raises(MemoryError, match="ran out of memory"):
+        read(office["docx"], "wide.docx")
+
+
 def test_an_encrypted_office_file_is_refused():
     """A zip member flagged encrypted (password-protected Office files) is 422, not a crash."""
     out = io.BytesIO()
