@@ -75,6 +75,22 @@ def tiny() -> TextGenerator:
     return TextGenerator.load("tiny-random")
 
 
+def with_own_engine(gen: TextGenerator) -> TextGenerator:
+    """`gen` with an engine of its own over the same weights. An engine runs one thread (one server); a
+    module's long-lived server takes its own, so that the module's other tests can start `gen`'s."""
+    from service.engine.core import Engine
+
+    own = copy.copy(gen)
+    own.engine = Engine(gen.engine.model, gen.tokenizer.stop_ids)
+    return own
+
+
+@pytest.fixture(scope="session")
+def own_engine():
+    """`own_engine(gen)`: `gen` with an engine of its own (`with_own_engine`)."""
+    return with_own_engine
+
+
 @pytest.fixture(scope="session")
 def varied(tiny):
     """The tiny model with its matrices redrawn at std 0.3: its greedy tokens vary from step to step
@@ -118,13 +134,13 @@ def serve():
 
 
 class Submitted:
-    """Every sequence an app's scheduler is handed from now on, so that a test waits on their `done`
-    events instead of polling the batcher (`ended`), or until the engine has taken `n` (`reach`)."""
+    """Every sequence an app's engine is handed from now on, so that a test waits on their `done`
+    events instead of polling the scheduler (`ended`), or until the engine has taken `n` (`reach`)."""
 
-    def __init__(self, scheduler):
+    def __init__(self, engine, monkeypatch):
         self.seqs: list = []
         self.cv = threading.Condition()
-        real = scheduler.submit
+        real = engine.submit
 
         def submit(seqs):
             real(seqs)
@@ -132,7 +148,7 @@ class Submitted:
                 self.seqs += seqs
                 self.cv.notify_all()
 
-        scheduler.submit = submit
+        monkeypatch.setattr(engine, "submit", submit)  # undone at the test's end: the engine outlives the app
 
     def reach(self, n: int, timeout: float = 30) -> None:
         with self.cv:
@@ -144,9 +160,9 @@ class Submitted:
 
 
 @pytest.fixture
-def submitted():
-    """`submitted(app)`: record what the app's scheduler is handed (call inside `serve(app)`)."""
-    return lambda app: Submitted(app.state.scheduler)
+def submitted(monkeypatch):
+    """`submitted(app)`: record what the app's engine is handed (call inside `serve(app)`)."""
+    return lambda app: Submitted(app.state.engine, monkeypatch)
 
 
 def _docx() -> bytes:

@@ -1,7 +1,7 @@
 """The import graph of the three packages, read from the source with `ast` (lazy imports inside
 functions and `TYPE_CHECKING` imports count too): dependencies point one way, `service -> model ->
 parallel`, and no module reaches itself through its imports. Guards against the cycles a reader
-trips on (engine <-> batcher, cli <-> launcher) coming back."""
+trips on (engine <-> batcher, cli <-> launcher) coming back, and keeps the engine step's parts apart."""
 
 from __future__ import annotations
 
@@ -75,3 +75,36 @@ def test_the_graph_is_read():
     """The walk finds the project's modules and their edges (an empty graph would pass the others)."""
     edges = graph()
     assert len(edges) > 30 and sum(map(len, edges.values())) > 60
+
+
+def reach(edges: dict[str, set[str]], start: str) -> set[str]:
+    """Every module `start` imports, directly or through others."""
+    seen, todo = set(), [start]
+    while todo:
+        for nxt in edges.get(todo.pop(), ()):
+            if nxt not in seen:
+                seen.add(nxt)
+                todo.append(nxt)
+    return seen
+
+
+def test_the_scheduler_and_the_model_runner_meet_only_in_the_engine_loop():
+    """A step is plan -> execute -> update, and only `service.engine.core` holds both parts: the scheduler
+    never reaches the runner, by import or through a reference it was handed (the batcher once called 13
+    members of an engine object it did not import), nor the runner the scheduler."""
+    edges = graph()
+    scheduler, runner, core = "service.engine.scheduler", "service.engine.runner", "service.engine.core"
+    assert runner not in reach(edges, scheduler) and core not in reach(edges, scheduler)
+    assert scheduler not in reach(edges, runner) and core not in reach(edges, runner)
+    assert {scheduler, runner} <= edges[core]
+    runner_members = {
+        node.name
+        for node in ast.walk(ast.parse((ROOT / "service/engine/runner.py").read_text()))
+        if isinstance(node, ast.FunctionDef)
+    } - {"__init__"}
+    called = {  # methods the scheduler calls, on whatever object
+        node.func.attr
+        for node in ast.walk(ast.parse((ROOT / "service/engine/scheduler.py").read_text()))
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+    }
+    assert runner_members & called == set(), runner_members & called

@@ -18,8 +18,8 @@ from model.registry import GGUF_MODELS, fetch_gguf
 from parallel import quant
 from parallel.quant import weight_bytes
 from service.engine.generator import TextGenerator
-from service.engine.runner import PROMPT_LOOKUP
 from service.engine.sampling import SamplingParams
+from service.engine.scheduler import PROMPT_LOOKUP
 
 PROMPTS = [
     "The history of the printing press begins in the fifteenth century, when",
@@ -65,7 +65,7 @@ def ours(gen: TextGenerator, prompts: list[list[int]], tokens: int) -> dict:
     """Our decode step (prompt lookup off), a PREFILL-token prompt's prefill, then single-stream again with
     prompt-lookup speculation."""
     params, engine = SamplingParams(max_tokens=tokens, ignore_eos=True), gen.engine
-    lookup, engine.prompt_lookup = engine.prompt_lookup, 0
+    lookup, engine.config.prompt_lookup = engine.config.prompt_lookup, 0
     engine.generate([prompts[0]], [params])  # warm-up
     first: list[float] = []
     start = time.perf_counter()
@@ -80,10 +80,10 @@ def ours(gen: TextGenerator, prompts: list[list[int]], tokens: int) -> dict:
     start = time.perf_counter()
     engine.generate([long], [SamplingParams(max_tokens=1)])
     prefill_s = time.perf_counter() - start
-    engine.prompt_lookup = lookup or PROMPT_LOOKUP
+    engine.config.prompt_lookup = lookup or PROMPT_LOOKUP
     stamps: list[float] = []
     spec = engine.generate([prompts[0]], [params], on_token=lambda i, t: stamps.append(time.perf_counter()) and False)
-    engine.prompt_lookup = lookup
+    engine.config.prompt_lookup = lookup
     return {
         "ttft_s": ttft,
         "single_stream_tok_s": (tokens - 1) / (end - first[0]),

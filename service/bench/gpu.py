@@ -22,7 +22,7 @@ import torch
 from model.config import PRESETS
 from model.loader import load_model
 from model.registry import resolve
-from service.engine.runner import Engine
+from service.engine.core import Engine
 from service.engine.sampling import SamplingParams
 
 SHAPES = ("smollm2-135m", "llama-1b")
@@ -87,8 +87,8 @@ def hf_rate(model, prompts: list[list[int]], tokens: int) -> tuple[float, list[i
 
 def step_ms(engine: Engine, rows: int) -> float:
     """GPU time of one replay of the decode graph of `rows` rows (no host work), median of 50."""
-    graphs = engine.graphs
-    graph, _ = next(g for (b, _), g in graphs.graphs.items() if b == rows)
+    graphs = engine.runner.graphs
+    graph, _ = next(g for (b, _), g in graphs.runner.graphs.items() if b == rows)
     times = []
     for _ in range(50):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -117,16 +117,16 @@ def profile_kernels(step) -> tuple[int, str]:
 
 def eager_step(engine: Engine):
     """One eager decode step of one sequence: the forward a graph records."""
-    cache = engine.new_cache(1, 256)
-    zeros = torch.zeros(1, 1, dtype=torch.long, device=engine.device)
-    blocks = torch.zeros(1, 256 // cache.block_size, dtype=torch.long, device=engine.device)  # the null block
+    cache = engine.runner.new_cache(1, 256)
+    zeros = torch.zeros(1, 1, dtype=torch.long, device=engine.runner.device)
+    blocks = torch.zeros(1, 256 // cache.block_size, dtype=torch.long, device=engine.runner.device)  # the null block
     return lambda: engine.model(zeros, zeros, cache, blocks, logits_index=zeros[0], fixed=True)
 
 
 def compiled_step(engine: Engine):
     """One compiled decode step of one row, outside its graph (after the runs: the row's table is the
     null block's)."""
-    decoder = engine.graphs
+    decoder = engine.runner.graphs
     inputs, tables = decoder._inputs(1)
     tables.zero_()
     return lambda: decoder.step(decoder.model, inputs, tables, decoder.cache, 256)
@@ -161,9 +161,9 @@ def compiled_rates(model, prompts: list[list[int]], tokens: int, batch: int) -> 
     r = {}
     r["single_compiled_tok_s"], r["tokens"] = decode_rate(engine, prompts[:1], tokens)
     r["graph_step_ms_rows1_compiled"] = step_ms(engine, 1)
-    engine.overlap = False
+    engine.config.launch_ahead = False
     r["single_compiled_no_overlap_tok_s"], _ = decode_rate(engine, prompts[:1], tokens)
-    engine.overlap = True
+    engine.config.launch_ahead = True
     r[f"batch{batch}_compiled_tok_s"], _ = decode_rate(engine, prompts, tokens)
     r[f"graph_step_ms_rows{batch}_compiled"] = step_ms(engine, batch)
     r["compile_and_capture_s"] = time.perf_counter() - start
@@ -189,9 +189,9 @@ def bench_shape(shape: str, tokens: int, hf_tokens: int, batch: int, bandwidth: 
     eager = Engine(model, max_batch=batch, device="cuda", graphs=False)
     r["single_tok_s"], ours = decode_rate(graphs, prompts[:1], tokens)
     r["graph_step_ms_rows1"] = step_ms(graphs, 1)
-    graphs.overlap = False
+    graphs.config.launch_ahead = False
     r["single_no_overlap_tok_s"], _ = decode_rate(graphs, prompts[:1], tokens)
-    graphs.overlap = True
+    graphs.config.launch_ahead = True
     r["single_eager_tok_s"], ours_eager = decode_rate(eager, prompts[:1], tokens)
     r[f"batch{batch}_tok_s"], _ = decode_rate(graphs, prompts, tokens)
     r[f"graph_step_ms_rows{batch}"] = step_ms(graphs, batch)

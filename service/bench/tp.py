@@ -20,7 +20,7 @@ from parallel.launch import init_from_env, launch, shutdown
 from parallel.state import get_tp
 from parallel.weights import SafetensorsReader
 from service.bench.cpu import peak_rss_mb
-from service.engine.runner import Engine
+from service.engine.core import Engine
 from service.engine.sampling import SamplingParams
 
 

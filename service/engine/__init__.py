@@ -1,2 +1,3 @@
-"""The engine: sequences and sampling, the batcher and the scheduler thread that own the model, CUDA graphs,
-the streaming detokenizer, the text generator, and the async handle the HTTP side awaits."""
+"""The engine: its loop (`core`: plan -> execute -> update), the scheduler, the model runner, the values a
+step passes between them, sequences and sampling, CUDA graphs, the streaming detokenizer, the text
+generator, and the async handle the HTTP side awaits."""

@@ -5,7 +5,7 @@ launches, not the GPU, set the pace. A `GraphDecoder` captures the whole forward
 once per (rows, span) bucket and replays it, so a step costs one launch.
 
 A captured graph reads fixed addresses and fixed shapes. So the inputs (token ids, positions and
-block tables) live in static buffers, the rows of bucket B are the batcher's slots 0..B-1 (it hands
+block tables) live in static buffers, the rows of bucket B are the scheduler's slots 0..B-1 (it hands
 out the lowest free slot first, so the running sequences sit in the low slots), and attention reads
 keys [0, span) of each row's table under a mask (`Batch.fixed`) instead of reading the longest
 position back to the host. A row with no sequence has a table of null blocks: it decodes token 0
@@ -13,9 +13,9 @@ into the null block, which no sequence attends to, so it changes nothing.
 
 Each step also takes every row's greedy token and writes it, with the next position, into the input
 buffers. A step can then be *chained*: launched without token ids or positions from the host, while
-the host is still reading the previous step's tokens (`Engine.launch`), so the host's work per token
+the host is still reading the previous step's tokens (`ModelRunner.launch`), so the host's work per token
 overlaps the GPU's instead of adding to it. The tables are copied in at every launch, chained or not:
-the batcher gives each sequence the block of the position a chained step writes before launching it.
+the scheduler gives each sequence the block of the position a chained step writes before launching it.
 
 With `capture=False` the same static step runs eagerly: that is how the CPU tests check it. With
 `compile=True` the recorded step is first compiled by `torch.compile` with coordinate-descent tuning

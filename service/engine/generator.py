@@ -1,8 +1,9 @@
 """Text in, text out: a loaded model with its tokenizer, engine and detokenizers.
 
 This is where ids meet text. `TextGenerator.load` resolves a model name or path, loads this rank's
-weights and wraps them in the engine; `generate` runs prompts (token ids) and returns finished text,
-optionally streaming each final piece through `on_text`.
+weights and wraps them in the engine (`service.engine.core.Engine`); `generate` runs prompts (token ids)
+through it, on its thread when it runs (the server, batch jobs), else on the calling thread, and returns
+finished text, optionally streaming each final piece through `on_text`.
 """
 
 from __future__ import annotations
@@ -19,9 +20,9 @@ from model.ranks import Leader
 from model.registry import resolve
 from model.tokenizer import Tokenizer
 from parallel.state import get_tp
+from service.engine.core import Engine
 from service.engine.detok import Detokenizer
 from service.engine.metrics import Metrics
-from service.engine.runner import Engine
 from service.engine.sampling import SamplingParams
 from service.engine.sequence import Completion, TokenLogprob
 
@@ -45,12 +46,6 @@ class TextGenerator:
     def __init__(self, name: str, directory: Path, engine: Engine, tokenizer: Tokenizer, load_s: float):
         self.name, self.directory, self.engine, self.tokenizer, self.load_s = name, directory, engine, tokenizer, load_s
         self.metrics: Metrics | None = None  # set by the HTTP app
-        self.scheduler = None  # the engine thread sequences run on (`runs_on`); None: the calling thread
-
-    def runs_on(self, scheduler) -> None:
-        """From now on, run sequences and one-off model calls on `scheduler`'s engine thread (the server,
-        batch jobs), or with None on the calling thread again."""
-        self.scheduler = scheduler
 
     def prompt_logprobs(self, ids: list[int], top: int = 0) -> list[TokenLogprob | None]:
         """log p(token i | tokens before it) for each token (None for the first), with `top` alternatives:
@@ -85,7 +80,7 @@ class TextGenerator:
         """Generate for each prompt; `on_text(i, piece)` streams final text (returning True stops that
         sequence, finish reason "stop"); a higher `priority` number waits behind lower ones."""
         g = Generation(self, prompts, params, on_text, None, priority)
-        return g.results((self.scheduler or self.engine).run(g.seqs))
+        return g.results(self.engine.run(g.seqs))
 
     def complete(self, prompt: str | list[int], params: SamplingParams) -> TextResult:
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else prompt

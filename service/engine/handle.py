@@ -22,7 +22,6 @@ from typing import Any
 
 from service.engine.generator import Generation, TextGenerator, TextResult
 from service.engine.sampling import SamplingParams
-from service.engine.scheduler import Scheduler
 from service.engine.sequence import Sequence
 from service.errors import ClientGone, DeadlineExceeded
 
@@ -120,8 +119,9 @@ class Running:
 
 
 class AsyncEngine:
-    def __init__(self, gen: TextGenerator, scheduler: Scheduler, timeout: float | None = None):
-        self.gen, self.scheduler, self.timeout = gen, scheduler, timeout
+    def __init__(self, gen: TextGenerator, timeout: float | None = None):
+        """Requests to `gen`'s engine, whose thread runs (`Engine.start`)."""
+        self.gen, self.engine, self.timeout = gen, gen.engine, timeout
 
     def deadline(self) -> float | None:
         return None if self.timeout is None else asyncio.get_running_loop().time() + self.timeout
@@ -152,21 +152,21 @@ class AsyncEngine:
         running._left = len(g.seqs)
         for s in g.seqs:
             s.on_finish = running._ended
-        self.scheduler.submit(g.seqs)
+        self.engine.submit(g.seqs)
         return running
 
     def abort(self, request_id: str) -> None:
         """End every sequence of the request at the engine's next step (a no-op once it has ended)."""
-        self.scheduler.abort(request_id)
+        self.engine.abort(request_id)
 
     async def call(self, work: Callable[[], Any]) -> Any:
         """Run a model call (`work`) on the engine thread and await its result."""
-        return await asyncio.wrap_future(self.scheduler.call(work))
+        return await asyncio.wrap_future(self.engine.call(work))
 
     @property
     def limit(self) -> int:
         """The most sequences one submitted call may have."""
-        return self.scheduler.max_waiting
+        return self.engine.max_waiting
 
 
 Plan = Generator[Any, list[TextResult], Any]

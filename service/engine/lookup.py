@@ -1,7 +1,7 @@
 """Prompt-lookup drafts (speculative decoding without a draft model; transformers' `prompt_lookup_num_tokens`,
 vLLM's n-gram proposer): the tokens that followed the last earlier occurrence of a sequence's final
 n-gram, in its prompt or its output so far. Summaries and answers copy names, numbers and phrases from
-their input, so these guesses are often right; the batcher verifies them all in one forward and keeps
+their input, so these guesses are often right; one forward verifies them all (the scheduler plans it) and keeps
 the ones the model itself would have produced (greedy), so the output is unchanged.
 """
 

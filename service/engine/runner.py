@@ -1,40 +1,32 @@
-"""Generation engine: prefill and decode of token-id sequences over a paged KV cache.
+"""The model runner: every model call of a step, and the pick of each sequence's next token.
 
-It knows nothing about text: prompts are token ids and so are the results. The text side (stop
-strings, streaming detokenization) decides per token whether a sequence is done through each
-sequence's `on_token` callback.
+`ModelRunner.execute(plan, cache)` runs a `service.engine.plan.StepPlan` over a paged KV cache: the
+prefill of prompt chunks (with prompt log-probabilities where asked), one decode token per row, the
+verification of prompt-lookup drafts, and greedy decode steps launched ahead of the host on the CUDA-graph
+path (`launch`); each cache's `service.engine.sampler.Sampler` picks the tokens. It returns a
+`StepOutput` and changes no sequence: the scheduler (`service.engine.scheduler`) records what it gives
+back. It knows nothing about text, and nothing about which sequences run: the plan says.
 
-The work is done in steps by a `service.engine.batcher.Batcher` (continuous batching). `Engine.run`
-drives a batcher of its own on the calling thread; the server's `service.engine.scheduler.Scheduler`
-drives one on its engine thread, which then makes every model call. Token ids the model cannot embed are refused
-with `InvalidRequest` (`check_tokens`) before they reach a forward. The engine holds the model calls
-a step makes: prefill, decode, the verification of prompt-lookup drafts (`verify`) and greedy steps
-launched ahead of the host (`launch`); each batcher's `service.engine.sampler.Sampler` chooses the tokens.
-
-Importable without the HTTP layer (no fastapi here).
+It also sizes and makes the KV cache (`layout`, `new_cache`) and captures the decode steps ahead of the
+first request (`warm_up`). Importable without the HTTP layer (no fastapi here).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import weakref
 
 import torch
 from torch import nn
 
 from model.kv_cache import KVCache
 from parallel.state import get_tp
-from service.engine.batcher import Batcher, Launched
+from service.engine.checks import Limits
 from service.engine.cuda_graphs import MIN_SPAN, GraphDecoder
 from service.engine.memory import BLOCK_SIZE, CPU_SHARE, GPU_SHARE
-from service.engine.sampler import token_logprobs
+from service.engine.plan import Launched, Picked, StepOutput, StepPlan
+from service.engine.sampler import Sampler, token_logprobs
 from service.engine.sampling import SamplingParams
-from service.engine.sequence import Completion, Sequence
-from service.errors import ContextOverflow, InvalidRequest
-
-PROMPT_LOOKUP = 5  # draft tokens: on SQuAD dev answers (SmolLM2, 2-core CPU) 3 gave 1.57x, 5 1.74x, 8 1.72x
-LOOKUP_ROWS = 8  # 5 draft tokens for 1, 2, 4 and 8 rows of SQuAD answers: 1.70x, 1.56x, 1.57x, 1.52x
-
-OnToken = Callable[[int, int], bool]  # (sequence index, token id) -> True to stop that sequence
+from service.engine.sequence import Sequence, TokenLogprob
 
 
 class CacheTooLarge(ValueError):
@@ -56,60 +48,35 @@ def default_kv_memory(device: torch.device) -> int:
     return int(psutil.virtual_memory().total * CPU_SHARE / get_tp().size)
 
 
-class Engine:
+class ModelRunner:
     def __init__(
         self,
         model: nn.Module,
-        stop_ids: frozenset[int] = frozenset(),
-        max_batch: int = 8,
         context: int | None = None,
-        prefill_chunk: int = 512,
         device: str | torch.device = "cpu",
         graphs: bool | None = None,
         compile: bool = False,
-        overlap: bool = True,
         kv_memory: int | None = None,
         block_size: int = BLOCK_SIZE,
-        prefix_caching: bool = True,
-        prompt_lookup: int | None = None,
-        lookup_rows: int = LOOKUP_ROWS,
     ):
         cfg = model.config
-        self.model, self.stop_ids, self.max_batch = model, stop_ids, max_batch
-        self.context = min(context or cfg.max_position, cfg.max_position)
-        self.prefill_chunk, self.device = prefill_chunk, torch.device(device)
+        self.model = model
+        self.limits = Limits(min(context or cfg.max_position, cfg.max_position), cfg.vocab_size)
+        self.device = torch.device(device)
         self.dtype = next(model.parameters()).dtype
-        self.vocab_size = cfg.vocab_size
         self.kv_heads = max(1, cfg.num_kv_heads // get_tp().size)  # this rank's KV heads
         self.kv_memory, self.block_size = kv_memory, block_size  # the cache's bytes on this rank (None: default)
-        self.prefix_caching = prefix_caching  # reuse cached blocks of earlier prompts (`Batcher`)
-        self.lookup_rows = lookup_rows  # decoding rows a step may verify drafts for, at most
-        self.width = -(-self.context // block_size)  # blocks in a sequence's table, at most
-        self.batcher: Batcher | None = None  # the calling thread's (`run` without a scheduler), cache and all
+        self.width = -(-self.limits.context // block_size)  # blocks in a sequence's table, at most
         # Decode through a GraphDecoder: CUDA graphs, on by default on one CUDA device (the collectives of
         # tensor-parallel ranks are not captured). On a CPU the same static forward runs eagerly (tests).
         self.use_graphs = self.device.type == "cuda" and get_tp().size == 1 if graphs is None else graphs
         self.compile = compile  # torch.compile the step the graphs record
-        self.overlap = overlap  # greedy graph steps are launched ahead of the host (see `launch`)
         self.graphs: GraphDecoder | None = None  # the decoder of the cache last decoded
-        # draft tokens verified per step (`Batcher._drafts`; 0: off); by default off on the graph path,
-        # where verification would run eagerly beside captured decode steps (not measured)
-        self.prompt_lookup = (0 if self.use_graphs else PROMPT_LOOKUP) if prompt_lookup is None else prompt_lookup
+        self.samplers: weakref.WeakKeyDictionary[KVCache, Sampler] = weakref.WeakKeyDictionary()  # per cache
 
-    def check_tokens(self, ids: list[int], param: str = "prompt") -> None:
-        """Refuse token ids the model has no embedding for (they would fail its forward)."""
-        vocab = self.vocab_size
-        bad = next((i for i in ids if not 0 <= i < vocab), None)
-        if bad is not None:
-            raise InvalidRequest(
-                f"token id {bad} is outside the vocabulary of {vocab} tokens (ids 0 to {vocab - 1})", param=param
-            )
-
-    def check_fits(self, prompt_len: int, max_tokens: int) -> None:
-        if prompt_len == 0:
-            raise InvalidRequest("prompt is empty", param="prompt")
-        if prompt_len + max_tokens > self.context:
-            raise ContextOverflow.too_long(self.context, prompt_len, max_tokens)
+    @property
+    def context(self) -> int:
+        return self.limits.context
 
     def token_bytes(self) -> int:
         cfg = self.model.config
@@ -148,68 +115,47 @@ class Engine:
             cfg.num_layers, blocks, self.block_size, region, self.kv_heads, cfg.head_dim, self.dtype, self.device
         )
 
-    def _batcher_for(self, slots: int, length: int) -> Batcher:
-        """The calling thread's batcher, reused (prefix cache and all) while its cache is big enough."""
-        b = self.batcher
-        blocks, region = self.layout(slots, length)
-        if b is None or b.slots < slots or b.cache.num_blocks < blocks or b.cache.region < region:
-            slots = max(slots, b.slots if b else 0)
-            self.batcher = b = Batcher(self, self.new_cache(slots, length), slots)
-        return b
-
-    def sequences(
-        self,
-        prompts: list[list[int]],
-        params: list[SamplingParams],
-        on_token: OnToken | None = None,
-        request: str | None = None,
-        priority: int = 0,
-    ) -> list[Sequence]:
-        """Checked sequences for `run` (or the scheduler): raises `InvalidRequest` for a prompt the model
-        cannot take."""
-        for p, sp in zip(prompts, params):
-            self.check_prompt(p, sp.max_tokens)
-            self.check_tokens([t for t, _ in sp.logit_bias], param="logit_bias")
-        return [
-            Sequence(list(p), sp, (lambda t, i=i: on_token(i, t)) if on_token else None, request, priority)
-            for i, (p, sp) in enumerate(zip(prompts, params))
-        ]
-
-    def run(self, seqs: list[Sequence]) -> list[Completion]:
-        """Run sequences to the end on a batcher of this thread's own (a `Scheduler` has the same `run`
-        for its engine thread)."""
-        batcher = self._batcher_for(min(len(seqs), self.max_batch), max(s.length + s.params.max_tokens for s in seqs))
-        for s in seqs:
-            batcher.add(s)
-        while batcher.busy():
-            batcher.step()
-        for s in seqs:
-            if s.error is not None:
-                raise s.error
-        return [s.completion() for s in seqs]
-
-    def generate(
-        self,
-        prompts: list[list[int]],
-        params: list[SamplingParams],
-        on_token: OnToken | None = None,
-        priority: int = 0,
-    ) -> list[Completion]:
-        return self.run(self.sequences(prompts, params, on_token, None, priority))
+    def execute(self, plan: StepPlan, cache: KVCache) -> StepOutput:
+        """Run `plan` over `cache`: a chained launch first (so the device works while the host reads the
+        step before), then the collected tokens, the prefill chunks and their picks, and the decode,
+        verification or launch of the decoding rows."""
+        sampler = self.samplers.get(cache)
+        if sampler is None:
+            sampler = self.samplers[cache] = Sampler()
+        launched = self.launch(plan.launch, cache, chained=True) if plan.chained else None
+        picked: list[Picked] = []
+        if plan.collect is not None:
+            picked += [Picked(s, (t,)) for s, t in zip(plan.collect.seqs, plan.collect.result())]
+        prompt_logprobs = []
+        if plan.prefill:
+            done, prompt_logprobs = self.prefill(plan.prefill, cache)
+            ready = [(s, row) for s, row in done if s.params.max_tokens > 0]  # else the prompt only was scored
+            if ready:
+                picked += sampler.picked([s for s, _ in ready], torch.stack([row for _, row in ready]))
+        if plan.launch and not plan.chained:
+            launched = self.launch(plan.launch, cache)
+        if plan.verify:
+            for (s, d), logits in zip(plan.verify, self.verify(plan.verify, cache)):
+                picked.append(Picked(s, tuple(sampler.verified(s, logits, d))))
+        if plan.decode:
+            picked += sampler.picked(plan.decode, self.decode(plan.decode, cache))
+        return StepOutput(tuple(prompt_logprobs), tuple(picked), launched)
 
     @torch.inference_mode()
-    def prefill(self, chunks: list[tuple[Sequence, int]], cache: KVCache) -> list[tuple[Sequence, torch.Tensor]]:
+    def prefill(self, chunks: list[tuple[Sequence, int]], cache: KVCache) -> tuple[list, list]:
         """Feed the next `n` uncached tokens of each sequence (its prompt; after a preemption, its prompt and
-        output so far), right-padded into one batch; returns the last-token logits (V,) of the sequences
-        now wholly in the cache. A sequence that asks for `prompt_logprobs` gets those of this chunk's
-        tokens from the same forward (logits only at the positions that need them: one per row, plus the
-        scored rows' positions). Each sequence holds the blocks of its chunk (`Batcher`)."""
+        output so far), right-padded into one batch. Returns the last-token logits (V,) of the sequences
+        this chunk puts wholly in the cache, as (sequence, logits), and the prompt log-probabilities of
+        this chunk's tokens for each sequence that asks for them (`prompt_logprobs`), as (sequence, list),
+        from the same forward (logits only at the positions that need them: one per row, plus the scored
+        rows' positions). Each sequence holds the blocks of its chunk (the scheduler gave them)."""
         width = max(n for _, n in chunks)
         last = self.model.config.max_position - 1
         clash = [c for c in chunks if c[1] < width and c[0].prefilled + c[1] - 1 == last]
         if clash:  # a padded row ending at the last position: its padding could only be written over its last token
             rest = [c for c in chunks if c not in clash]
-            return sum((self.prefill([c], cache) for c in clash), self.prefill(rest, cache) if rest else [])
+            parts = [self.prefill([c], cache) for c in clash] + ([self.prefill(rest, cache)] if rest else [])
+            return [d for p in parts for d in p[0]], [lp for p in parts for lp in p[1]]
         at = [r * width + n - 1 for r, (_, n) in enumerate(chunks)]  # each row's last token, first
         scored = []  # (sequence, the prompt tokens its positions predict, where their logits start in `at`)
         for r, (s, n) in enumerate(chunks):
@@ -219,18 +165,15 @@ class Engine:
                 at += range(r * width, r * width + len(following))
         feed = [(s, s.tokens()[s.prefilled : s.prefilled + n], s.prefilled) for s, n in chunks]
         logits = self._forward(feed, cache, at)
+        prompt_logprobs = []
         for s, following, start in scored:
-            if s.prefilled == 0:
-                s.prompt_logprobs.append(None)  # the first token has no context
+            got: list[TokenLogprob | None] = [None] if s.prefilled == 0 else []  # the first token has no context
             if following:
                 rows = logits[start : start + len(following)]
-                s.prompt_logprobs += token_logprobs(rows, following, s.params.prompt_logprobs)
-        done = []
-        for (s, n), row in zip(chunks, logits):
-            s.prefilled += n
-            if s.prefilled == s.length:
-                done.append((s, row))
-        return done
+                got += token_logprobs(rows, following, s.params.prompt_logprobs)
+            prompt_logprobs.append((s, tuple(got)))
+        done = [(s, row) for (s, n), row in zip(chunks, logits) if s.prefilled + n == s.length]
+        return done, prompt_logprobs
 
     def _forward(self, feed: list[tuple[Sequence, list[int], int]], cache: KVCache, at: list[int]) -> torch.Tensor:
         """One forward over rows of (sequence, tokens, position of the first), right-padded; the logits at
@@ -252,8 +195,8 @@ class Engine:
     def verify(self, rows: list[tuple[Sequence, list[int]]], cache: KVCache) -> list[torch.Tensor]:
         """Feed each decoding sequence its last token and then its draft (`service.engine.lookup`) in one
         forward; returns each row's logits (1 + len(draft), V): what the model predicts after each fed token.
-        Each sequence holds the blocks of its draft's positions (`Batcher`), which must leave the padding
-        off the last position (`Batcher._drafts` keeps drafts well inside the context)."""
+        Each sequence holds the blocks of its draft's positions (the scheduler gave them), which must leave
+        the padding off the last position (`Scheduler._drafts` keeps drafts well inside the context)."""
         width = 1 + max(len(d) for _, d in rows)
         at = [r * width + j for r, (_, d) in enumerate(rows) for j in range(1 + len(d))]
         logits = self._forward([(s, [s.output[-1], *d], s.length - 1) for s, d in rows], cache, at)
@@ -302,11 +245,6 @@ class Engine:
                 decoder([s])
         return buckets
 
-    def chains(self, seqs: list[Sequence]) -> bool:
-        """Whether decode steps over `seqs` may be launched ahead of the host: on the graph path, when
-        every sequence takes the plain greedy token and wants no log-probabilities."""
-        return self.use_graphs and self.overlap and all(s.params.greedy and s.params.logprobs is None for s in seqs)
-
     def launch(self, seqs: list[Sequence], cache: KVCache, chained: bool = False) -> Launched:
         """Start a greedy decode step over `seqs` and return without waiting for it. Chained, it decodes
         the tokens of the step launched just before over the same sequences, which the host has not
@@ -321,25 +259,9 @@ class Engine:
         ready.record()
         return Launched(seqs, host, ready)
 
-    def append(self, s: Sequence, token: int) -> bool:
-        """Record a token; True when the sequence is finished."""
-        if token in s.params.stop_token_ids or (token in self.stop_ids and not s.params.ignore_eos):
-            s.finish_reason, s.end_token = "stop", token  # not part of the output (its logprob stays last)
-            return True
-        s.output.append(token)
-        if s.on_token is not None and s.on_token(token):
-            s.finish_reason = "stop"
-        elif len(s.output) >= s.params.max_tokens:
-            s.finish_reason = "length"
-        return s.finish_reason is not None
-
     @torch.inference_mode()
     def tiny_forward(self) -> None:
         """A one-token forward through every rank (readiness), on the thread that owns the model: raises
         if the engine cannot run."""
         one = torch.zeros(1, 1, dtype=torch.long, device=self.device)
         self.model(one, one)
-
-    def check_prompt(self, ids: list[int], max_tokens: int = 0) -> None:
-        self.check_tokens(ids)
-        self.check_fits(len(ids), max_tokens)

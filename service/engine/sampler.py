@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from service.engine.plan import Picked
 from service.engine.sampling import (
     MIN_TEMPERATURE,
     penalize_counts,
@@ -56,30 +57,37 @@ def biased(logits: torch.Tensor, outputs: list[list[int]], params: list) -> torc
 
 
 class Sampler:
-    """The next token of each sequence of a step, for one batcher's slots."""
+    """The next token of each sequence of a step, for the slots of one cache (its penalty state grows to
+    the highest slot it has seen)."""
 
-    def __init__(self, slots: int):
-        self.slots = slots
+    def __init__(self):
         self.prompt: torch.Tensor | None = None  # (slots, V) bool: the tokens of the slot's prompt
         self.counts: torch.Tensor | None = None  # (slots, V) int32: how often the slot's sequence made each
-        self.owner: list[Sequence | None] = [None] * slots  # whose tokens the rows of a slot hold
+        self.owner: list[Sequence | None] = []  # whose tokens the rows of a slot hold
 
     def pick(self, seqs: list[Sequence], logits: torch.Tensor) -> list[int | RequestFailed]:
         """Each sequence's next token from its row of `logits` (B, V); a sampled row whose probabilities
         are not defined (non-finite logits) gets a `RequestFailed` instead: the other rows go on."""
         if all(s.params.greedy for s in seqs):
-            out: list = logits.argmax(-1).tolist()
-        else:
-            out = self._sample(seqs, logits.float())
-        for s, row, token in zip(seqs, logits, out):
-            if s.params.logprobs is not None and isinstance(token, int):
-                s.logprobs += token_logprobs(row[None], [token], s.params.logprobs)
+            return logits.argmax(-1).tolist()
+        return self._sample(seqs, logits.float())
+
+    def picked(self, seqs: list[Sequence], logits: torch.Tensor) -> list[Picked]:
+        """`pick`'s tokens as the step's output, with each token's log-probability where the sequence asks."""
+        out = []
+        for s, row, token in zip(seqs, logits, self.pick(seqs, logits)):
+            if isinstance(token, RequestFailed):
+                out.append(Picked(s, error=token))
+            elif s.params.logprobs is not None:
+                out.append(Picked(s, (token,), tuple(token_logprobs(row[None], [token], s.params.logprobs))))
+            else:
+                out.append(Picked(s, (token,)))
         return out
 
     @staticmethod
     def verified(s: Sequence, logits: torch.Tensor, draft: list[int]) -> list[int]:
         """The tokens a greedy sequence takes from the logits (1 + len(draft), V) of its verified draft
-        (`Batcher._speculate`): each draft token while it is the token plain decoding would pick there
+        (`ModelRunner.execute`): each draft token while it is the token plain decoding would pick there
         (the argmax after `biased`: banned n-gram repeats, logit bias, as in `pick`), then
         that pick where they part, or after the whole draft."""
         p = s.params
@@ -156,9 +164,14 @@ class Sampler:
     def _state(self, seqs: list[Sequence], vocab: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """(len(seqs), V) each: which tokens each sequence's prompt holds, and how often it generated each,
         from its slot's rows (filled from the token lists when the slot holds a new sequence)."""
-        if self.prompt is None:
-            self.prompt = torch.zeros(self.slots, vocab, dtype=torch.bool, device=device)
-            self.counts = torch.zeros(self.slots, vocab, dtype=torch.int32, device=device)
+        slots = max(s.slot for s in seqs) + 1
+        if self.prompt is None or self.prompt.shape[0] < slots:
+            prompt = torch.zeros(slots, vocab, dtype=torch.bool, device=device)
+            counts = torch.zeros(slots, vocab, dtype=torch.int32, device=device)
+            if self.prompt is not None:
+                prompt[: self.prompt.shape[0]], counts[: self.counts.shape[0]] = self.prompt, self.counts
+            self.prompt, self.counts = prompt, counts
+            self.owner += [None] * (slots - len(self.owner))
         for s in seqs:
             if self.owner[s.slot] is not s:
                 self.owner[s.slot] = s

@@ -1,192 +1,325 @@
-"""The server's engine thread: continuous batching for concurrent requests.
+"""Continuous batching over one paged KV cache (`Scheduler`): which sequences run, which tokens each one
+feeds, which blocks each holds. Each `schedule()` gives the running sequences the blocks their next
+tokens need, admits waiting sequences while a slot and blocks are free, plans prompt chunks within a
+per-step token budget (so a long prompt does not stall running streams) and one decode token for every
+sequence past its prompt: a `service.engine.plan.StepPlan`. `update(plan, output)` records what the model
+runner picked (`StepOutput`), applies the stop rules and frees the slots and blocks of what finished. The
+scheduler makes no model call and never sees the runner: `service.engine.core.Engine` passes the values.
 
-Requests hand their sequences to `submit` (returns at once; each sequence's `on_finish` says when it
-ends: the async handle's way) or `run` (blocks until they end: batch jobs and command-line callers), and
-one-off model calls to `call`; `abort(request)` ends a request's sequences at the next step. One thread,
-started here, owns every model call, so tensor-parallel collectives come in the same order on every
-rank. Each turn of its loop admits what arrived, ends what was aborted and runs one batcher step.
+Blocks (`service.engine.blocks.BlockPool`): a new sequence starts from the cached blocks of its longest
+cached prefix and prefills only the rest (unless that prefix is short, under `AWAY_HIT` tokens or half
+the prompt, and lies away from any free slot's home region, where reading it would cost a gather at
+every step); each block it fills enters the prefix cache (unless prefix caching is off, or the request
+wants prompt log-probabilities); a finished or cancelled sequence gives its blocks back at once. When a
+running sequence needs a block and none is left, the youngest running sequence is preempted: it gives
+its blocks back and waits again, and when it is admitted again it prefills its prompt and output so far
+(most of it found in the prefix cache, unless evicted meanwhile), as vLLM's recompute preemption does. A
+request that could never fit the whole cache is refused when it is added.
 
-- Overload: more than `max_waiting` sequences queued -> `Overloaded` (HTTP 429 with Retry-After). A
-  request of more sequences than `max_waiting` could never be admitted: `submit` refuses it with
-  `TooLarge` (400), `run` admits it in parts.
-- A request's own failure (a prompt the cache cannot take, its sampler, its callback) ends that
-  request's sequences with its error; the engine goes on.
-- Engine failure: an exception from a model call (a dead rank, a collective timeout, out of memory) is
-  printed with its traceback, fails every queued and running sequence and every later request with
-  `EngineFailed` (HTTP 503), and calls `on_fatal` once so that the server can answer what is in flight
-  and exit non-zero.
+Prompt-lookup speculation (`SchedulerConfig.prompt_lookup`): when every decoding sequence is greedy
+(processors but the count penalties allowed) and wants no log-probabilities, each one's draft
+(`service.engine.lookup`) is planned for verification in one forward, and `update` takes the tokens the
+model agreed with and its own next token after them: the same output in fewer steps.
+
+Launched ahead (`SchedulerConfig.launch_ahead`, the CUDA-graph path): a greedy decode step is launched
+and its tokens are collected by the next step's plan; a step over the same sequences as the one before is
+launched chained to it, before the host reads that step's tokens, so the host's work per token
+(callbacks, stop checks, streaming) runs while the GPU computes the next.
+
+A request's own failure (its sampler, its `on_token` callback) ends that sequence with `RequestFailed`
+and frees its slot; the step goes on for the others.
 """
 
 from __future__ import annotations
 
-import sys
-import threading
-import time
-import traceback
-from collections.abc import Callable
-from concurrent.futures import Future
-from typing import Any
+import heapq
+from dataclasses import dataclass
 
-from service.engine.batcher import Batcher
-from service.engine.metrics import Metrics
-from service.engine.runner import Engine
-from service.engine.sequence import Completion, Sequence
-from service.errors import EngineFailed, InvalidRequest, Overloaded, RequestFailed, TooLarge
+from service.engine.blocks import BlockPool
+from service.engine.checks import Limits
+from service.engine.lookup import draft
+from service.engine.plan import Launched, StepOutput, StepPlan
+from service.engine.sampling import MIN_TEMPERATURE
+from service.engine.sequence import Sequence
+from service.errors import ContextOverflow, RequestFailed
+
+PROMPT_LOOKUP = 5  # draft tokens: on SQuAD dev answers (SmolLM2, 2-core CPU) 3 gave 1.57x, 5 1.74x, 8 1.72x
+LOOKUP_ROWS = 8  # 5 draft tokens for 1, 2, 4 and 8 rows of SQuAD answers: 1.70x, 1.56x, 1.57x, 1.52x
+AWAY_HIT = 128  # tokens a cached prefix away from a free home must have to be used (and half the prompt)
+
+
+@dataclass
+class SchedulerConfig:
+    """What the scheduler plans with: the model's `limits`, the tokens that end a sequence (`stop_ids`,
+    unless it ignores them), the prompt tokens prefilled per step at most (`step_tokens`), whether cached
+    prefixes are reused (`prefix_caching`), the draft tokens verified per step (`prompt_lookup`, 0: off)
+    for at most `lookup_rows` decoding rows, and whether greedy decode steps are launched ahead of the
+    host (`launch_ahead`)."""
+
+    limits: Limits
+    stop_ids: frozenset[int] = frozenset()
+    step_tokens: int = 512
+    prefix_caching: bool = True
+    prompt_lookup: int = 0
+    lookup_rows: int = LOOKUP_ROWS
+    launch_ahead: bool = False
 
 
 class Scheduler:
-    def __init__(
-        self,
-        engine: Engine,
-        slots: int = 16,
-        context: int | None = None,
-        max_waiting: int = 64,
-        metrics: Metrics | None = None,
-        on_fatal: Callable[[], None] = lambda: None,
-    ):
-        self.engine, self.max_waiting, self.on_fatal = engine, max_waiting, on_fatal
-        self.metrics = metrics or Metrics(model_name="")
-        self.batcher = Batcher(engine, engine.new_cache(slots, context or engine.context), slots)
-        self.metrics.watch(self.state)
-        self.cv = threading.Condition()
-        self.inbox: list[Sequence] = []
-        self.calls: list[tuple[Callable[[], Any], Future]] = []
-        self.aborts: set[str] = set()
-        self.failure: str | None = None
-        self.stopping = False
-        self.thread = threading.Thread(target=self._loop, name="nlg-engine", daemon=True)
+    """Continuous batching over one cache's blocks: the sequences waiting for a slot and those holding one."""
 
-    def start(self) -> Scheduler:
-        self.thread.start()
-        return self
+    def __init__(self, config: SchedulerConfig, pool: BlockPool, slots: int):
+        self.config, self.pool, self.slots = config, pool, slots
+        self.free = list(range(slots))  # a heap: the lowest slot goes first, so that a decode step's rows
+        # are the low slots (the CUDA graphs' row buckets)
+        self.waiting: list[Sequence] = []
+        self.running: list[Sequence] = []
+        self.ahead: Launched | None = None  # the last decode step, when launched ahead of the host
+        self.admissions = 0
+        self.preemptions = 0
+        self.queried = self.hits = 0  # prompt tokens looked up in the prefix cache, and those found
+        self.drafted = self.accepted = 0  # prompt-lookup draft tokens verified, and those taken
 
-    def stop(self) -> None:
-        with self.cv:
-            self.stopping = True
-            self.cv.notify()
-        self.thread.join(30)
+    def add(self, s: Sequence) -> None:
+        """Queue a sequence; raises `InvalidRequest` for one the model cannot take (checked again here, on
+        the engine thread, whatever the caller checked)."""
+        self.config.limits.check_tokens(s.prompt)
+        self.config.limits.check_fits(s.length, s.params.max_tokens)
+        need, size = s.length + s.params.max_tokens, self.pool.size
+        if -(-need // size) > self.pool.capacity:
+            raise ContextOverflow(
+                f"the request needs {need} tokens of KV cache ({s.length} in the prompt, {s.params.max_tokens} "
+                f"in the completion) and the whole cache holds {self.pool.capacity * size} (--kv-cache-memory): "
+                "shorten the prompt or lower max_tokens",
+                param="messages",
+            )
+        self.waiting.append(s)
 
-    def submit(self, seqs: list[Sequence]) -> None:
-        """Queue sequences for the engine thread; raises `TooLarge`, `Overloaded` or `EngineFailed` at
-        once, before any of them is queued."""
-        with self.cv:
-            self._check()
-            if len(seqs) > self.max_waiting:
-                raise TooLarge(
-                    f"the request needs {len(seqs)} sequences and this server queues at most {self.max_waiting} "
-                    "(--max-waiting): send fewer prompts"
-                )
-            queued = len(self.inbox) + len(self.batcher.waiting)
-            if queued + len(seqs) > self.max_waiting:
-                raise Overloaded(
-                    f"{queued} sequences are already waiting (limit {self.max_waiting}); retry later",
-                    retry_after=max(1, queued // self.batcher.slots),
-                )
-            self.inbox += seqs
-            self.cv.notify()
+    def busy(self) -> bool:
+        return bool(self.waiting or self.running or self.ahead)
 
-    def run(self, seqs: list[Sequence]) -> list[Completion]:
-        """Run sequences to the end from any thread (more than `max_waiting` of them in parts); raises
-        the first one's error."""
-        for start in range(0, len(seqs), self.max_waiting):
-            part = seqs[start : start + self.max_waiting]
-            self.submit(part)
-            for s in part:
-                s.done.wait()
-            for s in part:
-                if s.error is not None:
-                    raise s.error
-        return [s.completion() for s in seqs]
+    def finish(self, s: Sequence, reason: str | None = None, error: BaseException | None = None) -> None:
+        if s in self.running:
+            self._evict(s)
+        elif s in self.waiting:
+            self.waiting.remove(s)
+        s.end(reason, error)
 
-    def abort(self, request: str) -> None:
-        """End the sequences of `request` (their `Sequence.request`) at the engine's next step, finish
-        reason "cancelled"; from any thread, a no-op for a request that has ended."""
-        with self.cv:
-            self.aborts.add(request)
-            self.cv.notify()
+    def abort(self, requests: set[str]) -> None:
+        """End the waiting and running sequences of these requests, finish reason "cancelled"."""
+        for s in [s for s in self.waiting + self.running if s.request in requests]:
+            self.finish(s, "cancelled")
 
-    def call(self, work: Callable[[], Any]) -> Future:
-        """Run `work` on the engine thread between two steps; the future gets its result. An
-        `InvalidRequest` it raises is the caller's; any other exception fails the engine."""
-        future: Future = Future()
-        with self.cv:
-            self._check()
-            self.calls.append((work, future))
-            self.cv.notify()
-        return future
+    def schedule(self) -> StepPlan:
+        """The next step's work. After a step launched ahead: a step chained to it when every running
+        sequence decodes on, none could be admitted and each has a block for the position the next step
+        writes; else a step that only collects its tokens (the next plans afresh)."""
+        if self.ahead is not None:
+            ahead, self.ahead = self.ahead, None
+            going_on = any(len(s.output) + 1 < s.params.max_tokens for s in ahead.seqs)  # past the token on its way
+            if (
+                self.running == ahead.seqs
+                and going_on
+                and not (self.waiting and self.free)
+                and all(self._grow(s, s.length + 1, preempt=False) for s in ahead.seqs)
+            ):
+                return StepPlan(launch=list(ahead.seqs), chained=True, collect=ahead)
+            return StepPlan(collect=ahead)
+        self._admit()
+        work = self._plan()
+        plan = StepPlan(prefill=[(s, n) for s, n in work if not self._decoding(s)])
+        decoding = [s for s, _ in work if self._decoding(s)]
+        if decoding and self._launches(decoding):
+            plan.launch = decoding
+        elif decoding and any(drafts := self._drafts(decoding)):
+            plan.verify = list(zip(decoding, drafts))
+        else:
+            plan.decode = decoding
+        return plan
 
-    def _check(self) -> None:
-        if self.failure:
-            raise EngineFailed(self.failure)
-        if self.stopping:
-            raise EngineFailed("the engine is shutting down")
+    def update(self, plan: StepPlan, output: StepOutput) -> None:
+        """Record the step's results: what each prefilled chunk put in the cache (and its prompt
+        log-probabilities), then each picked token (stop rules, finished sequences freed); keep the step
+        launched ahead for the next plan to collect."""
+        for s, n in plan.prefill:
+            s.prefilled += n
+        for s, logprobs in output.prompt_logprobs:
+            s.prompt_logprobs += logprobs
+        for s, _ in plan.prefill:
+            self._register(s)
+            if s.prefilled == s.length and s.params.max_tokens == 0:  # the prompt only was to be scored
+                self.finish(s, "length")
+        verified = dict(plan.verify) if plan.verify else {}
+        for p in output.picked:
+            s = p.seq
+            if s.done.is_set():  # finished meanwhile (cancelled, or done at the step before a chained one)
+                continue
+            if s in verified:
+                agreed = len(p.tokens) - 1
+                self.drafted, self.accepted = self.drafted + len(verified[s]), self.accepted + agreed
+                s.prefilled = s.length + agreed  # the fed tokens now in the cache: all but the last one taken
+            else:
+                if s.prefilled == s.length - 1:  # it fed its last token: decoded
+                    s.prefilled = s.length
+                self._register(s)
+            if p.error is not None:
+                self.finish(s, error=p.error)
+                continue
+            s.logprobs += p.logprobs
+            for token in p.tokens:
+                self._record(s, token)
+                if s.done.is_set():
+                    break
+            else:
+                self._register(s)
+        self.ahead = output.launched
 
-    def _loop(self) -> None:
-        while True:
-            with self.cv:
-                while not (self.inbox or self.calls or self.aborts or self.batcher.busy() or self.stopping):
-                    self.cv.wait()
-                if self.stopping:  # whatever is left gets its answer: 503, the server is going down
-                    self._end_all(EngineFailed("the engine is shutting down"), [])
-                    return
-                new, self.inbox = self.inbox, []
-                calls, self.calls = self.calls, []
-                aborts, self.aborts = self.aborts, set()
-            for s in new:
-                try:
-                    self.batcher.add(s)
-                except InvalidRequest as e:  # the request's input, not the engine's fault
-                    s.end(error=e)
-                except Exception as e:
-                    s.end(error=RequestFailed(f"the request could not be queued: {type(e).__name__}: {e}"))
-            self.batcher.abort(aborts)
-            try:
-                for work, future in calls:
-                    try:
-                        future.set_result(work())
-                    except InvalidRequest as e:
-                        future.set_exception(e)
-                before = {id(s) for s in self.batcher.waiting}
-                self.batcher.step()
-            except Exception as e:
-                self._fail(e, calls)
+    def _launches(self, decoding: list[Sequence]) -> bool:
+        """Whether the decode step over `decoding` is launched ahead: every sequence takes the plain greedy
+        token and wants no log-probabilities."""
+        return self.config.launch_ahead and all(s.params.greedy and s.params.logprobs is None for s in decoding)
+
+    def _drafts(self, decoding: list[Sequence]) -> list[list[int]]:
+        """Each decoding sequence's prompt-lookup draft (`service.engine.lookup`), with the blocks of its
+        positions. All [] when speculation is off (`prompt_lookup` 0), for steps of more rows than
+        `lookup_rows` (verifying many rows' drafts costs more than it saves), or when a sequence
+        samples, has a count penalty or wants log-probabilities; [] for a sequence near the end of its
+        context or max_tokens, or when no block is free."""
+        k, config = self.config.prompt_lookup, self.config
+        plain = all(  # greedy, with no processor that needs the sampler's per-slot counts
+            s.params.temperature < MIN_TEMPERATURE and not s.params.counts_tokens and s.params.logprobs is None
+            for s in decoding
+        )
+        if not k or len(decoding) > config.lookup_rows or not plain:
+            return [[] for _ in decoding]
+        out = []
+        for s in decoding:
+            room = min(k, s.params.max_tokens - len(s.output) - 1)  # the step adds a token after the draft
+            near_end = s.length + 2 * (k + 1 + self.pool.size) >= config.limits.context  # padding off the last position
+            d = [] if near_end else draft(s.tokens(), room)
+            out.append(d if d and self._grow(s, s.length + len(d), preempt=False) else [])
+        return out
+
+    @staticmethod
+    def _decoding(s: Sequence) -> bool:
+        """Past its prompt, with every token but the last in the cache: it decodes one token a step."""
+        return bool(s.output) and s.prefilled == s.length - 1
+
+    def _admit(self) -> None:
+        """Give free slots to waiting sequences, first come first served by priority, while the blocks of
+        each one's first chunk are free (past its cached prefix)."""
+        self.waiting.sort(key=lambda s: (s.priority, s.arrival))
+        size = self.pool.size
+        while self.free and self.waiting:
+            s = self.waiting[0]
+            tokens = s.tokens()
+            keys, hit = [], []
+            looked = self.config.prefix_caching and s.params.prompt_logprobs is None  # (those need every logit)
+            if looked:
+                keys = self.pool.keys(tokens[: len(tokens) - 1])  # at least one token is computed
+                hit = self.pool.match(keys)
+            home = self._home_of(hit)
+            if home is None and (2 * len(hit) * size < len(tokens) or len(hit) * size < AWAY_HIT):
+                # a short prefix away from home: computing it again costs less than reading the sequence
+                # (and its batch) through a gather at every step
+                self.pool.release(hit)
+                hit = []
+            start = len(hit) * size
+            first = min(len(tokens) - start, self.config.step_tokens)
+            if -(-(start + first) // size) - len(hit) > self.pool.available():
+                self.pool.release(hit)
                 return
-            self._observe(before)
+            self.waiting.pop(0)
+            self.queried, self.hits = self.queried + looked * len(tokens), self.hits + start
+            s.blocks, s.keys, s.prefilled = hit, keys[: len(hit)], start
+            if home is None:
+                s.slot = heapq.heappop(self.free)
+            else:
+                self.free.remove(home)
+                heapq.heapify(self.free)
+                s.slot = home
+            self.admissions += 1
+            s.admitted = self.admissions
+            self.running.append(s)
+        self.running.sort(key=lambda s: s.slot)
 
-    def _observe(self, waiting_before: set[int]) -> None:
-        m, now = self.metrics, time.monotonic()
-        for s in self.batcher.running:
-            if id(s) in waiting_before:  # admitted this step
-                m.queue.observe(now - s.arrival)
+    def _home_of(self, hit: list[int]) -> int | None:
+        """The free slot whose home region starts with the cached blocks `hit` (a sequence there is read
+        in place), or None."""
+        slot = hit[0] // self.pool.region - 1 if hit and hit[0] % self.pool.region == 0 else -1
+        return slot if slot in self.free else None
 
-    def state(self) -> dict[str, float]:
-        """The engine's state as `Metrics.watch` exports it (read from another thread: lengths only)."""
-        b = self.batcher
-        return {
-            "vllm:num_requests_running": len(b.running),
-            "vllm:num_requests_waiting": len(b.waiting) + len(self.inbox),
-            "vllm:kv_cache_usage_perc": b.pool.used() / b.pool.capacity,
-            "nlg_kv_cache_blocks_free": b.pool.available(),
-            "vllm:num_preemptions": b.preemptions,
-            "vllm:prefix_cache_queries": b.queried,
-            "vllm:prefix_cache_hits": b.hits,
-        }
+    def _plan(self) -> list[tuple[Sequence, int]]:
+        """The tokens each running sequence feeds this step (1 when it decodes, else a prompt chunk within
+        the step's budget), each with the blocks they need; oldest first, so a shortage preempts the
+        youngest."""
+        budget, work = self.config.step_tokens, []
+        for s in sorted(self.running, key=lambda s: s.admitted):
+            if s not in self.running:  # preempted meanwhile
+                continue
+            decoding = self._decoding(s)
+            n = 1 if decoding else min(s.length - s.prefilled, budget)
+            if n and self._grow(s, s.prefilled + n):
+                work.append((s, n))
+                budget -= 0 if decoding else n
+        return sorted(((s, n) for s, n in work if s in self.running), key=lambda w: w[0].slot)
 
-    def _fail(self, error: Exception, calls) -> None:
-        self.failure = f"engine failed: {type(error).__name__}: {error}"
-        print(f"nlg: error: {self.failure}", file=sys.stderr)
-        traceback.print_exception(error, file=sys.stderr)
-        sys.stderr.flush()
-        with self.cv:
-            self._end_all(EngineFailed(self.failure), calls)
-        self.on_fatal()
+    def _grow(self, s: Sequence, tokens: int, preempt: bool = True) -> bool:
+        """Blocks for the first `tokens` positions of `s`; when none is left, preempt the youngest running
+        sequence (or, not `preempt`, give up). False when `s` itself was preempted or it gave up."""
+        while len(s.blocks) * self.pool.size < tokens:
+            n = len(s.blocks)
+            block = self.pool.take(self.pool.home(s.slot) + n if n < self.pool.region else None)
+            if block is not None:
+                s.blocks.append(block)
+                continue
+            if not preempt:
+                return False
+            victim = max(self.running, key=lambda r: r.admitted)
+            self._evict(victim)
+            victim.prefilled = 0
+            if not victim.output:
+                victim.prompt_logprobs.clear()  # computed again from the first token
+            self.waiting.append(victim)
+            self.preemptions += 1
+            if victim is s:
+                return False
+        return True
 
-    def _end_all(self, error: EngineFailed, calls) -> None:
-        """End every queued and running sequence and every pending call (`calls` taken off the queue
-        already, and those still on it) with `error`; the caller holds `cv`."""
-        for s in self.inbox + self.batcher.waiting + self.batcher.running:
-            s.end(error=error)
-        for _, future in calls + self.calls:
-            if not future.done():
-                future.set_exception(error)
-        self.inbox, self.calls = [], []
+    def _evict(self, s: Sequence) -> None:
+        """`s` leaves the running sequences: its slot and its blocks are free."""
+        self.running.remove(s)
+        heapq.heappush(self.free, s.slot)
+        self.pool.release(s.blocks)
+        s.blocks, s.keys = [], []
+
+    def _register(self, s: Sequence) -> None:
+        """Put the blocks `s` has filled since the last call into the prefix cache."""
+        full = s.prefilled // self.pool.size
+        if self.config.prefix_caching and full > len(s.keys):
+            new = self.pool.keys(s.tokens()[: full * self.pool.size], s.keys[-1] if s.keys else b"", len(s.keys))
+            for block, key in zip(s.blocks[len(s.keys) :], new):
+                self.pool.register(block, key)
+            s.keys += new
+
+    def _record(self, s: Sequence, token: int) -> None:
+        try:
+            finished = self._append(s, token)
+        except Exception as e:  # the request's own callback (detokenizing, streaming): fails it alone
+            self.finish(s, error=RequestFailed(f"the request failed while taking its tokens: {type(e).__name__}: {e}"))
+            return
+        if finished:
+            self.finish(s)
+
+    def _append(self, s: Sequence, token: int) -> bool:
+        """Record a token; True when the sequence is finished (a stop token, its `on_token` said so, or
+        max_tokens)."""
+        if token in s.params.stop_token_ids or (token in self.config.stop_ids and not s.params.ignore_eos):
+            s.finish_reason, s.end_token = "stop", token  # not part of the output (its logprob stays last)
+            return True
+        s.output.append(token)
+        if s.on_token is not None and s.on_token(token):
+            s.finish_reason = "stop"
+        elif len(s.output) >= s.params.max_tokens:
+            s.finish_reason = "length"
+        return s.finish_reason is not None

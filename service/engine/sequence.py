@@ -40,7 +40,7 @@ class Sequence:
     prompt: list[int]
     params: SamplingParams
     on_token: Callable[[int], bool] | None = None  # True: stop here
-    request: str | None = None  # the request's id: `Scheduler.abort(request)` ends all its sequences
+    request: str | None = None  # the request's id: `Engine.abort(request)` ends all its sequences
     priority: int = 0  # lower runs first (interactive 0, batch jobs 1)
     on_finish: Callable[[Sequence], None] | None = None  # called once when the sequence ends
     slot: int = -1  # the row it decodes in while it runs

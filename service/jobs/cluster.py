@@ -33,7 +33,7 @@ from service.errors import InvalidRequest
 from service.jobs.jsonl import Summary, errors_of, glob_files, numbered, whole_lines
 
 EXTRA = "--ray needs the ray extra: pip install -e '.[ray]'"
-SLOTS = 16  # sequences a replica's engine runs at once (its scheduler's slots)
+SLOTS = 16  # sequences a replica's engine runs at once
 BLOCK = 32  # records per block, about (Ray splits evenly); a replica takes one as it finishes one, returns it whole
 READ_ROWS = 4096  # rows a read task holds before handing them on (Ray cuts them into blocks)
 LOCAL_OBJECT_STORE = 512 << 20  # the local cluster's shared memory for blocks in flight
@@ -158,14 +158,13 @@ class Replica:
         import torch
 
         from service.engine.generator import TextGenerator
-        from service.engine.scheduler import Scheduler
         from service.jobs import ranks
 
         torch.set_num_threads(threads)
         self.ranks = ranks.start(tp, model, options, max(1, threads // tp)) if tp > 1 else []
         self.task = task
         self.gen = TextGenerator.load(model, **options)
-        self.gen.runs_on(Scheduler(self.gen.engine, slots=SLOTS).start())
+        self.gen.engine.start(slots=SLOTS)
         self.name = f"{socket.gethostname()}:{os.getpid()}"
 
     def __call__(self, batch: dict) -> dict:

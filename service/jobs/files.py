@@ -23,7 +23,6 @@ from pathlib import Path
 
 from service import nesting
 from service.engine.generator import TextGenerator
-from service.engine.scheduler import Scheduler
 from service.errors import DeadlineExceeded, EngineFailed, InvalidRequest
 from service.jobs.jsonl import Summary, done_lines, errors_of, field, glob_files, numbered
 from service.jobs.records import run_record
@@ -168,12 +167,11 @@ def run_job(
 
 def in_flight(gen: TextGenerator, fn: Callable, items, workers: int, on_done: Callable) -> None:
     """`fn(item)` for every item, `workers` at a time (no more: an interruption leaves little undone),
-    through the engine's scheduler, which batches them (one is started here when none runs).
+    through the engine's thread, which batches them (started here when it does not run).
     `on_done(result)` is called on this thread as each finishes; an engine failure is re-raised."""
-    own = None
-    if gen.scheduler is None:  # a server's generator has one already
-        own = Scheduler(gen.engine, slots=workers).start()
-        gen.runs_on(own)
+    own = not gen.engine.running  # a server's engine runs already
+    if own:
+        gen.engine.start(slots=workers)
     try:
         with ThreadPoolExecutor(workers) as pool:
             pending: set[Future] = set()
@@ -186,6 +184,5 @@ def in_flight(gen: TextGenerator, fn: Callable, items, workers: int, on_done: Ca
             for f in wait(pending).done:
                 on_done(f.result())
     finally:
-        if own is not None:
-            gen.runs_on(None)
-            own.stop()
+        if own:
+            gen.engine.stop()

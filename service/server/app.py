@@ -2,8 +2,8 @@
 
 `build_app` wires the pieces; the handlers live in `service.server.routes` (one module per API
 family) and reach the shared state through `app.state`: `gen` (the text generator), `handle` (the
-async engine handle), `scheduler`, `jobs` and `runner` (batch jobs), `metrics`, `readiness`,
-`score_traffic`. The lifespan starts the engine thread (`service.engine.scheduler.Scheduler`,
+async engine handle), `engine`, `jobs` and `runner` (batch jobs), `metrics`, `readiness`,
+`score_traffic`. The lifespan starts the engine thread (`service.engine.core.Engine.start`,
 continuous batching) and the handle every handler talks to it through: no thread waits per request,
 every queued request counts toward `--max-waiting`, and everything that can refuse a request does so
 before the response starts, streams included. Errors have one shape and the statuses of
@@ -24,7 +24,6 @@ from fastapi_offline import FastAPIOffline
 from service.engine.generator import TextGenerator
 from service.engine.handle import AsyncEngine
 from service.engine.metrics import Metrics
-from service.engine.scheduler import Scheduler
 from service.jobs.cluster import Replicas
 from service.jobs.cluster_runner import ClusterRunner
 from service.jobs.runner import JobRunner
@@ -72,18 +71,16 @@ def build_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        scheduler = Scheduler(gen.engine, slots, max_waiting=max_waiting, metrics=metrics, on_fatal=on_fatal)
-        app.state.scheduler = scheduler.start()
-        pool = scheduler.batcher.pool
-        tokens, size = pool.capacity * pool.size, pool.capacity * pool.size * gen.engine.token_bytes()
+        engine = app.state.engine = gen.engine.start(slots, max_waiting, metrics, on_fatal)
+        pool = engine.scheduler.pool
+        tokens, size = pool.capacity * pool.size, pool.capacity * pool.size * engine.runner.token_bytes()
         print(
             f"nlg: KV cache: {pool.capacity} blocks of {pool.size} tokens, {tokens} tokens ({size / 2**30:.2f} GiB)",
             file=sys.stderr,
         )
-        gen.runs_on(scheduler)
-        handle = app.state.handle = AsyncEngine(gen, scheduler, request_timeout)
+        handle = app.state.handle = AsyncEngine(gen, request_timeout)
         started = time.perf_counter()
-        warmed = await handle.call(lambda: gen.engine.warm_up(scheduler.batcher.cache, slots))
+        warmed = await handle.call(engine.warm_up)
         if warmed:
             took = time.perf_counter() - started
             print(f"nlg: decode step warmed up for {len(warmed)} (rows, span) buckets in {took:.1f} s", file=sys.stderr)
@@ -94,8 +91,7 @@ def build_app(
         if on_ray:
             on_ray.stop()
         runner.stop()
-        scheduler.stop()
-        gen.runs_on(None)
+        engine.stop()
 
     app = FastAPIOffline(  # FastAPI with the /docs and /redoc assets served from the installed package
         title="nlg",

@@ -104,12 +104,12 @@ def answer_plan(
     if passages and len(ids) + max_tokens > context:
         room = context - max_tokens - len(chat(answer_messages(question, ["."])))
         if room < 16:
-            gen.engine.check_fits(len(chat(answer_messages(question, []))) + 16, max_tokens)
+            gen.engine.limits.check_fits(len(chat(answer_messages(question, []))) + 16, max_tokens)
         windows = [(i, piece) for i, p in enumerate(passages) for piece in split_to_fit(gen, p, room)]
         prompts = [chat(answer_messages(question, [piece])) for _, piece in windows]
     else:
         prompts = [ids]
-        gen.engine.check_fits(len(ids), max_tokens)  # refused here, naming the numbers, if it does not fit
+        gen.engine.limits.check_fits(len(ids), max_tokens)  # refused here, naming the numbers, if it does not fit
     results = yield Generate(prompts, [params] * len(prompts), forward if len(prompts) == 1 else None)
     texts = [first_sentence(r.text) for r in results]
     if windows is None:

@@ -156,7 +156,7 @@ def map_reduce(
     _, map_budget = LENGTHS["medium"]
     room = map_room(gen)
     if room < 64:
-        gen.engine.check_fits(len(chat(summary_messages(".", MAP_INSTRUCTION))) + 64, map_budget)
+        gen.engine.limits.check_fits(len(chat(summary_messages(".", MAP_INSTRUCTION))) + 64, map_budget)
     pieces = cut(room) if cut else split_to_fit(gen, document, room)
     map_params = SamplingParams(
         max_tokens=map_budget, temperature=temperature, seed=seed, no_repeat_ngram=SUMMARY_NO_REPEAT_NGRAM

@@ -12,7 +12,7 @@ from model.cpu_matmul import PackedLinear, pack
 from model.loader import load_model
 from model.registry import resolve
 from parallel.quant import weight_bytes
-from service.engine.runner import Engine
+from service.engine.core import Engine
 from service.engine.sampling import SamplingParams
 
 

@@ -13,7 +13,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUD
 
 def test_cuda_bf16_matches_cpu_fp32():
     """Guards device placement of every parameter and buffer (RoPE tables, KV cache) and bf16 numerics."""
-    from service.engine.runner import Engine
+    from service.engine.core import Engine
     from service.engine.sampling import SamplingParams
 
     path = resolve("tiny-random")
@@ -34,7 +34,7 @@ def test_cuda_bf16_matches_cpu_fp32():
 def test_cuda_graph_decode_matches_cpu():
     """Decode replayed from CUDA graphs of several row buckets, with slots freed and refilled while others
     run: fp32 greedy tokens equal the CPU's, and equal the GPU's eager decode."""
-    from service.engine.runner import Engine
+    from service.engine.core import Engine
     from service.engine.sampling import SamplingParams
 
     path = resolve("tiny-random")
@@ -44,7 +44,7 @@ def test_cuda_graph_decode_matches_cpu():
     gpu = load_model(path, device="cuda")
     graphs = Engine(gpu, max_batch=3, device="cuda")
     assert [c.token_ids for c in graphs.generate(prompts, params)] == want
-    assert len(graphs.graphs.graphs) >= 2
+    assert len(graphs.runner.graphs.graphs) >= 2
     eager = Engine(gpu, max_batch=3, device="cuda", graphs=False)
     assert [c.token_ids for c in eager.generate(prompts, params)] == want
 
@@ -52,8 +52,7 @@ def test_cuda_graph_decode_matches_cpu():
 def test_cuda_warm_up_then_steps_launched_ahead_match_cpu():
     """Graphs captured before any request (as `nlg serve` does), then greedy steps launched ahead of the
     host with one sequence stopped early by its callback: the CPU's tokens, nothing past the stop."""
-    from service.engine.batcher import Batcher
-    from service.engine.runner import Engine
+    from service.engine.core import Engine
     from service.engine.sampling import SamplingParams
     from service.engine.sequence import Sequence
 
@@ -62,13 +61,11 @@ def test_cuda_warm_up_then_steps_launched_ahead_match_cpu():
     params = [SamplingParams(max_tokens=n, ignore_eos=True) for n in (12, 20, 9)]
     want = [c.token_ids for c in Engine(load_model(path), max_batch=4).generate(prompts, params)]
     engine = Engine(load_model(path, device="cuda"), max_batch=4, device="cuda", context=512)
-    cache = engine.new_cache(4, 300)
-    assert len(engine.warm_up(cache, 4)) == len(engine.graphs.graphs) == 6  # rows 1, 2, 4 at spans 256, 512
-    batcher = Batcher(engine, cache, 4)
+    cache = engine.runner.new_cache(4, 300)
+    warmed = engine.runner.warm_up(cache, 4)
+    assert len(warmed) == len(engine.runner.graphs.graphs) == 6  # rows 1, 2, 4 at spans 256, 512
+    engine.use(cache, 4)
     seqs = [Sequence(p, sp) for p, sp in zip(prompts, params)]
     seqs[0].on_token = lambda t: len(seqs[0].output) == 5
-    for s in seqs:
-        batcher.add(s)
-    while batcher.busy():
-        batcher.step()
+    engine.run(seqs)
     assert [s.output for s in seqs] == [want[0][:5]] + want[1:]

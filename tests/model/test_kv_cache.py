@@ -46,11 +46,11 @@ def test_chunked_prefill_equals_single_chunk(tiny):
     prompt = tiny.tokenizer.encode("chunk me " * 30)
     params = [SamplingParams(max_tokens=8, ignore_eos=True)]
     whole = tiny.engine.generate([prompt], params)[0].token_ids
-    chunk, tiny.engine.prefill_chunk = tiny.engine.prefill_chunk, 16
+    chunk, tiny.engine.config.step_tokens = tiny.engine.config.step_tokens, 16
     try:
         assert tiny.engine.generate([prompt], params)[0].token_ids == whole
     finally:
-        tiny.engine.prefill_chunk = chunk
+        tiny.engine.config.step_tokens = chunk
 
 
 @pytest.mark.parametrize(
@@ -102,7 +102,7 @@ def test_bfloat16_model_runs_and_stays_close():
     """Guards dtype consistency (RoPE tables, KV cache) when weights are not fp32."""
     from model.loader import load_model
     from model.registry import resolve
-    from service.engine.runner import Engine
+    from service.engine.core import Engine
 
     path = resolve("tiny-random")
     fp32, bf16 = load_model(path), load_model(path, dtype=torch.bfloat16)

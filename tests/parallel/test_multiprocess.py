@@ -19,7 +19,7 @@ from model.config import ModelConfig
 from model.loader import load_model
 from model.tiny import write_model_dir
 from parallel.launch import launch
-from service.engine.runner import Engine
+from service.engine.core import Engine
 from service.engine.sampling import SamplingParams
 
 pytestmark = pytest.mark.heavy  # rank processes: `make test`, not `make test-fast`
@@ -54,13 +54,13 @@ def logits_and_greedy(path: str):
             logits = leader(*ragged(PROMPTS))
         out = Engine(leader).generate(PROMPTS, [SamplingParams(max_tokens=32, ignore_eos=True)] * 2)
         small = Engine(leader, max_batch=3)
-        small.kv_memory = 7 * small.token_bytes() * small.block_size  # the null block and 6 more
+        small.runner.kv_memory = 7 * small.runner.token_bytes() * small.runner.block_size  # the null block and 6 more
         shared = [PROMPTS[0] * 2 + [i] for i in range(3)]  # 19 tokens: its first block is cached
         pressed = small.generate(shared, [SamplingParams(max_tokens=40, ignore_eos=True)] * 3)
-        assert small.batcher.preemptions and small.batcher.hits
+        assert small.scheduler.preemptions and small.scheduler.hits
         speculating = Engine(leader, prompt_lookup=5)
         looped = speculating.generate([[5, 6, 7, 8, 9] * 8], [SamplingParams(max_tokens=32, ignore_eos=True)])
-        assert speculating.batcher.drafted
+        assert speculating.scheduler.drafted
         return logits, [c.token_ids for c in out], [c.token_ids for c in pressed], looped[0].token_ids
     finally:
         shutdown()

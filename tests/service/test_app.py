@@ -13,8 +13,8 @@ from service.tasks.text import first_sentence
 
 
 @pytest.fixture(scope="module")
-def client(tiny):
-    with TestClient(build_app(tiny)) as c:  # `with`: the lifespan starts the engine thread
+def client(tiny, own_engine):
+    with TestClient(build_app(own_engine(tiny))) as c:  # `with`: the lifespan starts the engine thread
         yield c
 
 
@@ -112,7 +112,7 @@ def test_engine_failure_gives_503_from_then_on_and_is_fatal(tiny, monkeypatch):
         raise RuntimeError("Connection closed by peer")
 
     with TestClient(build_app(tiny, on_fatal=fatal.set)) as client:
-        monkeypatch.setattr(tiny.engine, "model", broken)
+        monkeypatch.setattr(tiny.engine.runner, "model", broken)
         assert_error(client.get("/ready"), 503, "Connection closed by peer")
         monkeypatch.undo()
         assert_error(client.post("/v1/answer", json={"question": "still there?"}), 503, "engine failed")

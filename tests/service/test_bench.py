@@ -78,7 +78,7 @@ def test_gpu_bench_profiles_the_steps_it_means(tiny):
     """The steps `nlg bench --device cuda` profiles (eager forward; the recorded step outside its graph)
     run as given on any device: one token's logits for one row."""
     from service.bench.gpu import compiled_step, eager_step
-    from service.engine.runner import Engine
+    from service.engine.core import Engine
     from service.engine.sampling import SamplingParams
 
     engine = Engine(tiny.engine.model, graphs=True)

@@ -131,17 +131,18 @@ def test_kv_cache_memory_is_checked_against_the_device(tiny, monkeypatch):
     --kv-cache-memory that cannot fit, or that holds less than a block per sequence, names its size and
     what to change."""
     from service.engine import runner as engine_module
-    from service.engine.runner import CacheTooLarge, Engine
+    from service.engine.core import Engine
+    from service.engine.runner import CacheTooLarge
 
     monkeypatch.setattr(engine_module, "free_memory", lambda device: 3 * 2**20)
-    engine = Engine(tiny.engine.model)
+    engine = Engine(tiny.engine.model).runner
     block = engine.token_bytes() * engine.block_size  # 4 layers x 2 x 16 positions x 4 heads x 16 x 4 bytes
     cache, share = engine.new_cache(16, 512), int(3 * 2**20 * 0.9) // block  # not the 17 x 32 blocks asked
     assert share - cache.region < cache.num_blocks <= share  # whole regions
     with pytest.raises(CacheTooLarge, match=r"needs 1.00 GiB and cpu has 0.00 GiB free: lower --kv-cache-memory"):
-        Engine(tiny.engine.model, kv_memory=2**30).new_cache(16, 512)
+        Engine(tiny.engine.model, kv_memory=2**30).runner.new_cache(16, 512)
     with pytest.raises(CacheTooLarge, match=r"holds 3 blocks of 16 tokens \(\d+ bytes each\) and 16 sequences"):
-        Engine(tiny.engine.model, kv_memory=4 * block).new_cache(16, 512)
+        Engine(tiny.engine.model, kv_memory=4 * block).runner.new_cache(16, 512)
 
 
 def test_vllm_flag_names_and_defaults_in_help():

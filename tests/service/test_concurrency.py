@@ -46,13 +46,13 @@ def test_client_that_disconnects_frees_its_slot(tiny, serve, submitted):
     body = {"model": "tiny-random", "prompt": "go", "max_tokens": 1000, "temperature": 0, "stream": True}
     app = build_app(tiny, slots=2)
     with serve(app) as url:
-        batcher, seen = app.state.scheduler.batcher, submitted(app)
+        scheduler, seen = app.state.engine.scheduler, submitted(app)
         with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=30) as r:
             assert r.status_code == 200
             next(r.iter_lines())
-            assert len(batcher.running) == 1
+            assert len(scheduler.running) == 1
         assert seen.ended(), "the slot was not freed"
-        assert len(batcher.free) == 2
+        assert len(scheduler.free) == 2
 
 
 def test_deadline_gives_504_and_frees_the_slot(tiny, submitted):
@@ -62,7 +62,7 @@ def test_deadline_gives_504_and_frees_the_slot(tiny, submitted):
         seen = submitted(client.app)
         r = client.post("/v1/completions", json=body)
         assert r.status_code == 504 and r.json()["error"]["code"] == "timeout"
-        assert seen.ended() and not client.app.state.scheduler.batcher.running
+        assert seen.ended() and not client.app.state.engine.scheduler.running
 
 
 def test_non_streaming_client_that_disconnects_is_cancelled(tiny, serve, submitted):
@@ -81,22 +81,22 @@ def test_non_streaming_client_that_disconnects_is_cancelled(tiny, serve, submitt
 
 
 def test_abort_ends_only_that_requests_sequences(tiny):
-    """`Scheduler.abort(request_id)` is the one way to cancel (it replaced a `cancelled()` callback polled
+    """`Engine.abort(request_id)` is the one way to cancel (it replaced a `cancelled()` callback polled
     every step): it must end every sequence of that request, queued or running, and no other."""
+    from service.engine.core import Engine
     from service.engine.sampling import SamplingParams
-    from service.engine.scheduler import Scheduler
 
-    scheduler = Scheduler(tiny.engine, slots=1, max_waiting=8).start()
+    engine = Engine(tiny.engine.model, max_waiting=8).start(slots=1)
     try:
         params = SamplingParams(max_tokens=400, ignore_eos=True)
         gone = tiny.engine.sequences([[1, 2], [3]], [params] * 2, request="gone")  # one runs, one waits
         kept = tiny.engine.sequences([[4]], [SamplingParams(max_tokens=5, ignore_eos=True)], request="kept")
-        scheduler.submit(gone + kept)
-        scheduler.abort("gone")
+        engine.submit(gone + kept)
+        engine.abort("gone")
         assert all(s.done.wait(30) for s in gone + kept)
         assert [s.finish_reason for s in gone] == ["cancelled", "cancelled"]
         assert kept[0].finish_reason == "length" and len(kept[0].output) == 5
-        scheduler.abort("kept")  # an ended request: nothing to do, nothing breaks
-        assert scheduler.run(tiny.engine.sequences([[5]], [SamplingParams(max_tokens=2)]))[0].token_ids
+        engine.abort("kept")  # an ended request: nothing to do, nothing breaks
+        assert engine.run(tiny.engine.sequences([[5]], [SamplingParams(max_tokens=2)]))[0].token_ids
     finally:
-        scheduler.stop()
+        engine.stop()

@@ -8,42 +8,33 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from service.engine.batcher import Batcher
 from service.engine.blocks import BlockPool
+from service.engine.core import Engine
 from service.engine.cuda_graphs import GraphDecoder, decode_step
-from service.engine.runner import Engine
 from service.engine.sampling import SamplingParams
 from service.engine.sequence import Sequence
 
 
 def hold(pool: BlockPool, seqs: list[Sequence], tokens: int) -> None:
-    """Give each sequence the blocks of its first `tokens` positions, as a batcher does."""
+    """Give each sequence the blocks of its first `tokens` positions, as the scheduler does."""
     for s in seqs:
         s.blocks = [pool.take() for _ in range(-(-tokens // pool.size))]
-
-
-def run_all(batcher: Batcher, seqs: list[Sequence]) -> None:
-    """Add `seqs` to `batcher` and step it until none is left."""
-    for s in seqs:
-        batcher.add(s)
-    while batcher.busy():
-        batcher.step()
 
 
 def test_static_step_equals_decode_with_empty_rows(tiny):
     """Sequences in slots 0 and 2 of 4: the bucket holds an empty row between them and one after."""
     engine = Engine(tiny.engine.model, graphs=False)
-    cache = engine.new_cache(4, 64)
+    cache = engine.runner.new_cache(4, 64)
     seqs = [Sequence(tiny.tokenizer.encode(t), SamplingParams()) for t in ("first prompt", "the second one")]
     hold(BlockPool(cache.num_blocks, cache.block_size, cache.region, 4), seqs, 32)
     for s, slot in zip(seqs, (0, 2)):
         s.slot = slot
-    for s, row in engine.prefill([(s, len(s.prompt)) for s in seqs], cache):
+    for s, row in engine.runner.prefill([(s, len(s.prompt)) for s in seqs], cache)[0]:
         s.output.append(int(row.argmax()))
-    decoder = GraphDecoder(engine.model, cache, engine.width, capture=False)
+    decoder = GraphDecoder(engine.model, cache, engine.runner.width, capture=False)
     assert decoder.bucket(seqs) == (4, 256) and decoder.buckets(4) == [1, 2, 4]
     for _ in range(5):
-        want = engine.decode(seqs, cache)
+        want = engine.runner.decode(seqs, cache)
         logits, tokens = decoder(seqs)
         assert_close(logits[[0, 2]], want, atol=1e-5, rtol=1e-5)
         assert tokens.tolist() == logits.argmax(-1).tolist()
@@ -61,14 +52,14 @@ def test_chained_steps_equal_steps_fed_by_the_host(varied):
     prompts = [[5, 17, 42], [9, 8, 7, 6, 5]]
     logits = {}
     for chained in (False, True):
-        cache = engine.new_cache(2, 64)
+        cache = engine.runner.new_cache(2, 64)
         seqs = [Sequence(p, SamplingParams()) for p in prompts]
         hold(BlockPool(cache.num_blocks, cache.block_size, cache.region, 4), seqs, 32)
         for slot, s in enumerate(seqs):
             s.slot = slot
-        for s, row in engine.prefill([(s, len(s.prompt)) for s in seqs], cache):
+        for s, row in engine.runner.prefill([(s, len(s.prompt)) for s in seqs], cache)[0]:
             s.output.append(int(row.argmax()))
-        decoder = GraphDecoder(engine.model, cache, engine.width, capture=False)
+        decoder = GraphDecoder(engine.model, cache, engine.runner.width, capture=False)
         logits[chained] = []
         for i in range(6):
             out, tokens = decoder(seqs, chained=chained and i > 0)
@@ -88,15 +79,15 @@ def test_generation_through_static_decode_equals_eager(tiny, varied):
     static = Engine(varied, max_batch=3, graphs=True)
     want = [c.token_ids for c in eager.generate(prompts, params)]
     assert [c.token_ids for c in static.generate(prompts, params)] == want
-    assert static.graphs is not None and static.graphs.capture is False
+    assert static.runner.graphs is not None and static.runner.graphs.capture is False
 
     full = [tiny.tokenizer.encode("fill " * 20), tiny.tokenizer.encode("up")]
     out = []
     for graphs in (False, True):
         engine = Engine(varied, graphs=graphs, context=256)
-        batcher = Batcher(engine, engine.new_cache(2, 256), 2)
+        engine.use(engine.runner.new_cache(2, 256), 2)
         seqs = [Sequence(p, SamplingParams(max_tokens=256 - len(p), ignore_eos=True)) for p in full]
-        run_all(batcher, seqs)
+        engine.run(seqs)
         out.append([s.output for s in seqs])
     assert out[0] == out[1] and len(out[0][1]) == 256 - len(full[1])
 
@@ -104,7 +95,7 @@ def test_generation_through_static_decode_equals_eager(tiny, varied):
 def test_buckets_grow_with_slots_and_length(tiny):
     """Graph buckets cover the highest slot and the longest sequence, up to a whole table."""
     engine = Engine(tiny.engine.model, graphs=False, context=1000)  # tables of 63 blocks: 1008 positions
-    decoder = GraphDecoder(engine.model, engine.new_cache(40, 1000), engine.width, capture=False)
+    decoder = GraphDecoder(engine.model, engine.runner.new_cache(40, 1000), engine.runner.width, capture=False)
     assert decoder.buckets(40) == [1, 2, 4, 8, 16, 32, 64]
     s = Sequence([1] * 300, SamplingParams())
     s.slot = 9
@@ -141,13 +132,13 @@ def test_steps_launched_ahead_stop_where_the_host_says(varied):
 
     ahead = Engine(varied, max_batch=4, graphs=True)
     chained = []
-    launch = ahead.launch
+    launch = ahead.runner.launch
 
     def counted(seqs, cache, **kw):
         chained.append(kw.get("chained", False))
         return launch(seqs, cache, **kw)
 
-    ahead.launch = counted
+    ahead.runner.launch = counted
     for n in (3, 4):
         chained.clear()
         want, _ = run(eager, n)
@@ -166,12 +157,12 @@ def test_warm_up_covers_every_row_bucket_and_changes_no_result(varied):
     params = [SamplingParams(max_tokens=n, ignore_eos=True) for n in (5, 9, 7)]
     want = [c.token_ids for c in Engine(varied, max_batch=4, graphs=False).generate(prompts, params)]
     static = Engine(varied, max_batch=4, graphs=True, context=512)
-    cache = static.new_cache(4, 300)
-    assert static.warm_up(cache, 4) == [(1, 256), (2, 256), (4, 256), (1, 512), (2, 512), (4, 512)]
-    assert Engine(varied).warm_up(cache, 4) == []  # off the graph path: nothing to warm up
-    batcher = Batcher(static, cache, 4)
+    cache = static.runner.new_cache(4, 300)
+    assert static.runner.warm_up(cache, 4) == [(1, 256), (2, 256), (4, 256), (1, 512), (2, 512), (4, 512)]
+    assert Engine(varied).runner.warm_up(cache, 4) == []  # off the graph path: nothing to warm up
+    static.use(cache, 4)
     seqs = [Sequence(p, sp) for p, sp in zip(prompts, params)]
-    run_all(batcher, seqs)
+    static.run(seqs)
     assert [s.output for s in seqs] == want
 
 
@@ -198,15 +189,16 @@ def test_cancelled_while_a_step_is_launched_ahead(varied):
     out = []
     for graphs in (False, True):
         engine = Engine(varied, max_batch=2, graphs=graphs)
-        batcher = Batcher(engine, engine.new_cache(2, 64), 2)
+        engine.use(engine.runner.new_cache(2, 64), 2)
+        scheduler = engine.scheduler
         seqs = [Sequence(p, SamplingParams(max_tokens=12, ignore_eos=True), request=r) for p, r in zip(prompts, "ab")]
         for s in seqs:
-            batcher.add(s)
-        while batcher.busy():
+            scheduler.add(s)
+        while scheduler.busy():
             if len(seqs[0].output) >= 3:
-                batcher.abort({"a"})
-            batcher.step()
-        assert batcher.ahead is None  # no step is launched past the last token of a budget
+                scheduler.abort({"a"})
+            engine.step()
+        assert scheduler.ahead is None  # no step is launched past the last token of a budget
         out.append([(s.output, s.finish_reason) for s in seqs])
     assert out[0] == out[1]
     assert out[1][0][1] == "cancelled" and len(out[1][0][0]) == 3 and len(out[1][1][0]) == 12
@@ -220,30 +212,28 @@ def test_compiled_warm_up_meets_every_shape_then_equals_eager(varied):
     from torch._dynamo.utils import counters
 
     engine = Engine(varied, max_batch=2, graphs=True, compile=True, context=1024)
-    cache = engine.new_cache(2, 1000)
+    cache = engine.runner.new_cache(2, 1000)
     before = counters["stats"]["unique_graphs"]
-    assert len(engine.warm_up(cache, 2)) == 6  # rows 1, 2 x spans 256, 512, 1024
+    assert len(engine.runner.warm_up(cache, 2)) == 6  # rows 1, 2 x spans 256, 512, 1024
     compiled = counters["stats"]["unique_graphs"]
     assert compiled - before == 5  # the 6 buckets need 5 graphs: one is shared
     for rows, length in [(2, 700), (1, 1024), (2, 300), (1, 1000)]:
-        engine.graphs([Sequence([0] * (length - 1), SamplingParams(), slot=rows - 1, output=[0])])
+        engine.runner.graphs([Sequence([0] * (length - 1), SamplingParams(), slot=rows - 1, output=[0])])
     assert counters["stats"]["unique_graphs"] == compiled
 
     prompts = torch.randint(0, varied.config.vocab_size, (2, 6), generator=torch.Generator().manual_seed(4)).tolist()
     params = [SamplingParams(max_tokens=n, ignore_eos=True) for n in (10, 14)]
     want = [c.token_ids for c in Engine(varied, graphs=False).generate(prompts, params)]
-    batcher = Batcher(engine, cache, 2)
+    engine.use(cache, 2)
     seqs = [Sequence(p, sp) for p, sp in zip(prompts, params)]
-    run_all(batcher, seqs)
+    engine.run(seqs)
     assert [seq.output for seq in seqs] == want
 
 
 def test_concurrent_requests_launched_ahead_equal_each_alone(varied):
-    """The scheduler's thread over the graph path: 24 requests from 8 threads, greedy (launched ahead)
+    """The engine's thread over the graph path: 24 requests from 8 threads, greedy (launched ahead)
     and sampled mixed in 3 slots, some stopped by their callback, each equal to running it alone."""
     from concurrent.futures import ThreadPoolExecutor
-
-    from service.engine.scheduler import Scheduler
 
     rng = random.Random(0)
     jobs = []
@@ -268,11 +258,10 @@ def test_concurrent_requests_launched_ahead_equal_each_alone(varied):
     eager = Engine(varied, graphs=False)
     alone = [one(eager.generate, job) for job in jobs]
     ahead = Engine(varied, max_batch=3, graphs=True)
-    scheduler = Scheduler(ahead, slots=3).start()
+    ahead.start(slots=3)
     try:
         with ThreadPoolExecutor(8) as pool:
-            scheduled = lambda p, sp, on_token: scheduler.run(ahead.sequences(p, sp, on_token))  # noqa: E731
-            together = list(pool.map(lambda job: one(scheduled, job), jobs))
+            together = list(pool.map(lambda job: one(ahead.generate, job), jobs))
     finally:
-        scheduler.stop()
+        ahead.stop()
     assert together == alone

@@ -5,7 +5,6 @@ and the request examples the docs offer succeed against a server of the default 
 
 from __future__ import annotations
 
-import copy
 import re
 import shutil
 import subprocess
@@ -20,8 +19,8 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
 @pytest.fixture(scope="module")
-def url(tiny, serve):
-    named = copy.copy(tiny)  # the same engine, served under the default model's name
+def url(tiny, serve, own_engine):
+    named = own_engine(tiny)  # the same weights, served under the default model's name
     named.name = DEFAULT_MODEL
     with serve(build_app(named)) as url:
         yield url

@@ -225,7 +225,7 @@ def test_a_long_workbook_is_summarized_in_groups_of_parts_with_header_rows(tiny,
     doc = documents.Document(
         "b.xlsx", "xlsx", [documents.Part("sheet Q1", "| a | b |"), documents.Part("sheet Q2", sheet)]
     )
-    monkeypatch.setattr(tiny.engine, "context", 700)
+    monkeypatch.setattr(tiny.engine.limits, "context", 700)
     s = run_plan(tiny, document_plan(tiny, [doc], "short"))
     assert s.prompt_tokens > len(tiny.tokenizer.encode(doc.text()))  # every piece was read, then the summaries
     parts = [

@@ -32,8 +32,8 @@ SETTINGS = settings(
 
 
 @pytest.fixture(scope="module")
-def server(tiny, serve):
-    with serve(build_app(tiny, api_key=KEY, slots=4, max_waiting=16, request_timeout=5)) as url:
+def server(tiny, serve, own_engine):
+    with serve(build_app(own_engine(tiny), api_key=KEY, slots=4, max_waiting=16, request_timeout=5)) as url:
         yield url
     # the module's last word: the server outlived the fuzzing (checked in test_still_up)
 

@@ -54,7 +54,7 @@ metric_list:
 
 
 @pytest.fixture(scope="module")
-def harness(tiny, serve, tmp_path_factory):
+def harness(tiny, serve, tmp_path_factory, own_engine):
     evaluator = pytest.importorskip("lm_eval")
     from lm_eval.tasks import TaskManager
 
@@ -64,7 +64,7 @@ def harness(tiny, serve, tmp_path_factory):
     (tasks / "lambada_local.yaml").write_text(LAMBADA.format(data=data))
     (tasks / "continue_local.yaml").write_text(GENERATE.format(data=data))
     manager = TaskManager(include_path=str(tasks))
-    with serve(build_app(tiny)) as url:
+    with serve(build_app(own_engine(tiny))) as url:
 
         def run(model: str, endpoint: str, task: str, limit: int | None = None, **extra) -> dict:
             args = f"model=tiny-random,base_url={url}/v1/{endpoint},tokenizer={tiny.directory},max_length=2048"

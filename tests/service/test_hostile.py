@@ -105,8 +105,8 @@ def test_a_failed_store_write_rolls_back():
 
 
 @pytest.fixture(scope="module")
-def client(tiny):
-    with TestClient(build_app(tiny, slots=2)) as c:
+def client(tiny, own_engine):
+    with TestClient(build_app(own_engine(tiny), slots=2)) as c:
         yield c
 
 
@@ -307,7 +307,7 @@ def test_ready_answers_within_a_second_while_the_engine_is_stuck(tiny, monkeypat
     with TestClient(app) as c:
         assert c.get("/ready").status_code == 200
         release = threading.Event()
-        app.state.scheduler.call(lambda: release.wait(30))  # the engine thread is stuck from now on
+        app.state.engine.call(lambda: release.wait(30))  # the engine thread is stuck from now on
         time.sleep(health.READY_TTL_S)
         try:
             statuses = []

@@ -15,8 +15,8 @@ litellm = pytest.importorskip("litellm")
 
 
 @pytest.fixture(scope="module")
-def url(tiny, serve):
-    with serve(build_app(tiny)) as url:
+def url(tiny, serve, own_engine):
+    with serve(build_app(own_engine(tiny))) as url:
         yield url
 
 

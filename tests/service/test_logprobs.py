@@ -8,7 +8,7 @@ import openai
 import pytest
 
 from model.tokenizer import spell
-from service.engine.runner import Engine
+from service.engine.runner import ModelRunner
 from service.engine.sampling import SamplingParams
 from service.server.app import build_app
 
@@ -17,8 +17,8 @@ TEXT = "naïve café — 世界 😀 done"
 
 
 @pytest.fixture(scope="module")
-def client(tiny, serve):
-    with serve(build_app(tiny)) as url:
+def client(tiny, serve, own_engine):
+    with serve(build_app(own_engine(tiny))) as url:
         yield openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
 
 
@@ -93,13 +93,13 @@ def test_echo_scoring_is_one_prefill_batched_with_others(tiny, monkeypatch):
     forward on the engine thread, one request at a time, then prefilled again), and two scoring requests
     share one step."""
     fed = []
-    real = Engine.prefill
+    real = ModelRunner.prefill
 
     def spy(self, chunks, cache):
         fed.append([(len(s.prompt), n) for s, n in chunks])
         return real(self, chunks, cache)
 
-    monkeypatch.setattr(Engine, "prefill", spy)
+    monkeypatch.setattr(ModelRunner, "prefill", spy)
     a, b = (tiny.tokenizer.encode(t) for t in ("The cat sat on the mat.", "A dog ran."))
     params = SamplingParams(max_tokens=1, prompt_logprobs=1)
     results = tiny.generate([a, b], [params, params])

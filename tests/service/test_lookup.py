@@ -1,4 +1,4 @@
-"""Prompt-lookup speculation (`service.engine.lookup`, `Batcher._speculate`): drafts are looked up as
+"""Prompt-lookup speculation (`service.engine.lookup`, verified by `ModelRunner.execute`): drafts are looked up as
 documented, and verifying them never changes what greedy decoding produces: tokens, stops, lengths,
 processors, a cache short of blocks and the prefix cache after a speculated run."""
 
@@ -8,8 +8,8 @@ import pytest
 
 from model.loader import load_model
 from model.registry import resolve
+from service.engine.core import Engine
 from service.engine.lookup import draft
-from service.engine.runner import Engine
 from service.engine.sampling import SamplingParams
 
 LOOPED = [5, 6, 7, 8, 9] * 8 + [5, 6]  # a prompt whose n-grams recur: drafts are found from the start
@@ -33,7 +33,7 @@ def model():
 def run(model, prompts, params, lookup: int, **engine_args):
     engine = Engine(model, max_batch=len(prompts), prompt_lookup=lookup, **engine_args)
     out = engine.generate(prompts, [params] * len(prompts) if isinstance(params, SamplingParams) else params)
-    return [(c.token_ids, c.finish_reason) for c in out], engine.batcher
+    return [(c.token_ids, c.finish_reason) for c in out], engine.scheduler
 
 
 @pytest.mark.parametrize(
@@ -51,9 +51,9 @@ def test_speculation_gives_the_greedy_tokens(model, params):
     draft position as they would step by step."""
     prompts = [LOOPED, [11, 12, 13, 14], LOOPED[3:] + [40, 41]]
     want, _ = run(model, prompts, params, 0)
-    got, batcher = run(model, prompts, params, 5)
+    got, scheduler = run(model, prompts, params, 5)
     assert got == want
-    assert batcher.drafted > 0  # it did speculate
+    assert scheduler.drafted > 0  # it did speculate
 
 
 def test_a_stop_token_inside_an_accepted_draft_ends_the_sequence_there(model):
@@ -70,10 +70,10 @@ def test_speculation_with_few_blocks_and_then_from_the_prefix_cache(model):
     blocks the first one registered, speculated tokens included."""
     prompts, params = [LOOPED, LOOPED[::-1]], SamplingParams(max_tokens=48, ignore_eos=True)
     want = [w[0] for w in run(model, prompts, params, 0)[0]]
-    small = Engine(model, max_batch=2, prompt_lookup=8, kv_memory=9 * 16 * Engine(model).token_bytes())
+    small = Engine(model, max_batch=2, prompt_lookup=8, kv_memory=9 * 16 * Engine(model).runner.token_bytes())
     assert [c.token_ids for c in small.generate(prompts, [params] * 2)] == want
-    assert small.batcher.preemptions > 0 and small.batcher.drafted > 0
+    assert small.scheduler.preemptions > 0 and small.scheduler.drafted > 0
     cached = Engine(model, max_batch=2, prompt_lookup=8)
     for _ in range(2):
         assert [c.token_ids for c in cached.generate(prompts, [params] * 2)] == want
-    assert cached.batcher.hits > 0
+    assert cached.scheduler.hits > 0

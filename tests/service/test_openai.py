@@ -12,8 +12,8 @@ from service.server.app import build_app
 
 
 @pytest.fixture(scope="module")
-def client(tiny, serve):
-    with serve(build_app(tiny)) as url:
+def client(tiny, serve, own_engine):
+    with serve(build_app(own_engine(tiny))) as url:
         yield openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
 
 
@@ -144,14 +144,13 @@ def test_a_consumer_that_goes_away_stops_generation(tiny):
     """Client disconnect: the consumer closes the request's stream of pieces, generation stops within a
     token (the handle aborts the sequences on the way out)."""
     from service.engine.handle import AsyncEngine
-    from service.engine.scheduler import Scheduler
 
     seen = []
-    scheduler = Scheduler(tiny.engine, slots=2).start()
+    engine = tiny.engine.start(slots=2)
     try:
 
         async def consume_one():
-            running = AsyncEngine(tiny, scheduler).start(
+            running = AsyncEngine(tiny).start(
                 [tiny.tokenizer.encode("go")], [SamplingParams(max_tokens=500, ignore_eos=True)]
             )
             pieces = running.pieces()
@@ -162,7 +161,7 @@ def test_a_consumer_that_goes_away_stops_generation(tiny):
         seq = asyncio.run(consume_one())
         assert seq.done.wait(10)  # the generation finishes soon after the abort
     finally:
-        scheduler.stop()
+        engine.stop()
     assert seen and isinstance(seen[0], tuple)
     assert len(seq.output) < 20 and seq.finish_reason == "cancelled"  # not the 500 asked for
 

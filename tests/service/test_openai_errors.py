@@ -14,8 +14,8 @@ HI = [{"role": "user", "content": "hi"}]
 
 
 @pytest.fixture(scope="module")
-def url(tiny, serve):
-    with serve(build_app(tiny)) as url:
+def url(tiny, serve, own_engine):
+    with serve(build_app(own_engine(tiny))) as url:
         yield url
 
 
@@ -106,7 +106,7 @@ def test_logit_bias_ids_outside_the_vocabulary(client, tiny):
     """A logit_bias key past the vocabulary is 400 naming logit_bias, not a crash of the sampler."""
     err = bad_request(
         lambda: client.completions.create(
-            model=M, prompt="hi", max_tokens=2, logit_bias={str(tiny.engine.vocab_size): 5}
+            model=M, prompt="hi", max_tokens=2, logit_bias={str(tiny.engine.limits.vocab_size): 5}
         )
     )
     assert err["param"] == "logit_bias" and "outside the vocabulary" in err["message"]

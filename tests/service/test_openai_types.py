@@ -21,8 +21,8 @@ CHAT = {"model": M, "messages": [{"role": "user", "content": "Hi"}], "max_tokens
 
 
 @pytest.fixture(scope="module")
-def url(tiny, serve):
-    with serve(build_app(tiny)) as url:
+def url(tiny, serve, own_engine):
+    with serve(build_app(own_engine(tiny))) as url:
         yield url
 
 

@@ -6,9 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from service.engine.batcher import Batcher
 from service.engine.blocks import BlockPool
-from service.engine.runner import Engine
+from service.engine.core import Engine
 from service.engine.sampling import SamplingParams
 from service.engine.sequence import Sequence
 from service.errors import ContextOverflow
@@ -47,7 +46,7 @@ def test_keys_name_the_whole_prefix():
 def small_engine(model, blocks: int, slots: int = 3) -> Engine:
     """An engine whose cache is `blocks` blocks of 16 positions (the null block included)."""
     engine = Engine(model, max_batch=slots)
-    engine.kv_memory = blocks * engine.token_bytes() * engine.block_size
+    engine.runner.kv_memory = blocks * engine.runner.token_bytes() * engine.runner.block_size
     return engine
 
 
@@ -61,9 +60,9 @@ def test_prefix_hits_give_the_tokens_and_logprobs_of_a_fresh_cache(varied):
     prefix = torch.randint(0, varied.config.vocab_size, (40,), generator=rng).tolist()
     engine = Engine(varied)
     engine.generate([prefix + [1, 2, 3]], [PARAMS])
-    hits = engine.batcher.hits
+    hits = engine.scheduler.hits
     second = engine.generate([prefix + [4, 5]], [PARAMS])[0]
-    assert engine.batcher.hits - hits == 32
+    assert engine.scheduler.hits - hits == 32
     fresh = Engine(varied).generate([prefix + [4, 5]], [PARAMS])[0]
     assert second.token_ids == fresh.token_ids
     for a, b in zip(second.logprobs, fresh.logprobs):
@@ -75,7 +74,7 @@ def test_without_prefix_caching_nothing_is_looked_up_or_kept(varied):
     prompt = list(range(3, 60))
     engine = Engine(varied, prefix_caching=False)
     first, again = (engine.generate([prompt], [PARAMS])[0] for _ in range(2))
-    assert engine.batcher.hits == engine.batcher.queried == 0 and not engine.batcher.pool.cached
+    assert engine.scheduler.hits == engine.scheduler.queried == 0 and not engine.scheduler.pool.cached
     assert again.token_ids == first.token_ids
 
 
@@ -85,9 +84,9 @@ def test_a_prompt_all_cached_still_computes_its_last_token(varied):
     prompt = list(range(3, 35))
     engine = Engine(varied)
     first = engine.generate([prompt], [PARAMS])[0]
-    hits = engine.batcher.hits
+    hits = engine.scheduler.hits
     again = engine.generate([prompt], [PARAMS])[0]
-    assert engine.batcher.hits - hits == 16 and again.token_ids == first.token_ids
+    assert engine.scheduler.hits - hits == 16 and again.token_ids == first.token_ids
 
 
 def test_a_full_pool_makes_requests_wait_and_preempts_without_changing_tokens(varied):
@@ -103,7 +102,7 @@ def test_a_full_pool_makes_requests_wait_and_preempts_without_changing_tokens(va
     want = Engine(varied, max_batch=5).generate(prompts, params)
     engine = small_engine(varied, blocks=6)
     got = engine.generate(prompts, params)
-    b = engine.batcher
+    b = engine.scheduler
     assert b.preemptions > 0 and b.pool.used() == 0 and b.pool.available() == b.pool.capacity == 5
     for g, w in zip(got, want):
         assert g.token_ids == w.token_ids and len(g.logprobs) == len(w.logprobs)
@@ -118,30 +117,32 @@ def test_cancelled_and_finished_sequences_give_every_block_back(varied):
     """Blocks held mid-run are exactly those of the running sequences; after two are cancelled and one
     finishes, the pool holds nothing."""
     engine = small_engine(varied, blocks=10)
-    batcher = Batcher(engine, engine.new_cache(3, 64), 3)
+    engine.use(engine.runner.new_cache(3, 64), 3)
+    scheduler = engine.scheduler
     seqs = [
         Sequence(list(range(1, 1 + n)), SamplingParams(max_tokens=30, ignore_eos=True), request=r)
         for n, r in ((20, "a"), (3, "b"), (40, "c"))
     ]
     for s in seqs:
-        batcher.add(s)
+        scheduler.add(s)
     for _ in range(4):
-        batcher.step()
-    held = {b for s in batcher.running for b in s.blocks}
-    assert held and batcher.pool.used() == len(held)
-    batcher.abort({"a", "c"})
-    while batcher.busy():
-        batcher.step()
+        engine.step()
+    held = {b for s in scheduler.running for b in s.blocks}
+    assert held and scheduler.pool.used() == len(held)
+    scheduler.abort({"a", "c"})
+    while scheduler.busy():
+        engine.step()
     assert [s.finish_reason for s in seqs] == ["cancelled", "length", "cancelled"]
-    assert batcher.pool.used() == 0 and all(not s.blocks for s in seqs)
+    assert scheduler.pool.used() == 0 and all(not s.blocks for s in seqs)
 
 
 def test_a_request_larger_than_the_whole_cache_is_refused_with_the_numbers(varied):
     """A prompt plus max_tokens past the whole cache could never run: refused (400) naming the numbers."""
     engine = small_engine(varied, blocks=4)  # 3 blocks: 48 tokens
-    batcher = Batcher(engine, engine.new_cache(2, 64), 2)
+    engine.use(engine.runner.new_cache(2, 64), 2)
+    scheduler = engine.scheduler
     with pytest.raises(
         ContextOverflow, match=r"needs 50 tokens of KV cache \(20 in the prompt, 30 in the completion\) "
     ):
-        batcher.add(Sequence(list(range(1, 21)), SamplingParams(max_tokens=30)))
-    batcher.add(Sequence(list(range(1, 21)), SamplingParams(max_tokens=28)))  # 48 fits
+        scheduler.add(Sequence(list(range(1, 21)), SamplingParams(max_tokens=30)))
+    scheduler.add(Sequence(list(range(1, 21)), SamplingParams(max_tokens=28)))  # 48 fits

@@ -20,8 +20,8 @@ LONG = {"model": M, "prompt": "go", "max_tokens": 1000, "temperature": 0, "ignor
 
 
 @pytest.fixture(scope="module")
-def client(tiny):
-    with TestClient(build_app(tiny, slots=4)) as c:
+def client(tiny, own_engine):
+    with TestClient(build_app(own_engine(tiny), slots=4)) as c:
         yield c
 
 
@@ -56,19 +56,19 @@ def test_token_ids_outside_the_vocabulary_get_400(client, ids, extra):
 
 def test_the_engine_refuses_bad_ids_even_past_the_edge(tiny):
     """Defense in depth: ids that reach the engine thread unchecked fail that sequence, not the engine."""
+    from service.engine.core import Engine
     from service.engine.sampling import SamplingParams
-    from service.engine.scheduler import Scheduler
     from service.engine.sequence import Sequence
     from service.errors import InvalidRequest
 
-    scheduler = Scheduler(tiny.engine, slots=2).start()
+    engine = Engine(tiny.engine.model).start(slots=2)
     try:
         with pytest.raises(InvalidRequest, match="vocabulary"):
-            scheduler.run([Sequence([1, 10**6], SamplingParams(max_tokens=2))])
-        assert scheduler.run([Sequence([1, 2], SamplingParams(max_tokens=2))])[0].token_ids
-        assert scheduler.failure is None
+            engine.run([Sequence([1, 10**6], SamplingParams(max_tokens=2))])
+        assert engine.run([Sequence([1, 2], SamplingParams(max_tokens=2))])[0].token_ids
+        assert engine.failure is None
     finally:
-        scheduler.stop()
+        engine.stop()
 
 
 @pytest.mark.parametrize("temperature", [1e-300, 1e-45, 1e-6])
@@ -240,8 +240,8 @@ def test_plain_requests_all_reach_the_engine_at_once(tiny, serve):
     the requests queued in that pool were outside --max-waiting (so never got 429)."""
     app = build_app(tiny, slots=10, max_waiting=4)
     with serve(app) as url, ThreadPoolExecutor(16) as pool:
-        scheduler = app.state.scheduler
-        batcher = scheduler.batcher
+        engine = app.state.engine
+        scheduler = engine.scheduler
 
         def until(check, what: str) -> None:
             deadline = time.time() + 30
@@ -252,17 +252,17 @@ def test_plain_requests_all_reach_the_engine_at_once(tiny, serve):
         futures = []
         for n in range(1, 11):  # one at a time, so that none is refused: 10 plain requests decoding together
             futures.append(pool.submit(httpx.post, f"{url}/v1/completions", json=LONG, timeout=120))
-            until(lambda n=n: len(batcher.running) == n, f"only {len(batcher.running)} of {n} reached the engine")
+            until(lambda n=n: len(scheduler.running) == n, f"only {len(scheduler.running)} of {n} reached the engine")
         for n in range(1, 5):  # four more wait for a slot: they fill the queue
             futures.append(pool.submit(httpx.post, f"{url}/v1/completions", json=LONG, timeout=120))
-            until(lambda n=n: len(batcher.waiting) + len(scheduler.inbox) == n, "the queue did not fill")
+            until(lambda n=n: len(scheduler.waiting) + len(engine.inbox) == n, "the queue did not fill")
         over = httpx.post(f"{url}/v1/completions", json=LONG | {"max_tokens": 2}, timeout=60)
         assert_error(over, 429, "already waiting", "overloaded")
         usage = httpx.get(f"{url}/metrics").text  # the 429 is counted; all 10 slots are running
         assert 'nlg_http_requests_total{model_name="tiny-random",route="/v1/completions",status="429"} 1.0' in usage
         assert 'vllm:num_requests_running{model_name="tiny-random"} 10.0' in usage
-        for s in list(batcher.running + batcher.waiting):
-            scheduler.abort(s.request)  # no need to wait for 1000 tokens each
+        for s in list(scheduler.running + scheduler.waiting):
+            engine.abort(s.request)  # no need to wait for 1000 tokens each
         assert all(f.result().status_code == 200 for f in futures)
 
 
@@ -295,10 +295,10 @@ def test_a_stream_dropped_before_its_first_event_frees_its_slot(tiny, serve):
                     + f"Content-Length: {len(body)}\r\n\r\n".encode()
                     + body
                 )
-        batcher = app.state.scheduler.batcher
+        scheduler = app.state.engine.scheduler
         deadline = time.time() + 15
-        while batcher.running or batcher.waiting or app.state.scheduler.inbox:
-            assert time.time() < deadline, f"{len(batcher.running)} dropped streams still hold slots"
+        while scheduler.running or scheduler.waiting or app.state.engine.inbox:
+            assert time.time() < deadline, f"{len(scheduler.running)} dropped streams still hold slots"
             time.sleep(0.05)
 
 
@@ -344,7 +344,7 @@ def test_a_request_failing_on_the_engine_thread_fails_alone(tiny, serve, monkeyp
             events = events_of(r)
         assert events[-1] == "[DONE]" and json.loads(events[-2])["error"]["code"] == "request_failed"
         assert all(f.result().status_code == 200 for f in good)
-        assert app.state.scheduler.failure is None
+        assert app.state.engine.failure is None
         assert httpx.get(f"{url}/ready").status_code == 200
 
 
@@ -406,16 +406,16 @@ def test_an_engine_failure_answers_everyone_in_flight_then_is_fatal(tiny, serve,
         streams = [pool.submit(read, i) for i in range(8)]
         plain = [pool.submit(httpx.post, f"{url}/v1/completions", json=LONG, timeout=60) for _ in range(4)]
         started.wait(30)
-        batcher = app.state.scheduler.batcher
+        scheduler = app.state.engine.scheduler
         deadline = time.time() + 30
-        while len(batcher.running) < 12:
+        while len(scheduler.running) < 12:
             assert time.time() < deadline
             time.sleep(0.02)
 
         def broken(*args, **kwargs):
             raise RuntimeError("Connection closed by peer")
 
-        monkeypatch.setattr(tiny.engine, "model", broken)
+        monkeypatch.setattr(tiny.engine.runner, "model", broken)
         for f in streams:
             events = f.result()
             assert events[-1] == "[DONE]"
@@ -432,8 +432,8 @@ def test_an_engine_failure_answers_everyone_in_flight_then_is_fatal(tiny, serve,
 def test_ready_probes_at_most_once_per_interval(tiny, serve, monkeypatch):
     """Defect 15: a flood of /ready (a forward each) slowed generation 2.5x."""
     calls = []
-    real = tiny.engine.tiny_forward
-    monkeypatch.setattr(tiny.engine, "tiny_forward", lambda: calls.append(1) or real())
+    real = tiny.engine.runner.tiny_forward
+    monkeypatch.setattr(tiny.engine.runner, "tiny_forward", lambda: calls.append(1) or real())
     with serve(build_app(tiny)) as url, ThreadPoolExecutor(16) as pool:
         start = time.monotonic()
         codes = list(pool.map(lambda _: httpx.get(f"{url}/ready", timeout=30).status_code, range(64)))

@@ -33,7 +33,7 @@ def test_top_k_one_and_tiny_top_p_are_greedy():
     logits = torch.randn(3, 50)
     seqs = rows(SamplingParams(temperature=1.5, top_k=1), SamplingParams(temperature=1.5, top_p=1e-300))
     seqs += rows(SamplingParams(temperature=1.5, top_k=1, top_p=1e-6))
-    assert Sampler(3).pick(seqs, logits) == logits.argmax(-1).tolist()
+    assert Sampler().pick(seqs, logits) == logits.argmax(-1).tolist()
 
 
 def test_top_k_never_samples_outside_the_k_best():
@@ -41,7 +41,7 @@ def test_top_k_never_samples_outside_the_k_best():
     logits = torch.randn(2, 50)
     allowed = [set(torch.topk(row, k).indices.tolist()) for row, k in zip(logits, (3, 7))]
     seqs = rows(SamplingParams(temperature=2.0, top_k=3), SamplingParams(temperature=2.0, top_k=7))
-    sampler = Sampler(2)
+    sampler = Sampler()
     for _ in range(200):
         a, b = sampler.pick(seqs, logits)
         assert a in allowed[0] and b in allowed[1]
@@ -84,12 +84,12 @@ def test_a_seeded_row_draws_the_same_whatever_its_batch():
     seeded = SamplingParams(temperature=1.0, seed=11)
 
     def alone() -> list[int]:
-        sampler, seqs = Sampler(1), rows(seeded)
+        sampler, seqs = Sampler(), rows(seeded)
         return [sampler.pick(seqs, logits[r : r + 1])[0] for r in range(8)]
 
     want = alone()
     for other in (SamplingParams(temperature=1.0), SamplingParams(temperature=0.5, seed=3)):
-        sampler, seqs = Sampler(2), rows(other, seeded)
+        sampler, seqs = Sampler(), rows(other, seeded)
         assert [sampler.pick(seqs, torch.stack([torch.randn(100), logits[r]]))[1] for r in range(8)] == want
     assert alone() == want and len(set(want)) > 1
 
@@ -98,7 +98,7 @@ def test_the_draw_follows_the_probabilities():
     """The exponential race picks token i with probability p_i: 4,000 draws over 4 tokens land within
     4 standard deviations of each probability (a wrong noise or a wrong division skews them)."""
     probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
-    sampler, seqs = Sampler(1), rows(SamplingParams(temperature=1.0, seed=0))
+    sampler, seqs = Sampler(), rows(SamplingParams(temperature=1.0, seed=0))
     draws = torch.tensor([sampler.pick(seqs, probs.log()[None])[0] for _ in range(4000)])
     share = torch.bincount(draws, minlength=4) / 4000
     assert ((share - probs).abs() < 4 * (probs * (1 - probs) / 4000).sqrt()).all(), share
@@ -109,14 +109,14 @@ def test_a_row_with_undefined_probabilities_fails_alone():
     logits = torch.randn(3, 20)
     logits[1] = float("nan")
     seqs = rows(SamplingParams(), SamplingParams(temperature=1.0), SamplingParams(temperature=1.0))
-    out = Sampler(3).pick(seqs, logits)
+    out = Sampler().pick(seqs, logits)
     assert out[0] == int(logits[0].argmax()) and isinstance(out[1], RequestFailed) and isinstance(out[2], int)
 
 
 def test_repetition_counts_follow_the_tokens_on_device():
     """The slot rows the penalty reads hold the prompt and every token made so far, and a new sequence
     in a slot starts from its own tokens, not its predecessor's."""
-    sampler, cpu = Sampler(1), torch.device("cpu")
+    sampler, cpu = Sampler(), torch.device("cpu")
     params = SamplingParams(temperature=1.0, repetition_penalty=1.5, seed=1)
     first = rows(params, prompt=(2, 3))[0]
     for _ in range(5):

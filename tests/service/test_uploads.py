@@ -12,8 +12,8 @@ from service.server.app import build_app
 
 
 @pytest.fixture(scope="module")
-def client(tiny):
-    with TestClient(build_app(tiny)) as c:
+def client(tiny, own_engine):
+    with TestClient(build_app(own_engine(tiny))) as c:
         yield c
 
 

@@ -38,8 +38,8 @@ class Readiness:
 
     async def check(self, handle: AsyncEngine) -> str | None:
         """None when ready, else what is wrong."""
-        if handle.scheduler.failure:
-            return handle.scheduler.failure
+        if handle.engine.failure:
+            return handle.engine.failure
         now = time.monotonic()
         if self.probe is None and now - self.checked >= READY_TTL_S:
             self.probe = asyncio.create_task(self._probe(handle))
@@ -52,7 +52,7 @@ class Readiness:
 
     async def _probe(self, handle: AsyncEngine) -> None:
         try:
-            await handle.call(self.gen.engine.tiny_forward)
+            await handle.call(self.gen.engine.runner.tiny_forward)
             problem = None if self.runner.thread.is_alive() else "the batch jobs thread has stopped"
         except Exception as e:
             problem = str(e)

@@ -159,7 +159,7 @@ async def completions(req: CompletionRequest, request: Request):
     bound(gen, [p for p in prompts if isinstance(p, str)], req.max_tokens)
     ids = await asyncio.to_thread(lambda: [p if isinstance(p, list) else tok.encode(p) for p in prompts])
     for p in ids:
-        engine.check_prompt(p, req.max_tokens)
+        engine.limits.check_prompt(p, req.max_tokens)
     head = header(gen, "cmpl", "text_completion")
     scored = req.echo and req.logprobs is not None
     runs = [p for p in ids for _ in range(req.n)]  # choice k is prompt k // n
@@ -233,7 +233,7 @@ async def chat(req: ChatRequest, request: Request):
     bound(gen, ["".join(m["content"] for m in messages)], limit or 1)
     ids = await asyncio.to_thread(tok.chat, messages)
     max_tokens = limit or max(1, min(CHAT_MAX_TOKENS, gen.engine.context - len(ids)))
-    gen.engine.check_prompt(ids, max_tokens)
+    gen.engine.limits.check_prompt(ids, max_tokens)
     head = header(gen, "chatcmpl", "chat.completion")
     top = (req.top_logprobs or 0) if req.logprobs else None
     running: Running = handle.start(

@@ -1,0 +1,143 @@
+"""The scheduler alone, no model: the plan it makes for given queues and free blocks, and what `update`
+does with the tokens a runner would give back (as vLLM's tests/v1/core/test_scheduler.py does)."""
+
+from __future__ import annotations
+
+import torch
+
+from service.engine.blocks import BlockPool
+from service.engine.checks import Limits
+from service.engine.plan import Launched, Picked, StepOutput
+from service.engine.sampling import SamplingParams
+from service.engine.scheduler import Scheduler, SchedulerConfig
+from service.engine.sequence import Sequence
+
+END = 99  # the model's end token in these tests
+
+
+def scheduler(blocks: int = 64, slots: int = 2, region: int = 8, **config) -> Scheduler:
+    config = SchedulerConfig(Limits(context=256, vocab_size=100), frozenset({END}), **config)
+    return Scheduler(config, BlockPool(blocks, 16, region, slots), slots)
+
+
+def seq(n: int, max_tokens: int = 8, **params) -> Sequence:
+    return Sequence(list(range(1, n + 1)), SamplingParams(max_tokens=max_tokens, ignore_eos=False, **params))
+
+
+def tokens(*rows: tuple[Sequence, int]) -> StepOutput:
+    """What a runner gives back when each of these sequences picked this token."""
+    return StepOutput(picked=tuple(Picked(s, (t,)) for s, t in rows))
+
+
+def test_prompts_are_chunked_within_the_step_budget_then_decode():
+    """A 40-token prompt takes the whole 32-token budget of the first step; its rest and the next prompt share
+    the second; then both decode one token a step."""
+    b = scheduler(step_tokens=32)
+    long, short = seq(40), seq(10)
+    b.add(long)
+    b.add(short)
+    plan = b.schedule()
+    assert plan.prefill == [(long, 32)] and not plan.decode  # the budget is spent on the first prompt
+    assert [s.slot for s in b.running] == [0, 1] and len(long.blocks) == 2 and short.blocks == []
+    b.update(plan, StepOutput())
+    assert long.prefilled == 32
+    plan = b.schedule()
+    assert plan.prefill == [(long, 8), (short, 10)]
+    b.update(plan, tokens((long, 7), (short, 8)))
+    assert long.output == [7] and short.output == [8] and long.prefilled == 40
+    plan = b.schedule()
+    assert plan.decode == [long, short] and not plan.prefill
+    b.update(plan, tokens((long, 5), (short, 6)))
+    assert long.prefilled == 41 and long.output == [7, 5]
+
+
+def test_admission_goes_by_priority_then_arrival_while_a_slot_is_free():
+    """One slot: the earliest interactive sequence goes first, a batch one (priority 1) after every interactive
+    one."""
+    b = scheduler(slots=1)
+    late, batch, first = seq(4), seq(4), seq(4)
+    batch.priority = 1
+    first.arrival, late.arrival = 1.0, 2.0
+    for s in (batch, late, first):
+        b.add(s)
+    plan = b.schedule()
+    assert plan.prefill == [(first, 4)] and b.waiting == [late, batch]
+
+
+def test_stop_rules_end_sequences_and_free_their_blocks():
+    """An end token ends a sequence (not part of its output), max_tokens ends another; both give every block
+    back."""
+    b = scheduler()
+    stopped, long = seq(20, max_tokens=8), seq(3, max_tokens=2)
+    b.add(stopped)
+    b.add(long)
+    b.update(plan := b.schedule(), tokens((stopped, 4), (long, 4)))
+    assert b.pool.used() == 3  # two blocks for 20 positions, one for 3
+    b.update(b.schedule(), tokens((stopped, END), (long, 5)))
+    assert (stopped.finish_reason, stopped.output, stopped.end_token) == ("stop", [4], END)
+    assert (long.finish_reason, long.output) == ("length", [4, 5])
+    assert b.pool.used() == 0 and not b.running and not b.busy()
+    assert plan.prefill == [(stopped, 20), (long, 3)]
+
+
+def test_the_youngest_is_preempted_when_no_block_is_left():
+    """Two sequences need a second block and one is left: the younger gives its blocks back and waits, to
+    prefill again."""
+    b = scheduler(blocks=4, region=1, slots=2)  # 3 blocks a sequence may hold: 48 positions
+    old, young = seq(16, max_tokens=30), seq(16, max_tokens=30)
+    b.add(old)
+    b.add(young)
+    b.update(b.schedule(), tokens((old, 1), (young, 1)))  # each holds one full block
+    plan = b.schedule()  # both need a second block; one is left
+    assert plan.decode == [old] and b.waiting == [young] and b.preemptions == 1
+    assert young.prefilled == 0 and young.blocks == [] and young.output == [1]  # it prefills again later
+
+
+def test_a_cached_prefix_is_not_prefilled_again():
+    """A finished sequence's full blocks stay in the prefix cache: the same prompt again prefills only past
+    them."""
+    b = scheduler(slots=1)
+    first = seq(40, max_tokens=1)
+    b.add(first)
+    b.update(b.schedule(), tokens((first, 3)))
+    assert first.finish_reason == "length"
+    again = seq(40, max_tokens=1)
+    b.add(again)
+    plan = b.schedule()
+    assert plan.prefill == [(again, 8)] and again.prefilled == 32  # two blocks found in the prefix cache
+    assert b.hits == 32 and b.queried == 80
+
+
+def test_drafts_are_planned_for_greedy_rows_and_what_was_agreed_is_taken():
+    """A greedy row whose last tokens occurred before gets a draft to verify; update takes the agreed tokens
+    and the model's own next one."""
+    b = scheduler(prompt_lookup=3)
+    s = Sequence([5, 6, 7, 8, 5, 6], SamplingParams(max_tokens=10))
+    b.add(s)
+    b.update(b.schedule(), tokens((s, 7)))  # the prompt ends "5 6", then 7: "8 5 6" follows "6 7" before
+    plan = b.schedule()
+    assert plan.verify == [(s, [8, 5, 6])] and not plan.decode
+    b.update(plan, StepOutput(picked=(Picked(s, (8, 5, 9)),)))  # two agreed, then the model's own token
+    assert s.output == [7, 8, 5, 9] and s.prefilled == s.length - 1
+    assert (b.drafted, b.accepted) == (3, 2)
+
+
+def test_greedy_steps_launched_ahead_are_chained_then_collected():
+    """On the launch-ahead path the next step is chained to the one on its way and collects its tokens; no step
+    is launched past max_tokens."""
+    b = scheduler(launch_ahead=True)
+    s = seq(4, max_tokens=3)
+    b.add(s)
+    b.update(b.schedule(), tokens((s, 10)))
+    plan = b.schedule()
+    assert plan.launch == [s] and not plan.chained
+    b.update(plan, StepOutput(launched=Launched([s], torch.tensor([11, 0]), None)))
+    assert s.output == [10] and b.busy()  # its token is on its way
+    plan = b.schedule()
+    assert plan.chained and plan.launch == [s] and plan.collect.seqs == [s]
+    b.update(plan, StepOutput(picked=(Picked(s, (11,)),), launched=Launched([s], torch.tensor([12, 0]), None)))
+    assert s.output == [10, 11]
+    plan = b.schedule()  # the token on its way is the last of max_tokens: nothing is launched past it
+    assert not plan.launch and plan.collect is not None
+    b.update(plan, StepOutput(picked=(Picked(s, (12,)),)))
+    assert s.output == [10, 11, 12] and s.finish_reason == "length" and not b.busy()
