@@ -1,14 +1,15 @@
-"""What each `nlg` subcommand does (`service.cli.parser` parses the command line and calls these). Heavy
-imports happen inside the commands so `nlg --help` answers at once."""
+"""What the `nlg` subcommands that run a model once do (answer, summarize, generate, score, fetch, models),
+and what every command shares: running one (`run`) and loading the model from its flags (`load`). The
+others are `service.cli.serving` (serve), `service.cli.batch` (batch) and `service.cli.measure` (eval,
+bench, make-random); `service.cli.parser` parses the command line and calls them. Heavy imports happen
+inside the commands so `nlg --help` answers at once."""
 
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
-from model.config import PRESETS
 from model.registry import DEFAULT_MODEL, NAMES
 
 
@@ -26,7 +27,7 @@ def run(args) -> int:
     return 0
 
 
-def _load(args):
+def load(args):
     from service.engine.generator import TextGenerator
 
     return TextGenerator.load(args.model, **load_options(args))
@@ -66,7 +67,7 @@ def cmd_answer(args) -> None:
 
     found = _file_passages(args.question, args.file or [])
     passages = (args.passage or []) + [p.text for p in found]
-    a = answer(_load(args), args.question, passages, args.max_tokens)
+    a = answer(load(args), args.question, passages, args.max_tokens)
     data = {
         "answer": a.answer,
         "passage_index": a.passage_index,
@@ -101,7 +102,7 @@ def cmd_summarize(args) -> None:
     from service.tasks.summarize import summarize
 
     if args.file == "-":
-        s = summarize(_load(args), sys.stdin.read(), args.length, args.max_words)
+        s = summarize(load(args), sys.stdin.read(), args.length, args.max_words)
     else:
         from service.documents import read
         from service.tasks.documents import document_plan
@@ -111,7 +112,7 @@ def cmd_summarize(args) -> None:
         if not path.is_file():
             raise FileNotFoundError(f"no such file: {path}")
         doc = read(path.read_bytes(), path.name)  # e-mail, Word, PowerPoint, Excel, PDF, HTML, text
-        s = run_plan(gen := _load(args), document_plan(gen, [doc], args.length, args.max_words))
+        s = run_plan(gen := load(args), document_plan(gen, [doc], args.length, args.max_words))
     data = {"summary": s.summary, "prompt_tokens": s.prompt_tokens, "completion_tokens": s.completion_tokens}
     if s.citations is not None:
         data["citations"] = s.citations
@@ -121,7 +122,7 @@ def cmd_summarize(args) -> None:
 def cmd_generate(args) -> None:
     from service.engine.sampling import SamplingParams
 
-    gen = _load(args)
+    gen = load(args)
     params = SamplingParams(
         max_tokens=args.max_tokens,
         temperature=args.temperature,
@@ -158,7 +159,7 @@ def cmd_generate(args) -> None:
 
 
 def cmd_score(args) -> None:
-    gen = _load(args)
+    gen = load(args)
     ids = gen.tokenizer.encode(args.text)
     logprobs = [None if t is None else t.logprob for t in gen.prompt_logprobs(ids)]
     tokens = gen.tokenizer.tokens(ids)
@@ -191,200 +192,9 @@ def cmd_models(args) -> None:
     print(f"\nor any local Hugging Face directory (safetensors). Cache: {cache_dir()}")
 
 
-def cmd_serve(args) -> None:
-    import threading
-
-    import uvicorn
-
-    from model.registry import cache_dir, resolve
-    from parallel.launch import abort
-    from service.server.app import build_app
-    from service.server.connections import guarded
-    from service.server.loading import Loading
-    from service.server.streams import DRAIN_S
-
-    resolve(args.model)  # fetch/convert first: a missing model is an error now, not a 503 later
-    key = args.api_key or os.environ.get("NLG_API_KEY")
-    jobs = args.jobs_db or str(cache_dir() / "jobs.sqlite")
-    Path(jobs).parent.mkdir(parents=True, exist_ok=True)
-    failed = threading.Event()
-    on_ray = None
-    if args.ray:
-        from service.jobs.cluster import connect
-
-        connect(args.ray)
-        on_ray = _replicas(args)
-
-    def fatal() -> None:
-        """The engine failed (its cause is printed) and every request in flight has its error: let the
-        server send those replies, then exit non-zero. A shutdown that hangs is cut short."""
-        print("nlg: error: the engine failed; answering the requests in flight, then exiting", file=sys.stderr)
-        failed.set()
-        server.should_exit = True
-        timer = threading.Timer(DRAIN_S + 5, abort)
-        timer.daemon = True
-        timer.start()
-
-    def load():
-        gen = _load(args)
-        gen.name = args.served_model_name or gen.name  # what clients name in "model" and /v1/models lists
-        print(f"nlg: {args.model} loaded in {gen.load_s:.1f} s; ready", file=sys.stderr, flush=True)
-        return build_app(
-            gen, fatal, key, args.slots, args.max_waiting, jobs, args.request_timeout, args.score_traffic, on_ray
-        )
-
-    url = f"http://{args.host}:{args.port}"
-    print(
-        f"nlg: serving {args.model} at {url}  (API docs: {url}/docs; /ready turns 200 once loaded)",
-        file=sys.stderr,
-        flush=True,
-    )
-    config = uvicorn.Config(
-        Loading(load, fatal),
-        host=args.host,
-        port=args.port,
-        log_level="info",
-        timeout_graceful_shutdown=DRAIN_S,  # the streams' own grace: one number for both
-        **guarded(),  # a deadline for request heads, a cap on connections
-    )
-    server = uvicorn.Server(config)
-    server.run()
-    if failed.is_set():
-        abort()  # exit 1 now, taking any other tensor-parallel ranks down with this one
-
-
-def cmd_batch(args) -> None:
-    from service.jobs.jsonl import errors_of
-
-    out = Path(args.output)
-    s = _batch_on_ray(args, out) if args.ray else _batch_here(args, out)
-    took = max(s.seconds, 1e-9)
-    print(
-        f"{s.succeeded} done, {s.failed} failed (see {errors_of(out)}), {s.skipped} already done earlier, "
-        f"of {s.total} records, in {s.seconds:.1f} s ({(s.succeeded + s.failed) / took:.2f} records/s, "
-        f"{s.completion_tokens / took:.1f} tok/s)",
-        file=sys.stderr,
-    )
-    for name, (records, tokens) in sorted(s.replicas.items()):
-        print(
-            f"  replica {name}: {records} records ({records / took:.2f}/s), {tokens / took:.1f} tok/s", file=sys.stderr
-        )
-
-
-def _batch_here(args, out: Path):
-    from tqdm import tqdm
-
-    from service.jobs.files import run_job
-
-    gen = _load(args)
-    with tqdm(desc=f"{args.task} {Path(args.input).name}", unit="rec", disable=args.quiet) as bar:
-
-        def progress(tokens: int) -> None:
-            bar.update(1)
-            progress.tokens += tokens
-            bar.set_postfix(tok_s=f"{progress.tokens / max(bar.format_dict['elapsed'], 1e-9):.1f}")
-
-        progress.tokens = 0
-        return run_job(gen, args.task, args.input, out, args.workers, progress, lambda n: setattr(bar, "total", n))
-
-
-def _batch_on_ray(args, out: Path):
-    from service.jobs.cluster import connect, run_on_ray
-
-    connect(args.ray)
-    return run_on_ray(
-        args.task,
-        args.input,
-        out,
-        _replicas(args),
-        on_start=lambda n: print(f"{n} records to do on {args.replicas} replicas", file=sys.stderr),
-    )
-
-
-def _replicas(args):
+def replicas(args):
     """--replicas engine actors of --model, loaded as the command line says."""
     from service.jobs.cluster import Replicas
 
     gpus = str(args.device).startswith("cuda")
     return Replicas(args.model, load_options(args), args.replicas, args.replica_cpus, gpus, args.tp)
-
-
-def cmd_eval(args) -> None:
-    from tqdm import tqdm
-
-    from service.evals.bulk import MAIN, markdown, run_eval
-
-    gen = _load(args)
-    if args.task in ("lambada", "wikitext"):
-        from service.evals import lm_eval
-
-        with tqdm(desc=f"eval {args.task}", unit="ex", total=args.limit, disable=args.quiet) as bar:
-            report = lm_eval.run(
-                gen, args.task, Path(args.data), Path(args.out), args.limit, args.window, args.stride, bar.update
-            )
-        summary = {k: v for k, v in report.items() if k != "examples"}
-        print(json.dumps(summary) if args.json else lm_eval.markdown(report) + f"\nreport in {args.out}")
-        return
-    with tqdm(desc=f"eval {args.task}", unit="ex", total=args.limit, disable=args.quiet) as bar:
-        report = run_eval(
-            gen,
-            args.task,
-            Path(args.data),
-            Path(args.out),
-            args.limit,
-            args.length,
-            args.workers,
-            progress=lambda: bar.update(1),
-            retrieve=args.retrieve,
-        )
-    if args.json:
-        print(json.dumps({k: v for k, v in report.items() if k != "examples"}))
-    else:
-        print(markdown(report) + f"\nmain metric {MAIN[args.task]}; report, table and plot in {args.out}")
-
-
-def cmd_make_random(args) -> None:
-    from model.tiny import write_model_dir
-
-    write_model_dir(Path(args.out), PRESETS[args.preset], args.seed)
-    print(f"wrote {args.preset} with random weights (seed {args.seed}) to {args.out}")
-
-
-def cmd_bench(args) -> None:
-    if args.target == "batch":
-        from service.bench.batch import print_report, run
-
-        if not args.data:
-            raise ValueError("bench batch needs --data FILE (JSONL of {document} records)")
-        report = run(args.model, args.data, args.limit)
-        print(json.dumps(report) if args.json else print_report(report))
-        return
-    if args.target == "serve":
-        from service.bench.serve import print_report, run
-
-        report = run(
-            args.model,
-            clients=args.clients,
-            tokens=args.tokens,
-            extra=(["--dtype", args.dtype] if args.dtype else []) + ["--quantize", args.quantize],
-        )
-        print(json.dumps(report) if args.json else print_report(report))
-        return
-    if args.tp > 1:
-        from service.bench.tp import print_sweep, run_sweep
-
-        report = run_sweep(args.model, args.tp, tokens=args.tokens)
-        print(json.dumps(report) if args.json else print_sweep(report))
-        return
-    if args.device.startswith("cuda"):
-        from service.bench.gpu import print_report, run
-
-        report = run(tokens=args.tokens, hf_tokens=min(args.tokens, 64), out=args.save)
-        print(json.dumps(report) if args.json else print_report(report))
-        return
-    from service.bench.cpu import print_report, run
-
-    report = run(
-        args.model, tokens=args.tokens, with_hf=not args.no_hf, quantization=args.quantize, with_peers=not args.no_peers
-    )
-    print(json.dumps(report) if args.json else print_report(report))

@@ -1,7 +1,7 @@
 """`nlg`: the command line. Every subcommand takes `--model NAME_OR_PATH`; those whose output is
-data take `--json`. The commands themselves are in `service.cli.commands`. Flags that vLLM names
-otherwise also answer to vLLM's name (`--tensor-parallel-size`, `--max-model-len`, `--max-num-seqs`),
-and every `--help` shows each option's default."""
+data take `--json`. The commands themselves are in `service.cli.commands`, `serving`, `batch` and
+`measure`. Flags that vLLM names otherwise also answer to vLLM's name (`--tensor-parallel-size`,
+`--max-model-len`, `--max-num-seqs`), and every `--help` shows each option's default."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from functools import partial
 from model.config import PRESETS
 from model.registry import DEFAULT_MODEL, NAMES
 from parallel.forms import QUANTIZATIONS
-from service.cli import commands
+from service.cli import batch, commands, measure, serving
 from service.engine.memory import CPU_SHARE, GPU_SHARE, memory_size
 
 
@@ -178,7 +178,7 @@ def parser() -> argparse.ArgumentParser:
     )
     v.add_argument("--jobs-db", help="SQLite file of batch jobs (default: jobs.sqlite in the model cache)")
     add_ray(v, "the tasks' jobs (/v1/jobs) run on a Ray cluster (the ray extra), their state kept here: ADDRESS")
-    v.set_defaults(run=commands.cmd_serve)
+    v.set_defaults(run=serving.cmd_serve)
 
     b = sub.add_parser(
         "bench",
@@ -208,7 +208,7 @@ def parser() -> argparse.ArgumentParser:
         help="skip the other engines installed (llama.cpp, CTranslate2, ONNX Runtime GenAI: the bench extra)",
     )
     b.add_argument("--save", metavar="FILE", help="--device cuda: also write the JSON report to FILE, shape by shape")
-    b.set_defaults(run=commands.cmd_bench)
+    b.set_defaults(run=measure.cmd_bench)
     j = sub.add_parser(
         "batch",
         parents=[common],
@@ -228,7 +228,7 @@ def parser() -> argparse.ArgumentParser:
         "run on a Ray cluster (the ray extra); INPUT is then JSONL (a file, a folder of *.jsonl or a quoted glob), "
         "results come back as shards merged into OUTPUT at the end, each record once across reruns: ADDRESS",
     )
-    j.set_defaults(run=commands.cmd_batch)
+    j.set_defaults(run=batch.cmd_batch)
 
     e = sub.add_parser("eval", parents=[common, as_json], help="run a task over a data set and score it")
     e.add_argument("task", choices=["summarize", "qa", "lambada", "wikitext"])
@@ -251,7 +251,7 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--window", type=int, default=2048, help="wikitext: tokens per window (default 2048)")
     e.add_argument("--stride", type=int, help="wikitext: tokens between window starts (default window - 1)")
     e.add_argument("--quiet", action="store_true", help="no progress bar")
-    e.set_defaults(run=commands.cmd_eval)
+    e.set_defaults(run=measure.cmd_eval)
 
     f = sub.add_parser("fetch", help="fetch and convert a named model into the cache now (images do it at build)")
     f.add_argument("name", nargs="?", default=DEFAULT_MODEL, help=f"a model name (default: {DEFAULT_MODEL})")
@@ -261,7 +261,7 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("out", help="directory to write (config.json, model.safetensors, tokenizer)")
     r.add_argument("--preset", default="llama-400m", choices=sorted(PRESETS), help="shape (default llama-400m)")
     r.add_argument("--seed", type=int, default=0, help="random seed of the weights")
-    r.set_defaults(run=commands.cmd_make_random)
+    r.set_defaults(run=measure.cmd_make_random)
     return p
 
 

@@ -7,7 +7,7 @@ path (`launch`); each cache's `service.engine.sampler.Sampler` picks the tokens.
 `StepOutput` and changes no sequence: the scheduler (`service.engine.scheduler`) records what it gives
 back. It knows nothing about text, and nothing about which sequences run: the plan says.
 
-It also sizes and makes the KV cache (`layout`, `new_cache`) and captures the decode steps ahead of the
+It also makes the KV cache (`new_cache`, sized by `service.engine.memory`) and captures the decode steps ahead of the
 first request (`warm_up`). Importable without the HTTP layer (no fastapi here).
 """
 
@@ -20,32 +20,19 @@ from torch import nn
 
 from model.kv_cache import KVCache
 from parallel.state import get_tp
+from service.engine import memory
 from service.engine.checks import Limits
 from service.engine.cuda_graphs import MIN_SPAN, GraphDecoder
-from service.engine.memory import BLOCK_SIZE, CPU_SHARE, GPU_SHARE
+from service.engine.memory import BLOCK_SIZE
 from service.engine.plan import Launched, Picked, StepOutput, StepPlan
 from service.engine.sampler import Sampler, token_logprobs
 from service.engine.sampling import SamplingParams
 from service.engine.sequence import Sequence, TokenLogprob
 
 
-class CacheTooLarge(ValueError):
-    """A KV cache bigger than the device's free memory, or too small for one block per sequence."""
-
-
 def free_memory(device: torch.device) -> int | None:
     """Free bytes on a CUDA device; None on a CPU (a cache's pages are only taken as they are written)."""
     return torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
-
-
-def default_kv_memory(device: torch.device) -> int:
-    """The KV cache's bytes on this rank when --kv-cache-memory is not given."""
-    free = free_memory(device)
-    if free is not None:
-        return int(free * GPU_SHARE)
-    import psutil
-
-    return int(psutil.virtual_memory().total * CPU_SHARE / get_tp().size)
 
 
 class ModelRunner:
@@ -83,34 +70,22 @@ class ModelRunner:
         return KVCache.token_bytes(cfg.num_layers, self.kv_heads, cfg.head_dim, self.dtype)
 
     def layout(self, slots: int, length: int) -> tuple[int, int]:
-        """(blocks, blocks per region) of the cache `new_cache` makes: as many blocks as --kv-cache-memory
-        holds; by default, within `default_kv_memory`, a home region of `length` positions for each of
-        `slots` sequences and one more region (the null block's). A region holds `length` positions at most."""
-        block = self.token_bytes() * self.block_size
+        """(blocks, blocks per region) of the cache `new_cache` makes for `slots` sequences of `length`
+        positions (`service.engine.memory.layout`, within --kv-cache-memory or the default share)."""
+        import psutil
+
+        free = free_memory(self.device)
+        default = memory.default_kv_memory(free, psutil.virtual_memory().total, get_tp().size)
         per_sequence = -(-min(length, self.context) // self.block_size)
-        if self.kv_memory is not None:
-            blocks = self.kv_memory // block
-        else:
-            blocks = min((slots + 1) * per_sequence, default_kv_memory(self.device) // block)
-        region = max(1, min(per_sequence, blocks // (slots + 1)))
-        return blocks // region * region, region
+        return memory.layout(slots, per_sequence, self.token_bytes() * self.block_size, self.kv_memory, default)
 
     def new_cache(self, slots: int, length: int) -> KVCache:
-        """A paged cache (`layout`). On a GPU, one that does not fit the free memory is refused with what
-        to change; so is one without a block for each of `slots` sequences."""
+        """A paged cache (`layout`); one that does not fit the device, or without a block for each of
+        `slots` sequences, is refused with what to change (`CacheTooLarge`)."""
         cfg = self.model.config
         blocks, region = self.layout(slots, length)
-        need, free = blocks * self.block_size * self.token_bytes(), free_memory(self.device)
-        if free is not None and need > free:
-            raise CacheTooLarge(
-                f"the KV cache of {blocks} blocks needs {need / 2**30:.2f} GiB and {self.device} has "
-                f"{free / 2**30:.2f} GiB free: lower --kv-cache-memory"
-            )
-        if blocks < slots + 1:
-            raise CacheTooLarge(
-                f"--kv-cache-memory holds {max(blocks - 1, 0)} blocks of {self.block_size} tokens "
-                f"({self.token_bytes() * self.block_size} bytes each) and {slots} sequences need one each: raise it"
-            )
+        block_bytes = self.token_bytes() * self.block_size
+        memory.check(blocks, slots, self.block_size, block_bytes, free_memory(self.device), str(self.device))
         return KVCache(
             cfg.num_layers, blocks, self.block_size, region, self.kv_heads, cfg.head_dim, self.dtype, self.device
         )

@@ -132,7 +132,7 @@ def test_kv_cache_memory_is_checked_against_the_device(tiny, monkeypatch):
     what to change."""
     from service.engine import runner as engine_module
     from service.engine.core import Engine
-    from service.engine.runner import CacheTooLarge
+    from service.engine.memory import CacheTooLarge
 
     monkeypatch.setattr(engine_module, "free_memory", lambda device: 3 * 2**20)
     engine = Engine(tiny.engine.model).runner

@@ -1,0 +1,71 @@
+"""`nlg serve`: the HTTP service on one model (tensor-parallel ranks, Ray jobs and the loading page included)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+from service.cli import commands
+
+
+def cmd_serve(args) -> None:
+    import threading
+
+    import uvicorn
+
+    from model.registry import cache_dir, resolve
+    from parallel.launch import abort
+    from service.server.app import build_app
+    from service.server.connections import guarded
+    from service.server.loading import Loading
+    from service.server.streams import DRAIN_S
+
+    resolve(args.model)  # fetch/convert first: a missing model is an error now, not a 503 later
+    key = args.api_key or os.environ.get("NLG_API_KEY")
+    jobs = args.jobs_db or str(cache_dir() / "jobs.sqlite")
+    Path(jobs).parent.mkdir(parents=True, exist_ok=True)
+    failed = threading.Event()
+    on_ray = None
+    if args.ray:
+        from service.jobs.cluster import connect
+
+        connect(args.ray)
+        on_ray = commands.replicas(args)
+
+    def fatal() -> None:
+        """The engine failed (its cause is printed) and every request in flight has its error: let the
+        server send those replies, then exit non-zero. A shutdown that hangs is cut short."""
+        print("nlg: error: the engine failed; answering the requests in flight, then exiting", file=sys.stderr)
+        failed.set()
+        server.should_exit = True
+        timer = threading.Timer(DRAIN_S + 5, abort)
+        timer.daemon = True
+        timer.start()
+
+    def load():
+        gen = commands.load(args)
+        gen.name = args.served_model_name or gen.name  # what clients name in "model" and /v1/models lists
+        print(f"nlg: {args.model} loaded in {gen.load_s:.1f} s; ready", file=sys.stderr, flush=True)
+        return build_app(
+            gen, fatal, key, args.slots, args.max_waiting, jobs, args.request_timeout, args.score_traffic, on_ray
+        )
+
+    url = f"http://{args.host}:{args.port}"
+    print(
+        f"nlg: serving {args.model} at {url}  (API docs: {url}/docs; /ready turns 200 once loaded)",
+        file=sys.stderr,
+        flush=True,
+    )
+    config = uvicorn.Config(
+        Loading(load, fatal),
+        host=args.host,
+        port=args.port,
+        log_level="info",
+        timeout_graceful_shutdown=DRAIN_S,  # the streams' own grace: one number for both
+        **guarded(),  # a deadline for request heads, a cap on connections
+    )
+    server = uvicorn.Server(config)
+    server.run()
+    if failed.is_set():
+        abort()  # exit 1 now, taking any other tensor-parallel ranks down with this one
