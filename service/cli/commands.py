@@ -105,7 +105,7 @@ def cmd_summarize(args) -> None:
         s = summarize(load(args), sys.stdin.read(), args.length, args.max_words)
     else:
         from service.documents import read
-        from service.tasks.documents import document_plan
+        from service.tasks.document_summary import document_plan
         from service.tasks.plans import run_plan
 
         path = Path(args.file)

@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Generator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from service.engine.generator import Generation, TextGenerator, TextResult
 from service.engine.sampling import SamplingParams
 from service.engine.sequence import Sequence
 from service.errors import ClientGone, DeadlineExceeded
+from service.tasks.plans import Plan
 
 POLL_S = 0.25  # how often a plain (non-streaming) request checks that its client is still there
 
@@ -167,9 +168,6 @@ class AsyncEngine:
     def limit(self) -> int:
         """The most sequences one submitted call may have."""
         return self.engine.max_waiting
-
-
-Plan = Generator[Any, list[TextResult], Any]
 
 
 async def advance(plan: Plan, results: list[TextResult] | None) -> tuple[Any, Any]:

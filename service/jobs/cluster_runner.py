@@ -17,8 +17,8 @@ import json
 import sys
 
 from service.jobs.cluster import BLOCK, Replicas
-from service.jobs.runner import Loop
 from service.jobs.store import JobStore
+from service.jobs.worker import Loop
 
 CHUNK = 1024  # records per pipeline run: the grain of cancelling a job
 RETRY_S = 5.0

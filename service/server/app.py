@@ -26,8 +26,8 @@ from service.engine.handle import AsyncEngine
 from service.engine.metrics import Metrics
 from service.jobs.cluster import Replicas
 from service.jobs.cluster_runner import ClusterRunner
-from service.jobs.runner import JobRunner
 from service.jobs.store import JobStore
+from service.jobs.worker import JobRunner
 from service.server import http_errors
 from service.server.auth import ApiKey
 from service.server.inprocess import poster

@@ -25,7 +25,7 @@ class Generate:
     on_text: Callable[[int, str, Emit], bool | None] | None = None
 
 
-def forward(i: int, piece: str, emit: Emit) -> None:
+def stream_every_piece(i: int, piece: str, emit: Emit) -> None:
     """An `on_text` that streams every piece."""
     emit(i, piece)
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from service.engine.generator import TextGenerator
 from service.engine.sampling import SamplingParams
 from service.errors import ContextOverflow, InvalidRequest
-from service.tasks.plans import Emit, Generate, Plan, forward, run_plan
+from service.tasks.plans import Emit, Generate, Plan, run_plan, stream_every_piece
 from service.tasks.sentences import sentences
 from service.tasks.text import content_words, split_to_fit, whole_sentences
 
@@ -38,7 +38,7 @@ class Summary:
     summary: str
     prompt_tokens: int
     completion_tokens: int
-    citations: list[dict] | None = None  # documents (`service.tasks.documents`): each sentence's file and part
+    citations: list[dict] | None = None  # documents (`service.tasks.document_summary`): each sentence's file and part
 
 
 def summary_messages(document: str, instruction: str, rewrite: bool = False) -> list[dict[str, str]]:
@@ -123,7 +123,7 @@ def summarize_plan(
         return (yield from map_reduce(gen, document, length, max_words, temperature, seed))
     key = salient(document, max(5, count + 2))
     ids = chat(summary_messages(key or document, instruction, rewrite=key is not None))
-    r = (yield Generate([ids], [params], stop_after(count) if max_words is None else forward))[0]
+    r = (yield Generate([ids], [params], stop_after(count) if max_words is None else stream_every_piece))[0]
     text = " ".join(r.text.split())
     if max_words is not None:
         text = " ".join(text.split()[:max_words])
@@ -151,7 +151,7 @@ def map_reduce(
 ) -> Plan:
     """The pieces of `document` summarized in one generation, then their summaries summarized.
     `cut(room)` gives the pieces, each of at most `room` tokens (`map_room`; default: at sentence ends,
-    `split_to_fit`; `service.tasks.documents` cuts along a document's parts)."""
+    `split_to_fit`; `service.tasks.document_summary` cuts along a document's parts)."""
     chat = gen.tokenizer.chat
     _, map_budget = LENGTHS["medium"]
     room = map_room(gen)

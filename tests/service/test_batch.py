@@ -160,17 +160,17 @@ def test_a_poisoned_record_fails_alone_and_the_next_job_completes(tiny, tmp_path
     /ready said 200, and error rows lacked the record's id."""
     from fastapi.testclient import TestClient
 
-    import service.jobs.runner
+    import service.jobs.worker
     from service.server.app import build_app
 
-    real = service.jobs.runner.run_record
+    real = service.jobs.worker.run_record
 
     def flaky(gen, task, record):
         if record.get("id") == "boom":
             raise KeyError("injected failure")
         return real(gen, task, record)
 
-    monkeypatch.setattr(service.jobs.runner, "run_record", flaky)
+    monkeypatch.setattr(service.jobs.worker, "run_record", flaky)
     poisoned = [
         {"id": "boom", "document": "A fine document."},
         {"id": "abc", "document": "Words here.", "max_words": "abc"},
@@ -194,11 +194,11 @@ def test_a_full_queue_delays_a_batch_record_instead_of_failing_it(tiny, tmp_path
     its turn (Retry-After) and then succeed."""
     from fastapi.testclient import TestClient
 
-    import service.jobs.runner
+    import service.jobs.worker
     from service.errors import Overloaded
     from service.server.app import build_app
 
-    real, refusals = service.jobs.runner.run_record, []
+    real, refusals = service.jobs.worker.run_record, []
 
     def busy_once(gen, task, record):
         if not refusals:
@@ -206,7 +206,7 @@ def test_a_full_queue_delays_a_batch_record_instead_of_failing_it(tiny, tmp_path
             raise Overloaded("64 sequences are already waiting", retry_after=1)
         return real(gen, task, record)
 
-    monkeypatch.setattr(service.jobs.runner, "run_record", busy_once)
+    monkeypatch.setattr(service.jobs.worker, "run_record", busy_once)
     with TestClient(build_app(tiny, jobs_db=str(tmp_path / "jobs.sqlite"))) as c:
         job = c.post("/v1/jobs?task=answer", content=json.dumps({"id": "q", "question": "Who?"}) + "\n").json()
         assert wait_completed(c, job["id"])["counts"] == {"total": 1, "succeeded": 1, "failed": 0}

@@ -209,7 +209,7 @@ def test_batch_summarizes_a_folder_and_resumes(office, tiny, tmp_path):
 def test_a_long_workbook_is_summarized_in_groups_of_parts_with_header_rows(tiny, monkeypatch):
     """Past the context, whole parts are grouped under their labels; a sheet cut in pieces keeps its
     header row in each; the summary's sentences cite the parts they share words with."""
-    from service.tasks.documents import _groups, cite, document_plan
+    from service.tasks.document_summary import _groups, cite, document_plan
     from service.tasks.plans import run_plan
 
     rows = "\n".join(f"| region {i} | {i * 7} |" for i in range(300))

@@ -13,7 +13,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from service.engine.generator import TextGenerator
 from service.engine.handle import AsyncEngine
-from service.jobs.runner import JobRunner
+from service.jobs.worker import JobRunner
 from service.server.http_errors import error, responses
 
 READY_TTL_S = 1.0  # /ready probes the engine at most this often; callers in between get the last answer

@@ -32,7 +32,7 @@ from service.server.schemas.tasks import (
     SummarizeUpload,
 )
 from service.tasks.answer import Answer, answer_plan, answer_source
-from service.tasks.documents import document_plan
+from service.tasks.document_summary import document_plan
 from service.tasks.summarize import Summary
 
 MAX_UPLOAD_BYTES = MAX_FILES * documents.MAX_BYTES  # one multipart body (`service.server.app`'s BodyLimit)
