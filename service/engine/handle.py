@@ -4,7 +4,9 @@
 cannot run (`InvalidRequest`, `TooLarge`, `Overloaded`, `EngineFailed`) gets its HTTP status before
 any byte of a response; it returns a `Running`. The engine thread pushes that request's events (text
 pieces, then its results or its error) into the request's `asyncio.Queue` with
-`loop.call_soon_threadsafe`; handlers await them. `AsyncEngine.abort(request_id)` ends a request's
+`loop.call_soon_threadsafe`; handlers await them. Each event is a value made on the engine thread (a
+`Piece` carries the token ids and log-probabilities it added): no handler reads a `Sequence` the engine
+is still changing. `AsyncEngine.abort(request_id)` ends a request's
 sequences at the engine's next step (a client that left, a deadline passed); `Running` and `TaskRun` do it
 on any way out before their end.
 
@@ -18,11 +20,11 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 from service.engine.generator import Generation, TextGenerator, TextResult
 from service.engine.sampling import SamplingParams
-from service.engine.sequence import Sequence
+from service.engine.sequence import Sequence, TokenLogprob
 from service.errors import ClientGone, DeadlineExceeded
 from service.tasks.plans import Plan
 
@@ -75,7 +77,7 @@ class Running:
         except asyncio.TimeoutError:
             return None
 
-    async def pieces(self) -> AsyncIterator[tuple[int, str]]:
+    async def pieces(self) -> AsyncIterator[Piece]:
         """The text pieces as they come; ends after the last (then `result` is set). Raises the request's
         error or `DeadlineExceeded`; aborts the sequences on any way out before the end."""
         try:
@@ -119,6 +121,17 @@ class Running:
                 self.handle.abort(self.request_id)
 
 
+class Piece(NamedTuple):
+    """Text sequence `index` streamed, with the token ids it added since that sequence's last piece, their
+    log-probabilities (when asked for) and, with its first piece, the prompt's (when asked for)."""
+
+    index: int
+    text: str
+    token_ids: tuple[int, ...] = ()
+    logprobs: tuple[TokenLogprob, ...] = ()
+    prompt_logprobs: tuple[TokenLogprob | None, ...] = ()
+
+
 class AsyncEngine:
     def __init__(self, gen: TextGenerator, timeout: float | None = None):
         """Requests to `gen`'s engine, whose thread runs (`Engine.start`)."""
@@ -143,10 +156,19 @@ class AsyncEngine:
         nothing is (a call whose results are awaited with `wait`: no event per token)."""
         request_id = request_id or uuid.uuid4().hex
         running = Running(self, request_id, deadline if deadline is not None else self.deadline())
+        sent = [0] * len(prompts)  # each sequence's tokens already in a piece
+        scored = [False] * len(prompts)  # whether its prompt's log-probabilities went with one
 
         def emit(i: int, text: str) -> None:
-            if stream:
-                running.put(("piece", (i, text)))
+            """On the engine thread: the piece, with copies of what the sequence added since its last."""
+            if not stream:
+                return
+            s, start = running.generation.seqs[i], sent[i]
+            end = sent[i] = len(s.output)
+            lps = tuple(s.logprobs[start:end]) if s.params.logprobs is not None else ()
+            prompt = () if scored[i] or s.params.prompt_logprobs is None else tuple(s.prompt_logprobs)
+            scored[i] = True
+            running.put(("piece", Piece(i, text, tuple(s.output[start:end]), lps, prompt)))
 
         watch = (lambda i, piece: on_text(i, piece, emit)) if on_text else (emit if stream else None)
         g = running.generation = Generation(self.gen, prompts, params, watch, request_id, priority)
@@ -227,8 +249,8 @@ class TaskRun:
         """The pieces the plan streams; the plan's return value is in `value` after the last."""
         try:
             while self.running is not None:
-                async for _, piece in self.running.pieces():
-                    yield piece
+                async for piece in self.running.pieces():
+                    yield piece.text
                 if not await self._after(self.running.result):
                     return
         finally:

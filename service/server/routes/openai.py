@@ -21,9 +21,8 @@ from functools import partial
 from fastapi import APIRouter, HTTPException, Request
 
 from service.engine.generator import TextGenerator, TextResult
-from service.engine.handle import Running
+from service.engine.handle import Piece, Running
 from service.engine.sampling import SamplingParams
-from service.engine.sequence import Sequence
 from service.errors import ContextOverflow
 from service.server.http_errors import responses
 from service.server.logprobs import Aligned, chat_logprobs, completion_logprobs
@@ -117,6 +116,9 @@ class Choice:
         self.tok, self.aligned, self.wanted = tok, Aligned(tok), wanted
         self.prompt = prompt if echo else []
         self.text_bytes = sum(map(len, tok.token_bytes(self.prompt)))
+        self.ids: list[int] = []  # the streamed pieces' tokens so far, and their log-probabilities
+        self.lps: list = []
+        self.prompt_lps: list = []
 
     def echo_text(self) -> str:
         return b"".join(self.tok.token_bytes(self.prompt)).decode("utf-8", "replace")
@@ -128,13 +130,15 @@ class Choice:
         self.text_bytes += len(piece.encode())
         return self.aligned.take(self.prompt + ids, (prompt_lps if self.prompt else []) + lps, self.text_bytes)
 
-    def streamed(self, piece: str, s: Sequence) -> list:
-        """`tokens` of a piece streamed while the engine thread appends to `s`: its tokens are read first,
-        so that every log-probability read belongs to a token read."""
-        if not self.wanted:
-            return []
-        output = s.output[:]
-        return self.tokens(piece, output, s.logprobs[: len(output)], s.prompt_logprobs[:])
+    def add(self, p: Piece) -> None:
+        """Take a streamed piece's tokens and log-probabilities (its text is `covered` after)."""
+        self.ids += p.token_ids
+        self.lps += p.logprobs
+        self.prompt_lps += p.prompt_logprobs
+
+    def covered(self, text: str) -> list:
+        """`tokens` of text streamed next, from the pieces' tokens so far."""
+        return self.tokens(text, self.ids, self.lps, self.prompt_lps)
 
     def last(self, piece: str, r: TextResult | None) -> list:
         """The completions API's tokens of the end: those `piece` covers, then the end token if one ended
@@ -203,11 +207,12 @@ async def completions(req: CompletionRequest, request: Request):
     async def events() -> AsyncIterator[dict]:
         results: list = [None] * len(runs)
         if running:
-            async for k, text in running.pieces():
-                seq = running.generation.seqs[k]
+            async for p in running.pieces():
+                k, c = p.index, choices[p.index]
+                c.add(p)
                 if echo(k):
-                    yield piece(k, choices[k].echo_text(), choices[k].streamed("", seq))
-                yield piece(k, text, choices[k].streamed(text, seq))
+                    yield piece(k, c.echo_text(), c.covered(""))
+                yield piece(k, p.text, c.covered(p.text))
             results = running.result
         for k, r in enumerate(results):
             finish = r.finish_reason if r else "length"
@@ -266,8 +271,9 @@ async def chat(req: ChatRequest, request: Request):
     async def events() -> AsyncIterator[dict]:
         for j in range(req.n):
             yield delta(j, {"role": "assistant", "content": ""})
-        async for j, text in running.pieces():
-            yield delta(j, {"content": text}, choices[j].streamed(text, running.generation.seqs[j]))
+        async for p in running.pieces():
+            choices[p.index].add(p)
+            yield delta(p.index, {"content": p.text}, choices[p.index].covered(p.text))
         for j, r in enumerate(running.result):
             yield delta(j, {}, choices[j].tokens("", r.token_ids, r.logprobs, []), r.finish_reason)
         if req.stream_options and req.stream_options.include_usage:
