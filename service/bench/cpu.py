@@ -18,7 +18,7 @@ from model.registry import GGUF_MODELS, fetch_gguf
 from parallel import quant
 from parallel.quant import weight_bytes
 from service.engine.generator import TextGenerator
-from service.engine.sampling import SamplingParams
+from service.engine.sampling_params import SamplingParams
 from service.engine.scheduler import PROMPT_LOOKUP
 
 PROMPTS = [

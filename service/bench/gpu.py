@@ -23,7 +23,7 @@ from model.config import PRESETS
 from model.loader import load_model
 from model.registry import resolve
 from service.engine.core import Engine
-from service.engine.sampling import SamplingParams
+from service.engine.sampling_params import SamplingParams
 
 SHAPES = ("smollm2-135m", "llama-1b")
 PROMPT_LEN = 16

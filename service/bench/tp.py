@@ -21,7 +21,7 @@ from parallel.state import get_tp
 from parallel.weights import SafetensorsReader
 from service.bench.cpu import peak_rss_mb
 from service.engine.core import Engine
-from service.engine.sampling import SamplingParams
+from service.engine.sampling_params import SamplingParams
 
 
 def rank_bench(directory: str, tokens: int) -> dict | None:

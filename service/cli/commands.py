@@ -120,7 +120,7 @@ def cmd_summarize(args) -> None:
 
 
 def cmd_generate(args) -> None:
-    from service.engine.sampling import SamplingParams
+    from service.engine.sampling_params import SamplingParams
 
     gen = load(args)
     params = SamplingParams(

@@ -42,7 +42,7 @@ from service.engine.blocks import BlockPool
 from service.engine.memory import BLOCK_SIZE
 from service.engine.metrics import STATE, Metrics
 from service.engine.runner import ModelRunner
-from service.engine.sampling import SamplingParams
+from service.engine.sampling_params import SamplingParams
 from service.engine.scheduler import LOOKUP_ROWS, PROMPT_LOOKUP, Scheduler, SchedulerConfig
 from service.engine.sequence import Completion, Sequence
 from service.errors import EngineFailed, InvalidRequest, Overloaded, RequestFailed, TooLarge

@@ -23,7 +23,7 @@ from parallel.state import get_tp
 from service.engine.core import Engine
 from service.engine.detok import Detokenizer
 from service.engine.metrics import Metrics
-from service.engine.sampling import SamplingParams
+from service.engine.sampling_params import SamplingParams
 from service.engine.sequence import Completion, TokenLogprob
 
 

@@ -23,7 +23,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, NamedTuple
 
 from service.engine.generator import Generation, TextGenerator, TextResult
-from service.engine.sampling import SamplingParams
+from service.engine.sampling_params import SamplingParams
 from service.engine.sequence import Sequence, TokenLogprob
 from service.errors import ClientGone, DeadlineExceeded
 from service.tasks.plans import Plan

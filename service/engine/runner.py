@@ -26,7 +26,7 @@ from service.engine.cuda_graphs import MIN_SPAN, GraphDecoder
 from service.engine.memory import BLOCK_SIZE
 from service.engine.plan import Launched, Picked, StepOutput, StepPlan
 from service.engine.sampler import Sampler, token_logprobs
-from service.engine.sampling import SamplingParams
+from service.engine.sampling_params import SamplingParams
 from service.engine.sequence import Sequence, TokenLogprob
 
 

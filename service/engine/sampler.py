@@ -1,6 +1,8 @@
 """The next token of every sequence of a step at once (`Sampler.pick`), on the logits' device.
 
-The processors of `service.engine.sampling` run over all sampled rows together; the draw is an
+The logits processors, each one tensor operation over a step's rows (B, V) with per-row parameters, run
+in this order over all sampled rows together: logit bias, OpenAI's presence and frequency penalties (on
+generated tokens), then as `transformers` does repetition penalty, temperature, top-k, top-p; the draw is an
 exponential race (argmax of p / E with E ~ Exp(1), which picks token i with probability p_i) whose noise
 comes, for a seeded request, from that request's own generator on the logits' device: a seed gives the
 same tokens whatever else is in the batch, on CPU and on CUDA alike. For the penalties the sampler
@@ -13,17 +15,49 @@ from __future__ import annotations
 import torch
 
 from service.engine.plan import Picked
-from service.engine.sampling import (
-    MIN_TEMPERATURE,
-    penalize_counts,
-    penalize_repeats,
-    repeated_ngram_tokens,
-    truncate,
-)
+from service.engine.sampling_params import MIN_TEMPERATURE
 from service.engine.sequence import Sequence, TokenLogprob
 from service.errors import RequestFailed
 
 UNDEFINED = "sampling failed for this request: its probabilities are not finite"
+
+
+def repeated_ngram_tokens(output: list[int], n: int) -> list[int]:
+    """Tokens that would complete an n-gram already present in `output` (the generated tokens only:
+    copying phrases from the prompt, as a summary must, stays allowed)."""
+    if n == 0 or len(output) < n:
+        return []
+    prefix = output[len(output) - n + 1 :]
+    return [output[i + n - 1] for i in range(len(output) - n + 1) if output[i : i + n - 1] == prefix]
+
+
+def penalize_repeats(logits: torch.Tensor, seen: torch.Tensor, penalty: torch.Tensor) -> torch.Tensor:
+    """CTRL-style penalty on every token already in the context (`seen`, a (B, V) mask): divide positive
+    logits by the row's `penalty` (B, 1), multiply negative ones."""
+    penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(seen, penalized, logits)
+
+
+def penalize_counts(
+    logits: torch.Tensor, counts: torch.Tensor, presence: torch.Tensor, frequency: torch.Tensor
+) -> torch.Tensor:
+    """OpenAI's penalties over (B, V): minus `frequency` (B, 1) per time each token was generated (`counts`)
+    and minus `presence` (B, 1) once for each token generated at all."""
+    return logits - frequency * counts - presence * (counts > 0)
+
+
+def truncate(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Top-k then top-p over (B, V) with one sort: `top_k` (B,) of at least 1 (V: off), `top_p` (B,)
+    (above 1: off). As `transformers` does: top-k keeps ties with the k-th logit; top-p keeps the
+    smallest set whose mass reaches p, always with the most likely token."""
+    ordered, order = logits.sort(-1, descending=True)
+    kth = ordered.gather(1, (top_k - 1)[:, None])
+    drop = ordered < kth
+    ordered = ordered.masked_fill(drop, float("-inf"))
+    probs = ordered.softmax(-1)
+    drop |= probs.cumsum(-1) - probs >= top_p[:, None]  # keep the token that crosses top_p
+    drop[:, 0] = False  # and the most likely one, whatever top_p is (1e-300 is 0 in float32)
+    return logits.masked_fill(torch.zeros_like(drop).scatter(1, order, drop), float("-inf"))
 
 
 def token_logprobs(logits: torch.Tensor, tokens: list[int], top: int) -> list[TokenLogprob]:

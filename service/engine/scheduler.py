@@ -39,7 +39,7 @@ from service.engine.blocks import BlockPool
 from service.engine.checks import Limits
 from service.engine.lookup import draft
 from service.engine.plan import Launched, StepOutput, StepPlan
-from service.engine.sampling import MIN_TEMPERATURE
+from service.engine.sampling_params import MIN_TEMPERATURE
 from service.engine.sequence import Sequence
 from service.errors import ContextOverflow, RequestFailed
 

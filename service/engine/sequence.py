@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from service.engine.sampling import SamplingParams
+from service.engine.sampling_params import SamplingParams
 
 
 @dataclass

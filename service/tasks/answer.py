@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from service.engine.generator import TextGenerator
-from service.engine.sampling import SamplingParams
+from service.engine.sampling_params import SamplingParams
 from service.errors import InvalidRequest
 from service.tasks.plans import Generate, Plan, run_plan, stream_every_piece
 from service.tasks.text import content_words, first_sentence, split_to_fit

@@ -10,7 +10,7 @@ from collections.abc import Callable, Generator
 from dataclasses import dataclass
 
 from service.engine.generator import TextGenerator
-from service.engine.sampling import SamplingParams
+from service.engine.sampling_params import SamplingParams
 
 Emit = Callable[[int, str], None]  # stream text of sequence i to the caller
 

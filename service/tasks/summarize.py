@@ -11,7 +11,7 @@ import collections
 from dataclasses import dataclass
 
 from service.engine.generator import TextGenerator
-from service.engine.sampling import SamplingParams
+from service.engine.sampling_params import SamplingParams
 from service.errors import ContextOverflow, InvalidRequest
 from service.tasks.plans import Emit, Generate, Plan, run_plan, stream_every_piece
 from service.tasks.sentences import sentences

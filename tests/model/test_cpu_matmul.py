@@ -13,7 +13,7 @@ from model.loader import load_model
 from model.registry import resolve
 from parallel.quant import weight_bytes
 from service.engine.core import Engine
-from service.engine.sampling import SamplingParams
+from service.engine.sampling_params import SamplingParams
 
 
 @pytest.mark.parametrize("shape", [(1, 1, 96), (8, 96), (3, 5, 96), (512, 96)])

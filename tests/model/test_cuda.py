@@ -14,7 +14,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUD
 def test_cuda_bf16_matches_cpu_fp32():
     """Guards device placement of every parameter and buffer (RoPE tables, KV cache) and bf16 numerics."""
     from service.engine.core import Engine
-    from service.engine.sampling import SamplingParams
+    from service.engine.sampling_params import SamplingParams
 
     path = resolve("tiny-random")
     cpu = load_model(path)
@@ -35,7 +35,7 @@ def test_cuda_graph_decode_matches_cpu():
     """Decode replayed from CUDA graphs of several row buckets, with slots freed and refilled while others
     run: fp32 greedy tokens equal the CPU's, and equal the GPU's eager decode."""
     from service.engine.core import Engine
-    from service.engine.sampling import SamplingParams
+    from service.engine.sampling_params import SamplingParams
 
     path = resolve("tiny-random")
     prompts = [[5, 17, 42], [9] * 30, [200, 201, 202, 203], [64] * 7, [1]]
@@ -53,7 +53,7 @@ def test_cuda_warm_up_then_steps_launched_ahead_match_cpu():
     """Graphs captured before any request (as `nlg serve` does), then greedy steps launched ahead of the
     host with one sequence stopped early by its callback: the CPU's tokens, nothing past the stop."""
     from service.engine.core import Engine
-    from service.engine.sampling import SamplingParams
+    from service.engine.sampling_params import SamplingParams
     from service.engine.sequence import Sequence
 
     path = resolve("tiny-random")

@@ -8,7 +8,7 @@ import torch
 from torch.testing import assert_close
 
 from model.kv_cache import Batch, KVCache
-from service.engine.sampling import SamplingParams
+from service.engine.sampling_params import SamplingParams
 
 
 def cache_of(model, blocks: int = 16, block_size: int = 4, region: int = 4) -> KVCache:

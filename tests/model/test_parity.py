@@ -9,7 +9,7 @@ from torch.testing import assert_close
 from model.cpu_matmul import pack
 from model.loader import load_model
 from service.engine.core import Engine
-from service.engine.sampling import SamplingParams
+from service.engine.sampling_params import SamplingParams
 
 PROMPTS = [[5, 17, 42, 99, 3, 250, 7, 8, 11], [200, 1, 64, 33]]  # different lengths: batch > 1
 

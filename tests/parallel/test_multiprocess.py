@@ -20,7 +20,7 @@ from model.loader import load_model
 from model.tiny import write_model_dir
 from parallel.launch import launch
 from service.engine.core import Engine
-from service.engine.sampling import SamplingParams
+from service.engine.sampling_params import SamplingParams
 
 pytestmark = pytest.mark.heavy  # rank processes: `make test`, not `make test-fast`
 

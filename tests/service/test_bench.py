@@ -79,7 +79,7 @@ def test_gpu_bench_profiles_the_steps_it_means(tiny):
     run as given on any device: one token's logits for one row."""
     from service.bench.gpu import compiled_step, eager_step
     from service.engine.core import Engine
-    from service.engine.sampling import SamplingParams
+    from service.engine.sampling_params import SamplingParams
 
     engine = Engine(tiny.engine.model, graphs=True)
     engine.generate([[5, 6, 7]], [SamplingParams(max_tokens=3)])

@@ -84,7 +84,7 @@ def test_abort_ends_only_that_requests_sequences(tiny):
     """`Engine.abort(request_id)` is the one way to cancel (it replaced a `cancelled()` callback polled
     every step): it must end every sequence of that request, queued or running, and no other."""
     from service.engine.core import Engine
-    from service.engine.sampling import SamplingParams
+    from service.engine.sampling_params import SamplingParams
 
     engine = Engine(tiny.engine.model, max_waiting=8).start(slots=1)
     try:

@@ -11,7 +11,7 @@ from torch.testing import assert_close
 from service.engine.blocks import BlockPool
 from service.engine.core import Engine
 from service.engine.cuda_graphs import GraphDecoder, decode_step
-from service.engine.sampling import SamplingParams
+from service.engine.sampling_params import SamplingParams
 from service.engine.sequence import Sequence
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from service.engine.detok import REPLACEMENT, Detokenizer
-from service.engine.sampling import SamplingParams
+from service.engine.sampling_params import SamplingParams
 
 
 def stream(tokenizer, text: str, stop=()) -> tuple[list[str], Detokenizer]:

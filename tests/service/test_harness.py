@@ -99,7 +99,7 @@ def test_lambada_through_the_harness_equals_nlg_eval(tiny, harness):
 def test_generate_until_through_the_harness(tiny, harness, model, endpoint):
     """generate_until through both harness clients returns the server's greedy continuation, cut at the
     task's stop string."""
-    from service.engine.sampling import SamplingParams
+    from service.engine.sampling_params import SamplingParams
 
     extra = {"apply_chat_template": True} if "chat" in endpoint else {}
     run = harness(model, endpoint, "continue_local", limit=3, **extra)

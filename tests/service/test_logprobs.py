@@ -9,7 +9,7 @@ import pytest
 
 from model.tokenizer import spell
 from service.engine.runner import ModelRunner
-from service.engine.sampling import SamplingParams
+from service.engine.sampling_params import SamplingParams
 from service.server.app import build_app
 
 M = "tiny-random"

@@ -10,7 +10,7 @@ from model.loader import load_model
 from model.registry import resolve
 from service.engine.core import Engine
 from service.engine.lookup import draft
-from service.engine.sampling import SamplingParams
+from service.engine.sampling_params import SamplingParams
 
 LOOPED = [5, 6, 7, 8, 9] * 8 + [5, 6]  # a prompt whose n-grams recur: drafts are found from the start
 

@@ -7,7 +7,7 @@ import asyncio
 import openai
 import pytest
 
-from service.engine.sampling import SamplingParams
+from service.engine.sampling_params import SamplingParams
 from service.server.app import build_app
 
 

@@ -8,7 +8,7 @@ import torch
 
 from service.engine.blocks import BlockPool
 from service.engine.core import Engine
-from service.engine.sampling import SamplingParams
+from service.engine.sampling_params import SamplingParams
 from service.engine.sequence import Sequence
 from service.errors import ContextOverflow
 

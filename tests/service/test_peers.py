@@ -7,7 +7,7 @@ import pytest
 
 from service.bench import peers
 from service.engine.generator import TextGenerator
-from service.engine.sampling import SamplingParams
+from service.engine.sampling_params import SamplingParams
 
 PROMPTS = [[5, 17, 42, 99, 3, 250, 7, 8, 11], [200, 1, 64, 33]]
 

@@ -57,7 +57,7 @@ def test_token_ids_outside_the_vocabulary_get_400(client, ids, extra):
 def test_the_engine_refuses_bad_ids_even_past_the_edge(tiny):
     """Defense in depth: ids that reach the engine thread unchecked fail that sequence, not the engine."""
     from service.engine.core import Engine
-    from service.engine.sampling import SamplingParams
+    from service.engine.sampling_params import SamplingParams
     from service.engine.sequence import Sequence
     from service.errors import InvalidRequest
 

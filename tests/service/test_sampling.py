@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from service.engine.sampler import Sampler
-from service.engine.sampling import SamplingParams, penalize_repeats, repeated_ngram_tokens, truncate
+from service.engine.sampler import Sampler, penalize_repeats, repeated_ngram_tokens, truncate
+from service.engine.sampling_params import SamplingParams
 from service.engine.sequence import Sequence
 from service.errors import RequestFailed
 

@@ -8,7 +8,7 @@ import torch
 from service.engine.blocks import BlockPool
 from service.engine.checks import Limits
 from service.engine.plan import Launched, Picked, StepOutput
-from service.engine.sampling import SamplingParams
+from service.engine.sampling_params import SamplingParams
 from service.engine.scheduler import Scheduler, SchedulerConfig
 from service.engine.sequence import Sequence
 

@@ -161,7 +161,7 @@ def test_stop_after_streams_whole_sentences_then_stops():
 
 def test_on_text_returning_true_stops_the_sequence(tiny):
     """An on_text callback returning True stops its sequence with finish reason stop."""
-    from service.engine.sampling import SamplingParams
+    from service.engine.sampling_params import SamplingParams
 
     seen = []
     r = tiny.generate(

@@ -22,7 +22,7 @@ from fastapi import APIRouter, HTTPException, Request
 
 from service.engine.generator import TextGenerator, TextResult
 from service.engine.handle import Piece, Running
-from service.engine.sampling import SamplingParams
+from service.engine.sampling_params import SamplingParams
 from service.errors import ContextOverflow
 from service.server.http_errors import responses
 from service.server.logprobs import Aligned, chat_logprobs, completion_logprobs

@@ -16,7 +16,7 @@ from typing import Any, Literal
 from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from model.registry import DEFAULT_MODEL
-from service.engine.sampling import REPETITION_PENALTY_RANGE
+from service.engine.sampling_params import REPETITION_PENALTY_RANGE
 from service.errors import InvalidRequest
 from service.server.schemas.base import SEED, Body, unsupported
 
