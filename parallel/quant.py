@@ -171,28 +171,44 @@ class Int6Linear(nn.Module):
 
     SPAN = 16
 
-    def __init__(self, levels: torch.Tensor, scale: torch.Tensor, low: torch.Tensor):
+    def __init__(self, levels: torch.Tensor, scale: torch.Tensor, low: torch.Tensor, least: int = 0):
+        """`levels` (rows, in) spanning `least`..`least` + 63 (as `fits` found them), `scale` and `low` per
+        group of 16 or 32 columns. Converted and packed `CHUNK` rows at a time into the tiles (16 rows
+        each), so the shifted levels and per-16 scales of a 151936-row head are never whole: a whole-matrix
+        conversion took 1.2 GB on top of Qwen2.5-1.5B's loaded weights."""
         super().__init__()
         self.out_features, self.isa, self.precise = levels.shape[0], _native, False
-        self.register_buffer("tiles", torch.ops.nlg.pack(levels, scale, low, 6))
+        rows, columns = levels.shape
+        tiles = torch.empty(-(-rows // TILE_ROWS), columns // GROUP, 512, dtype=torch.uint8)
+        for a in range(0, rows, CHUNK):
+            chunk_scale, chunk_low = self._spans(scale[a : a + CHUNK], low[a : a + CHUNK], columns, least)
+            shifted = levels[a : a + CHUNK].sub(least).view(torch.uint8)  # int8 wraps: 0..63 mod 256
+            tiles[a // TILE_ROWS : (a + CHUNK) // TILE_ROWS] = torch.ops.nlg.pack(shifted, chunk_scale, chunk_low, 6)
+        self.register_buffer("tiles", tiles)
         self.nbytes = self.tiles.numel()
 
     @classmethod
+    def _spans(cls, scale: torch.Tensor, low: torch.Tensor, columns: int, least: int) -> tuple:
+        """The scale and low of each span of 16 columns, the levels' `least` folded into the lows."""
+        repeat = columns // scale.shape[1] // cls.SPAN
+        scale = scale.repeat_interleave(repeat, 1)
+        return scale, low.repeat_interleave(repeat, 1) + least * scale
+
+    @classmethod
     def fits(cls, levels: torch.Tensor, scale: torch.Tensor, low: torch.Tensor) -> tuple | None:
-        """(levels 0..63, scale, low per 16 columns) for a stored int8 form of groups of 16 or 32 whose levels
-        span at most 64 values (their least folded into the lows), or None (then not this layer's form)."""
+        """The arguments of an `Int6Linear` for a stored int8 form of groups of 16 or 32 whose levels span at
+        most 64 values (their least folded into the lows, which must stay within fp16), or None (then not
+        this layer's form)."""
         group = levels.shape[1] // scale.shape[1]
         if not _native or levels.device.type != "cpu" or group not in (16, 32) or levels.shape[1] % GROUP:
             return None
         least, most = (int(v) for v in levels.aminmax())
         if most - least > 63:
             return None
-        repeat = group // cls.SPAN
-        scale, low = scale.repeat_interleave(repeat, 1), low.repeat_interleave(repeat, 1)
-        low = low + least * scale
-        if not _fits_fp16(scale, low):
-            return None
-        return levels.sub(least).view(torch.uint8), scale, low  # int8 wraps: the difference is 0..63 mod 256
+        for a in range(0, levels.shape[0], CHUNK):
+            if not _fits_fp16(*cls._spans(scale[a : a + CHUNK], low[a : a + CHUNK], levels.shape[1], least)):
+                return None
+        return levels, scale, low, least
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
@@ -201,6 +217,7 @@ class Int6Linear(nn.Module):
 
 
 CHUNK = 8192  # rows converted at a time: a 151936-row LM head is never whole in fp32 more than once
+TILE_ROWS = 16  # output rows per tile of our kernel's packed layout (CHUNK is a multiple)
 
 
 def quantized(weight: torch.Tensor, mode: str) -> nn.Module:

@@ -132,6 +132,20 @@ def test_stored_5_and_6_bit_forms_run_as_int6_without_loss(best, group, lo, hi):
     assert Int6Linear.fits(wide, scale, low) is None
 
 
+def test_int6_packs_in_chunks_as_whole(best, monkeypatch):
+    """A big stored matrix (an LM head) is converted and packed a chunk of rows at a time: the same tiles as
+    whole, with a last chunk that ends inside a tile."""
+    from parallel import quant
+
+    g = torch.Generator().manual_seed(7)
+    n, k = 72, 64
+    levels = torch.randint(-32, 32, (n, k), generator=g, dtype=torch.int8)
+    scale, low = torch.rand(n, k // 16, generator=g) * 0.01, torch.randn(n, k // 16, generator=g) * 0.01
+    whole = Int6Linear(*Int6Linear.fits(levels, scale, low)).tiles
+    monkeypatch.setattr(quant, "CHUNK", 32)
+    assert torch.equal(Int6Linear(*Int6Linear.fits(levels, scale, low)).tiles, whole)
+
+
 def test_matmul_traces_under_compile(best):
     """torch.compile traces our matmul (its registered output shape) to the eager values."""
     g = torch.Generator().manual_seed(3)
