@@ -40,6 +40,26 @@ def test_reader_slices_without_reading_whole_tensors(hf_pair):
     reader.close()
 
 
+def test_reader_reads_rows_and_cuts_as_safetensors_does(hf_pair):
+    """Runs of whole rows are read with plain file reads, other cuts through safetensors' mapped slices:
+    every way the layers index a tensor gives safetensors' own values."""
+    from safetensors import safe_open
+
+    _, path = hf_pair
+    reader = SafetensorsReader(path)
+    with safe_open(str(next(path.glob("*.safetensors"))), framework="pt") as f:
+        for key in sorted(f.keys()):
+            want, t = f.get_slice(key), reader.get_slice(key)
+            assert t.get_shape() == want.get_shape()
+            n = t.get_shape()[0]
+            cuts = [slice(None), slice(1, max(1, n - 1)), slice(n, n)]
+            for index in cuts + [(slice(None), slice(None))] * (len(t.get_shape()) == 2):
+                assert torch.equal(t[index], want[index]), (key, index)
+            if len(t.get_shape()) == 2:
+                assert torch.equal(t[:, 1:3], want[:, 1:3]), key
+    reader.close()
+
+
 def test_pickle_only_checkpoint_is_refused(tmp_path):
     """A pickle checkpoint can run code when loaded: we refuse it and say so instead of unpickling."""
     (tmp_path / "config.json").write_text(json.dumps(PRESETS["tiny-random"].to_hf()))
