@@ -205,9 +205,8 @@ class Int6Linear(nn.Module):
         least, most = (int(v) for v in levels.aminmax())
         if most - least > 63:
             return None
-        for a in range(0, levels.shape[0], CHUNK):
-            if not _fits_fp16(*cls._spans(scale[a : a + CHUNK], low[a : a + CHUNK], levels.shape[1], least)):
-                return None
+        if not _fits_fp16(scale, low + least * scale):  # per group: each span of 16 repeats its group's values
+            return None
         return levels, scale, low, least
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

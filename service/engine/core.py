@@ -120,7 +120,7 @@ class Engine:
         """Start the engine thread over a new cache for `slots` sequences (of the whole context each);
         `metrics` get the engine's state at each scrape (`Metrics.watch`) and its queue times; `on_fatal`
         runs once after an engine failure. One thread at a time: it owns every model call."""
-        if self.thread is not None:
+        if self.running:
             raise RuntimeError("the engine thread runs already: stop it first")
         self.use(self.runner.new_cache(slots, self.context), slots)
         self.max_waiting = max_waiting or self.max_waiting
