@@ -6,17 +6,24 @@ Each step is three calls, and only this module makes them:
     output = runner.execute(plan, cache) # service.engine.runner: the model calls and the token picks
     scheduler.update(plan, output)       # tokens recorded, stop rules, finished sequences freed
 
+After each turn (what arrived, then a step) what every sequence gained leaves as values
+(`Scheduler.take_outputs`) for the output stage (`service.engine.output`), which hands them to the
+sequences' consumers (detokenizing, stop strings, streaming, tasks' per-piece work) on a thread of its own
+while the engine runs its thread, else right after the turn; a consumer that stops its sequence has it
+ended at the next turn.
+
 `Engine.run` runs sequences to their end through that loop: on the engine's own thread once `start` has
 started it (the server, batch jobs: requests from many threads share the steps), else on the calling
 thread (the command line, evals, tests), sizing the cache for what it runs. Requests hand their sequences
-to `submit` (returns at once; each sequence's `on_finish` says when it ends: the async handle's way) and
-one-off model calls to `call`; `abort(request)` ends a request's sequences at the next step. One thread
-owns every model call, so tensor-parallel collectives come in the same order on every rank.
+to `submit` (returns at once; each sequence's `on_finish`, on the output stage, says when it ends: the
+async handle's way) and one-off model calls to `call`; `abort(request)` ends a request's sequences at
+the next step. One thread owns every model call, so tensor-parallel collectives come in the same order on
+every rank.
 
 - Overload: more than `max_waiting` sequences queued -> `Overloaded` (HTTP 429 with Retry-After). A
   request of more sequences than `max_waiting` could never be admitted: `submit` refuses it with
   `TooLarge` (400), `run` admits it in parts.
-- A request's own failure (a prompt the cache cannot take, its sampler, its callback) ends that
+- A request's own failure (a prompt the cache cannot take, its sampler, its consumer) ends that
   request's sequences with its error; the engine goes on.
 - Engine failure: on the engine thread, an exception from a model call (a dead rank, a collective
   timeout, out of memory) is printed with its traceback, fails every queued and running sequence and
@@ -32,6 +39,7 @@ import time
 import traceback
 from collections.abc import Callable
 from concurrent.futures import Future
+from functools import partial
 from typing import Any
 
 import torch
@@ -41,13 +49,15 @@ from model.kv_cache import KVCache
 from service.engine.blocks import BlockPool
 from service.engine.memory import BLOCK_SIZE
 from service.engine.metrics import STATE, Metrics
+from service.engine.output import OutputStage
 from service.engine.runner import ModelRunner
 from service.engine.sampling_params import SamplingParams
 from service.engine.scheduler import LOOKUP_ROWS, PROMPT_LOOKUP, Scheduler, SchedulerConfig
-from service.engine.sequence import Completion, Sequence
+from service.engine.sequence import Completion, Sequence, SequenceOutput
 from service.errors import EngineFailed, InvalidRequest, Overloaded, RequestFailed, TooLarge
 
 OnToken = Callable[[int, int], bool]  # (sequence index, token id) -> True to stop that sequence
+OnOutput = Callable[[int, SequenceOutput], int | None]  # (sequence index, its output) -> `Sequence.on_output`'s
 
 
 class Engine:
@@ -88,6 +98,8 @@ class Engine:
         self.calls: list[tuple[Callable[[], Any], Future]] = []  # queued
         self.taken: list[tuple[Callable[[], Any], Future]] = []  # taken off the queue by the step running them
         self.aborts: set[str] = set()
+        self.stops: list[tuple[Sequence, BaseException | None]] = []  # sequences their consumers stopped
+        self.outputs = OutputStage(self._stop)
         self.failure: str | None = None
         self.stopping = False
         self.thread: threading.Thread | None = None
@@ -129,19 +141,22 @@ class Engine:
             self.metrics = metrics
             metrics.watch(self.state)
         self.stopping, self.failure = False, None
+        self.outputs.start()
         self.thread = threading.Thread(target=self._loop, name="nlg-engine", daemon=True)
         self.thread.start()
         return self
 
     def stop(self) -> None:
-        """Stop the engine thread (what is queued gets `EngineFailed`); later runs are on the calling
-        thread (from an empty scheduler, after a failure)."""
+        """Stop the engine thread (what is queued gets `EngineFailed`) and the output stage's, once it has
+        delivered what is left; later runs are on the calling thread (from an empty scheduler, after a
+        failure)."""
         if self.thread is None:
             return
         with self.cv:
             self.stopping = True
             self.cv.notify()
         self.thread.join(30)
+        self.outputs.close()
         self.thread, self.stopping = None, False
         if self.failure:
             self.scheduler = self.cache = self.failure = None
@@ -155,16 +170,17 @@ class Engine:
         self,
         prompts: list[list[int]],
         params: list[SamplingParams],
-        on_token: OnToken | None = None,
+        on_output: OnOutput | None = None,
         request: str | None = None,
         priority: int = 0,
     ) -> list[Sequence]:
-        """Checked sequences for `run` or `submit`: raises `InvalidRequest` for a prompt the model cannot take."""
+        """Checked sequences for `run` or `submit`, sequence i's outputs to `on_output(i, output)` (see
+        `Sequence.on_output`): raises `InvalidRequest` for a prompt the model cannot take."""
         for p, sp in zip(prompts, params):
             self.limits.check_prompt(p, sp.max_tokens)
             self.limits.check_tokens([t for t, _ in sp.logit_bias], param="logit_bias")
         return [
-            Sequence(list(p), sp, (lambda t, i=i: on_token(i, t)) if on_token else None, request, priority)
+            Sequence(list(p), sp, partial(on_output, i) if on_output else None, request, priority)
             for i, (p, sp) in enumerate(zip(prompts, params))
         ]
 
@@ -175,7 +191,13 @@ class Engine:
         on_token: OnToken | None = None,
         priority: int = 0,
     ) -> list[Completion]:
-        return self.run(self.sequences(prompts, params, on_token, None, priority))
+        """Run prompts to the end; `on_token(i, token)` sees each token of sequence i on the output stage
+        (True: it stops there)."""
+
+        def each(i: int, out: SequenceOutput) -> int | None:
+            return next((k + 1 for k, t in enumerate(out.token_ids) if on_token(i, t)), None)
+
+        return self.run(self.sequences(prompts, params, each if on_token else None, None, priority))
 
     def run(self, seqs: list[Sequence]) -> list[Completion]:
         """Run sequences to the end (on the engine thread when it runs, else on this one; more than
@@ -255,10 +277,12 @@ class Engine:
         }
 
     def step(self) -> None:
-        """One step: plan, execute, update."""
+        """One step: plan, execute, update; then what the sequences gained (in this step and since the last)
+        goes to the output stage."""
         plan = self.scheduler.schedule()
         if plan:
             self.scheduler.update(plan, self.runner.execute(plan, self.cache))
+        self.outputs.put(self.scheduler.take_outputs())
 
     def _fit(self, seqs: list[Sequence]) -> None:
         """On the calling thread: keep the scheduler (prefix cache and all) while its cache is big enough
@@ -279,23 +303,27 @@ class Engine:
                 self._turn()
         except BaseException:
             self.scheduler = self.cache = None
-            self.inbox, self.aborts = [], set()
+            self.inbox, self.aborts, self.stops = [], set(), []
             raise
 
     def _turn(self) -> None:
-        """Take what arrived (sequences, aborts, calls) and run one step."""
+        """Take what arrived (sequences, aborts, sequences their consumers stopped, calls) and run one step."""
         with self.cv:
             new, self.inbox = self.inbox, []
             self.taken, self.calls = self.calls, []
             aborts, self.aborts = self.aborts, set()
+            stops, self.stops = self.stops, []
         for s in new:
             try:
                 self.scheduler.add(s)
             except InvalidRequest as e:  # the request's input, not the engine's fault
-                s.end(error=e)
+                self.scheduler.finish(s, error=e)
             except Exception as e:
-                s.end(error=RequestFailed(f"the request could not be queued: {type(e).__name__}: {e}"))
+                failed = RequestFailed(f"the request could not be queued: {type(e).__name__}: {e}")
+                self.scheduler.finish(s, error=failed)
         self.scheduler.abort(aborts)
+        for s, error in stops:
+            self.scheduler.finish(s, "stop", error)
         for work, future in self.taken:
             try:
                 future.set_result(work())
@@ -309,6 +337,12 @@ class Engine:
                 if id(s) in before:  # admitted this step
                     self.metrics.queue.observe(now - s.arrival)
 
+    def _stop(self, s: Sequence, error: BaseException | None) -> None:
+        """From the output stage: end `s` at the next turn (its consumer stopped it, or failed)."""
+        with self.cv:
+            self.stops.append((s, error))
+            self.cv.notify()
+
     def _check(self) -> None:
         if self.failure:
             raise EngineFailed(self.failure)
@@ -318,7 +352,9 @@ class Engine:
     def _loop(self) -> None:
         while True:
             with self.cv:
-                while not (self.inbox or self.calls or self.aborts or self.scheduler.busy() or self.stopping):
+                while not (
+                    self.inbox or self.calls or self.aborts or self.stops or self.scheduler.busy() or self.stopping
+                ):
                     self.cv.wait()
                 if self.stopping:  # whatever is left gets its answer: 503, the server is going down
                     self._end_all(EngineFailed("the engine is shutting down"))
@@ -341,11 +377,10 @@ class Engine:
     def _end_all(self, error: EngineFailed) -> None:
         """End every queued and running sequence and every pending call with `error` (their slots and
         blocks freed); the caller holds `cv`."""
-        for s in self.inbox:
-            s.end(error=error)
-        for s in self.scheduler.waiting + self.scheduler.running:
+        for s in self.inbox + self.scheduler.waiting + self.scheduler.running:
             self.scheduler.finish(s, error=error)
         self.scheduler.ahead = None
+        self.outputs.put(self.scheduler.take_outputs())
         for _, future in self.taken + self.calls:
             if not future.done():
                 future.set_exception(error)

@@ -3,7 +3,8 @@
 This is where ids meet text. `TextGenerator.load` resolves a model name or path, loads this rank's
 weights and wraps them in the engine (`service.engine.core.Engine`); `generate` runs prompts (token ids)
 through it, on its thread when it runs (the server, batch jobs), else on the calling thread, and returns
-finished text, optionally streaming each final piece through `on_text`.
+finished text, optionally streaming each final piece through `on_text`. A `Generation` is the text side of
+one call: the consumer of its sequences' outputs on the engine's output stage (`service.engine.output`).
 """
 
 from __future__ import annotations
@@ -24,7 +25,9 @@ from service.engine.core import Engine
 from service.engine.detok import Detokenizer
 from service.engine.metrics import Metrics
 from service.engine.sampling_params import SamplingParams
-from service.engine.sequence import Completion, TokenLogprob
+from service.engine.sequence import Completion, SequenceOutput, TokenLogprob
+
+OnText = Callable[[int, str], bool | None]  # (sequence index, a final piece of its text) -> True: it stops there
 
 
 @dataclass
@@ -74,7 +77,7 @@ class TextGenerator:
         self,
         prompts: list[list[int]],
         params: list[SamplingParams],
-        on_text: Callable[[int, str], bool | None] | None = None,
+        on_text: OnText | None = None,
         priority: int = 0,
     ) -> list[TextResult]:
         """Generate for each prompt; `on_text(i, piece)` streams final text (returning True stops that
@@ -88,38 +91,49 @@ class TextGenerator:
 
 
 class Generation:
-    """One generate call's text side: the checked sequences for the engine, a detokenizer for each, the
-    pieces so far, and the request's metrics. `results` turns the engine's completions into text."""
+    """One generate call's text side: the checked sequences for the engine, and for each a detokenizer, the
+    tokens and log-probabilities its outputs brought (values: what a streamed piece copies), the pieces so
+    far, and the request's metrics. `results` turns the engine's completions into text."""
 
     def __init__(
         self,
         gen: TextGenerator,
         prompts: list[list[int]],
         params: list[SamplingParams],
-        on_text: Callable[[int, str], bool | None] | None = None,
+        on_text: OnText | None = None,
         request: str | None = None,
         priority: int = 0,
     ):
         self.gen, self.prompts, self.on_text = gen, prompts, on_text
         self.detoks = [Detokenizer(gen.tokenizer, p.stop) for p in params]
         self.pieces: list[list[str]] = [[] for _ in prompts]
+        self.token_ids: list[list[int]] = [[] for _ in prompts]  # those the detokenizer has taken
+        self.logprobs: list[list[TokenLogprob]] = [[] for _ in prompts]
+        self.prompt_logprobs: list[tuple[TokenLogprob | None, ...]] = [() for _ in prompts]
         self.start = time.perf_counter()
         self.last: dict[int, float] = {}  # when each sequence last produced a token
-        self.seqs = gen.engine.sequences(prompts, params, self.on_token, request, priority)
+        self.seqs = gen.engine.sequences(prompts, params, self.on_output, request, priority)
 
-    def on_token(self, i: int, token: int) -> bool:
-        """On the engine thread: True when sequence i is done (a stop string, or `on_text` said so)."""
+    def on_output(self, i: int, out: SequenceOutput) -> int | None:
+        """On the output stage, sequence i's tokens of one step: None, or how many it took when one ended
+        it (a stop string, or `on_text` said so)."""
         m = self.gen.metrics
-        if m:
-            now = time.perf_counter()
-            (m.inter_token if i in self.last else m.ttft).observe(now - self.last.get(i, self.start))
-            self.last[i] = now
-        piece = self.detoks[i].push(token)
-        if piece:
-            self.pieces[i].append(piece)
-            if self.on_text and self.on_text(i, piece):
-                return True
-        return self.detoks[i].stopped
+        self.logprobs[i] += out.logprobs
+        self.prompt_logprobs[i] = out.prompt_logprobs or self.prompt_logprobs[i]
+        for k, token in enumerate(out.token_ids):
+            if m:
+                now = time.perf_counter()
+                (m.inter_token if i in self.last else m.ttft).observe(now - self.last.get(i, self.start))
+                self.last[i] = now
+            self.token_ids[i].append(token)
+            piece = self.detoks[i].push(token)
+            if piece:
+                self.pieces[i].append(piece)
+                if self.on_text and self.on_text(i, piece):
+                    return k + 1
+            if self.detoks[i].stopped:
+                return k + 1
+        return None
 
     def results(self, done: list[Completion]) -> list[TextResult]:
         results = []

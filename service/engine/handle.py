@@ -2,13 +2,12 @@
 
 `AsyncEngine.start` checks and submits one generate call's sequences at once, so that a request that
 cannot run (`InvalidRequest`, `TooLarge`, `Overloaded`, `EngineFailed`) gets its HTTP status before
-any byte of a response; it returns a `Running`. The engine thread pushes that request's events (text
-pieces, then its results or its error) into the request's `asyncio.Queue` with
-`loop.call_soon_threadsafe`; handlers await them. Each event is a value made on the engine thread (a
-`Piece` carries the token ids and log-probabilities it added): no handler reads a `Sequence` the engine
-is still changing. `AsyncEngine.abort(request_id)` ends a request's
-sequences at the engine's next step (a client that left, a deadline passed); `Running` and `TaskRun` do it
-on any way out before their end.
+any byte of a response; it returns a `Running`. The engine's output stage (`service.engine.output`)
+pushes that request's events (text pieces, then its results or its error) into the request's
+`asyncio.Queue` with `loop.call_soon_threadsafe`; handlers await them. Each event is a value (a `Piece`
+carries copies of the token ids and log-probabilities it added): no handler reads a `Sequence`.
+`AsyncEngine.abort(request_id)` ends a request's sequences at the engine's next step (a client that left,
+a deadline passed); `Running` and `TaskRun` do it on any way out before their end.
 
 `TaskRun` drives a task's plan (`service.tasks.plans`): the CPU work between generations (tokenizing, chat
 templates, splitting) runs on a worker thread, never on the event loop; each generation is awaited
@@ -22,7 +21,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, NamedTuple
 
-from service.engine.generator import Generation, TextGenerator, TextResult
+from service.engine.generator import Generation, OnText, TextGenerator, TextResult
 from service.engine.sampling_params import SamplingParams
 from service.engine.sequence import Sequence, TokenLogprob
 from service.errors import ClientGone, DeadlineExceeded
@@ -51,7 +50,7 @@ class Running:
             pass
 
     def _ended(self, seq: Sequence) -> None:
-        """On the engine thread, as each sequence ends: after the last, the results (or the error)."""
+        """On the output stage, as each sequence ends: after the last, the results (or the error)."""
         self._left -= 1
         if self._left:
             return
@@ -144,33 +143,35 @@ class AsyncEngine:
         self,
         prompts: list[list[int]],
         params: list[SamplingParams],
-        on_text: Callable[[int, str, Callable[[int, str], None]], bool | None] | None = None,
+        on_text: OnText | None = None,
         priority: int = 0,
         deadline: float | None = None,
         request_id: str | None = None,
         stream: bool = True,
     ) -> Running:
-        """Submit one generate call now, as part of `request_id` (a new id when None). `on_text(i, piece,
-        emit)` sees each final piece on the engine thread (True stops sequence i); `emit(i, text)` streams
-        text to the consumer of `pieces`. Without `on_text` every piece is streamed; with `stream` False
-        nothing is (a call whose results are awaited with `wait`: no event per token)."""
+        """Submit one generate call now, as part of `request_id` (a new id when None). `on_text(i, piece)`
+        sees each final piece (True stops sequence i there), on the engine's output stage; with `stream`,
+        each piece it does not stop at goes to the consumer of `pieces`, else none does (a call whose
+        results are awaited with `wait`: no event per token)."""
         request_id = request_id or uuid.uuid4().hex
         running = Running(self, request_id, deadline if deadline is not None else self.deadline())
         sent = [0] * len(prompts)  # each sequence's tokens already in a piece
         scored = [False] * len(prompts)  # whether its prompt's log-probabilities went with one
 
-        def emit(i: int, text: str) -> None:
-            """On the engine thread: the piece, with copies of what the sequence added since its last."""
-            if not stream:
-                return
-            s, start = running.generation.seqs[i], sent[i]
-            end = sent[i] = len(s.output)
-            lps = tuple(s.logprobs[start:end]) if s.params.logprobs is not None else ()
-            prompt = () if scored[i] or s.params.prompt_logprobs is None else tuple(s.prompt_logprobs)
+        def emit(i: int, text: str) -> bool | None:
+            """`on_text`, then the piece, with copies of the tokens and log-probabilities sequence i added
+            since its last."""
+            if on_text is not None and on_text(i, text):
+                return True
+            g, start = running.generation, sent[i]
+            end = sent[i] = len(g.token_ids[i])
+            tokens, lps = tuple(g.token_ids[i][start:end]), tuple(g.logprobs[i][start:end])
+            prompt = () if scored[i] else g.prompt_logprobs[i]
             scored[i] = True
-            running.put(("piece", Piece(i, text, tuple(s.output[start:end]), lps, prompt)))
+            running.put(("piece", Piece(i, text, tokens, lps, prompt)))
+            return None
 
-        watch = (lambda i, piece: on_text(i, piece, emit)) if on_text else (emit if stream else None)
+        watch = emit if stream else on_text
         g = running.generation = Generation(self.gen, prompts, params, watch, request_id, priority)
         running._left = len(g.seqs)
         for s in g.seqs:
@@ -227,7 +228,7 @@ class TaskRun:
         n = self.handle.limit
         prompts, params = step.prompts[start : start + n], step.params[start : start + n]
         self.running = self.handle.start(
-            prompts, params, step.on_text, self.priority, self.deadline, self.request_id, self.stream
+            prompts, params, step.on_text, self.priority, self.deadline, self.request_id, self.stream and step.stream
         )
         self._part = (step, start + len(prompts), done)
 

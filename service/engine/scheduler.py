@@ -3,7 +3,8 @@ feeds, which blocks each holds. Each `schedule()` gives the running sequences th
 tokens need, admits waiting sequences while a slot and blocks are free, plans prompt chunks within a
 per-step token budget (so a long prompt does not stall running streams) and one decode token for every
 sequence past its prompt: a `service.engine.plan.StepPlan`. `update(plan, output)` records what the model
-runner picked (`StepOutput`), applies the stop rules and frees the slots and blocks of what finished. The
+runner picked (`StepOutput`), applies the stop rules (end tokens, max_tokens) and frees the slots and
+blocks of what finished. The
 scheduler makes no model call and never sees the runner: `service.engine.core.Engine` passes the values.
 
 Blocks (`service.engine.blocks.BlockPool`): a new sequence starts from the cached blocks of its longest
@@ -24,24 +25,26 @@ model agreed with and its own next token after them: the same output in fewer st
 Launched ahead (`SchedulerConfig.launch_ahead`, the CUDA-graph path): a greedy decode step is launched
 and its tokens are collected by the next step's plan; a step over the same sequences as the one before is
 launched chained to it, before the host reads that step's tokens, so the host's work per token
-(callbacks, stop checks, streaming) runs while the GPU computes the next.
+(bookkeeping, then the output stage's detokenizing and streaming) runs while the GPU computes the next.
 
-A request's own failure (its sampler, its `on_token` callback) ends that sequence with `RequestFailed`
-and frees its slot; the step goes on for the others.
+What each sequence gained (its new tokens and log-probabilities, that it ended) is kept as it happens
+and taken after the turn as values (`take_outputs`), for the output stage to hand to the sequence's
+consumer: no consumer code runs here. A request's own failure (its sampler) ends that sequence with
+`RequestFailed` and frees its slot; the step goes on for the others.
 """
 
 from __future__ import annotations
 
 import heapq
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from service.engine.blocks import BlockPool
 from service.engine.checks import Limits
 from service.engine.lookup import draft
 from service.engine.plan import Launched, StepOutput, StepPlan
 from service.engine.sampling_params import MIN_TEMPERATURE
-from service.engine.sequence import Sequence
-from service.errors import ContextOverflow, RequestFailed
+from service.engine.sequence import Sequence, SequenceOutput
+from service.errors import ContextOverflow
 
 PROMPT_LOOKUP = 5  # draft tokens: on SQuAD dev answers (SmolLM2, 2-core CPU) 3 gave 1.57x, 5 1.74x, 8 1.72x
 LOOKUP_ROWS = 8  # 5 draft tokens for 1, 2, 4 and 8 rows of SQuAD answers: 1.70x, 1.56x, 1.57x, 1.52x
@@ -79,6 +82,7 @@ class Scheduler:
         self.preemptions = 0
         self.queried = self.hits = 0  # prompt tokens looked up in the prefix cache, and those found
         self.drafted = self.accepted = 0  # prompt-lookup draft tokens verified, and those taken
+        self.gained: dict[Sequence, _Gained] = {}  # what each sequence gained since `take_outputs`
 
     def add(self, s: Sequence) -> None:
         """Queue a sequence; raises `InvalidRequest` for one the model cannot take (checked again here, on
@@ -99,11 +103,29 @@ class Scheduler:
         return bool(self.waiting or self.running or self.ahead)
 
     def finish(self, s: Sequence, reason: str | None = None, error: BaseException | None = None) -> None:
+        """End `s` (queued, running, or never added): its slot and blocks are free, and its next output says
+        it ended."""
+        if s.finished:
+            return
         if s in self.running:
             self._evict(s)
         elif s in self.waiting:
             self.waiting.remove(s)
-        s.end(reason, error)
+        s.finish_reason, s.finished = s.finish_reason or reason, True
+        gained = self._gained(s)
+        gained.finished, gained.error = True, error
+
+    def take_outputs(self) -> list[tuple[Sequence, SequenceOutput]]:
+        """What each sequence gained since the last call, as values, in the order they gained it; a
+        sequence's prompt log-probabilities go with its first tokens (or its end)."""
+        outputs = []
+        for s, g in self.gained.items():
+            prompt = ()
+            if s.params.prompt_logprobs is not None and not s.scored and (g.tokens or g.finished):
+                prompt, s.scored = tuple(s.prompt_logprobs), True
+            outputs.append((s, SequenceOutput(tuple(g.tokens), tuple(g.logprobs), prompt, g.finished, g.error)))
+        self.gained = {}
+        return outputs
 
     def abort(self, requests: set[str]) -> None:
         """End the waiting and running sequences of these requests, finish reason "cancelled"."""
@@ -152,7 +174,7 @@ class Scheduler:
         verified = dict(plan.verify) if plan.verify else {}
         for p in output.picked:
             s = p.seq
-            if s.done.is_set():  # finished meanwhile (cancelled, or done at the step before a chained one)
+            if s.finished:  # finished meanwhile (cancelled, stopped, or done at the step before a chained one)
                 continue
             if s in verified:
                 agreed = len(p.tokens) - 1
@@ -166,9 +188,11 @@ class Scheduler:
                 self.finish(s, error=p.error)
                 continue
             s.logprobs += p.logprobs
+            self._gained(s).logprobs += p.logprobs
             for token in p.tokens:
-                self._record(s, token)
-                if s.done.is_set():
+                reason = self._append(s, token)
+                if reason is not None:
+                    self.finish(s, reason)
                     break
             else:
                 self._register(s)
@@ -302,24 +326,28 @@ class Scheduler:
                 self.pool.register(block, key)
             s.keys += new
 
-    def _record(self, s: Sequence, token: int) -> None:
-        try:
-            finished = self._append(s, token)
-        except Exception as e:  # the request's own callback (detokenizing, streaming): fails it alone
-            self.finish(s, error=RequestFailed(f"the request failed while taking its tokens: {type(e).__name__}: {e}"))
-            return
-        if finished:
-            self.finish(s)
-
-    def _append(self, s: Sequence, token: int) -> bool:
-        """Record a token; True when the sequence is finished (a stop token, its `on_token` said so, or
-        max_tokens)."""
+    def _append(self, s: Sequence, token: int) -> str | None:
+        """Record a token; the finish reason when it ends the sequence (an end or stop token, not part of
+        the output; max_tokens)."""
         if token in s.params.stop_token_ids or (token in self.config.stop_ids and not s.params.ignore_eos):
-            s.finish_reason, s.end_token = "stop", token  # not part of the output (its logprob stays last)
-            return True
+            s.end_token = token  # its log-probability stays last
+            return "stop"
         s.output.append(token)
-        if s.on_token is not None and s.on_token(token):
-            s.finish_reason = "stop"
-        elif len(s.output) >= s.params.max_tokens:
-            s.finish_reason = "length"
-        return s.finish_reason is not None
+        self._gained(s).tokens.append(token)
+        return "length" if len(s.output) >= s.params.max_tokens else None
+
+    def _gained(self, s: Sequence) -> _Gained:
+        gained = self.gained.get(s)
+        if gained is None:
+            gained = self.gained[s] = _Gained()
+        return gained
+
+
+@dataclass(eq=False)
+class _Gained:
+    """What one sequence gained in a turn, until `Scheduler.take_outputs` copies it into a `SequenceOutput`."""
+
+    tokens: list[int] = field(default_factory=list)
+    logprobs: list = field(default_factory=list)
+    finished: bool = False
+    error: BaseException | None = None

@@ -1,8 +1,13 @@
-"""What the engine runs and returns: one sequence's prompt, sampling parameters, callbacks and
-progress (`Sequence`), its result (`Completion`) and per-token log-probabilities (`TokenLogprob`).
+"""What the engine runs and returns: one sequence's prompt, sampling parameters, consumer and progress
+(`Sequence`), what it gained in one step (`SequenceOutput`), its result (`Completion`) and per-token
+log-probabilities (`TokenLogprob`).
 
-A sequence ends once, through `end`: finished (a finish reason) or failed (an error). `on_finish` then
-runs on the thread that ended it (the engine's), which is how the async handle learns of it."""
+Two sides write a sequence. The engine's loop (scheduler and runner) owns its slot, blocks, output and
+`finished`, set when the scheduler ends it. The output stage (`service.engine.output`) hands each step's
+`SequenceOutput` to `on_output` after the step, records how many tokens the consumer kept when it stopped
+the sequence itself (`kept`), and ends the sequence once, through `end`, after its last output: `done` is
+set and `on_finish` runs on the output stage's thread, which is how the async handle learns of it. The
+result (`completion`) is read after `done`, when the engine no longer changes the sequence."""
 
 from __future__ import annotations
 
@@ -10,6 +15,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
@@ -29,17 +35,33 @@ class TokenLogprob:
 class Completion:
     prompt_ids: list[int]
     token_ids: list[int]
-    finish_reason: str  # "stop" (end token, stop string, on_token said so), "length", "cancelled"
+    finish_reason: str  # "stop" (end token, stop string, its consumer said so), "length", "cancelled"
     logprobs: list[TokenLogprob] = field(default_factory=list)
     prompt_logprobs: list[TokenLogprob | None] = field(default_factory=list)  # with params.prompt_logprobs
     end_token: int | None = None  # the end-of-turn or stop token that ended it (not in token_ids)
+
+
+class SequenceOutput(NamedTuple):
+    """What one sequence gained in one step, copied on the engine's thread: the tokens added to its output,
+    their log-probabilities (when asked for; an end token's last), the prompt's log-probabilities (when
+    asked for, once, with its first tokens or its end), and whether it ended (`finished`, with the
+    `error` that failed it, if one did)."""
+
+    token_ids: tuple[int, ...] = ()
+    logprobs: tuple[TokenLogprob, ...] = ()
+    prompt_logprobs: tuple[TokenLogprob | None, ...] = ()
+    finished: bool = False
+    error: BaseException | None = None
+
+
+OnOutput = Callable[[SequenceOutput], int | None]  # None: go on; n: the sequence stops after n of these tokens
 
 
 @dataclass(eq=False)
 class Sequence:
     prompt: list[int]
     params: SamplingParams
-    on_token: Callable[[int], bool] | None = None  # True: stop here
+    on_output: OnOutput | None = None  # the consumer: sees each step's output after the step
     request: str | None = None  # the request's id: `Engine.abort(request)` ends all its sequences
     priority: int = 0  # lower runs first (interactive 0, batch jobs 1)
     on_finish: Callable[[Sequence], None] | None = None  # called once when the sequence ends
@@ -53,16 +75,22 @@ class Sequence:
     prompt_logprobs: list[TokenLogprob | None] = field(default_factory=list)  # the first token's is None
     end_token: int | None = None  # the end-of-turn or stop token that ended it (not in `output`)
     finish_reason: str | None = None
+    finished: bool = False  # the scheduler ended it: no step changes it again
+    scored: bool = False  # its prompt's log-probabilities went out with an output
+    delivered: int = 0  # output stage: tokens handed to `on_output`
+    kept: int | None = None  # output stage: the tokens its consumer took before stopping it, if it did
     error: BaseException | None = None
     generator: torch.Generator | None = None  # a seeded request's own, made on the logits' device at its first draw
     arrival: float = field(default_factory=time.monotonic)
     done: threading.Event = field(default_factory=threading.Event)
 
-    def end(self, reason: str | None = None, error: BaseException | None = None) -> None:
-        """Finish the sequence (`reason`, unless one is set already) or fail it (`error`); once."""
+    def end(self, error: BaseException | None = None) -> None:
+        """Finish the sequence or fail it (`error`), once, after its last output: finish reason "stop" when
+        its consumer stopped it, else the scheduler's."""
         if self.done.is_set():
             return
-        self.finish_reason = self.finish_reason or reason
+        if self.kept is not None:
+            self.finish_reason, self.end_token = "stop", None
         self.error = error
         self.done.set()
         if self.on_finish is not None:
@@ -77,6 +105,7 @@ class Sequence:
         return self.prompt + self.output if self.output else self.prompt
 
     def completion(self) -> Completion:
-        return Completion(
-            self.prompt, self.output, self.finish_reason, self.logprobs, self.prompt_logprobs, self.end_token
-        )
+        """The result (after `done`): the output up to where its consumer stopped it, if it did."""
+        n = self.kept
+        output, logprobs = (self.output, self.logprobs) if n is None else (self.output[:n], self.logprobs[:n])
+        return Completion(self.prompt, output, self.finish_reason, logprobs, self.prompt_logprobs, self.end_token)

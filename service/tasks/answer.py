@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from service.engine.generator import TextGenerator
 from service.engine.sampling_params import SamplingParams
 from service.errors import InvalidRequest
-from service.tasks.plans import Generate, Plan, run_plan, stream_every_piece
+from service.tasks.plans import Generate, Plan, run_plan
 from service.tasks.text import content_words, first_sentence, split_to_fit
 
 # Chosen on a random sample of SQuAD and NQ-open dev questions (full-sentence and restatement rate).
@@ -74,10 +74,9 @@ def answer(
     temperature: float = 0.0,
     seed: int | None = None,
     priority: int = 0,
-    on_text=None,
 ) -> Answer:
     """`answer_plan` run on this thread."""
-    return run_plan(gen, answer_plan(gen, question, passages, max_tokens, temperature, seed), on_text, priority)
+    return run_plan(gen, answer_plan(gen, question, passages, max_tokens, temperature, seed), priority)
 
 
 def answer_plan(
@@ -110,7 +109,7 @@ def answer_plan(
     else:
         prompts = [ids]
         gen.engine.limits.check_fits(len(ids), max_tokens)  # refused here, naming the numbers, if it does not fit
-    results = yield Generate(prompts, [params] * len(prompts), stream_every_piece if len(prompts) == 1 else None)
+    results = yield Generate(prompts, [params] * len(prompts), stream=len(prompts) == 1)
     texts = [first_sentence(r.text) for r in results]
     if windows is None:
         best, index = 0, supporting_passage(texts[0], question, passages)

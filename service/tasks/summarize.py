@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from service.engine.generator import TextGenerator
 from service.engine.sampling_params import SamplingParams
 from service.errors import ContextOverflow, InvalidRequest
-from service.tasks.plans import Emit, Generate, Plan, run_plan, stream_every_piece
+from service.tasks.plans import Generate, Plan, run_plan
 from service.tasks.sentences import sentences
 from service.tasks.text import content_words, split_to_fit, whole_sentences
 
@@ -48,15 +48,14 @@ def summary_messages(document: str, instruction: str, rewrite: bool = False) -> 
 
 def stop_after(n: int):
     """An `on_text` that stops generation as soon as a sentence beyond the `n` asked for begins (that
-    piece is not emitted), so the stream and the token count end where the summary does."""
+    piece is not streamed), so the stream and the token count end where the summary does."""
     text = ""
 
-    def on_piece(i: int, piece: str, emit: Emit) -> bool:
+    def on_piece(i: int, piece: str) -> bool:
         nonlocal text
         if len(sentences(text + piece)) > n:
             return True
         text += piece
-        emit(i, piece)
         return False
 
     return on_piece
@@ -85,11 +84,9 @@ def summarize(
     temperature: float = 0.0,
     seed: int | None = None,
     priority: int = 0,
-    on_text=None,
 ) -> Summary:
     """`summarize_plan` run on this thread."""
-    plan = summarize_plan(gen, document, length, max_words, temperature, seed)
-    return run_plan(gen, plan, on_text, priority)
+    return run_plan(gen, summarize_plan(gen, document, length, max_words, temperature, seed), priority)
 
 
 def summarize_plan(
@@ -123,7 +120,7 @@ def summarize_plan(
         return (yield from map_reduce(gen, document, length, max_words, temperature, seed))
     key = salient(document, max(5, count + 2))
     ids = chat(summary_messages(key or document, instruction, rewrite=key is not None))
-    r = (yield Generate([ids], [params], stop_after(count) if max_words is None else stream_every_piece))[0]
+    r = (yield Generate([ids], [params], True, stop_after(count) if max_words is None else None))[0]
     text = " ".join(r.text.split())
     if max_words is not None:
         text = " ".join(text.split()[:max_words])

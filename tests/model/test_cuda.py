@@ -66,6 +66,14 @@ def test_cuda_warm_up_then_steps_launched_ahead_match_cpu():
     assert len(warmed) == len(engine.runner.graphs.graphs) == 6  # rows 1, 2, 4 at spans 256, 512
     engine.use(cache, 4)
     seqs = [Sequence(p, sp) for p, sp in zip(prompts, params)]
-    seqs[0].on_token = lambda t: len(seqs[0].output) == 5
-    engine.run(seqs)
-    assert [s.output for s in seqs] == [want[0][:5]] + want[1:]
+    taken = []
+
+    def five(out):  # stops the first sequence at its fifth token
+        for k, t in enumerate(out.token_ids):
+            taken.append(t)
+            if len(taken) == 5:
+                return k + 1
+        return None
+
+    seqs[0].on_output = five
+    assert [c.token_ids for c in engine.run(seqs)] == [want[0][:5]] + want[1:]

@@ -10,7 +10,7 @@ from service.engine.checks import Limits
 from service.engine.plan import Launched, Picked, StepOutput
 from service.engine.sampling_params import SamplingParams
 from service.engine.scheduler import Scheduler, SchedulerConfig
-from service.engine.sequence import Sequence
+from service.engine.sequence import Sequence, SequenceOutput, TokenLogprob
 
 END = 99  # the model's end token in these tests
 
@@ -141,3 +141,25 @@ def test_greedy_steps_launched_ahead_are_chained_then_collected():
     assert not plan.launch and plan.collect is not None
     b.update(plan, StepOutput(picked=(Picked(s, (12,)),)))
     assert s.output == [10, 11, 12] and s.finish_reason == "length" and not b.busy()
+
+
+def test_what_each_sequence_gained_leaves_as_values_once():
+    """After a turn each sequence's new tokens, log-probabilities and end are taken as one value each, in the
+    order they were gained; the prompt's log-probabilities go once, with the first tokens; a sequence
+    stopped from outside (its consumer) ends with its next output and is skipped by a later pick."""
+    b = scheduler()
+    a, c = seq(4, max_tokens=3, prompt_logprobs=0), seq(5, max_tokens=8)
+    b.add(a)
+    b.add(c)
+    plan = b.schedule()
+    scored = (None, TokenLogprob(-1.0, []), TokenLogprob(-2.0, []), TokenLogprob(-3.0, []))
+    b.update(plan, StepOutput(prompt_logprobs=((a, scored),), picked=(Picked(a, (7,)), Picked(c, (8,)))))
+    (s1, o1), (s2, o2) = b.take_outputs()
+    assert (s1, o1) == (a, SequenceOutput((7,), (), scored))
+    assert (s2, o2) == (c, SequenceOutput((8,)))
+    assert b.take_outputs() == []  # taken once
+    b.update(b.schedule(), tokens((a, END), (c, 9)))
+    b.finish(c, "stop")  # its consumer found a stop string in 9
+    b.update(b.schedule(), tokens((c, 10)))
+    assert b.take_outputs() == [(a, SequenceOutput(finished=True)), (c, SequenceOutput((9,), finished=True))]
+    assert c.output == [8, 9] and c.finish_reason == "stop" and not b.busy()
