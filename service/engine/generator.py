@@ -23,6 +23,7 @@ from model.tokenizer import Tokenizer
 from parallel.state import get_tp
 from service.engine.core import Engine
 from service.engine.detok import Detokenizer
+from service.engine.grammar import Grammars
 from service.engine.metrics import Metrics
 from service.engine.sampling_params import SamplingParams
 from service.engine.sequence import Completion, SequenceOutput, TokenLogprob
@@ -48,6 +49,7 @@ class TextResult:
 class TextGenerator:
     def __init__(self, name: str, directory: Path, engine: Engine, tokenizer: Tokenizer, load_s: float):
         self.name, self.directory, self.engine, self.tokenizer, self.load_s = name, directory, engine, tokenizer, load_s
+        self.grammars = Grammars(tokenizer, engine.limits.vocab_size)  # structured outputs
         self.metrics: Metrics | None = None  # set by the HTTP app
 
     def prompt_logprobs(self, ids: list[int], top: int = 0) -> list[TokenLogprob | None]:
@@ -113,6 +115,9 @@ class Generation:
         self.start = time.perf_counter()
         self.last: dict[int, float] = {}  # when each sequence last produced a token
         self.seqs = gen.engine.sequences(prompts, params, self.on_output, request, priority)
+        for s in self.seqs:
+            if s.params.grammar is not None:
+                s.matcher = gen.grammars.matcher(s.params.grammar)
 
     def on_output(self, i: int, out: SequenceOutput) -> int | None:
         """On the output stage, sequence i's tokens of one step: None, or how many it took when one ended

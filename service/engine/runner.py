@@ -111,7 +111,7 @@ class ModelRunner:
             launched = self.launch(plan.launch, cache)
         if plan.verify:
             for (s, d), logits in zip(plan.verify, self.verify(plan.verify, cache)):
-                picked.append(Picked(s, tuple(sampler.verified(s, logits, d))))
+                picked.append(sampler.verified(s, logits, d))
         if plan.decode:
             picked += sampler.picked(plan.decode, self.decode(plan.decode, cache))
         return StepOutput(tuple(prompt_logprobs), tuple(picked), launched)

@@ -1,25 +1,31 @@
 """The next token of every sequence of a step at once (`Sampler.pick`), on the logits' device.
 
 The logits processors, each one tensor operation over a step's rows (B, V) with per-row parameters, run
-in this order over all sampled rows together: logit bias, OpenAI's presence and frequency penalties (on
-generated tokens), then as `transformers` does repetition penalty, temperature, top-k, top-p; the draw is an
+in this order over all sampled rows together: n-gram bans and logit bias, a grammar's mask (structured
+outputs: the tokens its matcher allows, `service.engine.grammar`), OpenAI's presence and frequency
+penalties (on generated tokens), then as `transformers` does repetition penalty, temperature, top-k,
+top-p; the draw is an
 exponential race (argmax of p / E with E ~ Exp(1), which picks token i with probability p_i) whose noise
 comes, for a seeded request, from that request's own generator on the logits' device: a seed gives the
 same tokens whatever else is in the batch, on CPU and on CUDA alike. For the penalties the sampler
 keeps, per slot, which tokens the prompt holds and how often each was generated, on the device,
-updated with each step's tokens instead of rebuilt from the token lists.
+updated with each step's tokens instead of rebuilt from the token lists. A constrained row's matcher
+takes the token picked; a grammar that allows no token, or refuses the one picked, fails that request
+alone.
 """
 
 from __future__ import annotations
 
 import torch
 
+from service.engine.grammar import allowed
 from service.engine.plan import Picked
 from service.engine.sampling_params import MIN_TEMPERATURE
 from service.engine.sequence import Sequence, TokenLogprob
 from service.errors import RequestFailed
 
 UNDEFINED = "sampling failed for this request: its probabilities are not finite"
+DEAD_END = "the structured output allows no token here: its grammar cannot go on from what was generated"
 
 
 def repeated_ngram_tokens(output: list[int], n: int) -> list[int]:
@@ -118,28 +124,40 @@ class Sampler:
                 out.append(Picked(s, (token,)))
         return out
 
-    @staticmethod
-    def verified(s: Sequence, logits: torch.Tensor, draft: list[int]) -> list[int]:
+    def verified(self, s: Sequence, logits: torch.Tensor, draft: list[int]) -> Picked:
         """The tokens a greedy sequence takes from the logits (1 + len(draft), V) of its verified draft
         (`ModelRunner.execute`): each draft token while it is the token plain decoding would pick there
-        (the argmax after `biased`: banned n-gram repeats, logit bias, as in `pick`), then
-        that pick where they part, or after the whole draft."""
+        (the argmax after `biased`: banned n-gram repeats, logit bias, and a grammar's mask, as in
+        `pick`), then that pick where they part, or after the whole draft. A grammar's matcher takes
+        the tokens taken, and only those: a refused draft token never reaches it."""
         p = s.params
-        if not p.no_repeat_ngram and not p.logit_bias:
+        if p.greedy:
             best = logits.argmax(-1).tolist()
             agreed = next((i for i, (a, b) in enumerate(zip(draft, best)) if a != b), len(draft))
-            return draft[:agreed] + [best[agreed]]
-        out = []
+            return Picked(s, tuple(draft[:agreed] + [best[agreed]]))
+        out: list[int] = []
         for row in logits.float():
-            out.append(int(biased(row[None], [s.output + out], [p])[0].argmax()))
-            if len(out) > len(draft) or out[-1] != draft[len(out) - 1]:
-                return out
-        return out
+            row = biased(row[None], [s.output + out], [p])
+            if p.grammar is not None:
+                row, dead = self._constrain(row, [s], [0])
+                token = int(row[0].argmax())
+                if dead or not s.matcher.consume_token(token):  # (what it took stays taken)
+                    return Picked(s, tuple(out)) if out else Picked(s, error=RequestFailed(DEAD_END))
+            else:
+                token = int(row[0].argmax())
+            out.append(token)
+            if len(out) > len(draft) or token != draft[len(out) - 1]:
+                break
+        return Picked(s, tuple(out))
 
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> list[int | RequestFailed]:
         device, vocab = logits.device, logits.shape[1]
         params = [s.params for s in seqs]
         logits = biased(logits, [s.output for s in seqs], params)
+        constrained = [r for r, p in enumerate(params) if p.grammar is not None]
+        dead = set()
+        if constrained:
+            logits, dead = self._constrain(logits, [seqs[r] for r in constrained], constrained)
         penalized = [r for r, p in enumerate(params) if p.counts_tokens]
         if penalized:
             at = torch.tensor(penalized, device=device)
@@ -160,9 +178,25 @@ class Sampler:
             tokens, failed = tokens.index_copy(0, at, draws), failed.index_copy(0, at, undefined.long())
         rows = torch.stack([tokens, failed]).tolist()  # the step's one copy to the host
         out = [RequestFailed(UNDEFINED) if f else t for t, f in zip(*rows)]
+        for r in constrained:
+            if r in dead or (isinstance(out[r], int) and not seqs[r].matcher.consume_token(out[r])):
+                out[r] = RequestFailed(DEAD_END)
         if penalized:
             self._count([seqs[r] for r in penalized], [out[r] for r in penalized])
         return out
+
+    @staticmethod
+    def _constrain(logits: torch.Tensor, seqs: list[Sequence], rows: list[int]) -> tuple[torch.Tensor, set[int]]:
+        """`logits` with each constrained row's disallowed tokens at -inf, and the rows whose grammar
+        allows nothing (or whose matcher is in its error state, or missing)."""
+        have = [(r, s) for r, s in zip(rows, seqs) if s.matcher is not None and not s.matcher.is_error()]
+        dead = set(rows) - {r for r, _ in have}
+        if have:
+            mask = allowed([s.matcher for _, s in have], logits.shape[1]).to(logits.device)
+            dead |= {r for (r, _), any_ in zip(have, mask.any(-1).tolist()) if not any_}
+            at = torch.tensor([r for r, _ in have], device=logits.device)
+            logits = logits.index_copy(0, at, logits[at].masked_fill(~mask, float("-inf")))
+        return logits, dead
 
     def _draw(self, seqs: list[Sequence], logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """A token from each row's distribution after temperature, top-k and top-p, and whether that

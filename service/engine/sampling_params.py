@@ -2,7 +2,8 @@
 is 0 (the default), so the same input gives the same output; a temperature below `MIN_TEMPERATURE` is
 greedy too (dividing by it would overflow the logits, as vLLM also treats it). Every value accepted keeps
 the probabilities defined: repetition penalties are bounded and top-p always keeps the most likely
-token. `service.engine.sampler` applies them."""
+token. `service.engine.sampler` applies them; a `grammar` (structured outputs) through the sequence's
+matcher (`service.engine.grammar`)."""
 
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ class SamplingParams:
     ignore_eos: bool = False  # keep going past end-of-turn tokens (benchmarks)
     logprobs: int | None = None  # report each token's log-probability and this many alternatives
     prompt_logprobs: int | None = None  # the same for each prompt token (from the prefill's own forward)
+    grammar: str | None = None  # llguidance's grammar the output must match (`service.engine.grammar`)
 
     def __post_init__(self):
         for name in ("temperature", "top_p", "repetition_penalty", "presence_penalty", "frequency_penalty"):
@@ -78,4 +80,5 @@ class SamplingParams:
             and not self.counts_tokens
             and self.no_repeat_ngram == 0
             and not self.logit_bias
+            and self.grammar is None
         )

@@ -19,8 +19,9 @@ request that could never fit the whole cache is refused when it is added.
 
 Prompt-lookup speculation (`SchedulerConfig.prompt_lookup`): when every decoding sequence is greedy
 (processors but the count penalties allowed) and wants no log-probabilities, each one's draft
-(`service.engine.lookup`) is planned for verification in one forward, and `update` takes the tokens the
-model agreed with and its own next token after them: the same output in fewer steps.
+(`service.engine.lookup`, cut at the first token its grammar refuses, if it has one) is planned for
+verification in one forward, and `update` takes the tokens the model agreed with and its own next token
+after them: the same output in fewer steps.
 
 Launched ahead (`SchedulerConfig.launch_ahead`, the CUDA-graph path): a greedy decode step is launched
 and its tokens are collected by the next step's plan; a step over the same sequences as the one before is
@@ -221,6 +222,8 @@ class Scheduler:
             room = min(k, s.params.max_tokens - len(s.output) - 1)  # the step adds a token after the draft
             near_end = s.length + 2 * (k + 1 + self.pool.size) >= config.limits.context  # padding off the last position
             d = [] if near_end else draft(s.tokens(), room)
+            if d and s.matcher is not None:  # the draft up to the first token its grammar refuses
+                d = d[: s.matcher.validate_tokens(d)]
             out.append(d if d and self._grow(s, s.length + len(d), preempt=False) else [])
         return out
 

@@ -15,7 +15,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 
@@ -81,6 +81,7 @@ class Sequence:
     kept: int | None = None  # output stage: the tokens its consumer took before stopping it, if it did
     error: BaseException | None = None
     generator: torch.Generator | None = None  # a seeded request's own, made on the logits' device at its first draw
+    matcher: Any = None  # with `params.grammar`: its llguidance matcher, which the sampler advances
     arrival: float = field(default_factory=time.monotonic)
     done: threading.Event = field(default_factory=threading.Event)
 

@@ -59,7 +59,7 @@ def test_completion_errors_in_openai_wording(client, kwargs, param, code, words)
         ({"messages": [{"role": "robot", "content": "hi"}]}, "messages[0].role", "invalid_value", "'robot'"),
         ({"messages": [{"role": "user"}]}, "messages[0].content", "missing_required_parameter", "Missing"),
         ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools", "unsupported_parameter", "tool"),
-        ({"response_format": {"type": "json_object"}}, "response_format", "unsupported_parameter", "json_object"),
+        ({"response_format": {"type": "yaml"}}, "response_format.type", "invalid_value", "'yaml'"),
         ({"top_logprobs": 2}, None, "invalid_value", "top_logprobs requires logprobs"),
         ({"extra_body": {"foo": 1}}, "foo", "unrecognized_argument", "Unrecognized request argument supplied: foo"),
         (
@@ -71,8 +71,9 @@ def test_completion_errors_in_openai_wording(client, kwargs, param, code, words)
     ],
 )
 def test_chat_errors_in_openai_wording(client, kwargs, param, code, words):
-    """Chat: empty messages, a bad role, a missing content, tools, JSON modes, images and unknown arguments
-    are 400 with OpenAI's wording (LangChain's bind_tools now fails instead of getting no tool calls)."""
+    """Chat: empty messages, a bad role, a missing content, tools, an unknown response format, images and
+    unknown arguments are 400 with OpenAI's wording (LangChain's bind_tools now fails instead of getting no
+    tool calls)."""
     args = {"model": M, "messages": HI, "max_tokens": 4} | kwargs
     err = bad_request(lambda: client.chat.completions.create(**args))
     assert err["code"] == code and words in err["message"], err

@@ -57,7 +57,21 @@ def bound(gen: TextGenerator, texts: list[str], max_tokens: int) -> None:
             raise ContextOverflow.too_long(context, least, max_tokens, at_least=True)
 
 
-def params(req: Sampling, max_tokens: int, logprobs: int | None = None, prompt_logprobs: int | None = None):
+async def grammar(gen: TextGenerator, req: Sampling) -> str | None:
+    """The checked grammar of the request's structured output, if it asks for one: compiled on a worker
+    thread (neither the event loop nor the engine waits for it); a schema or grammar that cannot be used
+    is a 400 naming what is wrong."""
+    asked = req.constraint()
+    return None if asked is None else await asyncio.to_thread(gen.grammars.compile, *asked)
+
+
+def params(
+    req: Sampling,
+    max_tokens: int,
+    logprobs: int | None = None,
+    prompt_logprobs: int | None = None,
+    grammar: str | None = None,
+):
     """The sampling parameters of each of the request's `n` choices: choice j of a seeded request draws
     with seed ^ j (choice 0 with the seed itself)."""
     return [
@@ -75,6 +89,7 @@ def params(req: Sampling, max_tokens: int, logprobs: int | None = None, prompt_l
             logprobs=logprobs,
             prompt_logprobs=prompt_logprobs,
             ignore_eos=req.ignore_eos,
+            grammar=grammar,
         )
         for j in range(req.n)
     ]
@@ -169,7 +184,7 @@ async def completions(req: CompletionRequest, request: Request):
     runs = [p for p in ids for _ in range(req.n)]  # choice k is prompt k // n
     running = None
     if req.max_tokens or scored:
-        sp = params(req, req.max_tokens, req.logprobs, req.logprobs if scored else None)
+        sp = params(req, req.max_tokens, req.logprobs, req.logprobs if scored else None, await grammar(gen, req))
         running = handle.start(runs, sp * len(ids), request_id=head["id"], stream=req.stream)
     choices = [Choice(tok, p, req.echo, req.logprobs is not None) for p in runs]
 
@@ -241,9 +256,8 @@ async def chat(req: ChatRequest, request: Request):
     gen.engine.limits.check_prompt(ids, max_tokens)
     head = header(gen, "chatcmpl", "chat.completion")
     top = (req.top_logprobs or 0) if req.logprobs else None
-    running: Running = handle.start(
-        [ids] * req.n, params(req, max_tokens, top), request_id=head["id"], stream=req.stream
-    )
+    sp = params(req, max_tokens, top, grammar=await grammar(gen, req))
+    running: Running = handle.start([ids] * req.n, sp, request_id=head["id"], stream=req.stream)
     choices = [Choice(tok, ids, echo=False, wanted=top is not None) for _ in range(req.n)]
 
     def logprobs(tokens: list) -> dict | None:

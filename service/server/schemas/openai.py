@@ -3,13 +3,18 @@
 They accept what OpenAI accepts (a prompt as text, texts, token ids or lists of token ids; chat content as
 text or text parts; the developer role; `max_tokens` up to the context) and refuse the rest with 400 in
 OpenAI's wording: an argument OpenAI does not define is "Unrecognized request argument supplied", and one
-it defines that this server does not implement (tools, structured output, `suffix`, images) is
-"Unsupported parameter", naming it. Nothing is ignored silently; `user` and `metadata` are accepted as
-what they are, labels for the caller's own records.
+it defines that this server does not implement (tools, `suffix`, images) is "Unsupported parameter",
+naming it. Nothing is ignored silently; `user` and `metadata` are accepted as what they are, labels for
+the caller's own records.
+
+Structured outputs: OpenAI's `response_format` (`json_object`, `json_schema`) on both endpoints, and
+vLLM's `structured_outputs` (`json`, `regex`, `choice`, `grammar`) and its older `guided_json`,
+`guided_regex`, `guided_choice`, `guided_grammar`; at most one per request (`Sampling.constraint`).
 """
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Any, Literal
 
@@ -63,6 +68,37 @@ class StreamOptions(Body):
     include_usage: bool = False
 
 
+class JsonSchemaFormat(Body):
+    model_config = ConfigDict(strict=True, extra="forbid", populate_by_name=True)
+    name: str = Field(max_length=64, description="the schema's name")
+    description: str | None = None
+    json_schema: dict[str, Any] = Field(default_factory=dict, alias="schema", description="a JSON schema")
+    strict: bool | None = Field(None, description="the output always follows the schema here, strict or not")
+
+
+class ResponseFormat(Body):
+    model_config = ConfigDict(strict=True, extra="forbid")
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def check(self):
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError("response_format: json_schema is given with type json_schema, and only then")
+        return self
+
+
+class StructuredOutputs(Body):
+    """vLLM's structured outputs: one of them."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+    json_: dict[str, Any] | str | None = Field(None, alias="json", description="a JSON schema (or its text)")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = Field(None, description="a Lark grammar, or llama.cpp's GBNF")
+    json_object: bool | None = None
+
+
 class Sampling(OpenAIBody):
     """The sampling fields both endpoints share: OpenAI's, with OpenAI's defaults and ranges, plus vLLM's
     top_k and repetition_penalty."""
@@ -85,6 +121,12 @@ class Sampling(OpenAIBody):
     ignore_eos: bool = Field(False, description="keep generating past end-of-turn tokens (benchmarks)")
     stream: bool = False
     stream_options: StreamOptions | None = None
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None
+    guided_json: dict[str, Any] | str | None = Field(None, description="vLLM's: a JSON schema (or its text)")
+    guided_regex: str | None = Field(None, description="vLLM's: a regular expression")
+    guided_choice: list[str] | None = Field(None, description="vLLM's: one of these strings")
+    guided_grammar: str | None = Field(None, description="vLLM's: a Lark grammar, or llama.cpp's GBNF")
 
     @field_validator("logit_bias")
     @classmethod
@@ -105,6 +147,44 @@ class Sampling(OpenAIBody):
     def biases(self) -> tuple[tuple[int, float], ...]:
         return tuple((int(t), v) for t, v in (self.logit_bias or {}).items())
 
+    def constraint(self) -> tuple[str, Any] | None:
+        """The structured output asked for, as (kind, spec) for `service.engine.grammar`, or None; more
+        than one is a 400."""
+        asked = []
+        f = self.response_format
+        if f is not None and f.type == "json_object":
+            asked.append(("response_format", "json_schema", {"type": "object"}))
+        elif f is not None and f.type == "json_schema":
+            asked.append(("response_format", "json_schema", f.json_schema.json_schema))
+        s = self.structured_outputs
+        forms = [
+            ("guided_json", "json_schema", self.guided_json),
+            ("guided_regex", "regex", self.guided_regex),
+            ("guided_choice", "choice", self.guided_choice),
+            ("guided_grammar", "grammar", self.guided_grammar),
+        ]
+        if s is not None:
+            forms += [
+                ("structured_outputs.json", "json_schema", s.json_),
+                ("structured_outputs.regex", "regex", s.regex),
+                ("structured_outputs.choice", "choice", s.choice),
+                ("structured_outputs.grammar", "grammar", s.grammar),
+                ("structured_outputs.json_object", "json_schema", {"type": "object"} if s.json_object else None),
+            ]
+        asked += [form for form in forms if form[2] is not None]
+        if len(asked) > 1:
+            names = ", ".join(name for name, _, _ in asked)
+            raise InvalidRequest(f"one structured output per request, got {names}", param=asked[1][0])
+        if not asked:
+            return None
+        name, kind, spec = asked[0]
+        if kind == "json_schema" and isinstance(spec, str):
+            try:
+                spec = json.loads(spec)
+            except ValueError as e:
+                raise InvalidRequest(f"{name}: not JSON: {e}", param=name) from None
+        return kind, spec
+
 
 class CompletionRequest(Sampling):
     model_config = ConfigDict(
@@ -121,7 +201,6 @@ class CompletionRequest(Sampling):
     logprobs: int | None = Field(None, ge=0, le=5)
     echo: bool = False
     best_of: int | None = Field(None, ge=1, description="only equal to n: every sequence is returned")
-    response_format: None = None
 
     @model_validator(mode="after")
     def check(self):
@@ -180,10 +259,6 @@ class Message(Body):
         return {"role": role, "content": text} | ({"name": self.name} if self.name else {})
 
 
-class ResponseFormat(Body):
-    type: Literal["text"] = Field(description="only text: JSON modes are not supported")
-
-
 class ChatRequest(Sampling):
     model_config = ConfigDict(
         json_schema_extra={
@@ -201,14 +276,6 @@ class ChatRequest(Sampling):
     max_completion_tokens: int | None = Field(None, ge=1, description="the same as max_tokens")
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20, description="alternatives per token, with logprobs")
-    response_format: ResponseFormat | None = None
-
-    @field_validator("response_format", mode="before")
-    @classmethod
-    def text_format(cls, value: Any) -> Any:
-        if isinstance(value, dict) and value.get("type") in ("json_object", "json_schema"):
-            raise unsupported("response_format", f"response_format {value['type']!r} (structured output)")
-        return value
 
     @model_validator(mode="after")
     def check(self):
