@@ -82,11 +82,26 @@ class Tokenizer:
                 out.append(token.replace("\u2581", " ").encode())
         return out
 
-    def chat(self, messages: list[dict[str, str]]) -> list[int]:
-        """Prompt ids for a conversation, ready for the assistant's turn. Without a chat template,
-        the messages are joined as plain text."""
+    def use_template(self, template: str) -> None:
+        """Use this chat template (Jinja text, e.g. from `--chat-template FILE`) instead of the model's."""
+        self.hf.chat_template = template
+        self.has_chat_template = True
+
+    def is_token(self, text: str) -> bool:
+        """Whether `text` is one token of the vocabulary (an added token such as Qwen2.5's `<tool_call>`)."""
+        return self.hf.convert_tokens_to_ids(text) not in (None, self.hf.unk_token_id)
+
+    @property
+    def takes_tools(self) -> bool:
+        """Whether the chat template writes a list of tools into the prompt."""
+        return self.has_chat_template and "tools" in self.hf.chat_template
+
+    def chat(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+        """Prompt ids for a conversation (with the `tools` the model may call, when the template takes
+        them), ready for the assistant's turn. Without a chat template, the messages are joined as plain
+        text."""
         if self.has_chat_template:
-            text = self.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            text = self.hf.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=True)
         else:
             text = "\n\n".join(m["content"] for m in messages) + "\n"
         return self.encode(text)

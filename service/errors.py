@@ -50,6 +50,13 @@ class TooLarge(InvalidRequest):
     code = "too_many_sequences"
 
 
+class Unsupported(InvalidRequest):
+    """A parameter this server implements but cannot serve for this model (tools, for a chat template that
+    writes none)."""
+
+    code = "unsupported_parameter"
+
+
 class UnsupportedMedia(InvalidRequest):
     code = "unsupported_media_type"
 

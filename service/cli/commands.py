@@ -44,6 +44,7 @@ def load_options(args) -> dict:
         "kv_memory": args.kv_cache_memory,
         "prefix_caching": not args.no_prefix_caching,
         "prompt_lookup": args.prompt_lookup,
+        "chat_template": Path(args.chat_template).read_text() if args.chat_template else None,
     }
 
 

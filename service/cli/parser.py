@@ -77,6 +77,11 @@ def parser() -> argparse.ArgumentParser:
         "(the same output in fewer steps; default 5 on CPUs, off with CUDA graphs; 0: off)",
     )
     common.add_argument(
+        "--chat-template",
+        metavar="FILE",
+        help="a Jinja chat template to use instead of the model's (e.g. one that writes tools, for tool calls)",
+    )
+    common.add_argument(
         "--quantize",
         choices=list(QUANTIZATIONS),
         default="none",

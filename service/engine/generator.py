@@ -64,11 +64,15 @@ class TextGenerator:
         device: str = "cpu",
         dtype: torch.dtype = torch.float32,
         quantization: str = "none",
+        chat_template: str | None = None,
         **engine_args,
     ) -> TextGenerator:
+        """`chat_template`: Jinja text used instead of the model's; the rest go to the `Engine`."""
         start = time.perf_counter()
         directory = resolve(name_or_path)
         tokenizer = Tokenizer(directory)
+        if chat_template is not None:
+            tokenizer.use_template(chat_template)
         model = load_model(directory, dtype=dtype, device=device, quantization=quantization)
         if get_tp().size > 1:
             model = Leader(model)  # rank 0: announce each forward to the other ranks

@@ -13,6 +13,7 @@ prompt is scored by the same prefill that starts its generation, batched with ev
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -23,7 +24,8 @@ from fastapi import APIRouter, HTTPException, Request
 from service.engine.generator import TextGenerator, TextResult
 from service.engine.handle import Piece, Running
 from service.engine.sampling_params import SamplingParams
-from service.errors import ContextOverflow
+from service.errors import ContextOverflow, InvalidRequest
+from service.server import tools
 from service.server.http_errors import responses
 from service.server.logprobs import Aligned, chat_logprobs, completion_logprobs
 from service.server.schemas import openai_responses as out
@@ -58,10 +60,17 @@ def bound(gen: TextGenerator, texts: list[str], max_tokens: int) -> None:
 
 
 async def grammar(gen: TextGenerator, req: Sampling) -> str | None:
-    """The checked grammar of the request's structured output, if it asks for one: compiled on a worker
-    thread (neither the event loop nor the engine waits for it); a schema or grammar that cannot be used
-    is a 400 naming what is wrong."""
+    """The checked grammar of the request's structured output or of the tool calls it requires, if any:
+    compiled on a worker thread (neither the event loop nor the engine waits for it); a schema or grammar
+    that cannot be used, or both at once, is a 400 naming what is wrong."""
     asked = req.constraint()
+    calls = tools.forced(req, gen.tokenizer.is_token(tools.OPEN)) if isinstance(req, ChatRequest) else None
+    if asked is not None and calls is not None:
+        raise InvalidRequest(
+            "tool_choice requires tool calls: a structured output cannot be asked too", param="tool_choice"
+        )
+    if calls is not None:
+        asked = ("grammar", calls)
     return None if asked is None else await asyncio.to_thread(gen.grammars.compile, *asked)
 
 
@@ -250,8 +259,9 @@ async def chat(req: ChatRequest, request: Request):
     check_model(gen, req.model)
     limit = req.max_completion_tokens or req.max_tokens
     messages = [m.for_template() for m in req.messages]
-    bound(gen, ["".join(m["content"] for m in messages)], limit or 1)
-    ids = await asyncio.to_thread(tok.chat, messages)
+    offered = tools.offered(req, tok.takes_tools)
+    bound(gen, ["".join(m["content"] for m in messages) + json.dumps(offered or "")], limit or 1)
+    ids = await asyncio.to_thread(tok.chat, messages, offered)
     max_tokens = limit or max(1, min(CHAT_MAX_TOKENS, gen.engine.context - len(ids)))
     gen.engine.limits.check_prompt(ids, max_tokens)
     head = header(gen, "chatcmpl", "chat.completion")
@@ -263,17 +273,21 @@ async def chat(req: ChatRequest, request: Request):
     def logprobs(tokens: list) -> dict | None:
         return None if top is None else chat_logprobs(tok, tokens, top)
 
+    def message(text: str, finish: str) -> tuple[dict, str]:
+        """The reply as a message (its tool calls read out when tools were offered), and its finish reason."""
+        content, calls = tools.parse(text) if offered else (text, [])
+        if not calls:
+            return {"role": "assistant", "content": content}, finish
+        reply = {"role": "assistant", "content": content, "tool_calls": calls}
+        return reply, "tool_calls" if finish == "stop" else finish
+
     if not req.stream:
         results = await running.wait(request.is_disconnected)
-        out = [
-            {
-                "index": j,
-                "message": {"role": "assistant", "content": r.text},
-                "logprobs": logprobs(c.tokens(r.text, r.token_ids, r.logprobs, [])),
-                "finish_reason": r.finish_reason,
-            }
-            for j, (c, r) in enumerate(zip(choices, results))
-        ]
+        out = []
+        for j, (c, r) in enumerate(zip(choices, results)):
+            reply, finish = message(r.text, r.finish_reason)
+            lp = logprobs(c.tokens(r.text, r.token_ids, r.logprobs, []))
+            out.append({"index": j, "message": reply, "logprobs": lp, "finish_reason": finish})
         return head | {"choices": out, "usage": usage([ids], results)}
 
     chunk = head | {"object": "chat.completion.chunk"}
@@ -282,14 +296,27 @@ async def chat(req: ChatRequest, request: Request):
         lp = logprobs(tokens) if tokens else None
         return chunk | {"choices": [{"index": j, "delta": d, "logprobs": lp, "finish_reason": finish}]}
 
+    held = [tools.Held() for _ in range(req.n)] if offered else None
+
     async def events() -> AsyncIterator[dict]:
         for j in range(req.n):
             yield delta(j, {"role": "assistant", "content": ""})
         async for p in running.pieces():
             choices[p.index].add(p)
-            yield delta(p.index, {"content": p.text}, choices[p.index].covered(p.text))
+            text = held[p.index].take(p.text) if held else p.text
+            if text or not held:
+                yield delta(p.index, {"content": text}, choices[p.index].covered(text))
         for j, r in enumerate(running.result):
-            yield delta(j, {}, choices[j].tokens("", r.token_ids, r.logprobs, []), r.finish_reason)
+            finish = r.finish_reason
+            if held:
+                text, calls = held[j].rest()
+                if text:
+                    yield delta(j, {"content": text})
+                if calls:
+                    listed = [{"index": k} | call for k, call in enumerate(calls)]
+                    yield delta(j, {"tool_calls": listed})
+                    finish = "tool_calls" if finish == "stop" else finish
+            yield delta(j, {}, choices[j].tokens("", r.token_ids, r.logprobs, []), finish)
         if req.stream_options and req.stream_options.include_usage:
             yield chunk | {"choices": [], "usage": usage([ids], running.result)}
 

@@ -29,11 +29,8 @@ MAX_CHOICES = 16
 TOKEN_ID = r"^[0-9]{1,9}$"  # a logit_bias key: ASCII digits, no more than any vocabulary needs
 # Parameters OpenAI defines that this server does not implement: refused when set to anything but a no-op.
 UNSUPPORTED = {
-    "tools": "tool calls",
-    "tool_choice": "tool calls",
-    "functions": "function calls",
-    "function_call": "function calls",
-    "parallel_tool_calls": "tool calls",
+    "functions": "the deprecated function calls: use tools",
+    "function_call": "the deprecated function calls: use tool_choice",
     "audio": "audio output",
     "modalities": "audio output",
     "prediction": "predicted outputs",
@@ -224,24 +221,52 @@ class TextPart(Body):
     text: str
 
 
+class CalledFunction(Body):
+    name: str
+    arguments: str = Field(description="the arguments as a JSON object's text")
+
+
+class ToolCall(Body):
+    model_config = ConfigDict(strict=True, extra="forbid")
+    id: str
+    type: Literal["function"] = "function"
+    function: CalledFunction
+
+
 class Message(Body):
     model_config = ConfigDict(strict=True, extra="forbid")
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart] = Field(description="text, or a list of text parts")
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = Field(
+        description="text, or a list of text parts (null or left out only beside an assistant's tool calls)"
+    )
     name: str | None = Field(None, description="the participant's name, passed to the chat template")
+    tool_calls: list[ToolCall] | None = Field(None, description="an assistant's tool calls, as a response gave them")
+    tool_call_id: str | None = Field(None, description="a tool message: the call it answers")
 
     @model_validator(mode="before")
     @classmethod
-    def no_tool_calls(cls, data: Any) -> Any:
+    def no_audio(cls, data: Any) -> Any:
         """A message echoed back from a response may carry OpenAI's empty fields (`refusal: null`,
-        `tool_calls: []`...): they are dropped; a real tool call or audio is refused by name."""
+        `tool_calls: []`...): they are dropped; a legacy function call or audio is refused by name."""
         if isinstance(data, dict):
             for name in ("tool_calls", "function_call", "audio", "refusal", "annotations"):
                 if name in data and data[name] in NO_OP:
                     data = {k: v for k, v in data.items() if k != name}
-                elif name in data and name != "refusal":
-                    raise unsupported(f"messages.{name}", "tool calls and audio in messages")
+                elif name in data and name not in ("refusal", "tool_calls"):
+                    raise unsupported(f"messages.{name}", "legacy function calls and audio in messages")
+            if data.get("role") == "assistant" and data.get("tool_calls") and "content" not in data:
+                data = data | {"content": None}  # OpenAI's: content may be left out beside tool calls
         return data
+
+    @model_validator(mode="after")
+    def roles(self):
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise ValueError("content is required (it may be left out only by an assistant's tool calls)")
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError("only an assistant message has tool_calls")
+        if (self.role == "tool") != (self.tool_call_id is not None):
+            raise ValueError("a tool message has a tool_call_id, and only a tool message")
+        return self
 
     @field_validator("content", mode="before")
     @classmethod
@@ -252,11 +277,53 @@ class Message(Body):
                     raise unsupported("messages.content", f"{part['type']!r} content parts (only text)")
         return content
 
-    def for_template(self) -> dict[str, str]:
-        """The message as chat templates take it: the developer role is the system role of older models."""
-        text = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+    def for_template(self) -> dict[str, Any]:
+        """The message as chat templates take it: the developer role is the system role of older models;
+        a tool call's arguments are an object (templates write them with `tojson`)."""
+        content = self.content or ""
+        text = content if isinstance(content, str) else "".join(p.text for p in content)
         role = "system" if self.role == "developer" else self.role
-        return {"role": role, "content": text} | ({"name": self.name} if self.name else {})
+        out: dict[str, Any] = {"role": role, "content": text} | ({"name": self.name} if self.name else {})
+        if self.tool_calls:
+            out["tool_calls"] = [
+                {"id": c.id, "type": "function", "function": {"name": c.function.name, "arguments": _object(c)}}
+                for c in self.tool_calls
+            ]
+        if self.tool_call_id is not None:
+            out["tool_call_id"] = self.tool_call_id
+        return out
+
+
+def _object(call: ToolCall) -> Any:
+    """A tool call's arguments as an object; the text as it is when it is not JSON."""
+    try:
+        return json.loads(call.function.arguments)
+    except ValueError:
+        return call.function.arguments
+
+
+class Function(Body):
+    model_config = ConfigDict(strict=True, extra="forbid")
+    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = Field(None, description="a JSON schema of the arguments")
+    strict: bool | None = Field(None, description="calls always follow the schema when they are constrained")
+
+
+class Tool(Body):
+    model_config = ConfigDict(strict=True, extra="forbid")
+    type: Literal["function"]
+    function: Function
+
+
+class Named(Body):
+    name: str
+
+
+class NamedToolChoice(Body):
+    model_config = ConfigDict(strict=True, extra="forbid")
+    type: Literal["function"]
+    function: Named
 
 
 class ChatRequest(Sampling):
@@ -276,9 +343,22 @@ class ChatRequest(Sampling):
     max_completion_tokens: int | None = Field(None, ge=1, description="the same as max_tokens")
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20, description="alternatives per token, with logprobs")
+    tools: list[Tool] | None = Field(None, max_length=128, description="functions the model may call")
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(
+        None, description="auto (the default with tools), none, required (at least one call) or one function"
+    )
+    parallel_tool_calls: bool = Field(True, description="whether a reply may hold several calls")
 
     @model_validator(mode="after")
     def check(self):
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError("top_logprobs requires logprobs to be true")
+        names = [t.function.name for t in self.tools or []]
+        if len(set(names)) < len(names):
+            raise ValueError("tools: two functions have the same name")
+        choice = self.tool_choice
+        if choice not in (None, "none", "auto") and not names:
+            raise ValueError("tool_choice other than none or auto needs tools")
+        if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
+            raise ValueError(f"tool_choice names {choice.function.name!r}, which is not among the tools")
         return self
