@@ -160,7 +160,20 @@ def parser() -> argparse.ArgumentParser:
     v = sub.add_parser("serve", parents=[common], help="run the HTTP service")
     v.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     v.add_argument("--port", type=int, default=8000, help="port to listen on")
-    v.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 routes (or set NLG_API_KEY)")
+    v.add_argument(
+        "--api-key",
+        action="append",
+        help="require 'Authorization: Bearer KEY' on /v1 routes; repeat for several keys (or set NLG_API_KEY, "
+        "keys separated by commas)",
+    )
+    v.add_argument("--api-key-file", metavar="FILE", help="more keys, one per line ('#' starts a comment)")
+    v.add_argument(
+        "--allowed-origins",
+        action="append",
+        metavar="ORIGINS",
+        help="browser origins allowed to call the API (CORS), separated by commas or repeated; '*': any "
+        "(default: none)",
+    )
     v.add_argument(
         "--slots",
         "--max-num-seqs",

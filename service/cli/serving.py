@@ -22,7 +22,8 @@ def cmd_serve(args) -> None:
     from service.server.streams import DRAIN_S
 
     resolve(args.model)  # fetch/convert first: a missing model is an error now, not a 503 later
-    key = args.api_key or os.environ.get("NLG_API_KEY")
+    keys = api_keys(args)
+    origins = [o.strip() for given in args.allowed_origins or [] for o in given.split(",") if o.strip()]
     jobs = args.jobs_db or str(cache_dir() / "jobs.sqlite")
     Path(jobs).parent.mkdir(parents=True, exist_ok=True)
     failed = threading.Event()
@@ -48,7 +49,16 @@ def cmd_serve(args) -> None:
         gen.name = args.served_model_name or gen.name  # what clients name in "model" and /v1/models lists
         print(f"nlg: {args.model} loaded in {gen.load_s:.1f} s; ready", file=sys.stderr, flush=True)
         return build_app(
-            gen, fatal, key, args.slots, args.max_waiting, jobs, args.request_timeout, args.score_traffic, on_ray
+            gen,
+            fatal,
+            keys,
+            args.slots,
+            args.max_waiting,
+            jobs,
+            args.request_timeout,
+            args.score_traffic,
+            on_ray,
+            origins,
         )
 
     url = f"http://{args.host}:{args.port}"
@@ -69,3 +79,15 @@ def cmd_serve(args) -> None:
     server.run()
     if failed.is_set():
         abort()  # exit 1 now, taking any other tensor-parallel ranks down with this one
+
+
+def api_keys(args) -> list[str]:
+    """Every key the server takes: `--api-key` (repeated), the lines of `--api-key-file` (but blank ones and
+    comments), or else NLG_API_KEY (separated by commas). None: the API is open."""
+    keys = list(args.api_key or [])
+    if args.api_key_file:
+        lines = Path(args.api_key_file).read_text().splitlines()
+        keys += [line.split("#", 1)[0].strip() for line in lines if line.split("#", 1)[0].strip()]
+    if not keys:
+        keys = [k.strip() for k in os.environ.get("NLG_API_KEY", "").split(",") if k.strip()]
+    return keys

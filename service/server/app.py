@@ -18,6 +18,7 @@ from contextlib import asynccontextmanager
 from functools import partial
 
 from fastapi import Depends, FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.security import HTTPBearer
 from fastapi_offline import FastAPIOffline
 
@@ -32,7 +33,7 @@ from service.server import http_errors
 from service.server.auth import ApiKey
 from service.server.inprocess import poster
 from service.server.observe import Observed
-from service.server.routes import batches, files, health, jobs, openai, tasks, uploads
+from service.server.routes import batches, files, health, jobs, openai, tasks, tokens, uploads
 
 MAX_BODY_BYTES = 2 * 1024 * 1024
 TAGS = [
@@ -48,20 +49,22 @@ TAGS = [
 def build_app(
     gen: TextGenerator,
     on_fatal=lambda: None,
-    api_key: str | None = None,
+    api_keys: list[str] | tuple[str, ...] = (),
     slots: int = 16,
     max_waiting: int = 64,
     jobs_db: str = ":memory:",
     request_timeout: float | None = 600.0,
     score_traffic: bool = False,
     ray_replicas: Replicas | None = None,
+    allowed_origins: list[str] | tuple[str, ...] = (),
 ) -> FastAPI:
     """The lifespan starts the engine thread (`slots` sequences at once, `max_waiting` queued before
     429), warms up the decode step (CUDA graphs captured, and compiled with `--compile`) before the app
     takes requests, and stops the thread. `on_fatal` runs after an engine failure (a dead rank, a
     collective timeout) has failed every request in flight; `nlg serve` makes it shut the server down and
-    exit non-zero so a supervisor restarts the service. With `api_key`, every /v1 route wants
-    `Authorization: Bearer <key>` (health, readiness, metrics and the docs stay open). Batch jobs (the
+    exit non-zero so a supervisor restarts the service. With `api_keys`, every /v1 route (and /tokenize,
+    /detokenize) wants `Authorization: Bearer <key>` with one of them (health, readiness, metrics and the
+    docs stay open). Browsers on `allowed_origins` may call it (CORS; none by default). Batch jobs (the
     tasks' jobs, OpenAI batches and their files) live in the SQLite file `jobs_db`. A request running
     longer than `request_timeout` seconds is stopped and gets 504 (a stream: a last error event). With
     `score_traffic`, every answer and summary is scored by the cheap reference-free hooks
@@ -110,7 +113,7 @@ def build_app(
     app.state.readiness = health.Readiness(gen, runner)
     bearer = Depends(HTTPBearer(auto_error=False, description="the server's --api-key, when it has one"))
     app.include_router(health.router)
-    for family in (uploads, tasks, openai, files, batches, jobs):  # uploads first: see Multipart
+    for family in (uploads, tasks, openai, tokens, files, batches, jobs):  # uploads first: see Multipart
         app.include_router(family.router, dependencies=[bearer])
     http_errors.install(app)
     app.add_middleware(
@@ -124,10 +127,14 @@ def build_app(
         ),
     )
 
-    if api_key:
-        app.add_middleware(ApiKey, key=api_key)
+    if api_keys:
+        app.add_middleware(ApiKey, keys=list(api_keys))
+    if allowed_origins:  # outside the key check: a browser's preflight carries no key
+        app.add_middleware(
+            CORSMiddleware, allow_origins=list(allowed_origins), allow_methods=["*"], allow_headers=["*"]
+        )
     app.add_middleware(Observed, metrics=metrics)  # outermost: it sees the statuses of the others too
-    runner.post = poster(app, api_key)  # OpenAI batch lines go through the app like a client's requests
+    runner.post = poster(app, api_keys[0] if api_keys else None)  # OpenAI batch lines go through the app too
     app.openapi = partial(openapi, app, app.openapi)
     return app
 

@@ -121,7 +121,7 @@ def test_engine_failure_gives_503_from_then_on_and_is_fatal(tiny, monkeypatch):
 
 def test_api_key_guards_v1_but_not_health(tiny):
     """With --api-key every /v1 route needs the bearer key; probes stay open for orchestrators."""
-    with TestClient(build_app(tiny, api_key="s3cret")) as c:
+    with TestClient(build_app(tiny, api_keys=["s3cret"])) as c:
         check_key(c)
 
 

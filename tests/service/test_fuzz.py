@@ -33,7 +33,7 @@ SETTINGS = settings(
 
 @pytest.fixture(scope="module")
 def server(tiny, serve, own_engine):
-    with serve(build_app(own_engine(tiny), api_key=KEY, slots=4, max_waiting=16, request_timeout=5)) as url:
+    with serve(build_app(own_engine(tiny), api_keys=[KEY], slots=4, max_waiting=16, request_timeout=5)) as url:
         yield url
     # the module's last word: the server outlived the fuzzing (checked in test_still_up)
 

@@ -19,7 +19,7 @@ KEY = "batch-key"
 
 @pytest.fixture(scope="module")
 def client(tiny, serve, own_engine):
-    with serve(build_app(own_engine(tiny), api_key=KEY)) as url:  # lines go through the key check like any request
+    with serve(build_app(own_engine(tiny), api_keys=[KEY])) as url:  # lines go through the key check like any request
         yield openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0)
 
 
