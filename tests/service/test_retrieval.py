@@ -30,8 +30,8 @@ def test_passages_follow_parts_and_paragraphs_and_point_back_into_the_text():
 def test_the_passage_holding_the_answer_ranks_first(office, monkeypatch, dense):
     """A fact on slide 3 among four slides, a number on sheet Q2 beside sheet Q1, a treaty on page 2."""
     if not dense:
-        monkeypatch.setattr(retrieval, "_encoder", lambda: None)
-    elif retrieval._encoder() is None:
+        monkeypatch.setattr(retrieval, "encoder", lambda: None)
+    elif retrieval.encoder() is None:
         pytest.skip("the dense extra is not installed")
     deck, book, paper = (
         read(office["pptx"], "deck.pptx"),
@@ -48,6 +48,6 @@ def test_the_passage_holding_the_answer_ranks_first(office, monkeypatch, dense):
 def test_passages_without_an_indexable_word_keep_their_order(monkeypatch):
     """Found by the fuzzer: passages of single letters and stopwords left BM25 an empty vocabulary, and
     ranking them raised (a 500 on an upload to /v1/answer)."""
-    monkeypatch.setattr(retrieval, "_encoder", lambda: None)
+    monkeypatch.setattr(retrieval, "encoder", lambda: None)
     found = passages([Document("x.txt", "txt", [Part("a", "a b"), Part("b", "c d"), Part("c", "of the")])])
     assert [p.part for p in rank("what is it", found, 2)] == ["a", "b"]
