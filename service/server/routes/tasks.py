@@ -24,6 +24,7 @@ from service.server.schemas.tasks import (
 )
 from service.server.streams import sse
 from service.tasks.answer import Answer, answer_plan, answer_source
+from service.tasks.sources import sentence_sources, supporting_span
 from service.tasks.summarize import Summary, summarize_plan
 
 STREAMED = {
@@ -66,7 +67,8 @@ async def respond(req, plan, request: Request, task: str, source: str, shape):
     async def finish(value: Answer | Summary):
         text = value.answer if isinstance(value, Answer) else value.summary
         wait = None if run.deadline is None else run.deadline - asyncio.get_running_loop().time()
-        return shape(value, await asyncio.to_thread(scores, state, task, req.evaluate, text, source, wait))
+        scored = await asyncio.to_thread(scores, state, task, req.evaluate, text, source, wait)
+        return await asyncio.to_thread(shape, value, scored)  # (finding sources splits the documents)
 
     if not req.stream:
         return await finish(await run.wait(request.is_disconnected))
@@ -93,10 +95,16 @@ async def answer(req: AnswerRequest, request: Request):
     plan = answer_plan(gen, req.question, req.passages, req.max_tokens, req.temperature, req.seed)
 
     def shape(a: Answer, scored) -> AnswerResponse:
+        span = None
+        if req.format == "json" and a.passage_index is not None:
+            passage = req.passages[a.passage_index]
+            found = supporting_span(a.answer, req.question, passage)
+            span = None if found is None else {"start": found[0], "end": found[1], "text": passage[slice(*found)]}
         return AnswerResponse(
             answer=a.answer,
             scores=scored,
             passage_index=a.passage_index,
+            span=span,
             model=gen.name,
             usage=usage(a.prompt_tokens, a.completion_tokens),
         )
@@ -119,8 +127,14 @@ async def summarize(req: SummarizeRequest, request: Request):
     plan = summarize_plan(gen, req.text(), req.length, req.max_words, req.temperature, req.seed)
 
     def shape(s: Summary, scored) -> SummarizeResponse:
+        documents = [req.document] if req.document is not None else req.documents
+        found = sentence_sources(s.summary, documents) if req.format == "json" else None
         return SummarizeResponse(
-            summary=s.summary, scores=scored, model=gen.name, usage=usage(s.prompt_tokens, s.completion_tokens)
+            summary=s.summary,
+            sentences=found,
+            scores=scored,
+            model=gen.name,
+            usage=usage(s.prompt_tokens, s.completion_tokens),
         )
 
     return await respond(req, plan, request, "summarize", req.text(), shape)

@@ -54,6 +54,9 @@ class AnswerRequest(Body):
     seed: int | None = SEED
     stream: bool = Field(False, description="server-sent events: {delta} pieces, then the full response")
     evaluate: Evaluate | None = None
+    format: Literal["text", "json"] = Field(
+        "text", description="json: the response adds `span`, the characters of the passage that support the answer"
+    )
 
 
 class Upload(BaseModel):
@@ -95,10 +98,19 @@ class Citation(BaseModel):
     passage: str = Field(description="the passage's text")
 
 
+class Span(BaseModel):
+    start: int = Field(description="character offset in the passage (as sent, stripped)")
+    end: int
+    text: str
+
+
 class AnswerResponse(BaseModel):
     answer: str
     scores: dict[str, float | list[str]] | None = None
     passage_index: int | None = Field(description="0-based index of the passage the answer drew on, if any")
+    span: Span | None = Field(
+        None, description='with format "json": the sentence of that passage that supports the answer, if one does'
+    )
     citation: Citation | None = Field(
         None, description="uploaded files: the file, part and passage the answer drew on, if any"
     )
@@ -132,6 +144,9 @@ class SummarizeRequest(Body):
     seed: int | None = SEED
     stream: bool = Field(False, description="server-sent events: {delta} pieces, then the full response")
     evaluate: Evaluate | None = None
+    format: Literal["text", "json"] = Field(
+        "text", description="json: the response adds `sentences`, each summary sentence with its source's characters"
+    )
 
     @model_validator(mode="after")
     def one_source(self):
@@ -149,8 +164,23 @@ class SentenceSource(BaseModel):
     part: str | None = Field(description='its part: "slide 3", "sheet Q2", "page 2", "section Budget", ...')
 
 
+class Source(BaseModel):
+    document: int = Field(description="0-based index of the document (0 for `document`)")
+    start: int = Field(description="character offset of the sentence in that document (as sent, stripped)")
+    end: int
+    text: str
+
+
+class SummarySentence(BaseModel):
+    text: str
+    source: Source | None = Field(description="the document sentence sharing the most content words, if any")
+
+
 class SummarizeResponse(BaseModel):
     summary: str
+    sentences: list[SummarySentence] | None = Field(
+        None, description='with format "json": each sentence of the summary with its source'
+    )
     scores: dict[str, float | list[str]] | None = None
     citations: list[SentenceSource] | None = Field(
         None, description="uploaded files: each summary sentence with the file and part it draws on"
