@@ -59,6 +59,24 @@ def dtype_of(args):
     return torch.float32
 
 
+def _bars():
+    """A plan's `progress` as tqdm bars on stderr: one per staged generation (a map round), closed at its end."""
+    from tqdm import tqdm
+
+    open_bars: dict[str, tqdm] = {}
+
+    def progress(stage: str, done: int, total: int) -> None:
+        bar = open_bars.get(stage)
+        if bar is None:
+            bar = open_bars[stage] = tqdm(total=total, desc=f"nlg: {stage}", unit="piece", file=sys.stderr)
+        bar.update(done - bar.n)
+        if done == total:
+            bar.close()
+            del open_bars[stage]
+
+    return progress
+
+
 def _emit(args, data: dict, text: str) -> None:
     print(json.dumps(data, ensure_ascii=False) if args.json else text)
 
@@ -100,10 +118,11 @@ def _file_passages(question: str, files: list[str]):
 
 
 def cmd_summarize(args) -> None:
+    """Summarize stdin or a file; a document past the context shows a progress bar per map round."""
     from service.tasks.summarize import summarize
 
     if args.file == "-":
-        s = summarize(load(args), sys.stdin.read(), args.length, args.max_words)
+        s = summarize(load(args), sys.stdin.read(), args.length, args.max_words, progress=_bars())
     else:
         from service.documents import read
         from service.tasks.document_summary import document_plan
@@ -113,8 +132,9 @@ def cmd_summarize(args) -> None:
         if not path.is_file():
             raise FileNotFoundError(f"no such file: {path}")
         doc = read(path.read_bytes(), path.name)  # e-mail, Word, PowerPoint, Excel, PDF, HTML, text
-        s = run_plan(gen := load(args), document_plan(gen, [doc], args.length, args.max_words))
+        s = run_plan(gen := load(args), document_plan(gen, [doc], args.length, args.max_words), progress=_bars())
     data = {"summary": s.summary, "prompt_tokens": s.prompt_tokens, "completion_tokens": s.completion_tokens}
+    data |= {"windows": s.windows, "rounds": s.rounds}
     if s.citations is not None:
         data["citations"] = s.citations
     _emit(args, data, s.summary)

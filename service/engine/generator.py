@@ -85,10 +85,15 @@ class TextGenerator:
         params: list[SamplingParams],
         on_text: OnText | None = None,
         priority: int = 0,
+        on_end: Callable[[int], None] | None = None,
     ) -> list[TextResult]:
         """Generate for each prompt; `on_text(i, piece)` streams final text (returning True stops that
-        sequence, finish reason "stop"); a higher `priority` number waits behind lower ones."""
+        sequence, finish reason "stop"); `on_end(i)` hears of sequence i's end; a higher `priority` number
+        waits behind lower ones."""
         g = Generation(self, prompts, params, on_text, None, priority)
+        if on_end is not None:
+            for i, s in enumerate(g.seqs):
+                s.on_finish = lambda _s, i=i: on_end(i)
         return g.results(self.engine.run(g.seqs))
 
     def complete(self, prompt: str | list[int], params: SamplingParams) -> TextResult:

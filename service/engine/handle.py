@@ -41,6 +41,7 @@ class Running:
         self.generation: Generation | None = None
         self._left = 0
         self.result: list[TextResult] | None = None
+        self.stage: tuple[str, int, int] | None = None  # (stage, sequences done before this call, in all)
 
     def put(self, item: tuple[str, Any]) -> None:
         """From any thread: queue an event for the consumer (dropped once the loop is gone)."""
@@ -50,8 +51,12 @@ class Running:
             pass
 
     def _ended(self, seq: Sequence) -> None:
-        """On the output stage, as each sequence ends: after the last, the results (or the error)."""
+        """On the output stage, as each sequence ends: its progress when a stage is watched, then after the
+        last the results (or the error)."""
         self._left -= 1
+        if self.stage is not None:
+            stage, before, total = self.stage
+            self.put(("progress", Progress(stage, before + len(self.generation.seqs) - self._left, total)))
         if self._left:
             return
         seqs = self.generation.seqs
@@ -76,16 +81,17 @@ class Running:
         except asyncio.TimeoutError:
             return None
 
-    async def pieces(self) -> AsyncIterator[Piece]:
-        """The text pieces as they come; ends after the last (then `result` is set). Raises the request's
-        error or `DeadlineExceeded`; aborts the sequences on any way out before the end."""
+    async def pieces(self) -> AsyncIterator[Piece | Progress]:
+        """The text pieces as they come (and the progress of a watched stage); ends after the last (then
+        `result` is set). Raises the request's error or `DeadlineExceeded`; aborts the sequences on any
+        way out before the end."""
         try:
             while True:
                 event = await self._next(None)
                 if event is None:
                     continue
                 kind, value = event
-                if kind == "piece":
+                if kind in ("piece", "progress"):
                     yield value
                 elif kind == "error":
                     raise value
@@ -120,6 +126,14 @@ class Running:
                 self.handle.abort(self.request_id)
 
 
+class Progress(NamedTuple):
+    """A watched stage's progress: `done` of its `total` sequences have ended."""
+
+    stage: str
+    done: int
+    total: int
+
+
 class Piece(NamedTuple):
     """Text sequence `index` streamed, with the token ids it added since that sequence's last piece, their
     log-probabilities (when asked for) and, with its first piece, the prompt's (when asked for)."""
@@ -148,13 +162,16 @@ class AsyncEngine:
         deadline: float | None = None,
         request_id: str | None = None,
         stream: bool = True,
+        stage: tuple[str, int, int] | None = None,
     ) -> Running:
         """Submit one generate call now, as part of `request_id` (a new id when None). `on_text(i, piece)`
         sees each final piece (True stops sequence i there), on the engine's output stage; with `stream`,
         each piece it does not stop at goes to the consumer of `pieces`, else none does (a call whose
-        results are awaited with `wait`: no event per token)."""
+        results are awaited with `wait`: no event per token). With `stage` (name, sequences of the stage done
+        before this call, in all), a `Progress` event follows each sequence's end."""
         request_id = request_id or uuid.uuid4().hex
         running = Running(self, request_id, deadline if deadline is not None else self.deadline())
+        running.stage = stage
         sent = [0] * len(prompts)  # each sequence's tokens already in a piece
         scored = [False] * len(prompts)  # whether its prompt's log-probabilities went with one
 
@@ -227,8 +244,16 @@ class TaskRun:
     def _submit(self, step, start: int, done: list[TextResult]) -> None:
         n = self.handle.limit
         prompts, params = step.prompts[start : start + n], step.params[start : start + n]
+        stage = (step.stage, start, len(step.prompts)) if step.stage and self.stream else None
         self.running = self.handle.start(
-            prompts, params, step.on_text, self.priority, self.deadline, self.request_id, self.stream and step.stream
+            prompts,
+            params,
+            step.on_text,
+            self.priority,
+            self.deadline,
+            self.request_id,
+            self.stream and step.stream,
+            stage,
         )
         self._part = (step, start + len(prompts), done)
 
@@ -246,12 +271,13 @@ class TaskRun:
         self._submit(step, 0, [])
         return True
 
-    async def pieces(self) -> AsyncIterator[str]:
-        """The pieces the plan streams; the plan's return value is in `value` after the last."""
+    async def pieces(self) -> AsyncIterator[str | Progress]:
+        """The pieces the plan streams, and the progress of its staged generations; the plan's return value
+        is in `value` after the last."""
         try:
             while self.running is not None:
                 async for piece in self.running.pieces():
-                    yield piece.text
+                    yield piece if isinstance(piece, Progress) else piece.text
                 if not await self._after(self.running.result):
                     return
         finally:

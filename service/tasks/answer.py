@@ -31,6 +31,7 @@ class Answer:
     passage_index: int | None
     prompt_tokens: int
     completion_tokens: int
+    windows: int = 1  # prompts answered: more than one when the passages had to be cut to fit
 
 
 def support(answer: str, question: str, text: str) -> int:
@@ -109,7 +110,8 @@ def answer_plan(
     else:
         prompts = [ids]
         gen.engine.limits.check_fits(len(ids), max_tokens)  # refused here, naming the numbers, if it does not fit
-    results = yield Generate(prompts, [params] * len(prompts), stream=len(prompts) == 1)
+    stage = "windows" if windows else None
+    results = yield Generate(prompts, [params] * len(prompts), stream=windows is None, stage=stage)
     texts = [first_sentence(r.text) for r in results]
     if windows is None:
         best, index = 0, supporting_passage(texts[0], question, passages)
@@ -117,4 +119,5 @@ def answer_plan(
         scores = [support(t, question, piece) for t, (_, piece) in zip(texts, windows)]
         best = scores.index(max(scores))
         index = windows[best][0] if scores[best] > 0 else None
-    return Answer(texts[best], index, sum(r.prompt_tokens for r in results), sum(r.completion_tokens for r in results))
+    prompt, completion = sum(r.prompt_tokens for r in results), sum(r.completion_tokens for r in results)
+    return Answer(texts[best], index, prompt, completion, len(prompts))

@@ -39,6 +39,8 @@ class Summary:
     prompt_tokens: int
     completion_tokens: int
     citations: list[dict] | None = None  # documents (`service.tasks.document_summary`): each sentence's file and part
+    rounds: int = 0  # map-reduce rounds (0: the document fit the context)
+    windows: int = 0  # pieces summarized in those rounds
 
 
 def summary_messages(document: str, instruction: str, rewrite: bool = False) -> list[dict[str, str]]:
@@ -84,9 +86,10 @@ def summarize(
     temperature: float = 0.0,
     seed: int | None = None,
     priority: int = 0,
+    progress=None,
 ) -> Summary:
-    """`summarize_plan` run on this thread."""
-    return run_plan(gen, summarize_plan(gen, document, length, max_words, temperature, seed), priority)
+    """`summarize_plan` run on this thread (`progress`: see `run_plan`)."""
+    return run_plan(gen, summarize_plan(gen, document, length, max_words, temperature, seed), priority, progress)
 
 
 def summarize_plan(
@@ -159,7 +162,7 @@ def map_reduce(
         max_tokens=map_budget, temperature=temperature, seed=seed, no_repeat_ngram=SUMMARY_NO_REPEAT_NGRAM
     )
     prompts = [chat(summary_messages(p, MAP_INSTRUCTION)) for p in pieces]
-    partial = yield Generate(prompts, [map_params] * len(prompts))
+    partial = yield Generate(prompts, [map_params] * len(prompts), stage="map")
     joined = "\n".join(whole_sentences(" ".join(r.text.split())) for r in partial if r.text.strip())
     if not joined or len(gen.tokenizer.encode(joined)) >= len(gen.tokenizer.encode(document)):
         raise ContextOverflow("the document does not get shorter when summarized in pieces; send less text")
@@ -168,4 +171,6 @@ def map_reduce(
         final.summary,
         final.prompt_tokens + sum(r.prompt_tokens for r in partial),
         final.completion_tokens + sum(r.completion_tokens for r in partial),
+        rounds=final.rounds + 1,
+        windows=final.windows + len(prompts),
     )

@@ -45,7 +45,7 @@ def test_answer_round_trip(client):
     )
     assert r.status_code == 200, r.text
     body = r.json()
-    assert set(body) == {"answer", "passage_index", "citation", "scores", "model", "usage"}
+    assert set(body) == {"answer", "passage_index", "span", "citation", "scores", "model", "usage"}
     u = body["usage"]
     assert u["total_tokens"] == u["prompt_tokens"] + u["completion_tokens"] > 0
     again = client.post(
@@ -62,7 +62,7 @@ def test_summarize_round_trip(client):
     """The summarize response has exactly its documented fields."""
     r = client.post("/v1/summarize", json={"document": "The council approved the new park. " * 4, "length": "short"})
     assert r.status_code == 200, r.text
-    assert set(r.json()) == {"summary", "scores", "citations", "model", "usage"}
+    assert set(r.json()) == {"summary", "sentences", "scores", "citations", "model", "usage"}
 
 
 @pytest.mark.parametrize(

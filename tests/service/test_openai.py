@@ -183,7 +183,8 @@ def test_streamed_multibyte_text_never_splits_a_character(client, tiny, monkeypa
 
 def test_a_response_message_sent_back_is_accepted(client):
     """A message taken from a response and sent back with the next turn (with OpenAI's empty fields such as
-    refusal: null, tool_calls: []) is accepted; a real tool call in history is refused by name."""
+    refusal: null, tool_calls: []) is accepted; so is a real tool call (tool calls are served now); a legacy
+    function_call is refused by name."""
     first = client.chat.completions.create(
         model="tiny-random", messages=[{"role": "user", "content": "hi"}], max_tokens=4, temperature=0
     )
@@ -191,7 +192,8 @@ def test_a_response_message_sent_back_is_accepted(client):
     history = [{"role": "user", "content": "hi"}, echoed, {"role": "user", "content": "and?"}]
     assert client.chat.completions.create(model="tiny-random", messages=history, max_tokens=4).choices
     call = {"id": "c", "type": "function", "function": {"name": "f", "arguments": "{}"}}
-    with pytest.raises(openai.BadRequestError, match="tool_calls"):
-        client.chat.completions.create(
-            model="tiny-random", messages=[{"role": "assistant", "content": "x", "tool_calls": [call]}], max_tokens=4
-        )
+    called = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "x", "tool_calls": [call]}]
+    assert client.chat.completions.create(model="tiny-random", messages=called, max_tokens=4).choices
+    legacy = {"role": "assistant", "content": "x", "function_call": {"name": "f", "arguments": "{}"}}
+    with pytest.raises(openai.BadRequestError, match="function_call"):
+        client.chat.completions.create(model="tiny-random", messages=[legacy], max_tokens=4)

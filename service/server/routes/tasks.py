@@ -9,7 +9,7 @@ import asyncio
 
 from fastapi import APIRouter, Request
 
-from service.engine.handle import TaskRun
+from service.engine.handle import Progress, TaskRun
 from service.evals import scoring
 from service.server.http_errors import responses
 from service.server.schemas.tasks import (
@@ -39,8 +39,9 @@ QUALITY = {
 router = APIRouter(prefix="/v1", tags=["Answers and summaries"])
 
 
-def usage(prompt: int, completion: int) -> Usage:
-    return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+def usage(prompt: int, completion: int, windows: int | None = None, rounds: int | None = None) -> Usage:
+    total = prompt + completion
+    return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=total, windows=windows, rounds=rounds)
 
 
 def scores(state, task: str, ev, prediction: str, source: str, wait: float | None) -> dict | None:
@@ -75,7 +76,7 @@ async def respond(req, plan, request: Request, task: str, source: str, shape):
 
     async def events():
         async for piece in run.pieces():
-            yield {"delta": piece}
+            yield {"progress": piece._asdict()} if isinstance(piece, Progress) else {"delta": piece}
         yield (await finish(run.value)).model_dump()
 
     return sse(events(), on_close=run.abort)
@@ -106,7 +107,7 @@ async def answer(req: AnswerRequest, request: Request):
             passage_index=a.passage_index,
             span=span,
             model=gen.name,
-            usage=usage(a.prompt_tokens, a.completion_tokens),
+            usage=usage(a.prompt_tokens, a.completion_tokens, a.windows),
         )
 
     return await respond(req, plan, request, "answer", answer_source(req.question, req.passages), shape)
@@ -134,7 +135,7 @@ async def summarize(req: SummarizeRequest, request: Request):
             sentences=found,
             scores=scored,
             model=gen.name,
-            usage=usage(s.prompt_tokens, s.completion_tokens),
+            usage=usage(s.prompt_tokens, s.completion_tokens, s.windows, s.rounds),
         )
 
     return await respond(req, plan, request, "summarize", req.text(), shape)

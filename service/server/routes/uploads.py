@@ -98,7 +98,7 @@ async def summarize_files(form: Annotated[SummarizeUpload, Form()], request: Req
             citations=s.citations,
             scores=scored,
             model=gen.name,
-            usage=usage(s.prompt_tokens, s.completion_tokens),
+            usage=usage(s.prompt_tokens, s.completion_tokens, s.windows, s.rounds),
         )
 
     return await respond(req, plan, request, "summarize", text, shape)
@@ -121,7 +121,7 @@ async def answer_files(form: Annotated[AnswerUpload, Form()], request: Request):
             passage_index=a.passage_index,
             citation=Citation(file=p.file, part=p.part, start=p.start, end=p.end, passage=p.text) if p else None,
             model=gen.name,
-            usage=usage(a.prompt_tokens, a.completion_tokens),
+            usage=usage(a.prompt_tokens, a.completion_tokens, a.windows),
         )
 
     return await respond(req, plan, request, "answer", answer_source(form.question, passages), shape)

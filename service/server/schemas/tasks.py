@@ -23,6 +23,10 @@ class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    windows: int | None = Field(
+        None, description="answer: prompts answered (passages cut to fit); summary: pieces map-reduce summarized"
+    )
+    rounds: int | None = Field(None, description="summary: map-reduce rounds (0: the document fit the context)")
 
 
 class Evaluate(Body):
