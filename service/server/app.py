@@ -33,7 +33,7 @@ from service.server import http_errors
 from service.server.auth import ApiKey
 from service.server.inprocess import poster
 from service.server.observe import Observed
-from service.server.routes import batches, embeddings, files, health, jobs, openai, tasks, tokens, uploads
+from service.server.routes import batches, embeddings, files, health, jobs, openai, responses, tasks, tokens, uploads
 
 MAX_BODY_BYTES = 2 * 1024 * 1024
 TAGS = [
@@ -113,7 +113,7 @@ def build_app(
     app.state.readiness = health.Readiness(gen, runner)
     bearer = Depends(HTTPBearer(auto_error=False, description="the server's --api-key, when it has one"))
     app.include_router(health.router)
-    for family in (uploads, tasks, openai, embeddings, tokens, files, batches, jobs):  # uploads first: Multipart
+    for family in (uploads, tasks, openai, responses, embeddings, tokens, files, batches, jobs):  # uploads first
         app.include_router(family.router, dependencies=[bearer])
     http_errors.install(app)
     app.add_middleware(

@@ -41,11 +41,14 @@ class EventStream(EventSourceResponse):
                 self.on_close()
 
 
-def sse(events: AsyncIterator[dict], on_close: Callable[[], None] | None = None) -> EventStream:
+def sse(events: AsyncIterator[dict], on_close: Callable[[], None] | None = None, named: bool = False) -> EventStream:
+    """`named`: each event's `type` is also its SSE event name (OpenAI's Responses API)."""
+
     async def body():
         try:
             async for event in events:
-                yield {"data": json.dumps(event, ensure_ascii=False)}
+                data = {"data": json.dumps(event, ensure_ascii=False)}
+                yield ({"event": event["type"]} | data) if named else data
         except Exception as e:  # the status went out with the headers: report in the stream, OpenAI style
             _, payload = error_body(e)
             yield {"data": json.dumps(payload)}
