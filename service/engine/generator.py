@@ -123,6 +123,7 @@ class Generation:
         self.prompt_logprobs: list[tuple[TokenLogprob | None, ...]] = [() for _ in prompts]
         self.start = time.perf_counter()
         self.last: dict[int, float] = {}  # when each sequence last produced a token
+        self.on_prefill: Callable[[int, int], None] | None = None  # (i, prompt tokens in the cache so far)
         self.seqs = gen.engine.sequences(prompts, params, self.on_output, request, priority)
         for s in self.seqs:
             if s.params.grammar is not None:
@@ -131,6 +132,8 @@ class Generation:
     def on_output(self, i: int, out: SequenceOutput) -> int | None:
         """On the output stage, sequence i's tokens of one step: None, or how many it took when one ended
         it (a stop string, or `on_text` said so)."""
+        if out.prefilled is not None and self.on_prefill is not None:
+            self.on_prefill(i, min(out.prefilled, len(self.prompts[i])))
         m = self.gen.metrics
         self.logprobs[i] += out.logprobs
         self.prompt_logprobs[i] = out.prompt_logprobs or self.prompt_logprobs[i]

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from functools import partial
 from typing import Any, NamedTuple
 
 from service.engine.generator import Generation, OnText, TextGenerator, TextResult
@@ -163,12 +164,14 @@ class AsyncEngine:
         request_id: str | None = None,
         stream: bool = True,
         stage: tuple[str, int, int] | None = None,
+        prompt_progress: bool = False,
     ) -> Running:
         """Submit one generate call now, as part of `request_id` (a new id when None). `on_text(i, piece)`
         sees each final piece (True stops sequence i there), on the engine's output stage; with `stream`,
         each piece it does not stop at goes to the consumer of `pieces`, else none does (a call whose
         results are awaited with `wait`: no event per token). With `stage` (name, sequences of the stage done
-        before this call, in all), a `Progress` event follows each sequence's end."""
+        before this call, in all), a `Progress` event follows each sequence's end; with `prompt_progress`, a
+        prompt prefilled over several steps reports its tokens in the cache after each ("prompt")."""
         request_id = request_id or uuid.uuid4().hex
         running = Running(self, request_id, deadline if deadline is not None else self.deadline())
         running.stage = stage
@@ -190,6 +193,8 @@ class AsyncEngine:
 
         watch = emit if stream else on_text
         g = running.generation = Generation(self.gen, prompts, params, watch, request_id, priority)
+        if prompt_progress:
+            g.on_prefill = partial(_prompt_progress, running, [len(p) for p in prompts], set())
         running._left = len(g.seqs)
         for s in g.seqs:
             s.on_finish = running._ended
@@ -208,6 +213,14 @@ class AsyncEngine:
     def limit(self) -> int:
         """The most sequences one submitted call may have."""
         return self.engine.max_waiting
+
+
+def _prompt_progress(running: Running, totals: list[int], started: set[int], i: int, done: int) -> None:
+    """Sequence i's prompt progress, from its first chunk that leaves some of it to prefill (a prompt that
+    fits one step reports nothing)."""
+    if done < totals[i] or i in started:
+        started.add(i)
+        running.put(("progress", Progress("prompt", done, totals[i])))
 
 
 async def advance(plan: Plan, results: list[TextResult] | None) -> tuple[Any, Any]:
@@ -254,6 +267,7 @@ class TaskRun:
             self.request_id,
             self.stream and step.stream,
             stage,
+            prompt_progress=self.stream and len(prompts) == 1,
         )
         self._part = (step, start + len(prompts), done)
 

@@ -67,7 +67,9 @@ class OutputStage:
 
     def _consume(self, s: Sequence, out: SequenceOutput) -> None:
         before, s.delivered = s.delivered, s.delivered + len(out.token_ids)
-        if s.kept is not None or s.on_output is None or not (out.token_ids or out.prompt_logprobs):
+        if s.kept is not None or s.on_output is None:
+            return
+        if not (out.token_ids or out.prompt_logprobs or out.prefilled is not None):
             return
         try:
             taken = s.on_output(out)

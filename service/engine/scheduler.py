@@ -124,7 +124,8 @@ class Scheduler:
             prompt = ()
             if s.params.prompt_logprobs is not None and not s.scored and (g.tokens or g.finished):
                 prompt, s.scored = tuple(s.prompt_logprobs), True
-            outputs.append((s, SequenceOutput(tuple(g.tokens), tuple(g.logprobs), prompt, g.finished, g.error)))
+            out = SequenceOutput(tuple(g.tokens), tuple(g.logprobs), prompt, g.prefilled, g.finished, g.error)
+            outputs.append((s, out))
         self.gained = {}
         return outputs
 
@@ -166,6 +167,8 @@ class Scheduler:
         launched ahead for the next plan to collect."""
         for s, n in plan.prefill:
             s.prefilled += n
+            if not s.output:  # a prompt's progress (not a preempted sequence's recomputing)
+                self._gained(s).prefilled = s.prefilled
         for s, logprobs in output.prompt_logprobs:
             s.prompt_logprobs += logprobs
         for s, _ in plan.prefill:
@@ -352,5 +355,6 @@ class _Gained:
 
     tokens: list[int] = field(default_factory=list)
     logprobs: list = field(default_factory=list)
+    prefilled: int | None = None
     finished: bool = False
     error: BaseException | None = None

@@ -44,12 +44,13 @@ class Completion:
 class SequenceOutput(NamedTuple):
     """What one sequence gained in one step, copied on the engine's thread: the tokens added to its output,
     their log-probabilities (when asked for; an end token's last), the prompt's log-probabilities (when
-    asked for, once, with its first tokens or its end), and whether it ended (`finished`, with the
-    `error` that failed it, if one did)."""
+    asked for, once, with its first tokens or its end), the prompt tokens in the cache after a prefill
+    chunk (`prefilled`), and whether it ended (`finished`, with the `error` that failed it, if one did)."""
 
     token_ids: tuple[int, ...] = ()
     logprobs: tuple[TokenLogprob, ...] = ()
     prompt_logprobs: tuple[TokenLogprob | None, ...] = ()
+    prefilled: int | None = None
     finished: bool = False
     error: BaseException | None = None
 

@@ -36,11 +36,11 @@ def test_a_streamed_long_summary_sends_progress_before_its_text(tiny):
     with TestClient(build_app(tiny)) as c:
         with c.stream("POST", "/v1/summarize", json={"document": LONG, "length": "short", "stream": True}) as r:
             events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
-    progress = [e["progress"] for e in events if "progress" in e]
+    progress = [e["progress"] for e in events if "progress" in e and e["progress"]["stage"] == "map"]
     total = progress[0]["total"]
-    assert [p["done"] for p in progress] == list(range(1, total + 1)) and {p["stage"] for p in progress} == {"map"}
+    assert [p["done"] for p in progress] == list(range(1, total + 1))
     first_text = next(i for i, e in enumerate(events) if "delta" in e)
-    assert all("progress" in e for e in events[:first_text]) and len(events[:first_text]) == total
+    assert all("progress" in e for e in events[:first_text])  # the map's, then the reduce prompt's prefill
     assert events[-1]["usage"]["windows"] == total and events[-1]["usage"]["rounds"] == 1
 
 
@@ -53,3 +53,22 @@ def test_nlg_summarize_draws_a_bar_for_a_long_document(capsys, monkeypatch, tmp_
     assert "nlg: map" in err and "100%" in err
     data = json.loads(out)
     assert data["rounds"] == 1 and data["windows"] >= 3
+
+
+def test_a_long_prompt_reports_its_prefill_before_its_first_text(tiny):
+    """A prompt prefilled over several steps (the tiny model's 1,400-token prompt, 512 a step) streams
+    {"progress": {"stage": "prompt", "done", "total"}} as each chunk enters the cache, before any text;
+    a short one reports nothing."""
+    passage = "Filler sentence about nothing at all. " * 36
+    with TestClient(build_app(tiny)) as c:
+        body = {"question": "What is this about?", "passages": [passage], "max_tokens": 4, "stream": True}
+        with c.stream("POST", "/v1/answer", json=body) as r:
+            events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+        short = body | {"passages": ["A short passage."]}
+        with c.stream("POST", "/v1/answer", json=short) as r:
+            assert not any('"progress"' in line for line in r.iter_lines())
+    progress = [e["progress"] for e in events if "progress" in e]
+    done, total = [p["done"] for p in progress], progress[0]["total"]
+    assert {p["stage"] for p in progress} == {"prompt"} and total > 1024
+    assert done == sorted(done) and done[0] < total and done[-1] == total and len(done) >= 3
+    assert all("progress" in e for e in events[: len(progress)])

@@ -145,7 +145,8 @@ def test_greedy_steps_launched_ahead_are_chained_then_collected():
 
 def test_what_each_sequence_gained_leaves_as_values_once():
     """After a turn each sequence's new tokens, log-probabilities and end are taken as one value each, in the
-    order they were gained; the prompt's log-probabilities go once, with the first tokens; a sequence
+    order they were gained, with the prompt tokens in the cache after a prefill chunk; the prompt's
+    log-probabilities go once, with the first tokens; a sequence
     stopped from outside (its consumer) ends with its next output and is skipped by a later pick."""
     b = scheduler()
     a, c = seq(4, max_tokens=3, prompt_logprobs=0), seq(5, max_tokens=8)
@@ -155,8 +156,8 @@ def test_what_each_sequence_gained_leaves_as_values_once():
     scored = (None, TokenLogprob(-1.0, []), TokenLogprob(-2.0, []), TokenLogprob(-3.0, []))
     b.update(plan, StepOutput(prompt_logprobs=((a, scored),), picked=(Picked(a, (7,)), Picked(c, (8,)))))
     (s1, o1), (s2, o2) = b.take_outputs()
-    assert (s1, o1) == (a, SequenceOutput((7,), (), scored))
-    assert (s2, o2) == (c, SequenceOutput((8,)))
+    assert (s1, o1) == (a, SequenceOutput((7,), (), scored, prefilled=4))  # its whole prompt in the cache
+    assert (s2, o2) == (c, SequenceOutput((8,), prefilled=5))
     assert b.take_outputs() == []  # taken once
     b.update(b.schedule(), tokens((a, END), (c, 9)))
     b.finish(c, "stop")  # its consumer found a stop string in 9

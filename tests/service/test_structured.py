@@ -136,7 +136,9 @@ def test_the_empty_schema_and_json_object_never_loop_on_whitespace(url):
 def test_constrained_and_free_requests_together(url, tiny):
     """Eight requests at once, half constrained by different schemas, half free: each constrained output
     validates, and each free one is what it is alone."""
-    schemas = [CITY, {"type": "array", "items": {"type": "boolean"}, "minItems": 1, "maxItems": 4}]
+    grid = {"type": "integer", "minimum": 0, "maximum": 9}
+    nested = {"type": "array", "items": {"type": "array", "items": grid, "maxItems": 3}, "minItems": 1, "maxItems": 3}
+    schemas = [CITY, nested]
     alone = content(url, {"max_tokens": 16, "temperature": 0})
 
     def one(i):
