@@ -87,7 +87,7 @@ class ModelConfig:
         """From GGUF key/value metadata (llama or qwen2 architecture), plus `vocab_rows`, the
         embedding's row count, and `has_output`, whether the file has its own LM head."""
         arch = meta["general.architecture"]
-        if arch not in ("llama", "qwen2"):
+        if arch not in ("llama", "qwen2"):  # model.gguf.ARCHITECTURES
             raise ValueError(f"GGUF architecture {arch!r} is not supported (llama, qwen2)")
         heads = int(meta[f"{arch}.attention.head_count"])
         return cls(

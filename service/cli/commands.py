@@ -198,19 +198,22 @@ def cmd_fetch(args) -> None:
 
 
 def cmd_models(args) -> None:
-    from model.registry import cache_dir
+    from model.registry import cache_dir, converted_files
 
     rows = []
     for name, about in NAMES.items():
         ready = any(cache_dir().glob(f"{name}*/config.json"))
         rows.append({"name": name, "description": about, "cached": ready, "default": name == DEFAULT_MODEL})
+    files = converted_files()
     if args.json:
-        print(json.dumps({"models": rows, "cache": str(cache_dir())}))
+        print(json.dumps({"models": rows, "converted_files": files, "cache": str(cache_dir())}))
         return
     for r in rows:
         flags = ", ".join(f for f, on in (("default", r["default"]), ("cached", r["cached"])) if on)
         print(f"{r['name']:<24} {r['description']}{f'  [{flags}]' if flags else ''}")
-    print(f"\nor any local Hugging Face directory (safetensors). Cache: {cache_dir()}")
+    for f in files:
+        print(f"{f['file']}  [converted: {f['directory']}]")
+    print(f"\nor any local Hugging Face directory (safetensors) or GGUF file (llama, qwen2). Cache: {cache_dir()}")
 
 
 def replicas(args):

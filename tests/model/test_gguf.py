@@ -6,6 +6,8 @@ checked block by block."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -292,3 +294,37 @@ def test_transformers_gets_the_same_weights(tmp_path, types):
         want = transformers_model(directory)(ids).logits
         got = load_model(directory)(ids, torch.arange(16)[None].expand(2, 16))
     assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_a_users_gguf_file_is_converted_once_by_its_content(tmp_path, monkeypatch, capsys):
+    """`--model path/to/file.gguf`: converted into the cache on first use, under the content's SHA-256 (the
+    same file renamed is not converted again), loaded and generating; `nlg models` lists it; a file of an
+    architecture nlg does not run is refused naming it."""
+    from gguf import GGUFWriter
+
+    from model.registry import ModelNotFound, resolve
+    from service.cli.parser import main
+    from service.engine.generator import TextGenerator
+    from service.engine.sampling_params import SamplingParams
+
+    monkeypatch.setenv("NLG_CACHE", str(tmp_path / "cache"))
+    mine = tmp_path / "mine.gguf"
+    write_qwen2_gguf(mine, TYPES["int4"])
+    said = []
+    first = resolve(str(mine), said.append)
+    renamed = mine.rename(tmp_path / "renamed.gguf")
+    assert resolve(str(renamed), said.append) == first and len(said) == 1 and "converting mine.gguf" in said[0]
+    gen = TextGenerator.load(str(renamed))
+    assert gen.generate([[5, 6, 7]], [SamplingParams(max_tokens=3, ignore_eos=True)])[0].completion_tokens == 3
+    main(["models", "--json"])
+    listed = json.loads(capsys.readouterr().out)["converted_files"]
+    assert [f["directory"] for f in listed] == [str(first)] and listed[0]["file"].endswith("mine.gguf")
+    other = tmp_path / "other.gguf"
+    w = GGUFWriter(str(other), "phi3")
+    w.add_block_count(1)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(ModelNotFound, match="'phi3'"):
+        resolve(str(other))
