@@ -239,3 +239,17 @@ def test_the_default_model_fills_a_schema_from_a_passage():
         r = smol.generate([ids], [SamplingParams(max_tokens=120, grammar=grammar)])[0]
         assert r.finish_reason == "stop", r.text
         jsonschema.validate(json.loads(r.text), spec)
+
+
+def test_a_grammar_that_compiles_too_long_is_a_400_not_a_wait(url, monkeypatch):
+    """The request waits at most COMPILE_S for its grammar (here a compile made to take 2 s against 0.2)."""
+    import time
+
+    from service.engine.grammar import Grammars
+    from service.server.routes import openai as routes
+
+    real = Grammars.compile
+    monkeypatch.setattr(routes, "COMPILE_S", 0.2)
+    monkeypatch.setattr(Grammars, "compile", lambda self, *a: time.sleep(2) or real(self, *a))
+    r = httpx.post(f"{url}/v1/chat/completions", json=CHAT | {"guided_regex": "[0-9]+"}, timeout=60)
+    assert r.status_code == 400 and "to compile" in r.json()["error"]["message"]

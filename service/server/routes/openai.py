@@ -32,6 +32,7 @@ from service.server.schemas import openai_responses as out
 from service.server.schemas.openai import ChatRequest, CompletionRequest, Sampling
 from service.server.streams import sse
 
+COMPILE_S = 10.0  # the longest a request waits for its grammar to compile
 CHAT_MAX_TOKENS = 512  # default for chat when the request sets none (less if the context is shorter)
 GENERATES = responses(400, 401, 404, 413, 429, 500, 503, 504)
 
@@ -71,7 +72,19 @@ async def grammar(gen: TextGenerator, req: Sampling) -> str | None:
         )
     if calls is not None:
         asked = ("grammar", calls)
-    return None if asked is None else await asyncio.to_thread(gen.grammars.compile, *asked)
+    return None if asked is None else await compiled(gen, *asked)
+
+
+async def compiled(gen: TextGenerator, kind: str, spec) -> str:
+    """`Grammars.compile` on a worker thread, waited for at most `COMPILE_S` (a 400 past it: llguidance's
+    own limits bound the work, this bounds the wait)."""
+    try:
+        return await asyncio.wait_for(asyncio.to_thread(gen.grammars.compile, kind, spec), COMPILE_S)
+    except asyncio.TimeoutError:
+        raise InvalidRequest(
+            f"the structured output took more than {COMPILE_S:g} s to compile: simplify the schema or grammar",
+            param="response_format",
+        ) from None
 
 
 def params(

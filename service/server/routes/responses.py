@@ -24,7 +24,7 @@ from fastapi import APIRouter, Request
 from pydantic import ConfigDict, Field
 
 from service.engine.sampling_params import SamplingParams
-from service.server.routes.openai import CHAT_MAX_TOKENS, GENERATES, bound, check_model
+from service.server.routes.openai import CHAT_MAX_TOKENS, GENERATES, bound, check_model, compiled
 from service.server.schemas.base import Body
 from service.server.schemas.openai import JsonSchemaFormat, OpenAIBody
 from service.server.streams import sse
@@ -108,7 +108,7 @@ async def responses(req: ResponsesRequest, request: Request):
     max_tokens = req.max_output_tokens or max(1, min(CHAT_MAX_TOKENS, gen.engine.context - len(ids)))
     gen.engine.limits.check_prompt(ids, max_tokens)
     asked = _format(req)
-    grammar = None if asked is None else await asyncio.to_thread(gen.grammars.compile, *asked)
+    grammar = None if asked is None else await compiled(gen, *asked)
     sp = SamplingParams(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, grammar=grammar)
     rid, mid = f"resp_{uuid.uuid4().hex}", f"msg_{uuid.uuid4().hex}"
     running = handle.start([ids], [sp], request_id=rid, stream=req.stream)
