@@ -21,7 +21,6 @@ from typing import Any
 
 import llguidance
 import llguidance.hf
-import llguidance.torch
 import torch
 
 from model.tokenizer import END_TOKENS, Tokenizer
@@ -114,9 +113,12 @@ class Grammars:
 
 
 def allowed(matchers: list[llguidance.LLMatcher], vocab: int) -> torch.Tensor:
-    """(len(matchers), vocab) bool on the CPU: the tokens each matcher allows next."""
-    bits = llguidance.torch.allocate_token_bitmask(len(matchers), vocab)
+    """(len(matchers), vocab) bool on the CPU: the tokens each matcher allows next. (llguidance.torch would
+    do the fill, but importing it compiles a kernel with torch.compile: 115 MB of Inductor in every
+    process.)"""
+    bits = torch.zeros(len(matchers), (vocab + 31) // 32, dtype=torch.int32)
     for r, m in enumerate(matchers):
-        llguidance.torch.fill_next_token_bitmask(m, bits, r)
+        row = bits[r]
+        m.unsafe_compute_mask_ptr(row.data_ptr(), row.numel() * row.element_size())
     shifts = torch.arange(32, dtype=torch.int32)
     return ((bits[:, :, None] >> shifts) & 1).bool().view(len(matchers), -1)[:, :vocab]
