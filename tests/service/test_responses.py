@@ -86,10 +86,12 @@ def test_a_json_schema_through_text_format(client):
         ({"previous_response_id": "resp_1"}, "previous_response_id"),
         ({"tools": [{"type": "function", "name": "f"}]}, "tools"),
         ({"background": True}, "background"),
+        ({"input": []}, "empty list"),
         ({"text": {"format": {"type": "json_schema", "name": "x", "schema": {"type": "nope"}}}}, "nope"),
     ],
 )
 def test_what_needs_state_or_tools_is_a_400(url, body, words):
-    """Stateless: a previous response, tools, background runs are 400s naming the field; a bad schema too."""
+    """Stateless: a previous response, tools, background runs are 400s naming the field; a bad schema and an
+    empty input too (the fuzzer found the latter a 500: the chat template refused an empty conversation)."""
     r = httpx.post(f"{url}/v1/responses", json={"model": M, "input": "hi"} | body)
     assert r.status_code == 400 and words in r.text, r.text

@@ -21,7 +21,7 @@ from functools import partial
 from typing import Any, Literal
 
 from fastapi import APIRouter, Request
-from pydantic import ConfigDict, Field
+from pydantic import ConfigDict, Field, model_validator
 
 from service.engine.sampling_params import SamplingParams
 from service.server.routes.openai import CHAT_MAX_TOKENS, GENERATES, bound, check_model, compiled
@@ -76,6 +76,12 @@ class ResponsesRequest(OpenAIBody):
     tools: list[None] | None = Field(None, max_length=0, description="not supported here: use chat completions")
     tool_choice: Literal["none", "auto"] | None = None
     parallel_tool_calls: bool | None = None
+
+    @model_validator(mode="after")
+    def some_input(self):
+        if isinstance(self.input, list) and not self.input:
+            raise ValueError("input: an empty list of messages (send a text or at least one message)")
+        return self
 
 
 def _messages(req: ResponsesRequest) -> list[dict[str, str]]:
