@@ -95,3 +95,10 @@ def test_what_needs_state_or_tools_is_a_400(url, body, words):
     empty input too (the fuzzer found the latter a 500: the chat template refused an empty conversation)."""
     r = httpx.post(f"{url}/v1/responses", json={"model": M, "input": "hi"} | body)
     assert r.status_code == 400 and words in r.text, r.text
+
+
+def test_an_overlong_format_name_is_a_400(url):
+    """The format's name is bounded as chat's is (64 characters): past it, a 400 (it was a 500)."""
+    fmt = {"type": "json_schema", "name": "x" * 70, "schema": {}}
+    r = httpx.post(f"{url}/v1/responses", json={"model": M, "input": "hi", "text": {"format": fmt}})
+    assert r.status_code == 400 and "name" in r.text

@@ -26,7 +26,7 @@ from pydantic import ConfigDict, Field, model_validator
 from service.engine.sampling_params import SamplingParams
 from service.server.routes.openai import CHAT_MAX_TOKENS, GENERATES, bound, check_model, compiled
 from service.server.schemas.base import Body
-from service.server.schemas.openai import JsonSchemaFormat, OpenAIBody
+from service.server.schemas.openai import OpenAIBody
 from service.server.streams import sse
 
 router = APIRouter(prefix="/v1", tags=["OpenAI-compatible"])
@@ -51,7 +51,7 @@ class InputMessage(Body):
 class TextFormat(Body):
     model_config = ConfigDict(strict=True, extra="forbid", populate_by_name=True)
     type: Literal["text", "json_object", "json_schema"]
-    name: str | None = None
+    name: str | None = Field(None, max_length=64)
     description: str | None = None
     json_schema: dict[str, Any] | None = Field(None, alias="schema")
     strict: bool | None = None
@@ -99,7 +99,6 @@ def _format(req: ResponsesRequest) -> tuple[str, dict] | None:
         return None
     if f.type == "json_object":
         return "json_schema", {"type": "object"}
-    JsonSchemaFormat(name=f.name or "", schema=f.json_schema or {})  # the same checks as chat's
     return "json_schema", f.json_schema or {}
 
 
