@@ -12,6 +12,18 @@ from model.tokenizer import Tokenizer
 REPLACEMENT = "\ufffd"
 
 
+def held_back(text: str, stops: tuple[str, ...]) -> int:
+    """How many characters at the end of `text` to hold back: the longest suffix that begins one of
+    `stops` (and may become it with what comes next)."""
+    longest = 0
+    for s in stops:
+        for n in range(min(len(s) - 1, len(text)), longest, -1):
+            if text.endswith(s[:n]):
+                longest = n
+                break
+    return longest
+
+
 class Detokenizer:
     def __init__(self, tokenizer: Tokenizer, stop: tuple[str, ...] = ()):
         self.tokenizer, self.stop = tokenizer, tuple(s for s in stop if s)
@@ -35,7 +47,7 @@ class Detokenizer:
             at = self.text.find(s, max(0, self.emitted - len(s)))
             if at != -1:
                 self.text, self.stopped = self.text[:at], True
-        return self._release(0 if self.stopped else self._held_back())
+        return self._release(0 if self.stopped else held_back(self.text, self.stop))
 
     def finish(self) -> str:
         """The rest of the text at the end of generation; a trailing incomplete character is dropped."""
@@ -45,15 +57,6 @@ class Detokenizer:
             ]
             self.text += tail.rstrip(REPLACEMENT)
         return self._release(0)
-
-    def _held_back(self) -> int:
-        longest = 0
-        for s in self.stop:
-            for n in range(min(len(s) - 1, len(self.text)), longest, -1):
-                if self.text.endswith(s[:n]):
-                    longest = n
-                    break
-        return longest
 
     def _release(self, hold: int) -> str:
         end = max(self.emitted, len(self.text) - hold)

@@ -107,10 +107,6 @@ class Grammars:
         """A fresh matcher for one sequence."""
         return self.template(grammar).deep_copy()
 
-    @property
-    def end_token(self) -> int:
-        return self.lltokenizer.eos_token
-
 
 def allowed(matchers: list[llguidance.LLMatcher], vocab: int) -> torch.Tensor:
     """(len(matchers), vocab) bool on the CPU: the tokens each matcher allows next. (llguidance.torch would

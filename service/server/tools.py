@@ -18,6 +18,7 @@ import re
 import uuid
 from typing import Any
 
+from service.engine.detok import held_back
 from service.engine.grammar import JSON_STYLE
 from service.errors import Unsupported
 from service.server.schemas.openai import ChatRequest, NamedToolChoice
@@ -118,9 +119,7 @@ class Held:
             self.calling = True
             end = start
         else:
-            end = len(self.text) - next(
-                (n for n in range(min(len(OPEN) - 1, len(self.text)), 0, -1) if self.text.endswith(OPEN[:n])), 0
-            )
+            end = len(self.text) - held_back(self.text, (OPEN,))
         out, self.sent = self.text[self.sent : end], max(self.sent, end)
         return out
 

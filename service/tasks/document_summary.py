@@ -65,11 +65,18 @@ def cite(summary: str, parts: list[tuple[str, str, str]]) -> list[dict]:
     words = [content_words(text) for _, _, text in parts]
     out = []
     for sentence in sentences(summary):
-        mine = content_words(sentence)
-        shared = [len(mine & w) for w in words]
-        best = max(range(len(parts)), key=lambda i: shared[i], default=None)
-        found = best is not None and shared[best] >= MIN_SHARED
+        best = most_shared(sentence, words)
+        found = best is not None
         out.append(
             {"sentence": sentence, "file": parts[best][0] if found else None, "part": parts[best][1] if found else None}
         )
     return out
+
+
+def most_shared(sentence: str, words: list[set[str]]) -> int | None:
+    """The index of the content-word set `sentence` shares the most words with (the first of equals),
+    when it shares at least `MIN_SHARED`; else None."""
+    mine = content_words(sentence)
+    shared = [len(mine & w) for w in words]
+    best = max(range(len(words)), key=lambda i: shared[i], default=None)
+    return best if best is not None and shared[best] >= MIN_SHARED else None

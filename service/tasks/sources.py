@@ -6,7 +6,7 @@ one splitter's (`service.tasks.sentences`), found back in the text they came fro
 from __future__ import annotations
 
 from service.tasks.answer import support
-from service.tasks.document_summary import MIN_SHARED
+from service.tasks.document_summary import most_shared
 from service.tasks.sentences import sentences
 from service.tasks.text import content_words
 
@@ -33,15 +33,16 @@ def supporting_span(answer: str, question: str, passage: str) -> tuple[int, int]
 
 def sentence_sources(summary: str, documents: list[str]) -> list[dict]:
     """Each sentence of `summary` with the document sentence it shares the most content words with (at
-    least `MIN_SHARED`): {"text", "source": {"document", "start", "end", "text"} or None}."""
-    found = [(i, a, b, content_words(d[a:b])) for i, d in enumerate(documents) for a, b in sentence_spans(d)]
+    least `MIN_SHARED`, as `most_shared` finds it): {"text", "source": {"document", "start", "end", "text"}
+    or None}."""
+    found = [(i, a, b) for i, d in enumerate(documents) for a, b in sentence_spans(d)]
+    words = [content_words(documents[i][a:b]) for i, a, b in found]
     out = []
     for sentence in sentences(summary):
-        mine = content_words(sentence)
-        best = max(found, key=lambda f: len(mine & f[3]), default=None)
+        best = most_shared(sentence, words)
         source = None
-        if best is not None and len(mine & best[3]) >= MIN_SHARED:
-            i, a, b, _ = best
+        if best is not None:
+            i, a, b = found[best]
             source = {"document": i, "start": a, "end": b, "text": documents[i][a:b]}
         out.append({"text": sentence, "source": source})
     return out
