@@ -133,6 +133,16 @@ def serve():
     return live_server
 
 
+@pytest.fixture(scope="module")
+def url(tiny, serve, own_engine):
+    """A module's live server of the tiny model, with an engine of its own (a module that needs other
+    settings defines its own `url`)."""
+    from service.server.app import build_app
+
+    with serve(build_app(own_engine(tiny))) as url:
+        yield url
+
+
 class Submitted:
     """Every sequence an app's engine is handed from now on, so that a test waits on their `done`
     events instead of polling the scheduler (`ended`), or until the engine has taken `n` (`reach`)."""

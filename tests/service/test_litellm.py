@@ -8,16 +8,8 @@ import os
 
 import pytest
 
-from service.server.app import build_app
-
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # litellm would fetch its price list at import
 litellm = pytest.importorskip("litellm")
-
-
-@pytest.fixture(scope="module")
-def url(tiny, serve, own_engine):
-    with serve(build_app(own_engine(tiny))) as url:
-        yield url
 
 
 def test_litellm_calls_and_recognises_context_overflow(url):

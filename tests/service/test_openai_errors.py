@@ -7,16 +7,8 @@ import httpx
 import openai
 import pytest
 
-from service.server.app import build_app
-
 M = "tiny-random"
 HI = [{"role": "user", "content": "hi"}]
-
-
-@pytest.fixture(scope="module")
-def url(tiny, serve, own_engine):
-    with serve(build_app(own_engine(tiny))) as url:
-        yield url
 
 
 @pytest.fixture(scope="module")

@@ -9,21 +9,13 @@ import json
 
 import httpx
 import openai
-import pytest
 from openai.types import Completion, Model
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
-from service.server.app import build_app
 from service.server.schemas import openai_responses as ours
 
 M = "tiny-random"
 CHAT = {"model": M, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 6, "temperature": 0}
-
-
-@pytest.fixture(scope="module")
-def url(tiny, serve, own_engine):
-    with serve(build_app(own_engine(tiny))) as url:
-        yield url
 
 
 def test_responses_match_openai_types_and_our_spec(url):

@@ -11,8 +11,6 @@ import jsonschema
 import openai
 import pytest
 
-from service.server.app import build_app
-
 M = "tiny-random"
 SCHEMA = {
     "type": "object",
@@ -20,12 +18,6 @@ SCHEMA = {
     "required": ["city", "sunny"],
     "additionalProperties": False,
 }
-
-
-@pytest.fixture(scope="module")
-def url(tiny, serve, own_engine):
-    with serve(build_app(own_engine(tiny))) as url:
-        yield url
 
 
 @pytest.fixture(scope="module")
