@@ -84,25 +84,32 @@ class ModelConfig:
 
     @classmethod
     def from_gguf(cls, meta: dict[str, Any]) -> ModelConfig:
-        """From GGUF key/value metadata (llama or qwen2 architecture), plus `vocab_rows`, the
-        embedding's row count, and `has_output`, whether the file has its own LM head."""
+        """From GGUF key/value metadata (llama, qwen2 or gpt2 architecture), plus `vocab_rows`, the
+        embedding's row count, and `tied`, whether the LM head is the embedding (no `output.weight` of
+        its own, or one equal to it)."""
         arch = meta["general.architecture"]
-        if arch not in ("llama", "qwen2"):  # model.gguf.ARCHITECTURES
-            raise ValueError(f"GGUF architecture {arch!r} is not supported (llama, qwen2)")
+        if arch not in ("llama", "qwen2", "gpt2"):  # model.gguf.ARCHITECTURES
+            raise ValueError(f"GGUF architecture {arch!r} is not supported (llama, qwen2, gpt2)")
         heads = int(meta[f"{arch}.attention.head_count"])
-        return cls(
-            arch="llama",
+        common = dict(
             vocab_size=int(meta["vocab_rows"]),
             hidden_size=int(meta[f"{arch}.embedding_length"]),
             num_layers=int(meta[f"{arch}.block_count"]),
             num_heads=heads,
-            num_kv_heads=int(meta.get(f"{arch}.attention.head_count_kv", heads)),
             intermediate_size=int(meta[f"{arch}.feed_forward_length"]),
             max_position=int(meta[f"{arch}.context_length"]),
+            tie_word_embeddings=bool(meta["tied"]),
+        )
+        if arch == "gpt2":
+            eps = float(meta.get("gpt2.attention.layer_norm_epsilon", 1e-5))
+            return cls(arch="gpt2", num_kv_heads=heads, norm_eps=eps, attention_bias=True, **common)
+        return cls(
+            arch="llama",
+            num_kv_heads=int(meta.get(f"{arch}.attention.head_count_kv", heads)),
             norm_eps=float(meta[f"{arch}.attention.layer_norm_rms_epsilon"]),
             rope_theta=float(meta.get(f"{arch}.rope.freq_base", 10000.0)),
             attention_bias=arch == "qwen2",
-            tie_word_embeddings=meta.get("has_output", False) is False,
+            **common,
         )
 
     def to_hf(self) -> dict[str, Any]:

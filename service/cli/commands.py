@@ -213,7 +213,7 @@ def cmd_models(args) -> None:
         print(f"{r['name']:<24} {r['description']}{f'  [{flags}]' if flags else ''}")
     for f in files:
         print(f"{f['file']}  [converted: {f['directory']}]")
-    print(f"\nor any local Hugging Face directory (safetensors) or GGUF file (llama, qwen2). Cache: {cache_dir()}")
+    print(f"\nor any local Hugging Face directory (safetensors) or GGUF file (llama, qwen2, gpt2). Cache: {cache_dir()}")
 
 
 def replicas(args):

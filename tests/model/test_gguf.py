@@ -328,3 +328,77 @@ def test_a_users_gguf_file_is_converted_once_by_its_content(tmp_path, monkeypatc
     w.close()
     with pytest.raises(ModelNotFound, match="'phi3'"):
         resolve(str(other))
+
+
+def write_gpt2_gguf(path, output_is_embedding: bool = True) -> None:
+    """A GPT-2 file as llama.cpp writes one: linears transposed from Conv1D, LayerNorm biases, learned
+    positions, and the tied LM head written out as a copy of the embedding (`output.weight`). GPT-2's own
+    context (1024) and MLP width (4 x hidden): `transformers` reads neither from a GGUF file."""
+    tokens, merges, token_types = vocabulary()
+    g = torch.Generator().manual_seed(1)
+    ffn, positions = 4 * HIDDEN, 1024
+    w = GGUFWriter(str(path), "gpt2")
+    w.add_context_length(positions)
+    w.add_embedding_length(HIDDEN)
+    w.add_block_count(LAYERS)
+    w.add_feed_forward_length(ffn)
+    w.add_head_count(HEADS)
+    w.add_layer_norm_eps(1e-5)
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list(tokens)
+    w.add_token_types(token_types)
+    w.add_token_merges(merges)
+    w.add_eos_token_id(tokens.index("<|endoftext|>"))
+    w.add_bos_token_id(tokens.index("<|endoftext|>"))
+
+    def tensor(name: str, *shape: int, kind=T.F32, scale=0.08, x=None) -> None:
+        x = (torch.randn(*shape, generator=g) * scale).numpy() if x is None else x
+        w.add_tensor(name, x if kind == T.F32 else quantize(x, kind), raw_dtype=None if kind == T.F32 else kind)
+        return x
+
+    embedding = tensor("token_embd.weight", len(tokens), HIDDEN, kind=T.Q8_0, scale=1.0)
+    tensor("position_embd.weight", positions, HIDDEN, scale=0.2)
+    tensor("output_norm.weight", HIDDEN, scale=1.0)
+    tensor("output_norm.bias", HIDDEN, scale=0.1)
+    tensor("output.weight", len(tokens), HIDDEN, kind=T.Q8_0, x=embedding if output_is_embedding else None)
+    for i in range(LAYERS):
+        shapes = {"attn_qkv": (3 * HIDDEN, HIDDEN), "attn_output": (HIDDEN, HIDDEN)}
+        shapes |= {"ffn_up": (ffn, HIDDEN), "ffn_down": (HIDDEN, ffn)}
+        for part, (rows, cols) in shapes.items():
+            tensor(f"blk.{i}.{part}.weight", rows, cols, kind=T.Q8_0 if part == "attn_qkv" else T.F16)
+            tensor(f"blk.{i}.{part}.bias", rows, scale=0.1)
+        for norm in ("attn_norm", "ffn_norm"):
+            tensor(f"blk.{i}.{norm}.weight", HIDDEN, scale=1.0)
+            tensor(f"blk.{i}.{norm}.bias", HIDDEN, scale=0.1)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def test_gpt2_gguf_logits_equal_transformers_own_gguf_load(tmp_path):
+    """A GPT-2 GGUF: Conv1D linears transposed back, the LM head tied again (llama.cpp writes it as a copy),
+    the HF directory `transformers` reads as the same model."""
+    write_gpt2_gguf(tmp_path / "gpt2.gguf")
+    directory = convert(tmp_path / "gpt2.gguf", tmp_path / "gpt2")
+    cfg = json.loads((directory / "config.json").read_text())
+    assert cfg["model_type"] == "gpt2" and cfg["tie_word_embeddings"] is True
+    want, got = logits(tmp_path / "gpt2.gguf", directory)
+    assert_close(got, want, atol=1e-4, rtol=1e-4)
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(str(directory), dtype=torch.float32).eval()
+    ids = torch.randint(0, cfg["vocab_size"], (1, 12), generator=torch.Generator().manual_seed(4))
+    with torch.inference_mode():
+        assert_close(load_model(directory)(ids, torch.arange(12)[None]), hf(ids).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_gpt2_gguf_with_its_own_lm_head_keeps_it(tmp_path):
+    from safetensors.torch import load_file
+
+    write_gpt2_gguf(tmp_path / "untied.gguf", output_is_embedding=False)
+    directory = convert(tmp_path / "untied.gguf", tmp_path / "untied")
+    assert json.loads((directory / "config.json").read_text())["tie_word_embeddings"] is False
+    tensors = load_file(str(directory / "model.safetensors"))
+    assert not torch.equal(tensors["lm_head.weight"], tensors["transformer.wte.weight"])
+    assert tensors["transformer.h.0.attn.c_attn.weight"].shape == (HIDDEN, 3 * HIDDEN)  # Conv1D: (in, out)
