@@ -90,6 +90,7 @@ def cmd_answer(args) -> None:
     data = {
         "answer": a.answer,
         "passage_index": a.passage_index,
+        "answered": a.answered,
         "prompt_tokens": a.prompt_tokens,
         "completion_tokens": a.completion_tokens,
     }
@@ -213,7 +214,8 @@ def cmd_models(args) -> None:
         print(f"{r['name']:<24} {r['description']}{f'  [{flags}]' if flags else ''}")
     for f in files:
         print(f"{f['file']}  [converted: {f['directory']}]")
-    print(f"\nor any local Hugging Face directory (safetensors) or GGUF file (llama, qwen2, gpt2). Cache: {cache_dir()}")
+    print("\nor any local Hugging Face directory (safetensors) or GGUF file (llama, qwen2, gpt2).")
+    print(f"Cache: {cache_dir()}")
 
 
 def replicas(args):
