@@ -36,6 +36,7 @@ def cmd_eval(args) -> None:
             args.workers,
             progress=lambda: bar.update(1),
             retrieve=args.retrieve,
+            other_passages=Path(args.other_passages) if args.other_passages else None,
         )
     if args.json:
         print(json.dumps({k: v for k, v in report.items() if k != "examples"}))

@@ -263,6 +263,12 @@ def parser() -> argparse.ArgumentParser:
         help="qa: answer each question from the passages ranked best among every example's context pooled (BM25, "
         "fused with dense embeddings where installed), not from its own; adds retrieved_gold",
     )
+    e.add_argument(
+        "--other-passages",
+        metavar="FILE",
+        help="qa: ask each question of another article's passage (FILE's JSONL records, context or document, none "
+        "holding its answer) instead of its own; a right answer says the passage does not answer (abstained)",
+    )
     e.add_argument("--out", default="eval-out", help="directory for report.json, report.md, scores.png")
     e.add_argument("--length", choices=["short", "medium", "long"], default="medium", help="summary length")
     e.add_argument("--workers", type=int, default=8, help="examples in flight, batched by the engine")

@@ -6,6 +6,9 @@ example `id`, `prediction`, `references` and `scores` under `examples`), `report
 Data: `{id, document, summary}` lines for summarize (CNN/DM highlight sentences separated by three
 spaces become lines), `{id, question, context|null, answers[]}` for qa. Summaries are scored beside
 Lead-3 (the document's first three complete sentences), the classic extractive baseline.
+
+qa with `other` passages asks each question of another article's passage (none of its gold answers in
+it) instead of its own: a right answer says that the passage does not answer (`abstained`).
 """
 
 from __future__ import annotations
@@ -41,10 +44,13 @@ def reference_free() -> list[str]:
     return ["support", "sentence", "fluency"] + (["grammar"] if fluency.grammar_unavailable() is None else [])
 
 
-def score_example(task: str, record: dict, gen: TextGenerator, length: str, pool: list | None = None) -> dict:
+def score_example(
+    task: str, record: dict, gen: TextGenerator, length: str, pool: list | None = None, other: str | None = None
+) -> dict:
     """One example's output and scores. qa with a `pool` (`service.retrieval` passages of every example's
     context): the question is answered from the passages ranked best for it (`service.retrieval.TOP`),
-    not from its own context, and `retrieved_gold` says whether its context was among them."""
+    not from its own context, and `retrieved_gold` says whether its context was among them; with `other`,
+    from that passage alone."""
     if task == "summarize":
         refs = [record["summary"].replace("   ", "\n")]
         s = summarize(gen, record["document"], length, priority=BATCH_PRIORITY)
@@ -53,7 +59,7 @@ def score_example(task: str, record: dict, gen: TextGenerator, length: str, pool
         )
         scores |= {f"lead3_{k}": v for k, v in rouge(lead3(record["document"]), refs).items()}
         return {"id": record.get("id"), "prediction": s.summary, "references": refs, "scores": scores}
-    passages = [record["context"]] if record.get("context") else []
+    passages = [other] if other else [record["context"]] if record.get("context") else []
     recall = {}
     if pool is not None:
         found = rank(record["question"], pool)
@@ -61,7 +67,8 @@ def score_example(task: str, record: dict, gen: TextGenerator, length: str, pool
         passages = [p.text for p in found]
     a = answer(gen, record["question"], passages, priority=BATCH_PRIORITY)
     source = answer_source(record["question"], passages)
-    scores = qa(a.answer, record["answers"]) | recall | evaluate(reference_free(), a.answer, [], source, gen)
+    free = evaluate([*reference_free(), "abstain"], a.answer, [], source, gen)
+    scores = qa(a.answer, record["answers"]) | recall | free
     return {"id": record.get("id"), "prediction": a.answer, "references": record["answers"], "scores": scores}
 
 
@@ -75,8 +82,11 @@ def run_eval(
     workers: int = 8,
     progress: Callable[[], None] | None = None,
     retrieve: bool = False,
+    other_passages: Path | None = None,
 ) -> dict:
-    """Score every example (`retrieve`: qa over the pooled contexts of all examples, `score_example`)."""
+    """Score every example (`retrieve`: qa over the pooled contexts of all examples; `other_passages`: a
+    JSONL file whose records' `context` or `document` give each question another article's passage,
+    `score_example`)."""
     if task not in MAIN:
         raise InvalidRequest(f"unknown eval task {task!r}: {', '.join(MAIN)}")
     if not data.is_file():
@@ -91,13 +101,19 @@ def run_eval(
         contexts = dict.fromkeys(r["context"] for r in records if r.get("context"))
         pool = passages([Document(f"context {i}", "txt", [Part("text", c)]) for i, c in enumerate(contexts)])
 
-    def one(item: tuple[int, dict]) -> tuple[int, dict]:
-        return item[0], score_example(task, item[1], gen, length, pool)
-
     def collect(result: tuple[int, dict]) -> None:
         done.append(result)
         if progress:
             progress()
+
+    others = [None] * len(records)
+    if other_passages is not None:
+        if task != "qa" or retrieve:
+            raise InvalidRequest("--other-passages is for qa, without --retrieve")
+        others = mismatched(records, other_passages)
+
+    def one(item: tuple[int, dict]) -> tuple[int, dict]:
+        return item[0], score_example(task, item[1], gen, length, pool, others[item[0]])
 
     in_flight(gen, one, list(enumerate(records)), workers, collect)
     examples = [e for _, e in sorted(done, key=lambda x: x[0])]
@@ -107,6 +123,7 @@ def run_eval(
         "model": gen.name,
         "data": str(data),
         "retrieval": retrieve,
+        "other_passages": str(other_passages) if other_passages else None,
         "examples_scored": len(examples),
         "entity_finder": factual.ner_backend(),
         "link_grammar": fluency.grammar_unavailable() or "installed",
@@ -118,6 +135,36 @@ def run_eval(
     (out_dir / "report.md").write_text(markdown(report))
     plot(report, out_dir / "scores.png")
     return report
+
+
+def mismatched(records: list[dict], path: Path) -> list[str]:
+    """For each question, a passage of another article: the text of `path`'s records in turn (`context` or
+    `document`), its first sentences to about the length of the question's own context, skipping any that
+    holds one of its gold answers."""
+    lines = [line for line in split_lines(path.read_text(encoding="utf-8")) if line.strip()]
+    texts = [r.get("context") or r.get("document") for r in map(json.loads, lines)]
+    texts = [t for t in texts if t and t.strip()]
+    if not texts:
+        raise InvalidRequest(f"{path} has no record with a context or a document")
+    out, k = [], 0
+    for r in records:
+        for _ in range(len(texts)):
+            passage = leading(texts[k % len(texts)], len(r.get("context") or "") or 800)
+            k += 1
+            if not qa(passage, r["answers"])["containment"]:
+                break
+        out.append(passage)
+    return out
+
+
+def leading(text: str, size: int) -> str:
+    """The text's first sentences, as many as reach `size` characters."""
+    taken: list[str] = []
+    for s in sentences(text):
+        taken.append(s)
+        if len(" ".join(taken)) >= size:
+            break
+    return " ".join(taken)
 
 
 def markdown(report: dict) -> str:

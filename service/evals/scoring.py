@@ -9,7 +9,8 @@ A hook scores one prediction against references (and/or its source text) and ret
 - `qa`: the SQuAD v1.1 official rules (normalize, exact match, token F1, best over golds) plus
   `containment`: a normalized gold answer inside the normalized prediction, which is what a correct
   full-sentence answer earns (its exact match is 0).
-- `sentence`: the full-sentence check. `support` (entity-level factual precision against the source)
+- `sentence`: the full-sentence check; `abstain`: whether an answer says the passages do not answer it,
+  or hedges. `support` (entity-level factual precision against the source)
   and `novelty` (how much is copied verbatim) are in `service.evals.factual`; `fluency` (LM log-probability
   and SLOR, with the served model) and `grammar` (CMU Link Grammar, optional) in `service.evals.fluency`.
   None of these needs references.
@@ -23,6 +24,7 @@ import collections
 import re
 import string
 import threading
+import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -30,6 +32,7 @@ import numpy as np
 
 from service.errors import DeadlineExceeded, InvalidRequest
 from service.evals import factual, fluency
+from service.tasks.answer import hedged, not_answered
 from service.tasks.sentences import sentences
 
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL", "rougeLsum")
@@ -89,9 +92,14 @@ def rouge(prediction: str, references: list[str], source: str | None = None, gen
     return out
 
 
+_PUNCTUATION = set(string.punctuation)
+
+
 def normalize_answer(text: str) -> str:
-    """SQuAD v1.1: lower case, drop punctuation and articles, squeeze whitespace."""
-    text = "".join(ch for ch in text.lower() if ch not in set(string.punctuation))
+    """SQuAD v1.1: lower case, drop punctuation and articles, squeeze whitespace. Punctuation includes
+    Unicode's (an en dash, curly quotes), which the official script's ASCII set misses: "24-10" answers
+    a gold "24–10"."""
+    text = "".join(ch for ch in text.lower() if ch not in _PUNCTUATION and not unicodedata.category(ch).startswith("P"))
     text = re.sub(r"\b(a|an|the)\b", " ", text)
     return " ".join(text.split())
 
@@ -125,9 +133,16 @@ def sentence(prediction: str, references: list[str] = (), source: str | None = N
     return {"full_sentence": float(len(text.split()) >= 4 and starts and text[-1:] in ".!?")}
 
 
+def abstain(prediction: str, references: list[str] = (), source: str | None = None, gen=None) -> dict[str, float]:
+    """Whether an answer says that the passages do not answer the question (`abstained`), and whether it
+    hedges instead of stating a fact (`hedged`)."""
+    return {"abstained": float(not_answered(prediction)), "hedged": float(hedged(prediction))}
+
+
 register(Hook("rouge", True, rouge))
 register(Hook("qa", True, qa))
 register(Hook("sentence", False, sentence))
+register(Hook("abstain", False, abstain))
 register(Hook("support", False, factual.support))
 register(Hook("novelty", False, factual.novelty))
 register(Hook("fluency", False, fluency.fluency, needs_model=True))

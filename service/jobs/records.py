@@ -31,6 +31,7 @@ def run_record(gen: TextGenerator, task: str, record: dict) -> dict:
         out = {
             "answer": a.answer,
             "passage_index": a.passage_index,
+            "answered": a.answered,
             "prompt_tokens": a.prompt_tokens,
             "completion_tokens": a.completion_tokens,
         }

@@ -20,7 +20,7 @@ def test_eval_qa_writes_report_table_and_plot(tiny, tmp_path):
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     report = run_eval(tiny, "qa", data, tmp_path / "out", workers=2)
     assert [e["id"] for e in report["examples"]] == ["a", "b"]
-    free = {"support", "entities", "full_sentence", "lm_logprob", "slor"} | (
+    free = {"support", "entities", "full_sentence", "lm_logprob", "slor", "abstained", "hedged"} | (
         {"grammar"} if "grammar" in report["metrics"] else set()
     )
     assert set(report["metrics"]) == {"exact_match", "f1", "containment"} | free
@@ -94,3 +94,18 @@ def test_helpers():
     assert lead3("One. Two. Three. Four.") == "One.\nTwo.\nThree."
     assert sentence("Paris is the capital of France.") == {"full_sentence": 1.0}
     assert sentence("Paris")["full_sentence"] == 0.0 and sentence("paris is the capital")["full_sentence"] == 0.0
+
+
+def test_other_passages_come_from_another_article_without_the_answer(tmp_path):
+    """--other-passages: each question gets the next record's text of the other file, its first sentences to
+    about its own context's length, skipping one that holds a gold answer."""
+    from service.evals.bulk import mismatched
+
+    other = tmp_path / "news.jsonl"
+    docs = ["The Broncos won the game. It rained all day.", "Stocks fell. Oil rose. Gold was flat. Bonds too."]
+    other.write_text("".join(json.dumps({"document": d}) + "\n" for d in docs))
+    records = [
+        {"question": "Who won?", "context": "x" * 20, "answers": ["Broncos"]},
+        {"question": "What rose?", "context": "y" * 12, "answers": ["cotton"]},
+    ]
+    assert mismatched(records, other) == ["Stocks fell. Oil rose.", "The Broncos won the game."]

@@ -34,6 +34,8 @@ def test_rouge_lsum_sees_sentences():
 def test_squad_rules_on_hand_checked_cases():
     """Exact match and F1 follow the official SQuAD normalization on hand-checked cases."""
     assert normalize_answer("The  Denver Broncos!") == "denver broncos"
+    assert normalize_answer("24–10") == normalize_answer("24-10") == "2410"  # an en dash is punctuation too
+    assert normalize_answer("“Beyoncé”") == "beyoncé"
     assert qa("Denver Broncos", ["The Denver Broncos"])["exact_match"] == 1.0
     s = qa("the Broncos of Denver", ["Denver Broncos"])
     assert s["exact_match"] == 0.0 and s["f1"] == pytest.approx(2 * (2 / 3) * 1.0 / (2 / 3 + 1.0))

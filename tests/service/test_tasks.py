@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from service.errors import ContextOverflow
@@ -169,3 +171,57 @@ def test_on_text_returning_true_stops_the_sequence(tiny):
         lambda i, piece: seen.append(piece) or len(seen) >= 3,
     )[0]
     assert r.finish_reason == "stop" and len(seen) == 3 and r.completion_tokens <= 4
+
+
+def gate_says(tiny, yes: float):
+    """The yes/no question's result, with P(yes) = `yes` among its first token's alternatives."""
+    from service.engine.generator import TextResult
+    from service.engine.sequence import TokenLogprob
+
+    y, n = tiny.tokenizer.encode("yes")[0], tiny.tokenizer.encode("no")[0]
+    top = [(y, math.log(yes)), (n, math.log(1 - yes))]
+    return TextResult("yes", [y], 40, "length", [TokenLogprob(math.log(yes), top)], [])
+
+
+def drive(plan, replies):
+    """Run an answer plan, replying to each generation it asks for with the next of `replies`
+    (a function of the prompts asked): the plan's own decisions, without the model's."""
+    asked, value = [], None
+    try:
+        step = plan.send(None)
+        while True:
+            asked.append(step)
+            step = plan.send(replies[len(asked) - 1](step))
+    except StopIteration as stop:
+        value = stop.value
+    return asked, value
+
+
+def test_passages_that_do_not_answer_get_a_sentence_saying_so(tiny):
+    """With passages, the model is first asked whether they answer: a "no" ends there with a sentence that
+    says so; a "yes" goes on to the answer, which is kept when its new words are in a passage and replaced
+    when they are in none (it came from elsewhere)."""
+    from service.engine.generator import TextResult
+    from service.tasks.answer import answer_plan
+
+    passages = ["The Broncos beat the Panthers 24-10 in Super Bowl 50."]
+    asked, a = drive(answer_plan(tiny, "Who won Super Bowl 50?", passages), [lambda s: [gate_says(tiny, 0.3)]])
+    assert len(asked) == 1 and asked[0].params[0].max_tokens == 1 and not asked[0].stream
+    assert (a.answer, a.answered, a.passage_index) == ("The passage does not answer this question.", False, None)
+    assert a.prompt_tokens == 40 and a.completion_tokens == 1
+
+    def said(text):
+        return lambda s: [TextResult(text, [1, 2, 3], 50, "stop", [], [])]
+
+    right = said("The Broncos won Super Bowl 50. More text")
+    asked, a = drive(answer_plan(tiny, "Who won Super Bowl 50?", passages), [lambda s: [gate_says(tiny, 0.7)], right])
+    gate, prompt = asked[0].prompts[0], asked[1].prompts[0]
+    shared = next(i for i, (x, y) in enumerate(zip(gate, prompt)) if x != y)
+    assert len(asked) == 2 and asked[1].stream and shared >= len(prompt) - 16  # all but the turn end and header
+    assert (a.answer, a.answered, a.passage_index) == ("The Broncos won Super Bowl 50.", True, 0)
+    assert (a.prompt_tokens, a.completion_tokens) == (90, 4)
+    invented = said("The Seahawks won Super Bowl 50.")
+    _, a = drive(answer_plan(tiny, "Who won Super Bowl 50?", passages), [lambda s: [gate_says(tiny, 0.9)], invented])
+    assert (a.answer, a.answered) == ("The passage does not answer this question.", False)
+    _, a = drive(answer_plan(tiny, "Who won Super Bowl 50?", []), [said("The Seahawks won Super Bowl 50.")])
+    assert a.answered and a.answer == "The Seahawks won Super Bowl 50."  # no passages: nothing to ask or check

@@ -105,6 +105,7 @@ async def answer(req: AnswerRequest, request: Request):
             answer=a.answer,
             scores=scored,
             passage_index=a.passage_index,
+            answered=a.answered,
             span=span,
             model=gen.name,
             usage=usage(a.prompt_tokens, a.completion_tokens, a.windows),

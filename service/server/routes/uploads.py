@@ -119,6 +119,7 @@ async def answer_files(form: Annotated[AnswerUpload, Form()], request: Request):
             answer=a.answer,
             scores=scored,
             passage_index=a.passage_index,
+            answered=a.answered,
             citation=Citation(file=p.file, part=p.part, start=p.start, end=p.end, passage=p.text) if p else None,
             model=gen.name,
             usage=usage(a.prompt_tokens, a.completion_tokens, a.windows),

@@ -112,6 +112,9 @@ class AnswerResponse(BaseModel):
     answer: str
     scores: dict[str, float | list[str]] | None = None
     passage_index: int | None = Field(description="0-based index of the passage the answer drew on, if any")
+    answered: bool = Field(
+        True, description="false when the passages sent do not answer the question (then the answer says so)"
+    )
     span: Span | None = Field(
         None, description='with format "json": the sentence of that passage that supports the answer, if one does'
     )
