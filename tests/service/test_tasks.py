@@ -225,3 +225,27 @@ def test_passages_that_do_not_answer_get_a_sentence_saying_so(tiny):
     assert (a.answer, a.answered) == ("The passage does not answer this question.", False)
     _, a = drive(answer_plan(tiny, "Who won Super Bowl 50?", []), [said("The Seahawks won Super Bowl 50.")])
     assert a.answered and a.answer == "The Seahawks won Super Bowl 50."  # no passages: nothing to ask or check
+
+
+def test_closed_book_answers_resting_on_an_unlikely_token_are_hedged(tiny):
+    """Without passages, an answer is hedged when a token adding a word the question lacks had a log-probability
+    under HEDGE_BELOW; an unlikely token that adds no new word (here a space: the tiny model's tokens are bytes)
+    does not count, nor one past the first sentence."""
+    from service.engine.generator import TextResult
+    from service.engine.sequence import TokenLogprob
+    from service.tasks.answer import HEDGE_BELOW, answer_plan
+
+    text = "The Broncos won it. And more."
+    ids = tiny.tokenizer.encode(text)
+
+    def result(unlikely: str):
+        at = len(tiny.tokenizer.encode(text[: text.index(unlikely)]))  # byte tokens: the word's first one
+        lps = [TokenLogprob(HEDGE_BELOW * (2 if i == at else 0.1), []) for i in range(len(ids))]
+        return lambda s: [TextResult(text, ids, 20, "stop", lps, [])]
+
+    asked, a = drive(answer_plan(tiny, "Who won the game?", []), [result("Broncos")])
+    assert asked[0].params[0].logprobs == 0 and a.answer == "I am not sure, but I think the Broncos won it."
+    _, a = drive(answer_plan(tiny, "Who won the game?", []), [result(" won")])
+    assert a.answer == "The Broncos won it."
+    _, a = drive(answer_plan(tiny, "Who won the game?", []), [result("more")])  # past the first sentence
+    assert a.answer == "The Broncos won it."
