@@ -11,6 +11,7 @@ import math
 import re
 from dataclasses import dataclass
 
+from model.registry import ASKS_FIRST
 from service.engine.generator import TextGenerator
 from service.engine.sampling_params import SamplingParams
 from service.errors import InvalidRequest
@@ -25,11 +26,12 @@ ANSWER_INSTRUCTION = "Answer in one complete sentence that restates the question
 ANSWER_FROM_CONTEXT = (
     "Answer in one complete sentence that restates the question, using the exact words of the context."
 )
-# With passages, the model is first asked whether they answer the question (one token, the prompt's prefix
-# shared with the answer's, so cached); below an even chance of "yes" it answers that they do not. An
-# answer whose new content words are in no passage is replaced the same way. Told in the prompt to say so,
-# Qwen2.5-Coder-1.5B did on 2% of 50 SQuAD questions asked of another article's passage; gate and check
-# together 92%, while gating 4% of the first 100 answerable questions (see the README's quality section).
+# With passages, a model of `model.registry.ASKS_FIRST` is first asked whether they answer the question (one
+# token, the prompt's prefix shared with the answer's, so cached); below an even chance of "yes" it answers
+# that they do not. With any model, an answer whose new content words are in no passage is replaced the same
+# way. Told in the prompt to say so, Qwen2.5-Coder-1.5B did on 2% of 50 SQuAD questions asked of another
+# article's passage; gate and check together 92%, while gating 4% of the first 100 answerable questions
+# (see the README's quality section).
 ANSWER_GATE = "Does the context answer this question? Reply yes or no."
 GATE_BELOW = 0.5  # P(yes) / (P(yes) + P(no)) under which the passages do not answer
 NOT_ANSWERED = "The {} not answer this question."
@@ -174,10 +176,11 @@ def answer_plan(
 ) -> Plan:
     """One full sentence. Passages that do not fit the context together are cut into windows that do
     (the question is never cut); each window the model says answers the question gets an answer, and the
-    one best supported by its window wins. When no window answers, or the answer's new words are in no
-    passage, the answer says that the passages do not answer (`answered` False). Without passages, an
-    answer resting on a token the model found unlikely is hedged ("I am not sure, but I think ...").
-    Streams the raw text when there is one window (the final answer is the response's, not the stream's)."""
+    one best supported by its window wins (every window, for a model not asked first). When no window
+    answers, or the answer's new words are in no passage, the answer says that the passages do not
+    answer (`answered` False). Without passages, an answer resting on a token the model found unlikely
+    is hedged ("I am not sure, but I think ..."). Streams the raw text when there is one window (the
+    final answer is the response's, not the stream's)."""
     question = question.strip()
     if not question:
         raise InvalidRequest("question is empty")
@@ -198,7 +201,7 @@ def answer_plan(
         prompts = [ids]
         gen.engine.limits.check_fits(len(ids), max_tokens)  # refused here, naming the numbers, if it does not fit
     gate = (0, 0)  # tokens of the yes/no question: prompt, completion
-    if passages:  # does each prompt's text answer the question at all?
+    if passages and gen.name in ASKS_FIRST:  # does each prompt's text answer the question at all?
         groups = [[piece] for _, piece in windows] if windows else [passages]
         asks = [chat(gate_messages(question, g)) for g in groups]
         said = yield Generate(asks, [SamplingParams(max_tokens=1, logprobs=GATE_TOP)] * len(asks))
