@@ -394,6 +394,8 @@ def test_gpt2_gguf_logits_equal_transformers_own_gguf_load(tmp_path):
 
 
 def test_gpt2_gguf_with_its_own_lm_head_keeps_it(tmp_path):
+    """A GPT-2 file whose output.weight differs from the embedding keeps it as its own LM head (untied), and
+    its linears are written in Conv1D's (in, out) layout."""
     from safetensors.torch import load_file
 
     write_gpt2_gguf(tmp_path / "untied.gguf", output_is_embedding=False)

@@ -61,7 +61,7 @@ def test_bootstrap_interval_is_seeded():
 
 def test_unknown_metric_names_the_available_ones():
     """An unknown metric is refused with the list of metrics that exist."""
-    with pytest.raises(ValueError, match="available: fluency, grammar, novelty, qa, rouge, sentence, support"):
+    with pytest.raises(ValueError, match="available: abstain, fluency, grammar, novelty, qa, rouge, sentence, support"):
         hook("bleu")
 
 
