@@ -69,8 +69,31 @@ def vocabulary() -> tuple[list[str], list[str], list[int]]:
     return tokens + specials, merges, [1] * len(tokens) + [3] * len(specials)
 
 
-def write_qwen2_gguf(path, types: dict) -> None:
+def add_vocabulary(w: GGUFWriter, eos: str) -> list[str]:
+    """`vocabulary()` as GGUF's byte-level BPE tokenizer fields (bos <|endoftext|>); returns the tokens."""
     tokens, merges, token_types = vocabulary()
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list(tokens)
+    w.add_token_types(token_types)
+    w.add_token_merges(merges)
+    w.add_eos_token_id(tokens.index(eos))
+    w.add_bos_token_id(tokens.index("<|endoftext|>"))
+    return tokens
+
+
+def tensor_writer(w: GGUFWriter, g: torch.Generator):
+    """`tensor(name, *shape, kind, scale, x)`: adds `x` (default: seeded normal values times `scale`) to the
+    file as `kind`, quantized by gguf-py unless F32; returns the values."""
+
+    def tensor(name: str, *shape: int, kind=T.F32, scale=0.08, x=None) -> np.ndarray:
+        x = (torch.randn(*shape, generator=g) * scale).numpy() if x is None else x
+        w.add_tensor(name, x if kind == T.F32 else quantize(x, kind), raw_dtype=None if kind == T.F32 else kind)
+        return x
+
+    return tensor
+
+
+def write_qwen2_gguf(path, types: dict) -> None:
     g = torch.Generator().manual_seed(0)
     w = GGUFWriter(str(path), "qwen2")
     w.add_context_length(256)
@@ -81,22 +104,11 @@ def write_qwen2_gguf(path, types: dict) -> None:
     w.add_head_count_kv(KV)
     w.add_layer_norm_rms_eps(1e-6)
     w.add_rope_freq_base(1_000_000.0)
-    w.add_tokenizer_model("gpt2")
+    tokens = add_vocabulary(w, "<|im_end|>")
     w.add_tokenizer_pre("qwen2")
-    w.add_token_list(tokens)
-    w.add_token_types(token_types)
-    w.add_token_merges(merges)
-    w.add_eos_token_id(tokens.index("<|im_end|>"))
-    w.add_bos_token_id(tokens.index("<|endoftext|>"))
     w.add_add_bos_token(False)
     w.add_chat_template(CHATML)
-
-    def tensor(name: str, *shape: int, kind=T.F32, scale=0.08) -> None:
-        x = (torch.randn(*shape, generator=g) * scale).numpy()
-        if kind == T.F32:
-            w.add_tensor(name, x)
-        else:
-            w.add_tensor(name, quantize(x, kind), raw_dtype=kind)
+    tensor = tensor_writer(w, g)
 
     d = HIDDEN // HEADS
     tensor("token_embd.weight", len(tokens), HIDDEN, kind=types["token_embd"], scale=1.0)
@@ -334,7 +346,6 @@ def write_gpt2_gguf(path, output_is_embedding: bool = True) -> None:
     """A GPT-2 file as llama.cpp writes one: linears transposed from Conv1D, LayerNorm biases, learned
     positions, and the tied LM head written out as a copy of the embedding (`output.weight`). GPT-2's own
     context (1024) and MLP width (4 x hidden): `transformers` reads neither from a GGUF file."""
-    tokens, merges, token_types = vocabulary()
     g = torch.Generator().manual_seed(1)
     ffn, positions = 4 * HIDDEN, 1024
     w = GGUFWriter(str(path), "gpt2")
@@ -344,17 +355,8 @@ def write_gpt2_gguf(path, output_is_embedding: bool = True) -> None:
     w.add_feed_forward_length(ffn)
     w.add_head_count(HEADS)
     w.add_layer_norm_eps(1e-5)
-    w.add_tokenizer_model("gpt2")
-    w.add_token_list(tokens)
-    w.add_token_types(token_types)
-    w.add_token_merges(merges)
-    w.add_eos_token_id(tokens.index("<|endoftext|>"))
-    w.add_bos_token_id(tokens.index("<|endoftext|>"))
-
-    def tensor(name: str, *shape: int, kind=T.F32, scale=0.08, x=None) -> None:
-        x = (torch.randn(*shape, generator=g) * scale).numpy() if x is None else x
-        w.add_tensor(name, x if kind == T.F32 else quantize(x, kind), raw_dtype=None if kind == T.F32 else kind)
-        return x
+    tokens = add_vocabulary(w, "<|endoftext|>")
+    tensor = tensor_writer(w, g)
 
     embedding = tensor("token_embd.weight", len(tokens), HIDDEN, kind=T.Q8_0, scale=1.0)
     tensor("position_embd.weight", positions, HIDDEN, scale=0.2)
