@@ -98,6 +98,11 @@ class BlockPool:
             self.order = [(self._rank(b), b) for b in self.free]
             heapq.heapify(self.order)
 
+    def keeps(self, block: int, unless: list[bytes]) -> bool:
+        """Whether `block` holds a cached block no sequence holds, keyed other than `unless` (taking it would
+        evict another prompt's block from the cache)."""
+        return block in self.idle and self.key[block] not in unless
+
     def keys(self, tokens: Sequence[int], parent: bytes = b"", start: int = 0) -> list[bytes]:
         """The keys of the full blocks of `tokens` from block `start` on, the block before it keyed `parent`."""
         out = []

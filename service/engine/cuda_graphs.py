@@ -6,7 +6,7 @@ once per (rows, span) bucket and replays it, so a step costs one launch.
 
 A captured graph reads fixed addresses and fixed shapes. So the inputs (token ids, positions and
 block tables) live in static buffers, the rows of bucket B are the scheduler's slots 0..B-1 (it hands
-out the lowest free slot first, so the running sequences sit in the low slots), and attention reads
+out the lowest free slot among equals, so the running sequences mostly sit in the low slots), and attention reads
 keys [0, span) of each row's table under a mask (`Batch.fixed`) instead of reading the longest
 position back to the host. A row with no sequence has a table of null blocks: it decodes token 0
 into the null block, which no sequence attends to, so it changes nothing.

@@ -8,14 +8,18 @@ blocks of what finished. The
 scheduler makes no model call and never sees the runner: `service.engine.core.Engine` passes the values.
 
 Blocks (`service.engine.blocks.BlockPool`): a new sequence starts from the cached blocks of its longest
-cached prefix and prefills only the rest (unless that prefix is short, under `AWAY_HIT` tokens or half
-the prompt, and lies away from any free slot's home region, where reading it would cost a gather at
-every step); each block it fills enters the prefix cache (unless prefix caching is off, or the request
+cached prefix and prefills only the rest (unless that prefix is short, under `AWAY_HIT` tokens or half the
+prompt, and lies away from any free slot's home region, where reading it would cost a gather at every
+step). A sequence that brings no cached prefix of its own home (or only a short one, a system prompt,
+followed there by another prompt's cached blocks) takes the free slot whose home would cost the cache
+least to write over: one never used, else the one whose last sequence left longest ago (the lowest slot
+among equals), so that the prompts of a few interleaved conversations each keep their home and are found
+there again. Each block it fills enters the prefix cache (unless prefix caching is off, or the request
 wants prompt log-probabilities); a finished or cancelled sequence gives its blocks back at once. When a
-running sequence needs a block and none is left, the youngest running sequence is preempted: it gives
-its blocks back and waits again, and when it is admitted again it prefills its prompt and output so far
-(most of it found in the prefix cache, unless evicted meanwhile), as vLLM's recompute preemption does. A
-request that could never fit the whole cache is refused when it is added.
+running sequence needs a block and none is left, the youngest running sequence is preempted: it gives its
+blocks back and waits again, and when it is admitted again it prefills its prompt and output so far (most
+of it found in the prefix cache, unless evicted meanwhile), as vLLM's recompute preemption does. A request
+that could never fit the whole cache is refused when it is added.
 
 Prompt-lookup speculation (`SchedulerConfig.prompt_lookup`): when every decoding sequence is greedy
 (processors but the count penalties allowed) and wants no log-probabilities, each one's draft
@@ -74,8 +78,9 @@ class Scheduler:
 
     def __init__(self, config: SchedulerConfig, pool: BlockPool, slots: int):
         self.config, self.pool, self.slots = config, pool, slots
-        self.free = list(range(slots))  # a heap: the lowest slot goes first, so that a decode step's rows
-        # are the low slots (the CUDA graphs' row buckets)
+        self.free = list(range(slots))  # a heap of the free slots: the lowest goes first among equals, so
+        # that a decode step's rows are the low slots (the CUDA graphs' row buckets)
+        self.left_at = [0] * slots  # when each slot's last sequence left it (in admissions; 0: never used)
         self.waiting: list[Sequence] = []
         self.running: list[Sequence] = []
         self.ahead: Launched | None = None  # the last decode step, when launched ahead of the host
@@ -249,6 +254,10 @@ class Scheduler:
                 keys = self.pool.keys(tokens[: len(tokens) - 1])  # at least one token is computed
                 hit = self.pool.match(keys)
             home = self._home_of(hit)
+            if home is not None and len(hit) * size < AWAY_HIT:
+                own = self.pool.keys(tokens[: (len(hit) + 1) * size], keys[len(hit) - 1], len(hit))
+                if self.pool.keeps(self.pool.home(home) + len(hit), own):
+                    home = None  # a short shared start (a system prompt) would write over another prompt there
             if home is None and (2 * len(hit) * size < len(tokens) or len(hit) * size < AWAY_HIT):
                 # a short prefix away from home: computing it again costs less than reading the sequence
                 # (and its batch) through a gather at every step
@@ -262,21 +271,24 @@ class Scheduler:
             self.waiting.pop(0)
             self.queried, self.hits = self.queried + looked * len(tokens), self.hits + start
             s.blocks, s.keys, s.prefilled = hit, keys[: len(hit)], start
-            if home is None:
-                s.slot = heapq.heappop(self.free)
-            else:
-                self.free.remove(home)
-                heapq.heapify(self.free)
-                s.slot = home
+            s.slot = home if home is not None else min(self.free, key=lambda i: (self.left_at[i], i))
+            self.free.remove(s.slot)
+            heapq.heapify(self.free)
             self.admissions += 1
             s.admitted = self.admissions
             self.running.append(s)
         self.running.sort(key=lambda s: s.slot)
 
     def _home_of(self, hit: list[int]) -> int | None:
-        """The free slot whose home region starts with the cached blocks `hit` (a sequence there is read
-        in place), or None."""
-        slot = hit[0] // self.pool.region - 1 if hit and hit[0] % self.pool.region == 0 else -1
+        """The free slot whose home region holds the cached blocks `hit` (a sequence there is read in place),
+        or at least their last one where it would be in place (a shared first block, a system prompt, is
+        cached in the home of the sequence that computed it first: the rest is gathered), or None."""
+        region = self.pool.region
+        slot = -1
+        if hit and hit[-1] % region == len(hit) - 1:
+            slot = hit[-1] // region - 1
+        elif hit and hit[0] % region == 0:
+            slot = hit[0] // region - 1
         return slot if slot in self.free else None
 
     def _plan(self) -> list[tuple[Sequence, int]]:
@@ -320,6 +332,7 @@ class Scheduler:
         """`s` leaves the running sequences: its slot and its blocks are free."""
         self.running.remove(s)
         heapq.heappush(self.free, s.slot)
+        self.left_at[s.slot] = self.admissions
         self.pool.release(s.blocks)
         s.blocks, s.keys = [], []
 

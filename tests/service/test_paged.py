@@ -54,19 +54,39 @@ PARAMS = SamplingParams(max_tokens=24, ignore_eos=True, logprobs=2)
 
 
 def test_prefix_hits_give_the_tokens_and_logprobs_of_a_fresh_cache(varied):
-    """A second request sharing a 40-token prefix prefills from block 2 on (32 tokens found) and gets the
-    same tokens and log-probabilities as on an engine that computes everything."""
+    """A second request sharing a 140-token prefix prefills from block 8 on (128 tokens found) and gets the
+    same tokens and log-probabilities as on an engine that computes everything. (A shorter shared start
+    is computed again in another slot rather than written over the first request's cached blocks.)"""
     rng = torch.Generator().manual_seed(5)
-    prefix = torch.randint(0, varied.config.vocab_size, (40,), generator=rng).tolist()
+    prefix = torch.randint(0, varied.config.vocab_size, (140,), generator=rng).tolist()
     engine = Engine(varied)
     engine.generate([prefix + [1, 2, 3]], [PARAMS])
     hits = engine.scheduler.hits
     second = engine.generate([prefix + [4, 5]], [PARAMS])[0]
-    assert engine.scheduler.hits - hits == 32
+    assert engine.scheduler.hits - hits == 128
     fresh = Engine(varied).generate([prefix + [4, 5]], [PARAMS])[0]
     assert second.token_ids == fresh.token_ids
     for a, b in zip(second.logprobs, fresh.logprobs):
         assert a.logprob == pytest.approx(b.logprob, abs=1e-5)
+
+
+def test_interleaved_prompts_sharing_a_system_block_are_each_found_again(varied):
+    """Two 166-token prompts that share their first block (a system prompt), asked in turns A, B, A, B: the
+    second A and the second B each find their own 160 tokens cached (B's first block is A's, gathered)
+    and give the tokens and log-probabilities of the first time."""
+    rng = torch.Generator().manual_seed(7)
+    system, a, b, c = (
+        torch.randint(0, varied.config.vocab_size, (n,), generator=rng).tolist() for n in (16, 150, 150, 166)
+    )
+    engine = Engine(varied, max_batch=2)
+    engine.generate([c, c[::-1]], [PARAMS, PARAMS])  # a cache of two slots, both used once
+    first = [engine.generate([system + tail], [PARAMS])[0] for tail in (a, b)]
+    hits = engine.scheduler.hits
+    again = [engine.generate([system + tail], [PARAMS])[0] for tail in (a, b)]
+    assert engine.scheduler.hits - hits == 2 * 160
+    for x, y in zip(first, again):
+        assert x.token_ids == y.token_ids
+        assert [p.logprob for p in x.logprobs] == pytest.approx([p.logprob for p in y.logprobs], abs=1e-5)
 
 
 def test_without_prefix_caching_nothing_is_looked_up_or_kept(varied):

@@ -108,6 +108,32 @@ def test_a_cached_prefix_is_not_prefilled_again():
     assert b.hits == 32 and b.queried == 80
 
 
+def test_interleaved_prompts_keep_their_homes_and_their_cached_prefixes():
+    """Two prompts taking turns, one at a time (two users' questions about two passages): each new one takes
+    the slot whose home holds nothing cached, then the one cached longest ago, so the third finds the
+    first's prefix at its home instead of prefilling it again (it used to write over it in slot 0, where
+    the shared system prompt's block sent every prompt)."""
+    b = scheduler(slots=2, region=8)
+    system = list(range(80, 96))  # one full block every prompt starts with
+    a_prompt = system + list(range(1, 41))
+    b_prompt = system + list(range(40, 80))
+
+    def run(prompt: list[int]) -> Sequence:
+        s = Sequence(list(prompt), SamplingParams(max_tokens=1, ignore_eos=False))
+        b.add(s)
+        b.update(b.schedule(), tokens((s, 3)))
+        assert s.finish_reason == "length"
+        return s
+
+    first, second = run(a_prompt), run(b_prompt)
+    assert (first.slot, second.slot) == (0, 1)
+    hits = b.hits
+    third = run(a_prompt)
+    assert third.slot == 0 and b.hits - hits == 48  # three full blocks of the first prompt, in its home
+    fourth = run(system + [7] * 40)  # a new prompt: the home cached longest ago (the second's) goes
+    assert fourth.slot == 1
+
+
 def test_drafts_are_planned_for_greedy_rows_and_what_was_agreed_is_taken():
     """A greedy row whose last tokens occurred before gets a draft to verify; update takes the agreed tokens
     and the model's own next one."""
