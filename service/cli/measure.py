@@ -60,6 +60,12 @@ def cmd_bench(args) -> None:
         report = run(args.model, args.data, args.limit)
         print(json.dumps(report) if args.json else print_report(report))
         return
+    if args.target == "replicas":
+        from service.bench.replicas import print_report, run
+
+        report = run(args.model, clients=args.clients, tokens=args.tokens)
+        print(json.dumps(report) if args.json else print_report(report))
+        return
     if args.target == "serve":
         from service.bench.serve import print_report, run
 

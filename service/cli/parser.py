@@ -195,7 +195,14 @@ def parser() -> argparse.ArgumentParser:
         "histogram nlg_quality_score",
     )
     v.add_argument("--jobs-db", help="SQLite file of batch jobs (default: jobs.sqlite in the model cache)")
-    add_ray(v, "the tasks' jobs (/v1/jobs) run on a Ray cluster (the ray extra), their state kept here: ADDRESS")
+    add_ray(v, "--replicas engine replicas on a Ray cluster behind one ingress (Ray Serve, the ray extra):")
+    v.add_argument(
+        "--routing",
+        choices=["prefix", "round-robin"],
+        default="prefix",
+        help="--ray: a request goes to the replica that served its prompt's leading text last (prefix, the "
+        "default: its prefix cache is warm) or to each replica in turn",
+    )
     v.set_defaults(run=serving.cmd_serve)
 
     b = sub.add_parser(
@@ -210,14 +217,15 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument(
         "target",
         nargs="?",
-        choices=["engine", "serve", "batch"],
+        choices=["engine", "serve", "batch", "replicas"],
         default="engine",
         help="engine (default); serve: concurrent HTTP clients vs one at a time; batch: `nlg batch` on one machine vs "
-        "on a local Ray cluster with 1 and 2 replicas (the ray extra)",
+        "on a local Ray cluster with 1 and 2 replicas (the ray extra); replicas: `nlg serve --ray` on a local "
+        "cluster, prefix routing vs round robin, 1 vs 2 replicas, the ingress's cost per request",
     )
     b.add_argument("--data", help="bench batch: JSONL of {document} records (e.g. DialogSum's dev.jsonl)")
     b.add_argument("--limit", type=int, default=64, help="bench batch: the first N records (default 64)")
-    b.add_argument("--clients", type=int, default=16, help="bench serve: concurrent clients (default 16)")
+    b.add_argument("--clients", type=int, default=16, help="bench serve, replicas: concurrent clients (default 16)")
     b.add_argument("--tokens", type=int, default=64, help="tokens generated per sequence (default 64)")
     b.add_argument("--no-hf", action="store_true", help="skip the transformers baseline")
     b.add_argument(
@@ -309,7 +317,7 @@ def add_ray(parser: argparse.ArgumentParser, what: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser().parse_args(argv)
-    on_ray = args.command == "batch" and args.ray  # then each replica starts its own ranks (`jobs.ranks`)
+    on_ray = args.command in ("batch", "serve") and args.ray  # then each replica starts its own ranks (`jobs.ranks`)
     if (
         args.command != "bench"
         and not on_ray

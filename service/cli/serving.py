@@ -1,4 +1,5 @@
-"""`nlg serve`: the HTTP service on one model (tensor-parallel ranks, Ray jobs and the loading page included)."""
+"""`nlg serve`: the HTTP service on one model (tensor-parallel ranks and the loading page included), or with
+`--ray` replicas of it on a Ray cluster (`service.server.cluster`)."""
 
 from __future__ import annotations
 
@@ -21,18 +22,16 @@ def cmd_serve(args) -> None:
     from service.server.loading import Loading
     from service.server.streams import DRAIN_S
 
+    if args.ray:
+        from service.server.cluster import serve_on_ray
+
+        return serve_on_ray(ray_spec(args))
     resolve(args.model)  # fetch/convert first: a missing model is an error now, not a 503 later
     keys = api_keys(args)
-    origins = [o.strip() for given in args.allowed_origins or [] for o in given.split(",") if o.strip()]
+    origins = allowed_origins(args)
     jobs = args.jobs_db or str(cache_dir() / "jobs.sqlite")
     Path(jobs).parent.mkdir(parents=True, exist_ok=True)
     failed = threading.Event()
-    on_ray = None
-    if args.ray:
-        from service.jobs.cluster import connect
-
-        connect(args.ray)
-        on_ray = commands.replicas(args)
 
     def fatal() -> None:
         """The engine failed (its cause is printed) and every request in flight has its error: let the
@@ -57,8 +56,7 @@ def cmd_serve(args) -> None:
             jobs,
             args.request_timeout,
             args.score_traffic,
-            on_ray,
-            origins,
+            allowed_origins=origins,
         )
 
     url = f"http://{args.host}:{args.port}"
@@ -79,6 +77,38 @@ def cmd_serve(args) -> None:
     server.run()
     if failed.is_set():
         abort()  # exit 1 now, taking any other tensor-parallel ranks down with this one
+
+
+def ray_spec(args):
+    """`nlg serve --ray`'s deployments, from its command line (`service.server.cluster.Spec`)."""
+    from model.registry import cache_dir
+    from service.server.cluster import Spec
+
+    return Spec(
+        args.ray,
+        args.host,
+        args.port,
+        args.model,
+        commands.load_options(args),
+        args.replicas,
+        args.replica_cpus,
+        str(args.device).startswith("cuda"),
+        args.tp,
+        args.routing,
+        args.served_model_name,
+        api_keys(args),
+        args.slots,
+        args.max_waiting,
+        args.jobs_db or str(cache_dir() / "jobs.sqlite"),
+        args.request_timeout,
+        args.score_traffic,
+        allowed_origins(args),
+    )
+
+
+def allowed_origins(args) -> list[str]:
+    """`--allowed-origins`, each given once or separated by commas."""
+    return [o.strip() for given in args.allowed_origins or [] for o in given.split(",") if o.strip()]
 
 
 def api_keys(args) -> list[str]:

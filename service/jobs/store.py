@@ -109,19 +109,15 @@ class JobStore:
             )
         return self.status(job)
 
-    def pending(
-        self, limit: int, exclude: set[tuple[str, int]], only: str | None = None
-    ) -> list[tuple[str, str, int, str]]:
+    def pending(self, limit: int, exclude: set[tuple[str, int]]) -> list[tuple[str, str, int, str]]:
         """(job, task, line, input) of up to `limit` records without a result, not in `exclude` (those in
         flight), shared fairly between the jobs with records left: the next slot goes to the job with the
         fewest records in flight, the oldest job first among equals, so a job created behind a long one
-        starts at once. `only`: "batches" (OpenAI batches', when the tasks' jobs run on Ray:
-        `cluster_runner`) or "tasks" (the tasks' jobs')."""
-        where = {None: "", "batches": "AND task LIKE '/v1/%' ", "tasks": "AND task NOT LIKE '/v1/%' "}[only]
+        starts at once."""
         ranked = []
         with self.lock:
             jobs = self.db.execute(
-                f"SELECT id, task FROM jobs WHERE state IN ('queued', 'running') {where}ORDER BY created"
+                "SELECT id, task FROM jobs WHERE state IN ('queued', 'running') ORDER BY created"
             ).fetchall()
             for age, (job, task) in enumerate(jobs):
                 busy = sum(j == job for j, _ in exclude)
@@ -133,13 +129,6 @@ class JobStore:
                 free = [(line, text) for line, text in rows if (job, line) not in exclude]
                 ranked += [(busy + k, age, job, task, line, text) for k, (line, text) in enumerate(free)]
         return [(job, task, line, text) for *_, job, task, line, text in sorted(ranked)[:limit]]
-
-    def pending_tasks(self, limit: int) -> tuple[str, list[tuple[str, int, str]]]:
-        """The task of the next tasks' job (not an OpenAI batch) in `pending`'s fair order, and up to
-        `limit` (job, line, input) of the records left in jobs of that task, in that order."""
-        rows = self.pending(limit, set(), only="tasks")
-        task = rows[0][1] if rows else ""
-        return task, [(job, line, text) for job, t, line, text in rows if t == task]
 
     def save(self, job: str, line: int, result: dict | None, error: str | None) -> None:
         """Store a record's result or error. A result JSON cannot write raises (ValueError, TypeError,

@@ -1,10 +1,10 @@
-"""The jobs thread of `nlg serve`: feeds pending records of the SQLite store to the engine at batch
-priority (interactive requests go first), shared fairly between jobs (`JobStore.pending`); with `--ray`,
-only OpenAI batches' (`cluster_runner` runs the tasks' jobs). A crash loses only the records in flight,
-which run again after the restart. A record that fails for any reason (not JSON, nested too deep, a
-result JSON cannot write) gets its error row (with its `id`) and the runner goes on; one refused because
-the engine's queue is full (`Overloaded`, from interactive load) stays pending and is tried again after
-the Retry-After; after an engine failure the runner stops, leaving the records in flight pending.
+"""The jobs thread of `nlg serve`: feeds pending records of the SQLite store to the engine at batch priority
+(interactive requests go first), shared fairly between jobs (`JobStore.pending`). A crash loses only the
+records in flight, which run again after the restart. A record that fails for any reason (not JSON, nested
+too deep, a result JSON cannot write) gets its error row (with its `id`) and the runner goes on; one
+refused because the engine's queue is full (`Overloaded`, from interactive load) stays pending and is
+tried again after the Retry-After; after an engine failure the runner stops, leaving the records in flight
+pending.
 
 An OpenAI batch's line (`{custom_id, method, url, body}`) is sent as a request to the server's own
 endpoint (`post`, in process, through the same validation and handlers as any client's request): a 2xx
@@ -53,10 +53,9 @@ class Loop:
 class JobRunner(Loop):
     """Feeds pending records to the engine, `workers` at a time, until stopped."""
 
-    def __init__(self, gen: TextGenerator, store: JobStore, workers: int = 4, batches_only: bool = False):
+    def __init__(self, gen: TextGenerator, store: JobStore, workers: int = 4):
         super().__init__("nlg-jobs")
         self.gen, self.store, self.workers = gen, store, workers
-        self.only = "batches" if batches_only else None  # which jobs' records `JobStore.pending` hands out
         # (endpoint, body) -> (status, headers, body): the server's own handling of an OpenAI batch line
         self.post: Callable[[str, dict], tuple[int, dict, dict]] | None = None
 
@@ -69,7 +68,7 @@ class JobRunner(Loop):
                     for key in [k for k, f in in_flight.items() if f.done()]:
                         in_flight.pop(key)
                     room = self.workers - len(in_flight) if time.monotonic() >= self.resume_at else 0
-                    pending = self.store.pending(room, set(in_flight), self.only) if room else []
+                    pending = self.store.pending(room, set(in_flight)) if room else []
                     for job, task, line, text in pending:
                         in_flight[(job, line)] = pool.submit(self._one, job, task, line, text)
                 except Exception as e:  # the store itself (a full disk): say so, try again shortly

@@ -25,8 +25,6 @@ from fastapi_offline import FastAPIOffline
 from service.engine.generator import TextGenerator
 from service.engine.handle import AsyncEngine
 from service.engine.metrics import Metrics
-from service.jobs.cluster import Replicas
-from service.jobs.cluster_runner import ClusterRunner
 from service.jobs.store import JobStore
 from service.jobs.worker import JobRunner
 from service.server import http_errors
@@ -55,7 +53,6 @@ def build_app(
     jobs_db: str = ":memory:",
     request_timeout: float | None = 600.0,
     score_traffic: bool = False,
-    ray_replicas: Replicas | None = None,
     allowed_origins: list[str] | tuple[str, ...] = (),
 ) -> FastAPI:
     """The lifespan starts the engine thread (`slots` sequences at once, `max_waiting` queued before
@@ -68,8 +65,7 @@ def build_app(
     tasks' jobs, OpenAI batches and their files) live in the SQLite file `jobs_db`. A request running
     longer than `request_timeout` seconds is stopped and gets 504 (a stream: a last error event). With
     `score_traffic`, every answer and summary is scored by the cheap reference-free hooks
-    (`routes.tasks.QUALITY`) into the Prometheus histogram `nlg_quality_score{task, metric}`. With
-    `ray_replicas`, the tasks' jobs run on the connected Ray cluster (`jobs.cluster_runner`)."""
+    (`routes.tasks.QUALITY`) into the Prometheus histogram `nlg_quality_score{task, metric}`."""
     metrics = gen.metrics = Metrics(gen.name)
 
     @asynccontextmanager
@@ -88,11 +84,7 @@ def build_app(
             took = time.perf_counter() - started
             print(f"nlg: decode step warmed up for {len(warmed)} (rows, span) buckets in {took:.1f} s", file=sys.stderr)
         runner.start()
-        if on_ray:
-            on_ray.start()
         yield
-        if on_ray:
-            on_ray.stop()
         runner.stop()
         engine.stop()
 
@@ -106,8 +98,7 @@ def build_app(
         lifespan=lifespan,
     )
     store = JobStore(jobs_db)
-    runner = JobRunner(gen, store, batches_only=ray_replicas is not None)
-    on_ray = ClusterRunner(store, ray_replicas) if ray_replicas else None
+    runner = JobRunner(gen, store)
     app.state.gen, app.state.metrics, app.state.score_traffic = gen, metrics, score_traffic
     app.state.jobs, app.state.runner = store, runner
     app.state.readiness = health.Readiness(gen, runner)

@@ -1,7 +1,7 @@
 """Batch jobs on Ray (`service.jobs.cluster`): a real local Ray cluster of 2 CPUs, tiny-random replicas.
 Every job ends with exactly one line per record, whatever dies on the way (an actor SIGKILLed mid-job, the
 driver SIGKILLed and the same command run again), and its output is the one-machine `nlg batch` output;
-a replica split over two ranks writes the same lines, and a server hands its jobs to the cluster."""
+and a replica split over two ranks writes the same lines."""
 
 from __future__ import annotations
 
@@ -118,28 +118,6 @@ def test_a_killed_driver_reruns_to_exactly_once(tiny, tmp_path):
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert "already done earlier" in rerun.stderr and " 0 already done" not in rerun.stderr
     assert sorted(keys(out)) == list(range(1, RECORDS + 1))
-
-
-def test_a_server_hands_its_jobs_to_ray(local_ray, tiny, tmp_path):
-    """`nlg serve --ray`: a job posted over HTTP runs on the cluster's replica, its state and results kept
-    in the server's store, equal to the results of a server running it on its own engine."""
-    from fastapi.testclient import TestClient
-
-    from service.server.app import build_app
-
-    body = write_input(tmp_path / "in.jsonl", 24).read_text()
-
-    def results(**ray) -> list[dict]:
-        with TestClient(build_app(tiny, jobs_db=str(tmp_path / f"{len(ray)}.sqlite"), **ray)) as c:
-            job = c.post("/v1/jobs?task=summarize", content=body).json()["id"]
-            deadline = time.monotonic() + 120
-            while c.get(f"/v1/jobs/{job}").json()["state"] != "completed":
-                assert time.monotonic() < deadline, c.get(f"/v1/jobs/{job}").json()
-                time.sleep(0.2)
-            assert c.get(f"/v1/jobs/{job}").json()["counts"] == {"total": 24, "succeeded": 23, "failed": 1}
-            return c.get(f"/v1/jobs/{job}/results").text.splitlines()
-
-    assert results(ray_replicas=cluster.Replicas("tiny-random", {}, count=1)) == results()
 
 
 def test_a_replica_split_over_two_ranks_writes_what_one_process_does(local_ray, tmp_path):
