@@ -324,10 +324,16 @@ def build(spec: Spec, cpus: float):
     return ingress.bind(handles, spec.slots, spec.routing == "prefix")
 
 
+def replica_cpus(spec: Spec) -> float:
+    """The cores each replica reserves: `spec.cpus`, else the connected cluster's over the replicas."""
+    import ray
+
+    return spec.cpus or max(1.0, ray.cluster_resources().get("CPU", 1) // spec.replicas)
+
+
 def start(spec: Spec) -> str:
     """Start the application on the cluster at `spec.address` (a local one for "local"); its URL once
     every replica has loaded."""
-    import ray
     from ray import serve
 
     from model.registry import resolve
@@ -335,11 +341,10 @@ def start(spec: Spec) -> str:
 
     resolve(spec.model)  # fetch/convert first: a local cluster's replicas find it made
     connect(spec.address)
-    cpus = spec.cpus or max(1.0, ray.cluster_resources().get("CPU", 1) // spec.replicas)
     serve.start(http_options={"host": spec.host, "port": spec.port})
     url = f"http://{spec.host}:{spec.port}"
     print(f"nlg: starting {spec.replicas} replicas of {spec.model} on Ray Serve at {url}", file=sys.stderr, flush=True)
-    serve.run(build(spec, cpus), name="nlg", route_prefix="/")
+    serve.run(build(spec, replica_cpus(spec)), name="nlg", route_prefix="/")
     return url
 
 

@@ -2,7 +2,8 @@
 replicas behind the ingress. Every operation of the API answers through the ingress (schemathesis, a few
 examples each, never a 5xx but 504); the questions about one passage all go to one replica; a replica
 SIGKILLed during 4 streams ends each with an error event, the next 20 requests all succeed, and Serve
-brings it back; when every replica's queue is full the ingress says 429 with Retry-After."""
+brings it back; when every replica's queue is full the ingress says 429 with Retry-After; RayService's
+import path builds the same application."""
 
 from __future__ import annotations
 
@@ -163,3 +164,17 @@ def test_every_queue_full_is_429_with_retry_after(ingress):
     assert set(statuses) <= {200, 429}, statuses
     assert statuses.count(429) and all(retry for s, retry in results if s == 429)
     assert statuses.count(200) > 4 + 8, statuses
+
+
+def test_the_application_builder_for_rayservice():
+    """`service.cli.ray_app:app` (KubeRay's RayService, `serve run`): `nlg serve`'s flags in `argv` give the
+    application `nlg serve --ray` starts: its ingress over one deployment per replica."""
+    from service.cli.ray_app import app
+
+    built = app({"argv": "--model tiny-random --replicas 3 --replica-cpus 1 --routing round-robin"})
+    assert isinstance(built, serve.Application)
+    ingress = built._bound_deployment
+    assert ingress.name == "ingress"
+    replicas, bound, by_prefix = ingress.init_args
+    assert [r._bound_deployment.name for r in replicas] == ["replica-0", "replica-1", "replica-2"]
+    assert (bound, by_prefix) == (16, False)
