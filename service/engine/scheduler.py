@@ -11,15 +11,15 @@ Blocks (`service.engine.blocks.BlockPool`): a new sequence starts from the cache
 cached prefix and prefills only the rest (unless that prefix is short, under `AWAY_HIT` tokens or half the
 prompt, and lies away from any free slot's home region, where reading it would cost a gather at every
 step). A sequence that brings no cached prefix of its own home (or only a short one, a system prompt,
-followed there by another prompt's cached blocks) takes the free slot whose home would cost the cache
-least to write over: one never used, else the one whose last sequence left longest ago (the lowest slot
-among equals), so that the prompts of a few interleaved conversations each keep their home and are found
-there again. Each block it fills enters the prefix cache (unless prefix caching is off, or the request
-wants prompt log-probabilities); a finished or cancelled sequence gives its blocks back at once. When a
-running sequence needs a block and none is left, the youngest running sequence is preempted: it gives its
-blocks back and waits again, and when it is admitted again it prefills its prompt and output so far (most
-of it found in the prefix cache, unless evicted meanwhile), as vLLM's recompute preemption does. A request
-that could never fit the whole cache is refused when it is added.
+followed there by another prompt's cached blocks, when a slot used longer ago is free) takes the free slot
+whose home would cost the cache least to write over: one never used, else the one whose last sequence left
+longest ago (the lowest slot among equals), so that the prompts of a few interleaved conversations each
+keep their home and are found there again. Each block it fills enters the prefix cache (unless prefix
+caching is off, or the request wants prompt log-probabilities); a finished or cancelled sequence gives its
+blocks back at once. When a running sequence needs a block and none is left, the youngest running sequence
+is preempted: it gives its blocks back and waits again, and when it is admitted again it prefills its
+prompt and output so far (most of it found in the prefix cache, unless evicted meanwhile), as vLLM's
+recompute preemption does. A request that could never fit the whole cache is refused when it is added.
 
 Prompt-lookup speculation (`SchedulerConfig.prompt_lookup`): when every decoding sequence is greedy
 (processors but the count penalties allowed) and wants no log-probabilities, each one's draft
@@ -255,9 +255,12 @@ class Scheduler:
                 hit = self.pool.match(keys)
             home = self._home_of(hit)
             if home is not None and len(hit) * size < AWAY_HIT:
+                # a short shared start (a system prompt) would write over another prompt cached there: go to
+                # the slot used longest ago instead, when that one was used before this one
                 own = self.pool.keys(tokens[: (len(hit) + 1) * size], keys[len(hit) - 1], len(hit))
-                if self.pool.keeps(self.pool.home(home) + len(hit), own):
-                    home = None  # a short shared start (a system prompt) would write over another prompt there
+                other = min(self.free, key=lambda i: (self.left_at[i], i))
+                if self.left_at[other] < self.left_at[home] and self.pool.keeps(self.pool.home(home) + len(hit), own):
+                    home = None
             if home is None and (2 * len(hit) * size < len(tokens) or len(hit) * size < AWAY_HIT):
                 # a short prefix away from home: computing it again costs less than reading the sequence
                 # (and its batch) through a gather at every step
