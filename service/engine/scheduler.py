@@ -10,16 +10,18 @@ scheduler makes no model call and never sees the runner: `service.engine.core.En
 Blocks (`service.engine.blocks.BlockPool`): a new sequence starts from the cached blocks of its longest
 cached prefix and prefills only the rest (unless that prefix is short, under `AWAY_HIT` tokens or half the
 prompt, and lies away from any free slot's home region, where reading it would cost a gather at every
-step). A sequence that brings no cached prefix of its own home (or only a short one, a system prompt,
-followed there by another prompt's cached blocks, when a slot used longer ago is free) takes the free slot
-whose home would cost the cache least to write over: one never used, else the one whose last sequence left
-longest ago (the lowest slot among equals), so that the prompts of a few interleaved conversations each
-keep their home and are found there again. Each block it fills enters the prefix cache (unless prefix
-caching is off, or the request wants prompt log-probabilities); a finished or cancelled sequence gives its
-blocks back at once. When a running sequence needs a block and none is left, the youngest running sequence
-is preempted: it gives its blocks back and waits again, and when it is admitted again it prefills its
-prompt and output so far (most of it found in the prefix cache, unless evicted meanwhile), as vLLM's
-recompute preemption does. A request that could never fit the whole cache is refused when it is added.
+step). A sequence that arrives while none runs and brings no cached prefix of its own home (or only a
+short one, a system prompt, followed there by another prompt's cached blocks, when a slot used longer ago
+is free) takes the free slot whose home would cost the cache least to write over: one never used, else the
+one whose last sequence left longest ago (the lowest among equals), so that the prompts of users taking
+turns each keep their home and are found there again. Beside running sequences a new one takes the lowest
+free slot, so that a batch's rows stay in consecutive regions (read as one view, not copied). Each block
+it fills enters the prefix cache (unless prefix caching is off, or the request wants prompt
+log-probabilities); a finished or cancelled sequence gives its blocks back at once. When a running
+sequence needs a block and none is left, the youngest running sequence is preempted: it gives its blocks
+back and waits again, and when it is admitted again it prefills its prompt and output so far (most of it
+found in the prefix cache, unless evicted meanwhile), as vLLM's recompute preemption does. A request that
+could never fit the whole cache is refused when it is added.
 
 Prompt-lookup speculation (`SchedulerConfig.prompt_lookup`): when every decoding sequence is greedy
 (processors but the count penalties allowed) and wants no log-probabilities, each one's draft
@@ -254,7 +256,8 @@ class Scheduler:
                 keys = self.pool.keys(tokens[: len(tokens) - 1])  # at least one token is computed
                 hit = self.pool.match(keys)
             home = self._home_of(hit)
-            if home is not None and len(hit) * size < AWAY_HIT:
+            alone = not self.running  # then any slot is read in place: it may go where it evicts least
+            if alone and home is not None and len(hit) * size < AWAY_HIT:
                 # a short shared start (a system prompt) would write over another prompt cached there: go to
                 # the slot used longest ago instead, when that one was used before this one
                 own = self.pool.keys(tokens[: (len(hit) + 1) * size], keys[len(hit) - 1], len(hit))
@@ -274,9 +277,12 @@ class Scheduler:
             self.waiting.pop(0)
             self.queried, self.hits = self.queried + looked * len(tokens), self.hits + start
             s.blocks, s.keys, s.prefilled = hit, keys[: len(hit)], start
-            s.slot = home if home is not None else min(self.free, key=lambda i: (self.left_at[i], i))
-            self.free.remove(s.slot)
-            heapq.heapify(self.free)
+            if home is not None or alone:
+                s.slot = home if home is not None else min(self.free, key=lambda i: (self.left_at[i], i))
+                self.free.remove(s.slot)
+                heapq.heapify(self.free)
+            else:
+                s.slot = heapq.heappop(self.free)
             self.admissions += 1
             s.admitted = self.admissions
             self.running.append(s)
