@@ -10,14 +10,14 @@ scheduler makes no model call and never sees the runner: `service.engine.core.En
 Blocks (`service.engine.blocks.BlockPool`): a new sequence starts from the cached blocks of its longest
 cached prefix and prefills only the rest (unless that prefix is short, under `AWAY_HIT` tokens or half the
 prompt, and lies away from any free slot's home region, where reading it would cost a gather at every
-step). A sequence that arrives while none runs and brings no cached prefix of its own home (or only a
-short one, a system prompt, followed there by another prompt's cached blocks, when a slot used longer ago
-is free) takes the free slot whose home would cost the cache least to write over: one never used, else the
-one whose last sequence left longest ago (the lowest among equals), so that the prompts of users taking
-turns each keep their home and are found there again. Beside running sequences a new one takes the lowest
-free slot, so that a batch's rows stay in consecutive regions (read as one view, not copied). Each block
-it fills enters the prefix cache (unless prefix caching is off, or the request wants prompt
-log-probabilities); a finished or cancelled sequence gives its blocks back at once. When a running
+step). A sequence that arrives alone (none runs, none waits beside it) and brings no cached prefix of its
+own home (or only a short one, a system prompt, followed there by another prompt's cached blocks, when a
+slot used longer ago is free) takes the free slot whose home would cost the cache least to write over: one
+never used, else the one whose last sequence left longest ago (the lowest among equals), so that the
+prompts of users taking turns each keep their home and are found there again. Beside other sequences a new
+one takes the lowest free slot, so that a batch's rows stay in consecutive regions (read as one view, not
+copied). Each block it fills enters the prefix cache (unless prefix caching is off, or the request wants
+prompt log-probabilities); a finished or cancelled sequence gives its blocks back at once. When a running
 sequence needs a block and none is left, the youngest running sequence is preempted: it gives its blocks
 back and waits again, and when it is admitted again it prefills its prompt and output so far (most of it
 found in the prefix cache, unless evicted meanwhile), as vLLM's recompute preemption does. A request that
@@ -256,7 +256,7 @@ class Scheduler:
                 keys = self.pool.keys(tokens[: len(tokens) - 1])  # at least one token is computed
                 hit = self.pool.match(keys)
             home = self._home_of(hit)
-            alone = not self.running  # then any slot is read in place: it may go where it evicts least
+            alone = not self.running and len(self.waiting) == 1  # read in place anywhere: it goes where it evicts least
             if alone and home is not None and len(hit) * size < AWAY_HIT:
                 # a short shared start (a system prompt) would write over another prompt cached there: go to
                 # the slot used longest ago instead, when that one was used before this one
