@@ -63,7 +63,10 @@ def ready(url: str, replicas: int, timeout: float = 300) -> None:
 
 
 def ray_server(model: str, replicas: int, routing: str, slots: int):
-    return server_process(model, slots, ["--ray", "--replicas", str(replicas), "--routing", routing])
+    from service.server.cluster import free_serve_port
+
+    extra = ["--ray", "--replicas", str(replicas), "--routing", routing]
+    return server_process(model, slots, extra, free_serve_port())
 
 
 def routing(model: str, how: str) -> dict:

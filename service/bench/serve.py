@@ -45,10 +45,10 @@ def percentile(values: list[float], q: float) -> float:
 
 
 @contextmanager
-def server_process(model: str, slots: int, extra: list[str]):
+def server_process(model: str, slots: int, extra: list[str], port: int | None = None):
     """`nlg serve` in its own process (its own interpreter: the clients here do not compete with it for
-    the GIL); yields its base URL once /ready answers 200."""
-    port = free_port()
+    the GIL), on `port` (default a free one); yields its base URL once /ready answers 200."""
+    port = port or free_port()
     cmd = [
         sys.executable,
         "-m",

@@ -324,6 +324,23 @@ def build(spec: Spec, cpus: float):
     return ingress.bind(handles, spec.slots, spec.routing == "prefix")
 
 
+def free_serve_port() -> int:
+    """A TCP port free now in 20000-32767, where a local Ray cluster's own processes take none (its workers
+    use 10002-19999, the rest the system's ephemeral ports): a port picked among the ephemeral ones was
+    taken by Ray before Serve's proxy bound it ("Failed to bind"). For tests and benchmarks."""
+    import random
+    import socket
+
+    for port in random.sample(range(20000, 32768), 200):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port in 20000-32767")
+
+
 def replica_cpus(spec: Spec) -> float:
     """The cores each replica reserves: `spec.cpus`, else the connected cluster's over the replicas."""
     import ray

@@ -18,7 +18,6 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from parallel.launch import free_port
 from service.cli.parser import parser
 
 pytestmark = pytest.mark.heavy
@@ -41,7 +40,7 @@ def ingress():
 
     connect("local", cpus=2)
     argv = ["serve", "--model", "tiny-random", "--ray", "--replicas", "2", "--replica-cpus", "1"]
-    argv += ["--port", str(free_port()), "--api-key", KEY, "--slots", "4", "--max-waiting", "8"]
+    argv += ["--port", str(cluster.free_serve_port()), "--api-key", KEY, "--slots", "4", "--max-waiting", "8"]
     argv += ["--request-timeout", "30"]
     url = cluster.start(ray_spec(parser().parse_args(argv)))
     yield url

@@ -7,7 +7,6 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
-from parallel.launch import free_port
 from service.cli.parser import parser
 
 pytestmark = pytest.mark.heavy
@@ -33,7 +32,7 @@ def test_a_replica_of_two_ranks_answers_as_one_process_does(tiny):
     connect("local", cpus=2)
     try:
         argv = ["serve", "--model", "tiny-random", "--ray", "--replicas", "1", "--tp", "2", "--replica-cpus", "2"]
-        url = cluster.start(ray_spec(parser().parse_args([*argv, "--port", str(free_port())])))
+        url = cluster.start(ray_spec(parser().parse_args([*argv, "--port", str(cluster.free_serve_port())])))
         split = [httpx.post(f"{url}/v1/answer", json=body, timeout=120).json()["answer"] for body in ASKED]
     finally:
         serve.shutdown()
