@@ -257,12 +257,12 @@ class Scheduler:
                 hit = self.pool.match(keys)
             home = self._home_of(hit)
             alone = not self.running and len(self.waiting) == 1  # read in place anywhere: it goes where it evicts least
+            oldest = min(self.free, key=lambda i: (self.left_at[i], i)) if alone else None  # the slot used longest ago
             if alone and home is not None and len(hit) * size < AWAY_HIT:
                 # a short shared start (a system prompt) would write over another prompt cached there: go to
                 # the slot used longest ago instead, when that one was used before this one
                 own = self.pool.keys(tokens[: (len(hit) + 1) * size], keys[len(hit) - 1], len(hit))
-                other = min(self.free, key=lambda i: (self.left_at[i], i))
-                if self.left_at[other] < self.left_at[home] and self.pool.keeps(self.pool.home(home) + len(hit), own):
+                if self.left_at[oldest] < self.left_at[home] and self.pool.keeps(self.pool.home(home) + len(hit), own):
                     home = None
             if home is None and (2 * len(hit) * size < len(tokens) or len(hit) * size < AWAY_HIT):
                 # a short prefix away from home: computing it again costs less than reading the sequence
@@ -278,7 +278,7 @@ class Scheduler:
             self.queried, self.hits = self.queried + looked * len(tokens), self.hits + start
             s.blocks, s.keys, s.prefilled = hit, keys[: len(hit)], start
             if home is not None or alone:
-                s.slot = home if home is not None else min(self.free, key=lambda i: (self.left_at[i], i))
+                s.slot = home if home is not None else oldest
                 self.free.remove(s.slot)
                 heapq.heapify(self.free)
             else:

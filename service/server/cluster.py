@@ -229,7 +229,7 @@ class Ingress:
         async def one(i: int):
             if not self.router.up[i]:
                 return None
-            req = {"method": "GET", "path": path, "query_string": b"", "headers": [], "body": b"", "client": None}
+            req = request_of({"method": "GET", "path": path}, b"")
 
             async def read():
                 status, body = 0, b""
