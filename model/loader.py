@@ -20,7 +20,7 @@ from model.llama import LlamaForCausalLM
 from parallel.forms import QUANTIZATIONS
 from parallel.quant import finish, quantize
 from parallel.state import get_tp
-from parallel.weights import SafetensorsReader, load_into
+from parallel.weights import SUFFIXES, SafetensorsReader, load_into
 
 FAMILIES = {"llama": LlamaForCausalLM, "gpt2": GPT2LMHeadModel}
 
@@ -44,6 +44,20 @@ def check_weights(directory: Path) -> None:
     raise FileNotFoundError(f"no *.safetensors weights in {directory}")
 
 
+def pick_quantization(directory: str | Path, device: torch.device | str = "cpu") -> str:
+    """What `--quantize auto` means for the checkpoint in `directory`: "int4" on a CPU when it stores
+    tensors quantized (a GGUF file's blocks: they run as stored, the 5-6 bit ones as int8/int6, instead of
+    dequantized to four or eight times their bytes), else "none" (as loaded, and on CUDA)."""
+    if torch.device(device).type != "cpu":
+        return "none"
+    reader = SafetensorsReader(Path(directory))
+    try:
+        stored = tuple(suffixes[0] for suffixes in SUFFIXES.values())  # "_int4", "_int8"
+        return "int4" if any(key.endswith(stored) for key in reader.keys()) else "none"
+    finally:
+        reader.close()
+
+
 def load_model(
     directory: str | Path,
     dtype: torch.dtype = torch.float32,
@@ -52,9 +66,10 @@ def load_model(
 ) -> nn.Module:
     """Load this rank's shard of the model in `directory` (at tensor-parallel size 1, all of it), its
     linear layers quantized after loading with `quantization` int8 or int4 (`parallel.quant`); weights
-    stored quantized are dequantized to `dtype` for "none". On a CPU, quantized layers run our kernels
-    where they can (`model.kernels`, built on first use), and fp32 linear layers take oneDNN's
-    packed weights where that measures faster (`model.cpu_matmul`; the routes in `model.matmul_routes`)."""
+    stored quantized are dequantized to `dtype` for "none"; "auto" is `pick_quantization`. On a CPU,
+    quantized layers run our kernels where they can (`model.kernels`, built on first use), and fp32 linear
+    layers take oneDNN's packed weights where that measures faster (`model.cpu_matmul`; the routes in
+    `model.matmul_routes`)."""
     directory = Path(directory)
     cfg = read_config(directory)
     cfg.check_tp(get_tp().size)
@@ -63,6 +78,8 @@ def load_model(
         model = FAMILIES[cfg.arch](cfg)
     if quantization not in QUANTIZATIONS:
         raise ValueError(f"--quantize {quantization!r}: choose one of {', '.join(QUANTIZATIONS)}")
+    if quantization == "auto":
+        quantization = pick_quantization(directory, device)
     if torch.device(device).type == "cpu" and quantization != "none":  # "none" dequantizes every stored form
         load_kernels()
     sources = {model.get_submodule(key.rpartition(".")[0]) for key in model.tied_keys.values()}

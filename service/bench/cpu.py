@@ -14,7 +14,8 @@ from pathlib import Path
 
 import torch
 
-from model.registry import GGUF_MODELS, fetch_gguf
+from model.loader import pick_quantization
+from model.registry import GGUF_MODELS, fetch_gguf, resolve
 from parallel import quant
 from parallel.quant import weight_bytes
 from service.engine.generator import TextGenerator
@@ -131,6 +132,8 @@ def run(
     model: str, tokens: int = 64, with_hf: bool = True, quantization: str = "none", with_peers: bool = True
 ) -> dict:
     bandwidth = read_bandwidth_gbs()
+    if quantization == "auto":
+        quantization = pick_quantization(resolve(model))
     gen = TextGenerator.load(model, quantization=quantization)
     rss = peak_rss_mb()
     prompts = [gen.tokenizer.encode(p) for p in PROMPTS]

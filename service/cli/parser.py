@@ -84,8 +84,10 @@ def parser() -> argparse.ArgumentParser:
     common.add_argument(
         "--quantize",
         choices=list(QUANTIZATIONS),
-        default="none",
-        help="quantize the linear layers' weights after loading: int8 per row (a quarter of their fp32 bytes; "
+        default="auto",
+        help="auto (default): a checkpoint stored quantized (a GGUF file's blocks, as the named models are) runs "
+        "int4 on a CPU, anything else as loaded; or quantize the linear layers' weights after loading: int8 per "
+        "row (a quarter of their fp32 bytes; "
         "on CPU through FBGEMM), int4 in groups of 32 (an eighth; on CPU our own kernels, the fastest, built once "
         "on first use; a GGUF's 5-6 bit tensors stay as stored); the LM head is int8 at most. See README",
     )

@@ -17,8 +17,9 @@ from gguf.quants import quantize
 from torch.testing import assert_close
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
+from model.config import PRESETS
 from model.gguf import convert
-from model.loader import load_model
+from model.loader import load_model, pick_quantization
 from model.tokenizer import Tokenizer
 
 HIDDEN, FFN, HEADS, KV, LAYERS = 64, 128, 4, 2, 2
@@ -182,6 +183,20 @@ def test_stored_forms_load_under_every_quantization(qwen2, quantization):
     assert (got.argmax(-1) == want.argmax(-1)).float().mean() > 0.8
     model = load_model(qwen2[1], quantization=quantization)
     assert hasattr(model.model.embed_tokens, "rows") and not hasattr(model.model.embed_tokens, "weight")
+
+
+def test_auto_runs_a_quantized_file_as_int4_on_a_cpu_only(qwen2, tmp_path):
+    """`--quantize auto` (the CLI's default): a converted GGUF file's stored blocks run as int4 on a CPU (the
+    same model `--quantize int4` loads), as loaded on CUDA; a checkpoint of plain tensors runs as loaded."""
+    from model.tiny import write_model_dir
+
+    assert pick_quantization(qwen2[1]) == "int4" and pick_quantization(qwen2[1], "cuda") == "none"
+    ids = torch.arange(10)[None]
+    with torch.inference_mode():
+        auto, int4, none = (load_model(qwen2[1], quantization=q)(ids, ids) for q in ("auto", "int4", "none"))
+    assert torch.equal(auto, int4) and not torch.equal(auto, none)
+    write_model_dir(tmp_path / "plain", PRESETS["tiny-random"])
+    assert pick_quantization(tmp_path / "plain") == "none"
 
 
 # where each type keeps its fp16 scales (d, then m or dmin) in a block: set to sane values in random blocks
