@@ -9,7 +9,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 LOCK ?= .ci/constraints.txt
-MODEL ?= smollm2-135m-instruct
+MODEL ?= qwen2.5-coder-1.5b-instruct
 HOST ?= 127.0.0.1
 PORT ?= 8000
 PYTEST_ARGS ?=

