@@ -17,8 +17,6 @@ packed.
 from __future__ import annotations
 
 import copy
-import ctypes
-import ctypes.util
 import time
 from collections import defaultdict
 
@@ -26,14 +24,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from model.heap import trim
+
 ROWS_HINT = 64  # the batch size oneDNN's layout is chosen for: any hint above 1 gave the same blocked
 # layout speed for 1 to 512 rows; a hint of 1 gave a layout 1.4x slower at one row and 2x at eight
 MIN_BYTES = 1 << 20  # smaller weights stay with F.linear: oneDNN's call overhead outweighs the read (and
 # the test model's largest weight, 256 KB, never takes a route that timing noise could flip)
 SAMPLE_BYTES = 64 << 20  # weights of one shape timed, at most (twice the L3 cache of the EPYC measured)
 MARGIN = 0.9  # oneDNN is kept only when it takes under 90% of F.linear's time (noise must not flip it)
-
-_LIBC = ctypes.CDLL(ctypes.util.find_library("c") or None)
 
 
 class PackedLinear(nn.Module):
@@ -102,6 +100,6 @@ def pack(model: nn.Module, measure: bool = True, min_bytes: int = MIN_BYTES) -> 
         for layer in layers if faster else []:  # one at a time: one weight's copy at most in memory
             layer.kernel = PackedLinear(layer.weight.data)
             del layer.weight  # a tied input embedding keeps its own reference
-    if routes and hasattr(_LIBC, "malloc_trim"):
-        _LIBC.malloc_trim(0)  # glibc keeps the freed weights' pages otherwise (measured: 460 MB on SmolLM2)
+    if routes:
+        trim()  # the freed fp32 weights' pages (measured: 460 MB on SmolLM2)
     return routes
