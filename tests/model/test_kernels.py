@@ -53,11 +53,11 @@ def weights(bits: int, n: int, k: int, g: torch.Generator) -> tuple[torch.Tensor
 
 @pytest.mark.parametrize("bits", [4, 6])
 @pytest.mark.parametrize("rows", [1, 2, 3, 5, 8, 9, 17, 64, 70])
-@pytest.mark.parametrize("n,k", [(1, 32), (15, 64), (16, 96), (17, 32), (40, 320)])
+@pytest.mark.parametrize("n,k", [(1, 32), (15, 64), (16, 96), (17, 32), (40, 320), (60, 64)])
 def test_kernel_equals_the_reference_on_every_instruction_set(best, bits, rows, n, k):
     """Guards the packed layouts (nibbles, from levels one or two per byte; int6's 2-bit plane, its two scale
     groups per block), the tile
-    edges (output rows off a multiple of 16: masked stores), the row passes (1-8 activation rows per
+    edges (output rows off a multiple of 16: masked stores; tiles in pairs and one left over), the row passes (1-8 activation rows per
     weight read, and the 64-row chunks) and each ISA's own code path: all give the product of the
     int8-rounded activations with the dequantized weight, and with `precise` that of the activations
     as they are."""
