@@ -56,11 +56,10 @@ def weights(bits: int, n: int, k: int, g: torch.Generator) -> tuple[torch.Tensor
 @pytest.mark.parametrize("n,k", [(1, 32), (15, 64), (16, 96), (17, 32), (40, 320), (60, 64)])
 def test_kernel_equals_the_reference_on_every_instruction_set(best, bits, rows, n, k):
     """Guards the packed layouts (nibbles, from levels one or two per byte; int6's 2-bit plane, its two scale
-    groups per block), the tile
-    edges (output rows off a multiple of 16: masked stores; tiles in pairs and one left over), the row passes (1-8 activation rows per
-    weight read, and the 64-row chunks) and each ISA's own code path: all give the product of the
-    int8-rounded activations with the dequantized weight, and with `precise` that of the activations
-    as they are."""
+    groups per block), the tile edges (output rows off a multiple of 16: masked stores; tiles in pairs and
+    one left over), the row passes (1-8 activation rows per weight read, 1-6 over a pair of tiles, and the
+    64-row chunks) and each ISA's own code path: all give the product of the int8-rounded activations with
+    the dequantized weight, and with `precise` that of the activations as they are."""
     g = torch.Generator().manual_seed(rows * 1000 + n + k + bits)
     levels, scale, low = weights(bits, n, k, g)
     x = torch.randn(rows, k, generator=g) * torch.rand(rows, 1, generator=g) * 10
