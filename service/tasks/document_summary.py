@@ -1,9 +1,11 @@
 """Summaries of documents along their structure (`service.documents`): a deck slide by slide, a workbook
 sheet by sheet (a sheet cut in pieces keeps its header row in each), a PDF page by page, an e-mail
 message by message, each part under its label. A document that fits the context is summarized whole,
-labels included; a longer one goes through `service.tasks.summarize.map_reduce`, its pieces groups of
-whole parts (a part longer than the context on its own is cut at sentence ends). Each sentence
-of the summary then cites the part it shares the most content words with, when it shares two or more.
+labels included (not cut to its key sentences as plain text is: that kept a deck's first slide and
+dropped a table's header row); a longer one goes through `service.tasks.summarize.map_reduce`, its
+pieces groups of whole parts (a part longer than the context on its own is cut at sentence ends). Each
+sentence of the summary then cites the part it shares the most content words with, when it shares two
+or more.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ def document_plan(
     whole = "\n\n".join(d.text() for d in docs)
     room = map_room(gen)
     if len(gen.tokenizer.encode(whole)) <= room or room < 64:
-        s = yield from summarize_plan(gen, whole, length, max_words, temperature, seed)
+        s = yield from summarize_plan(gen, whole, length, max_words, temperature, seed, whole=True)
     else:
         labelled = [(f"{d.name}, {p.label}", p.text) for d, p in parts]
         s = yield from map_reduce(gen, whole, length, max_words, temperature, seed, cut=partial(_groups, gen, labelled))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import collections
 from dataclasses import dataclass
 
+from model.registry import NO_NGRAM_BLOCK
 from service.engine.generator import TextGenerator
 from service.engine.sampling_params import SamplingParams
 from service.errors import ContextOverflow, InvalidRequest
@@ -27,7 +28,8 @@ REWRITE_INSTRUCTION = "Rewrite the key sentences below as a summary"
 # Greedy decoding of a small model loops ("The video is at CNN.com. The video is at CNN.com. ...");
 # blocking repeated 4-grams of generated tokens (as BART/PEGASUS summarizers do with 3) stopped that and
 # raised ROUGE-1 on 8 CNN/DM dev articles from 0.207 to 0.237. The price: an exact repeat of a 4-token
-# phrase in one summary is steered away from.
+# phrase in one summary is steered away from, numbers included where each digit is a token ("25,000 ...
+# 10,000" became "10,00"): the models of `model.registry.NO_NGRAM_BLOCK`, measured not to loop, go without.
 SUMMARY_NO_REPEAT_NGRAM = 4
 MAP_INSTRUCTION = "in about 3 sentences"  # the map step of map-reduce
 LENGTHS = {"short": (1, 60), "medium": (3, 150), "long": (5, 260)}  # sentences, token budget
@@ -46,6 +48,11 @@ class Summary:
 def summary_messages(document: str, instruction: str, rewrite: bool = False) -> list[dict[str, str]]:
     ask = f"{REWRITE_INSTRUCTION} {instruction}" if rewrite else f"Summarize the following document {instruction}"
     return [{"role": "system", "content": SUMMARY_SYSTEM}, {"role": "user", "content": f"{ask}.\n\n{document}"}]
+
+
+def ngram_block(gen: TextGenerator) -> int:
+    """The `no_repeat_ngram` of this model's summaries: 0 for the models measured not to loop."""
+    return 0 if gen.name in NO_NGRAM_BLOCK else SUMMARY_NO_REPEAT_NGRAM
 
 
 def stop_after(n: int):
@@ -99,10 +106,13 @@ def summarize_plan(
     max_words: int | None = None,
     temperature: float = 0.0,
     seed: int | None = None,
+    whole: bool = False,
 ) -> Plan:
-    """An abstractive summary. A document longer than the context goes through map-reduce: its
-    pieces are summarized (in one generation), then the joined summaries are summarized, again if
-    needed. Streams the final summary's text."""
+    """An abstractive summary. A document that fits the context goes to the model as its key sentences
+    (`salient`: prose, news), or with `whole` as it is (a structured document: its slides' titles, a
+    table's header row and every part must reach the model). A document longer than the context goes
+    through map-reduce: its pieces are summarized (in one generation), then the joined summaries are
+    summarized, again if needed. Streams the final summary's text."""
     if not isinstance(document, str) or not document.strip():
         raise InvalidRequest("document is empty")
     document = document.strip()
@@ -115,13 +125,11 @@ def summarize_plan(
         instruction, budget = f"in at most {max_words} words", int(max_words * 1.5) + 16
     else:
         instruction = "in one sentence" if count == 1 else f"in about {count} sentences"
-    params = SamplingParams(
-        max_tokens=budget, temperature=temperature, seed=seed, no_repeat_ngram=SUMMARY_NO_REPEAT_NGRAM
-    )
+    params = SamplingParams(max_tokens=budget, temperature=temperature, seed=seed, no_repeat_ngram=ngram_block(gen))
     chat, context = gen.tokenizer.chat, gen.engine.context
     if len(chat(summary_messages(document, instruction))) + budget > context:
         return (yield from map_reduce(gen, document, length, max_words, temperature, seed))
-    key = salient(document, max(5, count + 2))
+    key = None if whole else salient(document, max(5, count + 2))
     ids = chat(summary_messages(key or document, instruction, rewrite=key is not None))
     r = (yield Generate([ids], [params], True, stop_after(count) if max_words is None else None))[0]
     text = " ".join(r.text.split())
@@ -159,7 +167,7 @@ def map_reduce(
         gen.engine.limits.check_fits(len(chat(summary_messages(".", MAP_INSTRUCTION))) + 64, map_budget)
     pieces = cut(room) if cut else split_to_fit(gen, document, room)
     map_params = SamplingParams(
-        max_tokens=map_budget, temperature=temperature, seed=seed, no_repeat_ngram=SUMMARY_NO_REPEAT_NGRAM
+        max_tokens=map_budget, temperature=temperature, seed=seed, no_repeat_ngram=ngram_block(gen)
     )
     prompts = [chat(summary_messages(p, MAP_INSTRUCTION)) for p in pieces]
     partial = yield Generate(prompts, [map_params] * len(prompts), stage="map")

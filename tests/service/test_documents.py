@@ -234,3 +234,18 @@ def test_a_long_workbook_is_summarized_in_groups_of_parts_with_header_rows(tiny,
     ]
     cited = cite("The code word was walrus. Nothing else.", parts)
     assert [(c["file"], c["part"]) for c in cited] == [("deck.pptx", "slide 3"), (None, None)]
+
+
+def test_a_document_that_fits_reaches_the_model_whole(tiny):
+    """A deck within the context is summarized from every slide, labels included; the same text given as
+    plain text is cut to its key sentences (which, for a real deck, kept slide 1 and left out the rest,
+    and for a workbook dropped the header row that says what a column is)."""
+    from service.tasks.document_summary import document_plan
+    from service.tasks.plans import run_plan
+    from service.tasks.summarize import summarize
+
+    slides = [documents.Part(f"slide {i}", f"Slide {i} says the launch moves to week {i}.") for i in range(1, 9)]
+    doc = documents.Document("deck.pptx", "pptx", slides)
+    whole = run_plan(tiny, document_plan(tiny, [doc], "short"))
+    assert whole.prompt_tokens > len(tiny.tokenizer.encode(doc.text()))
+    assert summarize(tiny, doc.text(), "short").prompt_tokens < len(tiny.tokenizer.encode(doc.text()))
