@@ -76,6 +76,21 @@ def test_kernel_equals_the_reference_on_every_instruction_set(best, bits, rows, 
         torch.testing.assert_close(precise, exact, rtol=1e-4, atol=1e-4 * exact.abs().max().item(), msg=isa)
 
 
+@pytest.mark.parametrize("bits", [4, 6])
+def test_a_row_gets_the_same_bits_alone_as_in_a_batch(best, bits):
+    """Batch invariance: one row's output is bitwise the same multiplied alone (one-tile kernel) as among
+    13 rows (AVX-512 VNNI's two-tile passes for int4, row passes of 8 otherwise), so a request's greedy
+    tokens do not depend on what else the step carries."""
+    g = torch.Generator().manual_seed(bits)
+    levels, scale, low = weights(bits, 70, 320, g)
+    packed = torch.ops.nlg.pack(levels, scale, low, bits)
+    x = torch.randn(13, 320, generator=g)
+    for isa in torch.ops.nlg.isas():
+        batch = torch.ops.nlg.matmul(x, packed, 70, isa)
+        alone = torch.cat([torch.ops.nlg.matmul(x[i : i + 1], packed, 70, isa) for i in range(13)])
+        assert torch.equal(batch, alone), isa
+
+
 def test_packing_refuses_what_the_layout_cannot_hold(best):
     """Levels past the form's range, scales past fp16 and widths off the blocks are refused, not wrapped."""
     g = torch.Generator().manual_seed(0)
