@@ -26,8 +26,8 @@
 // Work is split over torch's threads by tiles of output rows. Each weight tile is read once for up to
 // ROWS_PER_PASS activation rows (their accumulators stay in registers), and activation rows go in
 // chunks of ROW_CHUNK so a chunk's int8 rows stay in cache while a thread walks its tiles. int4 with
-// more than one row on AVX-512 VNNI takes tiles two at a time (PAIR_ROWS rows a pass), so that each
-// activation broadcast feeds two tiles.
+// more than ROWS_PER_PASS rows (prefill) on AVX-512 VNNI takes tiles two at a time (PAIR_ROWS rows a
+// pass), so that each activation broadcast feeds two tiles.
 //
 // The instruction set is picked at run time (GCC's target attributes, `__builtin_cpu_supports`):
 // AVX-512 VNNI, else AVX-VNNI (256-bit), else AVX2 + FMA + F16C, else portable C++ (what an ARM laptop
@@ -354,8 +354,10 @@ VNNI void tile_vnni(const uint8_t* w, int64_t nb, const Quantized* a, float* y, 
 // int4, two adjacent tiles (32 output rows, the second `next` bytes after the first) at once: each
 // broadcast of four activation bytes feeds two `dpbusd`, and a row's sum over a block is one chain per
 // tile. On an Ice Lake Xeon the broadcasts, not the `dpbusd`, bounded the one-tile kernel with many rows:
-// this one runs 1.2-1.3x faster from 2 rows on (one core, 64 rows, 1536 x 1536 to 8960 x 1536); one row
-// keeps the one-tile kernel (faster there), and so does int6 (the same scheme measured 0.8x for it).
+// this one runs 1.2-1.3x faster (one core, 64 rows, 1536 x 1536 to 8960 x 1536). Up to ROWS_PER_PASS
+// rows (decode, batches of up to 8) keep the one-tile kernel: one pass over weights streamed from memory
+// beat 6 + 2 rows in two (batch-8 decode of the 1.5B model 50-61 against 46-53 tok/s), and so does int6
+// (the same scheme measured 0.8x for it).
 template <int R>
 VNNI void pair_vnni(const uint8_t* w, int64_t next, int64_t nb, const Quantized* a, float* y, int64_t ystride,
                     int valid) {
@@ -587,7 +589,7 @@ at::Tensor matmul(const at::Tensor& x_in, const at::Tensor& packed, int64_t n, c
   const uint8_t* wp = packed.data_ptr<uint8_t>();
   const int64_t tile_bytes = nb * packed.size(2);
   // threads split units of output rows: one tile, or two adjacent tiles where the two-tile kernel runs
-  const bool pairs = !six && isa == Isa::avx512vnni && rows > 1;
+  const bool pairs = !six && isa == Isa::avx512vnni && rows > ROWS_PER_PASS;
   at::parallel_for(0, pairs ? (tiles + 1) / 2 : tiles, 1, [&](int64_t u0, int64_t u1) {
     Quantized a[ROWS_PER_PASS];
     for (int64_t c = 0; c < rows; c += ROW_CHUNK) {
