@@ -35,7 +35,7 @@ def document_plan(
     whole = "\n\n".join(d.text() for d in docs)
     room = map_room(gen)
     if len(gen.tokenizer.encode(whole)) <= room or room < 64:
-        s = yield from summarize_plan(gen, whole, length, max_words, temperature, seed, whole=True)
+        s = yield from summarize_plan(gen, whole, length, max_words, temperature, seed, key_sentences=False)
     else:
         labelled = [(f"{d.name}, {p.label}", p.text) for d, p in parts]
         s = yield from map_reduce(gen, whole, length, max_words, temperature, seed, cut=partial(_groups, gen, labelled))

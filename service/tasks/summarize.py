@@ -106,11 +106,11 @@ def summarize_plan(
     max_words: int | None = None,
     temperature: float = 0.0,
     seed: int | None = None,
-    whole: bool = False,
+    key_sentences: bool = True,
 ) -> Plan:
     """An abstractive summary. A document that fits the context goes to the model as its key sentences
-    (`salient`: prose, news), or with `whole` as it is (a structured document: its slides' titles, a
-    table's header row and every part must reach the model). A document longer than the context goes
+    (`salient`: prose, news), or without `key_sentences` as it is (a structured document: its slides'
+    titles, a table's header row and every part must reach the model). A document longer than the context goes
     through map-reduce: its pieces are summarized (in one generation), then the joined summaries are
     summarized, again if needed. Streams the final summary's text."""
     if not isinstance(document, str) or not document.strip():
@@ -129,7 +129,7 @@ def summarize_plan(
     chat, context = gen.tokenizer.chat, gen.engine.context
     if len(chat(summary_messages(document, instruction))) + budget > context:
         return (yield from map_reduce(gen, document, length, max_words, temperature, seed))
-    key = None if whole else salient(document, max(5, count + 2))
+    key = salient(document, max(5, count + 2)) if key_sentences else None
     ids = chat(summary_messages(key or document, instruction, rewrite=key is not None))
     r = (yield Generate([ids], [params], True, stop_after(count) if max_words is None else None))[0]
     text = " ".join(r.text.split())
