@@ -85,7 +85,9 @@ class Batch:
     the new tokens' keys (and values) take in a layer's cache seen as (regions x Hkv x region positions,
     head dim): computed once, written by every layer with one `index_copy_`. mask: (B, 1, T, S) bool, or None
     when every key is visible. home: the regions whose first positions hold the rows (a slice when
-    they are consecutive), or None when the rows' blocks are gathered.
+    they are consecutive), or None when the rows' blocks are gathered. native_step: set by a model whose
+    norms run our kernels (fp32 on a CPU), their instruction set: its decode rows attend in one call of
+    ours (`torch.ops.nlg.decode_attention`).
     """
 
     positions: torch.Tensor
@@ -94,6 +96,7 @@ class Batch:
     mask: torch.Tensor | None
     span: int  # S: keys attended per row
     home: slice | torch.Tensor | None = None
+    native_step: str | None = None  # decode rows attend in our kernel with this instruction set
 
     @classmethod
     def make(cls, positions: torch.Tensor, cache: KVCache | None, blocks: torch.Tensor | None) -> Batch:
@@ -160,6 +163,10 @@ def attend(
                 .reshape(b, hkv, batch.span, d)
                 for c in (kc, vc)
             )
+    if t == 1 and batch.native_step and cache is not None:  # key j is position j: a row sees its first p + 1
+        lengths = batch.positions[:, 0] + 1
+        out = torch.ops.nlg.decode_attention(q.view(b, hkv, h // hkv, d), k, v, lengths, d**-0.5, batch.native_step)
+        return out.reshape(b, 1, h * d)
     if t == 1 and h != hkv:  # decode: the query heads sharing a KV head become its rows, no K/V copy
         out = F.scaled_dot_product_attention(q.view(b, hkv, h // hkv, d), k, v, attn_mask=batch.mask)
         return out.reshape(b, 1, h * d)  # (B, Hkv, H/Hkv, D) is (B, H, D) in head order

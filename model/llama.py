@@ -28,13 +28,26 @@ from parallel.state import get_tp
 
 
 class RMSNorm(nn.Module):
+    """norm(x), or with `residual` the pair (norm(x + residual), x + residual): the sum is the next
+    residual. `native_step` (set by the loader where our kernels run, fp32 on a CPU: their instruction
+    set): one call of `torch.ops.nlg` instead of torch's several."""
+
+    native_step: str | None = None
+
     def __init__(self, dim: int, eps: float):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(dim), requires_grad=False)
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        if self.native_step:
+            if residual is None:
+                return torch.ops.nlg.rms_norm(x, self.weight, self.eps, self.native_step)
+            return torch.ops.nlg.add_rms_norm(x, residual, self.weight, self.eps, self.native_step)
+        if residual is None:
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        x = x + residual
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps), x
 
 
 def rope_tables(cfg: ModelConfig, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
@@ -94,9 +107,15 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, batch: Batch, cache: KVCache | None) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, batch, cache)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, residual, cos, sin, batch: Batch, cache: KVCache | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: the last block's output, residual: the stream before it (None at the first block, whose x is
+        the embedding). Returns the same pair for the next block: each norm adds its input to the stream."""
+        if residual is None:
+            h, residual = self.input_layernorm(x), x
+        else:
+            h, residual = self.input_layernorm(x, residual)
+        h, residual = self.post_attention_layernorm(self.self_attn(h, cos, sin, batch, cache), residual)
+        return self.mlp(h), residual
 
 
 class Body(nn.Module):
@@ -110,6 +129,8 @@ class Body(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
+    native_step: str | None = None  # decode attention in our kernel (`model.kv_cache.attend`), as the norms
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.config = cfg
@@ -135,10 +156,11 @@ class LlamaForCausalLM(nn.Module):
         each row may ask for one or many. `fixed`: rows read every position of their N blocks and
         nothing is read back to the host (`Batch.fixed`: a CUDA graph can record it)."""
         batch = Batch.fixed(positions, blocks, cache) if fixed else Batch.make(positions, cache, blocks)
+        batch.native_step = self.native_step
         cos, sin = self.cos[positions].unsqueeze(2), self.sin[positions].unsqueeze(2)  # (B, T, 1, D)
-        x = self.model.embed_tokens(input_ids)  # (B, T, hidden)
+        x, residual = self.model.embed_tokens(input_ids), None  # (B, T, hidden)
         for block in self.model.layers:
-            x = block(x, cos, sin, batch, cache)
+            x, residual = block(x, residual, cos, sin, batch, cache)
         if logits_index is not None:
-            x = x.flatten(0, 1)[logits_index]  # (N, hidden)
-        return self.lm_head(self.model.norm(x))
+            x, residual = x.flatten(0, 1)[logits_index], residual.flatten(0, 1)[logits_index]  # (N, hidden)
+        return self.lm_head(self.model.norm(x, residual)[0])

@@ -67,7 +67,8 @@ def load_model(
     """Load this rank's shard of the model in `directory` (at tensor-parallel size 1, all of it), its
     linear layers quantized after loading with `quantization` int8 or int4 (`parallel.quant`); weights
     stored quantized are dequantized to `dtype` for "none"; "auto" is `pick_quantization`. On a CPU,
-    quantized layers run our kernels where they can (`model.kernels`, built on first use), and fp32 linear
+    quantized layers run our kernels where they can (`model.kernels`, built on first use; with fp32
+    activations the norms and decode attention run them too: `native_step`), and fp32 linear
     layers take oneDNN's packed weights where that measures faster (`model.cpu_matmul`; the routes in
     `model.matmul_routes`)."""
     directory = Path(directory)
@@ -80,8 +81,10 @@ def load_model(
         raise ValueError(f"--quantize {quantization!r}: choose one of {', '.join(QUANTIZATIONS)}")
     if quantization == "auto":
         quantization = pick_quantization(directory, device)
+    native = None  # our kernels' instruction set, where the norms and decode attention run them (fp32)
     if torch.device(device).type == "cpu" and quantization != "none":  # "none" dequantizes every stored form
-        load_kernels()
+        isa = load_kernels()
+        native = isa if dtype == torch.float32 else None
     sources = {model.get_submodule(key.rpartition(".")[0]) for key in model.tied_keys.values()}
 
     def loaded(layer: nn.Module) -> None:  # quantize as we go, except a tied weight's owner (below)
@@ -103,8 +106,17 @@ def load_model(
             setattr(model.get_submodule(owner), leaf, model.get_parameter(source))
     model.init_buffers(device, dtype)
     quantize(model, quantization, dtype).eval()
+    use_native_step(model, native)
     model.matmul_routes = pack(model) if torch.device(device).type == "cpu" else {}
     return model
+
+
+def use_native_step(model: nn.Module, isa: str | None) -> None:
+    """Run the norms and decode attention of `model` (those that have a `native_step`) in our kernels with
+    instruction set `isa`, or (None) in torch's ops."""
+    for module in model.modules():
+        if hasattr(type(module), "native_step"):
+            module.native_step = isa
 
 
 def _key_mapper(cfg: ModelConfig, keys: set[str]):

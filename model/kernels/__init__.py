@@ -1,4 +1,5 @@
-"""Our native CPU kernels (`matmul.cpp`), compiled once per machine and cached, registered as `torch.ops.nlg`.
+"""Our native CPU kernels, compiled once per machine and cached, registered as `torch.ops.nlg`: the
+quantized matmuls (`matmul.cpp`), and RMSNorm and decode attention (`step.cpp`: `model.loader.use_native_step`).
 
 `load()` builds them with torch's C++ extension API (a C++ compiler and ninja; the ninja wheel is a
 dependency) into the model cache (`model.registry.cache_dir() / "kernels"`, keyed by torch's version and
@@ -21,7 +22,7 @@ import torch
 
 from parallel.quant import use_native
 
-SOURCES = [Path(__file__).with_name("matmul.cpp")]
+SOURCES = [Path(__file__).with_name(name) for name in ("matmul.cpp", "step.cpp")]
 # -fopenmp: at::parallel_for splits work over threads only so; the library then needs libgomp.so.1, which
 # resolves to the copy torch has loaded already (one thread pool, sized by torch.set_num_threads)
 CFLAGS = ["-O3", "-std=c++17", "-fopenmp"]
@@ -55,10 +56,15 @@ def load() -> str | None:
 
 
 def _register_fakes() -> None:
-    """The matmul's output shape for torch.compile's tracing (the C++ registers CPU kernels only)."""
+    """The ops' output shapes for torch.compile's tracing (the C++ registers CPU kernels only)."""
     torch.library.register_fake("nlg::matmul")(
         lambda x, packed, n, isa, precise=False: x.new_empty(x.shape[0], n, dtype=torch.float32)
     )
+    torch.library.register_fake("nlg::rms_norm")(lambda x, weight, eps, isa: torch.empty_like(x))
+    torch.library.register_fake("nlg::add_rms_norm")(
+        lambda x, residual, weight, eps, isa: (torch.empty_like(x), torch.empty_like(x))
+    )
+    torch.library.register_fake("nlg::decode_attention")(lambda q, k, v, lengths, scale, isa: torch.empty_like(q))
 
 
 def _build(build: Path) -> bool:

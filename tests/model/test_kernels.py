@@ -1,6 +1,6 @@
 """Our native kernels (`model.kernels`, `torch.ops.nlg`) against an fp64 reference, on every instruction set
 this CPU runs, for both weight forms (int4, int6) and the row counts and shapes that take the kernel's edge
-paths; and the layers that route to them."""
+paths; and the layers that route to them; the step ops (norms, decode attention) against torch's."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ import shutil
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torch.testing import assert_close
 
 from model import kernels
 from parallel import quant
@@ -167,3 +169,53 @@ def test_matmul_traces_under_compile(best):
     x = torch.randn(5, 64, generator=g)
     traced = torch.compile(lambda x: torch.ops.nlg.matmul(x, packed, 24, best) * 2, fullgraph=True)
     torch.testing.assert_close(traced(x), torch.ops.nlg.matmul(x, packed, 24, best) * 2)
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 576), (8, 1, 1536), (3, 70, 100), (2, 5, 1)])
+def test_norms_equal_torchs_on_every_instruction_set(best, shape):
+    """`rms_norm` and `add_rms_norm` (the residual added first, the sum returned as the next residual) against
+    torch's `F.rms_norm`: rows of 1 to 210, widths off every vector size (100, 1); a row's bits alone as in a
+    batch of them."""
+    g = torch.Generator().manual_seed(7)
+    x, r = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
+    w = torch.randn(shape[-1], generator=g)
+    for isa in torch.ops.nlg.isas():
+        assert_close(torch.ops.nlg.rms_norm(x, w, 1e-6, isa), F.rms_norm(x, (shape[-1],), w, 1e-6))
+        normed, total = torch.ops.nlg.add_rms_norm(x, r, w, 1e-6, isa)
+        assert torch.equal(total, x + r), isa
+        assert_close(normed, F.rms_norm(x + r, (shape[-1],), w, 1e-6))
+        alone = torch.ops.nlg.rms_norm(x.flatten(0, -2)[-1:], w, 1e-6, isa)
+        assert torch.equal(alone[0], torch.ops.nlg.rms_norm(x, w, 1e-6, isa).flatten(0, -2)[-1]), isa
+
+
+@pytest.mark.parametrize(
+    "b,hkv,g,d,span", [(1, 2, 6, 128, 40), (4, 3, 3, 64, 100), (2, 1, 1, 64, 1), (3, 2, 2, 72, 17), (1, 1, 5, 8, 300)]
+)
+def test_decode_attention_equals_the_reference_on_every_instruction_set(best, b, hkv, g, d, span):
+    """One query token per row against the first `lengths[b]` keys of a strided cache view (the layout
+    `attend` passes: positions of a larger region), grouped query heads, head sizes off the vector width
+    (72, 8), softmax over 1 to 300 keys with the exp of our own: against fp64 attention under the same mask,
+    within twice the error of torch's own fp32 attention."""
+    gen = torch.Generator().manual_seed(b * 1000 + span)
+    q = torch.randn(b, hkv, g, d, generator=gen)
+    kv = torch.randn(2, b, hkv, span + 9, d, generator=gen) * 3
+    k, v = kv[0][:, :, :span], kv[1][:, :, :span]
+    lengths = torch.randint(1, span + 1, (b,), generator=gen)
+    lengths[0] = span
+    mask = torch.arange(span)[None, None, None, :] < lengths[:, None, None, None]
+    want = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=mask)
+    torchs = (F.scaled_dot_product_attention(q, k, v, attn_mask=mask) - want).abs().max()  # fp32 rounding
+    for isa in torch.ops.nlg.isas():
+        got = torch.ops.nlg.decode_attention(q, k, v, lengths, d**-0.5, isa)
+        assert (got - want).abs().max() <= 2 * torchs + 1e-6, isa
+
+
+def test_step_ops_refuse_what_they_cannot_run(best):
+    """A clear error, not a wrong answer: lengths past the keys, dtypes other than fp32, an unknown ISA."""
+    q, k = torch.randn(1, 1, 2, 8), torch.randn(1, 1, 4, 8)
+    with pytest.raises(RuntimeError, match="length"):
+        torch.ops.nlg.decode_attention(q, k, k, torch.tensor([5]), 1.0, best)
+    with pytest.raises(RuntimeError, match="fp32"):
+        torch.ops.nlg.rms_norm(torch.randn(2, 8).double(), torch.randn(8).double(), 1e-6, best)
+    with pytest.raises(RuntimeError, match="isa"):
+        torch.ops.nlg.rms_norm(torch.randn(2, 8), torch.randn(8), 1e-6, "neon")

@@ -7,8 +7,26 @@ import pytest
 import torch
 from torch.testing import assert_close
 
+from model import kernels
 from model.kv_cache import Batch, KVCache
+from model.loader import use_native_step
 from service.engine.sampling_params import SamplingParams
+
+
+@pytest.fixture(params=["torch", "ours"])
+def model(request, tiny):
+    """The tiny model with its norms and decode attention in torch's ops, then in our kernels
+    (`torch.ops.nlg`, as a model quantized for a CPU runs them)."""
+    isa = None
+    if request.param == "ours":
+        isa = kernels.load()
+        if isa is None:
+            pytest.skip("our kernels did not load")
+    use_native_step(tiny.engine.model, isa)
+    try:
+        yield tiny.engine.model
+    finally:
+        use_native_step(tiny.engine.model, None)
 
 
 def cache_of(model, blocks: int = 16, block_size: int = 4, region: int = 4) -> KVCache:
@@ -17,10 +35,10 @@ def cache_of(model, blocks: int = 16, block_size: int = 4, region: int = 4) -> K
 
 
 @pytest.mark.parametrize("table", [[4, 5, 6], [3, 4, 5], [7, 2, 9]], ids=["home", "across-regions", "scattered"])
-def test_cached_decode_equals_full_forward(tiny, table):
+def test_cached_decode_equals_full_forward(model, table):
     """Guards cache writes at the right (block, offset), the `key_pos <= query_pos` mask, and both reads:
-    a region's first positions (home) and a gather of blocks elsewhere; positions cross block boundaries."""
-    model = tiny.engine.model
+    a region's first positions (home) and a gather of blocks elsewhere; positions cross block boundaries;
+    with our kernels, each decode row's keys visible up to its position."""
     ids = torch.tensor([[1, 40, 41, 42, 43, 44, 45, 46, 47, 48, 49, 50]])
     positions = torch.arange(ids.shape[1])[None]
     cache, blocks = cache_of(model), torch.tensor([table])
@@ -32,8 +50,8 @@ def test_cached_decode_equals_full_forward(tiny, table):
     assert_close(torch.cat(steps), full, atol=1e-5, rtol=1e-5)
 
 
-def test_batched_generation_equals_one_by_one(tiny):
-    """Guards ragged prefill padding and per-row positions in decode."""
+def test_batched_generation_equals_one_by_one(model, tiny):
+    """Guards ragged prefill padding and per-row positions in decode (each row's own length in ours)."""
     prompts = [tiny.tokenizer.encode(t) for t in ("hello there", "a much longer prompt than the first", "x")]
     params = [SamplingParams(max_tokens=12, ignore_eos=True)] * 3
     together = tiny.engine.generate(prompts, params)
@@ -58,11 +76,10 @@ def test_chunked_prefill_equals_single_chunk(tiny):
     [([[9, 2, 6], [5, 11, 0]], None), ([[4, 5, 6], [8, 9, 0]], slice(1, 3)), ([[12, 13, 14], [4, 5, 0]], [3, 1])],
     ids=["scattered", "home-run", "home-apart"],
 )
-def test_ragged_rows_over_block_tables_equal_full_forwards(tiny, table, home):
+def test_ragged_rows_over_block_tables_equal_full_forwards(model, table, home):
     """Two rows of different lengths, over blocks scattered or at the start of their regions (read in
     place, as one run of regions or two apart), prefilled right-padded (the padding written to the null
     block) then decoded across block boundaries: each row equals its own full forward."""
-    model = tiny.engine.model
     rows = [[1, 40, 41, 42, 43, 44, 45, 46, 47, 48], [1, 50, 51, 52, 53, 54, 55]]
     cache = cache_of(model)
     blocks = torch.tensor(table)  # the second row's third entry: the null block

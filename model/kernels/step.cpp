@@ -1,0 +1,312 @@
+// The parts of a decode step around the matmuls, each one call instead of several torch ops (ops nlg::*):
+//
+//   rms_norm(x, w, eps)                 x / sqrt(mean(x^2) + eps) * w per row
+//   add_rms_norm(x, residual, w, eps)   the same of s = x + residual, and s (the next residual)
+//   decode_attention(q, k, v, lengths)  one query token per row against the first lengths[b] keys
+// each with the instruction set to run last (named as the matmul's).
+//
+// All fp32. Small calls are the point: at a decode row torch's rms_norm is several kernels (~11 us), this
+// is one pass (~3 us with the call). The norms are plain loops the compiler vectorizes, the attention's
+// dot products, softmax and value sums are AVX-512 or AVX2 intrinsics; each is built for its instruction
+// set (GCC target attributes) and picked at run time like the matmuls, with a portable scalar path.
+
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+#include <torch/torch.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
+namespace {
+
+// y = x * rsqrt(mean(x^2) + eps) * w over one row of d.
+inline __attribute__((always_inline)) void norm_row(const float* x, const float* w, float eps, int64_t d, float* y) {
+  float ss = 0.f;
+#pragma omp simd reduction(+ : ss)
+  for (int64_t i = 0; i < d; ++i) ss += x[i] * x[i];
+  const float r = 1.f / std::sqrt(ss / static_cast<float>(d) + eps);
+#pragma omp simd
+  for (int64_t i = 0; i < d; ++i) y[i] = x[i] * r * w[i];
+}
+
+// s = a + b, then y = norm(s).
+inline __attribute__((always_inline)) void add_norm_row(const float* a, const float* b, const float* w, float eps,
+                                                        int64_t d, float* s, float* y) {
+#pragma omp simd
+  for (int64_t i = 0; i < d; ++i) s[i] = a[i] + b[i];
+  norm_row(s, w, eps, d, y);
+}
+
+// Vector helpers of the attention, one set per instruction set: dot(a, b, d), axpy(p, x, y, d): y += p * x,
+// softmax(s, n) in place. Plain calls (the attention calls them once per key and head), each built for its
+// target; exp is x = n ln2 + r, |r| <= ln2 / 2, e^r by its Taylor polynomial to degree 6 (~2 ulp), times 2^n.
+constexpr float LOG2E = 1.44269504f, LN2_HI = 0.693145752f, LN2_LO = 1.42860677e-6f;
+
+struct Scalar {
+  static float dot(const float* a, const float* b, int64_t d) {
+    float s = 0.f;
+    for (int64_t i = 0; i < d; ++i) s += a[i] * b[i];
+    return s;
+  }
+  static void axpy(float p, const float* x, float* y, int64_t d) {
+    for (int64_t i = 0; i < d; ++i) y[i] += p * x[i];
+  }
+  static void softmax(float* s, int64_t n) {
+    const float top = *std::max_element(s, s + n);
+    float total = 0.f;
+    for (int64_t j = 0; j < n; ++j) total += (s[j] = std::exp(s[j] - top));
+    for (int64_t j = 0; j < n; ++j) s[j] /= total;
+  }
+};
+
+#if defined(__x86_64__)
+#define T512 __attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma")))
+#define T256 __attribute__((target("avx2,fma")))
+
+struct Avx512 {
+  T512 static __m512 exp(__m512 x) {  // x <= 0
+    x = _mm512_max_ps(x, _mm512_set1_ps(-87.f));
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(LOG2E)), _MM_FROUND_TO_NEAREST_INT);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(LN2_HI), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(LN2_LO), r);
+    __m512 p = _mm512_set1_ps(1.f / 720.f);
+    for (float c : {1.f / 120.f, 1.f / 24.f, 1.f / 6.f, 0.5f, 1.f, 1.f}) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+    return _mm512_scalef_ps(p, n);
+  }
+  T512 static float dot(const float* a, const float* b, int64_t d) {
+    __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps();
+    int64_t i = 0;
+    for (; i + 32 <= d; i += 32) {
+      s0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), s0);
+      s1 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i + 16), _mm512_loadu_ps(b + i + 16), s1);
+    }
+    for (; i < d; i += 16) {
+      const __mmask16 m = d - i >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (d - i)) - 1);
+      s0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, a + i), _mm512_maskz_loadu_ps(m, b + i), s0);
+    }
+    return _mm512_reduce_add_ps(_mm512_add_ps(s0, s1));
+  }
+  T512 static void axpy(float p, const float* x, float* y, int64_t d) {
+    const __m512 pv = _mm512_set1_ps(p);
+    for (int64_t i = 0; i < d; i += 16) {
+      const __mmask16 m = d - i >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (d - i)) - 1);
+      _mm512_mask_storeu_ps(y + i, m, _mm512_fmadd_ps(pv, _mm512_maskz_loadu_ps(m, x + i), _mm512_maskz_loadu_ps(m, y + i)));
+    }
+  }
+  T512 static void softmax(float* s, int64_t n) {
+    __m512 top = _mm512_set1_ps(-INFINITY);
+    for (int64_t j = 0; j < n; j += 16) {
+      const __mmask16 m = n - j >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (n - j)) - 1);
+      top = _mm512_mask_max_ps(top, m, top, _mm512_maskz_loadu_ps(m, s + j));
+    }
+    const __m512 t = _mm512_set1_ps(_mm512_reduce_max_ps(top));
+    __m512 total = _mm512_setzero_ps();
+    for (int64_t j = 0; j < n; j += 16) {
+      const __mmask16 m = n - j >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (n - j)) - 1);
+      const __m512 e = exp(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, s + j), t));
+      _mm512_mask_storeu_ps(s + j, m, e);
+      total = _mm512_mask_add_ps(total, m, total, e);
+    }
+    const __m512 inv = _mm512_set1_ps(1.f / _mm512_reduce_add_ps(total));
+    for (int64_t j = 0; j < n; j += 16) {
+      const __mmask16 m = n - j >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (n - j)) - 1);
+      _mm512_mask_storeu_ps(s + j, m, _mm512_mul_ps(_mm512_maskz_loadu_ps(m, s + j), inv));
+    }
+  }
+};
+
+struct Avx2 {
+  T256 static __m256 exp(__m256 x) {  // x <= 0
+    x = _mm256_max_ps(x, _mm256_set1_ps(-87.f));
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(LOG2E)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(LN2_HI), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(LN2_LO), r);
+    __m256 p = _mm256_set1_ps(1.f / 720.f);
+    for (float c : {1.f / 120.f, 1.f / 24.f, 1.f / 6.f, 0.5f, 1.f, 1.f}) p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
+    const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
+  }
+  T256 static float sum(__m256 v) {
+    const __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    const __m128 q = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    return _mm_cvtss_f32(_mm_add_ss(q, _mm_movehdup_ps(q)));
+  }
+  T256 static float dot(const float* a, const float* b, int64_t d) {
+    __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 16 <= d; i += 16) {
+      s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s0);
+      s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), s1);
+    }
+    float s = sum(_mm256_add_ps(s0, s1));
+    for (; i < d; ++i) s += a[i] * b[i];
+    return s;
+  }
+  T256 static void axpy(float p, const float* x, float* y, int64_t d) {
+    const __m256 pv = _mm256_set1_ps(p);
+    int64_t i = 0;
+    for (; i + 8 <= d; i += 8) _mm256_storeu_ps(y + i, _mm256_fmadd_ps(pv, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
+    for (; i < d; ++i) y[i] += p * x[i];
+  }
+  T256 static void softmax(float* s, int64_t n) {
+    const float top = *std::max_element(s, s + n);
+    const __m256 t = _mm256_set1_ps(top);
+    __m256 total = _mm256_setzero_ps();
+    int64_t j = 0;
+    for (; j + 8 <= n; j += 8) {
+      const __m256 e = exp(_mm256_sub_ps(_mm256_loadu_ps(s + j), t));
+      _mm256_storeu_ps(s + j, e);
+      total = _mm256_add_ps(total, e);
+    }
+    float rest = sum(total);
+    for (; j < n; ++j) rest += (s[j] = std::exp(s[j] - top));
+    const float inv = 1.f / rest;
+    for (j = 0; j < n; ++j) s[j] *= inv;
+  }
+};
+#endif
+
+// One row's KV head: g query heads (q, g x d) against keys and values k[j], v[j] (row stride `ks`, `vs`)
+// for j < len; out (g x d). `scores` has room for g x len.
+template <class Ops>
+void attend_group(const float* q, const float* k, const float* v, int64_t ks, int64_t vs, int64_t g, int64_t d,
+                  int64_t len, float scale, float* scores, float* out) {
+  for (int64_t j = 0; j < len; ++j) {
+    for (int64_t h = 0; h < g; ++h) scores[h * len + j] = Ops::dot(q + h * d, k + j * ks, d) * scale;
+  }
+  for (int64_t h = 0; h < g; ++h) Ops::softmax(scores + h * len, len);
+  std::fill(out, out + g * d, 0.f);
+  for (int64_t j = 0; j < len; ++j) {
+    for (int64_t h = 0; h < g; ++h) Ops::axpy(scores[h * len + j], v + j * vs, out + h * d, d);
+  }
+}
+
+// Each function below is built for AVX-512, AVX2 and the compiler's default target; `fast` picks one.
+#if defined(__x86_64__)
+#define WIDE512 __attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma"), noinline))
+#define WIDE256 __attribute__((target("avx2,fma"), noinline))
+#else
+#define WIDE512 __attribute__((noinline))
+#define WIDE256 __attribute__((noinline))
+#endif
+
+#define THREE_WAYS(name, params, args)            \
+  WIDE512 void name##_512 params { name args; }   \
+  WIDE256 void name##_256 params { name args; }   \
+  __attribute__((noinline)) void name##_any params { name args; }
+
+THREE_WAYS(norm_row, (const float* x, const float* w, float eps, int64_t d, float* y), (x, w, eps, d, y))
+THREE_WAYS(add_norm_row, (const float* a, const float* b, const float* w, float eps, int64_t d, float* s, float* y),
+           (a, b, w, eps, d, s, y))
+
+// The instruction set a call runs with, named as the matmul's (`nlg::isas`): "avx512vnni" takes the
+// AVX-512 functions (they need AVX-512 F, BW and VL only), "avx2" and "avxvnni" the AVX2 ones.
+int width(const std::string& isa) {
+  if (isa == "avx512vnni") return 2;
+  if (isa == "avx2" || isa == "avxvnni") return 1;
+  TORCH_CHECK(isa == "portable", "isa: avx512vnni, avxvnni, avx2 or portable, not ", isa);
+  return 0;
+}
+
+template <class F512, class F256, class Fany>
+auto fast(const std::string& isa, F512 a, F256 b, Fany c) {
+  const int w = width(isa);
+  return w == 2 ? a : w == 1 ? b : c;
+}
+
+void check_rows(const at::Tensor& x, const at::Tensor& w) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && w.scalar_type() == at::kFloat, "rms_norm: fp32 only");
+  TORCH_CHECK(x.dim() >= 1 && w.dim() == 1 && x.size(-1) == w.size(0), "rms_norm: x (..., d), weight (d)");
+}
+
+constexpr int64_t ROWS_PER_TASK = 16;  // rows one thread takes at least (a decode batch stays on one)
+
+}  // namespace
+
+at::Tensor rms_norm(const at::Tensor& x_in, const at::Tensor& w_in, double eps, const std::string& isa) {
+  check_rows(x_in, w_in);
+  const auto x = x_in.contiguous(), w = w_in.contiguous();
+  auto y = at::empty_like(x);
+  const int64_t d = x.size(-1), rows = x.numel() / std::max<int64_t>(d, 1);
+  const float *xp = x.data_ptr<float>(), *wp = w.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  const auto row = fast(isa, norm_row_512, norm_row_256, norm_row_any);
+  at::parallel_for(0, rows, ROWS_PER_TASK, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) row(xp + r * d, wp, static_cast<float>(eps), d, yp + r * d);
+  });
+  return y;
+}
+
+std::tuple<at::Tensor, at::Tensor> add_rms_norm(const at::Tensor& x_in, const at::Tensor& res_in,
+                                                const at::Tensor& w_in, double eps, const std::string& isa) {
+  check_rows(x_in, w_in);
+  TORCH_CHECK(res_in.sizes() == x_in.sizes() && res_in.scalar_type() == at::kFloat, "add_rms_norm: residual as x");
+  const auto x = x_in.contiguous(), res = res_in.contiguous(), w = w_in.contiguous();
+  auto y = at::empty_like(x), s = at::empty_like(x);
+  const int64_t d = x.size(-1), rows = x.numel() / std::max<int64_t>(d, 1);
+  const float *xp = x.data_ptr<float>(), *rp = res.data_ptr<float>(), *wp = w.data_ptr<float>();
+  float *yp = y.data_ptr<float>(), *sp = s.data_ptr<float>();
+  const auto row = fast(isa, add_norm_row_512, add_norm_row_256, add_norm_row_any);
+  at::parallel_for(0, rows, ROWS_PER_TASK, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      row(xp + r * d, rp + r * d, wp, static_cast<float>(eps), d, sp + r * d, yp + r * d);
+    }
+  });
+  return {y, s};
+}
+
+// q (B, Hkv, G, D): row b's query heads grouped by the KV head they read; k, v (B, Hkv, S, D) any strides
+// but the last; lengths (B,) int64: row b attends to keys 0..lengths[b]-1. Returns (B, Hkv, G, D).
+at::Tensor decode_attention(const at::Tensor& q_in, const at::Tensor& k, const at::Tensor& v,
+                            const at::Tensor& lengths_in, double scale, const std::string& isa) {
+  TORCH_CHECK(q_in.dim() == 4 && k.dim() == 4 && v.dim() == 4, "decode_attention: q, k, v 4-d");
+  TORCH_CHECK(q_in.scalar_type() == at::kFloat && k.scalar_type() == at::kFloat && v.scalar_type() == at::kFloat,
+              "decode_attention: fp32 only");
+  const int64_t b = q_in.size(0), hkv = q_in.size(1), g = q_in.size(2), d = q_in.size(3), span = k.size(2);
+  TORCH_CHECK(k.size(0) == b && k.size(1) == hkv && k.size(3) == d && v.sizes() == k.sizes(),
+              "decode_attention: k, v (B, Hkv, S, D) as q");
+  TORCH_CHECK(k.stride(3) == 1 && v.stride(3) == 1, "decode_attention: keys and values contiguous per position");
+  const auto q = q_in.contiguous();
+  const auto lengths = lengths_in.to(at::kLong).contiguous();
+  TORCH_CHECK(lengths.numel() == b, "decode_attention: one length per row");
+  const int64_t* lp = lengths.data_ptr<int64_t>();
+  for (int64_t i = 0; i < b; ++i) TORCH_CHECK(lp[i] >= 1 && lp[i] <= span, "decode_attention: length out of range");
+  auto out = at::empty_like(q);
+  const float *qp = q.data_ptr<float>(), *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+#if defined(__x86_64__)
+  const auto group = fast(isa, attend_group<Avx512>, attend_group<Avx2>, attend_group<Scalar>);
+#else
+  const auto group = fast(isa, attend_group<Scalar>, attend_group<Scalar>, attend_group<Scalar>);
+#endif
+  at::parallel_for(0, b * hkv, 1, [&](int64_t u0, int64_t u1) {
+    std::vector<float> scores(g * span);
+    for (int64_t u = u0; u < u1; ++u) {
+      const int64_t row = u / hkv, head = u % hkv;
+      group(qp + u * g * d, kp + row * k.stride(0) + head * k.stride(1), vp + row * v.stride(0) + head * v.stride(1),
+            k.stride(2), v.stride(2), g, d, lp[row], static_cast<float>(scale), scores.data(), op + u * g * d);
+    }
+  });
+  return out;
+}
+
+TORCH_LIBRARY_FRAGMENT(nlg, m) {
+  m.def("rms_norm(Tensor x, Tensor weight, float eps, str isa) -> Tensor");
+  m.def("add_rms_norm(Tensor x, Tensor residual, Tensor weight, float eps, str isa) -> (Tensor, Tensor)");
+  m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor lengths, float scale, str isa) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(nlg, CPU, m) {
+  m.impl("rms_norm", &rms_norm);
+  m.impl("add_rms_norm", &add_rms_norm);
+  m.impl("decode_attention", &decode_attention);
+}
