@@ -167,23 +167,40 @@ def _fits_fp16(scale: torch.Tensor, low: torch.Tensor) -> bool:
 
 
 class Int6Linear(nn.Module):
-    """x @ (levels * scale + low).T for levels 0..63, 16 input columns per scale, on our kernel (CPU)."""
+    """x @ (levels * scale + low).T for levels 0..63, 16 input columns per scale, on our kernel (CPU).
+
+    Two packed layouts: the general one (an fp16 scale and low per 16 columns: 8 bits a weight), and Q6_K's
+    own where a stored form is it (`sub_scales`: levels -32..31, lows 0, each scale an int8 times one factor
+    per 256 columns: 6.6 bits a weight, and the scales exact where fp16 rounds them)."""
 
     SPAN = 16
 
-    def __init__(self, levels: torch.Tensor, scale: torch.Tensor, low: torch.Tensor, least: int = 0):
+    def __init__(
+        self,
+        levels: torch.Tensor,
+        scale: torch.Tensor,
+        low: torch.Tensor,
+        least: int = 0,
+        sub: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ):
         """`levels` (rows, in) spanning `least`..`least` + 63 (as `fits` found them), `scale` and `low` per
-        group of 16 or 32 columns. Converted and packed `CHUNK` rows at a time into the tiles (16 rows
-        each), so the shifted levels and per-16 scales of a 151936-row head are never whole: a whole-matrix
-        conversion took 1.2 GB on top of Qwen2.5-1.5B's loaded weights."""
+        group of 16 or 32 columns, or `sub`: the int8 scales and per-256 factors that make them. Converted
+        and packed `CHUNK` rows at a time into the tiles (16 rows each), so the shifted levels and per-16
+        scales of a 151936-row head are never whole: a whole-matrix conversion took 1.2 GB on top of
+        Qwen2.5-1.5B's loaded weights."""
         super().__init__()
         self.out_features, self.isa, self.precise = levels.shape[0], _native, False
         rows, columns = levels.shape
-        tiles = torch.empty(-(-rows // TILE_ROWS), columns // GROUP, 512, dtype=torch.uint8)
+        shape = (columns // SUPER_COLUMNS, SUB_BYTES) if sub is not None else (columns // GROUP, 512)
+        tiles = torch.empty(-(-rows // TILE_ROWS), *shape, dtype=torch.uint8)
         for a in range(0, rows, CHUNK):
-            chunk_scale, chunk_low = self._spans(scale[a : a + CHUNK], low[a : a + CHUNK], columns, least)
             shifted = levels[a : a + CHUNK].sub(least).view(torch.uint8)  # int8 wraps: 0..63 mod 256
-            tiles[a // TILE_ROWS : (a + CHUNK) // TILE_ROWS] = torch.ops.nlg.pack(shifted, chunk_scale, chunk_low, 6)
+            if sub is not None:
+                packed = torch.ops.nlg.pack_sub(shifted, sub[0][a : a + CHUNK], sub[1][a : a + CHUNK])
+            else:
+                chunk_scale, chunk_low = self._spans(scale[a : a + CHUNK], low[a : a + CHUNK], columns, least)
+                packed = torch.ops.nlg.pack(shifted, chunk_scale, chunk_low, 6)
+            tiles[a // TILE_ROWS : (a + CHUNK) // TILE_ROWS] = packed
         self.register_buffer("tiles", tiles)
         self.nbytes = self.tiles.numel()
 
@@ -197,14 +214,16 @@ class Int6Linear(nn.Module):
     @classmethod
     def fits(cls, levels: torch.Tensor, scale: torch.Tensor, low: torch.Tensor) -> tuple | None:
         """The arguments of an `Int6Linear` for a stored int8 form of groups of 16 or 32 whose levels span at
-        most 64 values (their least folded into the lows, which must stay within fp16), or None (then not
-        this layer's form)."""
+        most 64 values (their least folded into the lows, which must stay within fp16), in Q6_K's layout where
+        `sub_scales` finds it, or None (then not this layer's form)."""
         group = levels.shape[1] // scale.shape[1]
         if not _native or levels.device.type != "cpu" or group not in (16, 32) or levels.shape[1] % GROUP:
             return None
         least, most = (int(v) for v in levels.aminmax())
         if most - least > 63:
             return None
+        if least >= -32 and most <= 31 and (sub := sub_scales(scale, low)) is not None:
+            return levels, scale, low, -32, sub
         if not _fits_fp16(scale, low + least * scale):  # per group: each span of 16 repeats its group's values
             return None
         return levels, scale, low, least
@@ -213,6 +232,26 @@ class Int6Linear(nn.Module):
         flat = x.reshape(-1, x.shape[-1])
         out = torch.ops.nlg.matmul(flat, self.tiles, self.out_features, self.isa, self.precise).to(x.dtype)
         return out.reshape(*x.shape[:-1], self.out_features)
+
+
+SUPER_COLUMNS = 256  # columns per factor of Q6_K's scales (its super-block)
+SUB_BYTES = 3392  # a tile's bytes per super-block in our kernel's Q6_K layout (matmul.cpp: SUB_SUPER)
+
+
+def sub_scales(scale: torch.Tensor, low: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """For scales per 16 columns (rows, cols / 16) and zero lows: (sc int8 (rows, cols / 16), d fp32 (rows,
+    cols / 256)) with d * sc equal to every scale exactly, as Q6_K stores them (llama.cpp's quantizer gives
+    the largest scale of each 256 columns the int8 scale -128), or None where they are not so made."""
+    rows, groups = scale.shape
+    per = SUPER_COLUMNS // Int6Linear.SPAN
+    if groups % per or bool(low.any()):
+        return None
+    s = scale.reshape(rows, groups // per, per)
+    d = s.gather(-1, s.abs().argmax(-1, keepdim=True)) / -128  # (rows, supers, 1)
+    sc = torch.where(d != 0, s / torch.where(d != 0, d, 1), 0).round()
+    if bool((sc < -128).any() or (sc > 127).any()) or not torch.equal(d * sc, s):
+        return None
+    return sc.to(torch.int8).reshape(rows, groups), d.reshape(rows, -1).contiguous()
 
 
 CHUNK = 8192  # rows converted at a time: a 151936-row LM head is never whole in fp32 more than once

@@ -1,9 +1,11 @@
 // Quantized weights x int8 activations on a CPU: the matmuls of parallel.quant's int4 and int6 layers
 // (ops nlg::*).
 //
-// Two weight forms, both w = level * scale + low per group of columns:
+// Three weight forms, all w = level * scale + low per group of columns:
 //   int4: levels 0..15, one scale and low per 32 columns (Q4_0, Q4_1 and Q4_K's sub-blocks, without loss);
-//   int6: levels 0..63, one scale and low per 16 columns (Q6_K, and Q5_0, Q5_1, Q5_K, without loss).
+//   int6: levels 0..63, one scale and low per 16 columns (Q6_K, and Q5_0, Q5_1, Q5_K, without loss);
+//   int6 with sub-scales (`pack_sub`, Q6_K's own form): scale = d * sc, an int8 sc per 16 columns and an
+//     fp32 d per 256, low = -32 * scale (see SUB_SUPER below: 6.6 bits a weight against int6's 8).
 //
 // Packed layout, made once at load (`pack`): output rows in tiles of 16 (the last one padded with zero
 // rows); for each tile, block of 32 columns after block, contiguous so a thread streams its weights:
@@ -66,6 +68,26 @@ struct Layout {
   static constexpr int64_t bytes = scales + groups * 2 * TILE * 2;  // 320 or 512
 };
 
+// int6 with sub-scales (SUB; Q6_K's form): w = (level - 32) * d * sc, an int8 sc per 16 columns and an fp32 d
+// per 256 (a super-block of SUPER blocks). A block is int6's levels then its int8 scales (2 groups x 16 rows);
+// a super-block is its SUPER blocks then the 16 rows' fp32 d: 3392 bytes (53 cache lines) for 4096 weights,
+// 6.6 bits a weight against the general form's 8 (its fp16 scale and low per 16 columns).
+constexpr int64_t SUPER = 8;
+constexpr int64_t SUB_SCALES = 384;                             // in a block: after the levels
+constexpr int64_t SUB_BLOCK = SUB_SCALES + 2 * TILE;            // 416
+constexpr int64_t SUB_SUPER = SUPER * SUB_BLOCK + 4 * TILE;     // 3392
+
+// Block b of a tile's weights, and (SUB) the fp32 d of its super-block's 16 rows.
+template <bool SIX, bool SUB>
+inline const uint8_t* block_at(const uint8_t* w, int64_t b) {
+  if (SUB) return w + (b / SUPER) * SUB_SUPER + (b % SUPER) * SUB_BLOCK;
+  return w + b * Layout<SIX>::bytes;
+}
+
+inline const float* super_d(const uint8_t* w, int64_t b) {
+  return reinterpret_cast<const float*>(w + (b / SUPER) * SUB_SUPER + SUPER * SUB_BLOCK);
+}
+
 #define AVX2 __attribute__((target("avx2,fma,f16c")))
 #define AVXVNNI __attribute__((target("avx2,fma,f16c,avxvnni")))
 #define VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")))
@@ -113,14 +135,15 @@ int level(const uint8_t* wb, int o, int c) {
 }
 
 // One tile, `rows` activation rows (1..ROWS_PER_PASS), portable C++.
-template <bool SIX>
+template <bool SIX, bool SUB>
 void tile_portable(const uint8_t* w, int64_t nb, const Quantized* a, int rows, float* y, int64_t ystride,
                    int valid) {
   using L = Layout<SIX>;
   float acc[ROWS_PER_PASS][TILE] = {};
   for (int64_t b = 0; b < nb; ++b) {
-    const uint8_t* wb = w + b * L::bytes;
+    const uint8_t* wb = block_at<SIX, SUB>(w, b);
     const uint16_t* sm = reinterpret_cast<const uint16_t*>(wb + L::scales);
+    const int8_t* sc = reinterpret_cast<const int8_t*>(wb + SUB_SCALES);
     for (int r = 0; r < rows; ++r) {
       const int8_t* qb = a[r].q + b * BLOCK;
       for (int o = 0; o < TILE; ++o) {
@@ -129,8 +152,9 @@ void tile_portable(const uint8_t* w, int64_t nb, const Quantized* a, int rows, f
         float total = 0.f;
         if (SIX) {
           for (int g = 0; g < 2; ++g) {
-            total += half_to_float(sm[TILE * g + o]) * a[r].d[b] * static_cast<float>(sums[g]) +
-                     half_to_float(sm[TILE * (2 + g) + o]) * a[r].dhalf[2 * b + g];
+            const float s = SUB ? super_d(w, b)[o] * sc[TILE * g + o] : half_to_float(sm[TILE * g + o]);
+            const float m = SUB ? -32.f * s : half_to_float(sm[TILE * (2 + g) + o]);
+            total += s * a[r].d[b] * static_cast<float>(sums[g]) + m * a[r].dhalf[2 * b + g];
           }
         } else {
           total = half_to_float(sm[o]) * a[r].d[b] * static_cast<float>(sums[0] + sums[1]) +
@@ -162,6 +186,19 @@ AVX2 inline __m256i bcast4(const int8_t* p) {
 // Eight fp16 values as fp32.
 AVX2 inline __m256 half8(const uint8_t* p) {
   return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+
+// Scale and low of group g (int6: 0, 1; int4: 0) for rows 8h..8h+7 of block b (at wb) of a tile (at w).
+template <bool SIX, bool SUB>
+AVX2 inline void scales8(const uint8_t* w, const uint8_t* wb, int64_t b, int g, int h, __m256& s, __m256& m) {
+  if (SUB) {
+    const __m128i sc = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(wb + SUB_SCALES + TILE * g + 8 * h));
+    s = _mm256_mul_ps(_mm256_loadu_ps(super_d(w, b) + 8 * h), _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(sc)));
+    m = _mm256_mul_ps(s, _mm256_set1_ps(-32.f));
+  } else {
+    s = half8(wb + Layout<SIX>::scales + 32 * g + 16 * h);
+    m = half8(wb + Layout<SIX>::scales + 32 * Layout<SIX>::groups + 32 * g + 16 * h);
+  }
 }
 
 // The top 2 bits of register f of a plane chunk, at bits 4-5 of each byte (see the layout).
@@ -205,14 +242,13 @@ AVX2 inline void store_halves(const __m256 (&acc)[R][2], float* y, int64_t ystri
   }
 }
 
-template <bool SIX, int R>
+template <bool SIX, bool SUB, int R>
 AVX2 void tile_avx2(const uint8_t* w, int64_t nb, const Quantized* a, float* y, int64_t ystride, int valid) {
-  using L = Layout<SIX>;
   const __m256i ones = _mm256_set1_epi16(1);
   __m256 acc[R][2];
   for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
   for (int64_t b = 0; b < nb; ++b) {
-    const uint8_t* wb = w + b * L::bytes;
+    const uint8_t* wb = block_at<SIX, SUB>(w, b);
     prefetch_ahead<SIX>(wb);
     for (int h = 0; h < 2; ++h) {
       __m256i v[8];
@@ -225,14 +261,16 @@ AVX2 void tile_avx2(const uint8_t* w, int64_t nb, const Quantized* a, float* y, 
           for (int g = 0; g < 2; ++g) {
             const __m256i i32 = _mm256_add_epi32(_mm256_madd_epi16(_mm256_add_epi16(p[4 * g], p[4 * g + 1]), ones),
                                                  _mm256_madd_epi16(_mm256_add_epi16(p[4 * g + 2], p[4 * g + 3]), ones));
-            const __m256 s = half8(wb + L::scales + 32 * g + 16 * h), m = half8(wb + L::scales + 64 + 32 * g + 16 * h);
+            __m256 s, m;
+            scales8<SIX, SUB>(w, wb, b, g, h, s, m);
             acc[r][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i32), _mm256_mul_ps(s, _mm256_set1_ps(a[r].d[b])), acc[r][h]);
             acc[r][h] = _mm256_fmadd_ps(m, _mm256_set1_ps(a[r].dhalf[2 * b + g]), acc[r][h]);
           }
         } else {
           for (int i = 1; i < 8; ++i) p[0] = _mm256_add_epi16(p[0], p[i]);
           const __m256i i32 = _mm256_madd_epi16(p[0], ones);
-          const __m256 s = half8(wb + L::scales + 16 * h), m = half8(wb + L::scales + 32 + 16 * h);
+          __m256 s, m;
+          scales8<SIX, SUB>(w, wb, b, 0, h, s, m);
           acc[r][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i32), _mm256_mul_ps(s, _mm256_set1_ps(a[r].d[b])), acc[r][h]);
           acc[r][h] = _mm256_fmadd_ps(m, _mm256_set1_ps(a[r].dsum[b]), acc[r][h]);
         }
@@ -245,20 +283,19 @@ AVX2 void tile_avx2(const uint8_t* w, int64_t nb, const Quantized* a, float* y, 
 // AVX-VNNI (256-bit `dpbusd` without AVX-512: Intel's laptop cores since Alder Lake): AVX2's two 8-row
 // halves (and its helpers: their instruction set is a subset of this one, so they inline), each
 // instruction four levels x four activations as with AVX-512 VNNI.
-template <bool SIX, int R>
+template <bool SIX, bool SUB, int R>
 AVXVNNI void tile_avxvnni(const uint8_t* w, int64_t nb, const Quantized* a, float* y, int64_t ystride, int valid) {
-  using L = Layout<SIX>;
   __m256 acc[R][2];
   for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
   for (int64_t b = 0; b < nb; ++b) {
-    const uint8_t* wb = w + b * L::bytes;
+    const uint8_t* wb = block_at<SIX, SUB>(w, b);
     prefetch_ahead<SIX>(wb);
     for (int h = 0; h < 2; ++h) {
       __m256i v[8];
       half_levels<SIX>(wb, h, v);
-      const __m256 s0 = half8(wb + L::scales + 16 * h), m0 = half8(wb + L::scales + 32 * L::groups + 16 * h);
-      const __m256 s1 = SIX ? half8(wb + L::scales + 32 + 16 * h) : s0;
-      const __m256 m1 = SIX ? half8(wb + L::scales + 96 + 16 * h) : m0;
+      __m256 s0, m0, s1, m1;
+      scales8<SIX, SUB>(w, wb, b, 0, h, s0, m0);
+      if (SIX) scales8<SIX, SUB>(w, wb, b, 1, h, s1, m1);
       for (int r = 0; r < R; ++r) {
         const int8_t* qb = a[r].q + b * BLOCK;
         __m256i i0 = _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), v[0], bcast4(qb));
@@ -301,14 +338,14 @@ VNNI inline __m512i top_bits_512(__m512i plane, __m512i mask) {
   return _mm512_and_si512(_mm512_srli_epi16(plane, 2), mask);
 }
 
-template <bool SIX, int R>
+template <bool SIX, bool SUB, int R>
 VNNI void tile_vnni(const uint8_t* w, int64_t nb, const Quantized* a, float* y, int64_t ystride, int valid) {
   using L = Layout<SIX>;
   const __m512i mask = _mm512_set1_epi8(0x0F), top = _mm512_set1_epi8(0x30);
   __m512 acc[R];
   for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
   for (int64_t b = 0; b < nb; ++b) {
-    const uint8_t* wb = w + b * L::bytes;
+    const uint8_t* wb = block_at<SIX, SUB>(w, b);
     prefetch_ahead<SIX>(wb);
     __m512i v[8];
     for (int j = 0; j < 4; ++j) {
@@ -325,8 +362,18 @@ VNNI void tile_vnni(const uint8_t* w, int64_t nb, const Quantized* a, float* y, 
         v[4 * c + 3] = _mm512_or_si512(v[4 * c + 3], top_bits_512<3>(p, top));
       }
     }
-    const __m512 s0 = half16(wb + L::scales), m0 = half16(wb + L::scales + 32 * L::groups);
-    const __m512 s1 = SIX ? half16(wb + L::scales + 32) : s0, m1 = SIX ? half16(wb + L::scales + 96) : m0;
+    __m512 s0, m0, s1, m1;
+    if (SUB) {
+      const __m512 d = _mm512_loadu_ps(super_d(w, b));
+      const __m256i sc = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + SUB_SCALES));
+      s0 = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(sc))));
+      s1 = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(sc, 1))));
+      m0 = _mm512_mul_ps(s0, _mm512_set1_ps(-32.f));
+      m1 = _mm512_mul_ps(s1, _mm512_set1_ps(-32.f));
+    } else {
+      s0 = half16(wb + L::scales), m0 = half16(wb + L::scales + 32 * L::groups);
+      s1 = SIX ? half16(wb + L::scales + 32) : s0, m1 = SIX ? half16(wb + L::scales + 96) : m0;
+    }
     for (int r = 0; r < R; ++r) {
       const int8_t* qb = a[r].q + b * BLOCK;
       __m512i i0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), v[0], bcast4_512(qb));
@@ -414,28 +461,28 @@ Isa parse(const std::string& isa) {
   return Isa::portable;
 }
 
-template <bool SIX, int R>
+template <bool SIX, bool SUB, int R>
 void tile_rows(Isa isa, const uint8_t* w, int64_t nb, const Quantized* a, float* y, int64_t ystride, int valid) {
 #if defined(__x86_64__)
-  if (isa == Isa::avx512vnni) return tile_vnni<SIX, R>(w, nb, a, y, ystride, valid);
-  if (isa == Isa::avxvnni) return tile_avxvnni<SIX, R>(w, nb, a, y, ystride, valid);
-  if (isa == Isa::avx2) return tile_avx2<SIX, R>(w, nb, a, y, ystride, valid);
+  if (isa == Isa::avx512vnni) return tile_vnni<SIX, SUB, R>(w, nb, a, y, ystride, valid);
+  if (isa == Isa::avxvnni) return tile_avxvnni<SIX, SUB, R>(w, nb, a, y, ystride, valid);
+  if (isa == Isa::avx2) return tile_avx2<SIX, SUB, R>(w, nb, a, y, ystride, valid);
 #endif
-  tile_portable<SIX>(w, nb, a, R, y, ystride, valid);
+  tile_portable<SIX, SUB>(w, nb, a, R, y, ystride, valid);
 }
 
-template <bool SIX>
+template <bool SIX, bool SUB = false>
 void tile(Isa isa, const uint8_t* w, int64_t nb, const Quantized* a, int rows, float* y, int64_t ystride,
           int valid) {
   switch (rows) {
-    case 1: return tile_rows<SIX, 1>(isa, w, nb, a, y, ystride, valid);
-    case 2: return tile_rows<SIX, 2>(isa, w, nb, a, y, ystride, valid);
-    case 3: return tile_rows<SIX, 3>(isa, w, nb, a, y, ystride, valid);
-    case 4: return tile_rows<SIX, 4>(isa, w, nb, a, y, ystride, valid);
-    case 5: return tile_rows<SIX, 5>(isa, w, nb, a, y, ystride, valid);
-    case 6: return tile_rows<SIX, 6>(isa, w, nb, a, y, ystride, valid);
-    case 7: return tile_rows<SIX, 7>(isa, w, nb, a, y, ystride, valid);
-    default: return tile_rows<SIX, 8>(isa, w, nb, a, y, ystride, valid);
+    case 1: return tile_rows<SIX, SUB, 1>(isa, w, nb, a, y, ystride, valid);
+    case 2: return tile_rows<SIX, SUB, 2>(isa, w, nb, a, y, ystride, valid);
+    case 3: return tile_rows<SIX, SUB, 3>(isa, w, nb, a, y, ystride, valid);
+    case 4: return tile_rows<SIX, SUB, 4>(isa, w, nb, a, y, ystride, valid);
+    case 5: return tile_rows<SIX, SUB, 5>(isa, w, nb, a, y, ystride, valid);
+    case 6: return tile_rows<SIX, SUB, 6>(isa, w, nb, a, y, ystride, valid);
+    case 7: return tile_rows<SIX, SUB, 7>(isa, w, nb, a, y, ystride, valid);
+    default: return tile_rows<SIX, SUB, 8>(isa, w, nb, a, y, ystride, valid);
   }
 }
 
@@ -452,6 +499,23 @@ void pair(const uint8_t* w, int64_t next, int64_t nb, const Quantized* a, int ro
     default: return pair_vnni<PAIR_ROWS>(w, next, nb, a, y, ystride, valid);
   }
 #endif
+}
+
+// Row o's levels lb (one per byte) into a tile's block wb: nibbles, and (SIX) the 2-bit plane.
+template <bool SIX>
+void put_levels(uint8_t* wb, int64_t o, const uint8_t* lb) {
+  for (int j = 0; j < 4; ++j) {
+    for (int p = 0; p < 4; ++p) {
+      wb[64 * j + 4 * o + p] = static_cast<uint8_t>((lb[4 * j + p] & 0x0F) | (lb[16 + 4 * j + p] << 4));
+    }
+  }
+  for (int half = 0; half < (SIX ? 2 : 0); ++half) {
+    const uint8_t* lh = lb + 16 * half;
+    for (int p = 0; p < 4; ++p) {
+      wb[Layout<SIX>::high + 64 * half + 4 * o + p] = static_cast<uint8_t>(
+          (lh[p] >> 4) | ((lh[4 + p] >> 4) << 2) | ((lh[8 + p] >> 4) << 4) | ((lh[12 + p] >> 4) << 6));
+    }
+  }
 }
 
 template <bool SIX>
@@ -493,23 +557,47 @@ at::Tensor pack_form(const at::Tensor& levels, const at::Tensor& scale, const at
           } else {
             std::memcpy(lb, src, BLOCK);
           }
-          for (int j = 0; j < 4; ++j) {
-            for (int p = 0; p < 4; ++p) {
-              wb[64 * j + 4 * o + p] = static_cast<uint8_t>((lb[4 * j + p] & 0x0F) | (lb[16 + 4 * j + p] << 4));
-            }
-          }
-          for (int half = 0; half < (SIX ? 2 : 0); ++half) {
-            const uint8_t* lh = lb + 16 * half;
-            for (int p = 0; p < 4; ++p) {
-              wb[L::high + 64 * half + 4 * o + p] = static_cast<uint8_t>(
-                  (lh[p] >> 4) | ((lh[4 + p] >> 4) << 2) | ((lh[8 + p] >> 4) << 4) | ((lh[12 + p] >> 4) << 6));
-            }
-          }
+          put_levels<SIX>(wb, o, lb);
           for (int g = 0; g < L::groups; ++g) {
             const int64_t at = row * (k / per) + b * L::groups + g;
             sm[TILE * g + o] = c10::Half(sp[at]).x;
             sm[TILE * (L::groups + g) + o] = c10::Half(mp[at]).x;
           }
+        }
+      }
+    }
+  });
+  return packed;
+}
+
+// levels (N, K) uint8 0..63 (Q6_K's level + 32), sc (N, K / 16) int8, d (N, K / 256) fp32 -> the sub-scaled
+// int6 layout, (ceil(N / 16), K / 256, SUB_SUPER) bytes.
+at::Tensor pack_sub_form(const at::Tensor& levels, const at::Tensor& sc, const at::Tensor& d) {
+  TORCH_CHECK(levels.dim() == 2 && levels.scalar_type() == at::kByte, "levels: (N, K) uint8");
+  const int64_t n = levels.size(0), k = levels.size(1), supers = k / (SUPER * BLOCK);
+  TORCH_CHECK(k % (SUPER * BLOCK) == 0, "K must be a multiple of 256, not ", k);
+  TORCH_CHECK(sc.scalar_type() == at::kChar && sc.dim() == 2 && sc.size(0) == n && sc.size(1) == k / 16,
+              "sc: (N, K / 16) int8");
+  TORCH_CHECK(d.dim() == 2 && d.size(0) == n && d.size(1) == supers, "d: (N, K / 256)");
+  const auto l = levels.contiguous(), s = sc.contiguous();
+  const auto dd = d.to(at::kFloat).contiguous();
+  TORCH_CHECK(l.max().item<int64_t>() <= 63, "levels above 63");
+  const int64_t tiles = (n + TILE - 1) / TILE;
+  at::Tensor packed = at::zeros({tiles, supers, SUB_SUPER}, at::kByte);
+  const uint8_t* lp = l.data_ptr<uint8_t>();
+  const int8_t* sp = s.data_ptr<int8_t>();
+  const float* dp = dd.data_ptr<float>();
+  uint8_t* out = packed.data_ptr<uint8_t>();
+  at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      for (int64_t b = 0; b < k / BLOCK; ++b) {
+        uint8_t* wb = out + t * supers * SUB_SUPER + (b / SUPER) * SUB_SUPER + (b % SUPER) * SUB_BLOCK;
+        float* drow = reinterpret_cast<float*>(out + t * supers * SUB_SUPER + (b / SUPER) * SUB_SUPER + SUPER * SUB_BLOCK);
+        for (int64_t o = 0; o < TILE && t * TILE + o < n; ++o) {
+          const int64_t row = t * TILE + o;
+          put_levels<true>(wb, o, lp + row * k + b * BLOCK);
+          for (int g = 0; g < 2; ++g) wb[SUB_SCALES + TILE * g + o] = static_cast<uint8_t>(sp[row * (k / 16) + 2 * b + g]);
+          drow[o] = dp[row * supers + b / SUPER];
         }
       }
     }
@@ -544,6 +632,10 @@ at::Tensor pack(const at::Tensor& levels, const at::Tensor& scale, const at::Ten
   return bits == 6 ? pack_form<true>(levels, scale, low) : pack_form<false>(levels, scale, low);
 }
 
+at::Tensor pack_sub(const at::Tensor& levels, const at::Tensor& sc, const at::Tensor& d) {
+  return pack_sub_form(levels, sc, d);
+}
+
 // Rows of x (rows, k) quantized into q (rows, k) and their scales (rows, 4, nb: d, dsum, dhalf twice).
 void quantize_rows(const float* x, int64_t rows, int64_t k, int8_t* q, float* scales) {
   const int64_t nb = k / BLOCK;
@@ -561,13 +653,15 @@ void quantize_rows(const float* x, int64_t rows, int64_t k, int8_t* q, float* sc
 at::Tensor matmul(const at::Tensor& x_in, const at::Tensor& packed, int64_t n, const std::string& isa_name,
                   bool precise) {
   TORCH_CHECK(x_in.dim() == 2, "x: (M, K)");
-  const bool six = packed.dim() == 3 && packed.size(2) == Layout<true>::bytes;
+  const bool sub = packed.dim() == 3 && packed.size(2) == SUB_SUPER;
+  const bool six = sub || (packed.dim() == 3 && packed.size(2) == Layout<true>::bytes);
   TORCH_CHECK(packed.dim() == 3 && packed.scalar_type() == at::kByte && (six || packed.size(2) == Layout<false>::bytes),
-              "packed: (tiles, blocks, 320 or 512) uint8");
+              "packed: (tiles, blocks, 320 or 512) or (tiles, super-blocks, 3392) uint8");
   const Isa isa = parse(isa_name);
   const auto x = x_in.to(at::kFloat).contiguous();
   const int64_t m = x.size(0), k = x.size(1), nb = k / BLOCK, tiles = packed.size(0);
-  TORCH_CHECK(packed.size(1) == nb && k % BLOCK == 0, "x has ", k, " columns; the weight ", packed.size(1) * BLOCK);
+  const int64_t per = sub ? SUPER * BLOCK : BLOCK;  // columns of one packed unit
+  TORCH_CHECK(packed.size(1) * per == k && k % BLOCK == 0, "x has ", k, " columns; the weight ", packed.size(1) * per);
   TORCH_CHECK(n > (tiles - 1) * TILE && n <= tiles * TILE, "n does not match the packed tiles");
   const int64_t rows = precise ? 2 * m : m;
   auto q = at::empty({rows, k}, at::kChar);
@@ -587,7 +681,7 @@ at::Tensor matmul(const at::Tensor& x_in, const at::Tensor& packed, int64_t n, c
   auto y = at::empty({rows, n}, at::kFloat);
   float* yp = y.data_ptr<float>();
   const uint8_t* wp = packed.data_ptr<uint8_t>();
-  const int64_t tile_bytes = nb * packed.size(2);
+  const int64_t tile_bytes = packed.size(1) * packed.size(2);
   // threads split units of output rows: one tile, or two adjacent tiles where the two-tile kernel runs
   const bool pairs = !six && isa == Isa::avx512vnni && rows > ROWS_PER_PASS;
   at::parallel_for(0, pairs ? (tiles + 1) / 2 : tiles, 1, [&](int64_t u0, int64_t u1) {
@@ -608,6 +702,8 @@ at::Tensor matmul(const at::Tensor& x_in, const at::Tensor& packed, int64_t n, c
           float* out = yp + r * n + t * TILE;
           if (two) {
             pair(wp + t * tile_bytes, tile_bytes, nb, a, count, out, n, valid);
+          } else if (sub) {
+            tile<true, true>(isa, wp + t * tile_bytes, nb, a, count, out, n, valid);
           } else if (six) {
             tile<true>(isa, wp + t * tile_bytes, nb, a, count, out, n, valid);
           } else {
@@ -623,11 +719,13 @@ at::Tensor matmul(const at::Tensor& x_in, const at::Tensor& packed, int64_t n, c
 TORCH_LIBRARY(nlg, m) {
   m.def("isas() -> str[]", &isas);
   m.def("pack(Tensor levels, Tensor scale, Tensor low, int bits) -> Tensor");
+  m.def("pack_sub(Tensor levels, Tensor sc, Tensor d) -> Tensor");
   m.def("matmul(Tensor x, Tensor packed, int n, str isa, bool precise=False) -> Tensor");
 }
 
 // CPU kernels only: shapes for tracing (torch.compile) come from `model.kernels` (register_fake).
 TORCH_LIBRARY_IMPL(nlg, CPU, m) {
   m.impl("pack", &pack);
+  m.impl("pack_sub", &pack_sub);
   m.impl("matmul", &matmul);
 }

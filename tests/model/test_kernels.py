@@ -93,6 +93,60 @@ def test_a_row_gets_the_same_bits_alone_as_in_a_batch(best, bits):
         assert torch.equal(batch, alone), isa
 
 
+def q6_weights(n: int, k: int, g: torch.Generator) -> tuple[torch.Tensor, ...]:
+    """Levels -32..31 with scales per 16 columns made as Q6_K makes them: an fp16 d per 256 columns times an
+    int8 sc, the largest of each 256 at -128; lows 0. Returns levels, scale, low, sc, d."""
+    levels = torch.randint(-32, 32, (n, k), generator=g, dtype=torch.int8)
+    sc = torch.randint(-127, 128, (n, k // 256, 16), generator=g, dtype=torch.int8)
+    sc[..., 3] = -128
+    d = (torch.rand(n, k // 256, 1, generator=g) * 1e-3).half().float()
+    scale = (d * sc.float()).reshape(n, k // 16)
+    return levels, scale, torch.zeros_like(scale), sc.reshape(n, k // 16), d.reshape(n, k // 256)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 8, 9, 70])
+@pytest.mark.parametrize("n,k", [(1, 256), (17, 512), (40, 768)])
+def test_q6_layout_equals_the_reference_on_every_instruction_set(best, rows, n, k):
+    """Q6_K's own layout (`pack_sub`: int8 scales per 16 columns, an fp32 factor per 256, levels stored +32)
+    gives the product of the int8-rounded activations with w = level * d * sc on every ISA, with `precise`
+    that of the activations as they are, and a row's bits alone as in the batch."""
+    g = torch.Generator().manual_seed(rows * 100 + n + k)
+    levels, scale, low, sc, d = q6_weights(n, k, g)
+    packed = torch.ops.nlg.pack_sub(levels.add(32).view(torch.uint8), sc, d)
+    assert packed.shape == (-(-n // 16), k // 256, quant.SUB_BYTES)
+    x = torch.randn(rows, k, generator=g) * 5
+    w = (levels.double().reshape(n, -1, 16) * scale.double()[..., None]).reshape(n, k)  # no fp16 scales here
+    want, exact = (rounded(x).double() @ w.T).float(), (x.double() @ w.T).float()
+    for isa in torch.ops.nlg.isas():
+        got = torch.ops.nlg.matmul(x, packed, n, isa)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item(), msg=isa)
+        precise = torch.ops.nlg.matmul(x, packed, n, isa, True)
+        torch.testing.assert_close(precise, exact, rtol=1e-4, atol=1e-4 * exact.abs().max().item(), msg=isa)
+        alone = torch.ops.nlg.matmul(x[-1:], packed, n, isa)
+        assert torch.equal(alone[0], got[-1]), isa
+
+
+def test_q6_k_scales_are_found_exactly_or_the_general_layout_runs(best):
+    """`sub_scales` recovers Q6_K's int8 scales and factors from their products exactly, and an int6 layer
+    then takes Q6_K's layout (6.6 bits a weight) computing the dequantized weight; lows, a scale no int8
+    times the factor makes, or a width off 256 columns keep the general layout (8 bits a weight)."""
+    g = torch.Generator().manual_seed(5)
+    levels, scale, low, sc, d = q6_weights(24, 512, g)
+    found = quant.sub_scales(scale, low)
+    assert found is not None and torch.equal(found[0], sc) and torch.equal(found[1], d)
+    layer = Int6Linear(*Int6Linear.fits(levels, scale, low))
+    assert layer.tiles.shape[-1] == quant.SUB_BYTES and layer.nbytes == 2 * 2 * quant.SUB_BYTES
+    deq = (levels.double().reshape(24, -1, 16) * scale.double()[..., None]).reshape(24, 512)
+    x = torch.randn(3, 512, generator=g)
+    want = x.double() @ deq.T
+    torch.testing.assert_close(layer(x).double(), want, rtol=0.02, atol=0.01 * want.abs().max().item())
+    odd = scale.clone()
+    odd[0, 1] *= 1.0001
+    for args in [(levels, scale, low + 1e-3), (levels, odd, low), (levels[:, :384], scale[:, :24], low[:, :24])]:
+        assert quant.sub_scales(*args[1:]) is None
+        assert Int6Linear(*Int6Linear.fits(*args)).tiles.shape[-1] == 512
+
+
 def test_packing_refuses_what_the_layout_cannot_hold(best):
     """Levels past the form's range, scales past fp16 and widths off the blocks are refused, not wrapped."""
     g = torch.Generator().manual_seed(0)
@@ -148,15 +202,17 @@ def test_stored_5_and_6_bit_forms_run_as_int6_without_loss(best, group, lo, hi):
     assert Int6Linear.fits(wide, scale, low) is None
 
 
-def test_int6_packs_in_chunks_as_whole(best, monkeypatch):
+@pytest.mark.parametrize("layout", ["general", "q6"])
+def test_int6_packs_in_chunks_as_whole(best, monkeypatch, layout):
     """A big stored matrix (an LM head) is converted and packed a chunk of rows at a time: the same tiles as
-    whole, with a last chunk that ends inside a tile."""
-    from parallel import quant
-
+    whole, with a last chunk that ends inside a tile, in either layout."""
     g = torch.Generator().manual_seed(7)
-    n, k = 72, 64
-    levels = torch.randint(-32, 32, (n, k), generator=g, dtype=torch.int8)
-    scale, low = torch.rand(n, k // 16, generator=g) * 0.01, torch.randn(n, k // 16, generator=g) * 0.01
+    n, k = 72, 256
+    if layout == "q6":
+        levels, scale, low = q6_weights(n, k, g)[:3]
+    else:
+        levels = torch.randint(-32, 32, (n, k), generator=g, dtype=torch.int8)
+        scale, low = torch.rand(n, k // 16, generator=g) * 0.01, torch.randn(n, k // 16, generator=g) * 0.01
     whole = Int6Linear(*Int6Linear.fits(levels, scale, low)).tiles
     monkeypatch.setattr(quant, "CHUNK", 32)
     assert torch.equal(Int6Linear(*Int6Linear.fits(levels, scale, low)).tiles, whole)
