@@ -1,11 +1,11 @@
 // Quantized weights x int8 activations on a CPU: the matmuls of parallel.quant's int4 and int6 layers
 // (ops nlg::*).
 //
-// Three weight forms, all w = level * scale + low per group of columns:
+// Two weight forms, both w = level * scale + low per group of columns:
 //   int4: levels 0..15, one scale and low per 32 columns (Q4_0, Q4_1 and Q4_K's sub-blocks, without loss);
 //   int6: levels 0..63, one scale and low per 16 columns (Q6_K, and Q5_0, Q5_1, Q5_K, without loss);
-//   int6 with sub-scales (`pack_sub`, Q6_K's own form): scale = d * sc, an int8 sc per 16 columns and an
-//     fp32 d per 256, low = -32 * scale (see SUB_SUPER below: 6.6 bits a weight against int6's 8).
+// and int6 as Q6_K stores it (`pack_sub`, Sub below): scale = d * sc, an int8 sc per 16 columns and a factor
+// d per 256, low = -32 * scale; 6.6 bits a weight against 8.
 //
 // Packed layout, made once at load (`pack`): output rows in tiles of 16 (the last one padded with zero
 // rows); for each tile, block of 32 columns after block, contiguous so a thread streams its weights:
@@ -68,24 +68,32 @@ struct Layout {
   static constexpr int64_t bytes = scales + groups * 2 * TILE * 2;  // 320 or 512
 };
 
-// int6 with sub-scales (SUB; Q6_K's form): w = (level - 32) * d * sc, an int8 sc per 16 columns and an fp32 d
-// per 256 (a super-block of SUPER blocks). A block is int6's levels then its int8 scales (2 groups x 16 rows);
-// a super-block is its SUPER blocks then the 16 rows' fp32 d: 3392 bytes (53 cache lines) for 4096 weights,
-// 6.6 bits a weight against the general form's 8 (its fp16 scale and low per 16 columns).
+// int6 with sub-scales (SUB; Q6_K's form): scale = d * sc, an int8 sc per 16 columns and an fp32 d per 256
+// columns (a super-block of SUPER blocks), low = -32 * scale. A super-block holds its SUPER blocks' levels
+// (as in a general int6 block), then each block's int8 sc (2 groups x 16 rows), then the 16 rows' d: every
+// part on whole cache lines, 3392 bytes (53 lines) for 4096 weights, 6.6 bits a weight against int6's 8.
 constexpr int64_t SUPER = 8;
-constexpr int64_t SUB_SCALES = 384;                             // in a block: after the levels
-constexpr int64_t SUB_BLOCK = SUB_SCALES + 2 * TILE;            // 416
-constexpr int64_t SUB_SUPER = SUPER * SUB_BLOCK + 4 * TILE;     // 3392
 
-// Block b of a tile's weights, and (SUB) the fp32 d of its super-block's 16 rows.
+struct Sub {
+  static constexpr int64_t levels = 384;                        // a block's levels
+  static constexpr int64_t codes = SUPER * levels;              // then 2 * TILE int8 sc a block
+  static constexpr int64_t factors = codes + SUPER * 2 * TILE;  // then d: fp32 x 16 rows
+  static constexpr int64_t bytes = factors + 4 * TILE;          // 3392
+};
+
+// The levels of block b of a tile's weights, (SUB) its sc, and the d of its super-block's 16 rows.
 template <bool SIX, bool SUB>
 inline const uint8_t* block_at(const uint8_t* w, int64_t b) {
-  if (SUB) return w + (b / SUPER) * SUB_SUPER + (b % SUPER) * SUB_BLOCK;
+  if (SUB) return w + (b / SUPER) * Sub::bytes + (b % SUPER) * Sub::levels;
   return w + b * Layout<SIX>::bytes;
 }
 
+inline const int8_t* codes_at(const uint8_t* w, int64_t b) {
+  return reinterpret_cast<const int8_t*>(w + (b / SUPER) * Sub::bytes + Sub::codes + (b % SUPER) * 2 * TILE);
+}
+
 inline const float* super_d(const uint8_t* w, int64_t b) {
-  return reinterpret_cast<const float*>(w + (b / SUPER) * SUB_SUPER + SUPER * SUB_BLOCK);
+  return reinterpret_cast<const float*>(w + (b / SUPER) * Sub::bytes + Sub::factors);
 }
 
 #define AVX2 __attribute__((target("avx2,fma,f16c")))
@@ -143,7 +151,7 @@ void tile_portable(const uint8_t* w, int64_t nb, const Quantized* a, int rows, f
   for (int64_t b = 0; b < nb; ++b) {
     const uint8_t* wb = block_at<SIX, SUB>(w, b);
     const uint16_t* sm = reinterpret_cast<const uint16_t*>(wb + L::scales);
-    const int8_t* sc = reinterpret_cast<const int8_t*>(wb + SUB_SCALES);
+    const int8_t* sc = SUB ? codes_at(w, b) : nullptr;
     for (int r = 0; r < rows; ++r) {
       const int8_t* qb = a[r].q + b * BLOCK;
       for (int o = 0; o < TILE; ++o) {
@@ -169,12 +177,14 @@ void tile_portable(const uint8_t* w, int64_t nb, const Quantized* a, int rows, f
 
 #if defined(__x86_64__)
 
-// Every cache line of the block PREFETCH bytes ahead of `wb` into L1.
-template <bool SIX>
-inline void prefetch_ahead(const uint8_t* wb) {
-  for (int64_t line = 0; line < Layout<SIX>::bytes; line += 64) {
-    _mm_prefetch(reinterpret_cast<const char*>(wb + PREFETCH + line), _MM_HINT_T0);
-  }
+// The cache lines PREFETCH bytes ahead of block b of a tile's weights (at w) into L1: the weights stream
+// through memory in order, a block's share of them at a time (SUB: an eighth of its super-block's bytes).
+template <bool SIX, bool SUB>
+inline void prefetch_ahead(const uint8_t* w, int64_t b) {
+  constexpr int64_t step = SUB ? Sub::bytes / SUPER : Layout<SIX>::bytes;  // 424; 320, 512
+  const uint8_t* from = w + b * step + PREFETCH;  // each line once: those starting in [from, from + step)
+  const uint8_t* line = from + ((64 - reinterpret_cast<uintptr_t>(from) % 64) % 64);
+  for (; line < from + step; line += 64) _mm_prefetch(reinterpret_cast<const char*>(line), _MM_HINT_T0);
 }
 
 AVX2 inline __m256i bcast4(const int8_t* p) {
@@ -192,7 +202,7 @@ AVX2 inline __m256 half8(const uint8_t* p) {
 template <bool SIX, bool SUB>
 AVX2 inline void scales8(const uint8_t* w, const uint8_t* wb, int64_t b, int g, int h, __m256& s, __m256& m) {
   if (SUB) {
-    const __m128i sc = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(wb + SUB_SCALES + TILE * g + 8 * h));
+    const __m128i sc = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(codes_at(w, b) + TILE * g + 8 * h));
     s = _mm256_mul_ps(_mm256_loadu_ps(super_d(w, b) + 8 * h), _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(sc)));
     m = _mm256_mul_ps(s, _mm256_set1_ps(-32.f));
   } else {
@@ -249,7 +259,7 @@ AVX2 void tile_avx2(const uint8_t* w, int64_t nb, const Quantized* a, float* y, 
   for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
   for (int64_t b = 0; b < nb; ++b) {
     const uint8_t* wb = block_at<SIX, SUB>(w, b);
-    prefetch_ahead<SIX>(wb);
+    prefetch_ahead<SIX, SUB>(w, b);
     for (int h = 0; h < 2; ++h) {
       __m256i v[8];
       half_levels<SIX>(wb, h, v);
@@ -289,7 +299,7 @@ AVXVNNI void tile_avxvnni(const uint8_t* w, int64_t nb, const Quantized* a, floa
   for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
   for (int64_t b = 0; b < nb; ++b) {
     const uint8_t* wb = block_at<SIX, SUB>(w, b);
-    prefetch_ahead<SIX>(wb);
+    prefetch_ahead<SIX, SUB>(w, b);
     for (int h = 0; h < 2; ++h) {
       __m256i v[8];
       half_levels<SIX>(wb, h, v);
@@ -330,6 +340,19 @@ VNNI inline __m512 half16(const uint8_t* p) {
   return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
 }
 
+// Scale and low of group g (int6: 0, 1; int4: 0) for the 16 rows of block b (at wb) of a tile (at w).
+template <bool SIX, bool SUB>
+VNNI inline void scales16(const uint8_t* w, const uint8_t* wb, int64_t b, int g, __m512& s, __m512& m) {
+  if (SUB) {
+    const __m128i sc = _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes_at(w, b) + TILE * g));
+    s = _mm512_mul_ps(_mm512_loadu_ps(super_d(w, b)), _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(sc)));
+    m = _mm512_mul_ps(s, _mm512_set1_ps(-32.f));
+  } else {
+    s = half16(wb + Layout<SIX>::scales + 32 * g);
+    m = half16(wb + Layout<SIX>::scales + 32 * Layout<SIX>::groups + 32 * g);
+  }
+}
+
 template <int F>
 VNNI inline __m512i top_bits_512(__m512i plane, __m512i mask) {
   if (F == 0) return _mm512_and_si512(_mm512_slli_epi16(plane, 4), mask);
@@ -346,7 +369,7 @@ VNNI void tile_vnni(const uint8_t* w, int64_t nb, const Quantized* a, float* y, 
   for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
   for (int64_t b = 0; b < nb; ++b) {
     const uint8_t* wb = block_at<SIX, SUB>(w, b);
-    prefetch_ahead<SIX>(wb);
+    prefetch_ahead<SIX, SUB>(w, b);
     __m512i v[8];
     for (int j = 0; j < 4; ++j) {
       const __m512i c = _mm512_loadu_si512(wb + 64 * j);
@@ -363,16 +386,11 @@ VNNI void tile_vnni(const uint8_t* w, int64_t nb, const Quantized* a, float* y, 
       }
     }
     __m512 s0, m0, s1, m1;
-    if (SUB) {
-      const __m512 d = _mm512_loadu_ps(super_d(w, b));
-      const __m256i sc = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + SUB_SCALES));
-      s0 = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(sc))));
-      s1 = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(sc, 1))));
-      m0 = _mm512_mul_ps(s0, _mm512_set1_ps(-32.f));
-      m1 = _mm512_mul_ps(s1, _mm512_set1_ps(-32.f));
+    scales16<SIX, SUB>(w, wb, b, 0, s0, m0);
+    if (SIX) {
+      scales16<SIX, SUB>(w, wb, b, 1, s1, m1);
     } else {
-      s0 = half16(wb + L::scales), m0 = half16(wb + L::scales + 32 * L::groups);
-      s1 = SIX ? half16(wb + L::scales + 32) : s0, m1 = SIX ? half16(wb + L::scales + 96) : m0;
+      s1 = s0, m1 = m0;
     }
     for (int r = 0; r < R; ++r) {
       const int8_t* qb = a[r].q + b * BLOCK;
@@ -408,14 +426,13 @@ VNNI void tile_vnni(const uint8_t* w, int64_t nb, const Quantized* a, float* y, 
 template <int R>
 VNNI void pair_vnni(const uint8_t* w, int64_t next, int64_t nb, const Quantized* a, float* y, int64_t ystride,
                     int valid) {
-  using L = Layout<false>;
   const __m512i mask = _mm512_set1_epi8(0x0F);
   __m512 acc[R][2];
   for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
   for (int64_t b = 0; b < nb; ++b) {
-    const uint8_t* wb[2] = {w + b * L::bytes, w + next + b * L::bytes};
-    prefetch_ahead<false>(wb[0]);
-    prefetch_ahead<false>(wb[1]);
+    const uint8_t* wb[2] = {block_at<false, false>(w, b), block_at<false, false>(w + next, b)};
+    prefetch_ahead<false, false>(w, b);
+    prefetch_ahead<false, false>(w + next, b);
     __m512i sums[R][2];
     for (int r = 0; r < R; ++r) sums[r][0] = sums[r][1] = _mm512_setzero_si512();
     for (int j = 0; j < 4; ++j) {
@@ -435,7 +452,8 @@ VNNI void pair_vnni(const uint8_t* w, int64_t next, int64_t nb, const Quantized*
       }
     }
     for (int t = 0; t < 2; ++t) {
-      const __m512 s = half16(wb[t] + L::scales), m = half16(wb[t] + L::scales + 32);
+      __m512 s, m;
+      scales16<false, false>(t ? w + next : w, wb[t], b, 0, s, m);
       for (int r = 0; r < R; ++r) {
         acc[r][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums[r][t]), _mm512_mul_ps(s, _mm512_set1_ps(a[r].d[b])), acc[r][t]);
         acc[r][t] = _mm512_fmadd_ps(m, _mm512_set1_ps(a[r].dsum[b]), acc[r][t]);
@@ -571,7 +589,7 @@ at::Tensor pack_form(const at::Tensor& levels, const at::Tensor& scale, const at
 }
 
 // levels (N, K) uint8 0..63 (Q6_K's level + 32), sc (N, K / 16) int8, d (N, K / 256) fp32 -> the sub-scaled
-// int6 layout, (ceil(N / 16), K / 256, SUB_SUPER) bytes.
+// int6 layout, (ceil(N / 16), K / 256, Sub::bytes) bytes.
 at::Tensor pack_sub_form(const at::Tensor& levels, const at::Tensor& sc, const at::Tensor& d) {
   TORCH_CHECK(levels.dim() == 2 && levels.scalar_type() == at::kByte, "levels: (N, K) uint8");
   const int64_t n = levels.size(0), k = levels.size(1), supers = k / (SUPER * BLOCK);
@@ -579,11 +597,10 @@ at::Tensor pack_sub_form(const at::Tensor& levels, const at::Tensor& sc, const a
   TORCH_CHECK(sc.scalar_type() == at::kChar && sc.dim() == 2 && sc.size(0) == n && sc.size(1) == k / 16,
               "sc: (N, K / 16) int8");
   TORCH_CHECK(d.dim() == 2 && d.size(0) == n && d.size(1) == supers, "d: (N, K / 256)");
-  const auto l = levels.contiguous(), s = sc.contiguous();
-  const auto dd = d.to(at::kFloat).contiguous();
+  const auto l = levels.contiguous(), s = sc.contiguous(), dd = d.to(at::kFloat).contiguous();
   TORCH_CHECK(l.max().item<int64_t>() <= 63, "levels above 63");
   const int64_t tiles = (n + TILE - 1) / TILE;
-  at::Tensor packed = at::zeros({tiles, supers, SUB_SUPER}, at::kByte);
+  at::Tensor packed = at::zeros({tiles, supers, Sub::bytes}, at::kByte);
   const uint8_t* lp = l.data_ptr<uint8_t>();
   const int8_t* sp = s.data_ptr<int8_t>();
   const float* dp = dd.data_ptr<float>();
@@ -591,13 +608,15 @@ at::Tensor pack_sub_form(const at::Tensor& levels, const at::Tensor& sc, const a
   at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       for (int64_t b = 0; b < k / BLOCK; ++b) {
-        uint8_t* wb = out + t * supers * SUB_SUPER + (b / SUPER) * SUB_SUPER + (b % SUPER) * SUB_BLOCK;
-        float* drow = reinterpret_cast<float*>(out + t * supers * SUB_SUPER + (b / SUPER) * SUB_SUPER + SUPER * SUB_BLOCK);
+        uint8_t* super = out + (t * supers + b / SUPER) * Sub::bytes;
+        uint8_t* wb = super + (b % SUPER) * Sub::levels;
+        int8_t* cb = reinterpret_cast<int8_t*>(super + Sub::codes + (b % SUPER) * 2 * TILE);
+        float* factors = reinterpret_cast<float*>(super + Sub::factors);
         for (int64_t o = 0; o < TILE && t * TILE + o < n; ++o) {
-          const int64_t row = t * TILE + o;
+          const int64_t row = t * TILE + o, at = row * (k / 16) + 2 * b;
           put_levels<true>(wb, o, lp + row * k + b * BLOCK);
-          for (int g = 0; g < 2; ++g) wb[SUB_SCALES + TILE * g + o] = static_cast<uint8_t>(sp[row * (k / 16) + 2 * b + g]);
-          drow[o] = dp[row * supers + b / SUPER];
+          cb[o] = sp[at], cb[TILE + o] = sp[at + 1];
+          factors[o] = dp[row * supers + b / SUPER];
         }
       }
     }
@@ -653,9 +672,10 @@ void quantize_rows(const float* x, int64_t rows, int64_t k, int8_t* q, float* sc
 at::Tensor matmul(const at::Tensor& x_in, const at::Tensor& packed, int64_t n, const std::string& isa_name,
                   bool precise) {
   TORCH_CHECK(x_in.dim() == 2, "x: (M, K)");
-  const bool sub = packed.dim() == 3 && packed.size(2) == SUB_SUPER;
-  const bool six = sub || (packed.dim() == 3 && packed.size(2) == Layout<true>::bytes);
-  TORCH_CHECK(packed.dim() == 3 && packed.scalar_type() == at::kByte && (six || packed.size(2) == Layout<false>::bytes),
+  const int64_t unit = packed.dim() == 3 ? packed.size(2) : 0;
+  const bool sub = unit == Sub::bytes;
+  const bool six = sub || unit == Layout<true>::bytes;
+  TORCH_CHECK(packed.scalar_type() == at::kByte && (sub || unit == Layout<true>::bytes || unit == Layout<false>::bytes),
               "packed: (tiles, blocks, 320 or 512) or (tiles, super-blocks, 3392) uint8");
   const Isa isa = parse(isa_name);
   const auto x = x_in.to(at::kFloat).contiguous();
