@@ -86,8 +86,9 @@ class Batch:
     head dim): computed once, written by every layer with one `index_copy_`. mask: (B, 1, T, S) bool, or None
     when every key is visible. home: the regions whose first positions hold the rows (a slice when
     they are consecutive), or None when the rows' blocks are gathered. native_step: set by a model whose
-    norms run our kernels (fp32 on a CPU), their instruction set: its decode rows attend in one call of
-    ours (`torch.ops.nlg.decode_attention`).
+    norms run our kernels (fp32 on a CPU), their instruction set: rows of up to NATIVE_QUERIES tokens (decode,
+    speculation's verify) attend in one call of ours (`torch.ops.nlg.decode_attention`), each query the same
+    way at any count, so that a verified draft token gets the bits decode would have given it.
     """
 
     positions: torch.Tensor
@@ -96,7 +97,7 @@ class Batch:
     mask: torch.Tensor | None
     span: int  # S: keys attended per row
     home: slice | torch.Tensor | None = None
-    native_step: str | None = None  # decode rows attend in our kernel with this instruction set
+    native_step: str | None = None  # short rows attend in our kernel with this instruction set
 
     @classmethod
     def make(cls, positions: torch.Tensor, cache: KVCache | None, blocks: torch.Tensor | None) -> Batch:
@@ -141,6 +142,9 @@ class Batch:
         return cls(positions, blocks, where, key_pos <= positions[:, None, :, None], span)
 
 
+NATIVE_QUERIES = 16  # query tokens per row up to which our kernel attends (decode, speculation's verify)
+
+
 def attend(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: Batch, cache: KVCache | None, layer: int
 ) -> torch.Tensor:
@@ -163,10 +167,10 @@ def attend(
                 .reshape(b, hkv, batch.span, d)
                 for c in (kc, vc)
             )
-    if t == 1 and batch.native_step and cache is not None:  # key j is position j: a row sees its first p + 1
-        lengths = batch.positions[:, 0] + 1
-        out = torch.ops.nlg.decode_attention(q.view(b, hkv, h // hkv, d), k, v, lengths, d**-0.5, batch.native_step)
-        return out.reshape(b, 1, h * d)
+    if t <= NATIVE_QUERIES and batch.native_step and cache is not None:  # key j is position j: p sees p + 1
+        q = q.view(b, t, hkv, h // hkv, d)
+        out = torch.ops.nlg.decode_attention(q, k, v, batch.positions + 1, d**-0.5, batch.native_step)
+        return out.reshape(b, t, h * d)
     if t == 1 and h != hkv:  # decode: the query heads sharing a KV head become its rows, no K/V copy
         out = F.scaled_dot_product_attention(q.view(b, hkv, h // hkv, d), k, v, attn_mask=batch.mask)
         return out.reshape(b, 1, h * d)  # (B, Hkv, H/Hkv, D) is (B, H, D) in head order

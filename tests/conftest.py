@@ -85,6 +85,32 @@ def with_own_engine(gen: TextGenerator) -> TextGenerator:
     return own
 
 
+@contextmanager
+def _steps_in(model: torch.nn.Module, which: str):
+    """`model` with its norms and short-row attention in torch's ops ("torch") or in our kernels ("ours", as a
+    model quantized for a CPU runs them; skipped where they did not load), put back to torch's after."""
+    from model import kernels
+    from model.loader import use_native_step
+
+    isa = None
+    if which == "ours":
+        isa = kernels.load()
+        if isa is None:
+            pytest.skip("our kernels did not load")
+    use_native_step(model, isa)
+    try:
+        yield model
+    finally:
+        use_native_step(model, None)
+
+
+@pytest.fixture(scope="session")
+def steps_in():
+    """`with steps_in(model, "torch" | "ours")`: the model's norms and short-row attention in torch's ops or
+    in our kernels (`_steps_in`)."""
+    return _steps_in
+
+
 @pytest.fixture(scope="session")
 def own_engine():
     """`own_engine(gen)`: `gen` with an engine of its own (`with_own_engine`)."""

@@ -1,5 +1,5 @@
 """Our native CPU kernels, compiled once per machine and cached, registered as `torch.ops.nlg`: the
-quantized matmuls (`matmul.cpp`), and RMSNorm and decode attention (`step.cpp`: `model.loader.use_native_step`).
+quantized matmuls (`matmul.cpp`), and RMSNorm and decode attention (`step.cpp`; `model.loader.use_native_step`).
 
 `load()` builds them with torch's C++ extension API (a C++ compiler and ninja; the ninja wheel is a
 dependency) into the model cache (`model.registry.cache_dir() / "kernels"`, keyed by torch's version and

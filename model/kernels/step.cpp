@@ -2,7 +2,7 @@
 //
 //   rms_norm(x, w, eps)                 x / sqrt(mean(x^2) + eps) * w per row
 //   add_rms_norm(x, residual, w, eps)   the same of s = x + residual, and s (the next residual)
-//   decode_attention(q, k, v, lengths)  one query token per row against the first lengths[b] keys
+//   decode_attention(q, k, v, lengths)  a few query tokens per row, each against its first lengths[b, t] keys
 // each with the instruction set to run last (named as the matmul's).
 //
 // All fp32. Small calls are the point: at a decode row torch's rms_norm is several kernels (~11 us), this
@@ -264,22 +264,27 @@ std::tuple<at::Tensor, at::Tensor> add_rms_norm(const at::Tensor& x_in, const at
   return {y, s};
 }
 
-// q (B, Hkv, G, D): row b's query heads grouped by the KV head they read; k, v (B, Hkv, S, D) any strides
-// but the last; lengths (B,) int64: row b attends to keys 0..lengths[b]-1. Returns (B, Hkv, G, D).
+// q (B, T, Hkv, G, D): row b's T query tokens, their heads grouped by the KV head they read; k, v (B, Hkv, S,
+// D) any strides but the last; lengths (B, T) int64: query t of row b attends to keys 0..lengths[b, t]-1.
+// Returns (B, T, Hkv, G, D). Each (row, query, KV head) is computed alone, the same way at any T: a decode
+// step and a verify step of speculation give a query the same bits.
 at::Tensor decode_attention(const at::Tensor& q_in, const at::Tensor& k, const at::Tensor& v,
                             const at::Tensor& lengths_in, double scale, const std::string& isa) {
-  TORCH_CHECK(q_in.dim() == 4 && k.dim() == 4 && v.dim() == 4, "decode_attention: q, k, v 4-d");
+  TORCH_CHECK(q_in.dim() == 5 && k.dim() == 4 && v.dim() == 4, "decode_attention: q 5-d, k, v 4-d");
   TORCH_CHECK(q_in.scalar_type() == at::kFloat && k.scalar_type() == at::kFloat && v.scalar_type() == at::kFloat,
               "decode_attention: fp32 only");
-  const int64_t b = q_in.size(0), hkv = q_in.size(1), g = q_in.size(2), d = q_in.size(3), span = k.size(2);
+  const int64_t b = q_in.size(0), t = q_in.size(1), hkv = q_in.size(2), g = q_in.size(3), d = q_in.size(4);
+  const int64_t span = k.size(2);
   TORCH_CHECK(k.size(0) == b && k.size(1) == hkv && k.size(3) == d && v.sizes() == k.sizes(),
               "decode_attention: k, v (B, Hkv, S, D) as q");
   TORCH_CHECK(k.stride(3) == 1 && v.stride(3) == 1, "decode_attention: keys and values contiguous per position");
   const auto q = q_in.contiguous();
   const auto lengths = lengths_in.to(at::kLong).contiguous();
-  TORCH_CHECK(lengths.numel() == b, "decode_attention: one length per row");
+  TORCH_CHECK(lengths.numel() == b * t, "decode_attention: one length per query (B, T)");
   const int64_t* lp = lengths.data_ptr<int64_t>();
-  for (int64_t i = 0; i < b; ++i) TORCH_CHECK(lp[i] >= 1 && lp[i] <= span, "decode_attention: length out of range");
+  for (int64_t i = 0; i < b * t; ++i) {
+    TORCH_CHECK(lp[i] >= 1 && lp[i] <= span, "decode_attention: length ", lp[i], " out of range 1..", span);
+  }
   auto out = at::empty_like(q);
   const float *qp = q.data_ptr<float>(), *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
   float* op = out.data_ptr<float>();
@@ -288,12 +293,12 @@ at::Tensor decode_attention(const at::Tensor& q_in, const at::Tensor& k, const a
 #else
   const auto group = fast(isa, attend_group<Scalar>, attend_group<Scalar>, attend_group<Scalar>);
 #endif
-  at::parallel_for(0, b * hkv, 1, [&](int64_t u0, int64_t u1) {
+  at::parallel_for(0, b * t * hkv, 1, [&](int64_t u0, int64_t u1) {
     std::vector<float> scores(g * span);
     for (int64_t u = u0; u < u1; ++u) {
-      const int64_t row = u / hkv, head = u % hkv;
+      const int64_t query = u / hkv, row = query / t, head = u % hkv;
       group(qp + u * g * d, kp + row * k.stride(0) + head * k.stride(1), vp + row * v.stride(0) + head * v.stride(1),
-            k.stride(2), v.stride(2), g, d, lp[row], static_cast<float>(scale), scores.data(), op + u * g * d);
+            k.stride(2), v.stride(2), g, d, lp[query], static_cast<float>(scale), scores.data(), op + u * g * d);
     }
   });
   return out;

@@ -244,33 +244,43 @@ def test_norms_equal_torchs_on_every_instruction_set(best, shape):
         assert torch.equal(alone[0], torch.ops.nlg.rms_norm(x, w, 1e-6, isa).flatten(0, -2)[-1]), isa
 
 
+@pytest.mark.parametrize("t", [1, 3])
 @pytest.mark.parametrize(
     "b,hkv,g,d,span", [(1, 2, 6, 128, 40), (4, 3, 3, 64, 100), (2, 1, 1, 64, 1), (3, 2, 2, 72, 17), (1, 1, 5, 8, 300)]
 )
-def test_decode_attention_equals_the_reference_on_every_instruction_set(best, b, hkv, g, d, span):
-    """One query token per row against the first `lengths[b]` keys of a strided cache view (the layout
-    `attend` passes: positions of a larger region), grouped query heads, head sizes off the vector width
-    (72, 8), softmax over 1 to 300 keys with the exp of our own: against fp64 attention under the same mask,
-    within twice the error of torch's own fp32 attention."""
-    gen = torch.Generator().manual_seed(b * 1000 + span)
-    q = torch.randn(b, hkv, g, d, generator=gen)
+def test_decode_attention_equals_the_reference_on_every_instruction_set(best, b, t, hkv, g, d, span):
+    """`t` query tokens per row, each against its first `lengths[b, t]` keys of a strided cache view (the
+    layout `attend` passes: positions of a larger region), grouped query heads, head sizes off the vector
+    width (72, 8), softmax over 1 to 300 keys with the exp of our own: against fp64 attention under the same
+    mask, within twice the error of torch's own fp32 attention; and a query's bits the same alone as among
+    the row's others (a decode step and speculation's verify step agree)."""
+    gen = torch.Generator().manual_seed(b * 1000 + span + t)
+    q = torch.randn(b, t, hkv, g, d, generator=gen)
     kv = torch.randn(2, b, hkv, span + 9, d, generator=gen) * 3
     k, v = kv[0][:, :, :span], kv[1][:, :, :span]
-    lengths = torch.randint(1, span + 1, (b,), generator=gen)
-    lengths[0] = span
-    mask = torch.arange(span)[None, None, None, :] < lengths[:, None, None, None]
-    want = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=mask)
-    torchs = (F.scaled_dot_product_attention(q, k, v, attn_mask=mask) - want).abs().max()  # fp32 rounding
+    lengths = torch.randint(1, span + 1, (b, t), generator=gen)
+    lengths[0, 0] = span
+    mask = torch.arange(span) < lengths[..., None]  # (B, T, S)
+    rows = q.permute(0, 2, 1, 3, 4).reshape(b, hkv, t * g, d)  # (B, Hkv, T x G, D) against the same keys
+    mask = mask.repeat_interleave(g, 1)[:, None]  # (B, 1, T x G, S)
+
+    def shaped(out: torch.Tensor) -> torch.Tensor:
+        return out.reshape(b, hkv, t, g, d).permute(0, 2, 1, 3, 4)
+
+    want = shaped(F.scaled_dot_product_attention(rows.double(), k.double(), v.double(), attn_mask=mask))
+    torchs = (shaped(F.scaled_dot_product_attention(rows, k, v, attn_mask=mask)) - want).abs().max()  # fp32 rounding
     for isa in torch.ops.nlg.isas():
         got = torch.ops.nlg.decode_attention(q, k, v, lengths, d**-0.5, isa)
         assert (got - want).abs().max() <= 2 * torchs + 1e-6, isa
+        last = torch.ops.nlg.decode_attention(q[:, -1:], k, v, lengths[:, -1:], d**-0.5, isa)
+        assert torch.equal(last, got[:, -1:]), isa
 
 
 def test_step_ops_refuse_what_they_cannot_run(best):
     """A clear error, not a wrong answer: lengths past the keys, dtypes other than fp32, an unknown ISA."""
-    q, k = torch.randn(1, 1, 2, 8), torch.randn(1, 1, 4, 8)
+    q, k = torch.randn(1, 1, 1, 2, 8), torch.randn(1, 1, 4, 8)
     with pytest.raises(RuntimeError, match="length"):
-        torch.ops.nlg.decode_attention(q, k, k, torch.tensor([5]), 1.0, best)
+        torch.ops.nlg.decode_attention(q, k, k, torch.tensor([[5]]), 1.0, best)
     with pytest.raises(RuntimeError, match="fp32"):
         torch.ops.nlg.rms_norm(torch.randn(2, 8).double(), torch.randn(8).double(), 1e-6, best)
     with pytest.raises(RuntimeError, match="isa"):

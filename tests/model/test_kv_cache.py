@@ -7,26 +7,15 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from model import kernels
 from model.kv_cache import Batch, KVCache
-from model.loader import use_native_step
 from service.engine.sampling_params import SamplingParams
 
 
 @pytest.fixture(params=["torch", "ours"])
-def model(request, tiny):
-    """The tiny model with its norms and decode attention in torch's ops, then in our kernels
-    (`torch.ops.nlg`, as a model quantized for a CPU runs them)."""
-    isa = None
-    if request.param == "ours":
-        isa = kernels.load()
-        if isa is None:
-            pytest.skip("our kernels did not load")
-    use_native_step(tiny.engine.model, isa)
-    try:
-        yield tiny.engine.model
-    finally:
-        use_native_step(tiny.engine.model, None)
+def model(request, tiny, steps_in):
+    """The tiny model with its norms and decode attention in torch's ops, then in our kernels."""
+    with steps_in(tiny.engine.model, request.param) as model:
+        yield model
 
 
 def cache_of(model, blocks: int = 16, block_size: int = 4, region: int = 4) -> KVCache:

@@ -46,12 +46,15 @@ def run(model, prompts, params, lookup: int, **engine_args):
     ],
     ids=["greedy", "no-repeat-ngram", "logit-bias", "max-tokens"],
 )
-def test_speculation_gives_the_greedy_tokens(model, params):
+@pytest.mark.parametrize("steps", ["torch", "ours"])
+def test_speculation_gives_the_greedy_tokens(model, params, steps, steps_in):
     """Rows with and without drafts in one verification forward; the greedy processors apply at every
-    draft position as they would step by step."""
+    draft position as they would step by step; with our kernels' attention (a verify step's queries get the
+    bits a decode step gives them) as with torch's."""
     prompts = [LOOPED, [11, 12, 13, 14], LOOPED[3:] + [40, 41]]
-    want, _ = run(model, prompts, params, 0)
-    got, scheduler = run(model, prompts, params, 5)
+    with steps_in(model, steps):
+        want, _ = run(model, prompts, params, 0)
+        got, scheduler = run(model, prompts, params, 5)
     assert got == want
     assert scheduler.drafted > 0  # it did speculate
 
