@@ -85,7 +85,10 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    """`gate_up_proj` stacks the checkpoint's gate_proj and up_proj into one matmul."""
+    """`gate_up_proj` stacks the checkpoint's gate_proj and up_proj into one matmul; `native_step` (as the
+    norms'): silu(gate) * up in one call of ours."""
+
+    native_step: str | None = None
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -95,7 +98,10 @@ class MLP(nn.Module):
         self.down_proj = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        both = self.gate_up_proj(x)
+        if self.native_step:
+            return self.down_proj(torch.ops.nlg.silu_mul(both, self.native_step))
+        gate, up = both.chunk(2, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
 

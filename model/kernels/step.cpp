@@ -3,6 +3,7 @@
 //   rms_norm(x, w, eps)                 x / sqrt(mean(x^2) + eps) * w per row
 //   add_rms_norm(x, residual, w, eps)   the same of s = x + residual, and s (the next residual)
 //   decode_attention(q, k, v, lengths)  a few query tokens per row, each against its first lengths[b, t] keys
+//   silu_mul(x)                          silu(gate) * up of the merged gate/up projection's output
 // each with the instruction set to run last (named as the matmul's).
 //
 // All fp32. Small calls are the point: at a decode row torch's rms_norm is several kernels (~11 us), this
@@ -66,6 +67,9 @@ struct Scalar {
     for (int64_t j = 0; j < n; ++j) total += (s[j] = std::exp(s[j] - top));
     for (int64_t j = 0; j < n; ++j) s[j] /= total;
   }
+  static void silu_mul(const float* g, const float* u, float* y, int64_t n) {
+    for (int64_t i = 0; i < n; ++i) y[i] = g[i] / (1.f + std::exp(-g[i])) * u[i];
+  }
 };
 
 #if defined(__x86_64__)
@@ -73,14 +77,25 @@ struct Scalar {
 #define T256 __attribute__((target("avx2,fma")))
 
 struct Avx512 {
-  T512 static __m512 exp(__m512 x) {  // x <= 0
-    x = _mm512_max_ps(x, _mm512_set1_ps(-87.f));
+  T512 static __m512 exp(__m512 x) {  // x clamped to [-87, 88]: finite, never a denormal
+    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.f)), _mm512_set1_ps(88.f));
     const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(LOG2E)), _MM_FROUND_TO_NEAREST_INT);
     __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(LN2_HI), x);
     r = _mm512_fnmadd_ps(n, _mm512_set1_ps(LN2_LO), r);
     __m512 p = _mm512_set1_ps(1.f / 720.f);
     for (float c : {1.f / 120.f, 1.f / 24.f, 1.f / 6.f, 0.5f, 1.f, 1.f}) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
     return _mm512_scalef_ps(p, n);
+  }
+  T512 static void silu_mul(const float* g, const float* u, float* y, int64_t n) {
+    const __m512 one = _mm512_set1_ps(1.f);
+    for (int64_t i = 0; i < n; i += 16) {
+      const __mmask16 m = n - i >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (n - i)) - 1);
+      const __m512 gv = _mm512_maskz_loadu_ps(m, g + i);
+      const __m512 e = exp(_mm512_sub_ps(_mm512_setzero_ps(), gv));
+      const __mmask16 live = _mm512_cmp_ps_mask(gv, _mm512_set1_ps(-88.f), _CMP_GE_OQ);  // else e^-g overflows: 0
+      const __m512 s = _mm512_maskz_div_ps(live, gv, _mm512_add_ps(one, e));
+      _mm512_mask_storeu_ps(y + i, m, _mm512_mul_ps(s, _mm512_maskz_loadu_ps(m, u + i)));
+    }
   }
   T512 static float dot(const float* a, const float* b, int64_t d) {
     __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps();
@@ -125,8 +140,8 @@ struct Avx512 {
 };
 
 struct Avx2 {
-  T256 static __m256 exp(__m256 x) {  // x <= 0
-    x = _mm256_max_ps(x, _mm256_set1_ps(-87.f));
+  T256 static __m256 exp(__m256 x) {  // x clamped to [-87, 88]: finite, never a denormal
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.f)), _mm256_set1_ps(88.f));
     const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(LOG2E)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(LN2_HI), x);
     r = _mm256_fnmadd_ps(n, _mm256_set1_ps(LN2_LO), r);
@@ -139,6 +154,18 @@ struct Avx2 {
     const __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     const __m128 q = _mm_add_ps(h, _mm_movehl_ps(h, h));
     return _mm_cvtss_f32(_mm_add_ss(q, _mm_movehdup_ps(q)));
+  }
+  T256 static void silu_mul(const float* g, const float* u, float* y, int64_t n) {
+    const __m256 one = _mm256_set1_ps(1.f);
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+      const __m256 gv = _mm256_loadu_ps(g + i);
+      const __m256 e = exp(_mm256_sub_ps(_mm256_setzero_ps(), gv));
+      const __m256 live = _mm256_cmp_ps(gv, _mm256_set1_ps(-88.f), _CMP_GE_OQ);  // else e^-g overflows: 0
+      const __m256 s = _mm256_and_ps(live, _mm256_div_ps(gv, _mm256_add_ps(one, e)));
+      _mm256_storeu_ps(y + i, _mm256_mul_ps(s, _mm256_loadu_ps(u + i)));
+    }
+    Scalar::silu_mul(g + i, u + i, y + i, n - i);
   }
   T256 static float dot(const float* a, const float* b, int64_t d) {
     __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
@@ -304,14 +331,38 @@ at::Tensor decode_attention(const at::Tensor& q_in, const at::Tensor& k, const a
   return out;
 }
 
+// x (..., 2n): gate then up, as the merged projection gives them -> silu(gate) * up (..., n).
+at::Tensor silu_mul(const at::Tensor& x_in, const std::string& isa) {
+  TORCH_CHECK(x_in.scalar_type() == at::kFloat && x_in.dim() >= 1 && x_in.size(-1) % 2 == 0,
+              "silu_mul: fp32 (..., 2n)");
+  const auto x = x_in.contiguous();
+  const int64_t n = x.size(-1) / 2, rows = x.numel() / std::max<int64_t>(2 * n, 1);
+  auto sizes = x.sizes().vec();
+  sizes.back() = n;
+  auto y = at::empty(sizes, x.options());
+  const float* xp = x.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+#if defined(__x86_64__)
+  const auto row = fast(isa, Avx512::silu_mul, Avx2::silu_mul, Scalar::silu_mul);
+#else
+  const auto row = fast(isa, Scalar::silu_mul, Scalar::silu_mul, Scalar::silu_mul);
+#endif
+  at::parallel_for(0, rows, ROWS_PER_TASK, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) row(xp + r * 2 * n, xp + r * 2 * n + n, yp + r * n, n);
+  });
+  return y;
+}
+
 TORCH_LIBRARY_FRAGMENT(nlg, m) {
   m.def("rms_norm(Tensor x, Tensor weight, float eps, str isa) -> Tensor");
   m.def("add_rms_norm(Tensor x, Tensor residual, Tensor weight, float eps, str isa) -> (Tensor, Tensor)");
   m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor lengths, float scale, str isa) -> Tensor");
+  m.def("silu_mul(Tensor x, str isa) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(nlg, CPU, m) {
   m.impl("rms_norm", &rms_norm);
   m.impl("add_rms_norm", &add_rms_norm);
   m.impl("decode_attention", &decode_attention);
+  m.impl("silu_mul", &silu_mul);
 }

@@ -1,6 +1,6 @@
 """Our native kernels (`model.kernels`, `torch.ops.nlg`) against an fp64 reference, on every instruction set
 this CPU runs, for both weight forms (int4, int6) and the row counts and shapes that take the kernel's edge
-paths; and the layers that route to them; the step ops (norms, decode attention) against torch's."""
+paths; and the layers that route to them; the step ops (norms, attention, SwiGLU) against torch's."""
 
 from __future__ import annotations
 
@@ -274,6 +274,18 @@ def test_decode_attention_equals_the_reference_on_every_instruction_set(best, b,
         assert (got - want).abs().max() <= 2 * torchs + 1e-6, isa
         last = torch.ops.nlg.decode_attention(q[:, -1:], k, v, lengths[:, -1:], d**-0.5, isa)
         assert torch.equal(last, got[:, -1:]), isa
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 2 * 8960), (3, 70, 2 * 96), (2, 5, 2 * 7)])
+def test_silu_mul_equals_torchs_on_every_instruction_set(best, shape):
+    """silu(gate) * up of the merged projection's output (gate first), widths off every vector size, gates
+    far past exp's range either way (100, -100: torch's 100 * up and 0): against torch's to fp32 rounding."""
+    g = torch.Generator().manual_seed(shape[1])
+    x = torch.randn(shape, generator=g) * 6
+    x.view(-1)[:4] = torch.tensor([100.0, -100.0, 0.0, -88.5])
+    gate, up = x.chunk(2, -1)
+    for isa in torch.ops.nlg.isas():
+        assert_close(torch.ops.nlg.silu_mul(x, isa), F.silu(gate) * up, rtol=1e-5, atol=1e-6, msg=isa)
 
 
 def test_step_ops_refuse_what_they_cannot_run(best):
