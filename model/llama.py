@@ -135,7 +135,7 @@ class Body(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
-    native_step: str | None = None  # decode attention in our kernel (`model.kv_cache.attend`), as the norms
+    native_step: str | None = None  # short rows' attention in our kernel (`model.kv_cache.attend`), as the norms
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
