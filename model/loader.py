@@ -100,7 +100,8 @@ def load_model(
         owner, _, leaf = tied.rpartition(".")
         source_owner = model.get_submodule(source.rpartition(".")[0])
         if hasattr(source_owner, "stored"):  # tied to a quantized embedding: the head takes the same form
-            model.get_submodule(owner).stored = source_owner.stored
+            form, parts = source_owner.stored
+            model.get_submodule(owner).stored = (form, dict(parts))  # its own dict: `from_stored` may take from it
             delattr(model.get_submodule(owner), leaf)
         else:
             setattr(model.get_submodule(owner), leaf, model.get_parameter(source))

@@ -178,13 +178,13 @@ class Int6Linear(nn.Module):
     def __init__(
         self,
         levels: torch.Tensor,
-        scale: torch.Tensor,
-        low: torch.Tensor,
+        scale: torch.Tensor | None,
+        low: torch.Tensor | None,
         least: int = 0,
         sub: tuple[torch.Tensor, torch.Tensor] | None = None,
     ):
         """`levels` (rows, in) spanning `least`..`least` + 63 (as `fits` found them), `scale` and `low` per
-        group of 16 or 32 columns, or `sub`: the int8 scales and per-256 factors that make them. Converted
+        group of 16 or 32 columns, or (None, None and) `sub`: the int8 scales and per-256 factors. Converted
         and packed `CHUNK` rows at a time into the tiles (16 rows each), so the shifted levels and per-16
         scales of a 151936-row head are never whole: a whole-matrix conversion took 1.2 GB on top of
         Qwen2.5-1.5B's loaded weights."""
@@ -223,7 +223,7 @@ class Int6Linear(nn.Module):
         if most - least > 63:
             return None
         if least >= -32 and most <= 31 and (sub := sub_scales(scale, low)) is not None:
-            return levels, scale, low, -32, sub
+            return levels, None, None, -32, sub
         if not _fits_fp16(scale, low + least * scale):  # per group: each span of 16 repeats its group's values
             return None
         return levels, scale, low, least
@@ -241,17 +241,21 @@ SUB_BYTES = 3392  # a tile's bytes per super-block in our kernel's Q6_K layout (
 def sub_scales(scale: torch.Tensor, low: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
     """For scales per 16 columns (rows, cols / 16) and zero lows: (sc int8 (rows, cols / 16), d fp32 (rows,
     cols / 256)) with d * sc equal to every scale exactly, as Q6_K stores them (llama.cpp's quantizer gives
-    the largest scale of each 256 columns the int8 scale -128), or None where they are not so made."""
+    the largest scale of each 256 columns the int8 scale -128), or None where they are not so made. Found
+    `CHUNK` rows at a time: the fp32 temporaries of a whole LM head were the 1.5B model's load peak."""
     rows, groups = scale.shape
     per = SUPER_COLUMNS // Int6Linear.SPAN
     if groups % per or bool(low.any()):
         return None
-    s = scale.reshape(rows, groups // per, per)
-    d = s.gather(-1, s.abs().argmax(-1, keepdim=True)) / -128  # (rows, supers, 1)
-    sc = torch.where(d != 0, s / torch.where(d != 0, d, 1), 0).round()
-    if bool((sc < -128).any() or (sc > 127).any()) or not torch.equal(d * sc, s):
-        return None
-    return sc.to(torch.int8).reshape(rows, groups), d.reshape(rows, -1).contiguous()
+    codes, factors = torch.empty(rows, groups, dtype=torch.int8), torch.empty(rows, groups // per)
+    for a in range(0, rows, CHUNK):
+        s = scale[a : a + CHUNK].reshape(-1, groups // per, per)
+        d = s.gather(-1, s.abs().argmax(-1, keepdim=True)) / -128  # (rows, supers, 1)
+        sc = torch.where(d != 0, s / torch.where(d != 0, d, 1), 0).round()
+        if bool((sc < -128).any() or (sc > 127).any()) or not torch.equal(d * sc, s):
+            return None
+        codes[a : a + CHUNK], factors[a : a + CHUNK] = sc.reshape(-1, groups), d.reshape(-1, groups // per)
+    return codes, factors
 
 
 CHUNK = 8192  # rows converted at a time: a 151936-row LM head is never whole in fp32 more than once
@@ -313,11 +317,14 @@ def _dequantize(form: str, t: dict[str, torch.Tensor]) -> torch.Tensor:
 
 def from_stored(form: str, t: dict[str, torch.Tensor], mode: str) -> nn.Module:
     """The `mode` layer for a stored form: taken as it is where a kernel computes it (int4 groups of GROUP
-    for mode int4, or any mode on our kernel; 5-6 bit int8 forms as int6 on our kernel), else re-quantized."""
+    for mode int4, or any mode on our kernel; 5-6 bit int8 forms as int6 on our kernel), else re-quantized.
+    A form taken in Q6_K's layout loses its fp32 scales and lows from `t` (its codes replace them)."""
     int4_groups = form == "int4" and t["_scale"].shape[1] * GROUP == t["_int4"].shape[1] * 2
     if int4_groups and (mode == "int4" or _native):
         return Int4Linear(t["_int4"], t["_scale"], t["_low"], two_per_byte=True)
     six = Int6Linear.fits(t["_int8"], t["_scale"], t["_low"]) if form == "int8" else None
+    if six is not None and len(six) == 5:  # Q6_K's layout: the codes replace the fp32 scales and lows
+        del t["_scale"], t["_low"]  # freed before packing (117 MB for the 1.5B model's head, at its load's peak)
     if six is not None:
         return Int6Linear(*six)
     rows = t["_int4" if form == "int4" else "_int8"]

@@ -132,10 +132,13 @@ def load_into(
     NOTE: `module` is expected to live on the meta device; nothing full-size is ever built.
     Parameters named in `skip` are left alone (the caller ties them); `key_of` maps a parameter
     name to its checkpoint key where the two differ. `loaded(owner)` runs after each piece is in place
-    (the loader quantizes a layer there, so the whole model is never held unquantized).
+    (the loader quantizes a layer there, so the whole model is never held unquantized). Parameters load
+    largest first.
     """
     keys = reader.keys()
-    for name, param in list(module.named_parameters(remove_duplicate=False)):
+    # the largest first: their transients (an LM head's stored form beside its packed copy) come before the
+    # rest of the model is resident, which kept the peak of a 1.5B model's load 100 MB higher
+    for name, param in sorted(module.named_parameters(remove_duplicate=False), key=lambda p: -p[1].numel()):
         if name in skip:
             continue
         owner_name, _, leaf = name.rpartition(".")
@@ -172,6 +175,7 @@ def load_into(
         elif form is not None:  # a quantized form instead of the weight: parallel.quant.quantize finishes it
             pieces = {s: owner.shard(leaf + s, lambda part, s=s: get(part, s)) for s in SUFFIXES[form]}
             owner.stored = (form, {s: t.to(device=device) for s, t in pieces.items()})
+            del pieces  # the stored dict holds the only references: `from_stored` may free parts early
             delattr(owner, leaf)
             reader.release()
             loaded(owner)
