@@ -59,8 +59,10 @@ def rope_tables(cfg: ModelConfig, device: torch.device | str = "cpu") -> tuple[t
     return torch.cat([angles.cos(), angles.cos()], -1), torch.cat([-angles.sin(), angles.sin()], -1)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
-    """x: (B, T, heads, D); cos, sin_signed: (B, T, 1, D)."""
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor, native: str | None = None) -> torch.Tensor:
+    """x: (B, T, heads, D); cos, sin_signed: (B, T, 1, D). `native`: in one call of ours, that ISA."""
+    if native:
+        return torch.ops.nlg.rope(x, cos, sin_signed, native)
     return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, -1), sin_signed)
 
 
@@ -80,7 +82,7 @@ class Attention(nn.Module):
         b, t, _ = x.shape
         h, kv, d = self.num_heads, self.num_kv_heads, self.head_dim
         qkv = self.qkv_proj(x).view(b, t, h + 2 * kv, d)  # (B, T, H + 2*Hkv, D)
-        qk = apply_rope(qkv[:, :, : h + kv], cos, sin)  # q and k heads rotated together
+        qk = apply_rope(qkv[:, :, : h + kv], cos, sin, batch.native_step)  # q and k heads rotated together
         return self.o_proj(attend(qk[:, :, :h], qk[:, :, h:], qkv[:, :, h + kv :], batch, cache, self.layer))
 
 

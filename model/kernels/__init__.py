@@ -1,5 +1,6 @@
 """Our native CPU kernels, compiled once per machine and cached, registered as `torch.ops.nlg`: the
-quantized matmuls (`matmul.cpp`), and RMSNorm, decode attention and SwiGLU (`step.cpp`; `model.loader.use_native_step`).
+quantized matmuls (`matmul.cpp`), and RMSNorm, rotary, attention and SwiGLU (`step.cpp`; routed by
+`model.loader.use_native_step`).
 
 `load()` builds them with torch's C++ extension API (a C++ compiler and ninja; the ninja wheel is a
 dependency) into the model cache (`model.registry.cache_dir() / "kernels"`, keyed by torch's version and
@@ -66,6 +67,7 @@ def _register_fakes() -> None:
     )
     torch.library.register_fake("nlg::decode_attention")(lambda q, k, v, lengths, scale, isa: torch.empty_like(q))
     torch.library.register_fake("nlg::silu_mul")(lambda x, isa: x.new_empty(*x.shape[:-1], x.shape[-1] // 2))
+    torch.library.register_fake("nlg::rope")(lambda x, cos, sin, isa: x.new_empty(x.shape))
 
 
 def _build(build: Path) -> bool:

@@ -4,6 +4,7 @@
 //   add_rms_norm(x, residual, w, eps)   the same of s = x + residual, and s (the next residual)
 //   decode_attention(q, k, v, lengths)  a few query tokens per row, each against its first lengths[b, t] keys
 //   silu_mul(x)                          silu(gate) * up of the merged gate/up projection's output
+//   rope(x, cos, sin)                    rotary embedding of the q and k heads
 // each with the instruction set to run last (named as the matmul's).
 //
 // All fp32. Small calls are the point: at a decode row torch's rms_norm is several kernels (~11 us), this
@@ -217,6 +218,16 @@ void attend_group(const float* q, const float* k, const float* v, int64_t ks, in
   }
 }
 
+// One head's rotary embedding, rotate-half layout: y = x * c + roll(x, d / 2) * s (s signed, as the tables).
+inline __attribute__((always_inline)) void rope_head(const float* x, const float* c, const float* s, int64_t d,
+                                                     float* y) {
+  const int64_t half = d / 2;
+#pragma omp simd
+  for (int64_t i = 0; i < half; ++i) y[i] = x[i] * c[i] + x[i + half] * s[i];
+#pragma omp simd
+  for (int64_t i = half; i < d; ++i) y[i] = x[i] * c[i] + x[i - half] * s[i];
+}
+
 // Each function below is built for AVX-512, AVX2 and the compiler's default target; `fast` picks one.
 #if defined(__x86_64__)
 #define WIDE512 __attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma"), noinline))
@@ -232,6 +243,7 @@ void attend_group(const float* q, const float* k, const float* v, int64_t ks, in
   __attribute__((noinline)) void name##_any params { name args; }
 
 THREE_WAYS(norm_row, (const float* x, const float* w, float eps, int64_t d, float* y), (x, w, eps, d, y))
+THREE_WAYS(rope_head, (const float* x, const float* c, const float* s, int64_t d, float* y), (x, c, s, d, y))
 THREE_WAYS(add_norm_row, (const float* a, const float* b, const float* w, float eps, int64_t d, float* s, float* y),
            (a, b, w, eps, d, s, y))
 
@@ -331,6 +343,27 @@ at::Tensor decode_attention(const at::Tensor& q_in, const at::Tensor& k, const a
   return out;
 }
 
+// x (B, T, H, D), any strides but the last (q and k heads of the qkv projection's output); cos, sin (B, T, D)
+// the rows of the tables at each token's position -> rotated (B, T, H, D), contiguous.
+at::Tensor rope(const at::Tensor& x, const at::Tensor& cos_in, const at::Tensor& sin_in, const std::string& isa) {
+  TORCH_CHECK(x.dim() == 4 && x.scalar_type() == at::kFloat && x.stride(3) == 1 && x.size(3) % 2 == 0,
+              "rope: x (B, T, H, D) fp32, D even and contiguous");
+  const int64_t b = x.size(0), t = x.size(1), h = x.size(2), d = x.size(3);
+  const auto c = cos_in.to(at::kFloat).contiguous(), s = sin_in.to(at::kFloat).contiguous();
+  TORCH_CHECK(c.numel() == b * t * d && s.numel() == b * t * d, "rope: cos, sin (B, T, D)");
+  auto y = at::empty({b, t, h, d}, x.options());
+  const float *xp = x.data_ptr<float>(), *cp = c.data_ptr<float>(), *sp = s.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  const auto head = fast(isa, rope_head_512, rope_head_256, rope_head_any);
+  at::parallel_for(0, b * t, ROWS_PER_TASK, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const float* xr = xp + (r / t) * x.stride(0) + (r % t) * x.stride(1);
+      for (int64_t j = 0; j < h; ++j) head(xr + j * x.stride(2), cp + r * d, sp + r * d, d, yp + (r * h + j) * d);
+    }
+  });
+  return y;
+}
+
 // x (..., 2n): gate then up, as the merged projection gives them -> silu(gate) * up (..., n).
 at::Tensor silu_mul(const at::Tensor& x_in, const std::string& isa) {
   TORCH_CHECK(x_in.scalar_type() == at::kFloat && x_in.dim() >= 1 && x_in.size(-1) % 2 == 0,
@@ -358,6 +391,7 @@ TORCH_LIBRARY_FRAGMENT(nlg, m) {
   m.def("add_rms_norm(Tensor x, Tensor residual, Tensor weight, float eps, str isa) -> (Tensor, Tensor)");
   m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor lengths, float scale, str isa) -> Tensor");
   m.def("silu_mul(Tensor x, str isa) -> Tensor");
+  m.def("rope(Tensor x, Tensor cos, Tensor sin, str isa) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(nlg, CPU, m) {
@@ -365,4 +399,5 @@ TORCH_LIBRARY_IMPL(nlg, CPU, m) {
   m.impl("add_rms_norm", &add_rms_norm);
   m.impl("decode_attention", &decode_attention);
   m.impl("silu_mul", &silu_mul);
+  m.impl("rope", &rope);
 }

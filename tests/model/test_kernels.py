@@ -1,6 +1,6 @@
 """Our native kernels (`model.kernels`, `torch.ops.nlg`) against an fp64 reference, on every instruction set
 this CPU runs, for both weight forms (int4, int6) and the row counts and shapes that take the kernel's edge
-paths; and the layers that route to them; the step ops (norms, attention, SwiGLU) against torch's."""
+paths; and the layers that route to them; the step ops (norms, rotary, attention, SwiGLU) against torch's."""
 
 from __future__ import annotations
 
@@ -286,6 +286,21 @@ def test_silu_mul_equals_torchs_on_every_instruction_set(best, shape):
     gate, up = x.chunk(2, -1)
     for isa in torch.ops.nlg.isas():
         assert_close(torch.ops.nlg.silu_mul(x, isa), F.silu(gate) * up, rtol=1e-5, atol=1e-6, msg=isa)
+
+
+@pytest.mark.parametrize("b,t,h,d", [(1, 1, 14, 128), (2, 5, 12, 64), (3, 2, 3, 6)])
+def test_rope_equals_torchs_on_every_instruction_set(best, b, t, h, d):
+    """Rotary embedding of the q and k heads, read from the qkv projection's output as `Attention` slices it
+    (strided: the v heads between rows), against the model's torch formula."""
+    from model.llama import apply_rope
+
+    g = torch.Generator().manual_seed(b * t * h)
+    qkv = torch.randn(b, t, h + 2, d, generator=g)
+    x = qkv[:, :, :h]
+    angles = torch.rand(b, t, 1, d // 2, generator=g) * 100
+    cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([-angles.sin(), angles.sin()], -1)
+    for isa in torch.ops.nlg.isas():
+        assert_close(torch.ops.nlg.rope(x, cos, sin, isa), apply_rope(x, cos, sin), msg=isa)
 
 
 def test_step_ops_refuse_what_they_cannot_run(best):
