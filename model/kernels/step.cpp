@@ -222,10 +222,13 @@ void attend_group(const float* q, const float* k, const float* v, int64_t ks, in
 inline __attribute__((always_inline)) void rope_head(const float* x, const float* c, const float* s, int64_t d,
                                                      float* y) {
   const int64_t half = d / 2;
+  float* t = y;  // x * c rounded, then the rotated product fused in: torch's addcmul's arithmetic, the same bits
 #pragma omp simd
-  for (int64_t i = 0; i < half; ++i) y[i] = x[i] * c[i] + x[i + half] * s[i];
+  for (int64_t i = 0; i < d; ++i) t[i] = x[i] * c[i];
 #pragma omp simd
-  for (int64_t i = half; i < d; ++i) y[i] = x[i] * c[i] + x[i - half] * s[i];
+  for (int64_t i = 0; i < half; ++i) y[i] = std::fma(x[i + half], s[i], t[i]);
+#pragma omp simd
+  for (int64_t i = half; i < d; ++i) y[i] = std::fma(x[i - half], s[i], t[i]);
 }
 
 // Each function below is built for AVX-512, AVX2 and the compiler's default target; `fast` picks one.
@@ -243,7 +246,10 @@ inline __attribute__((always_inline)) void rope_head(const float* x, const float
   __attribute__((noinline)) void name##_any params { name args; }
 
 THREE_WAYS(norm_row, (const float* x, const float* w, float eps, int64_t d, float* y), (x, w, eps, d, y))
+#pragma GCC push_options
+#pragma GCC optimize("fp-contract=off")
 THREE_WAYS(rope_head, (const float* x, const float* c, const float* s, int64_t d, float* y), (x, c, s, d, y))
+#pragma GCC pop_options
 THREE_WAYS(add_norm_row, (const float* a, const float* b, const float* w, float eps, int64_t d, float* s, float* y),
            (a, b, w, eps, d, s, y))
 

@@ -291,7 +291,8 @@ def test_silu_mul_equals_torchs_on_every_instruction_set(best, shape):
 @pytest.mark.parametrize("b,t,h,d", [(1, 1, 14, 128), (2, 5, 12, 64), (3, 2, 3, 6)])
 def test_rope_equals_torchs_on_every_instruction_set(best, b, t, h, d):
     """Rotary embedding of the q and k heads, read from the qkv projection's output as `Attention` slices it
-    (strided: the v heads between rows), against the model's torch formula."""
+    (strided: the v heads between rows): bitwise the model's torch formula (one near tie decides what
+    SmolLM2 answers in `test_smollm2`)."""
     from model.llama import apply_rope
 
     g = torch.Generator().manual_seed(b * t * h)
@@ -300,7 +301,7 @@ def test_rope_equals_torchs_on_every_instruction_set(best, b, t, h, d):
     angles = torch.rand(b, t, 1, d // 2, generator=g) * 100
     cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([-angles.sin(), angles.sin()], -1)
     for isa in torch.ops.nlg.isas():
-        assert_close(torch.ops.nlg.rope(x, cos, sin, isa), apply_rope(x, cos, sin), msg=isa)
+        assert torch.equal(torch.ops.nlg.rope(x, cos, sin, isa), apply_rope(x, cos, sin)), isa
 
 
 def test_step_ops_refuse_what_they_cannot_run(best):
