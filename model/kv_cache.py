@@ -27,6 +27,7 @@ pool is zeroed once, up front.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 import torch.nn.functional as F
@@ -99,6 +100,11 @@ class Batch:
     home: slice | torch.Tensor | None = None
     native_step: str | None = None  # short rows attend in our kernel with this instruction set
 
+    @cached_property
+    def lengths(self) -> torch.Tensor:
+        """(B, T) keys each token attends to, once per forward: key j is position j, so p sees p + 1."""
+        return self.positions + 1
+
     @classmethod
     def make(cls, positions: torch.Tensor, cache: KVCache | None, blocks: torch.Tensor | None) -> Batch:
         if cache is None:
@@ -167,9 +173,9 @@ def attend(
                 .reshape(b, hkv, batch.span, d)
                 for c in (kc, vc)
             )
-    if t <= NATIVE_QUERIES and batch.native_step and cache is not None:  # key j is position j: p sees p + 1
+    if t <= NATIVE_QUERIES and batch.native_step and cache is not None:
         q = q.view(b, t, hkv, h // hkv, d)
-        out = torch.ops.nlg.decode_attention(q, k, v, batch.positions + 1, d**-0.5, batch.native_step)
+        out = torch.ops.nlg.decode_attention(q, k, v, batch.lengths, d**-0.5, batch.native_step)
         return out.reshape(b, t, h * d)
     if t == 1 and h != hkv:  # decode: the query heads sharing a KV head become its rows, no K/V copy
         out = F.scaled_dot_product_attention(q.view(b, hkv, h // hkv, d), k, v, attn_mask=batch.mask)

@@ -68,7 +68,7 @@ def load_model(
     linear layers quantized after loading with `quantization` int8 or int4 (`parallel.quant`); weights
     stored quantized are dequantized to `dtype` for "none"; "auto" is `pick_quantization`. On a CPU,
     quantized layers run our kernels where they can (`model.kernels`, built on first use; with fp32
-    activations the norms and decode attention run them too: `native_step`), and fp32 linear
+    activations the norms, rotary, short rows' attention and SwiGLU run them too: `native_step`), and fp32 linear
     layers take oneDNN's packed weights where that measures faster (`model.cpu_matmul`; the routes in
     `model.matmul_routes`)."""
     directory = Path(directory)
@@ -81,7 +81,7 @@ def load_model(
         raise ValueError(f"--quantize {quantization!r}: choose one of {', '.join(QUANTIZATIONS)}")
     if quantization == "auto":
         quantization = pick_quantization(directory, device)
-    native = None  # our kernels' instruction set, where the norms and decode attention run them (fp32)
+    native = None  # our kernels' instruction set, where the step around the matmuls runs them (fp32)
     if torch.device(device).type == "cpu" and quantization != "none":  # "none" dequantizes every stored form
         isa = load_kernels()
         native = isa if dtype == torch.float32 else None
@@ -113,8 +113,8 @@ def load_model(
 
 
 def use_native_step(model: nn.Module, isa: str | None) -> None:
-    """Run the norms and decode attention of `model` (those that have a `native_step`) in our kernels with
-    instruction set `isa`, or (None) in torch's ops."""
+    """Run the norms, rotary, short rows' attention and SwiGLU of `model` (the modules that have a
+    `native_step`) in our kernels with instruction set `isa`, or (None) in torch's ops."""
     for module in model.modules():
         if hasattr(type(module), "native_step"):
             module.native_step = isa

@@ -235,7 +235,7 @@ class Int6Linear(nn.Module):
 
 
 SUPER_COLUMNS = 256  # columns per factor of Q6_K's scales (its super-block)
-SUB_BYTES = 3392  # a tile's bytes per super-block in our kernel's Q6_K layout (matmul.cpp: SUB_SUPER)
+SUB_BYTES = 3392  # a tile's bytes per super-block in our kernel's Q6_K layout (matmul.cpp: Sub::bytes)
 
 
 def sub_scales(scale: torch.Tensor, low: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:

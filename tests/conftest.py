@@ -87,8 +87,9 @@ def with_own_engine(gen: TextGenerator) -> TextGenerator:
 
 @contextmanager
 def _steps_in(model: torch.nn.Module, which: str):
-    """`model` with its norms and short-row attention in torch's ops ("torch") or in our kernels ("ours", as a
-    model quantized for a CPU runs them; skipped where they did not load), put back to torch's after."""
+    """`model` with the step around its matmuls (norms, rotary, short rows' attention, SwiGLU) in torch's ops
+    ("torch") or in our kernels ("ours", as a model quantized for a CPU runs them; skipped where they did
+    not load), put back to torch's after."""
     from model import kernels
     from model.loader import use_native_step
 
@@ -106,8 +107,8 @@ def _steps_in(model: torch.nn.Module, which: str):
 
 @pytest.fixture(scope="session")
 def steps_in():
-    """`with steps_in(model, "torch" | "ours")`: the model's norms and short-row attention in torch's ops or
-    in our kernels (`_steps_in`)."""
+    """`with steps_in(model, "torch" | "ours")`: the step around the model's matmuls in torch's ops or in our
+    kernels (`_steps_in`)."""
     return _steps_in
 
 

@@ -588,9 +588,11 @@ at::Tensor pack_form(const at::Tensor& levels, const at::Tensor& scale, const at
   return packed;
 }
 
+}  // namespace
+
 // levels (N, K) uint8 0..63 (Q6_K's level + 32), sc (N, K / 16) int8, d (N, K / 256) fp32 -> the sub-scaled
 // int6 layout, (ceil(N / 16), K / 256, Sub::bytes) bytes.
-at::Tensor pack_sub_form(const at::Tensor& levels, const at::Tensor& sc, const at::Tensor& d) {
+at::Tensor pack_sub(const at::Tensor& levels, const at::Tensor& sc, const at::Tensor& d) {
   TORCH_CHECK(levels.dim() == 2 && levels.scalar_type() == at::kByte, "levels: (N, K) uint8");
   const int64_t n = levels.size(0), k = levels.size(1), supers = k / (SUPER * BLOCK);
   TORCH_CHECK(k % (SUPER * BLOCK) == 0, "K must be a multiple of 256, not ", k);
@@ -624,8 +626,6 @@ at::Tensor pack_sub_form(const at::Tensor& levels, const at::Tensor& sc, const a
   return packed;
 }
 
-}  // namespace
-
 // The instruction sets this CPU runs, from the least: "portable", then "avx2", "avxvnni", "avx512vnni".
 std::vector<std::string> isas() {
   std::vector<std::string> out = {"portable"};
@@ -649,10 +649,6 @@ std::vector<std::string> isas() {
 at::Tensor pack(const at::Tensor& levels, const at::Tensor& scale, const at::Tensor& low, int64_t bits) {
   TORCH_CHECK(bits == 4 || bits == 6, "bits: 4 or 6");
   return bits == 6 ? pack_form<true>(levels, scale, low) : pack_form<false>(levels, scale, low);
-}
-
-at::Tensor pack_sub(const at::Tensor& levels, const at::Tensor& sc, const at::Tensor& d) {
-  return pack_sub_form(levels, sc, d);
 }
 
 // Rows of x (rows, k) quantized into q (rows, k) and their scales (rows, 4, nb: d, dsum, dhalf twice).

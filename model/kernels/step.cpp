@@ -8,9 +8,10 @@
 // each with the instruction set to run last (named as the matmul's).
 //
 // All fp32. Small calls are the point: at a decode row torch's rms_norm is several kernels (~11 us), this
-// is one pass (~3 us with the call). The norms are plain loops the compiler vectorizes, the attention's
-// dot products, softmax and value sums are AVX-512 or AVX2 intrinsics; each is built for its instruction
-// set (GCC target attributes) and picked at run time like the matmuls, with a portable scalar path.
+// is one pass (~3 us with the call). The norms and rotary are plain loops the compiler vectorizes; the
+// attention's dot products, softmax and value sums and SwiGLU's exp are AVX-512 or AVX2 intrinsics; each
+// is built for its instruction set (GCC target attributes) and picked at run time like the matmuls, with a
+// portable scalar path.
 
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -77,6 +78,11 @@ struct Scalar {
 #define T512 __attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma")))
 #define T256 __attribute__((target("avx2,fma")))
 
+// The lanes of a 16-float vector at i that fall before n.
+inline __mmask16 lanes(int64_t n, int64_t i) {
+  return n - i >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (n - i)) - 1);
+}
+
 struct Avx512 {
   T512 static __m512 exp(__m512 x) {  // x clamped to [-87, 88]: finite, never a denormal
     x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.f)), _mm512_set1_ps(88.f));
@@ -90,7 +96,7 @@ struct Avx512 {
   T512 static void silu_mul(const float* g, const float* u, float* y, int64_t n) {
     const __m512 one = _mm512_set1_ps(1.f);
     for (int64_t i = 0; i < n; i += 16) {
-      const __mmask16 m = n - i >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (n - i)) - 1);
+      const __mmask16 m = lanes(n, i);
       const __m512 gv = _mm512_maskz_loadu_ps(m, g + i);
       const __m512 e = exp(_mm512_sub_ps(_mm512_setzero_ps(), gv));
       const __mmask16 live = _mm512_cmp_ps_mask(gv, _mm512_set1_ps(-88.f), _CMP_GE_OQ);  // else e^-g overflows: 0
@@ -106,7 +112,7 @@ struct Avx512 {
       s1 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i + 16), _mm512_loadu_ps(b + i + 16), s1);
     }
     for (; i < d; i += 16) {
-      const __mmask16 m = d - i >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (d - i)) - 1);
+      const __mmask16 m = lanes(d, i);
       s0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, a + i), _mm512_maskz_loadu_ps(m, b + i), s0);
     }
     return _mm512_reduce_add_ps(_mm512_add_ps(s0, s1));
@@ -114,27 +120,27 @@ struct Avx512 {
   T512 static void axpy(float p, const float* x, float* y, int64_t d) {
     const __m512 pv = _mm512_set1_ps(p);
     for (int64_t i = 0; i < d; i += 16) {
-      const __mmask16 m = d - i >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (d - i)) - 1);
+      const __mmask16 m = lanes(d, i);
       _mm512_mask_storeu_ps(y + i, m, _mm512_fmadd_ps(pv, _mm512_maskz_loadu_ps(m, x + i), _mm512_maskz_loadu_ps(m, y + i)));
     }
   }
   T512 static void softmax(float* s, int64_t n) {
     __m512 top = _mm512_set1_ps(-INFINITY);
     for (int64_t j = 0; j < n; j += 16) {
-      const __mmask16 m = n - j >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (n - j)) - 1);
+      const __mmask16 m = lanes(n, j);
       top = _mm512_mask_max_ps(top, m, top, _mm512_maskz_loadu_ps(m, s + j));
     }
     const __m512 t = _mm512_set1_ps(_mm512_reduce_max_ps(top));
     __m512 total = _mm512_setzero_ps();
     for (int64_t j = 0; j < n; j += 16) {
-      const __mmask16 m = n - j >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (n - j)) - 1);
+      const __mmask16 m = lanes(n, j);
       const __m512 e = exp(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, s + j), t));
       _mm512_mask_storeu_ps(s + j, m, e);
       total = _mm512_mask_add_ps(total, m, total, e);
     }
     const __m512 inv = _mm512_set1_ps(1.f / _mm512_reduce_add_ps(total));
     for (int64_t j = 0; j < n; j += 16) {
-      const __mmask16 m = n - j >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (n - j)) - 1);
+      const __mmask16 m = lanes(n, j);
       _mm512_mask_storeu_ps(s + j, m, _mm512_mul_ps(_mm512_maskz_loadu_ps(m, s + j), inv));
     }
   }
@@ -201,6 +207,11 @@ struct Avx2 {
     for (j = 0; j < n; ++j) s[j] *= inv;
   }
 };
+#else
+#define T512
+#define T256
+using Avx512 = Scalar;  // no vector paths off x86: every ISA name runs the scalar one
+using Avx2 = Scalar;
 #endif
 
 // One row's KV head: g query heads (q, g x d) against keys and values k[j], v[j] (row stride `ks`, `vs`)
@@ -232,17 +243,9 @@ inline __attribute__((always_inline)) void rope_head(const float* x, const float
 }
 
 // Each function below is built for AVX-512, AVX2 and the compiler's default target; `fast` picks one.
-#if defined(__x86_64__)
-#define WIDE512 __attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma"), noinline))
-#define WIDE256 __attribute__((target("avx2,fma"), noinline))
-#else
-#define WIDE512 __attribute__((noinline))
-#define WIDE256 __attribute__((noinline))
-#endif
-
-#define THREE_WAYS(name, params, args)            \
-  WIDE512 void name##_512 params { name args; }   \
-  WIDE256 void name##_256 params { name args; }   \
+#define THREE_WAYS(name, params, args)                                  \
+  T512 __attribute__((noinline)) void name##_512 params { name args; } \
+  T256 __attribute__((noinline)) void name##_256 params { name args; } \
   __attribute__((noinline)) void name##_any params { name args; }
 
 THREE_WAYS(norm_row, (const float* x, const float* w, float eps, int64_t d, float* y), (x, w, eps, d, y))
@@ -333,11 +336,7 @@ at::Tensor decode_attention(const at::Tensor& q_in, const at::Tensor& k, const a
   auto out = at::empty_like(q);
   const float *qp = q.data_ptr<float>(), *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
   float* op = out.data_ptr<float>();
-#if defined(__x86_64__)
   const auto group = fast(isa, attend_group<Avx512>, attend_group<Avx2>, attend_group<Scalar>);
-#else
-  const auto group = fast(isa, attend_group<Scalar>, attend_group<Scalar>, attend_group<Scalar>);
-#endif
   at::parallel_for(0, b * t * hkv, 1, [&](int64_t u0, int64_t u1) {
     std::vector<float> scores(g * span);
     for (int64_t u = u0; u < u1; ++u) {
@@ -381,11 +380,7 @@ at::Tensor silu_mul(const at::Tensor& x_in, const std::string& isa) {
   auto y = at::empty(sizes, x.options());
   const float* xp = x.data_ptr<float>();
   float* yp = y.data_ptr<float>();
-#if defined(__x86_64__)
   const auto row = fast(isa, Avx512::silu_mul, Avx2::silu_mul, Scalar::silu_mul);
-#else
-  const auto row = fast(isa, Scalar::silu_mul, Scalar::silu_mul, Scalar::silu_mul);
-#endif
   at::parallel_for(0, rows, ROWS_PER_TASK, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) row(xp + r * 2 * n, xp + r * 2 * n + n, yp + r * n, n);
   });

@@ -13,7 +13,7 @@ from service.engine.sampling_params import SamplingParams
 
 @pytest.fixture(params=["torch", "ours"])
 def model(request, tiny, steps_in):
-    """The tiny model with its norms and decode attention in torch's ops, then in our kernels."""
+    """The tiny model with the step around its matmuls in torch's ops, then in our kernels."""
     with steps_in(tiny.engine.model, request.param) as model:
         yield model
 
