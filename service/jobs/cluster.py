@@ -33,7 +33,7 @@ from service.errors import InvalidRequest
 from service.jobs.jsonl import Summary, errors_of, glob_files, numbered, whole_lines
 
 EXTRA = "--ray needs the ray extra: pip install -e '.[ray]'"
-SLOTS = 16  # sequences a replica's engine runs at once
+SLOTS = 16  # sequences a replica's engine runs at once, by default
 BLOCK = 32  # records per block, about (Ray splits evenly); a replica takes one as it finishes one, returns it whole
 READ_ROWS = 4096  # rows a read task holds before handing them on (Ray cuts them into blocks)
 LOCAL_OBJECT_STORE = 512 << 20  # the local cluster's shared memory for blocks in flight
@@ -152,9 +152,9 @@ def lines_datasource(names: dict[str, str], skip: set[tuple[str, int]]):
 class Replica:
     """One engine replica in a Ray actor: its own model, its own scheduler batching the records of the
     blocks it is handed (two blocks at once, so that one's last records never leave slots idle): every
-    record of a block is submitted at once and the scheduler runs `SLOTS` of them at a time."""
+    record of a block is submitted at once and the scheduler runs `slots` of them at a time."""
 
-    def __init__(self, task: str, model: str, options: dict, threads: int, tp: int = 1):
+    def __init__(self, task: str, model: str, options: dict, threads: int, tp: int = 1, slots: int = SLOTS):
         import torch
 
         from service.engine.generator import TextGenerator
@@ -164,7 +164,7 @@ class Replica:
         self.ranks = ranks.start(tp, model, options, max(1, threads // tp)) if tp > 1 else []
         self.task = task
         self.gen = TextGenerator.load(model, **options)
-        self.gen.engine.start(slots=SLOTS)
+        self.gen.engine.start(slots=slots)
         self.name = f"{socket.gethostname()}:{os.getpid()}"
 
     def __call__(self, batch: dict) -> dict:
@@ -190,7 +190,7 @@ class Replicas:
     """The engine actors a job's records are mapped through: `count` replicas of `model` loaded with
     `options` (`TextGenerator.load`'s), each split over `tp` tensor-parallel ranks on one node
     (`ranks`), with `cpus` cores (default: the cluster's / `count`) for its torch threads, or one GPU
-    per rank when `gpus`."""
+    per rank when `gpus`; each decodes `slots` records at once."""
 
     model: str
     options: dict
@@ -198,6 +198,7 @@ class Replicas:
     cpus: float | None = None
     gpus: bool = False
     tp: int = 1
+    slots: int = SLOTS
 
     def map(self, ds, task: str):
         """`ds` (rows of `input`, `line`, `text`) mapped to rows of `row` (the output line), `failed`,
@@ -215,6 +216,7 @@ class Replicas:
                 "options": self.options,
                 "threads": int(cpus),
                 "tp": self.tp,
+                "slots": self.slots,
             },
             compute=pool,
             batch_size=None,  # a block is one batch (no bundling of blocks): the grain of a commit

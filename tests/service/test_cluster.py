@@ -17,6 +17,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+import torch
 
 from service.engine.core import Engine
 from service.jobs import cluster, ranks
@@ -35,10 +36,14 @@ def local_ray():
     ray.shutdown()
 
 
-def write_input(path: Path, n: int = RECORDS) -> Path:
+def write_input(path: Path, n: int = RECORDS, max_words: int = 30) -> Path:
     lines = [
         json.dumps(
-            {"id": f"r{i}", "document": f"The dam opened in {1900 + i}. It cost {i} million dollars.", "max_words": 30}
+            {
+                "id": f"r{i}",
+                "document": f"The dam opened in {1900 + i}. It cost {i} million dollars.",
+                "max_words": max_words,
+            }
         )
         for i in range(n)
     ]
@@ -70,20 +75,26 @@ def first_shard(out: Path, timeout: float = 120) -> int:
 
 def test_two_replicas_write_each_record_once_as_one_machine_does(local_ray, tiny, tmp_path):
     """200 records over two actors: one line per record, both replicas worked, and the lines equal
-    `nlg batch`'s on one machine (greedy), the bad line's error included. Both without the prefix cache:
-    a record whose instruction was found cached reads keys computed in another batch, whose last bits
-    differ, and tiny-random's near-ties flip on them (record 35 came out two ways in three runs of the
-    same job); without it a record's tokens depend on its own prompt alone."""
-    src = write_input(tmp_path / "in.jsonl")
-    uncached = cluster.Replicas("tiny-random", {"prefix_caching": False}, count=2)
-    s = cluster.run_on_ray("summarize", src, tmp_path / "ray.jsonl", uncached)
+    `nlg batch`'s on one machine (greedy), the bad line's error included. Both sides decode one record at a
+    time on one torch thread (each replica's share of the 2 CPUs), without the prefix cache: a record's bits
+    then depend on its own prompt alone. Batched, they depend on its neighbours too (the row count of each
+    matmul, where a prefill chunk splits a prompt, keys cached by another batch), and tiny-random's near
+    ties flip on such bits: record 35 came out two ways in a CI run with 16 at once."""
+    src = write_input(tmp_path / "in.jsonl", max_words=8)
+    alone = cluster.Replicas("tiny-random", {"prefix_caching": False}, count=2, slots=1)
+    s = cluster.run_on_ray("summarize", src, tmp_path / "ray.jsonl", alone)
     assert (s.total, s.succeeded, s.failed) == (RECORDS, RECORDS - 1, 1)
     assert len(s.replicas) == 2 and all(n > 0 for n, _ in s.replicas.values()), s.replicas
     assert sorted(keys(tmp_path / "ray.jsonl")) == list(range(1, RECORDS + 1))
     assert not cluster.parts_of(tmp_path / "ray.jsonl").exists()  # merged
     one = copy.copy(tiny)
     one.engine = Engine(tiny.engine.model, tiny.tokenizer.stop_ids, prefix_caching=False)
-    run_job(one, "summarize", src, tmp_path / "one.jsonl")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        run_job(one, "summarize", src, tmp_path / "one.jsonl", workers=1)
+    finally:
+        torch.set_num_threads(threads)
     assert sorted_lines(tmp_path / "ray.jsonl") == sorted_lines(tmp_path / "one.jsonl")
     assert sorted_lines(tmp_path / "ray.errors.jsonl") == sorted_lines(tmp_path / "one.errors.jsonl")
     again = cluster.run_on_ray("summarize", src, tmp_path / "ray.jsonl", TINY)
