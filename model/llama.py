@@ -11,12 +11,14 @@ embedding and head by vocabulary rows (`parallel.layers`).
 
 from __future__ import annotations
 
+from functools import cached_property
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from model.config import ModelConfig
-from model.kv_cache import Batch, KVCache, attend
+from model.kv_cache import NATIVE_QUERIES, Batch, KVCache, attend
 from parallel.layers import (
     ParallelLMHead,
     RowParallelLinear,
@@ -108,6 +110,13 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
+    """`native_step` (as the norms'): rows of up to NATIVE_QUERIES tokens whose keys and values sit in their
+    home regions run the whole block in one call of ours (`torch.ops.nlg.block`: the same kernels in the
+    same order, without the interpreter between them) where its four matmuls run our kernels at
+    tensor-parallel size 1 (`native_weights`)."""
+
+    native_step: str | None = None
+
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
@@ -115,15 +124,61 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.mlp = MLP(cfg)
 
+    @cached_property
+    def native_weights(self) -> tuple[list[torch.Tensor], list[int], list[int], str] | None:
+        """The qkv, o, gate_up and down matmuls' packed weights, output rows, activation modes and instruction
+        set, when all four run our kernels (with one instruction set) at tensor-parallel size 1; else None."""
+        attn, mlp = self.self_attn, self.mlp
+        layers = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
+        kernels = [getattr(layer, "kernel", None) for layer in layers]
+        if get_tp().size > 1 or any(layer.bias is not None for layer in layers[1:]):
+            return None
+        if not all(hasattr(k, "tiles") for k in kernels) or len({k.isa for k in kernels}) > 1:
+            return None
+        outs, precise = [k.out_features for k in kernels], [int(k.precise) for k in kernels]
+        return [k.tiles for k in kernels], outs, precise, kernels[0].isa
+
     def forward(self, x, residual, cos, sin, batch: Batch, cache: KVCache | None) -> tuple[torch.Tensor, torch.Tensor]:
         """x: the last block's output, residual: the stream before it (None at the first block, whose x is
         the embedding). Returns the same pair for the next block: each norm adds its input to the stream."""
+        short = x.shape[1] <= NATIVE_QUERIES and cache is not None and isinstance(batch.home, slice)  # read in place
+        weights = self.native_weights if self.native_step and short else None
+        if weights and weights[3] == self.native_step:
+            return self.native_block(x, residual, cos, sin, batch, cache)
         if residual is None:
             h, residual = self.input_layernorm(x), x
         else:
             h, residual = self.input_layernorm(x, residual)
         h, residual = self.post_attention_layernorm(self.self_attn(h, cos, sin, batch, cache), residual)
         return self.mlp(h), residual
+
+    def native_block(self, x, residual, cos, sin, batch: Batch, cache: KVCache) -> tuple[torch.Tensor, torch.Tensor]:
+        weights, outs, precise, isa = self.native_weights
+        attn = self.self_attn
+        key_cache, value_cache = cache.k[attn.layer], cache.v[attn.layer]
+        keys, values = key_cache[batch.home, :, : batch.span], value_cache[batch.home, :, : batch.span]  # home regions
+        return torch.ops.nlg.block(
+            x,
+            residual,
+            self.input_layernorm.weight,
+            self.post_attention_layernorm.weight,
+            self.input_layernorm.eps,
+            weights,
+            outs,
+            precise,
+            attn.qkv_proj.bias,
+            attn.num_heads,
+            cos,
+            sin,
+            key_cache,
+            value_cache,
+            batch.where,
+            keys,
+            values,
+            batch.lengths,
+            attn.head_dim**-0.5,
+            isa,
+        )
 
 
 class Body(nn.Module):

@@ -1,6 +1,6 @@
 """Our native CPU kernels, compiled once per machine and cached, registered as `torch.ops.nlg`: the
-quantized matmuls (`matmul.cpp`), and RMSNorm, rotary, attention and SwiGLU (`step.cpp`; routed by
-`model.loader.use_native_step`).
+quantized matmuls (`matmul.cpp`), RMSNorm, rotary, attention and SwiGLU (`step.cpp`), and a whole decoder
+block of them in one call (`layer.cpp`); the last two routed by `model.loader.use_native_step`.
 
 `load()` builds them with torch's C++ extension API (a C++ compiler and ninja; the ninja wheel is a
 dependency) into the model cache (`model.registry.cache_dir() / "kernels"`, keyed by torch's version and
@@ -23,7 +23,7 @@ import torch
 
 from parallel.quant import use_native
 
-SOURCES = [Path(__file__).with_name(name) for name in ("matmul.cpp", "step.cpp")]
+SOURCES = [Path(__file__).with_name(name) for name in ("matmul.cpp", "step.cpp", "layer.cpp")]
 # -fopenmp: at::parallel_for splits work over threads only so; the library then needs libgomp.so.1, which
 # resolves to the copy torch has loaded already (one thread pool, sized by torch.set_num_threads)
 CFLAGS = ["-O3", "-std=c++17", "-fopenmp"]
@@ -68,6 +68,7 @@ def _register_fakes() -> None:
     torch.library.register_fake("nlg::decode_attention")(lambda q, k, v, lengths, scale, isa: torch.empty_like(q))
     torch.library.register_fake("nlg::silu_mul")(lambda x, isa: x.new_empty(*x.shape[:-1], x.shape[-1] // 2))
     torch.library.register_fake("nlg::rope")(lambda x, cos, sin, isa: x.new_empty(x.shape))
+    torch.library.register_fake("nlg::block")(lambda x, residual, *rest: (torch.empty_like(x), torch.empty_like(x)))
 
 
 def _build(build: Path) -> bool:

@@ -119,3 +119,62 @@ def test_bfloat16_model_runs_and_stays_close():
     assert (got - want).abs().max() < 0.05 * want.abs().max()
     out = Engine(bf16).generate([ids[0].tolist()], [SamplingParams(max_tokens=8, ignore_eos=True)])
     assert len(out[0].token_ids) == 8
+
+
+@pytest.fixture(scope="module")
+def int4_tiny():
+    """tiny-random quantized int4 (its matmuls on our kernels), a random q/k/v bias added as Qwen2 has."""
+    from model.loader import load_model
+    from model.registry import resolve
+
+    model = load_model(resolve("tiny-random"), quantization="int4")
+    if model.model.layers[0].native_weights is None:
+        pytest.skip("our kernels did not load")
+    g = torch.Generator().manual_seed(0)
+    for block in model.model.layers:
+        qkv = block.self_attn.qkv_proj
+        qkv.bias = torch.nn.Parameter(torch.randn(qkv.kernel.out_features, generator=g) * 0.1, requires_grad=False)
+    return model
+
+
+@pytest.mark.parametrize(
+    "table", [[[4, 5, 6]], [[4, 5, 6], [8, 9, 0]], [[7, 2, 9]]], ids=["home", "home-run", "scattered"]
+)
+def test_a_block_in_one_call_gives_the_bits_of_its_ops(int4_tiny, table, monkeypatch):
+    """Prefill of 5 tokens, decode steps of 1 and a verify-like step of 3, each block as one call of ours
+    (`nlg::block`, where the rows' keys sit in their home regions) or as its ops one by one: the same logits
+    and the same cache contents, bit for bit, ragged rows included. A scattered table takes the ops."""
+    from model.llama import Block
+
+    calls = []
+    one_call = Block.native_block
+    monkeypatch.setattr(Block, "native_block", lambda self, *a: calls.append(1) or one_call(self, *a))
+    rows, blocks = len(table), torch.tensor(table)
+    ids = torch.randint(3, 250, (rows, 11), generator=torch.Generator().manual_seed(1))
+    # (first position, tokens) of each step; a second row one position behind after the prefill (ragged)
+    steps = [(0, 5), (5, 1), (6, 1), (7, 3), (10, 1)]
+
+    def run(fused: bool) -> tuple[list[torch.Tensor], KVCache]:
+        for block in int4_tiny.model.layers:
+            block.native_step = block.input_layernorm.native_step if fused else None
+        cache, out = cache_of(int4_tiny), []
+        try:
+            with torch.inference_mode():
+                for first, n in steps:
+                    lag = torch.tensor([[0], [1 if first else 0]])[:rows]
+                    positions = torch.arange(first, first + n)[None] - lag
+                    out.append(int4_tiny(ids[:, first : first + n], positions, cache, blocks))
+        finally:
+            for block in int4_tiny.model.layers:
+                block.native_step = block.input_layernorm.native_step
+        return out, cache
+
+    ops, ops_cache = run(False)
+    assert not calls
+    fused, fused_cache = run(True)
+    assert bool(calls) == (table != [[7, 2, 9]])
+    assert all(torch.equal(a, b) for a, b in zip(ops, fused))
+    written = ops_cache.clean.nonzero().flatten()  # the blocks named, zeroed, then written (the rest: garbage)
+    for a, b in ((ops_cache.k, fused_cache.k), (ops_cache.v, fused_cache.v)):
+        a, b = (c.unflatten(3, (4, 4))[:, written // 4, :, written % 4] for c in (a, b))
+        assert torch.equal(a, b)
