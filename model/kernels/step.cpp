@@ -49,19 +49,29 @@ inline __attribute__((always_inline)) void add_norm_row(const float* a, const fl
   norm_row(s, w, eps, d, y);
 }
 
-// Vector helpers of the attention, one set per instruction set: dot(a, b, d), axpy(p, x, y, d): y += p * x,
-// softmax(s, n) in place. Plain calls (the attention calls them once per key and head), each built for its
-// target; exp is x = n ln2 + r, |r| <= ln2 / 2, e^r by its Taylor polynomial to degree 6 (~2 ulp), times 2^n.
+// Vector helpers of the attention, one set per instruction set: scores (g heads' scaled dot products with
+// each of len keys, s (g, len)), softmax(s, n) in place, values (out (g, d) = p (g, len) @ v). Each built for
+// its target; exp is x = n ln2 + r, |r| <= ln2 / 2, e^r by its Taylor polynomial to degree 6 (~2 ulp), times 2^n.
 constexpr float LOG2E = 1.44269504f, LN2_HI = 0.693145752f, LN2_LO = 1.42860677e-6f;
 
 struct Scalar {
-  static float dot(const float* a, const float* b, int64_t d) {
-    float s = 0.f;
-    for (int64_t i = 0; i < d; ++i) s += a[i] * b[i];
-    return s;
+  static void scores(const float* q, const float* k, int64_t ks, int64_t g, int64_t d, int64_t len, float scale,
+                     float* s) {
+    for (int64_t j = 0; j < len; ++j) {
+      for (int64_t h = 0; h < g; ++h) {
+        float t = 0.f;
+        for (int64_t i = 0; i < d; ++i) t += q[h * d + i] * k[j * ks + i];
+        s[h * len + j] = t * scale;
+      }
+    }
   }
-  static void axpy(float p, const float* x, float* y, int64_t d) {
-    for (int64_t i = 0; i < d; ++i) y[i] += p * x[i];
+  static void values(const float* p, const float* v, int64_t vs, int64_t g, int64_t d, int64_t len, float* out) {
+    std::fill(out, out + g * d, 0.f);
+    for (int64_t j = 0; j < len; ++j) {
+      for (int64_t h = 0; h < g; ++h) {
+        for (int64_t i = 0; i < d; ++i) out[h * d + i] += p[h * len + j] * v[j * vs + i];
+      }
+    }
   }
   static void softmax(float* s, int64_t n) {
     const float top = *std::max_element(s, s + n);
@@ -82,6 +92,19 @@ struct Scalar {
 inline __mmask16 lanes(int64_t n, int64_t i) {
   return n - i >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (n - i)) - 1);
 }
+
+// fn<N> args for N = min(n, 8) heads: the heads' accumulators stay in registers at a count known when compiled.
+#define BY_HEADS(n, fn, args)  \
+  switch (std::min<int64_t>(n, 8)) { \
+    case 1: fn<1> args; break;   \
+    case 2: fn<2> args; break;   \
+    case 3: fn<3> args; break;   \
+    case 4: fn<4> args; break;   \
+    case 5: fn<5> args; break;   \
+    case 6: fn<6> args; break;   \
+    case 7: fn<7> args; break;   \
+    default: fn<8> args;         \
+  }
 
 struct Avx512 {
   T512 static __m512 exp(__m512 x) {  // x clamped to [-87, 88]: finite, never a denormal
@@ -104,25 +127,50 @@ struct Avx512 {
       _mm512_mask_storeu_ps(y + i, m, _mm512_mul_ps(s, _mm512_maskz_loadu_ps(m, u + i)));
     }
   }
-  T512 static float dot(const float* a, const float* b, int64_t d) {
-    __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps();
-    int64_t i = 0;
-    for (; i + 32 <= d; i += 32) {
-      s0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), s0);
-      s1 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i + 16), _mm512_loadu_ps(b + i + 16), s1);
+  // Up to 8 heads against one key at a time: the key read once, each head's sum in its own register.
+  template <int N>
+  T512 static void scores_n(const float* q, const float* k, int64_t ks, int64_t d, int64_t len, float scale, float* s) {
+    for (int64_t j = 0; j < len; ++j) {
+      const float* kj = k + j * ks;
+      __m512 acc[N];
+      for (int h = 0; h < N; ++h) acc[h] = _mm512_setzero_ps();
+      for (int64_t i = 0; i < d; i += 16) {
+        const __mmask16 m = lanes(d, i);
+        const __m512 kv = _mm512_maskz_loadu_ps(m, kj + i);
+        for (int h = 0; h < N; ++h) acc[h] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, q + h * d + i), kv, acc[h]);
+      }
+      for (int h = 0; h < N; ++h) s[h * len + j] = _mm512_reduce_add_ps(acc[h]) * scale;
     }
-    for (; i < d; i += 16) {
-      const __mmask16 m = lanes(d, i);
-      s0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, a + i), _mm512_maskz_loadu_ps(m, b + i), s0);
-    }
-    return _mm512_reduce_add_ps(_mm512_add_ps(s0, s1));
   }
-  T512 static void axpy(float p, const float* x, float* y, int64_t d) {
-    const __m512 pv = _mm512_set1_ps(p);
-    for (int64_t i = 0; i < d; i += 16) {
-      const __mmask16 m = lanes(d, i);
-      _mm512_mask_storeu_ps(y + i, m, _mm512_fmadd_ps(pv, _mm512_maskz_loadu_ps(m, x + i), _mm512_maskz_loadu_ps(m, y + i)));
+  // Up to 8 heads' weighted sums of the values, 32 columns at a time held in registers over every key.
+  template <int N>
+  T512 static void values_n(const float* p, const float* v, int64_t vs, int64_t d, int64_t len, float* out) {
+    for (int64_t i = 0; i < d; i += 32) {
+      const __mmask16 m0 = lanes(d, i), m1 = i + 16 < d ? lanes(d, i + 16) : 0;
+      __m512 a0[N], a1[N];
+      for (int h = 0; h < N; ++h) a0[h] = a1[h] = _mm512_setzero_ps();
+      for (int64_t j = 0; j < len; ++j) {
+        const __m512 x0 = _mm512_maskz_loadu_ps(m0, v + j * vs + i), x1 = _mm512_maskz_loadu_ps(m1, v + j * vs + i + 16);
+        for (int h = 0; h < N; ++h) {
+          const __m512 ph = _mm512_set1_ps(p[h * len + j]);
+          a0[h] = _mm512_fmadd_ps(ph, x0, a0[h]);
+          a1[h] = _mm512_fmadd_ps(ph, x1, a1[h]);
+        }
+      }
+      for (int h = 0; h < N; ++h) {
+        _mm512_mask_storeu_ps(out + h * d + i, m0, a0[h]);
+        _mm512_mask_storeu_ps(out + h * d + i + 16, m1, a1[h]);
+      }
     }
+  }
+  T512 static void scores(const float* q, const float* k, int64_t ks, int64_t g, int64_t d, int64_t len, float scale,
+                          float* s) {
+    for (int64_t h = 0; h < g; h += 8) {
+      BY_HEADS(g - h, scores_n, (q + h * d, k, ks, d, len, scale, s + h * len));
+    }
+  }
+  T512 static void values(const float* p, const float* v, int64_t vs, int64_t g, int64_t d, int64_t len, float* out) {
+    for (int64_t h = 0; h < g; h += 8) BY_HEADS(g - h, values_n, (p + h * len, v, vs, d, len, out + h * d));
   }
   T512 static void softmax(float* s, int64_t n) {
     __m512 top = _mm512_set1_ps(-INFINITY);
@@ -174,22 +222,53 @@ struct Avx2 {
     }
     Scalar::silu_mul(g + i, u + i, y + i, n - i);
   }
-  T256 static float dot(const float* a, const float* b, int64_t d) {
-    __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
-    int64_t i = 0;
-    for (; i + 16 <= d; i += 16) {
-      s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s0);
-      s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), s1);
+  // As Avx512's, 8 columns a register; the columns past the last multiple of 8 in scalar code.
+  template <int N>
+  T256 static void scores_n(const float* q, const float* k, int64_t ks, int64_t d, int64_t len, float scale, float* s) {
+    const int64_t whole = d / 8 * 8;
+    for (int64_t j = 0; j < len; ++j) {
+      const float* kj = k + j * ks;
+      __m256 acc[N];
+      for (int h = 0; h < N; ++h) acc[h] = _mm256_setzero_ps();
+      for (int64_t i = 0; i < whole; i += 8) {
+        const __m256 kv = _mm256_loadu_ps(kj + i);
+        for (int h = 0; h < N; ++h) acc[h] = _mm256_fmadd_ps(_mm256_loadu_ps(q + h * d + i), kv, acc[h]);
+      }
+      for (int h = 0; h < N; ++h) {
+        float t = sum(acc[h]);
+        for (int64_t i = whole; i < d; ++i) t += q[h * d + i] * kj[i];
+        s[h * len + j] = t * scale;
+      }
     }
-    float s = sum(_mm256_add_ps(s0, s1));
-    for (; i < d; ++i) s += a[i] * b[i];
-    return s;
   }
-  T256 static void axpy(float p, const float* x, float* y, int64_t d) {
-    const __m256 pv = _mm256_set1_ps(p);
-    int64_t i = 0;
-    for (; i + 8 <= d; i += 8) _mm256_storeu_ps(y + i, _mm256_fmadd_ps(pv, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
-    for (; i < d; ++i) y[i] += p * x[i];
+  template <int N>
+  T256 static void values_n(const float* p, const float* v, int64_t vs, int64_t d, int64_t len, float* out) {
+    const int64_t whole = d / 8 * 8;
+    for (int64_t i = 0; i < whole; i += 8) {
+      __m256 a[N];
+      for (int h = 0; h < N; ++h) a[h] = _mm256_setzero_ps();
+      for (int64_t j = 0; j < len; ++j) {
+        const __m256 x = _mm256_loadu_ps(v + j * vs + i);
+        for (int h = 0; h < N; ++h) a[h] = _mm256_fmadd_ps(_mm256_set1_ps(p[h * len + j]), x, a[h]);
+      }
+      for (int h = 0; h < N; ++h) _mm256_storeu_ps(out + h * d + i, a[h]);
+    }
+    for (int h = 0; h < N; ++h) {
+      for (int64_t i = whole; i < d; ++i) {
+        float t = 0.f;
+        for (int64_t j = 0; j < len; ++j) t += p[h * len + j] * v[j * vs + i];
+        out[h * d + i] = t;
+      }
+    }
+  }
+  T256 static void scores(const float* q, const float* k, int64_t ks, int64_t g, int64_t d, int64_t len, float scale,
+                          float* s) {
+    for (int64_t h = 0; h < g; h += 8) {
+      BY_HEADS(g - h, scores_n, (q + h * d, k, ks, d, len, scale, s + h * len));
+    }
+  }
+  T256 static void values(const float* p, const float* v, int64_t vs, int64_t g, int64_t d, int64_t len, float* out) {
+    for (int64_t h = 0; h < g; h += 8) BY_HEADS(g - h, values_n, (p + h * len, v, vs, d, len, out + h * d));
   }
   T256 static void softmax(float* s, int64_t n) {
     const float top = *std::max_element(s, s + n);
@@ -219,14 +298,9 @@ using Avx2 = Scalar;
 template <class Ops>
 void attend_group(const float* q, const float* k, const float* v, int64_t ks, int64_t vs, int64_t g, int64_t d,
                   int64_t len, float scale, float* scores, float* out) {
-  for (int64_t j = 0; j < len; ++j) {
-    for (int64_t h = 0; h < g; ++h) scores[h * len + j] = Ops::dot(q + h * d, k + j * ks, d) * scale;
-  }
+  Ops::scores(q, k, ks, g, d, len, scale, scores);
   for (int64_t h = 0; h < g; ++h) Ops::softmax(scores + h * len, len);
-  std::fill(out, out + g * d, 0.f);
-  for (int64_t j = 0; j < len; ++j) {
-    for (int64_t h = 0; h < g; ++h) Ops::axpy(scores[h * len + j], v + j * vs, out + h * d, d);
-  }
+  Ops::values(scores, v, vs, g, d, len, out);
 }
 
 // One head's rotary embedding, rotate-half layout: y = x * c + roll(x, d / 2) * s (s signed, as the tables).

@@ -246,14 +246,17 @@ def test_norms_equal_torchs_on_every_instruction_set(best, shape):
 
 @pytest.mark.parametrize("t", [1, 3])
 @pytest.mark.parametrize(
-    "b,hkv,g,d,span", [(1, 2, 6, 128, 40), (4, 3, 3, 64, 100), (2, 1, 1, 64, 1), (3, 2, 2, 72, 17), (1, 1, 5, 8, 300)]
+    "b,hkv,g,d,span",
+    [(1, 2, 6, 128, 40), (4, 3, 3, 64, 100), (2, 1, 1, 64, 1), (3, 2, 2, 72, 17), (1, 1, 5, 8, 300)]
+    + [(1, 2, 10, 40, 33)],
 )
 def test_decode_attention_equals_the_reference_on_every_instruction_set(best, b, t, hkv, g, d, span):
     """`t` query tokens per row, each against its first `lengths[b, t]` keys of a strided cache view (the
-    layout `attend` passes: positions of a larger region), grouped query heads, head sizes off the vector
-    width (72, 8), softmax over 1 to 300 keys with the exp of our own: against fp64 attention under the same
-    mask, within twice the error of torch's own fp32 attention; and a query's bits the same alone as among
-    the row's others (a decode step and speculation's verify step agree)."""
+    layout `attend` passes: positions of a larger region), grouped query heads (10: more than the 8 a pass
+    keeps in registers), head sizes off the vector width (72, 40, 8), softmax over 1 to 300 keys with the
+    exp of our own: against fp64 attention under the same mask, within twice the error of torch's own fp32
+    attention; and a query's bits the same alone as among the row's others (a decode step and
+    speculation's verify step agree)."""
     gen = torch.Generator().manual_seed(b * 1000 + span + t)
     q = torch.randn(b, t, hkv, g, d, generator=gen)
     kv = torch.randn(2, b, hkv, span + 9, d, generator=gen) * 3
