@@ -68,7 +68,8 @@ def load_model(
     linear layers quantized after loading with `quantization` int8 or int4 (`parallel.quant`); weights
     stored quantized are dequantized to `dtype` for "none"; "auto" is `pick_quantization`. On a CPU,
     quantized layers run our kernels where they can (`model.kernels`, built on first use; with fp32
-    activations the norms, rotary, short rows' attention and SwiGLU run them too: `native_step`), and fp32 linear
+    activations the norms, rotary, short rows' attention and SwiGLU run them too, or whole blocks in one call
+    where all their matmuls do: `native_step`), and fp32 linear
     layers take oneDNN's packed weights where that measures faster (`model.cpu_matmul`; the routes in
     `model.matmul_routes`)."""
     directory = Path(directory)
@@ -114,7 +115,8 @@ def load_model(
 
 def use_native_step(model: nn.Module, isa: str | None) -> None:
     """Run the norms, rotary, short rows' attention and SwiGLU of `model` (the modules that have a
-    `native_step`) in our kernels with instruction set `isa`, or (None) in torch's ops."""
+    `native_step`; a block whose matmuls all run our kernels, in one call) in our kernels with instruction
+    set `isa`, or (None) in torch's ops."""
     for module in model.modules():
         if hasattr(type(module), "native_step"):
             module.native_step = isa
