@@ -69,22 +69,25 @@ struct Layout {
 };
 
 // int6 with sub-scales (SUB; Q6_K's form): scale = d * sc, an int8 sc per 16 columns and an fp32 d per 256
-// columns (a super-block of SUPER blocks), low = -32 * scale. A super-block holds its SUPER blocks' levels
-// (as in a general int6 block), then each block's int8 sc (2 groups x 16 rows), then the 16 rows' d: every
-// part on whole cache lines, 3392 bytes (53 lines) for 4096 weights, 6.6 bits a weight against int6's 8.
+// columns (a super-block of SUPER blocks), low = -32 * scale. A super-block holds the 16 rows' d, then each
+// block's int8 sc (2 groups x 16 rows), then its SUPER blocks' levels (as in a general int6 block): every
+// part on whole cache lines, read in the order they are laid out: a stream the hardware prefetches (with
+// the levels first and the scales after them, one Zen 4 core read the 1.5B model's Q6_K head at 17-18 GB/s,
+// in this order at 21), 3392 bytes (53 lines) for 4096 weights, 6.6 bits a weight against int6's 8.
 constexpr int64_t SUPER = 8;
 
 struct Sub {
-  static constexpr int64_t levels = 384;                        // a block's levels
-  static constexpr int64_t codes = SUPER * levels;              // then 2 * TILE int8 sc a block
-  static constexpr int64_t factors = codes + SUPER * 2 * TILE;  // then d: fp32 x 16 rows
-  static constexpr int64_t bytes = factors + 4 * TILE;          // 3392
+  static constexpr int64_t factors = 0;                        // d: fp32 x 16 rows
+  static constexpr int64_t codes = 4 * TILE;                   // then 2 * TILE int8 sc a block
+  static constexpr int64_t levels = codes + SUPER * 2 * TILE;  // then each block's levels
+  static constexpr int64_t block = 384;                        // a block's levels
+  static constexpr int64_t bytes = levels + SUPER * block;     // 3392
 };
 
 // The levels of block b of a tile's weights, (SUB) its sc, and the d of its super-block's 16 rows.
 template <bool SIX, bool SUB>
 inline const uint8_t* block_at(const uint8_t* w, int64_t b) {
-  if (SUB) return w + (b / SUPER) * Sub::bytes + (b % SUPER) * Sub::levels;
+  if (SUB) return w + (b / SUPER) * Sub::bytes + Sub::levels + (b % SUPER) * Sub::block;
   return w + b * Layout<SIX>::bytes;
 }
 
@@ -611,7 +614,7 @@ at::Tensor pack_sub(const at::Tensor& levels, const at::Tensor& sc, const at::Te
     for (int64_t t = t0; t < t1; ++t) {
       for (int64_t b = 0; b < k / BLOCK; ++b) {
         uint8_t* super = out + (t * supers + b / SUPER) * Sub::bytes;
-        uint8_t* wb = super + (b % SUPER) * Sub::levels;
+        uint8_t* wb = super + Sub::levels + (b % SUPER) * Sub::block;
         int8_t* cb = reinterpret_cast<int8_t*>(super + Sub::codes + (b % SUPER) * 2 * TILE);
         float* factors = reinterpret_cast<float*>(super + Sub::factors);
         for (int64_t o = 0; o < TILE && t * TILE + o < n; ++o) {
