@@ -122,18 +122,23 @@ class Int8Linear(nn.Module):
 
 class Int4Linear(nn.Module):
     """x @ (levels * scale + low).T, `GROUP` input columns per scale; `levels` one per byte (out, in), or
-    with `two_per_byte` as stored (out, in / 2; `unpack`), which our kernel packs without unpacking."""
+    with `two_per_byte` as stored (out, in / 2; `unpack`), which our kernel packs without unpacking: in
+    Q4_K's own layout where `sub_scales` finds its codes (4.625 bits a weight, the scales exact), else with
+    fp16 scales and lows (5)."""
 
     def __init__(self, levels: torch.Tensor, scale: torch.Tensor, low: torch.Tensor, two_per_byte: bool = False):
         super().__init__()
         self.out_features = levels.shape[0]
         self.group = levels.shape[1] * (2 if two_per_byte else 1) // scale.shape[1]
         cpu = levels.device.type == "cpu"
-        if cpu and _native and self.group == GROUP and _fits_fp16(scale, low):
-            self.isa, self.precise = _native, False
-            self.register_buffer("tiles", torch.ops.nlg.pack(levels, scale, low, 4))
-            self.nbytes = self.tiles.numel()
-            return
+        if cpu and _native and self.group == GROUP:
+            sub = sub_scales(scale, low, 4)
+            if sub is not None or _fits_fp16(scale, low):
+                self.isa, self.precise = _native, False
+                tiles = torch.ops.nlg.pack_sub(levels, *sub) if sub else torch.ops.nlg.pack(levels, scale, low, 4)
+                self.register_buffer("tiles", tiles)
+                self.nbytes = self.tiles.numel()
+                return
         levels = unpack(levels) if two_per_byte else levels
         if cpu:
             # the kernel's form: w = (level - 8) * scale + zero, scales and zeros as (groups, out, 2)
@@ -191,7 +196,7 @@ class Int6Linear(nn.Module):
         super().__init__()
         self.out_features, self.isa, self.precise = levels.shape[0], _native, False
         rows, columns = levels.shape
-        shape = (columns // SUPER_COLUMNS, SUB_BYTES) if sub is not None else (columns // GROUP, 512)
+        shape = (columns // SUPER_COLUMNS, SUB_BYTES[6]) if sub is not None else (columns // GROUP, 512)
         tiles = torch.empty(-(-rows // TILE_ROWS), *shape, dtype=torch.uint8)
         for a in range(0, rows, CHUNK):
             shifted = levels[a : a + CHUNK].sub(least).view(torch.uint8)  # int8 wraps: 0..63 mod 256
@@ -234,27 +239,40 @@ class Int6Linear(nn.Module):
         return out.reshape(*x.shape[:-1], self.out_features)
 
 
-SUPER_COLUMNS = 256  # columns per factor of Q6_K's scales (its super-block)
-SUB_BYTES = 3392  # a tile's bytes per super-block in our kernel's Q6_K layout (matmul.cpp: Sub::bytes)
+SUPER_COLUMNS = 256  # columns per factor of the K-quants' scales (their super-block)
+SUB_BYTES = {6: 3392, 4: 2368}  # a tile's bytes per super-block in our kernel's Q6_K and Q4_K layouts (Sub)
 
 
-def sub_scales(scale: torch.Tensor, low: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """For scales per 16 columns (rows, cols / 16) and zero lows: (sc int8 (rows, cols / 16), d fp32 (rows,
-    cols / 256)) with d * sc equal to every scale exactly, as Q6_K stores them (llama.cpp's quantizer gives
-    the largest scale of each 256 columns the int8 scale -128), or None where they are not so made. Found
-    `CHUNK` rows at a time: the fp32 temporaries of a whole LM head were the 1.5B model's load peak."""
-    rows, groups = scale.shape
-    per = SUPER_COLUMNS // Int6Linear.SPAN
-    if groups % per or bool(low.any()):
+def sub_scales(scale: torch.Tensor, low: torch.Tensor, bits: int = 6) -> tuple[torch.Tensor, ...] | None:
+    """The codes and per-256-column factors that make the scales and lows exactly, as GGUF's K-quants store
+    them, or None where they are not so made. bits 6 (Q6_K: scales per 16 columns, lows 0): (sc int8, d) with
+    scale = d * sc, llama.cpp's quantizer coding each 256 columns' largest scale -128; bits 4 (Q4_K: per 32):
+    (sc uint8, d, mn uint8, f) with scale = d * sc, low = f * mn, the largest codes 63 and d, f fp16 values."""
+    if bits == 6:
+        return None if bool(low.any()) else _codes(scale, SUPER_COLUMNS // Int6Linear.SPAN, -128, torch.int8)
+    found = [_codes(v, SUPER_COLUMNS // GROUP, 63, torch.uint8) for v in (scale, low)]
+    if None in found or any(not torch.equal(f.half().float(), f) for _, f in found):
         return None
-    codes, factors = torch.empty(rows, groups, dtype=torch.int8), torch.empty(rows, groups // per)
+    return (*found[0], *found[1])
+
+
+def _codes(v: torch.Tensor, per: int, top: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(codes (rows, groups), factors (rows, groups / per)) with each run of `per` groups' factor times its
+    codes equal to v exactly, the run's largest value in magnitude coded `top`; None where not so, or where a
+    code leaves `dtype`. Found `CHUNK` rows at a time: the fp32 temporaries of a whole LM head were the 1.5B
+    model's load peak."""
+    rows, groups = v.shape
+    if groups % per:
+        return None
+    info = torch.iinfo(dtype)
+    codes, factors = torch.empty(rows, groups, dtype=dtype), torch.empty(rows, groups // per)
     for a in range(0, rows, CHUNK):
-        s = scale[a : a + CHUNK].reshape(-1, groups // per, per)
-        d = s.gather(-1, s.abs().argmax(-1, keepdim=True)) / -128  # (rows, supers, 1)
-        sc = torch.where(d != 0, s / torch.where(d != 0, d, 1), 0).round()
-        if bool((sc < -128).any() or (sc > 127).any()) or not torch.equal(d * sc, s):
+        runs = v[a : a + CHUNK].reshape(-1, groups // per, per)
+        f = runs.gather(-1, runs.abs().argmax(-1, keepdim=True)) / top  # (rows, supers, 1)
+        c = torch.where(f != 0, runs / torch.where(f != 0, f, 1), 0).round()
+        if bool((c < info.min).any() or (c > info.max).any()) or not torch.equal(f * c, runs):
             return None
-        codes[a : a + CHUNK], factors[a : a + CHUNK] = sc.reshape(-1, groups), d.reshape(-1, groups // per)
+        codes[a : a + CHUNK], factors[a : a + CHUNK] = c.to(dtype).reshape(-1, groups), f.reshape(-1, groups // per)
     return codes, factors
 
 

@@ -4,8 +4,9 @@
 // Two weight forms, both w = level * scale + low per group of columns:
 //   int4: levels 0..15, one scale and low per 32 columns (Q4_0, Q4_1 and Q4_K's sub-blocks, without loss);
 //   int6: levels 0..63, one scale and low per 16 columns (Q6_K, and Q5_0, Q5_1, Q5_K, without loss);
-// and int6 as Q6_K stores it (`pack_sub`, Sub below): scale = d * sc, an int8 sc per 16 columns and a factor
-// d per 256, low = -32 * scale; 6.6 bits a weight against 8.
+// and both as GGUF's K-quants store them (`pack_sub`, Sub below): int6 as Q6_K (scale = d * sc, an int8 sc per
+// 16 columns and a factor d per 256, low = -32 * scale; 6.6 bits a weight against 8), int4 as Q4_K (scale =
+// d * sc, low = f * mn, 8-bit codes per 32 columns and fp16 factors per 256; 4.625 bits against 5).
 //
 // Packed layout, made once at load (`pack`): output rows in tiles of 16 (the last one padded with zero
 // rows); for each tile, block of 32 columns after block, contiguous so a thread streams its weights:
@@ -43,6 +44,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -68,35 +70,47 @@ struct Layout {
   static constexpr int64_t bytes = scales + groups * 2 * TILE * 2;  // 320 or 512
 };
 
-// int6 with sub-scales (SUB; Q6_K's form): scale = d * sc, an int8 sc per 16 columns and an fp32 d per 256
-// columns (a super-block of SUPER blocks), low = -32 * scale. A super-block holds the 16 rows' d, then each
-// block's int8 sc (2 groups x 16 rows), then its SUPER blocks' levels (as in a general int6 block): every
-// part on whole cache lines, read in the order they are laid out: a stream the hardware prefetches (with
-// the levels first and the scales after them, one Zen 4 core read the 1.5B model's Q6_K head at 17-18 GB/s,
-// in this order at 21), 3392 bytes (53 lines) for 4096 weights, 6.6 bits a weight against int6's 8.
+// The sub-scaled forms (SUB; GGUF's K-quants as they are stored): scales and lows made of 8-bit codes times
+// factors per 256 columns (a super-block of SUPER blocks):
+//   int6 (Q6_K): scale = d * sc, an int8 sc per 16 columns, low = -32 * scale, d fp32;
+//   int4 (Q4_K): scale = d * sc, low = f * mn, a uint8 sc and mn per 32 columns (Q4_K's 6-bit codes), d and f
+//     fp16 (as Q4_K stores them).
+// A super-block holds the 16 rows' factors (int6: d; int4: d then f), then each block's 32 bytes of codes
+// (int6: sc of its 2 groups x 16 rows; int4: 16 sc, then 16 mn), then its SUPER blocks' levels (as in a
+// general block): every part on whole cache lines, read in the order they are laid out, a stream the
+// hardware prefetches (with the levels first and the codes after them, one Zen 4 core read the 1.5B model's
+// Q6_K head at 17-18 GB/s, in this order at 21). 3392 bytes (53 lines) for 4096 weights, 6.6 bits a weight
+// against the general int6's 8; 2368 (37 lines), 4.625 bits against int4's 5.
 constexpr int64_t SUPER = 8;
 
+template <bool SIX>
 struct Sub {
-  static constexpr int64_t factors = 0;                        // d: fp32 x 16 rows
-  static constexpr int64_t codes = 4 * TILE;                   // then 2 * TILE int8 sc a block
+  static constexpr int64_t factors = 0;                        // 64 bytes for the 16 rows
+  static constexpr int64_t codes = 4 * TILE;                   // then 2 * TILE bytes a block
   static constexpr int64_t levels = codes + SUPER * 2 * TILE;  // then each block's levels
-  static constexpr int64_t block = 384;                        // a block's levels
-  static constexpr int64_t bytes = levels + SUPER * block;     // 3392
+  static constexpr int64_t block = SIX ? 384 : 256;            // a block's levels
+  static constexpr int64_t bytes = levels + SUPER * block;     // 3392 or 2368
 };
 
-// The levels of block b of a tile's weights, (SUB) its sc, and the d of its super-block's 16 rows.
+// The levels of block b of a tile's weights, (SUB) its codes, and its super-block's factors.
 template <bool SIX, bool SUB>
 inline const uint8_t* block_at(const uint8_t* w, int64_t b) {
-  if (SUB) return w + (b / SUPER) * Sub::bytes + Sub::levels + (b % SUPER) * Sub::block;
+  if (SUB) return w + (b / SUPER) * Sub<SIX>::bytes + Sub<SIX>::levels + (b % SUPER) * Sub<SIX>::block;
   return w + b * Layout<SIX>::bytes;
 }
 
-inline const int8_t* codes_at(const uint8_t* w, int64_t b) {
-  return reinterpret_cast<const int8_t*>(w + (b / SUPER) * Sub::bytes + Sub::codes + (b % SUPER) * 2 * TILE);
+template <bool SIX>
+inline const uint8_t* codes_at(const uint8_t* w, int64_t b) {
+  return w + (b / SUPER) * Sub<SIX>::bytes + Sub<SIX>::codes + (b % SUPER) * 2 * TILE;
+}
+
+template <bool SIX>
+inline const uint8_t* factors_at(const uint8_t* w, int64_t b) {
+  return w + (b / SUPER) * Sub<SIX>::bytes + Sub<SIX>::factors;
 }
 
 inline const float* super_d(const uint8_t* w, int64_t b) {
-  return reinterpret_cast<const float*>(w + (b / SUPER) * Sub::bytes + Sub::factors);
+  return reinterpret_cast<const float*>(factors_at<true>(w, b));
 }
 
 #define AVX2 __attribute__((target("avx2,fma,f16c")))
@@ -154,7 +168,8 @@ void tile_portable(const uint8_t* w, int64_t nb, const Quantized* a, int rows, f
   for (int64_t b = 0; b < nb; ++b) {
     const uint8_t* wb = block_at<SIX, SUB>(w, b);
     const uint16_t* sm = reinterpret_cast<const uint16_t*>(wb + L::scales);
-    const int8_t* sc = SUB ? codes_at(w, b) : nullptr;
+    const uint8_t* codes = SUB ? codes_at<SIX>(w, b) : nullptr;  // int6's are int8, int4's uint8
+    const uint16_t* factors = SUB ? reinterpret_cast<const uint16_t*>(factors_at<SIX>(w, b)) : nullptr;
     for (int r = 0; r < rows; ++r) {
       const int8_t* qb = a[r].q + b * BLOCK;
       for (int o = 0; o < TILE; ++o) {
@@ -163,13 +178,15 @@ void tile_portable(const uint8_t* w, int64_t nb, const Quantized* a, int rows, f
         float total = 0.f;
         if (SIX) {
           for (int g = 0; g < 2; ++g) {
-            const float s = SUB ? super_d(w, b)[o] * sc[TILE * g + o] : half_to_float(sm[TILE * g + o]);
+            const float s = SUB ? super_d(w, b)[o] * static_cast<int8_t>(codes[TILE * g + o])
+                                : half_to_float(sm[TILE * g + o]);
             const float m = SUB ? -32.f * s : half_to_float(sm[TILE * (2 + g) + o]);
             total += s * a[r].d[b] * static_cast<float>(sums[g]) + m * a[r].dhalf[2 * b + g];
           }
         } else {
-          total = half_to_float(sm[o]) * a[r].d[b] * static_cast<float>(sums[0] + sums[1]) +
-                  half_to_float(sm[TILE + o]) * a[r].dsum[b];
+          const float s = SUB ? half_to_float(factors[o]) * codes[o] : half_to_float(sm[o]);
+          const float m = SUB ? half_to_float(factors[TILE + o]) * codes[TILE + o] : half_to_float(sm[TILE + o]);
+          total = s * a[r].d[b] * static_cast<float>(sums[0] + sums[1]) + m * a[r].dsum[b];
         }
         acc[r][o] += total;
       }
@@ -184,7 +201,7 @@ void tile_portable(const uint8_t* w, int64_t nb, const Quantized* a, int rows, f
 // through memory in order, a block's share of them at a time (SUB: an eighth of its super-block's bytes).
 template <bool SIX, bool SUB>
 inline void prefetch_ahead(const uint8_t* w, int64_t b) {
-  constexpr int64_t step = SUB ? Sub::bytes / SUPER : Layout<SIX>::bytes;  // 424; 320, 512
+  constexpr int64_t step = SUB ? Sub<SIX>::bytes / SUPER : Layout<SIX>::bytes;  // 424, 296; 320, 512
   const uint8_t* from = w + b * step + PREFETCH;  // each line once: those starting in [from, from + step)
   const uint8_t* line = from + ((64 - reinterpret_cast<uintptr_t>(from) % 64) % 64);
   for (; line < from + step; line += 64) _mm_prefetch(reinterpret_cast<const char*>(line), _MM_HINT_T0);
@@ -204,10 +221,16 @@ AVX2 inline __m256 half8(const uint8_t* p) {
 // Scale and low of group g (int6: 0, 1; int4: 0) for rows 8h..8h+7 of block b (at wb) of a tile (at w).
 template <bool SIX, bool SUB>
 AVX2 inline void scales8(const uint8_t* w, const uint8_t* wb, int64_t b, int g, int h, __m256& s, __m256& m) {
-  if (SUB) {
-    const __m128i sc = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(codes_at(w, b) + TILE * g + 8 * h));
+  if (SUB && SIX) {
+    const __m128i sc = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(codes_at<SIX>(w, b) + TILE * g + 8 * h));
     s = _mm256_mul_ps(_mm256_loadu_ps(super_d(w, b) + 8 * h), _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(sc)));
     m = _mm256_mul_ps(s, _mm256_set1_ps(-32.f));
+  } else if (SUB) {
+    const uint8_t *codes = codes_at<SIX>(w, b), *f = factors_at<SIX>(w, b);
+    const __m128i sc = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(codes + 8 * h));
+    const __m128i mn = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(codes + TILE + 8 * h));
+    s = _mm256_mul_ps(half8(f + 16 * h), _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(sc)));
+    m = _mm256_mul_ps(half8(f + 2 * TILE + 16 * h), _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(mn)));
   } else {
     s = half8(wb + Layout<SIX>::scales + 32 * g + 16 * h);
     m = half8(wb + Layout<SIX>::scales + 32 * Layout<SIX>::groups + 32 * g + 16 * h);
@@ -346,10 +369,16 @@ VNNI inline __m512 half16(const uint8_t* p) {
 // Scale and low of group g (int6: 0, 1; int4: 0) for the 16 rows of block b (at wb) of a tile (at w).
 template <bool SIX, bool SUB>
 VNNI inline void scales16(const uint8_t* w, const uint8_t* wb, int64_t b, int g, __m512& s, __m512& m) {
-  if (SUB) {
-    const __m128i sc = _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes_at(w, b) + TILE * g));
+  if (SUB && SIX) {
+    const __m128i sc = _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes_at<SIX>(w, b) + TILE * g));
     s = _mm512_mul_ps(_mm512_loadu_ps(super_d(w, b)), _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(sc)));
     m = _mm512_mul_ps(s, _mm512_set1_ps(-32.f));
+  } else if (SUB) {
+    const uint8_t *codes = codes_at<SIX>(w, b), *f = factors_at<SIX>(w, b);
+    const __m128i sc = _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes));
+    const __m128i mn = _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + TILE));
+    s = _mm512_mul_ps(half16(f), _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(sc)));
+    m = _mm512_mul_ps(half16(f + 2 * TILE), _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(mn)));
   } else {
     s = half16(wb + Layout<SIX>::scales + 32 * g);
     m = half16(wb + Layout<SIX>::scales + 32 * Layout<SIX>::groups + 32 * g);
@@ -426,16 +455,16 @@ VNNI void tile_vnni(const uint8_t* w, int64_t nb, const Quantized* a, float* y, 
 // rows (decode, batches of up to 8) keep the one-tile kernel: one pass over weights streamed from memory
 // beat 6 + 2 rows in two (batch-8 decode of the 1.5B model 50-61 against 46-53 tok/s), and so does int6
 // (the same scheme measured 0.8x for it).
-template <int R>
+template <bool SUB, int R>
 VNNI void pair_vnni(const uint8_t* w, int64_t next, int64_t nb, const Quantized* a, float* y, int64_t ystride,
                     int valid) {
   const __m512i mask = _mm512_set1_epi8(0x0F);
   __m512 acc[R][2];
   for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
   for (int64_t b = 0; b < nb; ++b) {
-    const uint8_t* wb[2] = {block_at<false, false>(w, b), block_at<false, false>(w + next, b)};
-    prefetch_ahead<false, false>(w, b);
-    prefetch_ahead<false, false>(w + next, b);
+    const uint8_t* wb[2] = {block_at<false, SUB>(w, b), block_at<false, SUB>(w + next, b)};
+    prefetch_ahead<false, SUB>(w, b);
+    prefetch_ahead<false, SUB>(w + next, b);
     __m512i sums[R][2];
     for (int r = 0; r < R; ++r) sums[r][0] = sums[r][1] = _mm512_setzero_si512();
     for (int j = 0; j < 4; ++j) {
@@ -456,7 +485,7 @@ VNNI void pair_vnni(const uint8_t* w, int64_t next, int64_t nb, const Quantized*
     }
     for (int t = 0; t < 2; ++t) {
       __m512 s, m;
-      scales16<false, false>(t ? w + next : w, wb[t], b, 0, s, m);
+      scales16<false, SUB>(t ? w + next : w, wb[t], b, 0, s, m);
       for (int r = 0; r < R; ++r) {
         acc[r][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums[r][t]), _mm512_mul_ps(s, _mm512_set1_ps(a[r].d[b])), acc[r][t]);
         acc[r][t] = _mm512_fmadd_ps(m, _mm512_set1_ps(a[r].dsum[b]), acc[r][t]);
@@ -508,16 +537,17 @@ void tile(Isa isa, const uint8_t* w, int64_t nb, const Quantized* a, int rows, f
 }
 
 // int4 on AVX-512 VNNI: two tiles at a time, `rows` (1..PAIR_ROWS) activation rows.
+template <bool SUB>
 void pair(const uint8_t* w, int64_t next, int64_t nb, const Quantized* a, int rows, float* y, int64_t ystride,
           int valid) {
 #if defined(__x86_64__)
   switch (rows) {
-    case 1: return pair_vnni<1>(w, next, nb, a, y, ystride, valid);
-    case 2: return pair_vnni<2>(w, next, nb, a, y, ystride, valid);
-    case 3: return pair_vnni<3>(w, next, nb, a, y, ystride, valid);
-    case 4: return pair_vnni<4>(w, next, nb, a, y, ystride, valid);
-    case 5: return pair_vnni<5>(w, next, nb, a, y, ystride, valid);
-    default: return pair_vnni<PAIR_ROWS>(w, next, nb, a, y, ystride, valid);
+    case 1: return pair_vnni<SUB, 1>(w, next, nb, a, y, ystride, valid);
+    case 2: return pair_vnni<SUB, 2>(w, next, nb, a, y, ystride, valid);
+    case 3: return pair_vnni<SUB, 3>(w, next, nb, a, y, ystride, valid);
+    case 4: return pair_vnni<SUB, 4>(w, next, nb, a, y, ystride, valid);
+    case 5: return pair_vnni<SUB, 5>(w, next, nb, a, y, ystride, valid);
+    default: return pair_vnni<SUB, PAIR_ROWS>(w, next, nb, a, y, ystride, valid);
   }
 #endif
 }
@@ -593,35 +623,59 @@ at::Tensor pack_form(const at::Tensor& levels, const at::Tensor& scale, const at
 
 }  // namespace
 
-// levels (N, K) uint8 0..63 (Q6_K's level + 32), sc (N, K / 16) int8, d (N, K / 256) fp32 -> the sub-scaled
-// int6 layout, (ceil(N / 16), K / 256, Sub::bytes) bytes.
-at::Tensor pack_sub(const at::Tensor& levels, const at::Tensor& sc, const at::Tensor& d) {
+// The sub-scaled layouts (Sub), (ceil(N / 16), K / 256, 3392 or 2368) bytes, from
+//   int6 (Q6_K): levels (N, K) uint8 0..63 (the level + 32), sc (N, K / 16) int8, d (N, K / 256) fp32;
+//   int4 (Q4_K): levels (N, K) 0..15 or two per byte (N, K / 2, the stored form), sc and mn (N, K / 32)
+//     uint8, d and f (N, K / 256) fp32 holding fp16 values (stored as fp16).
+at::Tensor pack_sub(const at::Tensor& levels, const at::Tensor& sc, const at::Tensor& d,
+                    const std::optional<at::Tensor>& mn_in, const std::optional<at::Tensor>& f_in) {
+  TORCH_CHECK(mn_in.has_value() == f_in.has_value(), "pack_sub: int4 takes mn and f, int6 neither");
+  const bool six = !mn_in.has_value();
   TORCH_CHECK(levels.dim() == 2 && levels.scalar_type() == at::kByte, "levels: (N, K) uint8");
-  const int64_t n = levels.size(0), k = levels.size(1), supers = k / (SUPER * BLOCK);
+  const int64_t per = six ? 16 : 32;
+  const bool nibbles = !six && sc.dim() == 2 && levels.size(1) * 2 == sc.size(1) * per;
+  const int64_t n = levels.size(0), k = levels.size(1) * (nibbles ? 2 : 1), supers = k / (SUPER * BLOCK);
   TORCH_CHECK(k % (SUPER * BLOCK) == 0, "K must be a multiple of 256, not ", k);
-  TORCH_CHECK(sc.scalar_type() == at::kChar && sc.dim() == 2 && sc.size(0) == n && sc.size(1) == k / 16,
-              "sc: (N, K / 16) int8");
+  TORCH_CHECK(sc.scalar_type() == (six ? at::kChar : at::kByte) && sc.dim() == 2 && sc.size(0) == n &&
+                  sc.size(1) == k / per,
+              "sc: (N, K / ", per, ") ", six ? "int8" : "uint8");
   TORCH_CHECK(d.dim() == 2 && d.size(0) == n && d.size(1) == supers, "d: (N, K / 256)");
   const auto l = levels.contiguous(), s = sc.contiguous(), dd = d.to(at::kFloat).contiguous();
-  TORCH_CHECK(l.max().item<int64_t>() <= 63, "levels above 63");
-  const int64_t tiles = (n + TILE - 1) / TILE;
-  at::Tensor packed = at::zeros({tiles, supers, Sub::bytes}, at::kByte);
-  const uint8_t* lp = l.data_ptr<uint8_t>();
-  const int8_t* sp = s.data_ptr<int8_t>();
-  const float* dp = dd.data_ptr<float>();
+  const auto mn = six ? s : mn_in->contiguous(), ff = six ? dd : f_in->to(at::kFloat).contiguous();
+  TORCH_CHECK(six || (mn.sizes() == s.sizes() && mn.scalar_type() == at::kByte && ff.sizes() == dd.sizes()),
+              "mn: as sc, uint8; f: as d");
+  TORCH_CHECK(nibbles || l.max().item<int64_t>() <= (six ? 63 : 15), "levels above ", six ? 63 : 15);
+  TORCH_CHECK(six || (dd.to(at::kHalf).to(at::kFloat).equal(dd) && ff.to(at::kHalf).to(at::kFloat).equal(ff)),
+              "int4: d and f must be fp16 values");
+  const int64_t tiles = (n + TILE - 1) / TILE, bytes = six ? Sub<true>::bytes : Sub<false>::bytes;
+  const int64_t block = six ? Sub<true>::block : Sub<false>::block;
+  at::Tensor packed = at::zeros({tiles, supers, bytes}, at::kByte);
+  const uint8_t *lp = l.data_ptr<uint8_t>(), *sp = reinterpret_cast<const uint8_t*>(s.data_ptr());
+  const uint8_t* mp = reinterpret_cast<const uint8_t*>(mn.data_ptr());
+  const float *dp = dd.data_ptr<float>(), *fp = ff.data_ptr<float>();
   uint8_t* out = packed.data_ptr<uint8_t>();
   at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       for (int64_t b = 0; b < k / BLOCK; ++b) {
-        uint8_t* super = out + (t * supers + b / SUPER) * Sub::bytes;
-        uint8_t* wb = super + Sub::levels + (b % SUPER) * Sub::block;
-        int8_t* cb = reinterpret_cast<int8_t*>(super + Sub::codes + (b % SUPER) * 2 * TILE);
-        float* factors = reinterpret_cast<float*>(super + Sub::factors);
+        uint8_t* super = out + (t * supers + b / SUPER) * bytes;
+        uint8_t* wb = super + Sub<true>::levels + (b % SUPER) * block;  // both forms: levels at 320
+        uint8_t* cb = super + Sub<true>::codes + (b % SUPER) * 2 * TILE;
         for (int64_t o = 0; o < TILE && t * TILE + o < n; ++o) {
-          const int64_t row = t * TILE + o, at = row * (k / 16) + 2 * b;
-          put_levels<true>(wb, o, lp + row * k + b * BLOCK);
-          cb[o] = sp[at], cb[TILE + o] = sp[at + 1];
-          factors[o] = dp[row * supers + b / SUPER];
+          const int64_t row = t * TILE + o, factor = row * supers + b / SUPER;
+          if (six) {
+            const int64_t at = row * (k / 16) + 2 * b;
+            put_levels<true>(wb, o, lp + row * k + b * BLOCK);
+            cb[o] = sp[at], cb[TILE + o] = sp[at + 1];
+            reinterpret_cast<float*>(super)[o] = dp[factor];
+          } else {
+            uint8_t lb[BLOCK];  // this row's levels of the block, one per byte
+            const uint8_t* src = lp + (row * k + b * BLOCK) / (nibbles ? 2 : 1);
+            for (int c = 0; c < BLOCK; ++c) lb[c] = nibbles ? (src[c / 2] >> (4 * (c % 2))) & 0x0F : src[c];
+            put_levels<false>(wb, o, lb);
+            cb[o] = sp[row * (k / 32) + b], cb[TILE + o] = mp[row * (k / 32) + b];
+            uint16_t* halves = reinterpret_cast<uint16_t*>(super);
+            halves[o] = c10::Half(dp[factor]).x, halves[TILE + o] = c10::Half(fp[factor]).x;
+          }
         }
       }
     }
@@ -672,10 +726,10 @@ at::Tensor matmul(const at::Tensor& x_in, const at::Tensor& packed, int64_t n, c
                   bool precise) {
   TORCH_CHECK(x_in.dim() == 2, "x: (M, K)");
   const int64_t unit = packed.dim() == 3 ? packed.size(2) : 0;
-  const bool sub = unit == Sub::bytes;
-  const bool six = sub || unit == Layout<true>::bytes;
+  const bool sub = unit == Sub<true>::bytes || unit == Sub<false>::bytes;
+  const bool six = unit == Sub<true>::bytes || unit == Layout<true>::bytes;
   TORCH_CHECK(packed.scalar_type() == at::kByte && (sub || unit == Layout<true>::bytes || unit == Layout<false>::bytes),
-              "packed: (tiles, blocks, 320 or 512) or (tiles, super-blocks, 3392) uint8");
+              "packed: (tiles, blocks, 320 or 512) or (tiles, super-blocks, 3392 or 2368) uint8");
   const Isa isa = parse(isa_name);
   const auto x = x_in.to(at::kFloat).contiguous();
   const int64_t m = x.size(0), k = x.size(1), nb = k / BLOCK, tiles = packed.size(0);
@@ -719,10 +773,14 @@ at::Tensor matmul(const at::Tensor& x_in, const at::Tensor& packed, int64_t n, c
             a[i] = {qp + (r + i) * k, row, row + nb, row + 2 * nb};
           }
           float* out = yp + r * n + t * TILE;
-          if (two) {
-            pair(wp + t * tile_bytes, tile_bytes, nb, a, count, out, n, valid);
-          } else if (sub) {
+          if (two && sub) {
+            pair<true>(wp + t * tile_bytes, tile_bytes, nb, a, count, out, n, valid);
+          } else if (two) {
+            pair<false>(wp + t * tile_bytes, tile_bytes, nb, a, count, out, n, valid);
+          } else if (sub && six) {
             tile<true, true>(isa, wp + t * tile_bytes, nb, a, count, out, n, valid);
+          } else if (sub) {
+            tile<false, true>(isa, wp + t * tile_bytes, nb, a, count, out, n, valid);
           } else if (six) {
             tile<true>(isa, wp + t * tile_bytes, nb, a, count, out, n, valid);
           } else {
@@ -738,7 +796,7 @@ at::Tensor matmul(const at::Tensor& x_in, const at::Tensor& packed, int64_t n, c
 TORCH_LIBRARY(nlg, m) {
   m.def("isas() -> str[]", &isas);
   m.def("pack(Tensor levels, Tensor scale, Tensor low, int bits) -> Tensor");
-  m.def("pack_sub(Tensor levels, Tensor sc, Tensor d) -> Tensor");
+  m.def("pack_sub(Tensor levels, Tensor sc, Tensor d, Tensor? mn=None, Tensor? f=None) -> Tensor");
   m.def("matmul(Tensor x, Tensor packed, int n, str isa, bool precise=False) -> Tensor");
 }
 

@@ -93,29 +93,51 @@ def test_a_row_gets_the_same_bits_alone_as_in_a_batch(best, bits):
         assert torch.equal(batch, alone), isa
 
 
-def q6_weights(n: int, k: int, g: torch.Generator) -> tuple[torch.Tensor, ...]:
-    """Levels -32..31 with scales per 16 columns made as Q6_K makes them: an fp16 d per 256 columns times an
-    int8 sc, the largest of each 256 at -128; lows 0. Returns levels, scale, low, sc, d."""
-    levels = torch.randint(-32, 32, (n, k), generator=g, dtype=torch.int8)
-    sc = torch.randint(-127, 128, (n, k // 256, 16), generator=g, dtype=torch.int8)
-    sc[..., 3] = -128
-    d = (torch.rand(n, k // 256, 1, generator=g) * 1e-3).half().float()
-    scale = (d * sc.float()).reshape(n, k // 16)
-    return levels, scale, torch.zeros_like(scale), sc.reshape(n, k // 16), d.reshape(n, k // 256)
+def k_quant_weights(bits: int, n: int, k: int, g: torch.Generator) -> tuple[torch.Tensor, ...]:
+    """Levels with scales and lows made as GGUF's K-quants make them: codes times an fp16 factor per 256
+    columns, the largest code of each 256 at -128 (Q6_K) or 63 (Q4_K). bits 6: levels -32..31, int8 sc per
+    16 columns, lows 0; bits 4: levels 0..15, uint8 sc and mn per 32, low = -dmin * mn. Returns levels, scale,
+    low and `pack_sub`'s arguments after the levels (sc, d[, mn, f])."""
+
+    def coded(least: int, most: int, top: int, per: int, dtype: torch.dtype) -> tuple[torch.Tensor, tuple]:
+        codes = torch.randint(least, most + 1, (n, k // 256, per), generator=g).to(dtype)
+        codes[..., 3] = top
+        f = (torch.rand(n, k // 256, 1, generator=g) * 1e-3).half().float()
+        return (f * codes.float()).reshape(n, -1), (codes.reshape(n, -1), f.reshape(n, -1))
+
+    if bits == 6:
+        levels = torch.randint(-32, 32, (n, k), generator=g, dtype=torch.int8)
+        scale, packed = coded(-127, 127, -128, 16, torch.int8)
+        return levels, scale, torch.zeros_like(scale), *packed
+    levels = torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8)
+    scale, (sc, d) = coded(0, 63, 63, 8, torch.uint8)
+    low, (mn, f) = coded(0, 63, 63, 8, torch.uint8)
+    return levels, scale, -low, sc, d, mn, -f
 
 
-@pytest.mark.parametrize("rows", [1, 3, 8, 9, 70])
+def dequantized(bits: int, levels: torch.Tensor, scale: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
+    """The weight in fp64, from exact scales and lows (no fp16 rounding of the general layouts)."""
+    n, k = levels.shape
+    w = levels.double().reshape(n, -1, 16 if bits == 6 else 32) * scale.double()[..., None] + low.double()[..., None]
+    return w.reshape(n, k)
+
+
+@pytest.mark.parametrize("bits", [4, 6])
+@pytest.mark.parametrize("rows", [1, 3, 8, 9, 13, 70])
 @pytest.mark.parametrize("n,k", [(1, 256), (17, 512), (40, 768)])
-def test_q6_layout_equals_the_reference_on_every_instruction_set(best, rows, n, k):
-    """Q6_K's own layout (`pack_sub`: int8 scales per 16 columns, an fp32 factor per 256, levels stored +32)
-    gives the product of the int8-rounded activations with w = level * d * sc on every ISA, with `precise`
-    that of the activations as they are, and a row's bits alone as in the batch."""
-    g = torch.Generator().manual_seed(rows * 100 + n + k)
-    levels, scale, low, sc, d = q6_weights(n, k, g)
-    packed = torch.ops.nlg.pack_sub(levels.add(32).view(torch.uint8), sc, d)
-    assert packed.shape == (-(-n // 16), k // 256, quant.SUB_BYTES)
+def test_k_quant_layouts_equal_the_reference_on_every_instruction_set(best, bits, rows, n, k):
+    """Q6_K's and Q4_K's own layouts (`pack_sub`: 8-bit codes per group, factors per 256 columns; int6 levels
+    stored +32) give the product of the int8-rounded activations with the weight on every ISA (int4's
+    two-tile passes past 8 rows included), with `precise` that of the activations as they are, and a row's
+    bits alone as in the batch; int4 levels two per byte pack to the same tiles."""
+    g = torch.Generator().manual_seed(rows * 100 + n + k + bits)
+    levels, scale, low, *codes = k_quant_weights(bits, n, k, g)
+    packed = torch.ops.nlg.pack_sub(levels.add(32).view(torch.uint8) if bits == 6 else levels, *codes)
+    assert packed.shape == (-(-n // 16), k // 256, quant.SUB_BYTES[bits])
+    if bits == 4:
+        assert torch.equal(torch.ops.nlg.pack_sub(levels[:, 0::2] | (levels[:, 1::2] << 4), *codes), packed)
     x = torch.randn(rows, k, generator=g) * 5
-    w = (levels.double().reshape(n, -1, 16) * scale.double()[..., None]).reshape(n, k)  # no fp16 scales here
+    w = dequantized(bits, levels, scale, low)
     want, exact = (rounded(x).double() @ w.T).float(), (x.double() @ w.T).float()
     for isa in torch.ops.nlg.isas():
         got = torch.ops.nlg.matmul(x, packed, n, isa)
@@ -126,19 +148,31 @@ def test_q6_layout_equals_the_reference_on_every_instruction_set(best, rows, n, 
         assert torch.equal(alone[0], got[-1]), isa
 
 
-def test_q6_k_scales_are_found_exactly_or_the_general_layout_runs(best):
-    """`sub_scales` recovers Q6_K's int8 scales and factors from their products exactly, and an int6 layer
-    then takes Q6_K's layout (6.6 bits a weight) computing the dequantized weight; lows, a scale no int8
-    times the factor makes, or a width off 256 columns keep the general layout (8 bits a weight)."""
+def test_k_quant_scales_are_found_exactly_or_the_general_layouts_run(best):
+    """`sub_scales` recovers Q6_K's and Q4_K's codes and factors from the stored products exactly, and int6
+    and int4 layers then take those layouts (6.6 and 4.625 bits a weight) computing the dequantized weight;
+    Q6_K with lows, a scale no code times the factor makes, a Q4_K factor off fp16, or a width off 256
+    columns keep the general layouts (8 and 5 bits a weight)."""
     g = torch.Generator().manual_seed(5)
-    levels, scale, low, sc, d = q6_weights(24, 512, g)
+    x = torch.randn(3, 512, generator=g)
+    levels4, scale4, low4, *codes4 = k_quant_weights(4, 24, 512, g)
+    found = quant.sub_scales(scale4, low4, 4)
+    assert found is not None and all(torch.equal(a, b) for a, b in zip(found, codes4))
+    layer4 = Int4Linear(levels4, scale4, low4)
+    assert layer4.tiles.shape[-1] == quant.SUB_BYTES[4] and layer4.nbytes == 2 * 2 * quant.SUB_BYTES[4]
+    want4 = x.double() @ dequantized(4, levels4, scale4, low4).T
+    torch.testing.assert_close(layer4(x).double(), want4, rtol=0.02, atol=0.01 * want4.abs().max().item())
+    odd4, off16 = scale4.clone(), scale4.clone()
+    odd4[2, 3] *= 1.0001
+    off16[:, :8] *= 1 + 2**-12  # every code the same, the factor no longer an fp16 value
+    for scale in (odd4, off16):
+        assert quant.sub_scales(scale, low4, 4) is None and Int4Linear(levels4, scale, low4).tiles.shape[-1] == 320
+    levels, scale, low, sc, d = k_quant_weights(6, 24, 512, g)
     found = quant.sub_scales(scale, low)
     assert found is not None and torch.equal(found[0], sc) and torch.equal(found[1], d)
     layer = Int6Linear(*Int6Linear.fits(levels, scale, low))
-    assert layer.tiles.shape[-1] == quant.SUB_BYTES and layer.nbytes == 2 * 2 * quant.SUB_BYTES
-    deq = (levels.double().reshape(24, -1, 16) * scale.double()[..., None]).reshape(24, 512)
-    x = torch.randn(3, 512, generator=g)
-    want = x.double() @ deq.T
+    assert layer.tiles.shape[-1] == quant.SUB_BYTES[6] and layer.nbytes == 2 * 2 * quant.SUB_BYTES[6]
+    want = x.double() @ dequantized(6, levels, scale, low).T
     torch.testing.assert_close(layer(x).double(), want, rtol=0.02, atol=0.01 * want.abs().max().item())
     odd = scale.clone()
     odd[0, 1] *= 1.0001
@@ -209,7 +243,7 @@ def test_int6_packs_in_chunks_as_whole(best, monkeypatch, layout):
     g = torch.Generator().manual_seed(7)
     n, k = 72, 256
     if layout == "q6":
-        levels, scale, low = q6_weights(n, k, g)[:3]
+        levels, scale, low = k_quant_weights(6, n, k, g)[:3]
     else:
         levels = torch.randint(-32, 32, (n, k), generator=g, dtype=torch.int8)
         scale, low = torch.rand(n, k // 16, generator=g) * 0.01, torch.randn(n, k // 16, generator=g) * 0.01
