@@ -455,9 +455,11 @@ VNNI void tile_vnni(const uint8_t* w, int64_t nb, const Quantized* a, float* y, 
 // rows (decode, batches of up to 8) keep the one-tile kernel: one pass over weights streamed from memory
 // beat 6 + 2 rows in two (batch-8 decode of the 1.5B model 50-61 against 46-53 tok/s), and so does int6
 // (the same scheme measured 0.8x for it).
+// SUB (Q4_K's layout): `sm` holds both tiles' scales and lows, made once from the codes (`sub_scales16`)
+// rather than in each of the passes over the rows.
 template <bool SUB, int R>
 VNNI void pair_vnni(const uint8_t* w, int64_t next, int64_t nb, const Quantized* a, float* y, int64_t ystride,
-                    int valid) {
+                    int valid, const float* sm) {
   const __m512i mask = _mm512_set1_epi8(0x0F);
   __m512 acc[R][2];
   for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
@@ -485,7 +487,11 @@ VNNI void pair_vnni(const uint8_t* w, int64_t next, int64_t nb, const Quantized*
     }
     for (int t = 0; t < 2; ++t) {
       __m512 s, m;
-      scales16<false, SUB>(t ? w + next : w, wb[t], b, 0, s, m);
+      if (SUB) {
+        s = _mm512_loadu_ps(sm + (t * nb + b) * 2 * TILE), m = _mm512_loadu_ps(sm + (t * nb + b) * 2 * TILE + TILE);
+      } else {
+        scales16<false, false>(t ? w + next : w, wb[t], b, 0, s, m);
+      }
       for (int r = 0; r < R; ++r) {
         acc[r][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums[r][t]), _mm512_mul_ps(s, _mm512_set1_ps(a[r].d[b])), acc[r][t]);
         acc[r][t] = _mm512_fmadd_ps(m, _mm512_set1_ps(a[r].dsum[b]), acc[r][t]);
@@ -496,6 +502,17 @@ VNNI void pair_vnni(const uint8_t* w, int64_t next, int64_t nb, const Quantized*
   for (int r = 0; r < R; ++r) {
     _mm512_storeu_ps(y + r * ystride, acc[r][0]);
     _mm512_mask_storeu_ps(y + r * ystride + TILE, keep, acc[r][1]);
+  }
+}
+
+// The 16 rows' scales, then lows, of each of the nb blocks of a Q4_K-layout tile (at w), as `tile_vnni` makes
+// them: 2 x 16 floats a block into sm.
+VNNI void sub_scales16(const uint8_t* w, int64_t nb, float* sm) {
+  for (int64_t b = 0; b < nb; ++b) {
+    __m512 s, m;
+    scales16<false, true>(w, nullptr, b, 0, s, m);
+    _mm512_storeu_ps(sm + b * 2 * TILE, s);
+    _mm512_storeu_ps(sm + b * 2 * TILE + TILE, m);
   }
 }
 
@@ -539,15 +556,15 @@ void tile(Isa isa, const uint8_t* w, int64_t nb, const Quantized* a, int rows, f
 // int4 on AVX-512 VNNI: two tiles at a time, `rows` (1..PAIR_ROWS) activation rows.
 template <bool SUB>
 void pair(const uint8_t* w, int64_t next, int64_t nb, const Quantized* a, int rows, float* y, int64_t ystride,
-          int valid) {
+          int valid, const float* sm) {
 #if defined(__x86_64__)
   switch (rows) {
-    case 1: return pair_vnni<SUB, 1>(w, next, nb, a, y, ystride, valid);
-    case 2: return pair_vnni<SUB, 2>(w, next, nb, a, y, ystride, valid);
-    case 3: return pair_vnni<SUB, 3>(w, next, nb, a, y, ystride, valid);
-    case 4: return pair_vnni<SUB, 4>(w, next, nb, a, y, ystride, valid);
-    case 5: return pair_vnni<SUB, 5>(w, next, nb, a, y, ystride, valid);
-    default: return pair_vnni<SUB, PAIR_ROWS>(w, next, nb, a, y, ystride, valid);
+    case 1: return pair_vnni<SUB, 1>(w, next, nb, a, y, ystride, valid, sm);
+    case 2: return pair_vnni<SUB, 2>(w, next, nb, a, y, ystride, valid, sm);
+    case 3: return pair_vnni<SUB, 3>(w, next, nb, a, y, ystride, valid, sm);
+    case 4: return pair_vnni<SUB, 4>(w, next, nb, a, y, ystride, valid, sm);
+    case 5: return pair_vnni<SUB, 5>(w, next, nb, a, y, ystride, valid, sm);
+    default: return pair_vnni<SUB, PAIR_ROWS>(w, next, nb, a, y, ystride, valid, sm);
   }
 #endif
 }
@@ -759,11 +776,18 @@ at::Tensor matmul(const at::Tensor& x_in, const at::Tensor& packed, int64_t n, c
   const bool pairs = !six && isa == Isa::avx512vnni && rows > ROWS_PER_PASS;
   at::parallel_for(0, pairs ? (tiles + 1) / 2 : tiles, 1, [&](int64_t u0, int64_t u1) {
     Quantized a[ROWS_PER_PASS];
+    std::vector<float> sm(pairs && sub ? 2 * nb * 2 * TILE : 0);  // a pair's scales and lows (`pair_vnni`)
     for (int64_t c = 0; c < rows; c += ROW_CHUNK) {
       const int64_t c1 = std::min(rows, c + ROW_CHUNK);
       for (int64_t u = u0; u < u1; ++u) {
         const int64_t t = pairs ? 2 * u : u;
         const bool two = pairs && t + 1 < tiles;
+#if defined(__x86_64__)
+        if (two && sub) {
+          sub_scales16(wp + t * tile_bytes, nb, sm.data());
+          sub_scales16(wp + (t + 1) * tile_bytes, nb, sm.data() + nb * 2 * TILE);
+        }
+#endif
         const int valid = static_cast<int>(std::min<int64_t>((two ? 2 : 1) * TILE, n - t * TILE));
         const int per_pass = two ? PAIR_ROWS : ROWS_PER_PASS;
         for (int64_t r = c; r < c1; r += per_pass) {
@@ -774,9 +798,9 @@ at::Tensor matmul(const at::Tensor& x_in, const at::Tensor& packed, int64_t n, c
           }
           float* out = yp + r * n + t * TILE;
           if (two && sub) {
-            pair<true>(wp + t * tile_bytes, tile_bytes, nb, a, count, out, n, valid);
+            pair<true>(wp + t * tile_bytes, tile_bytes, nb, a, count, out, n, valid, sm.data());
           } else if (two) {
-            pair<false>(wp + t * tile_bytes, tile_bytes, nb, a, count, out, n, valid);
+            pair<false>(wp + t * tile_bytes, tile_bytes, nb, a, count, out, n, valid, nullptr);
           } else if (sub && six) {
             tile<true, true>(isa, wp + t * tile_bytes, nb, a, count, out, n, valid);
           } else if (sub) {
