@@ -26,6 +26,7 @@ from parallel.layers import (
     merged_column_parallel_linear,
     qkv_parallel_linear,
 )
+from parallel.quant import Stacked
 from parallel.state import get_tp
 
 
@@ -126,13 +127,15 @@ class Block(nn.Module):
 
     @cached_property
     def native_weights(self) -> tuple[list[torch.Tensor], list[int], list[int], str] | None:
-        """The qkv, o, gate_up and down matmuls' packed weights, output rows, activation modes and instruction
-        set, when all four run our kernels (with one instruction set) at tensor-parallel size 1; else None."""
+        """The qkv (its parts in their forms: `parallel.quant.Stacked`), o, gate_up and down matmuls' packed
+        weights, output rows, activation modes and instruction set, when all run our kernels (with one
+        instruction set) at tensor-parallel size 1; else None."""
         attn, mlp = self.self_attn, self.mlp
         layers = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
         kernels = [getattr(layer, "kernel", None) for layer in layers]
         if get_tp().size > 1 or any(layer.bias is not None for layer in layers[1:]):
             return None
+        kernels[:1] = kernels[0].parts if isinstance(kernels[0], Stacked) else kernels[:1]
         if not all(hasattr(k, "tiles") for k in kernels) or len({k.isa for k in kernels}) > 1:
             return None
         outs, precise = [k.out_features for k in kernels], [int(k.precise) for k in kernels]

@@ -333,10 +333,13 @@ def _dequantize(form: str, t: dict[str, torch.Tensor]) -> torch.Tensor:
     return w.reshape(n, k)
 
 
-def from_stored(form: str, t: dict[str, torch.Tensor], mode: str) -> nn.Module:
+def from_stored(form: str, t: dict[str, torch.Tensor], mode: str, parts: list[int] | None = None) -> nn.Module:
     """The `mode` layer for a stored form: taken as it is where a kernel computes it (int4 groups of GROUP
     for mode int4, or any mode on our kernel; 5-6 bit int8 forms as int6 on our kernel), else re-quantized.
-    A form taken in Q6_K's layout loses its fp32 scales and lows from `t` (its codes replace them)."""
+    A form taken in Q6_K's layout loses its fp32 scales and lows from `t` (its codes replace them). `parts`:
+    the rows of each sibling a merged layer stacks (`stacked`)."""
+    if form == "int8" and parts and (split := stacked(t, parts, mode)) is not None:
+        return split
     int4_groups = form == "int4" and t["_scale"].shape[1] * GROUP == t["_int4"].shape[1] * 2
     if int4_groups and (mode == "int4" or _native):
         return Int4Linear(t["_int4"], t["_scale"], t["_low"], two_per_byte=True)
@@ -348,6 +351,58 @@ def from_stored(form: str, t: dict[str, torch.Tensor], mode: str) -> nn.Module:
     rows = t["_int4" if form == "int4" else "_int8"]
     shape = (rows.shape[0], rows.shape[1] * (2 if form == "int4" else 1))
     return _quantized_rows(lambda a, b: _dequantize(form, {k: v[a:b] for k, v in t.items()}), shape, mode)
+
+
+class Stacked(nn.Module):
+    """Row blocks of one matmul in different forms, each on its own kernel, the outputs side by side:
+    Q4_K_M's q and k stored at 4 bits and v at 6 (stacked as int6 they read 8 bits a weight)."""
+
+    def __init__(self, kernels: list[nn.Module]):
+        super().__init__()
+        self.parts = nn.ModuleList(kernels)
+        self.out_features = sum(k.out_features for k in kernels)
+
+    @property
+    def precise(self) -> bool:
+        return self.parts[0].precise
+
+    @precise.setter
+    def precise(self, value: bool) -> None:
+        for k in self.parts:
+            k.precise = value
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([k(x) for k in self.parts], -1)
+
+
+def stacked(t: dict[str, torch.Tensor], parts: list[int], mode: str) -> Stacked | None:
+    """Siblings stacked in the int8 form (`int8_form`, scales per 16 columns) each in the form it was stored
+    in, on our kernels: the runs of siblings whose levels are 0..15 with one scale and low per 32 columns as
+    int4, the others as the int8 form gives them; None where all take one form, or where a part would not run
+    on our kernels (an 8-bit one: the merged matmul stays int8 rows)."""
+    if not _native or len(parts) < 2 or t["_int8"].shape[1] % GROUP:
+        return None
+    runs, at = [], 0  # (first row, rows, int4?) of each run of siblings in one form
+    for rows in parts:
+        levels, scale, low = (t[s][at : at + rows] for s in ("_int8", "_scale", "_low"))
+        four = scale.shape[1] * 16 == levels.shape[1] and bool((levels >= 0).all() and (levels <= 15).all())
+        four = four and torch.equal(scale[:, 0::2], scale[:, 1::2]) and torch.equal(low[:, 0::2], low[:, 1::2])
+        if runs and runs[-1][2] == four:
+            runs[-1][1] += rows
+        else:
+            runs.append([at, rows, four])
+        at += rows
+    if len(runs) < 2:
+        return None
+    kernels = []
+    for first, rows, four in runs:
+        piece = {s: v[first : first + rows] for s, v in t.items()}
+        if four:
+            levels = piece["_int8"].view(torch.uint8)
+            kernels.append(Int4Linear(levels, piece["_scale"][:, 0::2], piece["_low"][:, 0::2]))
+        else:
+            kernels.append(from_stored("int8", piece, mode))
+    return Stacked(kernels) if all(hasattr(k, "tiles") for k in kernels) else None
 
 
 class QuantRows(nn.Module):
@@ -390,7 +445,8 @@ def finish(layer: nn.Module, mode: str, dtype: torch.dtype) -> None:
     elif stored is not None and not mark:
         layer.rows = QuantRows(*stored, dtype)
     elif stored is not None:
-        layer.kernel = from_stored(*stored, target)
+        parts = [sum(b - a for a, b in ranges) for _, ranges in getattr(layer, "parts", [])]
+        layer.kernel = from_stored(*stored, target, parts)
     elif mark and mode != "none" and weight is not None and weight.device.type != "meta":
         layer.kernel = quantized(weight.data, target)
         del layer.weight

@@ -19,6 +19,7 @@
 #include <optional>
 #include <string>
 #include <tuple>
+#include <vector>
 
 // matmul.cpp and step.cpp
 at::Tensor matmul(const at::Tensor& x, const at::Tensor& packed, int64_t n, const std::string& isa, bool precise);
@@ -30,8 +31,9 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
 at::Tensor rope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, const std::string& isa);
 at::Tensor silu_mul(const at::Tensor& x, const std::string& isa);
 
-// x (B, T, hidden) fp32; residual as x, or None at the first block; weights: qkv, o, gate_up, down packed for
-// `matmul`, `outs` their output rows, `precise` (0/1) each one's activation mode; the new keys and values
+// x (B, T, hidden) fp32; residual as x, or None at the first block; weights: qkv (one, or its row blocks in
+// their own forms, side by side), o, gate_up, down packed for `matmul`, `outs` their output rows, `precise`
+// (0/1) each one's activation mode; the new keys and values
 // written to rows `where` (B x T x Hkv, in (row, token, head) order) of the layer's caches seen as (rows, D),
 // as `model.kv_cache.attend` writes them; then read from `keys`, `values` (B, Hkv, S, D): views of those
 // caches (each row's home region), query t of row b up to key lengths[b, t].
@@ -43,11 +45,14 @@ std::tuple<at::Tensor, at::Tensor> block(const at::Tensor& x, const std::optiona
                                          const at::Tensor& value_cache, const at::Tensor& where_in,
                                          const at::Tensor& keys, const at::Tensor& values, const at::Tensor& lengths,
                                          double scale, const std::string& isa) {
-  TORCH_CHECK(x.dim() == 3 && weights.size() == 4 && outs.size() == 4 && precise.size() == 4,
-              "block: x (B, T, hidden), four weights");
+  const int64_t parts = static_cast<int64_t>(weights.size()) - 3;  // of the qkv projection
+  TORCH_CHECK(x.dim() == 3 && parts >= 1 && outs.size() == weights.size() && precise.size() == weights.size(),
+              "block: x (B, T, hidden), the qkv projection's weights then three");
   TORCH_CHECK(keys.dim() == 4 && values.sizes() == keys.sizes(), "block: keys, values (B, Hkv, S, D)");
   const int64_t b = x.size(0), t = x.size(1), hidden = x.size(2), kv = keys.size(1), d = keys.size(3);
-  TORCH_CHECK(keys.size(0) == b && heads % kv == 0 && outs[0] == (heads + 2 * kv) * d, "block: heads and qkv rows");
+  int64_t qkv_rows = 0;
+  for (int64_t i = 0; i < parts; ++i) qkv_rows += outs[i];
+  TORCH_CHECK(keys.size(0) == b && heads % kv == 0 && qkv_rows == (heads + 2 * kv) * d, "block: heads and qkv rows");
   TORCH_CHECK(key_cache.is_contiguous() && value_cache.is_contiguous() && key_cache.sizes() == value_cache.sizes() &&
                   key_cache.scalar_type() == at::kFloat && value_cache.scalar_type() == at::kFloat &&
                   key_cache.size(-1) == d,
@@ -65,7 +70,10 @@ std::tuple<at::Tensor, at::Tensor> block(const at::Tensor& x, const std::optiona
     h = rms_norm(x, norm1, eps, isa);
     s = x;
   }
-  auto qkv = matmul(h.view({b * t, hidden}), weights[0], outs[0], isa, precise[0] != 0);
+  const auto flat = h.view({b * t, hidden});
+  std::vector<at::Tensor> pieces;
+  for (int64_t i = 0; i < parts; ++i) pieces.push_back(matmul(flat, weights[i], outs[i], isa, precise[i] != 0));
+  auto qkv = parts == 1 ? pieces[0] : at::cat(pieces, 1);
   if (bias) qkv.add_(*bias);
   qkv = qkv.view({b, t, heads + 2 * kv, d});
   const auto qk = rope(qkv.narrow(2, 0, heads + kv), cos, sin, isa);  // (B, T, H + Hkv, D), contiguous
@@ -80,10 +88,11 @@ std::tuple<at::Tensor, at::Tensor> block(const at::Tensor& x, const std::optiona
   }
   const auto q = qk.narrow(2, 0, heads).view({b, t, kv, heads / kv, d});
   const auto a = decode_attention(q, keys, values, lengths, scale, isa);
-  const auto o = matmul(a.view({b * t, heads * d}), weights[1], outs[1], isa, precise[1] != 0);
+  const auto o = matmul(a.view({b * t, heads * d}), weights[parts], outs[parts], isa, precise[parts] != 0);
   std::tie(h, s) = add_rms_norm(o.view({b, t, hidden}), s, norm2, eps, isa);
-  const auto up = silu_mul(matmul(h.view({b * t, hidden}), weights[2], outs[2], isa, precise[2] != 0), isa);
-  const auto y = matmul(up, weights[3], outs[3], isa, precise[3] != 0);
+  const int64_t g = parts + 1, down = parts + 2;
+  const auto up = silu_mul(matmul(h.view({b * t, hidden}), weights[g], outs[g], isa, precise[g] != 0), isa);
+  const auto y = matmul(up, weights[down], outs[down], isa, precise[down] != 0);
   return {y.view({b, t, hidden}), s};
 }
 

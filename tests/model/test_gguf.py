@@ -292,19 +292,43 @@ def test_int4_keeps_the_weights_stored_at_more_bits(tmp_path):
     assert isinstance(exact.self_attn.qkv_proj.kernel, Int4Linear)
 
 
+def assert_equal_per_op(model) -> None:
+    """A prefill and two decode steps over a cache: each block in one call of ours (`nlg::block`) gives the
+    logits of its ops called one by one, bit for bit."""
+    from model.kv_cache import KVCache
+
+    cfg, isa = model.config, model.model.layers[0].input_layernorm.native_step
+    ids = torch.randint(0, cfg.vocab_size, (1, 5), generator=torch.Generator().manual_seed(4))
+    runs = []
+    for fused in (False, True):
+        for block in model.model.layers:
+            block.native_step = isa if fused else None
+        cache = KVCache(cfg.num_layers, 8, 4, 4, cfg.num_kv_heads, cfg.head_dim)
+        blocks = torch.tensor([[4, 5]])  # the first blocks of a region: read in place, as the block call needs
+        with torch.inference_mode():
+            runs.append([model(ids[:, :3], torch.arange(3)[None], cache, blocks)])
+            runs[-1] += [model(ids[:, p : p + 1], torch.tensor([[p]]), cache, blocks) for p in (3, 4)]
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+
 def test_int4_and_5_bit_siblings_stack_without_loss(tmp_path):
     """q and k stored at 4 bits and v at 5 stack into one int8 form (a scale and low per 16 columns): the
-    logits equal transformers' reading of the GGUF file to fp32 rounding, and on our kernel the merged
-    projection runs as it is stored (int6), within the activations' int8 rounding."""
+    logits equal transformers' reading of the GGUF file to fp32 rounding; on our kernels the merged
+    projection runs each sibling as it is stored (q and k one int4 matmul, v int6: `Stacked`), within the
+    activations' int8 rounding, and the block in one call of ours gives the same logits as its ops."""
     from parallel import quant
-    from parallel.quant import Int6Linear
+    from parallel.quant import Int4Linear, Int6Linear, Stacked
 
     gguf, directory = converted(tmp_path, "mixed")
     want, got = logits(gguf, directory)
     assert_close(got, want, atol=1e-4, rtol=1e-4)
     model = load_model(directory, quantization="int4")
     if quant._native:
-        assert isinstance(model.model.layers[0].self_attn.qkv_proj.kernel, Int6Linear)
+        qkv = model.model.layers[0].self_attn.qkv_proj.kernel
+        assert isinstance(qkv, Stacked) and [type(k) for k in qkv.parts] == [Int4Linear, Int6Linear]
+        assert [k.out_features for k in qkv.parts] == [96, 32] and qkv.precise
+        assert len(model.model.layers[0].native_weights[0]) == 5  # q and k, v, o, gate_up, down
+        assert_equal_per_op(model)
     want, got = logits(gguf, directory, quantization="int4")
     assert (got - want).abs().max() < 0.05 * (want.max() - want.min())
 
