@@ -19,6 +19,9 @@ the compute dtype, and so does the input embedding unless the checkpoint stores 
 - int6 (our kernel only): weights stored at 5-6 bits (GGUF's Q6_K, Q5_0, Q5_1, Q5_K: `model.gguf_quant`'s
   int8 form) keep their levels, group scales and offsets as they are, 64 levels per group of 16; without
   our kernel they are re-quantized to int8 rows.
+- Q6_K and Q4_K tensors take our kernel's layouts of those forms (`sub_scales`: 8-bit codes times factors
+  per 256 columns, fewer bytes than fp16 scales per group); siblings of one merged matmul stored in
+  different forms each keep theirs (`Stacked`).
 On other devices both dequantize inside the matmul (the compiled CUDA step fuses it).
 """
 
