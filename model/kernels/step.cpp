@@ -49,26 +49,41 @@ inline __attribute__((always_inline)) void add_norm_row(const float* a, const fl
   norm_row(s, w, eps, d, y);
 }
 
-// Vector helpers of the attention, one set per instruction set: scores (g heads' scaled dot products with
-// each of len keys, s (g, len)), softmax(s, n) in place, values (out (g, d) = p (g, len) @ v). Each built for
-// its target; exp is x = n ln2 + r, |r| <= ln2 / 2, e^r by its Taylor polynomial to degree 6 (~2 ulp), times 2^n.
+// Vector helpers of the attention, one set per instruction set: scores_n (N heads' scaled dot products with
+// each of len keys, s (N, len)), softmax(s, n) in place, values_n (out (N, d) = p (N, len) @ v), for N up to 8
+// (`attend_group` takes a group's heads 8 at a time). Each built for its target; exp is x = n ln2 + r,
+// |r| <= ln2 / 2, e^r by its Taylor polynomial to degree 6 (~2 ulp), times 2^n.
 constexpr float LOG2E = 1.44269504f, LN2_HI = 0.693145752f, LN2_LO = 1.42860677e-6f;
 
+// fn<N> args for N = min(n, 8) heads: the heads' accumulators stay in registers at a count known when compiled.
+#define BY_HEADS(n, fn, args)  \
+  switch (std::min<int64_t>(n, 8)) { \
+    case 1: fn<1> args; break;   \
+    case 2: fn<2> args; break;   \
+    case 3: fn<3> args; break;   \
+    case 4: fn<4> args; break;   \
+    case 5: fn<5> args; break;   \
+    case 6: fn<6> args; break;   \
+    case 7: fn<7> args; break;   \
+    default: fn<8> args;         \
+  }
+
 struct Scalar {
-  static void scores(const float* q, const float* k, int64_t ks, int64_t g, int64_t d, int64_t len, float scale,
-                     float* s) {
+  template <int N>
+  static void scores_n(const float* q, const float* k, int64_t ks, int64_t d, int64_t len, float scale, float* s) {
     for (int64_t j = 0; j < len; ++j) {
-      for (int64_t h = 0; h < g; ++h) {
+      for (int64_t h = 0; h < N; ++h) {
         float t = 0.f;
         for (int64_t i = 0; i < d; ++i) t += q[h * d + i] * k[j * ks + i];
         s[h * len + j] = t * scale;
       }
     }
   }
-  static void values(const float* p, const float* v, int64_t vs, int64_t g, int64_t d, int64_t len, float* out) {
-    std::fill(out, out + g * d, 0.f);
+  template <int N>
+  static void values_n(const float* p, const float* v, int64_t vs, int64_t d, int64_t len, float* out) {
+    std::fill(out, out + N * d, 0.f);
     for (int64_t j = 0; j < len; ++j) {
-      for (int64_t h = 0; h < g; ++h) {
+      for (int64_t h = 0; h < N; ++h) {
         for (int64_t i = 0; i < d; ++i) out[h * d + i] += p[h * len + j] * v[j * vs + i];
       }
     }
@@ -92,19 +107,6 @@ struct Scalar {
 inline __mmask16 lanes(int64_t n, int64_t i) {
   return n - i >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (n - i)) - 1);
 }
-
-// fn<N> args for N = min(n, 8) heads: the heads' accumulators stay in registers at a count known when compiled.
-#define BY_HEADS(n, fn, args)  \
-  switch (std::min<int64_t>(n, 8)) { \
-    case 1: fn<1> args; break;   \
-    case 2: fn<2> args; break;   \
-    case 3: fn<3> args; break;   \
-    case 4: fn<4> args; break;   \
-    case 5: fn<5> args; break;   \
-    case 6: fn<6> args; break;   \
-    case 7: fn<7> args; break;   \
-    default: fn<8> args;         \
-  }
 
 struct Avx512 {
   T512 static __m512 exp(__m512 x) {  // x clamped to [-87, 88]: finite, never a denormal
@@ -162,15 +164,6 @@ struct Avx512 {
         _mm512_mask_storeu_ps(out + h * d + i + 16, m1, a1[h]);
       }
     }
-  }
-  T512 static void scores(const float* q, const float* k, int64_t ks, int64_t g, int64_t d, int64_t len, float scale,
-                          float* s) {
-    for (int64_t h = 0; h < g; h += 8) {
-      BY_HEADS(g - h, scores_n, (q + h * d, k, ks, d, len, scale, s + h * len));
-    }
-  }
-  T512 static void values(const float* p, const float* v, int64_t vs, int64_t g, int64_t d, int64_t len, float* out) {
-    for (int64_t h = 0; h < g; h += 8) BY_HEADS(g - h, values_n, (p + h * len, v, vs, d, len, out + h * d));
   }
   T512 static void softmax(float* s, int64_t n) {
     __m512 top = _mm512_set1_ps(-INFINITY);
@@ -261,15 +254,6 @@ struct Avx2 {
       }
     }
   }
-  T256 static void scores(const float* q, const float* k, int64_t ks, int64_t g, int64_t d, int64_t len, float scale,
-                          float* s) {
-    for (int64_t h = 0; h < g; h += 8) {
-      BY_HEADS(g - h, scores_n, (q + h * d, k, ks, d, len, scale, s + h * len));
-    }
-  }
-  T256 static void values(const float* p, const float* v, int64_t vs, int64_t g, int64_t d, int64_t len, float* out) {
-    for (int64_t h = 0; h < g; h += 8) BY_HEADS(g - h, values_n, (p + h * len, v, vs, d, len, out + h * d));
-  }
   T256 static void softmax(float* s, int64_t n) {
     const float top = *std::max_element(s, s + n);
     const __m256 t = _mm256_set1_ps(top);
@@ -298,9 +282,13 @@ using Avx2 = Scalar;
 template <class Ops>
 void attend_group(const float* q, const float* k, const float* v, int64_t ks, int64_t vs, int64_t g, int64_t d,
                   int64_t len, float scale, float* scores, float* out) {
-  Ops::scores(q, k, ks, g, d, len, scale, scores);
+  for (int64_t h = 0; h < g; h += 8) {
+    BY_HEADS(g - h, Ops::template scores_n, (q + h * d, k, ks, d, len, scale, scores + h * len));
+  }
   for (int64_t h = 0; h < g; ++h) Ops::softmax(scores + h * len, len);
-  Ops::values(scores, v, vs, g, d, len, out);
+  for (int64_t h = 0; h < g; h += 8) {
+    BY_HEADS(g - h, Ops::template values_n, (scores + h * len, v, vs, d, len, out + h * d));
+  }
 }
 
 // One head's rotary embedding, rotate-half layout: y = x * c + roll(x, d / 2) * s (s signed, as the tables).
