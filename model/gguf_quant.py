@@ -1,4 +1,5 @@
-"""GGUF quantized tensors in the project's own quantized forms (`parallel.quant`), never inflated whole.
+"""GGUF quantized tensors in the project's own quantized forms (`parallel.stored` makes them layers), never
+inflated whole.
 
 - Q4_0, Q4_1, Q4_K: 16 levels per group of 32 weights with one scale and one offset per group, which is
   exactly our int4 form (GROUP 32): converted without loss, levels packed two per byte.

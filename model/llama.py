@@ -26,8 +26,8 @@ from parallel.layers import (
     merged_column_parallel_linear,
     qkv_parallel_linear,
 )
-from parallel.quant import Stacked
 from parallel.state import get_tp
+from parallel.stored import Stacked
 
 
 class RMSNorm(nn.Module):
@@ -127,7 +127,7 @@ class Block(nn.Module):
 
     @cached_property
     def native_weights(self) -> tuple[list[torch.Tensor], list[int], list[int], str] | None:
-        """The qkv (its parts in their forms: `parallel.quant.Stacked`), o, gate_up and down matmuls' packed
+        """The qkv (its parts in their forms: `parallel.stored.Stacked`), o, gate_up and down matmuls' packed
         weights, output rows, activation modes and instruction set, when all run our kernels (with one
         instruction set) at tensor-parallel size 1; else None."""
         attn, mlp = self.self_attn, self.mlp

@@ -18,8 +18,8 @@ from model.gpt2 import GPT2LMHeadModel
 from model.kernels import load as load_kernels
 from model.llama import LlamaForCausalLM
 from parallel.forms import QUANTIZATIONS
-from parallel.quant import finish, quantize
 from parallel.state import get_tp
+from parallel.stored import finish, quantize
 from parallel.weights import SUFFIXES, SafetensorsReader, load_into
 
 FAMILIES = {"llama": LlamaForCausalLM, "gpt2": GPT2LMHeadModel}
@@ -65,7 +65,7 @@ def load_model(
     quantization: str = "none",
 ) -> nn.Module:
     """Load this rank's shard of the model in `directory` (at tensor-parallel size 1, all of it), its
-    linear layers quantized after loading with `quantization` int8 or int4 (`parallel.quant`); weights
+    linear layers quantized after loading with `quantization` int8 or int4 (`parallel.stored`); weights
     stored quantized are dequantized to `dtype` for "none"; "auto" is `pick_quantization`. On a CPU,
     quantized layers run our kernels where they can (`model.kernels`, built on first use; with fp32
     activations the norms, rotary, short rows' attention and SwiGLU run them too, or whole blocks in one call
@@ -135,7 +135,7 @@ def transformers_model(directory: str | Path) -> nn.Module:
     from safetensors import safe_open
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from parallel.quant import dequantize
+    from parallel.stored import dequantize
     from parallel.weights import SUFFIXES
 
     directory = Path(directory)

@@ -71,7 +71,7 @@ def _empty(*shape: int) -> nn.Parameter:
 
 def _linear(layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x @ layer's weight.T (+ bias): the fp weight, or the `kernel` that replaced it: a quantized weight
-    (`parallel.quant.quantize`) or a CPU-packed one (`model.cpu_matmul.pack`)."""
+    (`parallel.stored.quantize`) or a CPU-packed one (`model.cpu_matmul.pack`)."""
     if hasattr(layer, "kernel"):
         y = layer.kernel(x)
         return y + bias if bias is not None else y
@@ -86,7 +86,7 @@ class ColumnParallelLinear(nn.Module):
     `gate_up_proj` from `gate_proj`, `up_proj`) is one matmul whose pieces each keep their own split.
     """
 
-    quantizable = True  # parallel.quant may replace the weight by an int8 or int4 one (`kernel`)
+    quantizable = True  # parallel.stored may replace the weight by an int8 or int4 one (`kernel`)
 
     def __init__(
         self,
@@ -202,7 +202,7 @@ class _VocabParallel(nn.Module):
 
 
 class VocabParallelEmbedding(_VocabParallel):
-    """Rows of the fp weight, or of quantized rows (`parallel.quant.QuantRows`) dequantized on lookup."""
+    """Rows of the fp weight, or of quantized rows (`parallel.stored.QuantRows`) dequantized on lookup."""
 
     def _rows(self, ids: torch.Tensor) -> torch.Tensor:
         return self.rows(ids) if hasattr(self, "rows") else F.embedding(ids, self.weight)

@@ -3,8 +3,8 @@
 Each rank quantizes its own shard after loading, so a row-parallel layer's scales are those of its own
 columns (tensor-parallel sizes agree to within the quantization error, not bit for bit). Norms stay in
 the compute dtype, and so does the input embedding unless the checkpoint stores it quantized
-(`model.gguf_quant`: then its rows are dequantized on lookup, `QuantRows`); the LM head is always int8
-(it is the largest matmul of a small model, and llama.cpp keeps it at 6 bits or more too).
+(`model.gguf_quant`: then its rows are dequantized on lookup, `parallel.stored.QuantRows`); the LM head
+is always int8 (it is the largest matmul of a small model, and llama.cpp keeps it at 6 bits or more too).
 
 - int8: one scale per output row (absmax / 127). On CPU the matmul is FBGEMM's dynamically quantized
   linear (`quantized::linear_dynamic`), made accurate by `dynamic_int8` (two passes, per-row ranges;
@@ -20,9 +20,9 @@ the compute dtype, and so does the input embedding unless the checkpoint stores 
   int8 form) keep their levels, group scales and offsets as they are, 64 levels per group of 16; without
   our kernel they are re-quantized to int8 rows.
 - Q6_K and Q4_K tensors take our kernel's layouts of those forms (`sub_scales`: 8-bit codes times factors
-  per 256 columns, fewer bytes than fp16 scales per group); siblings of one merged matmul stored in
-  different forms each keep theirs (`Stacked`).
-On other devices both dequantize inside the matmul (the compiled CUDA step fuses it).
+  per 256 columns, fewer bytes than fp16 scales per group).
+On other devices both dequantize inside the matmul (the compiled CUDA step fuses it). `parallel.stored`
+makes these layers from what the loader read.
 """
 
 from __future__ import annotations
@@ -39,6 +39,11 @@ from parallel.state import get_tp
 GROUP = 32  # int4 group size: GGUF's 4-bit block (Q4_0, Q4_1, Q4_K sub-blocks), so those load as they are
 FP16_MAX = 65504.0  # our kernel keeps scales and lows in fp16
 _native: str | None = None  # instruction set of our kernels (`torch.ops.nlg`), None until `use_native`
+
+
+def native() -> str | None:
+    """The instruction set `use_native` named, or None."""
+    return _native
 
 
 def use_native(isa: str | None) -> None:
@@ -285,10 +290,10 @@ TILE_ROWS = 16  # output rows per tile of our kernel's packed layout (CHUNK is a
 
 def quantized(weight: torch.Tensor, mode: str) -> nn.Module:
     """The int8 or int4 form of this rank's `weight` (out, in)."""
-    return _quantized_rows(lambda a, b: weight[a:b], weight.shape, mode)
+    return quantized_by_chunk(lambda a, b: weight[a:b], weight.shape, mode)
 
 
-def _quantized_rows(rows, shape: torch.Size, mode: str) -> nn.Module:
+def quantized_by_chunk(rows, shape: torch.Size, mode: str) -> nn.Module:
     """The int8 or int4 layer of an (out, in) weight whose fp32 rows a..b are `rows(a, b)`."""
     if mode == "int4" and shape[1] % GROUP:  # a row-parallel split must fall on group boundaries
         tp = get_tp().size
@@ -307,154 +312,6 @@ def _quantized_rows(rows, shape: torch.Size, mode: str) -> nn.Module:
 def unpack(packed: torch.Tensor) -> torch.Tensor:
     """int4 levels stored two per byte (column 2j low nibble, 2j + 1 high) as one uint8 per level."""
     return torch.stack([packed & 0x0F, packed >> 4], dim=-1).reshape(packed.shape[0], -1)
-
-
-def int8_form(form: str, t: dict[str, torch.Tensor], span: int = 16) -> dict[str, torch.Tensor]:
-    """A stored form (`model.gguf_quant`) as the int8 form with a scale and low per `span` columns, the same
-    weights exactly: int4 levels 0..15 are int8 levels, and a group's scale and low repeat over its spans.
-    Siblings stored in different forms (Q4_K_M's q, k at 4 bits and v at 6) stack this way without loss."""
-    levels = unpack(t["_int4"]).to(torch.int8) if form == "int4" else t["_int8"]
-    repeat = levels.shape[1] // t["_scale"].shape[1] // span
-    return {
-        "_int8": levels,
-        "_scale": t["_scale"].repeat_interleave(repeat, 1),
-        "_low": t["_low"].repeat_interleave(repeat, 1),
-    }
-
-
-def dequantize(form: str, t: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The fp32 weight of a stored quantized form (`model.gguf_quant`): levels * scale + low, per group."""
-    return torch.cat(
-        [_dequantize(form, {k: v[a : a + CHUNK] for k, v in t.items()}) for a in range(0, len(t["_scale"]), CHUNK)]
-    )
-
-
-def _dequantize(form: str, t: dict[str, torch.Tensor]) -> torch.Tensor:
-    levels = (unpack(t["_int4"]) if form == "int4" else t["_int8"]).float()
-    n, k = levels.shape
-    w = levels.reshape(n, t["_scale"].shape[1], -1) * t["_scale"][..., None] + t["_low"][..., None]
-    return w.reshape(n, k)
-
-
-def from_stored(form: str, t: dict[str, torch.Tensor], mode: str, parts: list[int] | None = None) -> nn.Module:
-    """The `mode` layer for a stored form: taken as it is where a kernel computes it (int4 groups of GROUP
-    for mode int4, or any mode on our kernel; 5-6 bit int8 forms as int6 on our kernel), else re-quantized.
-    A form taken in Q6_K's layout loses its fp32 scales and lows from `t` (its codes replace them). `parts`:
-    the rows of each sibling a merged layer stacks (`stacked`)."""
-    if form == "int8" and parts and (split := stacked(t, parts, mode)) is not None:
-        return split
-    int4_groups = form == "int4" and t["_scale"].shape[1] * GROUP == t["_int4"].shape[1] * 2
-    if int4_groups and (mode == "int4" or _native):
-        return Int4Linear(t["_int4"], t["_scale"], t["_low"], two_per_byte=True)
-    six = Int6Linear.fits(t["_int8"], t["_scale"], t["_low"]) if form == "int8" else None
-    if six is not None and len(six) == 5:  # Q6_K's layout: the codes replace the fp32 scales and lows
-        del t["_scale"], t["_low"]  # freed before packing (117 MB for the 1.5B model's head, at its load's peak)
-    if six is not None:
-        return Int6Linear(*six)
-    rows = t["_int4" if form == "int4" else "_int8"]
-    shape = (rows.shape[0], rows.shape[1] * (2 if form == "int4" else 1))
-    return _quantized_rows(lambda a, b: _dequantize(form, {k: v[a:b] for k, v in t.items()}), shape, mode)
-
-
-class Stacked(nn.Module):
-    """Row blocks of one matmul in different forms, each on its own kernel, the outputs side by side:
-    Q4_K_M's q and k stored at 4 bits and v at 6 (stacked as int6 they read 8 bits a weight)."""
-
-    def __init__(self, kernels: list[nn.Module]):
-        super().__init__()
-        self.parts = nn.ModuleList(kernels)
-        self.out_features = sum(k.out_features for k in kernels)
-
-    @property
-    def precise(self) -> bool:
-        return self.parts[0].precise
-
-    @precise.setter
-    def precise(self, value: bool) -> None:
-        for k in self.parts:
-            k.precise = value
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.cat([k(x) for k in self.parts], -1)
-
-
-def stacked(t: dict[str, torch.Tensor], parts: list[int], mode: str) -> Stacked | None:
-    """Siblings stacked in the int8 form (`int8_form`, scales per 16 columns) each in the form it was stored
-    in, on our kernels: the runs of siblings whose levels are 0..15 with one scale and low per 32 columns as
-    int4, the others as the int8 form gives them; None where all take one form, or where a part would not run
-    on our kernels (an 8-bit one: the merged matmul stays int8 rows)."""
-    if not _native or len(parts) < 2 or t["_int8"].shape[1] % GROUP:
-        return None
-    runs, at = [], 0  # (first row, rows, int4?) of each run of siblings in one form
-    for rows in parts:
-        levels, scale, low = (t[s][at : at + rows] for s in ("_int8", "_scale", "_low"))
-        four = scale.shape[1] * 16 == levels.shape[1] and bool((levels >= 0).all() and (levels <= 15).all())
-        four = four and torch.equal(scale[:, 0::2], scale[:, 1::2]) and torch.equal(low[:, 0::2], low[:, 1::2])
-        if runs and runs[-1][2] == four:
-            runs[-1][1] += rows
-        else:
-            runs.append([at, rows, four])
-        at += rows
-    if len(runs) < 2:
-        return None
-    kernels = []
-    for first, rows, four in runs:
-        piece = {s: v[first : first + rows] for s, v in t.items()}
-        if four:
-            levels = piece["_int8"].view(torch.uint8)
-            kernels.append(Int4Linear(levels, piece["_scale"][:, 0::2], piece["_low"][:, 0::2]))
-        else:
-            kernels.append(from_stored("int8", piece, mode))
-    return Stacked(kernels) if all(hasattr(k, "tiles") for k in kernels) else None
-
-
-class QuantRows(nn.Module):
-    """Embedding rows kept in their stored quantized form, dequantized only where looked up."""
-
-    def __init__(self, form: str, t: dict[str, torch.Tensor], dtype: torch.dtype):
-        super().__init__()
-        self.form, self.dtype = form, dtype
-        for suffix, tensor in t.items():
-            self.register_buffer(suffix.lstrip("_"), tensor)
-        self.nbytes = sum(b.numel() * b.element_size() for b in self.buffers())
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        flat = ids.reshape(-1)
-        levels = self.int4[flat] if self.form == "int4" else self.int8[flat]
-        rows = _dequantize(self.form, {f"_{self.form}": levels, "_scale": self.scale[flat], "_low": self.low[flat]})
-        return rows.to(self.dtype).reshape(*ids.shape, -1)
-
-
-def quantize(model: nn.Module, mode: str, dtype: torch.dtype = torch.float32) -> nn.Module:
-    """`finish` every layer of `model` (mode "none": only those loaded in a quantized form); the loader
-    has checked `mode` against `parallel.forms.QUANTIZATIONS`."""
-    for layer in list(model.modules()):
-        finish(layer, mode, dtype)
-    return model
-
-
-def finish(layer: nn.Module, mode: str, dtype: torch.dtype) -> None:
-    """Quantize a layer marked `quantizable` (the column- and row-parallel linears, the LM head; a mark
-    of "int8" caps the mode: the head's, and the one the loader puts on weights stored as int8), or
-    finish one loaded in a quantized form (`layer.stored`): dequantized to `dtype` for mode "none", an
-    embedding's rows kept quantized. A layer already finished, or not loaded yet, is left as it is. A layer
-    marked `precise_inputs` (q/k/v) has our kernel multiply its activations' int8 rounding too."""
-    mark = getattr(layer, "quantizable", False)
-    stored = layer.__dict__.pop("stored", None)
-    target = "int8" if mark == "int8" else mode
-    weight = layer._parameters.get("weight")
-    if stored is not None and mode == "none":
-        layer.weight = nn.Parameter(dequantize(*stored).to(dtype), requires_grad=False)
-    elif stored is not None and not mark:
-        layer.rows = QuantRows(*stored, dtype)
-    elif stored is not None:
-        parts = [sum(b - a for a, b in ranges) for _, ranges in getattr(layer, "parts", [])]
-        layer.kernel = from_stored(*stored, target, parts)
-    elif mark and mode != "none" and weight is not None and weight.device.type != "meta":
-        layer.kernel = quantized(weight.data, target)
-        del layer.weight
-    if hasattr(layer, "kernel") and hasattr(layer.kernel, "precise"):
-        layer.kernel.precise = getattr(layer, "precise_inputs", False)
 
 
 def weight_bytes(model: nn.Module) -> int:

@@ -19,7 +19,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from parallel.quant import dequantize, int8_form
+from parallel.stored import dequantize, int8_form
 
 DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -172,7 +172,7 @@ def load_into(
                 f = stored_form(key(part), keys)
                 return get(part)[:] if f is None else dequantize(f, {s: get(part, s)[:] for s in SUFFIXES[f]})
 
-        elif form is not None:  # a quantized form instead of the weight: parallel.quant.quantize finishes it
+        elif form is not None:  # a quantized form instead of the weight: parallel.stored.quantize finishes it
             pieces = {s: owner.shard(leaf + s, lambda part, s=s: get(part, s)) for s in SUFFIXES[form]}
             owner.stored = (form, {s: t.to(device=device) for s, t in pieces.items()})
             del pieces  # the stored dict holds the only references: `from_stored` may free parts early

@@ -143,7 +143,7 @@ def run(
         "model": model,
         "quantization": quantization,
         "threads": torch.get_num_threads(),
-        "kernels": quant._native or "torch",
+        "kernels": quant.native() or "torch",
         "load_s": gen.load_s,
         "peak_rss_mb": rss,
         "weights_mb": wbytes / 1e6,

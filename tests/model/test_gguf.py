@@ -287,7 +287,7 @@ def test_int4_keeps_the_weights_stored_at_more_bits(tmp_path):
     model = load_model(converted(tmp_path, "int8")[1], quantization="int4")
     layer = model.model.layers[0]
     assert isinstance(layer.self_attn.qkv_proj.kernel, Int8Linear)  # q Q8_0, k Q4_0, v Q5_0
-    assert isinstance(layer.mlp.down_proj.kernel, Int6Linear if quant._native else Int8Linear)  # Q5_0
+    assert isinstance(layer.mlp.down_proj.kernel, Int6Linear if quant.native() else Int8Linear)  # Q5_0
     exact = load_model(converted(tmp_path, "int4")[1], quantization="int4").model.layers[0]
     assert isinstance(exact.self_attn.qkv_proj.kernel, Int4Linear)
 
@@ -317,13 +317,14 @@ def test_int4_and_5_bit_siblings_stack_without_loss(tmp_path):
     projection runs each sibling as it is stored (q and k one int4 matmul, v int6: `Stacked`), within the
     activations' int8 rounding, and the block in one call of ours gives the same logits as its ops."""
     from parallel import quant
-    from parallel.quant import Int4Linear, Int6Linear, Stacked
+    from parallel.quant import Int4Linear, Int6Linear
+    from parallel.stored import Stacked
 
     gguf, directory = converted(tmp_path, "mixed")
     want, got = logits(gguf, directory)
     assert_close(got, want, atol=1e-4, rtol=1e-4)
     model = load_model(directory, quantization="int4")
-    if quant._native:
+    if quant.native():
         qkv = model.model.layers[0].self_attn.qkv_proj.kernel
         assert isinstance(qkv, Stacked) and [type(k) for k in qkv.parts] == [Int4Linear, Int6Linear]
         assert [k.out_features for k in qkv.parts] == [96, 32] and qkv.precise

@@ -209,7 +209,7 @@ def test_int4_layer_routes_to_the_kernel_and_back(best):
     torch.testing.assert_close(got, x @ deq.T, rtol=0.02, atol=0.02 * (x @ deq.T).abs().max().item())
     assert layer(x.bfloat16()).dtype == torch.bfloat16
     assert hasattr(Int4Linear(levels, scale * 1e6, low), "packed")
-    before = quant._native
+    before = quant.native()
     quant.use_native(None)
     try:
         assert hasattr(Int4Linear(levels, scale, low), "packed")
