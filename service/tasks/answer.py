@@ -23,8 +23,8 @@ ANSWER_SYSTEM = "You answer questions in one complete sentence that repeats the 
 ANSWER_INSTRUCTION = "Answer in one complete sentence that restates the question."
 # With passages, asking for the context's own words lifted SQuAD containment on the first 50 dev
 # questions from 52% to 60% (full sentences 100% both); its numbers too, on Qwen2.5-Coder-1.5B, from 82% to
-# 84% on each half of dev-200 ("four teams", not a list of them; "two fumbles", not the "five" of the
-# tackles beside them), changing no other answer; see the README's quality section.
+# 84% on each half of dev-200 ("Four teams have been ...", not a list of the teams), no answer scored lost;
+# see the README's quality section.
 ANSWER_FROM_CONTEXT = (
     "Answer in one complete sentence that restates the question, using the exact words and numbers of the context."
 )
