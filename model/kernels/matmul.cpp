@@ -91,6 +91,8 @@ struct Sub {
   static constexpr int64_t block = SIX ? 384 : 256;            // a block's levels
   static constexpr int64_t bytes = levels + SUPER * block;     // 3392 or 2368
 };
+static_assert(Sub<true>::codes == Sub<false>::codes && Sub<true>::levels == Sub<false>::levels,
+              "both forms' codes and levels start at one offset (pack_sub)");
 
 // The levels of block b of a tile's weights, (SUB) its codes, and its super-block's factors.
 template <bool SIX, bool SUB>
@@ -586,6 +588,20 @@ void put_levels(uint8_t* wb, int64_t o, const uint8_t* lb) {
   }
 }
 
+// Row `row`'s levels of block b, one per byte, into lb, from (N, K) levels lp one per byte or (nibbles) two per
+// byte as int4 is stored (column 2i in the low nibble, 2i + 1 the high one).
+inline void row_levels(uint8_t* lb, const uint8_t* lp, int64_t row, int64_t k, int64_t b, bool nibbles) {
+  const uint8_t* src = lp + (row * k + b * BLOCK) / (nibbles ? 2 : 1);
+  if (nibbles) {
+    for (int c = 0; c < BLOCK / 2; ++c) {
+      lb[2 * c] = src[c] & 0x0F;
+      lb[2 * c + 1] = src[c] >> 4;
+    }
+  } else {
+    std::memcpy(lb, src, BLOCK);
+  }
+}
+
 template <bool SIX>
 at::Tensor pack_form(const at::Tensor& levels, const at::Tensor& scale, const at::Tensor& low) {
   using L = Layout<SIX>;
@@ -615,16 +631,8 @@ at::Tensor pack_form(const at::Tensor& levels, const at::Tensor& scale, const at
         uint16_t* sm = reinterpret_cast<uint16_t*>(wb + L::scales);
         for (int64_t o = 0; o < TILE && t * TILE + o < n; ++o) {
           const int64_t row = t * TILE + o;
-          uint8_t lb[BLOCK];  // this row's levels of the block, one per byte
-          const uint8_t* src = lp + (row * k + b * BLOCK) / (nibbles ? 2 : 1);
-          if (nibbles) {
-            for (int c = 0; c < BLOCK / 2; ++c) {
-              lb[2 * c] = src[c] & 0x0F;
-              lb[2 * c + 1] = src[c] >> 4;
-            }
-          } else {
-            std::memcpy(lb, src, BLOCK);
-          }
+          uint8_t lb[BLOCK];
+          row_levels(lb, lp, row, k, b, nibbles);
           put_levels<SIX>(wb, o, lb);
           for (int g = 0; g < L::groups; ++g) {
             const int64_t at = row * (k / per) + b * L::groups + g;
@@ -675,8 +683,8 @@ at::Tensor pack_sub(const at::Tensor& levels, const at::Tensor& sc, const at::Te
     for (int64_t t = t0; t < t1; ++t) {
       for (int64_t b = 0; b < k / BLOCK; ++b) {
         uint8_t* super = out + (t * supers + b / SUPER) * bytes;
-        uint8_t* wb = super + Sub<true>::levels + (b % SUPER) * block;  // both forms: levels at 320
-        uint8_t* cb = super + Sub<true>::codes + (b % SUPER) * 2 * TILE;
+        uint8_t* wb = super + Sub<true>::levels + (b % SUPER) * block;  // either form's (static_assert)
+        uint8_t* cb = super + Sub<true>::codes + (b % SUPER) * 2 * TILE;  // likewise
         for (int64_t o = 0; o < TILE && t * TILE + o < n; ++o) {
           const int64_t row = t * TILE + o, factor = row * supers + b / SUPER;
           if (six) {
@@ -685,9 +693,8 @@ at::Tensor pack_sub(const at::Tensor& levels, const at::Tensor& sc, const at::Te
             cb[o] = sp[at], cb[TILE + o] = sp[at + 1];
             reinterpret_cast<float*>(super)[o] = dp[factor];
           } else {
-            uint8_t lb[BLOCK];  // this row's levels of the block, one per byte
-            const uint8_t* src = lp + (row * k + b * BLOCK) / (nibbles ? 2 : 1);
-            for (int c = 0; c < BLOCK; ++c) lb[c] = nibbles ? (src[c / 2] >> (4 * (c % 2))) & 0x0F : src[c];
+            uint8_t lb[BLOCK];
+            row_levels(lb, lp, row, k, b, nibbles);
             put_levels<false>(wb, o, lb);
             cb[o] = sp[row * (k / 32) + b], cb[TILE + o] = mp[row * (k / 32) + b];
             uint16_t* halves = reinterpret_cast<uint16_t*>(super);
