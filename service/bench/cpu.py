@@ -3,8 +3,8 @@ greedy, in the same run, so the ratios hold on a noisy machine. Also measures th
 read bandwidth, and from it the floor a decode step cannot beat: every step reads all weights.
 
 Other engines installed (the `bench` extra; `service.bench.peers`) run the same prompts in the same run,
-greedy, on the same weights: llama.cpp (one stream: its Python binding runs one sequence) on the named
-GGUF model's file, made F32 for the unquantized model; CTranslate2 and ONNX Runtime GenAI in fp32."""
+greedy, on the same weights: llama.cpp on the named GGUF model's file, made F32 for the unquantized model
+(also the same prefill prompt); CTranslate2 and ONNX Runtime GenAI in fp32."""
 
 from __future__ import annotations
 
@@ -62,6 +62,12 @@ def peak_rss_mb() -> float:
 PREFILL = 512  # prompt tokens of the prefill measurement (fewer where the context is shorter)
 
 
+def prefill_prompt(prompts: list[list[int]], context: int) -> list[int]:
+    """PREFILL tokens (fewer where `context` is shorter) of the prompts, repeated, with a prefix no prompt's
+    cached blocks share."""
+    return (prompts[3][2:] + sum(prompts, []) * PREFILL)[: min(PREFILL, context - 1)]
+
+
 def ours(gen: TextGenerator, prompts: list[list[int]], tokens: int) -> dict:
     """Our decode step (prompt lookup off), a PREFILL-token prompt's prefill, then single-stream again with
     prompt-lookup speculation."""
@@ -76,8 +82,7 @@ def ours(gen: TextGenerator, prompts: list[list[int]], tokens: int) -> dict:
     start = time.perf_counter()
     engine.generate(prompts, [params] * len(prompts))
     batch_s = time.perf_counter() - start
-    size = min(PREFILL, engine.context - 1)
-    long = (prompts[3][2:] + sum(prompts, []) * PREFILL)[:size]  # a prefix no earlier prompt cached
+    long = prefill_prompt(prompts, engine.context)
     start = time.perf_counter()
     engine.generate([long], [SamplingParams(max_tokens=1)])
     prefill_s = time.perf_counter() - start
@@ -89,8 +94,8 @@ def ours(gen: TextGenerator, prompts: list[list[int]], tokens: int) -> dict:
         "ttft_s": ttft,
         "single_stream_tok_s": (tokens - 1) / (end - first[0]),
         "batch8_tok_s": len(prompts) * tokens / batch_s,
-        "prefill_tokens": size,
-        "prefill_tok_s": size / prefill_s,
+        "prefill_tokens": len(long),
+        "prefill_tok_s": len(long) / prefill_s,
         "lookup_single_stream_tok_s": (tokens - 1) / (stamps[-1] - stamps[0]),
         "lookup_tokens_match": spec[0].token_ids == out[0].token_ids,
         "tokens": out[0].token_ids,
@@ -161,9 +166,10 @@ def run(
         r["baseline_tokens_match"] = mine["tokens"] == base["tokens"]
         r["single_stream_x_baseline"] = r["single_stream_tok_s"] / base["single_stream_tok_s"]
         r["batch8_x_baseline"] = r["batch8_tok_s"] / base["batch8_tok_s"]
-    for name, theirs in _peers(model, directory, quantization, prompts, tokens) if with_peers else []:
+    prefill = prefill_prompt(prompts, r["prefill_tokens"] + 1)  # the prompt our prefill ran
+    for name, theirs in _peers(model, directory, quantization, prompts, tokens, prefill) if with_peers else []:
         r |= {f"{name}_{k}": v for k, v in theirs.items() if k != "tokens"}
-        for k in ("single_stream_tok_s", "batch8_tok_s"):
+        for k in ("single_stream_tok_s", "batch8_tok_s", "prefill_tok_s"):
             if k in theirs:
                 r[f"{k.removesuffix('_tok_s')}_x_{name}"] = r[k] / theirs[k]
         r[f"{name}_tokens_agree"] = next(
@@ -178,16 +184,19 @@ def run(
     return r
 
 
-def _peers(model: str, directory, quantization: str, prompts: list[list[int]], tokens: int):
+def _peers(model: str, directory, quantization: str, prompts: list[list[int]], tokens: int, prefill: list[int]):
     """(name, report) of each peer engine installed (`service.bench.peers`): llama.cpp on the named model's
-    GGUF file (F32 when unquantized, else the file as it is); unquantized, CTranslate2 and ONNX Runtime
-    GenAI on the same fp32 weights."""
+    GGUF file (F32 when unquantized, else the file as it is; also the `prefill` prompt); unquantized,
+    CTranslate2 and ONNX Runtime GenAI on the same fp32 weights."""
     from service.bench import peers
 
     have = peers.installed()
     if "llama_cpp" in have and model in GGUF_MODELS:
         path = fetch_gguf(model)
-        yield "llama_cpp", peers.llama_cpp(peers.f32_gguf(path) if quantization == "none" else path, prompts, tokens)
+        yield (
+            "llama_cpp",
+            peers.llama_cpp(peers.f32_gguf(path) if quantization == "none" else path, prompts, tokens, prefill),
+        )
     if quantization != "none":
         return
     for name in ("ctranslate2", "onnxruntime_genai"):
@@ -218,11 +227,12 @@ def print_report(r: dict) -> str:
         )
     for name, label in PEER_LABELS.items():
         if f"{name}_single_stream_tok_s" in r:
-            batch = f"{name}_batch8_tok_s"
+            batch, prefill = f"{name}_batch8_tok_s", f"{name}_prefill_tok_s"
             lines.append(
                 f"{label}, same run: single-stream {r[f'{name}_single_stream_tok_s']:.1f} tok/s "
                 f"(ours x{r[f'single_stream_x_{name}']:.2f})"
                 + (f", batch-8 {r[batch]:.1f} tok/s (ours x{r[f'batch8_x_{name}']:.2f})" if batch in r else "")
+                + (f", prefill {r[prefill]:.1f} tok/s (ours x{r[f'prefill_x_{name}']:.2f})" if prefill in r else "")
                 + f", greedy tokens agree for {r[f'{name}_tokens_agree']}"
             )
     if "hf_single_stream_tok_s" in r:

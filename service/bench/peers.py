@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import shutil
 import subprocess
 import sys
@@ -85,23 +86,65 @@ def hf_export(directory: Path, name: str) -> Path:
     return _made(cache_dir() / "bench" / f"{name}-hf", make)
 
 
-def llama_cpp(path: Path, prompts: list[list[int]], tokens: int) -> dict:
-    """llama.cpp through llama-cpp-python (one sequence at a time)."""
-    from llama_cpp import Llama
+def llama_cpp(path: Path, prompts: list[list[int]], tokens: int, prefill: list[int]) -> dict:
+    """llama.cpp through llama-cpp-python's C API (`llama_decode` on batches of sequences, greedy from the
+    logits): the first prompt alone, the `prefill` prompt's evaluation, then all prompts in one batch."""
+    import llama_cpp as lc
 
+    logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)  # the binding prints llama.cpp's log above it
+    lc.llama_backend_init()
     start = time.perf_counter()
-    llm = Llama(model_path=str(path), n_ctx=512, n_threads=torch.get_num_threads(), verbose=False)
+    model = lc.llama_model_load_from_file(str(path).encode(), lc.llama_model_default_params())
+    params = lc.llama_context_default_params()
+    params.n_seq_max = len(prompts)
+    params.n_ctx = len(prompts) * max(len(prefill) + 1, *(len(p) + tokens for p in prompts))
+    params.n_batch = params.n_ubatch = max(512, sum(map(len, prompts)), len(prefill))
+    params.n_threads = params.n_threads_batch = torch.get_num_threads()
+    ctx = lc.llama_init_from_model(model, params)
     load_s = time.perf_counter() - start
-    out, stamps = [], []
-    for _ in range(2):  # the first run warms up
-        llm.reset()
-        out, stamps = [], []
-        for token in llm.generate(prompts[0], top_k=1, temp=0.0, reset=True):
+    vocab = lc.llama_vocab_n_tokens(lc.llama_model_get_vocab(model))
+    batch = lc.llama_batch_init(params.n_batch, 0, 1)
+
+    def step(rows: list[tuple[int, int, int, bool]]) -> None:
+        """Decode (token, position, sequence, wants logits) rows in one call."""
+        batch.n_tokens = len(rows)
+        for i, (token, pos, seq, logits) in enumerate(rows):
+            batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = token, pos, 1, logits
+            batch.seq_id[i][0] = seq
+        if lc.llama_decode(ctx, batch) != 0:
+            raise RuntimeError("llama_decode failed")
+
+    def generate(group: list[list[int]]) -> tuple[list[float], list[list[int]]]:
+        """Greedy `tokens` tokens for each prompt of `group`, one batch a step; the time after each step."""
+        lc.llama_memory_clear(lc.llama_get_memory(ctx), True)
+        step([(t, i, s, i == len(p) - 1) for s, p in enumerate(group) for i, t in enumerate(p)])
+        at = list(np.cumsum([len(p) for p in group]) - 1)  # each sequence's row in the batch
+        out: list[list[int]] = [[] for _ in group]
+        stamps = []
+        while True:
+            for row, i in zip(out, at):
+                row.append(int(np.ctypeslib.as_array(lc.llama_get_logits_ith(ctx, int(i)), (vocab,)).argmax()))
             stamps.append(time.perf_counter())
-            out.append(token)
-            if len(out) == tokens:
-                break
-    return {"load_s": load_s, "single_stream_tok_s": (tokens - 1) / (stamps[-1] - stamps[0]), "tokens": out}
+            if len(out[0]) == tokens:
+                return stamps, out
+            step([(row[-1], len(p) + len(row) - 1, s, True) for s, (p, row) in enumerate(zip(group, out))])
+            at = list(range(len(group)))
+
+    try:
+        generate(prompts[:1])  # warm-up
+        stamps, out = generate(prompts[:1])
+        lc.llama_memory_clear(lc.llama_get_memory(ctx), True)
+        start = time.perf_counter()
+        step([(t, i, 0, i == len(prefill) - 1) for i, t in enumerate(prefill)])
+        prefill_s = time.perf_counter() - start
+        start = time.perf_counter()
+        generate(prompts)
+        batch_s = time.perf_counter() - start
+    finally:
+        lc.llama_batch_free(batch)
+        lc.llama_free(ctx)
+        lc.llama_model_free(model)
+    return _report(load_s, stamps, batch_s, len(prompts), out[0]) | {"prefill_tok_s": len(prefill) / prefill_s}
 
 
 def ctranslate2(hf: Path, prompts: list[list[int]], tokens: int) -> dict:
