@@ -13,13 +13,12 @@ first request (`warm_up`). Importable without the HTTP layer (no fastapi here).
 
 from __future__ import annotations
 
-import ctypes
-import functools
 import weakref
 
 import torch
 from torch import nn
 
+from model.heap import keep_freed
 from model.kv_cache import KVCache
 from parallel.state import get_tp
 from service.engine import memory
@@ -35,21 +34,6 @@ from service.engine.sequence import Sequence, TokenLogprob
 def free_memory(device: torch.device) -> int | None:
     """Free bytes on a CUDA device; None on a CPU (a cache's pages are only taken as they are written)."""
     return torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
-
-
-@functools.cache
-def keep_freed_pages() -> None:
-    """Have glibc's malloc keep the pages of freed blocks up to 256 MiB for the next step's tensors. By
-    default it gives large blocks back to the kernel when they are freed (mmap under a moving threshold, heap
-    trimming), so every step's activations of the same sizes fault their pages in again, zeroed: 100-250
-    thousand faults in a 512-token prefill of the 1.5B model, ~6% of its time on one core. The process keeps
-    its largest step's working set instead (tens of MB). Elsewhere than glibc, nothing changes."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return
-    libc.mallopt(-3, 256 << 20)  # M_MMAP_THRESHOLD: blocks below it come from the heap
-    libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD: free heap kept at its top before it is given back
 
 
 class ModelRunner:
@@ -68,7 +52,7 @@ class ModelRunner:
         self.limits = Limits(min(context or cfg.max_position, cfg.max_position), cfg.vocab_size)
         self.device = torch.device(device)
         if self.device.type == "cpu":
-            keep_freed_pages()
+            keep_freed()  # each step's activations reuse the last one's pages
         self.dtype = next(model.parameters()).dtype
         self.kv_heads = max(1, cfg.num_kv_heads // get_tp().size)  # this rank's KV heads
         self.kv_memory, self.block_size = kv_memory, block_size  # the cache's bytes on this rank (None: default)

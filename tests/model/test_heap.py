@@ -1,4 +1,4 @@
-"""The CPU runner keeps freed pages for the next step (`service.engine.runner.keep_freed_pages`)."""
+"""glibc heap policy (`model.heap`): freed pages kept for the next step (`keep_freed`, set by the CPU runner)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import resource
 import pytest
 import torch
 
-from service.engine.runner import keep_freed_pages
+from model.heap import keep_freed
 
 
 def _faults(mb: int) -> int:
@@ -24,6 +24,6 @@ def test_a_steps_tensors_reuse_pages():
     (seen: every other one reuses, the rest extend the heap)."""
     if resource.getpagesize() != 4096:
         pytest.skip("4 KiB pages assumed")
-    keep_freed_pages()
+    keep_freed()
     _faults(40)
     assert sum(_faults(40) for _ in range(6)) < 4 * 10240  # 6 * 10240 without
