@@ -78,6 +78,20 @@ def test_kernel_equals_the_reference_on_every_instruction_set(best, bits, rows, 
         torch.testing.assert_close(precise, exact, rtol=1e-4, atol=1e-4 * exact.abs().max().item(), msg=isa)
 
 
+def test_activations_round_half_to_even_in_column_order_on_every_instruction_set(best):
+    """Each instruction set's quantizer (a block of 32 to int8, d = absmax / 127) keeps the columns in order
+    and rounds ties to even, as torch.round: with d = 1 (absmax 127) and the weight an identity (output row o
+    reads column o alone), the output is the rounded activations themselves."""
+    k = 64
+    x = torch.arange(-40, 40, dtype=torch.float32)[:k].reshape(1, k) + 0.5  # ties: -39.5 ... 23.5
+    x = torch.cat([x, -x.flip(1), torch.rand(1, k, generator=torch.Generator().manual_seed(0)) * 250 - 125])
+    x[:, 0::GROUP] = 127.0  # each block's absmax
+    levels = torch.eye(k, dtype=torch.uint8)
+    packed = torch.ops.nlg.pack(levels, torch.ones(k, k // GROUP), torch.zeros(k, k // GROUP), 4)
+    for isa in torch.ops.nlg.isas():
+        assert torch.equal(torch.ops.nlg.matmul(x, packed, k, isa), torch.round(x)), isa
+
+
 @pytest.mark.parametrize("bits", [4, 6])
 def test_a_row_gets_the_same_bits_alone_as_in_a_batch(best, bits):
     """Batch invariance: one row's output is bitwise the same multiplied alone (one-tile kernel) as among
