@@ -69,8 +69,8 @@ def load_model(
     stored quantized are dequantized to `dtype` for "none"; "auto" is `pick_quantization`. On a CPU,
     quantized layers run our kernels where they can (`model.kernels`, built on first use; with fp32
     activations the norms, rotary, short rows' attention and SwiGLU run them too, or whole blocks in one call
-    where all their matmuls do: `native_step`), and fp32 linear
-    layers take oneDNN's packed weights where that measures faster (`model.cpu_matmul`; the routes in
+    where all their matmuls are quantized ones: `native_step`), and fp32 linear layers take our kernel's or
+    oneDNN's packed weights where that measures faster (`model.cpu_matmul`; the routes in
     `model.matmul_routes`)."""
     directory = Path(directory)
     cfg = read_config(directory)
@@ -82,8 +82,8 @@ def load_model(
         raise ValueError(f"--quantize {quantization!r}: choose one of {', '.join(QUANTIZATIONS)}")
     if quantization == "auto":
         quantization = pick_quantization(directory, device)
-    native = None  # our kernels' instruction set, where the step around the matmuls runs them (fp32)
-    if torch.device(device).type == "cpu" and quantization != "none":  # "none" dequantizes every stored form
+    isa = native = None  # our kernels' instruction set; where the step around the matmuls runs them (fp32)
+    if torch.device(device).type == "cpu" and (quantization != "none" or dtype == torch.float32):
         isa = load_kernels()
         native = isa if dtype == torch.float32 else None
     sources = {model.get_submodule(key.rpartition(".")[0]) for key in model.tied_keys.values()}
@@ -109,7 +109,7 @@ def load_model(
     model.init_buffers(device, dtype)
     quantize(model, quantization, dtype).eval()
     use_native_step(model, native)
-    model.matmul_routes = pack(model) if torch.device(device).type == "cpu" else {}
+    model.matmul_routes = pack(model, isa) if torch.device(device).type == "cpu" else {}
     return model
 
 

@@ -1,6 +1,7 @@
 """Our native CPU kernels, compiled once per machine and cached, registered as `torch.ops.nlg`: the
-quantized matmuls (`matmul.cpp`), RMSNorm, rotary, attention and SwiGLU (`step.cpp`), and a whole decoder
-block of them in one call (`layer.cpp`); the last two routed by `model.loader.use_native_step`.
+quantized matmuls (`matmul.cpp`), fp32 ones (`dense.cpp`, routed by `model.cpu_matmul`), RMSNorm, rotary,
+attention and SwiGLU (`step.cpp`), and a whole decoder block of them in one call (`layer.cpp`); the last
+two routed by `model.loader.use_native_step`.
 
 `load()` builds them with torch's C++ extension API (a C++ compiler and ninja; the ninja wheel is a
 dependency) into the model cache (`model.registry.cache_dir() / "kernels"`, keyed by torch's version and
@@ -23,7 +24,7 @@ import torch
 
 from parallel.quant import use_native
 
-SOURCES = [Path(__file__).with_name(name) for name in ("matmul.cpp", "step.cpp", "layer.cpp")]
+SOURCES = [Path(__file__).with_name(name) for name in ("matmul.cpp", "dense.cpp", "step.cpp", "layer.cpp")]
 # -fopenmp: at::parallel_for splits work over threads only so; the library then needs libgomp.so.1, which
 # resolves to the copy torch has loaded already (one thread pool, sized by torch.set_num_threads)
 CFLAGS = ["-O3", "-std=c++17", "-fopenmp"]
@@ -61,6 +62,8 @@ def _register_fakes() -> None:
     torch.library.register_fake("nlg::matmul")(
         lambda x, packed, n, isa, precise=False: x.new_empty(x.shape[0], n, dtype=torch.float32)
     )
+    torch.library.register_fake("nlg::pack_dense")(lambda w: w.new_empty((w.shape[0] + 15) // 16, w.shape[1], 16))
+    torch.library.register_fake("nlg::dense")(lambda x, packed, n, isa: x.new_empty(x.shape[0], n))
     torch.library.register_fake("nlg::rms_norm")(lambda x, weight, eps, isa: torch.empty_like(x))
     torch.library.register_fake("nlg::add_rms_norm")(
         lambda x, residual, weight, eps, isa: (torch.empty_like(x), torch.empty_like(x))

@@ -78,6 +78,21 @@ def test_kernel_equals_the_reference_on_every_instruction_set(best, bits, rows, 
         torch.testing.assert_close(precise, exact, rtol=1e-4, atol=1e-4 * exact.abs().max().item(), msg=isa)
 
 
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 7, 8, 9, 17, 70])
+@pytest.mark.parametrize("n,k", [(1, 1), (15, 3), (16, 96), (17, 33), (40, 577)])
+def test_dense_kernel_equals_float64_on_every_instruction_set(best, rows, n, k):
+    """fp32 (`nlg::dense` on `nlg::pack_dense`'s tiles): the tile edges (output rows off a multiple of 16,
+    the padded rows never stored), the passes (1-8 rows a weight read, each row count's chains of adds, the
+    columns left over by two chains) and each ISA's code path give x @ w.T within float rounding."""
+    g = torch.Generator().manual_seed(rows * 1000 + n + k)
+    w, x = torch.randn(n, k, generator=g), torch.randn(rows, k, generator=g)
+    want = (x.double() @ w.double().T).float()
+    packed = torch.ops.nlg.pack_dense(w)
+    assert packed.shape == ((n + 15) // 16, k, 16)
+    for isa in torch.ops.nlg.isas():
+        assert_close(torch.ops.nlg.dense(x, packed, n, isa), want, rtol=1e-5, atol=1e-5 * k**0.5, msg=isa)
+
+
 def test_activations_round_half_to_even_in_column_order_on_every_instruction_set(best):
     """Each instruction set's quantizer (a block of 32 to int8, d = absmax / 127) keeps the columns in order
     and rounds ties to even, as torch.round: with d = 1 (absmax 127) and the weight an identity (output row o

@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
+from model import kernels
 from model.cpu_matmul import pack
 from model.loader import load_model
 from service.engine.core import Engine
@@ -14,12 +15,14 @@ from service.engine.sampling_params import SamplingParams
 PROMPTS = [[5, 17, 42, 99, 3, 250, 7, 8, 11], [200, 1, 64, 33]]  # different lengths: batch > 1
 
 
-def load(path, packed: bool):
-    """Our model on `path`; `packed`: every linear layer through oneDNN's packed weights (`pack` keeps
-    these tiny weights with F.linear unless forced)."""
+def load(path, route: str):
+    """Our model on `path`, every linear layer through `route`: "mkl" (F.linear), "onednn" or "ours" (packed
+    weights; `pack` keeps these tiny weights with F.linear unless forced)."""
     model = load_model(path)
-    if packed:
-        assert pack(model, measure=False, min_bytes=0)
+    if route != "mkl":
+        if route == "ours" and kernels.load() is None:
+            pytest.skip("our kernels are not built")
+        assert pack(model, kernels.load(), min_bytes=0, force=route)
         assert all(
             hasattr(m, "kernel") and not hasattr(m, "weight")
             for m in model.modules()
@@ -28,13 +31,13 @@ def load(path, packed: bool):
     return model
 
 
-@pytest.mark.parametrize("packed", [False, True], ids=["mkl", "onednn"])
-def test_logits_match_transformers_for_a_ragged_batch(hf_pair, packed):
+@pytest.mark.parametrize("route", ["mkl", "onednn", "ours"])
+def test_logits_match_transformers_for_a_ragged_batch(hf_pair, route):
     """Guards the attention mask, RoPE layout, GQA head mapping, q/k/v bias, Conv1D transpose and tied
-    or untied heads (packed: a tied head's packed copy, the bias added after oneDNN's matmul): every
+    or untied heads (packed: a tied head's packed copy, the bias added after the packed matmul): every
     position of every row must match the unpadded reference."""
     hf, path = hf_pair
-    ours = load(path, packed)
+    ours = load(path, route)
     width = max(map(len, PROMPTS))
     ids = torch.zeros(len(PROMPTS), width, dtype=torch.long)
     for i, p in enumerate(PROMPTS):
@@ -47,11 +50,11 @@ def test_logits_match_transformers_for_a_ragged_batch(hf_pair, packed):
             assert_close(got[i, : len(p)], want, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("packed", [False, True], ids=["mkl", "onednn"])
-def test_greedy_tokens_match_transformers(hf_pair, packed):
+@pytest.mark.parametrize("route", ["mkl", "onednn", "ours"])
+def test_greedy_tokens_match_transformers(hf_pair, route):
     """32 greedy tokens through our KV-cached engine (batched) equal `generate()` token for token."""
     hf, path = hf_pair
-    engine = Engine(load(path, packed), max_batch=4)
+    engine = Engine(load(path, route), max_batch=4)
     params = SamplingParams(max_tokens=32)
     ours = engine.generate(PROMPTS, [params] * len(PROMPTS))
     for p, c in zip(PROMPTS, ours):
