@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import resource
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -149,6 +150,7 @@ def run(
         "quantization": quantization,
         "threads": torch.get_num_threads(),
         "kernels": quant.native() or "torch",
+        "fp32_routes": dict(Counter(getattr(gen.engine.model, "matmul_routes", {}).values())),  # shapes per route
         "load_s": gen.load_s,
         "peak_rss_mb": rss,
         "weights_mb": wbytes / 1e6,
@@ -208,7 +210,9 @@ def print_report(r: dict) -> str:
     lines = [
         f"model {r['model']}, {r['quantization']}  ({r['weights_mb']:.0f} MB of weights, {r['threads']} threads, "
         f"{r['tokens_per_sequence']} tokens per sequence; quantized matmuls: "
-        + (f"our kernels, {r['kernels']})" if r["kernels"] != "torch" else "torch's kernels)"),
+        + (f"our kernels, {r['kernels']}" if r["kernels"] != "torch" else "torch's kernels")
+        + "".join(f"; fp32 matmuls of {n} shapes: {route}" for route, n in r.get("fp32_routes", {}).items())
+        + ")",
         f"memory read bandwidth {r['bandwidth_gbs']:.1f} GB/s -> floor {r['floor_tok_s']:.1f} tok/s single-stream",
         f"load {r['load_s']:.2f} s, peak RSS {r['peak_rss_mb']:.0f} MB, time to first token {r['ttft_s'] * 1e3:.0f} ms",
         f"single-stream {r['single_stream_tok_s']:.1f} tok/s ({100 * r['floor_fraction']:.0f}% of floor)",
