@@ -55,8 +55,10 @@ PARAMS = SamplingParams(max_tokens=24, ignore_eos=True, logprobs=2)
 
 def test_prefix_hits_give_the_tokens_and_logprobs_of_a_fresh_cache(varied):
     """A second request sharing a 140-token prefix prefills from block 8 on (128 tokens found) and gets the
-    same tokens and log-probabilities as on an engine that computes everything. (A shorter shared start
-    is computed again in another slot rather than written over the first request's cached blocks.)"""
+    same tokens and log-probabilities as on an engine that computes everything (within 1e-4: its 14 new rows
+    attend in our kernel, as rows of up to 16 do, the fresh engine's 142 in torch's; 1.4e-5 measured). (A
+    shorter shared start is computed again in another slot rather than written over the first request's
+    cached blocks.)"""
     rng = torch.Generator().manual_seed(5)
     prefix = torch.randint(0, varied.config.vocab_size, (140,), generator=rng).tolist()
     engine = Engine(varied)
@@ -67,7 +69,7 @@ def test_prefix_hits_give_the_tokens_and_logprobs_of_a_fresh_cache(varied):
     fresh = Engine(varied).generate([prefix + [4, 5]], [PARAMS])[0]
     assert second.token_ids == fresh.token_ids
     for a, b in zip(second.logprobs, fresh.logprobs):
-        assert a.logprob == pytest.approx(b.logprob, abs=1e-5)
+        assert a.logprob == pytest.approx(b.logprob, abs=1e-4)
 
 
 def test_interleaved_prompts_sharing_a_system_block_are_each_found_again(varied):
