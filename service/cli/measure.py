@@ -73,7 +73,9 @@ def cmd_bench(args) -> None:
             args.model,
             clients=args.clients,
             tokens=args.tokens,
-            extra=(["--dtype", args.dtype] if args.dtype else []) + ["--quantize", args.quantize],
+            extra=(["--dtype", args.dtype] if args.dtype else [])
+            + ["--quantize", args.quantize]
+            + (["--prompt-lookup", str(args.prompt_lookup)] if args.prompt_lookup is not None else []),
         )
         print(json.dumps(report) if args.json else print_report(report))
         return
