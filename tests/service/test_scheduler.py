@@ -148,6 +148,22 @@ def test_drafts_are_planned_for_greedy_rows_and_what_was_agreed_is_taken():
     assert (b.drafted, b.accepted) == (3, 2)
 
 
+def test_drafts_shrink_to_keep_the_forward_within_its_rows():
+    """With more decoding rows, each one's draft is cut so that rows and drafts stay within `lookup_rows`
+    (each drafted row costs a decoded one's once the matmuls are bound by arithmetic): 5 draft tokens for one
+    row, 3 each for two, 1 each for three or four, none from five on."""
+    for n, longest in [(1, 5), (2, 3), (3, 1), (4, 1), (5, 0), (8, 0)]:
+        b = scheduler(slots=8, blocks=128, prompt_lookup=5, lookup_rows=8)
+        rows = [Sequence([5, 6, 7, 8, 9, 10, 11, 5, 6], SamplingParams(max_tokens=20)) for _ in range(n)]
+        for s in rows:
+            b.add(s)
+        b.update(b.schedule(), tokens(*[(s, 7) for s in rows]))  # "6 7" occurred before: a draft follows
+        plan = b.schedule()
+        drafts = [len(d) for _, d in plan.verify]
+        assert (max(drafts) if drafts else 0) == longest, n
+        assert n + sum(drafts) <= 8
+
+
 def test_greedy_steps_launched_ahead_are_chained_then_collected():
     """On the launch-ahead path the next step is chained to the one on its way and collects its tokens; no step
     is launched past max_tokens."""
