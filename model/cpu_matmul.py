@@ -61,16 +61,19 @@ class PackedLinear(nn.Module):
 
 
 class DenseLinear(nn.Module):
-    """x @ weight.T through our kernel (`nlg::dense` with instruction set `isa`), the weight packed once."""
+    """x @ weight.T through our kernel (`nlg::dense` with instruction set `isa`), the weight packed once into
+    `tiles`; as the quantized kernels, a block of them runs as one call (`model.llama.Block.native_weights`)."""
+
+    precise = False  # (the quantized kernels' activation mode; fp32 activations are not rounded)
 
     def __init__(self, weight: torch.Tensor, isa: str):
         super().__init__()
         self.out_features, self.nbytes, self.isa = weight.shape[0], weight.numel() * weight.element_size(), isa
-        self.packed = torch.ops.nlg.pack_dense(weight.detach())
+        self.tiles = torch.ops.nlg.pack_dense(weight.detach())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
-        return torch.ops.nlg.dense(flat, self.packed, self.out_features, self.isa).view(*x.shape[:-1], -1)
+        return torch.ops.nlg.dense(flat, self.tiles, self.out_features, self.isa).view(*x.shape[:-1], -1)
 
 
 def _packable(layer: nn.Module, min_bytes: int) -> bool:

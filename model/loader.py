@@ -69,7 +69,7 @@ def load_model(
     stored quantized are dequantized to `dtype` for "none"; "auto" is `pick_quantization`. On a CPU,
     quantized layers run our kernels where they can (`model.kernels`, built on first use; with fp32
     activations the norms, rotary, short rows' attention and SwiGLU run them too, or whole blocks in one call
-    where all their matmuls are quantized ones: `native_step`), and fp32 linear layers take our kernel's or
+    where all their matmuls do: `native_step`), and fp32 linear layers take our kernel's or
     oneDNN's packed weights where that measures faster (`model.cpu_matmul`; the routes in
     `model.matmul_routes`)."""
     directory = Path(directory)

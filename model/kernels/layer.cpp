@@ -1,5 +1,5 @@
 // A whole decoder block of the Llama family for rows of a few query tokens (op nlg::block): the ops of
-// matmul.cpp and step.cpp called one after the other from C++, without going back to Python between them.
+// matmul.cpp (or, fp32, dense.cpp) and step.cpp called one after the other from C++, without going back to Python between them.
 //
 //   h, s = add_rms_norm(x, residual)            (rms_norm(x), x at the first block)
 //   qkv = h @ Wqkv (+ bias); q, k = rope(q, k)   the new keys and values written at their positions
@@ -30,9 +30,15 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
                             double scale, const std::string& isa);
 at::Tensor rope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, const std::string& isa);
 at::Tensor silu_mul(const at::Tensor& x, const std::string& isa);
+at::Tensor dense(const at::Tensor& x, const at::Tensor& packed, int64_t n, const std::string& isa);  // dense.cpp
+
+// One matmul of the block: a quantized weight packed for `matmul` (bytes), or an fp32 one for `dense`.
+at::Tensor linear(const at::Tensor& x, const at::Tensor& w, int64_t n, const std::string& isa, bool precise) {
+  return w.scalar_type() == at::kFloat ? dense(x, w, n, isa) : matmul(x, w, n, isa, precise);
+}
 
 // x (B, T, hidden) fp32; residual as x, or None at the first block; weights: qkv (one, or its row blocks in
-// their own forms, side by side), o, gate_up, down packed for `matmul`, `outs` their output rows, `precise`
+// their own forms, side by side), o, gate_up, down packed for `matmul` or (fp32) `dense`, `outs` their output rows, `precise`
 // (0/1) each one's activation mode; the new keys and values
 // written to rows `where` (B x T x Hkv, in (row, token, head) order) of the layer's caches seen as (rows, D),
 // as `model.kv_cache.attend` writes them; then read from `keys`, `values` (B, Hkv, S, D): views of those
@@ -72,7 +78,7 @@ std::tuple<at::Tensor, at::Tensor> block(const at::Tensor& x, const std::optiona
   }
   const auto flat = h.view({b * t, hidden});
   std::vector<at::Tensor> pieces;
-  for (int64_t i = 0; i < parts; ++i) pieces.push_back(matmul(flat, weights[i], outs[i], isa, precise[i] != 0));
+  for (int64_t i = 0; i < parts; ++i) pieces.push_back(linear(flat, weights[i], outs[i], isa, precise[i] != 0));
   auto qkv = parts == 1 ? pieces[0] : at::cat(pieces, 1);
   if (bias) qkv.add_(*bias);
   qkv = qkv.view({b, t, heads + 2 * kv, d});
@@ -88,11 +94,11 @@ std::tuple<at::Tensor, at::Tensor> block(const at::Tensor& x, const std::optiona
   }
   const auto q = qk.narrow(2, 0, heads).view({b, t, kv, heads / kv, d});
   const auto a = decode_attention(q, keys, values, lengths, scale, isa);
-  const auto o = matmul(a.view({b * t, heads * d}), weights[parts], outs[parts], isa, precise[parts] != 0);
+  const auto o = linear(a.view({b * t, heads * d}), weights[parts], outs[parts], isa, precise[parts] != 0);
   std::tie(h, s) = add_rms_norm(o.view({b, t, hidden}), s, norm2, eps, isa);
   const int64_t g = parts + 1, down = parts + 2;
-  const auto up = silu_mul(matmul(h.view({b * t, hidden}), weights[g], outs[g], isa, precise[g] != 0), isa);
-  const auto y = matmul(up, weights[down], outs[down], isa, precise[down] != 0);
+  const auto up = silu_mul(linear(h.view({b * t, hidden}), weights[g], outs[g], isa, precise[g] != 0), isa);
+  const auto y = linear(up, weights[down], outs[down], isa, precise[down] != 0);
   return {y.view({b, t, hidden}), s};
 }
 

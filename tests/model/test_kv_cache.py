@@ -121,13 +121,18 @@ def test_bfloat16_model_runs_and_stays_close():
     assert len(out[0].token_ids) == 8
 
 
-@pytest.fixture(scope="module")
-def int4_tiny():
-    """tiny-random quantized int4 (its matmuls on our kernels), a random q/k/v bias added as Qwen2 has."""
+@pytest.fixture(scope="module", params=["int4", "fp32"])
+def native_tiny(request):
+    """tiny-random quantized int4, or fp32 on our fp32 kernel (its matmuls on our kernels either way), a
+    random q/k/v bias added as Qwen2 has."""
+    from model import kernels
+    from model.cpu_matmul import pack
     from model.loader import load_model
     from model.registry import resolve
 
-    model = load_model(resolve("tiny-random"), quantization="int4")
+    model = load_model(resolve("tiny-random"), quantization="int4" if request.param == "int4" else "none")
+    if request.param == "fp32" and kernels.load() is not None:
+        pack(model, kernels.load(), min_bytes=0, force="ours")  # these tiny weights are timed only from 1 MB on
     if model.model.layers[0].native_weights is None:
         pytest.skip("our kernels did not load")
     g = torch.Generator().manual_seed(0)
@@ -140,7 +145,7 @@ def int4_tiny():
 @pytest.mark.parametrize(
     "table", [[[4, 5, 6]], [[4, 5, 6], [8, 9, 0]], [[7, 2, 9]]], ids=["home", "home-run", "scattered"]
 )
-def test_a_block_in_one_call_gives_the_bits_of_its_ops(int4_tiny, table, monkeypatch):
+def test_a_block_in_one_call_gives_the_bits_of_its_ops(native_tiny, table, monkeypatch):
     """Prefill of 5 tokens, decode steps of 1 and a verify-like step of 3, each block as one call of ours
     (`nlg::block`, where the rows' keys sit in their home regions) or as its ops one by one: the same logits
     and the same cache contents, bit for bit, ragged rows included. A scattered table takes the ops."""
@@ -155,17 +160,17 @@ def test_a_block_in_one_call_gives_the_bits_of_its_ops(int4_tiny, table, monkeyp
     steps = [(0, 5), (5, 1), (6, 1), (7, 3), (10, 1)]
 
     def run(fused: bool) -> tuple[list[torch.Tensor], KVCache]:
-        for block in int4_tiny.model.layers:
+        for block in native_tiny.model.layers:
             block.native_step = block.input_layernorm.native_step if fused else None
-        cache, out = cache_of(int4_tiny), []
+        cache, out = cache_of(native_tiny), []
         try:
             with torch.inference_mode():
                 for first, n in steps:
                     lag = torch.tensor([[0], [1 if first else 0]])[:rows]
                     positions = torch.arange(first, first + n)[None] - lag
-                    out.append(int4_tiny(ids[:, first : first + n], positions, cache, blocks))
+                    out.append(native_tiny(ids[:, first : first + n], positions, cache, blocks))
         finally:
-            for block in int4_tiny.model.layers:
+            for block in native_tiny.model.layers:
                 block.native_step = block.input_layernorm.native_step
         return out, cache
 
