@@ -43,7 +43,6 @@ consumer: no consumer code runs here. A request's own failure (its sampler) ends
 
 from __future__ import annotations
 
-import heapq
 from dataclasses import dataclass, field
 
 from service.engine.blocks import BlockPool
@@ -81,8 +80,8 @@ class Scheduler:
 
     def __init__(self, config: SchedulerConfig, pool: BlockPool, slots: int):
         self.config, self.pool, self.slots = config, pool, slots
-        self.free = list(range(slots))  # a heap of the free slots: the lowest goes first among equals, so
-        # that a decode step's rows are the low slots (the CUDA graphs' row buckets)
+        self.free = set(range(slots))  # the free slots: the lowest goes first among equals (`_admit`), so that
+        # a decode step's rows are the low slots (the CUDA graphs' row buckets)
         self.left_at = [0] * slots  # when each slot's last sequence left it (in admissions; 0: never used)
         self.waiting: list[Sequence] = []
         self.running: list[Sequence] = []
@@ -287,7 +286,6 @@ class Scheduler:
             s.blocks, s.keys, s.prefilled = hit, keys[: len(hit)], start
             s.slot = home if home is not None else oldest if alone else self._beside()
             self.free.remove(s.slot)
-            heapq.heapify(self.free)
             self.admissions += 1
             s.admitted = self.admissions
             self.running.append(s)
@@ -355,7 +353,7 @@ class Scheduler:
     def _evict(self, s: Sequence) -> None:
         """`s` leaves the running sequences: its slot and its blocks are free."""
         self.running.remove(s)
-        heapq.heappush(self.free, s.slot)
+        self.free.add(s.slot)
         self.left_at[s.slot] = self.admissions
         self.pool.release(s.blocks)
         s.blocks, s.keys = [], []
