@@ -106,7 +106,10 @@ AVX2 void tile_avx2(const float* w, int64_t k, const float* x, int64_t xstride, 
   }
   for (int r = 0; r < R; ++r) {
     __m256 lo = acc[2 * r * S], hi = acc[2 * r * S + 1];
-    for (int s = 1; s < S; ++s) lo = _mm256_add_ps(lo, acc[2 * (r * S + s)]), hi = _mm256_add_ps(hi, acc[2 * (r * S + s) + 1]);
+    for (int s = 1; s < S; ++s) {
+      lo = _mm256_add_ps(lo, acc[2 * (r * S + s)]);
+      hi = _mm256_add_ps(hi, acc[2 * (r * S + s) + 1]);
+    }
     alignas(32) float out[TILE];
     _mm256_store_ps(out, lo);
     _mm256_store_ps(out + 8, hi);

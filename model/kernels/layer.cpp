@@ -1,5 +1,6 @@
 // A whole decoder block of the Llama family for rows of a few query tokens (op nlg::block): the ops of
-// matmul.cpp (or, fp32, dense.cpp) and step.cpp called one after the other from C++, without going back to Python between them.
+// matmul.cpp (or, fp32, dense.cpp) and step.cpp called one after the other from C++, without going back to
+// Python between them.
 //
 //   h, s = add_rms_norm(x, residual)            (rms_norm(x), x at the first block)
 //   qkv = h @ Wqkv (+ bias); q, k = rope(q, k)   the new keys and values written at their positions
@@ -38,8 +39,8 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& w, int64_t n, const std
 }
 
 // x (B, T, hidden) fp32; residual as x, or None at the first block; weights: qkv (one, or its row blocks in
-// their own forms, side by side), o, gate_up, down packed for `matmul` or (fp32) `dense`, `outs` their output rows, `precise`
-// (0/1) each one's activation mode; the new keys and values
+// their own forms, side by side), o, gate_up, down packed for `matmul` or (fp32) `dense`, `outs` their output
+// rows, `precise` (0/1) each one's activation mode; the new keys and values
 // written to rows `where` (B x T x Hkv, in (row, token, head) order) of the layer's caches seen as (rows, D),
 // as `model.kv_cache.attend` writes them; then read from `keys`, `values` (B, Hkv, S, D): views of those
 // caches (each row's home region), query t of row b up to key lengths[b, t].

@@ -132,6 +132,14 @@ float half_to_float(uint16_t h) {
   return static_cast<float>(c10::Half(h, c10::Half::from_bits()));
 }
 
+// Block b's scale d, and d times the sums of its levels over the block (`dsum`) and each half (`dhalf`).
+inline void block_sums(int64_t b, float scale, int s0, int s1, float* d, float* dsum, float* dhalf) {
+  d[b] = scale;
+  dsum[b] = scale * static_cast<float>(s0 + s1);
+  dhalf[2 * b] = scale * static_cast<float>(s0);
+  dhalf[2 * b + 1] = scale * static_cast<float>(s1);
+}
+
 // A row's blocks of 32 to int8 q (round half to even, as nearbyint in the default rounding mode), with d per
 // block, d * sum(q) per block (`dsum`) and per half (`dhalf`); with `rest`, also x - q * d (what the
 // rounding lost, for `precise`). Portable C++; the AVX2 and AVX-512 forms below give the same levels.
@@ -148,10 +156,7 @@ void quantize_row(const float* x, int64_t k, int8_t* q, float* d, float* dsum, f
       sums[i / 16] += v;
       if (rest) rest[b * BLOCK + i] = xb[i] - static_cast<float>(v) * scale;
     }
-    d[b] = scale;
-    dsum[b] = scale * static_cast<float>(sums[0] + sums[1]);
-    dhalf[2 * b] = scale * static_cast<float>(sums[0]);
-    dhalf[2 * b + 1] = scale * static_cast<float>(sums[1]);
+    block_sums(b, scale, sums[0], sums[1], d, dsum, dhalf);
   }
 }
 
@@ -552,10 +557,7 @@ AVX2 void quantize_row_avx2(const float* x, int64_t k, int8_t* q, float* d, floa
     const __m256i bytes = _mm256_packs_epi16(_mm256_packs_epi32(v[0], v[1]), _mm256_packs_epi32(v[2], v[3]));
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + b * BLOCK), _mm256_permutevar8x32_epi32(bytes, order));
     const int s0 = sum8(_mm256_add_epi32(v[0], v[1])), s1 = sum8(_mm256_add_epi32(v[2], v[3]));
-    d[b] = scale;
-    dsum[b] = scale * static_cast<float>(s0 + s1);
-    dhalf[2 * b] = scale * static_cast<float>(s0);
-    dhalf[2 * b + 1] = scale * static_cast<float>(s1);
+    block_sums(b, scale, s0, s1, d, dsum, dhalf);
     if (rest) {
       for (int i = 0; i < 4; ++i) {
         const __m256 lost = _mm256_mul_ps(_mm256_cvtepi32_ps(v[i]), _mm256_set1_ps(scale));
@@ -576,10 +578,7 @@ VNNI void quantize_row_512(const float* x, int64_t k, int8_t* q, float* d, float
     _mm_storeu_si128(reinterpret_cast<__m128i*>(q + b * BLOCK), _mm512_cvtepi32_epi8(v0));
     _mm_storeu_si128(reinterpret_cast<__m128i*>(q + b * BLOCK + 16), _mm512_cvtepi32_epi8(v1));
     const int s0 = _mm512_reduce_add_epi32(v0), s1 = _mm512_reduce_add_epi32(v1);
-    d[b] = scale;
-    dsum[b] = scale * static_cast<float>(s0 + s1);
-    dhalf[2 * b] = scale * static_cast<float>(s0);
-    dhalf[2 * b + 1] = scale * static_cast<float>(s1);
+    block_sums(b, scale, s0, s1, d, dsum, dhalf);
     if (rest) {
       const __m512 sc = _mm512_set1_ps(scale);
       _mm512_storeu_ps(rest + b * BLOCK, _mm512_sub_ps(x0, _mm512_mul_ps(_mm512_cvtepi32_ps(v0), sc)));

@@ -150,7 +150,7 @@ def run(
         "quantization": quantization,
         "threads": torch.get_num_threads(),
         "kernels": quant.native() or "torch",
-        "fp32_routes": dict(Counter(getattr(gen.engine.model, "matmul_routes", {}).values())),  # shapes per route
+        "fp32_routes": dict(Counter(gen.engine.model.matmul_routes.values())),  # shapes per route
         "load_s": gen.load_s,
         "peak_rss_mb": rss,
         "weights_mb": wbytes / 1e6,
