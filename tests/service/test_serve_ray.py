@@ -125,14 +125,19 @@ def test_a_replica_killed_mid_stream(ingress):
             data = [line for line in lines if line.startswith("data:")]
             ends.append(data[-1] if data else "")
 
-    httpx.post(f"{ingress}/v1/chat/completions", json=chat(passage, 9) | {"max_tokens": 1}, headers=AUTH, timeout=60)
+    warm = httpx.post(
+        f"{ingress}/v1/chat/completions", json=chat(passage, 9) | {"max_tokens": 1}, headers=AUTH, timeout=60
+    )
+    # the replica the passage is routed to, and its process, known before the streams start: asking Serve for
+    # the pid after their first events once took long enough for a stream to finish its 1024 tokens
+    dead = int(warm.headers["x-nlg-replica"])
+    pid = replica_pid(dead)
     threads = [threading.Thread(target=stream, args=(n,)) for n in range(4)]
     for t in threads:
         t.start()
     started.wait(timeout=60)
-    assert len(set(replicas)) == 1, replicas
-    dead = int(replicas[0])
-    os.kill(replica_pid(dead), signal.SIGKILL)
+    os.kill(pid, signal.SIGKILL)
+    assert replicas == [str(dead)] * 4, replicas
     for t in threads:
         t.join(timeout=120)
     assert len(ends) == 4
