@@ -21,12 +21,14 @@
 //   fp16 scales then fp16 lows of the 16 rows: int4 16 + 16, int6 2 x 16 + 2 x 16 (columns 0..15, 16..31).
 //
 // Activations are quantized per row and block of 32 to int8 (q, x ~ q * d, as llama.cpp's Q8_0), for the
-// K-quants' layouts with one d per 256 columns (as llama.cpp's Q8_K). Then
+// K-quants' layouts with one d per 256 columns (as llama.cpp's Q8_K; finer for a block that allows it: FINER).
+// Then
 //   sum(w * x) over a group = s * d * sum(level * q) + m * d * sum(q),
-// the first sum in integer registers, the scales applied in fp32 once per group (on AVX-512 and the
-// K-quants' layouts, in int32 from their 8-bit codes, and in fp32 once per 256 columns: `tile_super_vnni`). Levels are unsigned, so
-// AVX2's `maddubs` (u8 x s8 pairs into int16) needs no sign trick, and int4's eight pairs of products per
-// lane add in int16 before widening without saturating (8 * 2 * 15 * 127 = 30480 < 32767; int6 adds two).
+// the first sum in integer registers, the scales applied in fp32 once per group (for the K-quants' layouts
+// on AVX-512 with two or more rows, in int32 from their 8-bit codes, then in fp32 once per 256 columns:
+// `tile_super_vnni`). Levels are unsigned, so AVX2's `maddubs` (u8 x s8 pairs into int16) needs no sign
+// trick, and int4's eight pairs of products per lane add in int16 before widening without saturating
+// (8 * 2 * 15 * 127 = 30480 < 32767; int6 adds two).
 //
 // Work is split over torch's threads by tiles of output rows. Each weight tile is read once for up to
 // ROWS_PER_PASS activation rows (their accumulators stay in registers), and activation rows go in
@@ -125,8 +127,9 @@ inline const float* super_d(const uint8_t* w, int64_t b) {
 // the super-block's largest: its d is the super-block's halved e times (0..FINER, the most that keeps the
 // block's values within int8), so `tile_super_vnni` can still add the blocks' integer sums, each shifted left
 // FINER - e bits, and apply d / 2^FINER once per super-block. On WikiText (the 1.5B model, 4096 tokens) one d
-// per 256 columns raised perplexity 0.63% over the dequantized fp32 model, one per 32 0.09%.
-constexpr int FINER = 3;  // Q6_K's sums over a super-block, shifted FINER bits, still fit int32 (1.07e9)
+// per 256 columns raised perplexity 0.63% over the dequantized fp32 model, one per 32 0.09%, this -0.01%.
+// FINER 3: Q6_K's sums over a super-block, shifted, still fit int32 (1.07e9), and Q4_K's `bsum` int16.
+constexpr int FINER = 3;
 
 // How many times (0..FINER) a block whose largest value is `block` can halve its group's d, the group's
 // largest being `amax`.
@@ -612,7 +615,8 @@ VNNI void tile_super_vnni(const uint8_t* w, int64_t nb, const Quantized* a, floa
     if (SIX) {
       const __m512 dw = _mm512_loadu_ps(super_d(w, first));
       for (int r = 0; r < R; ++r) {
-        acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums[r]), _mm512_mul_ps(dw, _mm512_set1_ps(unshifted(a[r], first))), acc[r]);
+        const __m512 da = _mm512_set1_ps(unshifted(a[r], first));
+        acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums[r]), _mm512_mul_ps(dw, da), acc[r]);
       }
     } else {
       const uint8_t* f = factors_at<SIX>(w, first);
@@ -712,7 +716,9 @@ AVX2 void quantize_row_avx2(const float* x, int64_t k, int64_t group, int8_t* q,
     float block[SUPER], amax = 0.f;
     for (int64_t j = 0; j < group / BLOCK; ++j) {
       __m256 m = _mm256_setzero_ps();
-      for (int i = 0; i < BLOCK; i += 8) m = _mm256_max_ps(m, _mm256_andnot_ps(sign, _mm256_loadu_ps(x + g * group + j * BLOCK + i)));
+      for (int i = 0; i < BLOCK; i += 8) {
+        m = _mm256_max_ps(m, _mm256_andnot_ps(sign, _mm256_loadu_ps(x + g * group + j * BLOCK + i)));
+      }
       block[j] = max8(m);
       amax = std::max(amax, block[j]);
     }
@@ -746,7 +752,8 @@ VNNI void quantize_row_512(const float* x, int64_t k, int64_t group, int8_t* q, 
     float block[SUPER], amax = 0.f;
     for (int64_t j = 0; j < group / BLOCK; ++j) {
       const float* xb = x + g * group + j * BLOCK;
-      block[j] = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(_mm512_loadu_ps(xb)), _mm512_abs_ps(_mm512_loadu_ps(xb + 16))));
+      const __m512 both = _mm512_max_ps(_mm512_abs_ps(_mm512_loadu_ps(xb)), _mm512_abs_ps(_mm512_loadu_ps(xb + 16)));
+      block[j] = _mm512_reduce_max_ps(both);
       amax = std::max(amax, block[j]);
     }
     const float scale = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
