@@ -6,12 +6,13 @@ the compute dtype, and so does the input embedding unless the checkpoint stores 
 (`model.gguf_quant`: then its rows are dequantized on lookup, `parallel.stored.QuantRows`); the LM head
 is always int8 (it is the largest matmul of a small model, and llama.cpp keeps it at 6 bits or more too).
 
-- int8: one scale per output row (absmax / 127). On CPU the matmul is FBGEMM's dynamically quantized
-  linear (`quantized::linear_dynamic`), made accurate by `dynamic_int8` (two passes, per-row ranges;
-  each row's result independent of the others'). Measured on a 2-core AVX2 CPU it is 4-8x faster than
-  fp32 on a 1.5B model's matrices but slower on the 135M model's small ones, where the extra elementwise
-  work dominates; `aten._weight_int8pack_mm` and `aten._int_mm` were slower than fp32 everywhere
-  (README, issue 15). torch marks its quantized tensor type deprecated; torch is pinned.
+- int8: on CPU, our kernel once `use_native` has named its instruction set: GGUF's Q8_0 (one fp16 scale per
+  32 columns, absmax / 127), as stored or made so (`quantize_blocks`), int8 levels x int8 activations.
+  Without it (no C++ compiler, or a width off a multiple of 32), one scale per output row (`quantize_rows`;
+  Q8_0 re-quantized so) through FBGEMM's dynamically quantized linear (`quantized::linear_dynamic`), made
+  accurate by `dynamic_int8` (two passes, per-row ranges; each row's result independent of the others').
+  `aten._weight_int8pack_mm` and `aten._int_mm` were slower than fp32 everywhere (README, issue 15). torch
+  marks its quantized tensor type deprecated; torch is pinned.
 - int4: groups of `GROUP` input columns share a scale and an offset (asymmetric, 16 levels). On CPU the
   matmul is our own kernel (`model.kernels`: int8 activations, integer dot products, AVX-512 VNNI,
   AVX-VNNI or AVX2 chosen at run time) once `use_native` has named its instruction set; without it (no C++ compiler),
@@ -60,6 +61,24 @@ def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8), scale
 
 
+def quantize_blocks(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(int8 weight (out, in), scale (out, in // GROUP)): GGUF's Q8_0, weight ~ int8 * scale per block of GROUP
+    columns, the scale absmax / 127 rounded to fp16 (as Q8_0 stores it, and our kernel's layout holds it)."""
+    out, width = weight.shape
+    w = weight.float().reshape(out, width // GROUP, GROUP)
+    scale = (w.abs().amax(-1) / 127).half().float()
+    levels = torch.where(scale[..., None] > 0, w / scale.clamp(min=1e-30)[..., None], 0)
+    return torch.round(levels).clamp(-127, 127).to(torch.int8).reshape(out, width), scale
+
+
+def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The int8 form an `Int8Linear` runs best: per 32 columns on our kernel (a CPU after `use_native`, the
+    width a multiple of 32: `quantize_blocks`), else per row (`quantize_rows`)."""
+    if weight.device.type == "cpu" and _native and weight.shape[1] % GROUP == 0:
+        return quantize_blocks(weight)
+    return quantize_rows(weight)
+
+
 def quantize_groups(weight: torch.Tensor, group: int = GROUP) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(uint8 levels 0..15 (out, in), scale and low (out, in // group)): weight ~ levels * scale + low."""
     out, width = weight.shape
@@ -102,29 +121,55 @@ def dynamic_int8(x: torch.Tensor, packed, row_sums: torch.Tensor) -> torch.Tenso
 
 
 class Int8Linear(nn.Module):
-    """x @ (q * scale[:, None]).T for q int8 (out, in)."""
+    """x @ (q * scale).T for q int8 (out, in) with a scale per row (out,) or per 32 columns (out, in / 32: Q8_0's
+    form, `quantize_blocks`). Per 32 columns on our kernel (CPU, `takes`; packed `CHUNK` rows at a time), per
+    row through FBGEMM on a CPU; on other devices either form as a dequantizing matmul."""
 
     def __init__(self, q: torch.Tensor, scale: torch.Tensor):
         super().__init__()
-        self.out_features = q.shape[0]
+        self.out_features = rows = q.shape[0]
         self.nbytes = q.numel() + scale.numel() * 4
-        if q.device.type == "cpu":
+        if self.takes(q, scale):
+            self.isa, self.precise = _native, False
+            tiles = torch.empty(-(-rows // TILE_ROWS), q.shape[1] // GROUP, EIGHT_BYTES, dtype=torch.uint8)
+            for a in range(0, rows, CHUNK):
+                chunk = scale[a : a + CHUNK]
+                packed = torch.ops.nlg.pack(q[a : a + CHUNK], chunk, torch.zeros_like(chunk), 8)
+                tiles[a // TILE_ROWS : (a + CHUNK) // TILE_ROWS] = packed
+            self.register_buffer("tiles", tiles)
+            self.nbytes = tiles.numel()
+        elif q.device.type != "cpu":
+            self.register_buffer("q", q)
+            self.register_buffer("scale", scale)
+        elif scale.dim() == 2:
+            raise ValueError("int8 scales per 32 columns run on our kernel only (Int8Linear.takes)")
+        else:
             zeros = torch.zeros(q.shape[0], dtype=torch.long)
             with warnings.catch_warnings():  # torch's quantized tensors are deprecated; torch is pinned
                 warnings.simplefilter("ignore")
                 qt = torch._make_per_channel_quantized_tensor(q, scale.double(), zeros, 0)
                 self.packed = torch.ops.quantized.linear_prepack(qt, None)
             self.register_buffer("row_sums", q.sum(dim=1, dtype=torch.float32) * scale)  # exact: |sum| < 2^24
-        else:
-            self.register_buffer("q", q)
-            self.register_buffer("scale", scale)
+
+    @staticmethod
+    def takes(q: torch.Tensor, scale: torch.Tensor) -> bool:
+        """Whether our kernel computes these levels and scales: on a CPU after `use_native`, scales per 32
+        columns within fp16."""
+        if q.device.type != "cpu" or not _native or q.shape[1] % GROUP:
+            return False
+        return scale.shape == (q.shape[0], q.shape[1] // GROUP) and _fits_fp16(scale, scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
-        if hasattr(self, "packed"):
+        if hasattr(self, "tiles"):
+            out = torch.ops.nlg.matmul(flat, self.tiles, self.out_features, self.isa, self.precise).to(x.dtype)
+        elif hasattr(self, "packed"):
             out = dynamic_int8(flat.float(), self.packed, self.row_sums).to(x.dtype)
         else:
-            out = F.linear(flat, self.q.to(flat.dtype) * self.scale.to(flat.dtype)[:, None])
+            n, k = self.q.shape
+            scale = self.scale.to(flat.dtype).reshape(n, -1)
+            w = (self.q.to(flat.dtype).reshape(n, scale.shape[1], -1) * scale[..., None]).reshape(n, k)
+            out = F.linear(flat, w)
         return out.reshape(*x.shape[:-1], self.out_features)
 
 
@@ -249,6 +294,7 @@ class Int6Linear(nn.Module):
 
 SUPER_COLUMNS = 256  # columns per factor of the K-quants' scales (their super-block)
 SUB_BYTES = {6: 3392, 4: 2368}  # a tile's bytes per super-block in our kernel's Q6_K and Q4_K layouts (Sub)
+EIGHT_BYTES = 544  # a tile's bytes per block of 32 columns in our kernel's int8 layout (Eight)
 
 
 def sub_scales(scale: torch.Tensor, low: torch.Tensor, bits: int = 6) -> tuple[torch.Tensor, ...] | None:
@@ -303,7 +349,7 @@ def quantized_by_chunk(rows, shape: torch.Size, mode: str) -> nn.Module:
             f"--quantize int4: {full} input features split {tp} ways do not fall on groups of {GROUP}; "
             f"tensor-parallel sizes that do: {', '.join(map(str, valid)) or 'none'}"
         )
-    method = quantize_rows if mode == "int8" else quantize_groups
+    method = quantize_int8 if mode == "int8" else quantize_groups
     parts = [method(rows(a, min(a + CHUNK, shape[0]))) for a in range(0, shape[0], CHUNK)]
     whole = [torch.cat(p) for p in zip(*parts)]
     return Int8Linear(*whole) if mode == "int8" else Int4Linear(*whole)

@@ -14,6 +14,7 @@ from parallel.quant import (
     GROUP,
     Int4Linear,
     Int6Linear,
+    Int8Linear,
     native,
     quantized,
     quantized_by_chunk,
@@ -50,7 +51,8 @@ def _dequantize(form: str, t: dict[str, torch.Tensor]) -> torch.Tensor:
 
 def from_stored(form: str, t: dict[str, torch.Tensor], mode: str, parts: list[int] | None = None) -> nn.Module:
     """The `mode` layer for a stored form: taken as it is where a kernel computes it (int4 groups of GROUP
-    for mode int4, or any mode on our kernel; 5-6 bit int8 forms as int6 on our kernel), else re-quantized.
+    for mode int4, or any mode on our kernel; on our kernel 5-6 bit int8 forms as int6, Q8_0 as int8), else
+    re-quantized.
     A form taken in Q6_K's layout loses its fp32 scales and lows from `t` (its codes replace them). `parts`:
     the rows of each sibling a merged layer stacks (`stacked`)."""
     if form == "int8" and parts and (split := stacked(t, parts, mode)) is not None:
@@ -59,6 +61,9 @@ def from_stored(form: str, t: dict[str, torch.Tensor], mode: str, parts: list[in
     if int4_groups and (mode == "int4" or native()):
         return Int4Linear(t["_int4"], t["_scale"], t["_low"], two_per_byte=True)
     six = Int6Linear.fits(t["_int8"], t["_scale"], t["_low"]) if form == "int8" else None
+    eight = per_32(t["_int8"], t["_scale"], t["_low"]) if form == "int8" and six is None else None
+    if eight is not None:  # Q8_0 as stored
+        return Int8Linear(t["_int8"], eight)
     if six is not None and len(six) == 5:  # Q6_K's layout: the codes replace the fp32 scales and lows
         del t["_scale"], t["_low"]  # freed before packing (117 MB for the 1.5B model's head, at its load's peak)
     if six is not None:
@@ -66,6 +71,18 @@ def from_stored(form: str, t: dict[str, torch.Tensor], mode: str, parts: list[in
     rows = t["_int4" if form == "int4" else "_int8"]
     shape = (rows.shape[0], rows.shape[1] * (2 if form == "int4" else 1))
     return quantized_by_chunk(lambda a, b: _dequantize(form, {k: v[a:b] for k, v in t.items()}), shape, mode)
+
+
+def per_32(levels: torch.Tensor, scale: torch.Tensor, low: torch.Tensor) -> torch.Tensor | None:
+    """The scales per 32 columns of an int8 form without lows whose groups are 32 columns, or 16 in pairs of
+    equal scales (`int8_form`'s), where our int8 kernel takes them (`Int8Linear.takes`); else None."""
+    if bool(low.any()) or levels.shape[1] % GROUP:
+        return None
+    if levels.shape[1] == scale.shape[1] * 16 and torch.equal(scale[:, 0::2], scale[:, 1::2]):
+        scale = scale[:, 0::2]
+    if levels.shape[1] != scale.shape[1] * GROUP or not Int8Linear.takes(levels, scale):
+        return None
+    return scale
 
 
 class Stacked(nn.Module):
@@ -94,7 +111,7 @@ def stacked(t: dict[str, torch.Tensor], parts: list[int], mode: str) -> Stacked 
     """Siblings stacked in the int8 form (`int8_form`, scales per 16 columns) each in the form it was stored
     in, on our kernels: the runs of siblings whose levels are 0..15 with one scale and low per 32 columns as
     int4, the others as the int8 form gives them; None where all take one form, or where a part would not run
-    on our kernels (an 8-bit one: the merged matmul stays int8 rows)."""
+    on our kernels (then the merged matmul is re-quantized to int8 rows)."""
     if not native() or len(parts) < 2 or t["_int8"].shape[1] % GROUP:
         return None
     runs, at = [], 0  # (first row, rows, int4?) of each run of siblings in one form

@@ -1,12 +1,14 @@
 // Quantized weights x int8 activations on a CPU: the matmuls of parallel.quant's int4 and int6 layers
 // (ops nlg::*).
 //
-// Two weight forms, both w = level * scale + low per group of columns:
+// Three weight forms, all w = level * scale + low per group of columns:
 //   int4: levels 0..15, one scale and low per 32 columns (Q4_0, Q4_1 and Q4_K's sub-blocks, without loss);
 //   int6: levels 0..63, one scale and low per 16 columns (Q6_K, and Q5_0, Q5_1, Q5_K, without loss);
-// and both as GGUF's K-quants store them (`pack_sub`, Sub below): int6 as Q6_K (scale = d * sc, an int8 sc per
-// 16 columns and a factor d per 256, low = -32 * scale; 6.6 bits a weight against 8), int4 as Q4_K (scale =
-// d * sc, low = f * mn, 8-bit codes per 32 columns and fp16 factors per 256; 4.625 bits against 5).
+//   int8: levels -128..127, one fp16 scale per 32 columns and no low (Q8_0, as stored or as `--quantize int8`
+//     makes it);
+// and int4 and int6 as GGUF's K-quants store them (`pack_sub`, Sub below): int6 as Q6_K (scale = d * sc, an int8
+// sc per 16 columns and a factor d per 256, low = -32 * scale; 6.6 bits a weight against 8), int4 as Q4_K
+// (scale = d * sc, low = f * mn, 8-bit codes per 32 columns and fp16 factors per 256; 4.625 bits against 5).
 //
 // Packed layout, made once at load (`pack`): output rows in tiles of 16 (the last one padded with zero
 // rows); for each tile, block of 32 columns after block, contiguous so a thread streams its weights:
@@ -19,6 +21,8 @@
 //     chunk c, bits 2f..2f+1 of byte 4r+p: the level whose low bits are in nibble register 4c+f (0-3 the
 //     four low-nibble registers, i.e. columns 0..15; 4-7 the high-nibble ones, columns 16..31);
 //   fp16 scales then fp16 lows of the 16 rows: int4 16 + 16, int6 2 x 16 + 2 x 16 (columns 0..15, 16..31).
+// int8 (`Eight`) puts a tile's levels first, every block's 512 bytes (8 chunks of 64: bytes 4r..4r+3 of chunk j
+// row r's columns 4j..4j+3), then every block's 16 fp16 scales, so each load of levels is one whole cache line.
 //
 // Activations are quantized per row and block of 32 to int8 (q, x ~ q * d, as llama.cpp's Q8_0), for the
 // K-quants' layouts with one d per 256 columns (as llama.cpp's Q8_K; finer for a block that allows it: FINER).
@@ -26,9 +30,10 @@
 //   sum(w * x) over a group = s * d * sum(level * q) + m * d * sum(q),
 // the first sum in integer registers, the scales applied in fp32 once per group (for the K-quants' layouts
 // on AVX-512 with two or more rows, in int32 from their 8-bit codes, then in fp32 once per 256 columns:
-// `tile_super_vnni`). Levels are unsigned, so AVX2's `maddubs` (u8 x s8 pairs into int16) needs no sign
-// trick, and int4's eight pairs of products per lane add in int16 before widening without saturating
-// (8 * 2 * 15 * 127 = 30480 < 32767; int6 adds two).
+// `tile_super_vnni`). int4's and int6's levels are unsigned, so AVX2's `maddubs` (u8 x s8 pairs into int16)
+// needs no sign trick, and int4's eight pairs of products per lane add in int16 before widening without
+// saturating (8 * 2 * 15 * 127 = 30480 < 32767; int6 adds two). int8's are signed: AVX2 takes the sign trick,
+// the VNNI kernels flip them to level + 128 and start each block's sum at -128 * sum(q).
 //
 // Work is split over torch's threads by tiles of output rows. Each weight tile is read once for up to
 // ROWS_PER_PASS activation rows (their accumulators stay in registers), and activation rows go in
@@ -50,6 +55,7 @@
 #include <cstring>
 #include <optional>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #if defined(__x86_64__)
@@ -117,6 +123,18 @@ inline const uint8_t* factors_at(const uint8_t* w, int64_t b) {
 
 inline const float* super_d(const uint8_t* w, int64_t b) {
   return reinterpret_cast<const float*>(factors_at<true>(w, b));
+}
+
+// int8's packed tile: each block's levels (`block` bytes) in order, then each block's fp16 scales (`scales`);
+// `bytes` a block in all, which names the layout (`matmul`).
+struct Eight {
+  static constexpr int64_t block = 16 * BLOCK;
+  static constexpr int64_t scales = 2 * TILE;
+  static constexpr int64_t bytes = block + scales;  // 544
+};
+
+inline const uint8_t* scales_at(const uint8_t* w, int64_t nb, int64_t b) {
+  return w + nb * Eight::block + b * Eight::scales;
 }
 
 #define AVX2 __attribute__((target("avx2,fma,f16c")))
@@ -269,6 +287,25 @@ void tile_portable(const uint8_t* w, int64_t nb, const Quantized* a, int rows, f
   for (int r = 0; r < rows; ++r) std::memcpy(y + r * ystride, acc[r], valid * sizeof(float));
 }
 
+// int8: one tile, `rows` activation rows, portable C++.
+void tile8_portable(const uint8_t* w, int64_t nb, const Quantized* a, int rows, float* y, int64_t ystride,
+                    int valid) {
+  float acc[ROWS_PER_PASS][TILE] = {};
+  for (int64_t b = 0; b < nb; ++b) {
+    const int8_t* wb = reinterpret_cast<const int8_t*>(w + b * Eight::block);
+    const uint16_t* sm = reinterpret_cast<const uint16_t*>(scales_at(w, nb, b));
+    for (int r = 0; r < rows; ++r) {
+      const int8_t* qb = a[r].q + b * BLOCK;
+      for (int o = 0; o < TILE; ++o) {
+        int sum = 0;
+        for (int c = 0; c < BLOCK; ++c) sum += wb[64 * (c / 4) + 4 * o + c % 4] * qb[c];
+        acc[r][o] += half_to_float(sm[o]) * a[r].d[b] * static_cast<float>(sum);
+      }
+    }
+  }
+  for (int r = 0; r < rows; ++r) std::memcpy(y + r * ystride, acc[r], valid * sizeof(float));
+}
+
 #if defined(__x86_64__)
 
 // The cache lines PREFETCH bytes ahead of block b of a tile's weights (at w) into L2: the weights stream
@@ -282,6 +319,16 @@ inline void prefetch_ahead(const uint8_t* w, int64_t b) {
   const uint8_t* from = w + b * step + PREFETCH;  // each line once: those starting in [from, from + step)
   const uint8_t* line = from + ((64 - reinterpret_cast<uintptr_t>(from) % 64) % 64);
   for (; line < from + step; line += 64) _mm_prefetch(reinterpret_cast<const char*>(line), _MM_HINT_T1);
+}
+
+// int8's two streams: block b's levels PREFETCH bytes ahead, and its scales as far ahead in blocks. Always
+// inlined: GCC took the call, not inlined early, for one without effects and deleted it.
+__attribute__((always_inline)) inline void prefetch8(const uint8_t* w, int64_t nb, int64_t b) {
+  const uint8_t* line = w + b * Eight::block + PREFETCH;
+  for (int i = 0; i < Eight::block / 64; ++i) _mm_prefetch(reinterpret_cast<const char*>(line + 64 * i), _MM_HINT_T1);
+  if (b % 2 == 0) {
+    _mm_prefetch(reinterpret_cast<const char*>(scales_at(w, nb, b + PREFETCH / Eight::block)), _MM_HINT_T1);
+  }
 }
 
 AVX2 inline __m256i bcast4(const int8_t* p) {
@@ -433,6 +480,71 @@ AVXVNNI void tile_avxvnni(const uint8_t* w, int64_t nb, const Quantized* a, floa
   store_halves<R>(acc, y, ystride, valid);
 }
 
+// int8 on AVX2: `maddubs` takes each level's magnitude against the activations with its sign (products to
+// 128 * 127, a pair's sum 32512: within int16), widened to int32 per four columns.
+template <int R>
+AVX2 void tile8_avx2(const uint8_t* w, int64_t nb, const Quantized* a, float* y, int64_t ystride, int valid) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256 acc[R][2];
+  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b) {
+    const uint8_t* wb = w + b * Eight::block;
+    prefetch8(w, nb, b);
+    for (int h = 0; h < 2; ++h) {
+      __m256i v[8];
+      for (int j = 0; j < 8; ++j) v[j] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + 64 * j + 32 * h));
+      const __m256 s = half8(scales_at(w, nb, b) + 16 * h);
+      for (int r = 0; r < R; ++r) {
+        const int8_t* qb = a[r].q + b * BLOCK;
+        __m256i i32 = _mm256_setzero_si256();
+        for (int j = 0; j < 8; ++j) {
+          const __m256i p = _mm256_maddubs_epi16(_mm256_abs_epi8(v[j]), _mm256_sign_epi8(bcast4(qb + 4 * j), v[j]));
+          i32 = _mm256_add_epi32(i32, _mm256_madd_epi16(p, ones));
+        }
+        acc[r][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i32), _mm256_mul_ps(s, _mm256_set1_ps(a[r].d[b])), acc[r][h]);
+      }
+    }
+  }
+  store_halves<R>(acc, y, ystride, valid);
+}
+
+// -128 times the sum of a row's activations over block b: where a VNNI kernel's sum of (level + 128) * q starts.
+inline int32_t offset8(const Quantized& a, int64_t b) {
+  return 4 * (a.low6[2 * b] + a.low6[2 * b + 1]);
+}
+
+// int8 on AVX-VNNI: the levels flipped to level + 128 (unsigned, as `dpbusd` takes them), each row's sum started
+// at `offset8`.
+template <int R>
+AVXVNNI void tile8_avxvnni(const uint8_t* w, int64_t nb, const Quantized* a, float* y, int64_t ystride, int valid) {
+  const __m256i flip = _mm256_set1_epi8(static_cast<char>(0x80));
+  __m256 acc[R][2];
+  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b) {
+    const uint8_t* wb = w + b * Eight::block;
+    prefetch8(w, nb, b);
+    for (int h = 0; h < 2; ++h) {
+      __m256i v[8];
+      for (int j = 0; j < 8; ++j) {
+        v[j] = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + 64 * j + 32 * h)), flip);
+      }
+      const __m256 s = half8(scales_at(w, nb, b) + 16 * h);
+      for (int r = 0; r < R; ++r) {
+        const int8_t* qb = a[r].q + b * BLOCK;
+        __m256i i0 = _mm256_dpbusd_avx_epi32(_mm256_set1_epi32(offset8(a[r], b)), v[0], bcast4(qb));
+        __m256i i1 = _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), v[4], bcast4(qb + 16));
+        for (int j = 1; j < 4; ++j) {
+          i0 = _mm256_dpbusd_avx_epi32(i0, v[j], bcast4(qb + 4 * j));
+          i1 = _mm256_dpbusd_avx_epi32(i1, v[4 + j], bcast4(qb + 16 + 4 * j));
+        }
+        const __m256 i32 = _mm256_cvtepi32_ps(_mm256_add_epi32(i0, i1));
+        acc[r][h] = _mm256_fmadd_ps(i32, _mm256_mul_ps(s, _mm256_set1_ps(a[r].d[b])), acc[r][h]);
+      }
+    }
+  }
+  store_halves<R>(acc, y, ystride, valid);
+}
+
 VNNI inline __m512i bcast4_512(const int8_t* p) {
   int32_t v;
   std::memcpy(&v, p, 4);
@@ -521,6 +633,42 @@ VNNI void tile_vnni(const uint8_t* w, int64_t nb, const Quantized* a, float* y, 
         acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(i0, i1)), _mm512_mul_ps(s0, d), acc[r]);
         acc[r] = _mm512_fmadd_ps(m0, _mm512_set1_ps(a[r].dsum[b]), acc[r]);
       }
+    }
+  }
+  const __mmask16 keep = static_cast<__mmask16>((1u << valid) - 1);
+  for (int r = 0; r < R; ++r) _mm512_mask_storeu_ps(y + r * ystride, keep, acc[r]);
+}
+
+// int8 on AVX-512 VNNI, as on AVX-VNNI (`tile8_avxvnni`) with all 16 rows of a tile in one register.
+template <int R>
+VNNI void tile8_vnni(const uint8_t* w, int64_t nb, const Quantized* a, float* y, int64_t ystride, int valid) {
+  const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
+  __m512 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b) {
+    const uint8_t* wb = w + b * Eight::block;
+    prefetch8(w, nb, b);
+    __m512i v[8];
+    for (int j = 0; j < 8; ++j) v[j] = _mm512_xor_si512(_mm512_loadu_si512(wb + 64 * j), flip);
+    const __m512 s = half16(scales_at(w, nb, b));
+    // the block's 8 `dpbusd` in one chain a row, the rows' chains interleaved; fewer than 4 rows, two a row
+    constexpr int C = R < 4 ? 2 : 1;
+    __m512i i[R][C];
+    for (int r = 0; r < R; ++r) {
+      i[r][0] = _mm512_set1_epi32(offset8(a[r], b));
+      if (C == 2) i[r][C - 1] = _mm512_setzero_si512();
+    }
+    for (int j = 0; j < 4; ++j) {
+      for (int h = 0; h < 2; ++h) {
+        for (int r = 0; r < R; ++r) {
+          __m512i& chain = i[r][h % C];
+          chain = _mm512_dpbusd_epi32(chain, v[4 * h + j], bcast4_512(a[r].q + b * BLOCK + 16 * h + 4 * j));
+        }
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      const __m512i sum = C == 2 ? _mm512_add_epi32(i[r][0], i[r][C - 1]) : i[r][0];
+      acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_mul_ps(s, _mm512_set1_ps(a[r].d[b])), acc[r]);
     }
   }
   const __mmask16 keep = static_cast<__mmask16>((1u << valid) - 1);
@@ -800,19 +948,39 @@ void tile_rows(Isa isa, const uint8_t* w, int64_t nb, const Quantized* a, float*
   tile_portable<SIX, SUB>(w, nb, a, R, y, ystride, valid);
 }
 
+template <int R>
+void tile8_rows(Isa isa, const uint8_t* w, int64_t nb, const Quantized* a, float* y, int64_t ystride, int valid) {
+#if defined(__x86_64__)
+  if (isa == Isa::avx512vnni) return tile8_vnni<R>(w, nb, a, y, ystride, valid);
+  if (isa == Isa::avxvnni) return tile8_avxvnni<R>(w, nb, a, y, ystride, valid);
+  if (isa == Isa::avx2) return tile8_avx2<R>(w, nb, a, y, ystride, valid);
+#endif
+  tile8_portable(w, nb, a, R, y, ystride, valid);
+}
+
+// f(std::integral_constant<int, R>) for R = rows (1..ROWS_PER_PASS): the row count as a template argument.
+template <typename F>
+void by_rows(int rows, F f) {
+  switch (rows) {
+    case 1: return f(std::integral_constant<int, 1>{});
+    case 2: return f(std::integral_constant<int, 2>{});
+    case 3: return f(std::integral_constant<int, 3>{});
+    case 4: return f(std::integral_constant<int, 4>{});
+    case 5: return f(std::integral_constant<int, 5>{});
+    case 6: return f(std::integral_constant<int, 6>{});
+    case 7: return f(std::integral_constant<int, 7>{});
+    default: return f(std::integral_constant<int, ROWS_PER_PASS>{});
+  }
+}
+
 template <bool SIX, bool SUB = false>
 void tile(Isa isa, const uint8_t* w, int64_t nb, const Quantized* a, int rows, float* y, int64_t ystride,
           int valid) {
-  switch (rows) {
-    case 1: return tile_rows<SIX, SUB, 1>(isa, w, nb, a, y, ystride, valid);
-    case 2: return tile_rows<SIX, SUB, 2>(isa, w, nb, a, y, ystride, valid);
-    case 3: return tile_rows<SIX, SUB, 3>(isa, w, nb, a, y, ystride, valid);
-    case 4: return tile_rows<SIX, SUB, 4>(isa, w, nb, a, y, ystride, valid);
-    case 5: return tile_rows<SIX, SUB, 5>(isa, w, nb, a, y, ystride, valid);
-    case 6: return tile_rows<SIX, SUB, 6>(isa, w, nb, a, y, ystride, valid);
-    case 7: return tile_rows<SIX, SUB, 7>(isa, w, nb, a, y, ystride, valid);
-    default: return tile_rows<SIX, SUB, 8>(isa, w, nb, a, y, ystride, valid);
-  }
+  by_rows(rows, [&](auto r) { tile_rows<SIX, SUB, decltype(r)::value>(isa, w, nb, a, y, ystride, valid); });
+}
+
+void tile8(Isa isa, const uint8_t* w, int64_t nb, const Quantized* a, int rows, float* y, int64_t ystride, int valid) {
+  by_rows(rows, [&](auto r) { tile8_rows<decltype(r)::value>(isa, w, nb, a, y, ystride, valid); });
 }
 
 // The general int4 layout on AVX-512 VNNI: two tiles at a time, `rows` (1..PAIR_ROWS) activation rows.
@@ -905,6 +1073,38 @@ at::Tensor pack_form(const at::Tensor& levels, const at::Tensor& scale, const at
   return packed;
 }
 
+// int8 levels (N, K) and fp16-range scales (N, K / 32), lows all zero -> `Eight`'s tiles, (ceil(N / 16), K / 32,
+// 544) bytes.
+at::Tensor pack_eight(const at::Tensor& levels, const at::Tensor& scale, const at::Tensor& low) {
+  TORCH_CHECK(levels.dim() == 2 && levels.scalar_type() == at::kChar, "levels: (N, K) int8");
+  const int64_t n = levels.size(0), k = levels.size(1), nb = k / BLOCK, tiles = (n + TILE - 1) / TILE;
+  TORCH_CHECK(k % BLOCK == 0, "K must be a multiple of 32, not ", k);
+  TORCH_CHECK(scale.sizes() == low.sizes() && scale.dim() == 2 && scale.size(0) == n && scale.size(1) == nb,
+              "scale, low: (N, K / 32)");
+  TORCH_CHECK(!low.any().item<bool>(), "int8 levels take no lows");
+  const auto l = levels.contiguous(), s = scale.to(at::kFloat).contiguous();
+  TORCH_CHECK(s.abs().max().item<float>() < 65504.f, "scales must fit fp16");
+  at::Tensor packed = at::zeros({tiles, nb, Eight::bytes}, at::kByte);
+  const int8_t* lp = l.data_ptr<int8_t>();
+  const float* sp = s.data_ptr<float>();
+  uint8_t* out = packed.data_ptr<uint8_t>();
+  at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      uint8_t* w = out + t * nb * Eight::bytes;
+      for (int64_t o = 0; o < TILE && t * TILE + o < n; ++o) {
+        const int64_t row = t * TILE + o;
+        for (int64_t b = 0; b < nb; ++b) {
+          for (int c = 0; c < BLOCK; ++c) {
+            w[b * Eight::block + 64 * (c / 4) + 4 * o + c % 4] = static_cast<uint8_t>(lp[row * k + b * BLOCK + c]);
+          }
+          reinterpret_cast<uint16_t*>(w + nb * Eight::block + b * Eight::scales)[o] = c10::Half(sp[row * nb + b]).x;
+        }
+      }
+    }
+  });
+  return packed;
+}
+
 }  // namespace
 
 // The sub-scaled layouts (Sub), (ceil(N / 16), K / 256, 3392 or 2368) bytes, from
@@ -984,10 +1184,11 @@ std::vector<std::string> isas() {
 }
 
 // bits 4: levels (N, K) uint8 0..15, or (N, K / 2) two per byte (the stored form), scale and low
-// (N, K / 32); bits 6: levels 0..63, scale and low (N, K / 16); fp32 -> the packed layout,
-// (ceil(N / 16), K / 32, 320 or 512) bytes.
+// (N, K / 32); bits 6: levels 0..63, scale and low (N, K / 16); bits 8: levels int8, scale (N, K / 32), low
+// zeros; fp32 -> the packed layout, (ceil(N / 16), K / 32, 320, 512 or 544) bytes.
 at::Tensor pack(const at::Tensor& levels, const at::Tensor& scale, const at::Tensor& low, int64_t bits) {
-  TORCH_CHECK(bits == 4 || bits == 6, "bits: 4 or 6");
+  TORCH_CHECK(bits == 4 || bits == 6 || bits == 8, "bits: 4, 6 or 8");
+  if (bits == 8) return pack_eight(levels, scale, low);
   return bits == 6 ? pack_form<true>(levels, scale, low) : pack_form<false>(levels, scale, low);
 }
 
@@ -1028,9 +1229,10 @@ at::Tensor matmul(const at::Tensor& x_in, const at::Tensor& packed, int64_t n, c
   TORCH_CHECK(x_in.dim() == 2, "x: (M, K)");
   const int64_t unit = packed.dim() == 3 ? packed.size(2) : 0;
   const bool sub = unit == Sub<true>::bytes || unit == Sub<false>::bytes;
-  const bool six = unit == Sub<true>::bytes || unit == Layout<true>::bytes;
-  TORCH_CHECK(packed.scalar_type() == at::kByte && (sub || unit == Layout<true>::bytes || unit == Layout<false>::bytes),
-              "packed: (tiles, blocks, 320 or 512) or (tiles, super-blocks, 3392 or 2368) uint8");
+  const bool six = unit == Sub<true>::bytes || unit == Layout<true>::bytes, eight = unit == Eight::bytes;
+  const bool general = unit == Layout<true>::bytes || unit == Layout<false>::bytes || eight;
+  TORCH_CHECK(packed.scalar_type() == at::kByte && (sub || general),
+              "packed: (tiles, blocks, 320, 512 or 544) or (tiles, super-blocks, 3392 or 2368) uint8");
   const Isa isa = parse(isa_name);
   const auto x = x_in.to(at::kFloat).contiguous();
   const int64_t m = x.size(0), k = x.size(1), nb = k / BLOCK, tiles = packed.size(0);
@@ -1059,7 +1261,7 @@ at::Tensor matmul(const at::Tensor& x_in, const at::Tensor& packed, int64_t n, c
   const uint8_t* wp = packed.data_ptr<uint8_t>();
   const int64_t tile_bytes = packed.size(1) * packed.size(2);
   // threads split units of output rows: one tile, or two adjacent tiles where the two-tile kernel runs
-  const bool pairs = !six && !sub && isa == Isa::avx512vnni && rows > ROWS_PER_PASS;
+  const bool pairs = !six && !sub && !eight && isa == Isa::avx512vnni && rows > ROWS_PER_PASS;
   at::parallel_for(0, pairs ? (tiles + 1) / 2 : tiles, 1, [&](int64_t u0, int64_t u1) {
     Quantized a[ROWS_PER_PASS];
     for (int64_t c = 0; c < rows; c += ROW_CHUNK) {
@@ -1080,6 +1282,8 @@ at::Tensor matmul(const at::Tensor& x_in, const at::Tensor& packed, int64_t n, c
           float* out = yp + r * n + t * TILE;
           if (two) {
             pair(wp + t * tile_bytes, tile_bytes, nb, a, count, out, n, valid);
+          } else if (eight) {
+            tile8(isa, wp + t * tile_bytes, nb, a, count, out, n, valid);
           } else if (sub && six) {
             tile<true, true>(isa, wp + t * tile_bytes, nb, a, count, out, n, valid);
           } else if (sub) {

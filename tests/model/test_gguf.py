@@ -279,14 +279,21 @@ def test_stored_forms_split_over_tensor_parallel_ranks(qwen2, quantization, capf
 
 def test_int4_keeps_the_weights_stored_at_more_bits(tmp_path):
     """--quantize int4 on a model whose 5-8 bit tensors are stored in the int8 form keeps their bits (as
-    Q4_K_M keeps some at Q6_K): 5-6 bit ones as they are on our kernel (int6), else as int8 rows, and a
-    merged projection with an 8-bit part as int8 rows; 4-bit ones are int4."""
+    Q4_K_M keeps some at Q6_K): on our kernels each as it is stored (Q8_0 int8 with its scales per 32, 5-6 bit
+    ones int6), a merged projection part by part; without them int8 rows; 4-bit ones are int4."""
     from parallel import quant
     from parallel.quant import Int4Linear, Int6Linear, Int8Linear
+    from parallel.stored import Stacked
 
     model = load_model(converted(tmp_path, "int8")[1], quantization="int4")
     layer = model.model.layers[0]
-    assert isinstance(layer.self_attn.qkv_proj.kernel, Int8Linear)  # q Q8_0, k Q4_0, v Q5_0
+    qkv = layer.self_attn.qkv_proj.kernel  # q Q8_0, k Q4_0, v Q5_0
+    if quant.native():
+        assert isinstance(qkv, Stacked)
+        assert [type(k) for k in qkv.parts] == [Int8Linear, Int4Linear, Int6Linear]
+        assert_equal_per_op(model)  # the int8 layout in a block's one call too
+    else:
+        assert isinstance(qkv, Int8Linear)
     assert isinstance(layer.mlp.down_proj.kernel, Int6Linear if quant.native() else Int8Linear)  # Q5_0
     exact = load_model(converted(tmp_path, "int4")[1], quantization="int4").model.layers[0]
     assert isinstance(exact.self_attn.qkv_proj.kernel, Int4Linear)

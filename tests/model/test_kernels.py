@@ -54,22 +54,28 @@ def reference(x: torch.Tensor, levels: torch.Tensor, scale: torch.Tensor, low: t
 
 
 def weights(bits: int, n: int, k: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Random levels 0..2^bits - 1 with scales and lows per 32 (int4) or 16 (int6) columns."""
-    per = 32 if bits == 4 else 16
+    """Random levels 0..2^bits - 1 with scales and lows per 32 (int4) or 16 (int6) columns; int8: levels
+    -128..127, scales per 32 columns, lows zero."""
+    per = 16 if bits == 6 else 32
+    if bits == 8:
+        levels = torch.randint(-128, 128, (n, k), generator=g, dtype=torch.int8)
+        scale = torch.rand(n, k // per, generator=g) / 128
+        return levels, scale, torch.zeros_like(scale)
     levels = torch.randint(0, 2**bits, (n, k), generator=g, dtype=torch.uint8)
     scale = torch.rand(n, k // per, generator=g) / 2**bits
     return levels, scale, -scale * 2 ** (bits - 1) + torch.randn(n, k // per, generator=g) * 0.01
 
 
-@pytest.mark.parametrize("bits", [4, 6])
+@pytest.mark.parametrize("bits", [4, 6, 8])
 @pytest.mark.parametrize("rows", [1, 2, 3, 5, 8, 9, 17, 64, 70])
 @pytest.mark.parametrize("n,k", [(1, 32), (15, 64), (16, 96), (17, 32), (40, 320), (60, 64)])
 def test_kernel_equals_the_reference_on_every_instruction_set(best, bits, rows, n, k):
     """Guards the packed layouts (nibbles, from levels one or two per byte; int6's 2-bit plane, its two scale
-    groups per block), the tile edges (output rows off a multiple of 16: masked stores; tiles in pairs and
-    one left over), the row passes (1-8 activation rows per weight read, 1-6 over a pair of tiles, and the
-    64-row chunks) and each ISA's own code path: all give the product of the int8-rounded activations with
-    the dequantized weight, and with `precise` that of the activations as they are."""
+    groups per block; int8's signed levels, -128 among them, and its scales after the levels), the tile edges
+    (output rows off a multiple of 16: masked stores; tiles in pairs and one left over), the row passes (1-8
+    activation rows per weight read, 1-6 over a pair of tiles, and the 64-row chunks) and each ISA's own code
+    path: all give the product of the int8-rounded activations with the dequantized weight, and with
+    `precise` that of the activations as they are."""
     g = torch.Generator().manual_seed(rows * 1000 + n + k + bits)
     levels, scale, low = weights(bits, n, k, g)
     x = torch.randn(rows, k, generator=g) * torch.rand(rows, 1, generator=g) * 10
@@ -115,7 +121,7 @@ def test_activations_round_half_to_even_in_column_order_on_every_instruction_set
         assert torch.equal(torch.ops.nlg.matmul(x, packed, k, isa), torch.round(x)), isa
 
 
-@pytest.mark.parametrize("bits", [4, 6])
+@pytest.mark.parametrize("bits", [4, 6, 8])
 def test_a_row_gets_the_same_bits_alone_as_in_a_batch(best, bits):
     """Batch invariance of the general layouts: one row's output is bitwise the same multiplied alone
     (one-tile kernel) as among 13 rows (AVX-512 VNNI's two-tile passes for int4, row passes of 8 otherwise),
@@ -237,6 +243,11 @@ def test_packing_refuses_what_the_layout_cannot_hold(best):
         torch.ops.nlg.pack(levels, scale * 1e8, low, 6)
     with pytest.raises(RuntimeError, match="multiple of 32"):
         torch.ops.nlg.pack(levels[:, :48], scale[:, :3], low[:, :3], 6)
+    levels, scale, low = weights(8, 16, 64, g)
+    with pytest.raises(RuntimeError, match="no lows"):
+        torch.ops.nlg.pack(levels, scale, low + 1e-3, 8)
+    with pytest.raises(RuntimeError, match="int8"):
+        torch.ops.nlg.pack(levels.view(torch.uint8), scale, low, 8)
 
 
 def test_int4_layer_routes_to_the_kernel_and_back(best):

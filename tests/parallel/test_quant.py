@@ -11,35 +11,81 @@ import pytest
 import torch
 
 from model.loader import load_model
-from parallel.quant import GROUP, Int4Linear, Int8Linear, quantize_groups, quantize_rows, quantized, weight_bytes
+from parallel import quant
+from parallel.quant import GROUP, Int4Linear, Int8Linear, quantize_groups, quantized, weight_bytes
 from service.cli.parser import main
 
 TINY = ["--model", "tiny-random"]
 
 
-def test_int8_matmul_equals_the_dequantized_weight():
-    """Per-row scales round each weight to within half a step, and the FBGEMM product (its 7-bit
-    activations refined by a second pass) equals the product with the dequantized weight to ~1e-3."""
+@pytest.fixture(params=["ours", "fbgemm"])
+def int8_route(request):
+    """Int8 layers made on our kernel (`use_native`, skipped without a C++ compiler) or on FBGEMM."""
+    from model import kernels
+
+    before = quant.native()
+    isa = kernels.load()
+    if request.param == "ours" and isa is None:
+        pytest.skip("our kernels did not build (no C++ compiler)")
+    quant.use_native(isa if request.param == "ours" else None)
+    yield request.param
+    quant.use_native(before)
+
+
+def test_int8_matmul_equals_the_dequantized_weight(int8_route):
+    """Scales per 32 columns (ours: Q8_0's, fp16) or per row (FBGEMM's) round each weight to within half a
+    step, and the product equals the one with the dequantized weight: to ~1e-3 through FBGEMM (its 7-bit
+    activations refined by a second pass) and ours with `precise` (the activations' int8 rounding multiplied
+    too), to that rounding (~1%) through ours."""
     torch.manual_seed(0)
     w = torch.randn(96, 64)
-    q, scale = quantize_rows(w)
-    assert q.dtype == torch.int8 and scale.shape == (96,)
-    assert ((q.float() * scale[:, None] - w).abs() <= scale[:, None] / 2 + 1e-6).all()
+    q, scale = quant.quantize_int8(w)
+    assert q.dtype == torch.int8 and scale.shape == ((96, 2) if int8_route == "ours" else (96,))
+    step = scale.reshape(96, -1).repeat_interleave(64 // scale.reshape(96, -1).shape[1], 1)
+    deq = q.float() * step
+    assert ((deq - w).abs() <= step / 2 + 1e-6).all()
     layer = Int8Linear(q, scale)
-    for dtype in (torch.float32, torch.bfloat16):
+    assert hasattr(layer, "tiles") == (int8_route == "ours")
+    for precise, dtype in [(True, torch.float32), (True, torch.bfloat16), (False, torch.float32)]:
+        layer.precise = precise
         x = torch.randn(3, 5, 64).to(dtype)
-        want = x.float() @ (q.float() * scale[:, None]).T
+        want = x.float() @ deq.T
         got = layer(x)
         assert got.shape == (3, 5, 96) and got.dtype == dtype
-        tol = 2e-3 if dtype == torch.float32 else 2e-2
+        tol = 2e-2 if dtype == torch.bfloat16 or not (precise or int8_route == "fbgemm") else 2e-3
         torch.testing.assert_close(got.float(), want, rtol=tol, atol=tol * want.abs().max().item())
 
 
-def test_int8_rows_do_not_depend_on_each_other():
-    """Each row is quantized over its own range: a row beside a row of massive activations (a prompt's
-    first token) gets the result it gets alone, for one row, a few (one call) and many (two calls)."""
+def test_q8_0_runs_as_stored_on_our_kernel(int8_route):
+    """A stored Q8_0 tensor (levels -128..127, an fp16 scale per 32 columns, no lows) runs on our kernel as
+    it is, also from the int8 form's scales per 16 (`int8_form`, pairs of equal ones), within the int8
+    rounding of the activations; FBGEMM takes rows only: there it is re-quantized to rows."""
+    from parallel.stored import from_stored, int8_form
+
+    g = torch.Generator().manual_seed(0)
+    q = torch.randint(-128, 128, (40, 96), generator=g, dtype=torch.int8)
+    scale = (torch.rand(40, 3, generator=g) / 100).half().float()
+    stored = {"_int8": q, "_scale": scale, "_low": torch.zeros_like(scale)}
+    layer = from_stored("int8", dict(stored), "int8")
+    x = torch.randn(4, 96, generator=g)
+    want = x @ (q.float().reshape(40, 3, 32) * scale[..., None]).reshape(40, 96).T
+    torch.testing.assert_close(layer(x), want, rtol=2e-2, atol=2e-2 * want.abs().max().item())
+    if int8_route == "fbgemm":
+        with pytest.raises(ValueError, match="our kernel"):
+            Int8Linear(q, scale)
+        return
+    assert torch.equal(layer.tiles, Int8Linear(q, scale).tiles)
+    assert torch.equal(from_stored("int8", int8_form("int8", stored), "int8").tiles, layer.tiles)
+    layer.precise = True
+    torch.testing.assert_close(layer(x), want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+
+
+def test_int8_rows_do_not_depend_on_each_other(int8_route):
+    """Each row is quantized over its own range (FBGEMM's rows; ours per block of 32 of each row): a row
+    beside a row of massive activations (a prompt's first token) gets the result it gets alone, for one
+    row, a few (one call) and many (two calls)."""
     torch.manual_seed(0)
-    layer = Int8Linear(*quantize_rows(torch.randn(64, 96)))
+    layer = Int8Linear(*quant.quantize_int8(torch.randn(64, 96)))
     for rows in (2, 4, 9):
         x = torch.randn(rows, 96) + 0.5
         x[0] *= 300
@@ -87,17 +133,19 @@ def test_quantized_model_stays_close_to_transformers(hf_pair, mode):
 
 
 def test_quantized_weights_are_a_quarter_or_an_eighth():
-    """Each quantized layer holds about a quarter (int8) or a sixth (int4 with its group scales) of its
-    fp32 bytes, the LM head int8 in both; no quantized layer keeps its fp32 weight."""
+    """Each quantized layer holds about a quarter (int8: 8.5 bits a weight with Q8_0's scales per 32 columns on
+    our kernel, 8 and a row's scale on FBGEMM) or a sixth (int4 with its group scales) of its fp32 bytes, the
+    LM head int8 in both (its 259 rows padded to tiles of 16 on our kernel); no quantized layer keeps its fp32
+    weight."""
     fp32 = load_model_tiny("none")
     full = {name: m.weight.numel() * 4 for name, m in fp32.named_modules() if getattr(m, "quantizable", False)}
-    for mode, share in (("int8", 0.26), ("int4", 0.16)):
+    for mode, share in (("int8", 0.27), ("int4", 0.16)):
         model = load_model_tiny(mode)
         layers = {name: m for name, m in model.named_modules() if getattr(m, "quantizable", False)}
         assert layers.keys() == full.keys() and "lm_head" in layers
         for name, m in layers.items():
             assert not hasattr(m, "weight")
-            assert m.kernel.nbytes < (0.26 if name == "lm_head" else share) * full[name]
+            assert m.kernel.nbytes < (0.29 if name == "lm_head" else share) * full[name]
         assert weight_bytes(model) < 0.5 * weight_bytes(fp32)
 
 
