@@ -187,14 +187,14 @@ def run(
 
 
 def _peers(model: str, directory, quantization: str, prompts: list[list[int]], tokens: int, prefill: list[int]):
-    """(name, report) of each peer engine installed (`service.bench.peers`): llama.cpp on the named model's
-    GGUF file (F32 when unquantized, else the file as it is; also the `prefill` prompt); unquantized,
-    CTranslate2 and ONNX Runtime GenAI on the same fp32 weights."""
+    """(name, report) of each peer engine installed (`service.bench.peers`): llama.cpp on the GGUF file, the
+    named model's or the one given (F32 when unquantized, else the file as it is; also the `prefill` prompt);
+    unquantized, CTranslate2 and ONNX Runtime GenAI on the same fp32 weights."""
     from service.bench import peers
 
     have = peers.installed()
-    if "llama_cpp" in have and model in GGUF_MODELS:
-        path = fetch_gguf(model)
+    path = fetch_gguf(model) if model in GGUF_MODELS else Path(model) if str(model).endswith(".gguf") else None
+    if "llama_cpp" in have and path is not None:
         yield (
             "llama_cpp",
             peers.llama_cpp(peers.f32_gguf(path) if quantization == "none" else path, prompts, tokens, prefill),

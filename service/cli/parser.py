@@ -86,10 +86,10 @@ def parser() -> argparse.ArgumentParser:
         choices=list(QUANTIZATIONS),
         default="auto",
         help="auto (default): a checkpoint stored quantized (a GGUF file's blocks, as the named models are) runs "
-        "int4 on a CPU, anything else as loaded; or quantize the linear layers' weights after loading: int8 per "
-        "row (a quarter of their fp32 bytes; "
-        "on CPU through FBGEMM), int4 in groups of 32 (an eighth; on CPU our own kernels, the fastest, built once "
-        "on first use; a GGUF's 5-6 bit tensors stay as stored); the LM head is int8 at most. See README",
+        "int4 on a CPU, anything else as loaded; or quantize the linear layers' weights after loading: int8 in "
+        "blocks of 32 as GGUF's Q8_0 (a quarter of their fp32 bytes), int4 in groups of 32 (an eighth), on CPU "
+        "our own kernels (built once on first use; without a C++ compiler int8 per row through FBGEMM); a GGUF's "
+        "5-8 bit tensors stay as stored; the LM head is int8 at most. See README",
     )
     common.add_argument(
         "--compile",
