@@ -111,7 +111,7 @@ def stacked(t: dict[str, torch.Tensor], parts: list[int], mode: str) -> Stacked 
     """Siblings stacked in the int8 form (`int8_form`, scales per 16 columns) each in the form it was stored
     in, on our kernels: the runs of siblings whose levels are 0..15 with one scale and low per 32 columns as
     int4, the others as the int8 form gives them; None where all take one form, or where a part would not run
-    on our kernels (then the merged matmul is re-quantized to int8 rows)."""
+    on our kernels (then the merged matmul is re-quantized whole: `quantized_by_chunk`)."""
     if not native() or len(parts) < 2 or t["_int8"].shape[1] % GROUP:
         return None
     runs, at = [], 0  # (first row, rows, int4?) of each run of siblings in one form
