@@ -1,9 +1,9 @@
 """Convert a llama-, qwen2- or gpt2-architecture GGUF file into a Hugging Face directory (safetensors,
 tokenizer.json, config.json), once, so later loads read safetensors in seconds. Llama and Qwen2
 quantized tensors stay quantized (`model.gguf_quant`: 4-bit types as our int4 without loss, 5-8 bit ones
-as int8 rows); the loader dequantizes them only for `--quantize none`. GPT-2 tensors are written in fp32
-(its checkpoints keep linears as Conv1D, input-major, which the stored quantized forms are not; GPT-2
-files are small, and `--quantize` still quantizes at load).
+as int8 levels with their group scales); the loader dequantizes them only for `--quantize none`. GPT-2
+tensors are written in fp32 (its checkpoints keep linears as Conv1D, input-major, which the stored quantized
+forms are not; GPT-2 files are small, and `--quantize` still quantizes at load).
 
 Traps handled here:
 - llama.cpp's converter permutes the rows of q and k of llama models for its rotary layout; we undo it

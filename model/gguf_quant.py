@@ -12,8 +12,9 @@ inflated whole.
 
 Stored keys beside a weight key K: `K_int4` (uint8 (out, in / 2): column 2j in the low nibble, 2j + 1
 in the high one) or `K_int8` (int8 (out, in)), then `K_scale` and `K_low` (fp32 (out, groups)):
-w = level * scale + low, group by group. The loader re-quantizes an int8 form to one scale per row for
-`--quantize int8` (the CPU kernel's layout) and dequantizes either form for `--quantize none`.
+w = level * scale + low, group by group. On our CPU kernels both forms run as stored (`parallel.stored`:
+Q8_0 as int8, the 5-6 bit types as int6); elsewhere the loader re-quantizes an int8 form for the mode asked,
+and it dequantizes either form for `--quantize none`.
 """
 
 from __future__ import annotations
