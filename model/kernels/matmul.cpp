@@ -639,6 +639,30 @@ VNNI void tile_vnni(const uint8_t* w, int64_t nb, const Quantized* a, float* y, 
   for (int r = 0; r < R; ++r) _mm512_mask_storeu_ps(y + r * ystride, keep, acc[r]);
 }
 
+// Each of R rows' integer sums over block b: the block's 8 level registers v (v[j] four columns 4j.. of the 16
+// rows) against the row's activations, `dpbusd` by `dpbusd`, started at init[r]. One chain a row, the rows'
+// chains interleaved; fewer than 4 rows, two chains a row (added at the end). Interleaved, 8 rows ran 1.2-1.3x
+// faster than row after row (Q4_K, `tile_super_vnni`).
+template <int R>
+VNNI inline void block_dots(const __m512i (&v)[8], const Quantized* a, int64_t b, const __m512i (&init)[R],
+                            __m512i (&out)[R]) {
+  constexpr int C = R < 4 ? 2 : 1;
+  __m512i i[R][C];
+  for (int r = 0; r < R; ++r) {
+    i[r][0] = init[r];
+    if (C == 2) i[r][C - 1] = _mm512_setzero_si512();
+  }
+  for (int j = 0; j < 4; ++j) {
+    for (int h = 0; h < 2; ++h) {
+      for (int r = 0; r < R; ++r) {
+        __m512i& chain = i[r][h % C];
+        chain = _mm512_dpbusd_epi32(chain, v[4 * h + j], bcast4_512(a[r].q + b * BLOCK + 16 * h + 4 * j));
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r) out[r] = C == 2 ? _mm512_add_epi32(i[r][0], i[r][C - 1]) : i[r][0];
+}
+
 // int8 on AVX-512 VNNI, as on AVX-VNNI (`tile8_avxvnni`) with all 16 rows of a tile in one register.
 template <int R>
 VNNI void tile8_vnni(const uint8_t* w, int64_t nb, const Quantized* a, float* y, int64_t ystride, int valid) {
@@ -651,24 +675,11 @@ VNNI void tile8_vnni(const uint8_t* w, int64_t nb, const Quantized* a, float* y,
     __m512i v[8];
     for (int j = 0; j < 8; ++j) v[j] = _mm512_xor_si512(_mm512_loadu_si512(wb + 64 * j), flip);
     const __m512 s = half16(scales_at(w, nb, b));
-    // the block's 8 `dpbusd` in one chain a row, the rows' chains interleaved; fewer than 4 rows, two a row
-    constexpr int C = R < 4 ? 2 : 1;
-    __m512i i[R][C];
+    __m512i init[R], sums[R];
+    for (int r = 0; r < R; ++r) init[r] = _mm512_set1_epi32(offset8(a[r], b));
+    block_dots<R>(v, a, b, init, sums);
     for (int r = 0; r < R; ++r) {
-      i[r][0] = _mm512_set1_epi32(offset8(a[r], b));
-      if (C == 2) i[r][C - 1] = _mm512_setzero_si512();
-    }
-    for (int j = 0; j < 4; ++j) {
-      for (int h = 0; h < 2; ++h) {
-        for (int r = 0; r < R; ++r) {
-          __m512i& chain = i[r][h % C];
-          chain = _mm512_dpbusd_epi32(chain, v[4 * h + j], bcast4_512(a[r].q + b * BLOCK + 16 * h + 4 * j));
-        }
-      }
-    }
-    for (int r = 0; r < R; ++r) {
-      const __m512i sum = C == 2 ? _mm512_add_epi32(i[r][0], i[r][C - 1]) : i[r][0];
-      acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_mul_ps(s, _mm512_set1_ps(a[r].d[b])), acc[r]);
+      acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums[r]), _mm512_mul_ps(s, _mm512_set1_ps(a[r].d[b])), acc[r]);
     }
   }
   const __mmask16 keep = static_cast<__mmask16>((1u << valid) - 1);
@@ -740,23 +751,11 @@ VNNI void tile_super_vnni(const uint8_t* w, int64_t nb, const Quantized* a, floa
         }
       } else {
         const __m512i sc = codes16(codes);
-        // the block's 8 `dpbusd` in one chain a row, the rows' chains interleaved; fewer than 4 rows, two a row
-        constexpr int C = R < 4 ? 2 : 1;
-        __m512i i[R][C];
+        __m512i zero[R], block[R];
+        for (int r = 0; r < R; ++r) zero[r] = _mm512_setzero_si512();
+        block_dots<R>(v, a, b, zero, block);
         for (int r = 0; r < R; ++r) {
-          for (int c = 0; c < C; ++c) i[r][c] = _mm512_setzero_si512();
-        }
-        for (int j = 0; j < 4; ++j) {
-          for (int h = 0; h < 2; ++h) {
-            for (int r = 0; r < R; ++r) {
-              __m512i& chain = i[r][h % C];
-              chain = _mm512_dpbusd_epi32(chain, v[4 * h + j], bcast4_512(a[r].q + b * BLOCK + 16 * h + 4 * j));
-            }
-          }
-        }
-        for (int r = 0; r < R; ++r) {
-          const __m512i block = C == 2 ? _mm512_add_epi32(i[r][0], i[r][C - 1]) : i[r][0];
-          sums[r] = _mm512_add_epi32(sums[r], _mm512_mullo_epi32(block, _mm512_sllv_epi32(sc, shift(a[r], b))));
+          sums[r] = _mm512_add_epi32(sums[r], _mm512_mullo_epi32(block[r], _mm512_sllv_epi32(sc, shift(a[r], b))));
         }
       }
     }
