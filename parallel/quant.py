@@ -54,6 +54,12 @@ def use_native(isa: str | None) -> None:
     _native = isa
 
 
+def _ours(weight: torch.Tensor) -> bool:
+    """Whether our kernels can take this (out, in) weight's levels: on a CPU after `use_native`, `in` a multiple
+    of GROUP."""
+    return weight.device.type == "cpu" and bool(_native) and weight.shape[1] % GROUP == 0
+
+
 def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(int8 weight (out, in), fp32 scale (out,)): weight ~ int8 * scale[:, None]."""
     w = weight.float()
@@ -74,7 +80,7 @@ def quantize_blocks(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The int8 form an `Int8Linear` runs best: per 32 columns on our kernel (a CPU after `use_native`, the
     width a multiple of 32: `quantize_blocks`), else per row (`quantize_rows`)."""
-    if weight.device.type == "cpu" and _native and weight.shape[1] % GROUP == 0:
+    if _ours(weight):
         return quantize_blocks(weight)
     return quantize_rows(weight)
 
@@ -155,9 +161,7 @@ class Int8Linear(nn.Module):
     def takes(q: torch.Tensor, scale: torch.Tensor) -> bool:
         """Whether our kernel computes these levels and scales: on a CPU after `use_native`, scales per 32
         columns within fp16."""
-        if q.device.type != "cpu" or not _native or q.shape[1] % GROUP:
-            return False
-        return scale.shape == (q.shape[0], q.shape[1] // GROUP) and _fits_fp16(scale, scale)
+        return _ours(q) and scale.shape == (q.shape[0], q.shape[1] // GROUP) and _fits_fp16(scale, scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
@@ -275,7 +279,7 @@ class Int6Linear(nn.Module):
         most 64 values (their least folded into the lows, which must stay within fp16), in Q6_K's layout where
         `sub_scales` finds it, or None (then not this layer's form)."""
         group = levels.shape[1] // scale.shape[1]
-        if not _native or levels.device.type != "cpu" or group not in (16, 32) or levels.shape[1] % GROUP:
+        if not _ours(levels) or group not in (16, 32):
             return None
         least, most = (int(v) for v in levels.aminmax())
         if most - least > 63:

@@ -76,7 +76,7 @@ def from_stored(form: str, t: dict[str, torch.Tensor], mode: str, parts: list[in
 def per_32(levels: torch.Tensor, scale: torch.Tensor, low: torch.Tensor) -> torch.Tensor | None:
     """The scales per 32 columns of an int8 form without lows whose groups are 32 columns, or 16 in pairs of
     equal scales (`int8_form`'s), where our int8 kernel takes them (`Int8Linear.takes`); else None."""
-    if bool(low.any()) or levels.shape[1] % GROUP:
+    if bool(low.any()):
         return None
     if levels.shape[1] == scale.shape[1] * 16 and torch.equal(scale[:, 0::2], scale[:, 1::2]):
         scale = scale[:, 0::2]
